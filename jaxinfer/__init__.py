@@ -1,0 +1,31 @@
+"""jaxinfer: ONNX and TFLite models as pure, jitted JAX functions.
+
+Example:
+    >>> import jaxinfer                                      # doctest: +SKIP
+    >>> m = jaxinfer.load("model.onnx")                      # doctest: +SKIP
+    >>> out = m.run({"x": x})                                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from . import _config  # noqa: F401  (enables 64-bit types before anything traces)
+from .errors import InputError, JaxinferError, ModelLoadError, OpError, UnsupportedOpsError
+from .graph import Graph, Node, ValueInfo
+from .loading import load
+from .model import Model, Signature
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Graph",
+    "InputError",
+    "JaxinferError",
+    "Model",
+    "ModelLoadError",
+    "Node",
+    "OpError",
+    "Signature",
+    "UnsupportedOpsError",
+    "ValueInfo",
+    "load",
+]

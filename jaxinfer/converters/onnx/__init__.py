@@ -1,0 +1,21 @@
+"""ONNX -> Graph -> pure JAX function."""
+
+from __future__ import annotations
+
+import os
+
+from onnx import ModelProto
+
+from ...model import Model
+from .ops import REGISTRY
+from .reader import read_model
+
+
+def load_onnx(source: str | os.PathLike[str] | bytes | ModelProto) -> Model:
+    """Read an ONNX model (path, bytes or proto) into a :class:`Model`."""
+    graph = read_model(source)
+    label = str(source) if isinstance(source, (str, os.PathLike)) else graph.name
+    return Model(graph, REGISTRY, source=label)
+
+
+__all__ = ["REGISTRY", "load_onnx", "read_model"]

@@ -1,0 +1,69 @@
+"""``jaxinfer.load``: any supported model file or object -> :class:`Model`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelLoadError
+from .model import Model
+
+
+def _sniff(data: bytes) -> str:
+    if len(data) >= 8 and data[4:8] == b"TFL3":
+        return "tflite"
+    return "onnx"
+
+
+def load(source: Any) -> Model:
+    """Load an ONNX or TFLite model, or a directory written by ``jaxinfer.save``.
+
+    Args:
+      source: a path (``.onnx``, ``.tflite``, or a saved directory), raw bytes,
+        or an ``onnx.ModelProto``.
+
+    Returns:
+      A :class:`Model`: ``run``/``__call__``, the pure ``fn`` and its ``params``.
+
+    Example:
+      >>> m = jaxinfer.load("model.onnx")                  # doctest: +SKIP
+      >>> m.run({"x": np.ones((1, 3), np.float32)})        # doctest: +SKIP
+    """
+    from .converters.onnx import load_onnx
+
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            from . import saving
+
+            return saving.load_saved(path)
+        if not path.exists():
+            raise ModelLoadError(f"model file not found: {path}")
+        suffix = path.suffix.lower()
+        if suffix == ".tflite":
+            return _load_tflite(path)
+        if suffix != ".onnx":
+            with open(path, "rb") as f:
+                if _sniff(f.read(8)) == "tflite":
+                    return _load_tflite(path)
+        return load_onnx(path)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if _sniff(bytes(source[:8])) == "tflite":
+            return _load_tflite(bytes(source))
+        return load_onnx(bytes(source))
+    try:
+        from onnx import ModelProto
+    except ImportError:  # pragma: no cover
+        ModelProto = ()  # type: ignore[assignment]
+    if isinstance(source, ModelProto):
+        return load_onnx(source)
+    raise ModelLoadError(f"cannot load a model from {type(source).__name__}; give a path, bytes or an onnx.ModelProto")
+
+
+def _load_tflite(source: Any) -> Model:
+    try:
+        from .converters.tflite import load_tflite
+    except ImportError as e:
+        raise ModelLoadError(f"TFLite support is not available: {e}") from e
+    return load_tflite(source)

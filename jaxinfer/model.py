@@ -1,0 +1,334 @@
+"""``Model``: a graph made callable. Signature, params, the pure ``fn``, a
+compiled-executable cache keyed by input shapes/dtypes, and ``run``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import numpy as np
+
+from .errors import InputError, UnsupportedOpsError
+from .graph import Dim, Graph, ValueInfo
+from .registry import Registry
+from .tracer import make_fn, static_names, unsupported_ops
+
+#: Integer/bool initializers up to this many elements stay trace-time constants
+#: (shape-like); everything else is a param (a traced argument).
+SMALL_INT_CONSTANT = 64
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A model input or output: name, shape (str for symbolic dims, None unknown), dtype."""
+
+    name: str
+    shape: tuple[Dim, ...] | None
+    dtype: np.dtype | None
+    kind: str = "tensor"
+
+    def __str__(self) -> str:
+        shape = "?" if self.shape is None else "[" + ", ".join("?" if d is None else str(d) for d in self.shape) + "]"
+        dtype = self.dtype.name if self.dtype is not None else "?"
+        return f"{self.name}: {dtype}{shape}" if self.kind == "tensor" else f"{self.name}: {self.kind}"
+
+
+def _signature(v: ValueInfo) -> Signature:
+    return Signature(v.name, v.shape, v.dtype, v.kind)
+
+
+@dataclass
+class CompileStats:
+    """Counters a test or a metrics endpoint can read."""
+
+    traces: int = 0
+    compiles: int = 0
+    compile_seconds: float = 0.0
+    cache_hits: int = 0
+    keys: list[tuple] = field(default_factory=list)
+
+
+def _is_value_input(v: ValueInfo, needed: set[str]) -> bool:
+    return v.name in needed or (v.dtype is not None and v.dtype == np.dtype(object))
+
+
+def split_initializers(graph: Graph, registry: Registry) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(constants, params): initializers needed at trace time vs the weights pytree."""
+    needed = static_names(graph, registry)
+    consts: dict[str, np.ndarray] = {}
+    params: dict[str, np.ndarray] = {}
+    for name, value in graph.initializers.items():
+        arr = np.asarray(value)
+        small_int = arr.dtype.kind in "iub" and arr.size <= SMALL_INT_CONSTANT
+        if name in needed or small_int or arr.dtype == np.dtype(object):
+            consts[name] = arr
+        else:
+            params[name] = arr
+    return consts, params
+
+
+class Model:
+    """A loaded model: ``run`` it, call it, or take its pure ``fn`` and ``params``.
+
+    Example:
+        >>> m = jaxinfer.load("squeezenet.onnx")          # doctest: +SKIP
+        >>> out = m.run({"data_0": np.zeros((1, 3, 224, 224), np.float32)})  # doctest: +SKIP
+        >>> y = jax.jit(m.fn)(m.params, {"data_0": x})     # doctest: +SKIP
+    """
+
+    def __init__(self, graph: Graph, registry: Registry, *, params: Mapping[str, Any] | None = None,
+                 source: str = "", check: bool = True):
+        if check:
+            missing = unsupported_ops(graph, registry)
+            if missing:
+                raise UnsupportedOpsError(missing)
+        self.graph = graph
+        self.registry = registry
+        self.source = source
+        self.stats = CompileStats()
+        self._lock = threading.Lock()
+        consts, params0 = split_initializers(graph, registry)
+        self._constants = consts
+        if params is None:
+            params = {k: jax.device_put(v) for k, v in params0.items()}
+        self.params: dict[str, Any] = dict(params)
+        needed = static_names(graph, registry)
+        self.value_inputs = tuple(v.name for v in graph.inputs if _is_value_input(v, needed))
+        self.inputs = [_signature(v) for v in graph.inputs]
+        self.outputs = [_signature(v) for v in graph.outputs]
+        self.fn = make_fn(graph, registry, consts)
+        self.stateful = bool(graph.state_vars)
+        self.state: dict[str, Any] = {}
+        self.reset_state()
+        self._cache: dict[tuple, Any] = {}
+
+    # ----------------------------------------------------------------- state
+    def reset_state(self) -> None:
+        """Put every state variable back to its initial value."""
+        self.state = {k: jax.device_put(np.asarray(v)) for k, v in self.graph.state_init.items()}
+
+    # ------------------------------------------------------------ validation
+    def _check_inputs(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        known = {s.name: s for s in self.inputs}
+        unknown = [k for k in feeds if k not in known]
+        if unknown:
+            raise InputError(f"unknown input name(s) {unknown}; this model takes {list(known)}")
+        missing = [k for k in known if k not in feeds]
+        if missing:
+            raise InputError(f"missing input(s) {missing}; expected {[str(known[k]) for k in missing]}")
+        out: dict[str, Any] = {}
+        symbols: dict[str, tuple[int, str]] = {}
+        for name, sig in known.items():
+            value = feeds[name]
+            if sig.kind == "sequence":
+                if not isinstance(value, (list, tuple)):
+                    raise InputError(f"input '{name}': expected a sequence (list of arrays), got {type(value).__name__}")
+                out[name] = [np.asarray(v) for v in value]
+                continue
+            if sig.kind == "optional":
+                out[name] = None if value is None else (
+                    [np.asarray(v) for v in value] if isinstance(value, (list, tuple)) and sig.shape is None and
+                    getattr(self.graph.inputs[[i.name for i in self.graph.inputs].index(name)].elem, "kind", "") == "sequence"
+                    else np.asarray(value))
+                continue
+            arr = self._as_array(name, value, sig)
+            if sig.shape is not None:
+                if arr.ndim != len(sig.shape):
+                    raise InputError(f"input '{name}': expected rank {len(sig.shape)} {str(sig)}, got shape {arr.shape}")
+                for axis, (want, got) in enumerate(zip(sig.shape, arr.shape)):
+                    if isinstance(want, int) and want > 0 and want != got:
+                        raise InputError(f"input '{name}': dim {axis} must be {want} ({sig}), got shape {arr.shape}")
+                    if isinstance(want, str) and want:
+                        seen = symbols.setdefault(want, (got, name))
+                        if seen[0] != got:
+                            raise InputError(
+                                f"input '{name}': dim {axis} ('{want}') is {got} but input '{seen[1]}' "
+                                f"has '{want}' = {seen[0]}; symbolic dims with one name must agree")
+            out[name] = arr
+        return out
+
+    @staticmethod
+    def _as_array(name: str, value: Any, sig: Signature) -> np.ndarray:
+        if isinstance(value, jax.Array):
+            value = np.asarray(value)
+        if isinstance(value, np.ndarray) or isinstance(value, np.generic):
+            arr = np.asarray(value)
+            if sig.dtype is not None and arr.dtype != sig.dtype:
+                raise InputError(f"input '{name}': expected dtype {sig.dtype.name}, got {arr.dtype.name} ({sig})")
+            return arr
+        try:
+            return np.asarray(value, dtype=sig.dtype)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"input '{name}': cannot convert {type(value).__name__} to {sig}: {e}") from e
+
+    # ----------------------------------------------------------- compilation
+    def _key(self, feeds: Mapping[str, Any]) -> tuple:
+        parts = []
+        for name, v in feeds.items():
+            if name in self.value_inputs:
+                parts.append((name, "value", _value_digest(v)))
+            else:
+                parts.append((name, _shape_sig(v)))
+        return tuple(parts)
+
+    def compiled(self, feeds: Mapping[str, Any]) -> Any:
+        """The executable for these inputs' shapes/dtypes (value inputs: values), compiled once."""
+        key = self._key(feeds)
+        exe = self._cache.get(key)
+        if exe is not None:
+            self.stats.cache_hits += 1
+            return exe
+        with self._lock:
+            exe = self._cache.get(key)
+            if exe is None:
+                exe = self._compile(key, feeds)
+                self._cache[key] = exe
+        return exe
+
+    def _compile(self, key: tuple, feeds: Mapping[str, Any]) -> Any:
+        static = {k: v for k, v in feeds.items() if k in self.value_inputs}
+        dynamic = {k: v for k, v in feeds.items() if k not in self.value_inputs}
+        fn = self.fn
+        host_outputs: dict[str, Any] = {}  # string outputs, computed on the host at trace time
+
+        def split_host(outs: dict[str, Any]) -> dict[str, Any]:
+            for k, v in outs.items():
+                if isinstance(v, np.ndarray) and v.dtype == np.dtype(object):
+                    host_outputs[k] = v
+            return {k: (None if k in host_outputs else v) for k, v in outs.items()}
+
+        stats = self.stats
+        start = time.perf_counter()
+        if self.stateful:
+            def call(params: Any, state: Any, inputs: Any) -> Any:
+                stats.traces += 1
+                outs, new_state = fn(params, state, {**inputs, **static})
+                return split_host(outs), new_state
+
+            exe = jax.jit(call).lower(self.params, self.state, dynamic).compile()
+        else:
+            def call(params: Any, inputs: Any) -> Any:  # type: ignore[misc]
+                stats.traces += 1
+                return split_host(fn(params, {**inputs, **static}))
+
+            exe = jax.jit(call).lower(self.params, dynamic).compile()
+        if host_outputs:
+            exe = _WithHostOutputs(exe, host_outputs, self.stateful)
+        self.stats.compiles += 1
+        self.stats.compile_seconds += time.perf_counter() - start
+        self.stats.keys.append(key)
+        return exe
+
+    def warmup(self, feeds: Mapping[str, Any]) -> None:
+        """Compile for these inputs' shapes without running."""
+        self.compiled(self._check_inputs(feeds))
+
+    # ------------------------------------------------------------- running
+    def run_device(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """Like :meth:`run` but returns device arrays (no host copy), for pipelines."""
+        feeds = self._check_inputs(feeds)
+        exe = self.compiled(feeds)
+        dynamic = {k: v for k, v in feeds.items() if k not in self.value_inputs}
+        if self.stateful:
+            outs, self.state = exe(self.params, self.state, dynamic)
+            return outs
+        return exe(self.params, dynamic)
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """Run on a dict of inputs; returns ``{output name: np.ndarray}`` in graph output order."""
+        outs = self.run_device(feeds)
+        return {name: _to_host(outs[name]) for name in (s.name for s in self.outputs)}
+
+    def __call__(self, **feeds: Any) -> dict[str, Any]:
+        return self.run(feeds)
+
+    # ------------------------------------------------------------ reporting
+    def info(self) -> dict[str, Any]:
+        """A summary: signature, opsets, op histogram, params bytes, host-evaluated inputs."""
+        params_bytes = int(sum(np.asarray(v).nbytes if not hasattr(v, "nbytes") else v.nbytes
+                               for v in jax.tree_util.tree_leaves(self.params)))
+        notes = []
+        if self.value_inputs:
+            notes.append(
+                f"inputs {list(self.value_inputs)} set shapes or are strings: their values are read on the host "
+                "at trace time and each distinct value compiles once")
+        return {
+            "source": self.source,
+            "format": self.graph.fmt,
+            "inputs": [str(s) for s in self.inputs],
+            "outputs": [str(s) for s in self.outputs],
+            "opsets": dict(self.graph.opsets),
+            "ops": self.graph.op_histogram(),
+            "nodes": sum(1 for _ in self.graph.walk()),
+            "params": len(self.params),
+            "params_bytes": params_bytes,
+            "constants": len(self._constants),
+            "stateful": self.stateful,
+            "notes": notes,
+        }
+
+    def with_params(self, params: Mapping[str, Any]) -> Model:
+        """A new Model sharing this graph with other params (e.g. quantized)."""
+        return Model(self.graph, self.registry, params=params, source=self.source, check=False)
+
+    def __repr__(self) -> str:
+        ins = ", ".join(str(s) for s in self.inputs)
+        outs = ", ".join(str(s) for s in self.outputs)
+        return f"Model({self.source or self.graph.name!r}: ({ins}) -> ({outs}))"
+
+
+class _WithHostOutputs:
+    """An executable plus outputs that were fully computed on the host (strings)."""
+
+    def __init__(self, exe: Any, host: dict[str, Any], stateful: bool):
+        self._exe, self._host, self._stateful = exe, host, stateful
+
+    def __call__(self, *args: Any) -> Any:
+        result = self._exe(*args)
+        if self._stateful:
+            outs, state = result
+            return {**outs, **self._host}, state
+        return {**result, **self._host}
+
+
+def _shape_sig(v: Any) -> Any:
+    if v is None:
+        return None
+    if isinstance(v, (list, tuple)):
+        return tuple(_shape_sig(x) for x in v)
+    return (tuple(v.shape), str(v.dtype))
+
+
+def _value_digest(v: Any) -> Any:
+    if v is None:
+        return None
+    if isinstance(v, (list, tuple)):
+        return tuple(_value_digest(x) for x in v)
+    arr = np.asarray(v)
+    if arr.dtype == np.dtype(object):
+        payload = repr(arr.tolist()).encode()
+    else:
+        payload = np.ascontiguousarray(arr).tobytes()
+    return (arr.shape, str(arr.dtype), hashlib.blake2b(payload, digest_size=16).hexdigest())
+
+
+def _to_host(v: Any) -> Any:
+    if v is None:
+        return None
+    if isinstance(v, (list, tuple)):
+        return [_to_host(x) for x in v]
+    return np.asarray(v)
+
+
+def output_list(model: Model, outs: Mapping[str, Any]) -> list[Any]:
+    return [outs[s.name] for s in model.outputs]
+
+
+def names_of(signatures: Iterable[Signature]) -> list[str]:
+    return [s.name for s in signatures]

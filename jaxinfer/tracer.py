@@ -1,0 +1,280 @@
+"""The tracer: a Graph plus an op registry become one pure JAX function.
+
+Nodes are evaluated in order over an environment of named values. A value is
+either *concrete* (numpy or a concrete jax array: constants, shapes, anything
+computed only from them) or a tracer. A node whose inputs are all concrete is
+evaluated eagerly at trace time (``jax.ensure_compile_time_eval``), so shape
+arithmetic folds to Python/numpy values and XLA sees static shapes. Inputs an
+op declares static must be concrete; a tracer there is a clear error naming the
+node, the slot and where the value came from.
+"""
+
+from __future__ import annotations
+
+import keyword
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from .errors import JaxinferError, OpError, UnsupportedOp, UnsupportedOpsError
+from .graph import Graph, Node
+from .registry import OpDef, Registry
+
+Env = dict[str, Any]
+
+#: Outputs larger than this (elements) are not embedded as folded constants
+#: unless a later op needs their value at trace time.
+FOLD_LIMIT = 1 << 16
+
+
+def is_concrete(value: Any) -> bool:
+    """True when ``value`` (array, list of arrays, None) holds no tracer."""
+    if isinstance(value, jax.core.Tracer):
+        return False
+    if isinstance(value, (list, tuple)):
+        return all(is_concrete(v) for v in value)
+    return True
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, (list, tuple)):
+        return sum(_size(v) for v in value)
+    return int(np.size(value)) if value is not None else 0
+
+
+def _opset_for(opsets: Mapping[str, int], domain: str) -> int:
+    d = "" if domain in ("", "ai.onnx") else domain
+    if d in opsets:
+        return opsets[d]
+    return opsets.get("*", 1)
+
+
+def resolve(node: Node, registry: Registry, opsets: Mapping[str, int]) -> OpDef | None:
+    return registry.resolve(node.domain, node.op_type, _opset_for(opsets, node.domain))
+
+
+def unsupported_ops(graph: Graph, registry: Registry) -> tuple[UnsupportedOp, ...]:
+    """Every op in ``graph`` (subgraphs included) the registry cannot run, grouped."""
+    missing: dict[tuple[str, str, int], list[str]] = {}
+    for node, _ in graph.walk():
+        if resolve(node, registry, graph.opsets) is None:
+            key = (node.domain, node.op_type, _opset_for(graph.opsets, node.domain))
+            missing.setdefault(key, []).append(node.label)
+    return tuple(UnsupportedOp(t, d, v, tuple(n)) for (d, t, v), n in sorted(missing.items()))
+
+
+def static_names(graph: Graph, registry: Registry) -> set[str]:
+    """Names whose values must be known at trace time.
+
+    Walks back from every declared-static input slot through producers, except
+    through slots of which only the shape is read (``Shape``, ``Size``). Graph
+    inputs in the result are "value inputs": compiled per distinct value.
+    """
+    producers: dict[str, tuple[Node, OpDef | None]] = {}
+    needed: list[str] = []
+    for node, _ in graph.walk():
+        opdef = resolve(node, registry, graph.opsets)
+        for out in node.outputs:
+            producers[out] = (node, opdef)
+        if opdef is None:
+            continue
+        for i, name in enumerate(node.inputs):
+            if name and (opdef.is_static_slot(i) or opdef.host):
+                needed.append(name)
+    result: set[str] = set()
+    while needed:
+        name = needed.pop()
+        if name in result:
+            continue
+        result.add(name)
+        node_def = producers.get(name)
+        if node_def is None:
+            continue
+        node, opdef = node_def
+        free = opdef.value_free if opdef else ()
+        needed.extend(n for i, n in enumerate(node.inputs) if n and i not in free)
+        for sub in node.subgraphs():
+            needed.extend(o.name for o in sub.outputs)
+    return result
+
+
+class Subgraph:
+    """A graph-valued attribute (If/Loop/Scan body) as a callable: ``body(*inputs) -> tuple``.
+
+    It closes over the enclosing environment, so bodies may read outer values.
+    """
+
+    def __init__(self, graph: Graph, registry: Registry, opsets: Mapping[str, int], outer: Env):
+        self.graph = graph
+        self._registry = registry
+        self._opsets = opsets
+        self._outer = outer
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self.graph.input_names
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return self.graph.output_names
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.graph.inputs)
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.graph.outputs)
+
+    def __call__(self, *args: Any) -> tuple[Any, ...]:
+        if len(args) != self.n_inputs:
+            raise OpError(f"subgraph '{self.graph.name}' takes {self.n_inputs} inputs, got {len(args)}")
+        env = dict(self._outer)
+        env.update(zip(self.input_names, args))
+        return evaluate(self.graph, self._registry, env, self._opsets)
+
+
+def _kwarg_name(attr: str) -> str:
+    return attr + "_" if keyword.iskeyword(attr) else attr
+
+
+def _static_value(value: Any, node: Node, slot: int) -> Any:
+    if value is None:
+        return None
+    if not is_concrete(value):
+        raise OpError(
+            f"{node.op_type} node '{node.label}': input #{slot} ('{node.inputs[slot]}') must be known "
+            "at trace time (it sets a shape, axis or size) but depends on runtime values. "
+            "Feed it from constants/shapes, or run the model through Model.run, which compiles "
+            "per distinct value of such inputs."
+        )
+    if isinstance(value, (list, tuple)):
+        return type(value)(np.asarray(v) for v in value)
+    return np.asarray(value)
+
+
+def run_node(node: Node, env: Env, registry: Registry, opsets: Mapping[str, int], keep: set[str]) -> None:
+    """Evaluate one node, writing its outputs into ``env``."""
+    opdef = resolve(node, registry, opsets)
+    if opdef is None:
+        op = UnsupportedOp(node.op_type, node.domain, _opset_for(opsets, node.domain), (node.label,))
+        raise UnsupportedOpsError((op,))
+    args: list[Any] = []
+    for slot, name in enumerate(node.inputs):
+        if not name:
+            args.append(None)
+            continue
+        if name not in env:
+            raise OpError(f"{node.op_type} node '{node.label}': input '{name}' is not defined before use")
+        value = env[name]
+        args.append(_static_value(value, node, slot) if opdef.is_static_slot(slot) else value)
+    while args and args[-1] is None:
+        args.pop()
+    kwargs: dict[str, Any] = {}
+    for attr, value in node.attrs.items():
+        if isinstance(value, Graph):
+            value = Subgraph(value, registry, opsets, env)
+        kwargs[_kwarg_name(attr)] = value
+    context = {
+        "_num_outputs": len(node.outputs),
+        "_opset": _opset_for(opsets, node.domain),
+        "_node_name": node.label,
+    }
+    kwargs.update({k: context[k] for k in opdef.context if k in context})
+
+    concrete = not opdef.random and all(is_concrete(a) for a in args)
+    try:
+        if concrete:
+            with jax.ensure_compile_time_eval():
+                result = opdef.fn(*args, **kwargs)
+            if not all(o in keep for o in node.outputs) and _size(result) > FOLD_LIMIT and not opdef.host:
+                result = opdef.fn(*args, **kwargs)  # stage it: too big to embed as a constant
+        else:
+            if opdef.host:
+                raise OpError(
+                    f"{node.op_type} node '{node.label}': its output shape depends on input values, "
+                    "which are not known at trace time here; run it through Model.run (host evaluation) "
+                    "or feed it constants."
+                )
+            result = opdef.fn(*args, **kwargs)
+    except JaxinferError:
+        raise
+    except TypeError as e:
+        if "unexpected keyword argument" in str(e):
+            raise OpError(f"{node.op_type} node '{node.label}': unsupported attribute: {e}") from e
+        raise OpError(f"{node.op_type} node '{node.label}' failed: {e}") from e
+    except Exception as e:  # noqa: BLE001 - re-raised with the node named
+        raise OpError(f"{node.op_type} node '{node.label}' failed: {type(e).__name__}: {e}") from e
+
+    outputs = result if isinstance(result, tuple) else (result,)
+    for i, name in enumerate(node.outputs):
+        if not name:
+            continue
+        if i >= len(outputs):
+            raise OpError(f"{node.op_type} node '{node.label}' produced {len(outputs)} outputs, graph wants output #{i} '{name}'")
+        env[name] = outputs[i]
+
+
+def evaluate(graph: Graph, registry: Registry, env: Env, opsets: Mapping[str, int] | None = None,
+             keep: set[str] | None = None, names: Sequence[str] | None = None) -> tuple[Any, ...]:
+    """Run ``graph`` over ``env`` (inputs and params by name); return ``names``
+    (default: the graph's outputs) in order."""
+    opsets = graph.opsets if opsets is None else opsets
+    env = dict(env)
+    for name, value in graph.initializers.items():
+        env.setdefault(name, value)
+    keep = keep if keep is not None else set()
+    for node in graph.nodes:
+        run_node(node, env, registry, opsets, keep)
+    names = graph.output_names if names is None else names
+    missing = [n for n in names if n not in env]
+    if missing:
+        raise OpError(f"graph '{graph.name}': outputs {missing} are never produced")
+    return tuple(env[n] for n in names)
+
+
+def make_fn(graph: Graph, registry: Registry, constants: Mapping[str, Any],
+            on_trace: Callable[[], None] | None = None) -> Callable[..., Any]:
+    """The pure function of ``graph``.
+
+    Stateless graphs: ``fn(params, inputs) -> {output name: value}``.
+    Graphs with ``state_vars``: ``fn(params, state, inputs) -> (outputs, state)``.
+    ``constants`` are the initializers kept out of params (shape-like tensors
+    needed at trace time); everything in ``params`` is a traced argument.
+    """
+    keep = static_names(graph, registry)
+    out_names = graph.output_names
+    state_names = tuple(graph.state_vars)
+    next_names = tuple(graph.state_vars[s] for s in state_names)
+
+    def run(params: Mapping[str, Any], state: Mapping[str, Any], inputs: Mapping[str, Any]) -> tuple[dict, dict]:
+        if on_trace is not None and not all(is_concrete(v) for v in params.values()):
+            on_trace()
+        env: Env = dict(constants)
+        env.update(params)
+        env.update(state)
+        env.update(inputs)
+        vals = evaluate(graph, registry, env, graph.opsets, keep, out_names + next_names)
+        outs = dict(zip(out_names, vals[: len(out_names)]))
+        return outs, dict(zip(state_names, vals[len(out_names):]))
+
+    if state_names:
+        def stateful_fn(params: Mapping[str, Any], state: Mapping[str, Any], inputs: Mapping[str, Any]) -> tuple[dict, dict]:
+            return run(params, state, inputs)
+
+        return stateful_fn
+
+    def fn(params: Mapping[str, Any], inputs: Mapping[str, Any]) -> dict[str, Any]:
+        return run(params, {}, inputs)[0]
+
+    return fn
+
+
+def check_names(names: Sequence[str]) -> None:
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise JaxinferError(f"duplicate value name '{n}'")
+        seen.add(n)
