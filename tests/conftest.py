@@ -1,0 +1,41 @@
+"""Shared test setup: simulated CPU devices, and a per-kind conformance summary."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jaxinfer  # noqa: E402,F401  (applies jaxinfer's JAX config first)
+
+_KINDS = {
+    "OnnxBackendNodeModelTest": "node",
+    "OnnxBackendSimpleModelTest": "simple",
+    "OnnxBackendPyTorchConvertedModelTest": "pytorch-converted",
+    "OnnxBackendPyTorchOperatorModelTest": "pytorch-operator",
+    "OnnxBackendRealModelTest": "light",
+}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG001
+    passed: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    for status in ("passed", "failed", "skipped", "error", "xfailed", "xpassed"):
+        for rep in terminalreporter.stats.get(status, []):
+            nodeid = getattr(rep, "nodeid", "")
+            if "test_backend.py" not in nodeid or getattr(rep, "when", "call") not in ("call", "setup"):
+                continue
+            if rep.when == "setup" and status == "passed":
+                continue
+            kind = next((k for cls, k in _KINDS.items() if f"::{cls}::" in nodeid), None)
+            if kind is None or not nodeid.endswith("_cpu"):
+                continue
+            total[kind] += 1
+            passed[kind] += status == "passed"
+    if not total:
+        return
+    terminalreporter.section("ONNX backend conformance (CPU cases)")
+    for kind in ("node", "simple", "pytorch-converted", "pytorch-operator", "light"):
+        terminalreporter.write_line(f"  {kind:18s} {passed[kind]:5d} / {total[kind]}")
+    terminalreporter.write_line(f"  {'total':18s} {sum(passed.values()):5d} / {sum(total.values())}")
