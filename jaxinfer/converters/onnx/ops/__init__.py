@@ -1,10 +1,34 @@
-"""The ai.onnx (and com.microsoft) op registry, built explicitly from the family modules."""
+"""The ONNX op registry, built explicitly from the family modules (one module per family)."""
 
 from __future__ import annotations
 
 from ....registry import Registry
-from . import activation, conv_pool, elementwise, linalg, normalization, shape
+from . import (
+    activation,
+    attention,
+    control_flow,
+    conv_pool,
+    elementwise,
+    image,
+    indexing,
+    linalg,
+    losses,
+    ml,
+    normalization,
+    quant,
+    random,
+    reduce,
+    rnn,
+    sequence,
+    shape,
+    signal,
+    strings,
+    training,
+)
 
-FAMILIES = (activation, conv_pool, elementwise, linalg, normalization, shape)
+FAMILIES = (
+    activation, attention, control_flow, conv_pool, elementwise, image, indexing, linalg, losses, ml,
+    normalization, quant, random, reduce, rnn, sequence, shape, signal, strings, training,
+)
 
 REGISTRY = Registry.merge(*(m.OPS for m in FAMILIES))
