@@ -1,0 +1,180 @@
+"""Side-by-side timing of jaxinfer and onnxruntime on the same model and inputs.
+
+Both run in one process, interleaved call by call, so machine noise hits both
+alike; the figure is the median of ``runs`` calls after ``warmup`` calls.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .model import Model, Signature
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One model at one batch size."""
+
+    model: str
+    batch: int
+    jaxinfer_ms: float
+    onnxruntime_ms: float | None
+    ratio: float | None  # jaxinfer / onnxruntime: < 1 means jaxinfer is faster
+    max_abs_diff: float | None
+    compile_s: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def dummy_inputs(signatures: Sequence[Signature], batch: int | None = None, seed: int = 0,
+                 kind: str = "ramp") -> dict[str, np.ndarray]:
+    """Inputs of the declared shapes (symbolic dims -> ``batch`` for dim 0, else 1).
+
+    ``kind="ramp"`` gives ``arange(n)/n`` like the onnx backend suite (finite
+    on the light models' constant weights); ``"random"`` gives uniform [0, 1).
+    """
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for sig in signatures:
+        dims = []
+        for i, d in enumerate(sig.shape or ()):
+            if i == 0 and batch is not None:
+                dims.append(batch)
+            elif isinstance(d, int) and d > 0:
+                dims.append(d)
+            else:
+                dims.append(1)
+        dtype = sig.dtype if sig.dtype is not None else np.dtype(np.float32)
+        n = int(np.prod(dims)) if dims else 1
+        if dtype.kind == "f":
+            arr = (np.arange(n).reshape(dims) / max(n, 1)) if kind == "ramp" else rng.random(dims)
+        elif dtype.kind in "iu":
+            arr = rng.integers(0, 2, size=dims)
+        elif dtype.kind == "b":
+            arr = rng.integers(0, 2, size=dims).astype(bool)
+        else:
+            raise ValueError(f"cannot make a dummy value for input {sig}")
+        feeds[sig.name] = np.asarray(arr, dtype=dtype)
+    return feeds
+
+
+def _median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1e3
+
+
+def interleaved(fns: Sequence[Callable[[], Any]], runs: int, warmup: int = 3) -> list[float]:
+    """Median milliseconds of each callable, calls interleaved round-robin."""
+    for _ in range(warmup):
+        for f in fns:
+            f()
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(runs):
+        for i, f in enumerate(fns):
+            t = time.perf_counter()
+            f()
+            samples[i].append(time.perf_counter() - t)
+    return [_median_ms(s) for s in samples]
+
+
+def ort_session(model_bytes: bytes, threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+def compare(model_path: str | Path, batches: Sequence[int] = (1, 8), runs: int = 20,
+            against: str | None = "onnxruntime", label: str | None = None) -> list[BenchRow]:
+    """Time ``model_path`` at each batch size (re-stamping a fixed batch dim when needed)."""
+    import onnx
+
+    from .converters.onnx import load_onnx
+    from .converters.onnx.restamp import restamp_batch
+
+    proto = onnx.load(str(model_path))
+    rows = []
+    for batch in batches:
+        stamped = restamp_batch(proto, batch) if _needs_restamp(proto, batch) else proto
+        model = load_onnx(stamped)
+        feeds = dummy_inputs(model.inputs, batch)
+        t0 = time.perf_counter()
+        ours = model.run(feeds)
+        compile_s = time.perf_counter() - t0
+        fns: list[Callable[[], Any]] = [lambda: model.run(feeds)]
+        diff = None
+        if against == "onnxruntime":
+            sess = ort_session(stamped.SerializeToString())
+            theirs = sess.run(None, feeds)
+            diff = max(_max_abs(a, b) for a, b in zip(ours.values(), theirs))
+            fns.append(lambda: sess.run(None, feeds))
+        times = interleaved(fns, runs)
+        ort_ms = times[1] if len(times) > 1 else None
+        rows.append(BenchRow(label or Path(model_path).stem, batch, times[0], ort_ms,
+                             times[0] / ort_ms if ort_ms else None, diff, compile_s))
+    return rows
+
+
+def _needs_restamp(proto: Any, batch: int) -> bool:
+    inits = {i.name for i in proto.graph.initializer}
+    for i in proto.graph.input:
+        if i.name in inits:
+            continue
+        dims = i.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value != batch:
+            return True
+    return False
+
+
+def _max_abs(a: Any, b: Any) -> float:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        return math.inf
+    if a.dtype.kind in "fc":
+        return float(np.nanmax(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
+    return float(np.max(np.abs(a.astype(np.int64) - b.astype(np.int64)))) if a.size else 0.0
+
+
+def geomean(values: Sequence[float]) -> float:
+    vals = [v for v in values if v and v > 0]
+    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else float("nan")
+
+
+def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A plain-text table of ``rows`` (dicts) over ``columns``."""
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.3f}"
+        return str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    sep = "  ".join("-" * w for w in widths)
+    body = "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells)
+    return f"{line}\n{sep}\n{body}"
+
+
+def light_models() -> list[Path]:
+    """The nine small real CNNs the onnx wheel ships (``backend/test/data/light``)."""
+    import onnx
+
+    return sorted((Path(onnx.__file__).parent / "backend" / "test" / "data" / "light").glob("*.onnx"))
+
+
+def model_summary(model: Model) -> dict[str, Any]:
+    return model.info()

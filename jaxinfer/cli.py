@@ -1,0 +1,185 @@
+"""The ``jaxinfer`` command: ``info``, ``run``, ``bench``, ``serve``.
+
+Examples::
+
+    jaxinfer info model.onnx
+    jaxinfer run model.onnx --input x=x.npy
+    jaxinfer bench model.onnx --batch 1,8 --against onnxruntime --json out.json
+    jaxinfer serve [REPO] --port 8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def resolve_model(path: str) -> str:
+    """A path, or the name of a real model a dependency ships (``squeezenet``, ``resnet50``, ...)."""
+    if Path(path).exists():
+        return path
+    from .bench import light_models
+
+    for candidate in light_models():
+        if path in (candidate.stem, candidate.stem.removeprefix("light_")):
+            return str(candidate)
+    return path
+
+
+def _load(path: str) -> Any:
+    import jaxinfer
+
+    return jaxinfer.load(resolve_model(path))
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .converters.onnx.ops import REGISTRY
+    from .converters.onnx.reader import read_model
+    from .tracer import unsupported_ops
+
+    path = Path(resolve_model(args.model))
+    if path.suffix.lower() == ".onnx":
+        graph = read_model(path)
+        missing = unsupported_ops(graph, REGISTRY)
+        if missing:
+            info = {
+                "source": str(path), "format": "onnx", "inputs": [str(v.name) for v in graph.inputs],
+                "outputs": [str(v.name) for v in graph.outputs], "opsets": dict(graph.opsets),
+                "ops": graph.op_histogram(), "params_bytes": graph.params_bytes(),
+                "unsupported": [str(m) for m in missing],
+            }
+            _print_info(info, args.json)
+            return 1
+    model = _load(args.model)
+    info = model.info()
+    info["unsupported"] = []
+    _print_info(info, args.json)
+    return 0
+
+
+def _print_info(info: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    print(f"model:    {info['source']} ({info['format']})")
+    print(f"opsets:   {info['opsets']}")
+    print("inputs:   " + "\n          ".join(info["inputs"]))
+    print("outputs:  " + "\n          ".join(info["outputs"]))
+    print(f"params:   {info.get('params', '?')} tensors, {info['params_bytes']:,} bytes")
+    print("ops:      " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items()))
+    for note in info.get("notes", []):
+        print(f"note:     {note}")
+    if info.get("unsupported"):
+        print("UNSUPPORTED:\n  " + "\n  ".join(info["unsupported"]))
+
+
+def _parse_inputs(items: Sequence[str]) -> dict[str, np.ndarray]:
+    feeds = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--input expects name=file.npy, got {item!r}")
+        name, file = item.split("=", 1)
+        feeds[name] = np.load(file, allow_pickle=False)
+    return feeds
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .bench import dummy_inputs
+
+    model = _load(args.model)
+    feeds = _parse_inputs(args.input or [])
+    given = set(feeds)
+    missing = [s for s in model.inputs if s.name not in given]
+    if missing:
+        feeds.update(dummy_inputs(missing, args.batch, kind="random"))
+        print(f"random inputs for: {', '.join(str(s) for s in missing)}")
+    outs = model.run(feeds)
+    for name, value in outs.items():
+        arr = np.asarray(value)
+        if arr.dtype.kind in "fciub" and arr.size:
+            stats = f"min {arr.min():.6g}  max {arr.max():.6g}  mean {arr.astype(np.float64).mean():.6g}"
+            if arr.ndim == 2 and arr.dtype.kind == "f":
+                stats += f"  argmax {arr.argmax(axis=-1).tolist()[:8]}"
+        else:
+            stats = ""
+        print(f"{name}: {arr.dtype}{list(arr.shape)}  {stats}")
+        if args.save:
+            Path(args.save).mkdir(parents=True, exist_ok=True)
+            np.save(Path(args.save) / f"{name.replace('/', '_')}.npy", arr)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import compare, geomean, table
+
+    batches = [int(b) for b in str(args.batch).split(",")]
+    rows = compare(resolve_model(args.model), batches, runs=args.runs, against=args.against)
+    dicts = [r.as_dict() for r in rows]
+    print(table(dicts, ["model", "batch", "jaxinfer_ms", "onnxruntime_ms", "ratio", "max_abs_diff", "compile_s"]))
+    ratios = [r.ratio for r in rows if r.ratio]
+    if ratios:
+        print(f"geomean ratio jaxinfer/onnxruntime: {geomean(ratios):.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dicts, indent=2))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import main as serve_main
+    except ImportError as e:
+        raise SystemExit(f"serving is not available: {e}") from e
+    return int(serve_main(args.rest) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxinfer", description="ONNX/TFLite models as jitted JAX functions")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    info = sub.add_parser("info", help="inputs, outputs, opsets, op histogram, params bytes, unsupported ops")
+    info.add_argument("model")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_info)
+
+    run = sub.add_parser("run", help="run a model on .npy inputs (random ones where none are given)")
+    run.add_argument("model", help="a model file, or a model a dependency ships: squeezenet, resnet50, ...")
+    run.add_argument("--input", action="append", metavar="NAME=FILE.npy")
+    run.add_argument("--batch", type=int, default=None, help="batch size for random inputs with a symbolic batch dim")
+    run.add_argument("--save", metavar="DIR", help="write each output as DIR/<name>.npy")
+    run.set_defaults(func=cmd_run)
+
+    bench = sub.add_parser("bench", help="median latency vs onnxruntime, interleaved in one process")
+    bench.add_argument("model")
+    bench.add_argument("--batch", default="1")
+    bench.add_argument("--runs", type=int, default=20)
+    bench.add_argument("--against", choices=["onnxruntime", "none"], default="onnxruntime")
+    bench.add_argument("--json", metavar="FILE")
+    bench.set_defaults(func=cmd_bench)
+
+    serve = sub.add_parser("serve", help="serve a model repository over KServe v2 HTTP", add_help=False)
+    serve.add_argument("rest", nargs=argparse.REMAINDER)
+    serve.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import JaxinferError
+
+    args = build_parser().parse_args(argv)
+    if getattr(args, "against", None) == "none":
+        args.against = None
+    try:
+        return int(args.func(args) or 0)
+    except JaxinferError as e:
+        print(f"jaxinfer: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
