@@ -1,0 +1,161 @@
+"""Activation and normalization builtins (float, and int8/uint8 where TFLite has them)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ....registry import OpDef, registrar
+from .. import quant as Q
+from ._util import QList, is_quantized
+
+OPS: list[OpDef] = []
+op = registrar(OPS, domain="tflite")
+
+
+def _requantize_clamp(x, qi: Q.QParams, qo: Q.QParams, lo: float | None, hi: float | None):
+    """Rescale ``x`` from ``qi`` to ``qo`` with a fixed-point multiplier, then clamp to [lo, hi] (real values)."""
+    y = Q.requantize(jnp.asarray(x, jnp.int64) - qi.zp, float(qi.s) / float(qo.s), qo, (qo.qmin, qo.qmax))
+    qlo = qo.qmin if lo is None else max(qo.qmin, Q.quantize_value(lo, qo))
+    qhi = qo.qmax if hi is None else min(qo.qmax, Q.quantize_value(hi, qo))
+    return jnp.clip(y, qlo, qhi).astype(qo.dtype)
+
+
+def _clamp_op(name: str, lo: float | None, hi: float | None) -> None:
+    def clamp(x, *, in_q: QList = None, out_q: QList = None):
+        if is_quantized(in_q, out_q):
+            return _requantize_clamp(x, in_q[0], out_q[0], lo, hi)
+        return jnp.clip(x, lo, hi)
+
+    clamp.__doc__ = f"{name}: clamp to [{lo}, {hi}]."
+    op(name)(clamp)
+
+
+_clamp_op("RELU", 0.0, None)
+_clamp_op("RELU6", 0.0, 6.0)
+_clamp_op("RELU_N1_TO_1", -1.0, 1.0)
+_clamp_op("RELU_0_TO_1", 0.0, 1.0)
+
+
+def _lut_or_float(x, in_q: QList, out_q: QList, fn_np, fn_jnp):
+    if is_quantized(in_q, out_q):
+        if np.dtype(in_q[0].dtype).itemsize != 1:
+            raise ValueError("quantized activation supports int8/uint8 inputs (got int16)")
+        return Q.table_lookup(x, Q.lut_8bit(fn_np, in_q[0], out_q[0]), in_q[0])
+    return fn_jnp(x)
+
+
+def _sigmoid_np(v):
+    return (1.0 / (1.0 + np.exp(-v.astype(np.float32)))).astype(np.float32)
+
+
+@op("LOGISTIC")
+def logistic(x, *, in_q: QList = None, out_q: QList = None):
+    """Sigmoid; 8-bit tensors through a 256-entry table."""
+    return _lut_or_float(x, in_q, out_q, _sigmoid_np, jax.nn.sigmoid)
+
+
+@op("TANH")
+def tanh(x, *, in_q: QList = None, out_q: QList = None):
+    """tanh; 8-bit tensors through a 256-entry table."""
+    return _lut_or_float(x, in_q, out_q, lambda v: np.tanh(v).astype(np.float32), jnp.tanh)
+
+
+def _hard_swish_np(v):
+    return (v * np.clip(v + 3.0, 0.0, 6.0) / 6.0).astype(np.float32)
+
+
+@op("HARD_SWISH")
+def hard_swish(x, *, in_q: QList = None, out_q: QList = None):
+    """x * relu6(x + 3) / 6."""
+    return _lut_or_float(x, in_q, out_q, _hard_swish_np, lambda v: v * jnp.clip(v + 3.0, 0.0, 6.0) / 6.0)
+
+
+@op("ELU")
+def elu(x, *, in_q: QList = None, out_q: QList = None):
+    """x if x > 0 else exp(x) - 1."""
+    return _lut_or_float(x, in_q, out_q, lambda v: np.where(v > 0, v, np.expm1(v)).astype(np.float32), jax.nn.elu)
+
+
+@op("GELU")
+def gelu(x, *, approximate: bool = False, in_q: QList = None, out_q: QList = None):
+    """GELU, exact (erf) or tanh-approximated."""
+    def np_fn(v):
+        v = v.astype(np.float64)
+        if approximate:
+            y = 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v ** 3)))
+        else:
+            from math import erf
+
+            y = 0.5 * v * (1 + np.vectorize(erf)(v / np.sqrt(2)))
+        return y.astype(np.float32)
+
+    return _lut_or_float(x, in_q, out_q, np_fn, lambda v: jax.nn.gelu(v, approximate=bool(approximate)))
+
+
+@op("LEAKY_RELU")
+def leaky_relu(x, *, alpha: float = 0.2, in_q: QList = None, out_q: QList = None):
+    """x if x >= 0 else alpha * x."""
+    a = float(np.float32(alpha))
+    if is_quantized(in_q, out_q):
+        qi, qo = in_q[0], out_q[0]
+        v = jnp.asarray(x, jnp.int64) - qi.zp
+        ident = Q.multiply_by_quantized_multiplier(v, *Q.quantize_multiplier(float(qi.s) / float(qo.s)))
+        neg = Q.multiply_by_quantized_multiplier(v, *Q.quantize_multiplier(float(qi.s) * a / float(qo.s)))
+        return jnp.clip(jnp.where(v >= 0, ident, neg) + qo.zp, qo.qmin, qo.qmax).astype(qo.dtype)
+    return _lut_or_float(x, in_q, out_q, lambda v: np.where(v >= 0, v, np.float32(a) * v).astype(np.float32),
+                         lambda v: jnp.where(v >= 0, v, a * v))
+
+
+@op("PRELU")
+def prelu(x, alpha):
+    """x if x >= 0 else alpha * x (alpha broadcast)."""
+    return jnp.where(x >= 0, x, alpha * x)
+
+
+def _softmax_8bit(x, beta: float, qi: Q.QParams, qo: Q.QParams):
+    """TFLite's 8-bit softmax: exp of (x - max) from a float table, normalized in float32, rounded."""
+    scale = np.float32(-np.float32(qi.s) * np.float32(beta))
+    table = np.exp(scale * np.arange(256, dtype=np.float32)).astype(np.float32)  # table[d] = exp(-s*beta*d)
+    xi = jnp.asarray(x, jnp.int32)
+    diff = jnp.max(xi, axis=-1, keepdims=True) - xi
+    e = jnp.take(jnp.asarray(table), diff, axis=0)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    inv = jnp.float32(1.0) / (total * jnp.float32(qo.s))
+    p = e * inv
+    r = jnp.sign(p) * jnp.floor(jnp.abs(p) + 0.5)
+    return jnp.clip(r.astype(jnp.int32) + qo.zp, qo.qmin, qo.qmax).astype(qo.dtype)
+
+
+@op("SOFTMAX")
+def softmax(x, *, beta: float = 1.0, in_q: QList = None, out_q: QList = None):
+    """softmax(beta * x) over the last axis."""
+    if is_quantized(in_q, out_q):
+        return _softmax_8bit(x, beta, in_q[0], out_q[0])
+    return jax.nn.softmax(x * float(np.float32(beta)), axis=-1)
+
+
+@op("LOG_SOFTMAX")
+def log_softmax(x):
+    """log(softmax(x)) over the last axis."""
+    return jax.nn.log_softmax(x, axis=-1)
+
+
+@op("L2_NORMALIZATION")
+def l2_normalization(x, *, fused_activation_function: str = "NONE"):
+    """x / sqrt(max(sum(x**2, last axis), 1e-6))."""
+    from ._util import fused
+
+    ss = jnp.sum(x * x, axis=-1, keepdims=True)
+    return fused(x / jnp.sqrt(jnp.maximum(ss, 1e-6)), fused_activation_function)
+
+
+@op("LOCAL_RESPONSE_NORMALIZATION")
+def lrn(x, *, radius: int = 5, bias: float = 1.0, alpha: float = 1.0, beta: float = 0.5):
+    """x / (bias + alpha * sum of squares over a channel window of 2*radius+1) ** beta (NHWC)."""
+    sq = x * x
+    c = x.shape[-1]
+    padded = jnp.pad(sq, [(0, 0)] * (x.ndim - 1) + [(radius, radius)])
+    window = sum(padded[..., i: i + c] for i in range(2 * radius + 1))
+    return x / jnp.power(bias + alpha * window, beta)

@@ -1,0 +1,181 @@
+"""Elementwise TFLite builtins: arithmetic (float and int8/uint8), math, comparison, logic."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from ....registry import OpDef, registrar
+from .. import quant as Q
+from ._util import QList, fused, is_quantized, qat, require_float
+
+OPS: list[OpDef] = []
+op = registrar(OPS, domain="tflite")
+
+_ADD_LEFT_SHIFT = {np.dtype(np.int8): 20, np.dtype(np.uint8): 20, np.dtype(np.int16): 15}
+
+
+def _quantized_add_sub(x, y, in_q, out_q, act: str, sign: int):
+    """TFLite's integer ADD/SUB: both inputs rescaled to 2*max(scale) with a 20-bit headroom shift."""
+    qa, qb, qo = in_q[0], in_q[1], out_q[0]
+    left = _ADD_LEFT_SHIFT[np.dtype(qo.dtype)]
+    twice_max = 2.0 * max(float(qa.s), float(qb.s))
+    m1, s1 = Q.quantize_multiplier(float(qa.s) / twice_max)
+    m2, s2 = Q.quantize_multiplier(float(qb.s) / twice_max)
+    mo, so = Q.quantize_multiplier(twice_max / ((1 << left) * float(qo.s)))
+    a = (jnp.asarray(x, jnp.int64) - qa.zp) << left
+    b = (jnp.asarray(y, jnp.int64) - qb.zp) << left
+    sa = Q.multiply_by_quantized_multiplier(a, m1, s1)
+    sb = Q.multiply_by_quantized_multiplier(b, m2, s2)
+    raw = Q.multiply_by_quantized_multiplier(sa + sign * sb, mo, so) + qo.zp
+    lo, hi = Q.activation_range(act, qo)
+    return jnp.clip(raw, lo, hi).astype(qo.dtype)
+
+
+@op("ADD")
+def add(x, y, *, fused_activation_function: str = "NONE", pot_scale_int16: bool = True,
+        in_q: QList = None, out_q: QList = None):
+    """https://ai.google.dev/edge/litert/models/ops_compatibility (ADD)."""
+    if is_quantized(in_q, out_q):
+        return _quantized_add_sub(x, y, in_q, out_q, fused_activation_function, 1)
+    return fused(jnp.add(x, y), fused_activation_function)
+
+
+@op("SUB")
+def sub(x, y, *, fused_activation_function: str = "NONE", pot_scale_int16: bool = True,
+        in_q: QList = None, out_q: QList = None):
+    """SUB: x - y with a fused activation."""
+    if is_quantized(in_q, out_q):
+        return _quantized_add_sub(x, y, in_q, out_q, fused_activation_function, -1)
+    return fused(jnp.subtract(x, y), fused_activation_function)
+
+
+@op("MUL")
+def mul(x, y, *, fused_activation_function: str = "NONE", in_q: QList = None, out_q: QList = None):
+    """MUL: integer product rescaled by s_x*s_y/s_out when quantized."""
+    if is_quantized(in_q, out_q):
+        qa, qb, qo = in_q[0], in_q[1], out_q[0]
+        prod = (jnp.asarray(x, jnp.int64) - qa.zp) * (jnp.asarray(y, jnp.int64) - qb.zp)
+        return Q.requantize(prod, float(qa.s) * float(qb.s) / float(qo.s), qo,
+                            Q.activation_range(fused_activation_function, qo))
+    return fused(jnp.multiply(x, y), fused_activation_function)
+
+
+@op("DIV")
+def div(x, y, *, fused_activation_function: str = "NONE"):
+    """DIV: float division; int32 division truncates toward zero like TFLite."""
+    if jnp.issubdtype(jnp.result_type(x), jnp.integer):
+        q = jnp.floor_divide(x, y)
+        fix = (jnp.remainder(x, y) != 0) & ((x < 0) != (y < 0))
+        return fused(jnp.where(fix, q + 1, q), fused_activation_function)
+    return fused(jnp.divide(x, y), fused_activation_function)
+
+
+@op("SQUARED_DIFFERENCE")
+def squared_difference(x, y):
+    """(x - y)**2."""
+    d = jnp.subtract(x, y)
+    return d * d
+
+
+@op("POW")
+def pow_(x, y):
+    """x ** y (same dtype)."""
+    return jnp.power(x, y).astype(jnp.result_type(x))
+
+
+@op("MAXIMUM")
+def maximum(x, y, *, in_q: QList = None, out_q: QList = None):
+    """Elementwise max (quantized inputs share the output's params)."""
+    return jnp.maximum(x, y)
+
+
+@op("MINIMUM")
+def minimum(x, y, *, in_q: QList = None, out_q: QList = None):
+    """Elementwise min (quantized inputs share the output's params)."""
+    return jnp.minimum(x, y)
+
+
+@op("FLOOR_DIV")
+def floor_div(x, y):
+    """Floor division (floats floor the quotient)."""
+    if jnp.issubdtype(jnp.result_type(x), jnp.integer):
+        return jnp.floor_divide(x, y)
+    return jnp.floor(jnp.divide(x, y))
+
+
+@op("FLOOR_MOD")
+def floor_mod(x, y):
+    """Remainder with the divisor's sign."""
+    return jnp.mod(x, y)
+
+
+def _unary(name: str, fn, doc: str) -> None:
+    def unary(x):
+        return fn(x)
+
+    unary.__doc__ = doc
+    unary.__name__ = name.lower()
+    op(name)(unary)
+
+
+for _name, _fn in {
+    "ABS": jnp.abs, "NEG": jnp.negative, "SQRT": jnp.sqrt, "RSQRT": lambda x: 1 / jnp.sqrt(x), "EXP": jnp.exp,
+    "LOG": jnp.log, "SIN": jnp.sin, "COS": jnp.cos, "SQUARE": jnp.square, "CEIL": jnp.ceil, "FLOOR": jnp.floor,
+    "ROUND": jnp.round, "SIGN": jnp.sign, "LOGICAL_NOT": jnp.logical_not,
+}.items():
+    _unary(_name, _fn, f"{_name}: elementwise (float).")
+
+
+def _compare(name: str, fn) -> None:
+    def compare(x, y, *, in_q: QList = None, out_q: QList = None):
+        qa, qb = qat(in_q, 0), qat(in_q, 1)
+        if qa is not None and qb is not None and (qa.s != qb.s or qa.zp != qb.zp):
+            return fn(Q.dequantize(x, qa), Q.dequantize(y, qb))
+        return fn(x, y)
+
+    compare.__doc__ = f"{name}: elementwise comparison -> bool."
+    op(name)(compare)
+
+
+for _name, _fn in {"LESS": jnp.less, "LESS_EQUAL": jnp.less_equal, "GREATER": jnp.greater,
+                   "GREATER_EQUAL": jnp.greater_equal, "EQUAL": jnp.equal, "NOT_EQUAL": jnp.not_equal}.items():
+    _compare(_name, _fn)
+
+
+@op("LOGICAL_AND")
+def logical_and(x, y):
+    """Elementwise and of bools."""
+    return jnp.logical_and(x, y)
+
+
+@op("LOGICAL_OR")
+def logical_or(x, y):
+    """Elementwise or of bools."""
+    return jnp.logical_or(x, y)
+
+
+@op(("SELECT", "SELECT_V2"))
+def select(cond, x, y, *, in_q: QList = None, out_q: QList = None):
+    """where(cond, x, y) with broadcasting."""
+    return jnp.where(cond, x, y)
+
+
+@op("ADD_N")
+def add_n(*xs):
+    """Sum of all inputs."""
+    out = xs[0]
+    for x in xs[1:]:
+        out = out + x
+    return out
+
+
+@op("CAST")
+def cast(x, *, in_data_type: int = 0, out_data_type: int = 0, out_dtype=None):
+    """Convert to the output tensor's dtype (float->int truncates toward zero)."""
+    if out_dtype is None:
+        raise ValueError("CAST needs the output tensor's dtype (out_dtype)")
+    return jnp.asarray(x).astype(out_dtype)
+
+
+__all__ = ["OPS", "require_float"]

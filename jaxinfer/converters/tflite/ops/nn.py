@@ -1,0 +1,247 @@
+"""Convolution, fully connected, matmul and pooling builtins (NHWC), float and int8/uint8."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ....registry import OpDef, registrar
+from .. import quant as Q
+from ._util import QList, fused, is_quantized, qat
+
+OPS: list[OpDef] = []
+op = registrar(OPS, domain="tflite")
+
+
+def _per_channel_multiplier(qi: Q.QParams, qw: Q.QParams, qo: Q.QParams, channels: int) -> np.ndarray:
+    """input_scale * filter_scale[c] / output_scale in float64, one per output channel."""
+    ws = qw.scale.astype(np.float64)
+    if ws.size == 1:
+        ws = np.full(channels, ws[0])
+    return float(qi.s) * ws / float(qo.s)
+
+
+def _offset(x, q: Q.QParams, axis: int | None = None):
+    """Integer tensor minus its zero point, as int32."""
+    zp = q.zero_point
+    if zp.size > 1 and np.any(zp != zp[0]):
+        if axis is None:
+            raise ValueError("per-axis zero points are not supported here")
+        shape = [1] * x.ndim
+        shape[axis] = zp.size
+        return jnp.asarray(x, jnp.int32) - jnp.asarray(zp.reshape(shape), jnp.int32)
+    return jnp.asarray(x, jnp.int32) - int(zp[0])
+
+
+def _finish(acc, bias, in_q, out_q, w_channels: int, act: str):
+    """Add the int32 bias, requantize per channel (last axis), clamp to the fused activation."""
+    qi, qw, qo = in_q[0], in_q[1], out_q[0]
+    if bias is not None:
+        acc = acc + jnp.asarray(bias, jnp.int32)
+    mult = _per_channel_multiplier(qi, qw, qo, w_channels)
+    return Q.requantize(acc.astype(jnp.int64), mult, qo, Q.activation_range(act, qo), channel_axis=-1)
+
+
+def exact_float(terms: int) -> jnp.dtype:
+    """A float dtype whose sums of ``terms`` products of 8-bit offsets (|v| <= 255) are exact integers."""
+    return jnp.float32 if terms * 255 * 255 < (1 << 24) else jnp.float64
+
+
+def _conv(x, w, stride, dilation, padding, groups):
+    """Convolution; integer operands are convolved in an exact float type (XLA's integer conv is slow on CPU)."""
+    integer = jnp.issubdtype(x.dtype, jnp.integer)
+    if integer:
+        ft = exact_float(int(np.prod(w.shape[1:])))
+        x, w = x.astype(ft), w.astype(ft)
+    y = lax.conv_general_dilated(
+        x, w, window_strides=stride, padding=padding, rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "OHWI", "NHWC"), feature_group_count=groups)
+    return y.astype(jnp.int32) if integer else y
+
+
+def _hybrid_weight(w, qw: Q.QParams | None, x):
+    """Dynamic-range/fp16 weights under float activations: dequantize the weight."""
+    if qw is not None and jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        return Q.dequantize(w, qw)
+    return w
+
+
+@op("CONV_2D")
+def conv_2d(x, w, bias=None, *, padding: str = "SAME", stride_w: int = 1, stride_h: int = 1,
+            fused_activation_function: str = "NONE", dilation_w_factor: int = 1, dilation_h_factor: int = 1,
+            quantized_bias_type: int = 0, in_q: QList = None, out_q: QList = None):
+    """2-D convolution, input NHWC, filter OHWI; int8 per-channel or uint8 per-tensor when quantized."""
+    groups = x.shape[-1] // w.shape[-1]
+    stride, dil = (stride_h, stride_w), (dilation_h_factor, dilation_w_factor)
+    if is_quantized(in_q, out_q):
+        acc = _conv(_offset(x, in_q[0]), _offset(w, in_q[1], axis=0), stride, dil, padding, groups)
+        return _finish(acc, bias, in_q, out_q, w.shape[0], fused_activation_function)
+    w = _hybrid_weight(w, qat(in_q, 1), x)
+    y = _conv(x, w.astype(x.dtype), stride, dil, padding, groups)
+    if bias is not None:
+        y = y + _hybrid_weight(bias, qat(in_q, 2), x).astype(x.dtype)
+    return fused(y, fused_activation_function)
+
+
+@op("DEPTHWISE_CONV_2D")
+def depthwise_conv_2d(x, w, bias=None, *, padding: str = "SAME", stride_w: int = 1, stride_h: int = 1,
+                      depth_multiplier: int = 1, fused_activation_function: str = "NONE",
+                      dilation_w_factor: int = 1, dilation_h_factor: int = 1,
+                      in_q: QList = None, out_q: QList = None):
+    """Depthwise convolution, filter [1, H, W, C*M]; output channel c*M+m reads input channel c."""
+    c = x.shape[-1]
+    stride, dil = (stride_h, stride_w), (dilation_h_factor, dilation_w_factor)
+    if is_quantized(in_q, out_q):
+        wk = jnp.transpose(_offset(w, in_q[1], axis=3), (3, 1, 2, 0))  # [C*M, H, W, 1]
+        acc = _conv(_offset(x, in_q[0]), wk, stride, dil, padding, c)
+        return _finish(acc, bias, in_q, out_q, w.shape[3], fused_activation_function)
+    w = _hybrid_weight(w, qat(in_q, 1), x)
+    y = _conv(x, jnp.transpose(w, (3, 1, 2, 0)).astype(x.dtype), stride, dil, padding, c)
+    if bias is not None:
+        y = y + _hybrid_weight(bias, qat(in_q, 2), x).astype(x.dtype)
+    return fused(y, fused_activation_function)
+
+
+@op("TRANSPOSE_CONV")
+def transpose_conv(output_shape, w, x, bias=None, *, padding: str = "SAME", stride_w: int = 1, stride_h: int = 1,
+                   fused_activation_function: str = "NONE", quantized_bias_type: int = 0):
+    """Transposed convolution to ``output_shape`` (NHWC), filter OHWI (float)."""
+    n, oh, ow, oc = (int(v) for v in output_shape)
+    kh, kw = w.shape[1], w.shape[2]
+    ih, iw = x.shape[1], x.shape[2]
+    pads = []
+    for size_in, size_out, k, s in ((ih, oh, kh, stride_h), (iw, ow, kw, stride_w)):
+        if padding == "VALID":
+            total = 0
+        else:
+            total = max((size_in - 1) * s + k - size_out, 0)
+        lo = total // 2
+        # gradient of a strided conv: dilate the input, pad by k-1-pad on each side.
+        full = (size_in - 1) * s + k
+        pads.append((k - 1 - lo, size_out - full + lo + (k - 1)))
+    wk = jnp.flip(w, (1, 2)).astype(x.dtype)  # [O, H, W, I] -> used as OHWI with O as out channels
+    y = lax.conv_general_dilated(x, jnp.transpose(wk, (3, 1, 2, 0)), (1, 1), pads, lhs_dilation=(stride_h, stride_w),
+                                 dimension_numbers=("NHWC", "IHWO", "NHWC"))
+    if bias is not None:
+        y = y + bias
+    return fused(y, fused_activation_function)
+
+
+@op("CONV_3D")
+def conv_3d(x, w, bias=None, *, padding: str = "SAME", stride_d: int = 1, stride_w: int = 1, stride_h: int = 1,
+            fused_activation_function: str = "NONE", dilation_d_factor: int = 1, dilation_w_factor: int = 1,
+            dilation_h_factor: int = 1):
+    """3-D convolution, input NDHWC, filter DHWIO (float)."""
+    y = lax.conv_general_dilated(x, w.astype(x.dtype), (stride_d, stride_h, stride_w), padding,
+                                 rhs_dilation=(dilation_d_factor, dilation_h_factor, dilation_w_factor),
+                                 dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    if bias is not None:
+        y = y + bias
+    return fused(y, fused_activation_function)
+
+
+@op("FULLY_CONNECTED")
+def fully_connected(x, w, bias=None, *, fused_activation_function: str = "NONE", weights_format: int = 0,
+                    keep_num_dims: bool = False, asymmetric_quantize_inputs: bool = False,
+                    quantized_bias_type: int = 0, in_q: QList = None, out_q: QList = None):
+    """x @ w.T + bias, weights [N, K]; the input is flattened to [-1, K] unless keep_num_dims."""
+    if weights_format != 0:
+        raise ValueError(f"FULLY_CONNECTED weights_format {weights_format} (shuffled) is not supported; expected DEFAULT (0)")
+    k = w.shape[1]
+    lead = x.shape[:-1] if keep_num_dims else (int(np.prod(x.shape)) // k,)
+    x2 = jnp.reshape(x, (-1, k))
+    dims = (((1,), (1,)), ((), ()))
+    if is_quantized(in_q, out_q):
+        ft = exact_float(k)
+        acc = lax.dot_general(_offset(x2, in_q[0]).astype(ft), _offset(w, in_q[1], axis=0).astype(ft),
+                              dims).astype(jnp.int32)
+        y = _finish(acc, bias, in_q, out_q, w.shape[0], fused_activation_function)
+    else:
+        w = _hybrid_weight(w, qat(in_q, 1), x).astype(x.dtype)
+        y = lax.dot_general(x2, w, dims)
+        if bias is not None:
+            y = y + _hybrid_weight(bias, qat(in_q, 2), x).astype(x.dtype)
+        y = fused(y, fused_activation_function)
+    return jnp.reshape(y, tuple(lead) + (w.shape[0],))
+
+
+@op("BATCH_MATMUL")
+def batch_matmul(x, y, *, adj_x: bool = False, adj_y: bool = False, asymmetric_quantize_inputs: bool = False,
+                 in_q: QList = None, out_q: QList = None):
+    """Batched x @ y with optional adjoints (transposes of the last two axes), broadcasting batch dims."""
+    if is_quantized(in_q, out_q):
+        qa, qb, qo = in_q[0], in_q[1], out_q[0]
+        a, b = _offset(x, qa), _offset(y, qb)
+        if adj_x:
+            a = jnp.swapaxes(a, -1, -2)
+        if adj_y:
+            b = jnp.swapaxes(b, -1, -2)
+        acc = jnp.matmul(a, b, preferred_element_type=jnp.int32)
+        return Q.requantize(acc.astype(jnp.int64), float(qa.s) * float(qb.s) / float(qo.s), qo, (qo.qmin, qo.qmax))
+    y = _hybrid_weight(y, qat(in_q, 1), x)
+    if adj_x:
+        x = jnp.swapaxes(x, -1, -2)
+    if adj_y:
+        y = jnp.swapaxes(y, -1, -2)
+    return jnp.matmul(x, y)
+
+
+def _pool_pads(shape, fh, fw, sh, sw, padding):
+    if padding == "VALID":
+        return [(0, 0)] * 4
+    pads = [(0, 0)]
+    for size, k, s in ((shape[1], fh, sh), (shape[2], fw, sw)):
+        out = -(-size // s)
+        total = max((out - 1) * s + k - size, 0)
+        pads.append((total // 2, total - total // 2))
+    return pads + [(0, 0)]
+
+
+def _window(x, init, fn, fh, fw, sh, sw, padding):
+    return lax.reduce_window(x, init, fn, (1, fh, fw, 1), (1, sh, sw, 1), _pool_pads(x.shape, fh, fw, sh, sw, padding))
+
+
+@op("MAX_POOL_2D")
+def max_pool_2d(x, *, padding: str = "SAME", stride_w: int = 1, stride_h: int = 1, filter_width: int = 1,
+                filter_height: int = 1, fused_activation_function: str = "NONE",
+                in_q: QList = None, out_q: QList = None):
+    """Max over windows; padding never wins."""
+    if is_quantized(in_q, out_q):
+        qo = out_q[0]
+        init = jnp.array(qo.qmin, x.dtype)
+        y = _window(x, init, lax.max, filter_height, filter_width, stride_h, stride_w, padding)
+        lo, hi = Q.activation_range(fused_activation_function, qo)
+        return jnp.clip(y, lo, hi).astype(x.dtype)
+    y = _window(x, jnp.array(-jnp.inf, x.dtype), lax.max, filter_height, filter_width, stride_h, stride_w, padding)
+    return fused(y, fused_activation_function)
+
+
+@op("AVERAGE_POOL_2D")
+def average_pool_2d(x, *, padding: str = "SAME", stride_w: int = 1, stride_h: int = 1, filter_width: int = 1,
+                    filter_height: int = 1, fused_activation_function: str = "NONE",
+                    in_q: QList = None, out_q: QList = None):
+    """Mean over the valid (unpadded) elements of each window; 8-bit: int32 sum, rounded integer division."""
+    ones = jnp.ones((1,) + x.shape[1:3] + (1,), jnp.int32)
+    count = _window(ones, jnp.int32(0), lax.add, filter_height, filter_width, stride_h, stride_w, padding)
+    if is_quantized(in_q, out_q):
+        qo = out_q[0]
+        s = _window(jnp.asarray(x, jnp.int32), jnp.int32(0), lax.add, filter_height, filter_width, stride_h,
+                    stride_w, padding)
+        half = count // 2
+        num = jnp.where(s > 0, s + half, s - half)
+        avg = jnp.where(num >= 0, num // count, -((-num) // count))
+        lo, hi = Q.activation_range(fused_activation_function, qo)
+        return jnp.clip(avg, lo, hi).astype(x.dtype)
+    s = _window(x, jnp.array(0, x.dtype), lax.add, filter_height, filter_width, stride_h, stride_w, padding)
+    return fused(s / count.astype(x.dtype), fused_activation_function)
+
+
+@op("L2_POOL_2D")
+def l2_pool_2d(x, *, padding: str = "SAME", stride_w: int = 1, stride_h: int = 1, filter_width: int = 1,
+               filter_height: int = 1, fused_activation_function: str = "NONE"):
+    """sqrt(mean(x**2)) over the valid elements of each window."""
+    ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
+    count = _window(ones, jnp.array(0, x.dtype), lax.add, filter_height, filter_width, stride_h, stride_w, padding)
+    s = _window(x * x, jnp.array(0, x.dtype), lax.add, filter_height, filter_width, stride_h, stride_w, padding)
+    return fused(jnp.sqrt(s / count), fused_activation_function)

@@ -1,0 +1,199 @@
+"""TFLite's affine quantization and its fixed-point integer arithmetic.
+
+A real value is ``scale * (q - zero_point)``. Integer kernels accumulate in
+int32 and requantize with a fixed-point multiplier (an int32 in Q31) and a
+power-of-two shift, rounding as TFLite's reference kernels do: a saturating
+rounding doubling high multiply, then a rounding right shift (ties away from
+zero). Multipliers are derived on the host in float64 from the float32 scales,
+as TFLite does at prepare time; the per-element math runs in int64 in JAX.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+import numpy as np
+
+INT32_MIN = -(1 << 31)
+INT32_MAX = (1 << 31) - 1
+
+
+@dataclass(frozen=True, eq=False)
+class QParams:
+    """Affine quantization of one tensor: per tensor (one scale) or per ``axis``."""
+
+    scale: np.ndarray  # float32, shape (1,) or (channels,)
+    zero_point: np.ndarray  # int64, same shape
+    axis: int
+    dtype: np.dtype
+
+    @property
+    def per_axis(self) -> bool:
+        return self.scale.size > 1
+
+    @property
+    def s(self) -> float:
+        """The per-tensor scale (raises for per-axis params)."""
+        if self.per_axis:
+            raise ValueError(f"expected per-tensor quantization, got {self.scale.size} scales on axis {self.axis}")
+        return float(self.scale[0])
+
+    @property
+    def zp(self) -> int:
+        if self.zero_point.size > 1 and np.any(self.zero_point != self.zero_point[0]):
+            raise ValueError("expected one zero point, got a per-axis vector")
+        return int(self.zero_point[0])
+
+    @property
+    def qmin(self) -> int:
+        return int(np.iinfo(self.dtype).min)
+
+    @property
+    def qmax(self) -> int:
+        return int(np.iinfo(self.dtype).max)
+
+    def __repr__(self) -> str:
+        sc = self.scale[0] if self.scale.size == 1 else f"{self.scale.size} scales@axis{self.axis}"
+        return f"QParams({self.dtype.name}, scale={sc}, zp={self.zero_point[:1].tolist()})"
+
+
+def quantize_multiplier(m: float) -> tuple[int, int]:
+    """A real multiplier as (Q31 int32 multiplier, shift): ``m ~= q * 2**(shift - 31)``."""
+    if m == 0.0:
+        return 0, 0
+    frac, shift = math.frexp(m)
+    q = int(round(frac * (1 << 31)))
+    if q == (1 << 31):
+        q //= 2
+        shift += 1
+    if shift < -31:
+        return 0, 0
+    if shift > 30:
+        raise ValueError(f"requantization multiplier {m} is too large (expected < 2**30)")
+    return q, shift
+
+
+def quantize_multipliers(ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pairs = [quantize_multiplier(float(m)) for m in np.ravel(ms)]
+    return np.array([p[0] for p in pairs], np.int64), np.array([p[1] for p in pairs], np.int64)
+
+
+def _trunc_div_pow2(x: jnp.ndarray, bits: int) -> jnp.ndarray:
+    """Integer division by 2**bits rounding toward zero (C semantics)."""
+    return jnp.where(x >= 0, x >> bits, -((-x) >> bits))
+
+
+def srdhm(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """SaturatingRoundingDoublingHighMul of int32 values held in int64."""
+    ab = a * b
+    nudge = jnp.where(ab >= 0, 1 << 30, 1 - (1 << 30))
+    res = _trunc_div_pow2(ab + nudge, 31)
+    return jnp.where((a == INT32_MIN) & (b == INT32_MIN), INT32_MAX, res)
+
+
+def rounding_divide_by_pot(x: jnp.ndarray, exponent: jnp.ndarray) -> jnp.ndarray:
+    """Arithmetic right shift by ``exponent`` rounding half away from zero."""
+    exponent = jnp.asarray(exponent, jnp.int64)
+    mask = (jnp.int64(1) << exponent) - 1
+    remainder = x & mask
+    threshold = (mask >> 1) + jnp.where(x < 0, 1, 0)
+    return (x >> exponent) + jnp.where(remainder > threshold, 1, 0)
+
+
+def multiply_by_quantized_multiplier(x: jnp.ndarray, mult: np.ndarray | int, shift: np.ndarray | int) -> jnp.ndarray:
+    """TFLite's MultiplyByQuantizedMultiplier on int64-held int32 values (broadcasting mult/shift)."""
+    x = jnp.asarray(x, jnp.int64)
+    mult = jnp.asarray(mult, jnp.int64)
+    shift = jnp.asarray(shift, jnp.int64)
+    left = jnp.maximum(shift, 0)
+    right = jnp.maximum(-shift, 0)
+    # x * 2**left can exceed int32 in TFLite too (wraps there); keep it in int32 range like the C++ code.
+    shifted = _wrap32(x << left)
+    return rounding_divide_by_pot(srdhm(shifted, mult), right)
+
+
+def _wrap32(x: jnp.ndarray) -> jnp.ndarray:
+    return ((x + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
+
+
+def requantize(acc: jnp.ndarray, real_multiplier: np.ndarray | float, out: QParams,
+               act_range: tuple[int, int], channel_axis: int = -1) -> jnp.ndarray:
+    """int32 accumulator -> output dtype: fixed-point rescale, add zero point, clamp."""
+    mult, shift = quantize_multipliers(np.atleast_1d(np.asarray(real_multiplier, np.float64)))
+    if mult.size > 1:
+        shape = [1] * acc.ndim
+        shape[channel_axis] = mult.size
+        mult, shift = mult.reshape(shape), shift.reshape(shape)
+    else:
+        mult, shift = mult[0], shift[0]
+    y = multiply_by_quantized_multiplier(acc, mult, shift) + out.zp
+    return jnp.clip(y, act_range[0], act_range[1]).astype(out.dtype)
+
+
+def round_half_away(x: np.ndarray) -> np.ndarray:
+    """C's ``round`` (ties away from zero), on host arrays."""
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+def quantize_value(f: float, q: QParams) -> int:
+    """A real value in ``q``'s integer domain, rounded like TFLite (float32 division)."""
+    return q.zp + int(round_half_away(np.float32(f) / np.float32(q.s)))
+
+
+def activation_range(act: str, out: QParams | None) -> tuple[int, int]:
+    """The fused activation's clamp in the quantized domain of ``out``."""
+    lo, hi = out.qmin, out.qmax
+    if act == "NONE":
+        return lo, hi
+    if act == "RELU":
+        return max(lo, quantize_value(0.0, out)), hi
+    if act == "RELU6":
+        return max(lo, quantize_value(0.0, out)), min(hi, quantize_value(6.0, out))
+    if act == "RELU_N1_TO_1":
+        return max(lo, quantize_value(-1.0, out)), min(hi, quantize_value(1.0, out))
+    raise ValueError(f"fused activation {act} has no quantized form (expected NONE, RELU, RELU6 or RELU_N1_TO_1)")
+
+
+def dequantize(x: jnp.ndarray, q: QParams) -> jnp.ndarray:
+    """Integer tensor -> float32 ``scale * (x - zero_point)`` (per-axis aware)."""
+    scale, zp = q.scale, q.zero_point
+    if q.per_axis:
+        shape = [1] * x.ndim
+        shape[q.axis] = scale.size
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    else:
+        scale, zp = scale[0], zp[0]
+    diff = jnp.asarray(x, jnp.int32) - jnp.asarray(zp, jnp.int32)
+    return (diff.astype(jnp.float32) * jnp.asarray(scale, jnp.float32)).astype(jnp.float32)
+
+
+def quantize(x: jnp.ndarray, q: QParams) -> jnp.ndarray:
+    """float -> integer: ``round(x / scale) + zero_point`` (ties away from zero), saturated."""
+    scale, zp = q.scale, q.zero_point
+    if q.per_axis:
+        shape = [1] * x.ndim
+        shape[q.axis] = scale.size
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    else:
+        scale, zp = scale[0], zp[0]
+    v = jnp.asarray(x, jnp.float32) / jnp.asarray(scale, jnp.float32)
+    r = jnp.sign(v) * jnp.floor(jnp.abs(v) + 0.5)
+    y = r.astype(jnp.int64) + jnp.asarray(zp, jnp.int64)
+    return jnp.clip(y, q.qmin, q.qmax).astype(q.dtype)
+
+
+def table_lookup(x: jnp.ndarray, table: np.ndarray, q_in: QParams) -> jnp.ndarray:
+    """Elementwise map of an 8-bit tensor through a 256-entry table indexed by ``x - qmin``."""
+    idx = jnp.asarray(x, jnp.int32) - q_in.qmin
+    return jnp.take(jnp.asarray(table), idx, axis=0)
+
+
+def lut_8bit(fn, q_in: QParams, q_out: QParams) -> np.ndarray:
+    """A 256-entry table of ``fn`` from ``q_in``'s domain to ``q_out``'s, built in float32 like TFLite's LUTs."""
+    vals = np.arange(q_in.qmin, q_in.qmax + 1, dtype=np.int32)
+    deq = np.float32(q_in.s) * (vals - q_in.zp).astype(np.float32)
+    out = fn(deq).astype(np.float32)
+    r = round_half_away(out / np.float32(q_out.s))
+    return np.clip(r.astype(np.int64) + q_out.zp, q_out.qmin, q_out.qmax).astype(q_out.dtype)
