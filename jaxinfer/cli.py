@@ -38,25 +38,38 @@ def _load(path: str) -> Any:
     return jaxinfer.load(resolve_model(path))
 
 
+def _read_graph(path: Path) -> tuple[Any, Any]:
+    """(graph, registry) of a model file, without building the Model."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if path.suffix.lower() == ".tflite" or head[4:8] == b"TFL3":
+        from .converters.tflite import REGISTRY as tfl_registry
+        from .converters.tflite import read_model as read_tflite
+
+        return read_tflite(path), tfl_registry
+    from .converters.onnx import REGISTRY as onnx_registry
+    from .converters.onnx import read_model as read_onnx
+
+    return read_onnx(path), onnx_registry
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    from .converters.onnx.ops import REGISTRY
-    from .converters.onnx.reader import read_model
     from .tracer import unsupported_ops
 
     path = Path(resolve_model(args.model))
-    if path.suffix.lower() == ".onnx":
-        graph = read_model(path)
-        missing = unsupported_ops(graph, REGISTRY)
+    if path.is_file():
+        graph, registry = _read_graph(path)
+        missing = unsupported_ops(graph, registry)
         if missing:
             info = {
-                "source": str(path), "format": "onnx", "inputs": [str(v.name) for v in graph.inputs],
+                "source": str(path), "format": graph.fmt, "inputs": [str(v.name) for v in graph.inputs],
                 "outputs": [str(v.name) for v in graph.outputs], "opsets": dict(graph.opsets),
                 "ops": graph.op_histogram(), "params_bytes": graph.params_bytes(),
                 "unsupported": [str(m) for m in missing],
             }
             _print_info(info, args.json)
             return 1
-    model = _load(args.model)
+    model = _load(str(path))
     info = model.info()
     info["unsupported"] = []
     _print_info(info, args.json)

@@ -30,14 +30,10 @@ def load(source: Any) -> Model:
       >>> m = jaxinfer.load("model.onnx")                  # doctest: +SKIP
       >>> m.run({"x": np.ones((1, 3), np.float32)})        # doctest: +SKIP
     """
-    from .converters.onnx import load_onnx
-
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir():
-            from . import saving
-
-            return saving.load_saved(path)
+            return _load_dir(path)
         if not path.exists():
             raise ModelLoadError(f"model file not found: {path}")
         suffix = path.suffix.lower()
@@ -47,18 +43,39 @@ def load(source: Any) -> Model:
             with open(path, "rb") as f:
                 if _sniff(f.read(8)) == "tflite":
                     return _load_tflite(path)
-        return load_onnx(path)
+        return _load_onnx(path)
     if isinstance(source, (bytes, bytearray, memoryview)):
         if _sniff(bytes(source[:8])) == "tflite":
             return _load_tflite(bytes(source))
-        return load_onnx(bytes(source))
+        return _load_onnx(bytes(source))
     try:
         from onnx import ModelProto
     except ImportError:  # pragma: no cover
         ModelProto = ()  # type: ignore[assignment]
     if isinstance(source, ModelProto):
-        return load_onnx(source)
+        return _load_onnx(source)
     raise ModelLoadError(f"cannot load a model from {type(source).__name__}; give a path, bytes or an onnx.ModelProto")
+
+
+def _load_dir(path: Path) -> Model:
+    """A directory: one written by ``jaxinfer.save``, or one holding a single model file."""
+    try:
+        from . import saving
+    except ImportError:
+        saving = None  # type: ignore[assignment]
+    if saving is not None and saving.is_saved_dir(path):
+        return saving.load_saved(path)
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".onnx", ".tflite"))
+    if len(files) == 1:
+        return load(files[0])
+    raise ModelLoadError(f"{path} is a directory without a saved jaxinfer model or a single .onnx/.tflite file "
+                         f"(found {[f.name for f in files]})")
+
+
+def _load_onnx(source: Any) -> Model:
+    from .converters.onnx import load_onnx
+
+    return load_onnx(source)
 
 
 def _load_tflite(source: Any) -> Model:
