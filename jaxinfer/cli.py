@@ -57,6 +57,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .tracer import unsupported_ops
 
     path = Path(resolve_model(args.model))
+    if args.passes:
+        return _print_passes(path, args.json)
     if path.is_file():
         graph, registry = _read_graph(path)
         missing = unsupported_ops(graph, registry)
@@ -73,6 +75,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = model.info()
     info["unsupported"] = []
     _print_info(info, args.json)
+    return 0
+
+
+def _print_passes(path: Path, as_json: bool) -> int:
+    """Node/initializer counts before and after each default graph pass."""
+    from . import passes
+
+    graph, registry = _read_graph(path)
+    rows = [{"pass": "(as read)", **passes.counts(graph)}]
+    for p in passes.pipeline(registry):
+        graph = p(graph)
+        rows.append({"pass": p.__name__, **passes.counts(graph)})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        from .bench import table
+
+        print(table(rows, ["pass", "nodes", "initializers", "params_bytes"]))
     return 0
 
 
@@ -158,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="inputs, outputs, opsets, op histogram, params bytes, unsupported ops")
     info.add_argument("model")
     info.add_argument("--json", action="store_true")
+    info.add_argument("--passes", action="store_true", help="node counts before/after each graph pass")
     info.set_defaults(func=cmd_info)
 
     run = sub.add_parser("run", help="run a model on .npy inputs (random ones where none are given)")

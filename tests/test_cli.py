@@ -55,3 +55,9 @@ def test_bench_against_onnxruntime_writes_json(tmp_path: Path, capsys):
     rows = json.loads(out.read_text())
     assert [r["batch"] for r in rows] == [1, 2]
     assert all(r["onnxruntime_ms"] > 0 and r["max_abs_diff"] < 1e-4 for r in rows)
+
+
+def test_info_passes_shows_counts_shrinking(capsys):
+    assert main(["info", "resnet50", "--passes", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["pass"] == "(as read)" and rows[-1]["nodes"] < rows[0]["nodes"]

@@ -1,0 +1,58 @@
+"""Graph passes: each a pure function ``Graph -> Graph`` (nodes are never mutated in place).
+
+``optimize(graph)`` runs the default pipeline; ``counts(graph)`` reports node/initializer counts
+before and after for ``jaxinfer info --passes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from ..graph import Graph
+from ..registry import Registry
+from .cleanup import eliminate_dead_nodes, eliminate_identities
+from .constant_fold import constant_folder, fold_constants
+from .dedupe import merge_identical_initializers
+from .fold_bn import fold_conv_batchnorm
+from .fuse import fuse_matmul_add
+
+Pass = Callable[[Graph], Graph]
+
+DEFAULT_PASSES: tuple[Pass, ...] = (
+    eliminate_identities,
+    merge_identical_initializers,
+    fold_conv_batchnorm,
+    fuse_matmul_add,
+    eliminate_dead_nodes,
+)
+
+
+def pipeline(registry: Registry) -> tuple[Pass, ...]:
+    """The default passes with constant folding (which needs the format's registry) first."""
+    return (eliminate_identities, constant_folder(registry)) + DEFAULT_PASSES[1:]
+
+
+def optimize(graph: Graph, passes: Sequence[Pass] = DEFAULT_PASSES) -> Graph:
+    """Run ``passes`` in order."""
+    for p in passes:
+        graph = p(graph)
+    return graph
+
+
+def counts(graph: Graph) -> dict[str, int]:
+    return {"nodes": sum(1 for _ in graph.walk()), "initializers": len(graph.initializers),
+            "params_bytes": graph.params_bytes()}
+
+
+__all__ = [
+    "DEFAULT_PASSES",
+    "counts",
+    "eliminate_dead_nodes",
+    "eliminate_identities",
+    "fold_constants",
+    "pipeline",
+    "fold_conv_batchnorm",
+    "fuse_matmul_add",
+    "merge_identical_initializers",
+    "optimize",
+]

@@ -1,0 +1,125 @@
+"""Each graph pass on its own: what it changes, and that outputs stay the same."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from jaxinfer.converters.onnx import REGISTRY, read_model
+from jaxinfer.model import Model
+from jaxinfer.passes import (
+    counts,
+    eliminate_dead_nodes,
+    eliminate_identities,
+    fold_conv_batchnorm,
+    fuse_matmul_add,
+    merge_identical_initializers,
+    optimize,
+    pipeline,
+)
+
+RNG = np.random.default_rng(0)
+
+
+def _model(nodes, inputs, outputs, inits, opset=17) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _same_outputs(graph_a, graph_b, feeds, rtol=1e-5, atol=1e-5):
+    a = Model(graph_a, REGISTRY).run(feeds)
+    b = Model(graph_b, REGISTRY).run(feeds)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol)
+
+
+def conv_bn_graph():
+    w = RNG.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    inits = {
+        "w": w, "b": RNG.standard_normal(8).astype(np.float32),
+        "gamma": RNG.random(8).astype(np.float32) + 0.5, "beta": RNG.standard_normal(8).astype(np.float32),
+        "mean": RNG.standard_normal(8).astype(np.float32), "var": RNG.random(8).astype(np.float32) + 0.1,
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["bn"], epsilon=1e-3),
+        helper.make_node("Relu", ["bn"], ["y"]),
+    ]
+    return read_model(_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits))
+
+
+def test_conv_batchnorm_folds_into_conv_weights():
+    g = conv_bn_graph()
+    folded = fold_conv_batchnorm(g)
+    assert [n.op_type for n in folded.nodes] == ["Conv", "Relu"]
+    assert "gamma" not in folded.initializers
+    _same_outputs(g, folded, {"x": RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)}, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_feeding_two_consumers_is_not_folded():
+    g = conv_bn_graph()
+    extra = helper.make_node("Neg", ["c"], ["z"])
+    from jaxinfer.converters.onnx.reader import read_graph  # noqa: F401
+    from jaxinfer.graph import Node, ValueInfo
+
+    g2 = g.replace(nodes=g.nodes + (Node("Neg", ("c",), ("z",)),), outputs=g.outputs + (ValueInfo("z"),))
+    assert extra is not None
+    assert [n.op_type for n in fold_conv_batchnorm(g2).nodes] == [n.op_type for n in g2.nodes]
+
+
+def test_matmul_add_becomes_gemm():
+    inits = {"w": RNG.standard_normal((4, 5)).astype(np.float32), "b": RNG.standard_normal(5).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])]
+    g = read_model(_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits))
+    fused = fuse_matmul_add(g)
+    assert [n.op_type for n in fused.nodes] == ["Gemm"]
+    _same_outputs(g, fused, {"x": RNG.standard_normal((3, 4)).astype(np.float32)})
+
+
+def test_matmul_add_on_3d_input_is_left_alone():
+    inits = {"w": RNG.standard_normal((4, 5)).astype(np.float32), "b": RNG.standard_normal(5).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])]
+    g = read_model(_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits))
+    assert [n.op_type for n in fuse_matmul_add(g).nodes] == ["MatMul", "Add"]
+
+
+def test_identities_and_dead_nodes_are_removed():
+    nodes = [
+        helper.make_node("Identity", ["x"], ["i1"]),
+        helper.make_node("Relu", ["i1"], ["r"]),
+        helper.make_node("Neg", ["x"], ["unused"]),
+        helper.make_node("Identity", ["r"], ["y"]),
+    ]
+    g = read_model(_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])], {}))
+    g2 = eliminate_dead_nodes(eliminate_identities(g))
+    assert [n.op_type for n in g2.nodes] == ["Relu", "Identity"]  # the output-producing Identity stays
+    _same_outputs(g, g2, {"x": np.array([-1.0, 0.0, 2.0], np.float32)})
+
+
+def test_identical_initializers_are_shared():
+    w = RNG.standard_normal((3, 3)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])]
+    g = read_model(_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], {"w1": w, "w2": w.copy()}))
+    g2 = merge_identical_initializers(g)
+    assert list(g2.initializers) == ["w1"]
+    assert counts(g2)["params_bytes"] == w.nbytes
+    _same_outputs(g, g2, {"x": RNG.standard_normal((1, 3)).astype(np.float32)})
+
+
+def test_optimize_keeps_light_resnet_outputs():
+    from jaxinfer.bench import dummy_inputs, light_models
+
+    path = next(p for p in light_models() if "resnet50" in p.name)
+    g = read_model(path)
+    g2 = optimize(g, pipeline(REGISTRY))
+    assert counts(g2)['nodes'] < 140  # 53 BatchNormalizations and 239 ConstantOfShapes folded away
+    assert counts(g2)["nodes"] < counts(g)["nodes"]
+    m1, m2 = Model(g, REGISTRY), Model(g2, REGISTRY)
+    feeds = dummy_inputs(m1.inputs)
+    np.testing.assert_allclose(m1.run(feeds)[m1.outputs[0].name], m2.run(feeds)[m2.outputs[0].name], rtol=1e-4, atol=1e-6)
