@@ -1,29 +1,69 @@
-"""Matrix products (ai.onnx): MatMul, Gemm, Einsum."""
+"""Matrix products and linear algebra (ai.onnx): MatMul, MatMulInteger, Gemm, Einsum, Det.
+
+Float products run at ``PRECISION`` (full float32, as ONNX defines them; XLA's default
+would let GPUs use TF32): a precision/quantization policy should swap this, not the ops.
+"""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 
 from ....registry import OpDef, registrar
 
 OPS: list[OpDef] = []
 op = registrar(OPS)
 
+PRECISION = lax.Precision.HIGHEST
+
 
 @op("MatMul", (1, 9, 13))
 def matmul(a, b):
     """https://onnx.ai/onnx/operators/onnx__MatMul.html (numpy matmul semantics)."""
-    return jnp.matmul(a, b)
+    return jnp.matmul(a, b, precision=PRECISION)
+
+
+def _zero_point(zp, row_axis: bool):
+    """A scalar or per-row (A) / per-column (B) zero point, shaped to broadcast against the operand."""
+    if zp is None:
+        return jnp.asarray(0, jnp.int32)
+    zp = jnp.asarray(zp).astype(jnp.int32)
+    if row_axis and zp.ndim >= 1 and zp.size > 1:
+        return zp.reshape(zp.shape + (1,))  # [..., M] -> [..., M, 1]
+    return zp
+
+
+@op("MatMulInteger", (10,))
+def matmul_integer(a, b, a_zero_point=None, b_zero_point=None):
+    """https://onnx.ai/onnx/operators/onnx__MatMulInteger.html: (A - a_zp) @ (B - b_zp) in int32."""
+    a = jnp.asarray(a).astype(jnp.int32) - _zero_point(a_zero_point, row_axis=True)
+    b = jnp.asarray(b).astype(jnp.int32) - _zero_point(b_zero_point, row_axis=False)
+    return jnp.matmul(a, b, preferred_element_type=jnp.int32)
 
 
 @op("Gemm", (1, 6, 7, 9, 11, 13))
-def gemm(a, b, c=None, *, alpha: float = 1.0, beta: float = 1.0, transA: int = 0, transB: int = 0, broadcast: int = 0):
-    """https://onnx.ai/onnx/operators/onnx__Gemm.html: alpha*A'B' + beta*C."""
+def gemm(a, b, c=None, *, alpha: float = 1.0, beta: float = 1.0, transA: int = 0, transB: int = 0,
+         broadcast: int = 0):
+    """https://onnx.ai/onnx/operators/onnx__Gemm.html: alpha*A'B' + beta*C (C broadcast to the result)."""
     a = a.T if transA else a
     b = b.T if transB else b
-    y = jnp.matmul(a, b)
+    y = jnp.matmul(a, b, precision=PRECISION)
     if alpha != 1.0:
         y = y * jnp.asarray(alpha, y.dtype)
     if c is not None:
-        y = y + (c if beta == 1.0 else c * jnp.asarray(beta, y.dtype))
+        c = jnp.asarray(c)
+        y = y + (c if beta == 1.0 else c * jnp.asarray(beta, c.dtype))
     return y
+
+
+@op("Einsum", (12, 28))
+def einsum(*inputs, equation: str):
+    """https://onnx.ai/onnx/operators/onnx__Einsum.html (spaces in the equation are ignored)."""
+    eq = (equation.decode() if isinstance(equation, bytes) else equation).replace(" ", "")
+    return jnp.einsum(eq, *inputs, precision=PRECISION)
+
+
+@op("Det", (11, 22))
+def det(x):
+    """https://onnx.ai/onnx/operators/onnx__Det.html: determinant over the last two axes."""
+    return jnp.linalg.det(x)
