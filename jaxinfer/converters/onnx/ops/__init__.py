@@ -6,6 +6,7 @@ from ....registry import Registry
 from . import (
     activation,
     attention,
+    cast,
     control_flow,
     conv_pool,
     elementwise,
@@ -15,6 +16,7 @@ from . import (
     losses,
     ml,
     normalization,
+    pool,
     quant,
     random,
     reduce,
@@ -27,8 +29,8 @@ from . import (
 )
 
 FAMILIES = (
-    activation, attention, control_flow, conv_pool, elementwise, image, indexing, linalg, losses, ml,
-    normalization, quant, random, reduce, rnn, sequence, shape, signal, strings, training,
+    activation, attention, cast, control_flow, conv_pool, elementwise, image, indexing, linalg, losses, ml,
+    normalization, pool, quant, random, reduce, rnn, sequence, shape, signal, strings, training,
 )
 
 REGISTRY = Registry.merge(*(m.OPS for m in FAMILIES))

@@ -1,6 +1,12 @@
-"""Convolutions and pooling (ai.onnx), NCHW as ONNX defines them."""
+"""Convolutions (ai.onnx), NCHW as ONNX defines them: Conv, ConvTranspose, ConvInteger, DeformConv, Col2Im, ...
+
+Pooling lives in ``pool.py``. Every convolution here is one ``lax.conv_general_dilated``
+(DeformConv excepted: its sampling is data dependent).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -8,15 +14,24 @@ import numpy as np
 from jax import lax
 
 from ....registry import OpDef, registrar
-from ._util import auto_pads
+from ._util import auto_pads, ints, spatial_pads
 
 OPS: list[OpDef] = []
 op = registrar(OPS)
 
 
-def _dims(n: int) -> tuple[str, str, str]:
+def conv_dims(n: int) -> tuple[str, str, str]:
+    """``dimension_numbers`` for an N-D channels-first convolution."""
     sp = "DHW"[-n:] if n <= 3 else "".join(chr(ord("a") + i) for i in range(n))
     return ("NC" + sp, "OI" + sp, "NC" + sp)
+
+
+def _per_axis(values: Sequence[int] | None, n: int, default: int = 1) -> tuple[int, ...]:
+    return tuple(int(v) for v in values) if values else (default,) * n
+
+
+def _bias(y, b):
+    return y if b is None else y + b.reshape((1, -1) + (1,) * (y.ndim - 2))
 
 
 @op("Conv", (1, 11, 22))
@@ -25,77 +40,172 @@ def conv(x, w, b=None, *, auto_pad: str = "NOTSET", dilations=None, group: int =
     """https://onnx.ai/onnx/operators/onnx__Conv.html"""
     n = x.ndim - 2
     kernel = tuple(kernel_shape) if kernel_shape else w.shape[2:]
-    strides = tuple(strides) if strides else (1,) * n
-    dilations = tuple(dilations) if dilations else (1,) * n
+    strides, dilations = _per_axis(strides, n), _per_axis(dilations, n)
     padding = auto_pads(auto_pad, x.shape[2:], kernel, strides, dilations, pads)
     y = lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilations,
-                                 dimension_numbers=_dims(n), feature_group_count=group)
-    if b is not None:
-        y = y + b.reshape((1, -1) + (1,) * n)
-    return y
+                                 dimension_numbers=conv_dims(n), feature_group_count=group)
+    return _bias(y, b)
 
 
-def _pool(x, init, reducer, kernel_shape, strides, pads, auto_pad, dilations, ceil_mode):
+@op("ConvInteger", (10,))
+def conv_integer(x, w, x_zero_point=None, w_zero_point=None, *, auto_pad: str = "NOTSET", dilations=None,
+                 group: int = 1, kernel_shape=None, pads=None, strides=None):
+    """https://onnx.ai/onnx/operators/onnx__ConvInteger.html: int32 accumulation of zero-point-shifted ints."""
     n = x.ndim - 2
-    kernel = tuple(kernel_shape)
-    strides = tuple(strides) if strides else (1,) * n
-    dilations = tuple(dilations) if dilations else (1,) * n
+    xi = x.astype(jnp.int32)
+    wi = w.astype(jnp.int32)
+    if x_zero_point is not None:
+        xi = xi - jnp.asarray(x_zero_point).astype(jnp.int32).reshape(())
+    if w_zero_point is not None:
+        wz = jnp.asarray(w_zero_point).astype(jnp.int32)
+        wi = wi - (wz.reshape((-1,) + (1,) * (w.ndim - 1)) if wz.size > 1 else wz.reshape(()))
+    kernel = tuple(kernel_shape) if kernel_shape else w.shape[2:]
+    strides, dilations = _per_axis(strides, n), _per_axis(dilations, n)
     padding = auto_pads(auto_pad, x.shape[2:], kernel, strides, dilations, pads)
-    if ceil_mode:
-        padding = _ceil_pads(x.shape[2:], kernel, strides, dilations, padding)
-    return lax.reduce_window(x, init, reducer, (1, 1) + kernel, (1, 1) + strides,
-                             [(0, 0), (0, 0)] + padding, window_dilation=(1, 1) + dilations), padding
+    return lax.conv_general_dilated(xi, wi, strides, padding, rhs_dilation=dilations,
+                                    dimension_numbers=conv_dims(n), feature_group_count=group,
+                                    preferred_element_type=jnp.int32)
 
 
-def _ceil_pads(in_shape, kernel, strides, dilations, padding):
+def _transpose_pads(auto_pad: str, in_shape, kernel, strides, dilations, output_padding, output_shape,
+                    pads) -> list[tuple[int, int]]:
+    """(begin, end) pads of ConvTranspose; from ``output_shape`` or SAME_* when those are set."""
+    n = len(kernel)
+    if output_shape is None and auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+        return [(0, 0)] * n if auto_pad == "VALID" else spatial_pads(pads, n)
+    target = (tuple(int(o) for o in output_shape)[-n:] if output_shape is not None
+              else tuple(i * s for i, s in zip(in_shape, strides)))
     out = []
-    for i, (lo, hi) in enumerate(padding):
-        eff = (kernel[i] - 1) * dilations[i] + 1
-        span = in_shape[i] + lo + hi - eff
-        n_out = -(-span // strides[i]) + 1
-        if (n_out - 1) * strides[i] >= in_shape[i] + lo:  # last window must start inside input or left pad
-            n_out -= 1
-        need = (n_out - 1) * strides[i] + eff - (in_shape[i] + lo + hi)
-        out.append((lo, hi + max(need, 0)))
+    for i in range(n):
+        total = (strides[i] * (in_shape[i] - 1) + output_padding[i] + (kernel[i] - 1) * dilations[i] + 1
+                 - target[i])
+        if auto_pad == "SAME_UPPER":
+            out.append((total // 2, total - total // 2))
+        else:
+            out.append((total - total // 2, total // 2))
     return out
 
 
-@op("MaxPool", (1, 8, 10, 11, 12, 22))
-def max_pool(x, *, auto_pad: str = "NOTSET", ceil_mode: int = 0, dilations=None, kernel_shape, pads=None,
-             storage_order: int = 0, strides=None, _num_outputs: int = 1):
-    """https://onnx.ai/onnx/operators/onnx__MaxPool.html"""
-    init = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
-    y, _ = _pool(x, jnp.asarray(init, x.dtype), lax.max, kernel_shape, strides, pads, auto_pad, dilations, ceil_mode)
-    return y
+@op("ConvTranspose", (1, 11, 22))
+def conv_transpose(x, w, b=None, *, auto_pad: str = "NOTSET", dilations=None, group: int = 1, kernel_shape=None,
+                   output_padding=None, output_shape=None, pads=None, strides=None):
+    """https://onnx.ai/onnx/operators/onnx__ConvTranspose.html as one input-dilated convolution."""
+    n = x.ndim - 2
+    kernel = tuple(kernel_shape) if kernel_shape else w.shape[2:]
+    strides, dilations = _per_axis(strides, n), _per_axis(dilations, n)
+    out_pad = _per_axis(output_padding, n, 0)
+    pad = _transpose_pads(auto_pad, x.shape[2:], kernel, strides, dilations, out_pad, output_shape, pads)
+    # (C_in, C_out/g, k...) -> (C_out, C_in/g, k...), spatially flipped.
+    c_in, c_out_g = w.shape[:2]
+    wg = w.reshape((group, c_in // group, c_out_g) + w.shape[2:])
+    wg = jnp.swapaxes(wg, 1, 2).reshape((group * c_out_g, c_in // group) + w.shape[2:])
+    wg = jnp.flip(wg, axis=tuple(range(2, w.ndim)))
+    padding = [(d * (k - 1) - lo, d * (k - 1) - hi + op_)
+               for k, d, (lo, hi), op_ in zip(kernel, dilations, pad, out_pad)]
+    y = lax.conv_general_dilated(x, wg, (1,) * n, padding, lhs_dilation=strides, rhs_dilation=dilations,
+                                 dimension_numbers=conv_dims(n), feature_group_count=group)
+    return _bias(y, b)
 
 
-@op("AveragePool", (1, 7, 10, 11, 19, 22))
-def average_pool(x, *, auto_pad: str = "NOTSET", ceil_mode: int = 0, count_include_pad: int = 0, dilations=None,
-                 kernel_shape, pads=None, strides=None):
-    """https://onnx.ai/onnx/operators/onnx__AveragePool.html"""
-    zero = jnp.asarray(0, x.dtype)
-    total, padding = _pool(x, zero, lax.add, kernel_shape, strides, pads, auto_pad, dilations, ceil_mode)
-    if count_include_pad:
-        ones = jnp.pad(jnp.ones(x.shape[2:], x.dtype), [(lo, hi) for lo, hi in
-                       auto_pads(auto_pad, x.shape[2:], kernel_shape, strides or (1,) * (x.ndim - 2),
-                                 dilations or (1,) * (x.ndim - 2), pads)], constant_values=1)
-        base = [(0, hi2 - hi1) for (lo1, hi1), (lo2, hi2) in zip(
-            auto_pads(auto_pad, x.shape[2:], kernel_shape, strides or (1,) * (x.ndim - 2),
-                      dilations or (1,) * (x.ndim - 2), pads), padding)]
-        counts = lax.reduce_window(ones, zero, lax.add, tuple(kernel_shape), tuple(strides or (1,) * (x.ndim - 2)),
-                                   base, window_dilation=tuple(dilations or (1,) * (x.ndim - 2)))
-    else:
-        counts = lax.reduce_window(jnp.ones(x.shape[2:], x.dtype), zero, lax.add, tuple(kernel_shape),
-                                   tuple(strides or (1,) * (x.ndim - 2)), padding,
-                                   window_dilation=tuple(dilations or (1,) * (x.ndim - 2)))
-    return total / counts
+@op("Col2Im", (18,), static=(1, 2))
+def col2im(x, image_shape, block_shape, *, dilations=None, pads=None, strides=None):
+    """https://onnx.ai/onnx/operators/onnx__Col2Im.html: the adjoint of patch extraction (a transposed conv)."""
+    image, block = ints(image_shape), ints(block_shape)
+    n = len(image)
+    strides, dilations = _per_axis(strides, n), _per_axis(dilations, n)
+    padding = spatial_pads(pads, n)
+    k = int(np.prod(block))
+    batch, ck = x.shape[0], x.shape[1]
+    if ck % k:
+        raise ValueError(f"Col2Im: input dim 1 ({ck}) must be a multiple of prod(block_shape)={k}")
+    out_sp = tuple((image[i] + lo + hi - (dilations[i] * (block[i] - 1) + 1)) // strides[i] + 1
+                   for i, (lo, hi) in enumerate(padding))
+    if int(np.prod(out_sp)) != x.shape[2]:
+        raise ValueError(f"Col2Im: input has {x.shape[2]} blocks, image/block/pads/strides give {out_sp}")
+
+    def patches(img):
+        return lax.conv_general_dilated_patches(img, block, strides, padding, rhs_dilation=dilations,
+                                                dimension_numbers=conv_dims(n), precision=lax.Precision.HIGHEST)
+
+    spec = jax.ShapeDtypeStruct((batch, ck // k) + image, x.dtype)
+    (img,) = jax.linear_transpose(patches, spec)(x.reshape((batch, ck) + out_sp))
+    return img
 
 
-@op("GlobalAveragePool", (1, 22))
-def global_average_pool(x):
-    return jnp.mean(x, axis=tuple(range(2, x.ndim)), keepdims=True)
+def bilinear_zeros(x, coords):
+    """Sample ``x`` (N, C, *S) at fractional ``coords`` (N, *P, n) -> (N, C, *P); taps outside are 0."""
+    n = coords.shape[-1]
+    spatial = x.shape[2:]
+    xt = jnp.moveaxis(x, 1, -1)  # (N, *S, C)
+    batch = jnp.arange(x.shape[0]).reshape((-1,) + (1,) * (coords.ndim - 2))
+    lo = jnp.floor(coords)
+    frac = coords - lo
+    lo = lo.astype(jnp.int32)
+    out = jnp.zeros(coords.shape[:-1] + (x.shape[1],), x.dtype)
+    for corner in np.ndindex(*(2,) * n):
+        weight = jnp.ones(coords.shape[:-1], coords.dtype)
+        valid = jnp.ones(coords.shape[:-1], bool)
+        idx = []
+        for a, c in enumerate(corner):
+            i = lo[..., a] + c
+            weight = weight * (frac[..., a] if c else 1 - frac[..., a])
+            valid = valid & (i >= 0) & (i < spatial[a])
+            idx.append(jnp.clip(i, 0, spatial[a] - 1))
+        vals = xt[(batch, *idx)]
+        out = out + jnp.where(valid, weight, 0).astype(x.dtype)[..., None] * vals
+    return jnp.moveaxis(out, -1, 1)
 
 
-@op("GlobalMaxPool", (1, 22))
-def global_max_pool(x):
-    return jnp.max(x, axis=tuple(range(2, x.ndim)), keepdims=True)
+@op("DeformConv", (19, 22))
+def deform_conv(x, w, offset, b=None, mask=None, *, dilations=None, group: int = 1, kernel_shape=None,
+                offset_group: int = 1, pads=None, strides=None):
+    """https://onnx.ai/onnx/operators/onnx__DeformConv.html: bilinear sampling at offset taps, then a grouped matmul."""
+    n = x.ndim - 2
+    kernel = tuple(kernel_shape) if kernel_shape else w.shape[2:]
+    strides, dilations = _per_axis(strides, n), _per_axis(dilations, n)
+    padding = spatial_pads(pads, n)
+    batch, c_in = x.shape[:2]
+    out_sp = offset.shape[2:]
+    k = int(np.prod(kernel))
+    if offset.shape[1] != offset_group * k * n:
+        raise ValueError(f"DeformConv: offset has {offset.shape[1]} channels, expected offset_group*prod(kernel)*{n}"
+                         f" = {offset_group * k * n}")
+    # Base sampling position of every (kernel tap, output pixel): (k, *out, n).
+    grids = np.meshgrid(*[np.arange(o) for o in out_sp], indexing="ij")
+    taps = np.stack(np.meshgrid(*[np.arange(kk) for kk in kernel], indexing="ij"), -1).reshape(k, n)
+    base = np.stack([g * strides[a] - padding[a][0] for a, g in enumerate(grids)], -1)
+    base = base[None] + (taps * np.asarray(dilations))[(slice(None),) + (None,) * n]
+    off = offset.reshape((batch, offset_group, k, n) + out_sp)
+    off = jnp.moveaxis(off, 3, -1)  # (N, G, k, *out, n)
+    coords = off + jnp.asarray(base, offset.dtype)
+    xg = x.reshape((batch * offset_group, c_in // offset_group) + x.shape[2:])
+    coords = coords.reshape((batch * offset_group, k) + out_sp + (n,))
+    cols = bilinear_zeros(xg, coords)  # (N*G, C/G, k, *out)
+    cols = cols.reshape((batch, c_in, k) + out_sp)
+    if mask is not None:
+        m = mask.reshape((batch, offset_group, 1, k) + out_sp)
+        cols = (cols.reshape((batch, offset_group, c_in // offset_group, k) + out_sp) * m).reshape(cols.shape)
+    c_out = w.shape[0]
+    cols = cols.reshape((batch, group, (c_in // group) * k, -1))
+    wm = w.reshape((group, c_out // group, (c_in // group) * k))
+    y = jnp.einsum("gok,bgkp->bgop", wm, cols, precision=lax.Precision.HIGHEST)
+    return _bias(y.reshape((batch, c_out) + out_sp), b)
+
+
+@op("CausalConvWithState", (27,))
+def causal_conv_with_state(x, weight, bias=None, past_state=None, *, activation: str = "none"):
+    """https://onnx.ai/onnx/operators/onnx__CausalConvWithState.html: depthwise causal 1-D conv carrying k-1 steps."""
+    if activation not in ("none", "silu", "swish"):
+        raise ValueError(f"CausalConvWithState: activation {activation!r}; expected 'none', 'silu' or 'swish'")
+    if x.ndim != 3 or weight.ndim != 3:
+        raise ValueError(f"CausalConvWithState: input and weight must be rank 3, got {x.shape} and {weight.shape}")
+    batch, channels, _ = x.shape
+    k = weight.shape[2]
+    pad = jnp.zeros((batch, channels, k - 1), x.dtype) if past_state is None else past_state
+    padded = jnp.concatenate([pad, x], axis=2)
+    y = _bias(lax.conv_general_dilated(padded, weight, (1,), [(0, 0)], dimension_numbers=conv_dims(1),
+                                       feature_group_count=channels), bias)
+    if activation != "none":
+        yf = y.astype(jnp.float32)
+        y = (yf * jax.nn.sigmoid(yf)).astype(x.dtype)
+    return y, padded[:, :, padded.shape[2] - (k - 1):]
