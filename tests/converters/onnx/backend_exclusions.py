@@ -1,6 +1,24 @@
-"""Backend-suite cases jaxinfer does not run, each with the reason (regex -> why)."""
+"""Backend-suite cases jaxinfer does not run, each with the reason (regex -> why).
+
+An excluded case counts as not passed in the conformance figures.
+"""
 
 from __future__ import annotations
 
 EXCLUDED: dict[str, str] = {
+    r"^test_image_decoder_": (
+        "ImageDecoder decodes JPEG/PNG/BMP/TIFF/WebP byte streams: codec work XLA cannot express, "
+        "and no image codec library is a dependency"),
+    r"^test_bernoulli": (
+        "the spec leaves the generator unspecified; expected values are numpy's MT19937 draws, which "
+        "jax.random (threefry) cannot reproduce"),
+    r"^test_dft_inverse": (
+        "expected values carry float32 FFT rounding noise (~2e-7) at exactly-zero bins, below the "
+        "suite's atol of 1e-7; we compute in complex128 and return exact zeros"),
+    r"^test_if_opt_cpu": (
+        "If with a run-time condition whose branches return an empty vs a non-empty optional: one jitted "
+        "value needs one static structure (lax.cond branches must match)"),
+    r"^test_loop16_seq_none_cpu": (
+        "onnx's runner cannot compare a sequence holding a 0-d tensor (TypeError: len() of unsized object "
+        "in assert_similar_outputs); our output matches the reference element for element"),
 }

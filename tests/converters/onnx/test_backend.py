@@ -12,7 +12,7 @@ import jaxinfer.converters.onnx.backend as backend
 from .backend_exclusions import EXCLUDED
 
 _suite = onnx.backend.test.BackendTest(backend, __name__)
-for _pattern, _reason in EXCLUDED.items():
+for _pattern in EXCLUDED:
     _suite.exclude(_pattern)
 _suite.exclude(r"_cuda$")
 
