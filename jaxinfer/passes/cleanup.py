@@ -15,6 +15,30 @@ def _used_by(node: Node) -> set[str]:
     return used
 
 
+def read_counts(graph: Graph) -> dict[str, int]:
+    """How many times each name is read, subgraph bodies (outer-scope reads) included."""
+    counts: dict[str, int] = {}
+    for node in graph.nodes:
+        for name in node.inputs:
+            if name:
+                counts[name] = counts.get(name, 0) + 1
+        for sub in node.subgraphs():
+            for name in outer_names(sub):
+                counts[name] = counts.get(name, 0) + 1
+    for name in graph.output_names:
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def subgraph_reads(graph: Graph) -> set[str]:
+    """Names read from the outer scope by any subgraph of ``graph``."""
+    reads: set[str] = set()
+    for node in graph.nodes:
+        for sub in node.subgraphs():
+            reads |= outer_names(sub)
+    return reads
+
+
 def eliminate_dead_nodes(graph: Graph) -> Graph:
     """Drop nodes (and initializers) that no graph output or state depends on."""
     live = set(graph.output_names) | set(graph.state_vars.values())
@@ -40,10 +64,7 @@ def _rename_inputs(node: Node, mapping: dict[str, str]) -> Node:
 def eliminate_identities(graph: Graph) -> Graph:
     """Bypass ``Identity`` nodes (ONNX) whose output is not a graph output and not read by a subgraph."""
     outputs = set(graph.output_names) | set(graph.state_vars.values())
-    sub_reads: set[str] = set()
-    for node in graph.nodes:
-        for sub in node.subgraphs():
-            sub_reads |= outer_names(sub)
+    sub_reads = subgraph_reads(graph)
     mapping: dict[str, str] = {}
     nodes: list[Node] = []
     for node in graph.nodes:

@@ -7,6 +7,7 @@ import hashlib
 import numpy as np
 
 from ..graph import Graph, Node
+from .cleanup import subgraph_reads
 
 
 def _digest(a: np.ndarray) -> tuple:
@@ -19,7 +20,8 @@ def merge_identical_initializers(graph: Graph) -> Graph:
     """Point every use of a duplicate initializer (same dtype, shape and bytes) at the first one."""
     seen: dict[tuple, str] = {}
     mapping: dict[str, str] = {}
-    protected = set(graph.output_names) | set(graph.input_names)
+    # Names read inside If/Loop/Scan bodies keep their own copy (bodies are not renamed).
+    protected = set(graph.output_names) | set(graph.input_names) | subgraph_reads(graph)
     for name, value in graph.initializers.items():
         if name in protected:
             continue

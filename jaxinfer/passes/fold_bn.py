@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..graph import Graph, Node
+from .cleanup import read_counts
 
 
 def _fold(conv: Node, bn: Node, inits: dict[str, np.ndarray]) -> tuple[Node, dict[str, np.ndarray]] | None:
@@ -36,10 +37,7 @@ def fold_conv_batchnorm(graph: Graph) -> Graph:
     """See the module docstring."""
     if graph.fmt != "onnx":
         return graph
-    users: dict[str, int] = {}
-    for n in graph.nodes:
-        for i in n.inputs:
-            users[i] = users.get(i, 0) + 1
+    users = read_counts(graph)
     outputs = set(graph.output_names)
     producers = {n.outputs[0]: n for n in graph.nodes if n.outputs}
     inits = dict(graph.initializers)

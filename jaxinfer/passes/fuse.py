@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..graph import Graph, Node
+from .cleanup import read_counts
 
 
 def fuse_matmul_add(graph: Graph) -> Graph:
@@ -14,10 +15,7 @@ def fuse_matmul_add(graph: Graph) -> Graph:
     ranks = {v.name: v.rank for v in graph.inputs}
     ranks.update({k: v.rank for k, v in graph.value_info.items()})
     inits = graph.initializers
-    users: dict[str, int] = {}
-    for n in graph.nodes:
-        for i in n.inputs:
-            users[i] = users.get(i, 0) + 1
+    users = read_counts(graph)
     producers = {n.outputs[0]: n for n in graph.nodes if n.outputs}
     outputs = set(graph.output_names)
     fused: dict[int, Node] = {}
