@@ -15,6 +15,7 @@ from .constant_fold import constant_folder, fold_constants
 from .dedupe import merge_identical_initializers
 from .fold_bn import fold_conv_batchnorm
 from .fuse import fuse_matmul_add
+from .layout import conv_weights_spatial_first
 
 Pass = Callable[[Graph], Graph]
 
@@ -23,6 +24,7 @@ DEFAULT_PASSES: tuple[Pass, ...] = (
     merge_identical_initializers,
     fold_conv_batchnorm,
     fuse_matmul_add,
+    conv_weights_spatial_first,
     eliminate_dead_nodes,
 )
 
@@ -46,6 +48,7 @@ def counts(graph: Graph) -> dict[str, int]:
 
 __all__ = [
     "DEFAULT_PASSES",
+    "conv_weights_spatial_first",
     "counts",
     "eliminate_dead_nodes",
     "eliminate_identities",

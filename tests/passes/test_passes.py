@@ -123,3 +123,21 @@ def test_optimize_keeps_light_resnet_outputs():
     m1, m2 = Model(g, REGISTRY), Model(g2, REGISTRY)
     feeds = dummy_inputs(m1.inputs)
     np.testing.assert_allclose(m1.run(feeds)[m1.outputs[0].name], m2.run(feeds)[m2.outputs[0].name], rtol=1e-4, atol=1e-6)
+
+
+def test_conv_weights_are_stored_spatial_first():
+    from jaxinfer.passes import conv_weights_spatial_first
+
+    g = conv_bn_graph()
+    g2 = conv_weights_spatial_first(g)
+    conv = next(n for n in g2.nodes if n.op_type == "Conv")
+    assert conv.domain == "jaxinfer" and g2.initializers[conv.inputs[1]].shape == (3, 3, 3, 8)
+    assert "w" not in g2.initializers
+    _same_outputs(g, g2, {"x": RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)}, rtol=1e-4, atol=1e-4)
+    feeds = {"x": np.zeros((2, 3, 8, 8), np.float32)}
+
+    def weight_relayouts(graph):  # transposes producing an OIHW->HWIO [3,3,3,8] kernel on every call
+        model = Model(graph, REGISTRY)
+        return model.compiled(model._check_inputs(feeds)).as_text().count("f32[3,3,3,8]{1,0,2,3} transpose(")
+
+    assert weight_relayouts(g) == 1 and weight_relayouts(g2) == 0

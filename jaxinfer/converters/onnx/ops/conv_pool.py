@@ -47,6 +47,29 @@ def conv(x, w, b=None, *, auto_pad: str = "NOTSET", dilations=None, group: int =
     return _bias(y, b)
 
 
+def channels_last_kernel_dims(n: int) -> tuple[str, str, str]:
+    """``dimension_numbers`` with the kernel stored spatial-first (``HWIO``)."""
+    lhs, _, out = conv_dims(n)
+    return (lhs, lhs[2:] + "IO", out)
+
+
+@op("Conv", 1, domain="jaxinfer")
+def conv_hwio(x, w, b=None, *, auto_pad: str = "NOTSET", dilations=None, group: int = 1, kernel_shape=None,
+              pads=None, strides=None):
+    """ONNX Conv with the weight pre-transposed to spatial..., I, O at load (passes.layout).
+
+    XLA's CPU convolution wants the kernel spatial-first; an OIHW weight param
+    would be transposed and copied on every call.
+    """
+    n = x.ndim - 2
+    kernel = tuple(kernel_shape) if kernel_shape else w.shape[:n]
+    strides, dilations = _per_axis(strides, n), _per_axis(dilations, n)
+    padding = auto_pads(auto_pad, x.shape[2:], kernel, strides, dilations, pads)
+    y = lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilations,
+                                 dimension_numbers=channels_last_kernel_dims(n), feature_group_count=group)
+    return _bias(y, b)
+
+
 @op("ConvInteger", (10,))
 def conv_integer(x, w, x_zero_point=None, w_zero_point=None, *, auto_pad: str = "NOTSET", dilations=None,
                  group: int = 1, kernel_shape=None, pads=None, strides=None):
