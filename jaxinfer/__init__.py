@@ -13,6 +13,7 @@ from .errors import InputError, JaxinferError, ModelLoadError, OpError, Unsuppor
 from .graph import Graph, Node, ValueInfo
 from .loading import load
 from .model import Model, Signature
+from .serve import Server, serve
 
 __version__ = "0.1.0"
 
@@ -24,8 +25,10 @@ __all__ = [
     "ModelLoadError",
     "Node",
     "OpError",
+    "Server",
     "Signature",
     "UnsupportedOpsError",
     "ValueInfo",
     "load",
+    "serve",
 ]

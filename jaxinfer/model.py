@@ -107,6 +107,7 @@ class Model:
         self.state: dict[str, Any] = {}
         self.reset_state()
         self._cache: dict[tuple, Any] = {}
+        self._key_locks: dict[tuple, threading.Lock] = {}
 
     # ----------------------------------------------------------------- state
     def reset_state(self) -> None:
@@ -114,6 +115,10 @@ class Model:
         self.state = {k: jax.device_put(np.asarray(v)) for k, v in self.graph.state_init.items()}
 
     # ------------------------------------------------------------ validation
+    def check_inputs(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate and convert ``feeds`` against the signature (raises :class:`InputError`)."""
+        return self._check_inputs(feeds)
+
     def _check_inputs(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         known = {s.name: s for s in self.inputs}
         unknown = [k for k in feeds if k not in known]
@@ -184,7 +189,9 @@ class Model:
         if exe is not None:
             self.stats.cache_hits += 1
             return exe
-        with self._lock:
+        with self._lock:  # one lock per shape key: different shapes compile in parallel
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
             exe = self._cache.get(key)
             if exe is None:
                 exe = self._compile(key, feeds)
@@ -220,7 +227,8 @@ class Model:
             exe = jax.jit(call).lower(self.params, dynamic).compile()
         if host_outputs:
             exe = _WithHostOutputs(exe, host_outputs, self.stateful)
-        self.stats.compiles += 1
+        with self._lock:
+            self.stats.compiles += 1
         self.stats.compile_seconds += time.perf_counter() - start
         self.stats.keys.append(key)
         return exe

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 #: Keyword-only parameters an op may declare to receive tracing context.
-CONTEXT_PARAMS = ("_num_outputs", "_opset", "_node_name", "_output_dtypes", "_rng")
+CONTEXT_PARAMS = ("_num_outputs", "_opset", "_node_name")
 
 StaticSlots = tuple[int, ...] | Literal["all"]
 

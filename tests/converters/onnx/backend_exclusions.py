@@ -21,4 +21,7 @@ EXCLUDED: dict[str, str] = {
     r"^test_loop16_seq_none_cpu": (
         "onnx's runner cannot compare a sequence holding a 0-d tensor (TypeError: len() of unsized object "
         "in assert_similar_outputs); our output matches the reference element for element"),
+    r"^test_training_dropout(_default)?(_mask)?_cpu$": (
+        "training-mode Dropout with ratio > 0: the expected mask comes from numpy's np.random stream, which "
+        "jax.random cannot reproduce; we draw a reproducible mask keyed by `seed` (tested separately)"),
 }

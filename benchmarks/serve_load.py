@@ -1,0 +1,322 @@
+"""Closed-loop serving load: max_batch=1 vs dynamic batching vs raw ``Model.run``.
+
+For each fixture (a CNN: the onnx wheel's light SqueezeNet; a transformer
+block built with onnx.helper) and each concurrency, ``C`` async clients send
+binary KServe v2 requests back-to-back for ``--seconds`` to a ``jaxinfer
+serve`` subprocess on 127.0.0.1, once with ``max_batch: 1`` and once with
+dynamic batching. Raw ``Model.run`` at the same batch sizes gives the ceiling.
+Prints a table, writes JSON (and a PNG if matplotlib is installed).
+
+    python benchmarks/serve_load.py --fixtures cnn --concurrency 1 8 32 --seconds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+HEADER = "Inference-Header-Content-Length"
+
+
+# ------------------------------------------------------------------ fixtures
+def transformer_proto(d: int = 64, seq: int = 16, seed: int = 0) -> onnx.ModelProto:
+    """One single-head attention block + FFN over [batch, seq, d] (symbolic batch)."""
+    rng = np.random.default_rng(seed)
+
+    def w(name, *shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32), name)
+
+    inits = [w("Wq", d, d), w("Wk", d, d), w("Wv", d, d), w("Wo", d, d), w("W1", d, 4 * d), w("W2", 4 * d, d),
+             numpy_helper.from_array(np.array(1 / np.sqrt(d), np.float32), "scale")]
+    n = helper.make_node
+    nodes = [n("MatMul", ["x", "Wq"], ["q"]), n("MatMul", ["x", "Wk"], ["k"]), n("MatMul", ["x", "Wv"], ["v"]),
+             n("Transpose", ["k"], ["kt"], perm=[0, 2, 1]), n("MatMul", ["q", "kt"], ["s0"]),
+             n("Mul", ["s0", "scale"], ["s"]), n("Softmax", ["s"], ["p"], axis=-1), n("MatMul", ["p", "v"], ["a"]),
+             n("MatMul", ["a", "Wo"], ["o"]), n("Add", ["x", "o"], ["r"]), n("MatMul", ["r", "W1"], ["f"]),
+             n("Relu", ["f"], ["g"]), n("MatMul", ["g", "W2"], ["h"]), n("Add", ["r", "h"], ["y"])]
+    g = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", seq, d])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", seq, d])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def fixtures() -> dict[str, tuple[onnx.ModelProto, str, tuple[int, ...]]]:
+    from jaxinfer.serve import default_model_path
+
+    cnn = onnx.load(default_model_path())
+    return {"cnn": (cnn, "data_0", (3, 224, 224)), "transformer": (transformer_proto(), "x", (16, 64))}
+
+
+# ------------------------------------------------------------------- server
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(repo: Path, port: int, timeout: float = 900.0) -> subprocess.Popen:
+    code = f"import sys; from jaxinfer.serve import main; sys.exit(main([{str(repo)!r}, '--port', '{port}']))"
+    log = open(repo / "server.log", "w")  # noqa: SIM115  (kept open for the server's lifetime)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {(repo / 'server.log').read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not become ready")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(2)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def scrape(url: str) -> dict[str, float]:
+    import httpx
+
+    text = httpx.get(url + "/metrics").text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        m = re.match(r"^(\S+?)(\{.*\})?\s+(\S+)$", line)
+        if m:
+            out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return out
+
+
+def batch_histogram(metrics: dict[str, float]) -> dict[str, float]:
+    """Share of batches per batch-size bucket, from jaxinfer_batch_size_bucket."""
+    cum = {}
+    for k, v in metrics.items():
+        m = re.match(r'jaxinfer_batch_size_bucket\{le="([^"]+)"', k)
+        if m:
+            cum[m.group(1)] = cum.get(m.group(1), 0) + v
+    keys = sorted(cum, key=lambda s: float("inf") if s == "+Inf" else float(s))
+    out, prev = {}, 0.0
+    total = cum.get("+Inf", 0) or 1
+    for k in keys:
+        if cum[k] - prev > 0:
+            out[k] = round((cum[k] - prev) / total, 3)
+        prev = cum[k]
+    return out
+
+
+# --------------------------------------------------------------------- load
+async def closed_loop(url: str, model: str, name: str, shape: tuple[int, ...], concurrency: int,
+                      seconds: float) -> dict[str, float]:
+    import httpx
+
+    x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
+    raw = x.tobytes()
+    head = json.dumps({"inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32",
+                                   "parameters": {"binary_data_size": len(raw)}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    body, headers = head + raw, {HEADER: str(len(head)), "content-type": "application/octet-stream"}
+    lat: list[float] = []
+    errors = 0
+    end = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+        async def one() -> None:
+            nonlocal errors
+            while time.perf_counter() < end:
+                t = time.perf_counter()
+                r = await client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+                if r.status_code != 200:
+                    errors += 1
+                else:
+                    lat.append(time.perf_counter() - t)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    arr = np.asarray(lat) if lat else np.asarray([np.nan])
+    return {"concurrency": concurrency, "requests": len(lat), "errors": errors, "throughput": len(lat) / wall,
+            "p50_ms": float(np.percentile(arr, 50) * 1e3), "p99_ms": float(np.percentile(arr, 99) * 1e3)}
+
+
+def raw_run(proto: onnx.ModelProto, sizes: list[int], seconds: float) -> list[dict[str, float]]:
+    """``Model.run`` at each batch size through the same buckets (no HTTP, no batcher)."""
+    import jaxinfer
+    from jaxinfer.batching import BucketedModel, BucketPolicy
+
+    bm = BucketedModel(jaxinfer.load(proto), BucketPolicy(tuple(sizes)))
+    bm.warmup(timing_runs=0)
+    rows = []
+    sig = bm.inputs[0]
+    for b in sizes:
+        feeds = {sig.name: np.random.default_rng(0).standard_normal((b, *sig.shape[1:])).astype(np.float32)}
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / len(sizes) or n < 3:
+            bm.model.run(feeds)
+            n += 1
+        dt = (time.perf_counter() - t0) / n
+        rows.append({"batch": b, "ms_per_batch": dt * 1e3, "throughput": b / dt})
+    return rows
+
+
+def batcher_only(proto: onnx.ModelProto, max_batch: int, concurrency: list[int], seconds: float,
+                 delay_ms: float) -> list[dict[str, float]]:
+    """The same closed loop against the DynamicBatcher in process (no HTTP): batching's own effect."""
+    import threading
+
+    import jaxinfer
+    from jaxinfer.batching import BatcherConfig, BucketedModel, BucketPolicy, DynamicBatcher, LatencyModel
+
+    bm = BucketedModel(jaxinfer.load(proto), BucketPolicy.for_max_batch(max_batch))
+    lat = LatencyModel(bm.warmup())
+    sig = bm.inputs[0]
+    x = np.random.default_rng(0).standard_normal((1, *sig.shape[1:])).astype(np.float32)
+    rows = []
+    with DynamicBatcher(bm, lat, BatcherConfig(max_queue_delay_ms=delay_ms, queue_size=4096)) as b:
+        for c in concurrency:
+            lats: list[float] = []
+            end = time.perf_counter() + seconds
+
+            def client() -> None:
+                while time.perf_counter() < end:
+                    t = time.perf_counter()
+                    b.submit({sig.name: x}).result()
+                    lats.append(time.perf_counter() - t)
+
+            threads = [threading.Thread(target=client) for _ in range(c)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            rows.append({"concurrency": c, "requests": len(lats), "throughput": len(lats) / wall,
+                         "p50_ms": float(np.percentile(lats, 50) * 1e3), "p99_ms": float(np.percentile(lats, 99) * 1e3)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fixtures", nargs="+", default=["cnn", "transformer"])
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 32, 64])
+    p.add_argument("--seconds", type=float, default=5.0, help="per (mode, concurrency) point")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load.json"))
+    args = p.parse_args(argv)
+    results: dict[str, dict] = {}
+    fx = fixtures()
+    for fname in args.fixtures:
+        proto, input_name, shape = fx[fname]
+        results[fname] = {"raw": raw_run(proto, sorted({1, args.max_batch} | {c for c in args.concurrency
+                                                                          if c <= args.max_batch}), args.seconds)}
+        for mode, max_batch in (("batch1", 1), ("dynamic", args.max_batch)):
+            results[fname][f"inproc_{mode}"] = batcher_only(proto, max_batch, args.concurrency, args.seconds,
+                                                            args.max_queue_delay_ms)
+        for mode, max_batch in (("batch1", 1), ("dynamic", args.max_batch)):
+            with tempfile.TemporaryDirectory() as tmp:
+                repo = Path(tmp)
+                (repo / fname / "1").mkdir(parents=True)
+                onnx.save(proto, repo / fname / "1" / "model.onnx")
+                (repo / fname / "config.yaml").write_text(
+                    f"max_batch: {max_batch}\nmax_queue_delay_ms: {args.max_queue_delay_ms}\nqueue_size: 4096\n")
+                port = free_port()
+                t0 = time.perf_counter()
+                proc = start_server(repo, port)
+                url = f"http://127.0.0.1:{port}"
+                warm = time.perf_counter() - t0
+                try:
+                    before = scrape(url)
+                    points = [asyncio.run(closed_loop(url, fname, input_name, shape, c, args.seconds))
+                              for c in args.concurrency]
+                    after = scrape(url)
+                finally:
+                    stop_server(proc)
+            results[fname][mode] = {
+                "points": points, "startup_s": warm,
+                "compiles_after_warmup": after.get("jaxinfer_compiles_total", 0) - before.get("jaxinfer_compiles_total", 0),
+                "batch_sizes": batch_histogram(after),
+            }
+            print(f"[{fname}/{mode}] ready in {warm:.1f}s; compiles during load: "
+                  f"{results[fname][mode]['compiles_after_warmup']:.0f}; batch sizes {results[fname][mode]['batch_sizes']}",
+                  flush=True)
+    report(results, args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+    plot(results, Path(args.out).with_suffix(".png"))
+    return 0
+
+
+def report(results: dict, args: argparse.Namespace) -> None:
+    for fname, r in results.items():
+        print(f"\n== {fname} ==")
+        print(f"{'conc':>5} | {'batch1 req/s':>12} {'p50':>8} {'p99':>8} | {'dynamic req/s':>13} {'p50':>8} "
+              f"{'p99':>8} | {'ratio':>6}")
+        for a, b in zip(r["batch1"]["points"], r["dynamic"]["points"]):
+            ratio = b["throughput"] / a["throughput"] if a["throughput"] else float("nan")
+            print(f"{a['concurrency']:>5} | {a['throughput']:>12.1f} {a['p50_ms']:>7.1f}ms {a['p99_ms']:>7.1f}ms | "
+                  f"{b['throughput']:>13.1f} {b['p50_ms']:>7.1f}ms {b['p99_ms']:>7.1f}ms | {ratio:>5.2f}x")
+        print("in-process batcher, no HTTP:")
+        for a, b in zip(r["inproc_batch1"], r["inproc_dynamic"]):
+            print(f"{a['concurrency']:>5} | {a['throughput']:>12.1f} {a['p50_ms']:>7.1f}ms {a['p99_ms']:>7.1f}ms | "
+                  f"{b['throughput']:>13.1f} {b['p50_ms']:>7.1f}ms {b['p99_ms']:>7.1f}ms | "
+                  f"{b['throughput'] / a['throughput']:>5.2f}x")
+        print("raw Model.run: " + ", ".join(f"b{x['batch']}: {x['throughput']:.1f}/s ({x['ms_per_batch']:.1f} ms)"
+                                             for x in r["raw"]))
+        best_raw = max(x["throughput"] for x in r["raw"])
+        best_dyn = max(x["throughput"] for x in r["dynamic"]["points"])
+        print(f"saturation: dynamic {best_dyn:.1f}/s vs raw best {best_raw:.1f}/s = {best_dyn / best_raw:.0%}")
+
+
+def plot(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+    for ax, (fname, r) in zip(axes[0], results.items()):
+        for mode in ("batch1", "dynamic"):
+            pts = r[mode]["points"]
+            ax.plot([p["concurrency"] for p in pts], [p["throughput"] for p in pts], marker="o", label=mode)
+        ax.axhline(max(x["throughput"] for x in r["raw"]), ls="--", color="grey", label="raw Model.run best")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel("requests/s")
+        ax.set_title(fname)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,442 @@
+"""The dynamic batcher: one loop per model version, latency-aware dispatch.
+
+Requests queue with monotonic deadlines. The loop waits for a free device slot,
+then looks at the queue and dispatches a batch when
+
+* the batch is full (``max_batch`` rows), or
+* waiting for one more request would make the oldest miss its SLA: now + the
+  expected gap to the next arrival + the latency of the next bigger batch's
+  bucket > the oldest's arrival + ``sla_ms`` (so it sends 2 at 80 ms rather than
+  wait for a 4th and finish at 120 ms), or
+* the oldest has waited ``max_queue_delay_ms``, or
+* the device is idle (no batch in flight): waiting would only add latency, or
+* the batcher is draining on stop.
+
+While a batch runs, requests gather; when it completes the next batch takes them all.
+
+Dispatch is asynchronous: the loop starts the device run and hands the batch to
+a completion thread that copies results to the host and resolves each caller's
+future (a result, or the exception). The queue is bounded: a full queue raises
+:class:`QueueFullError` at once instead of growing.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import JaxinferError
+from .buckets import Batch, BucketedModel, Prepared, merge_rows
+
+log = logging.getLogger("jaxinfer.batching")
+
+
+class QueueFullError(JaxinferError):
+    """The batcher's queue is at its limit; retry later (HTTP 429)."""
+
+
+class BatcherStoppedError(JaxinferError):
+    """The batcher is stopping or stopped and takes no new requests (HTTP 503)."""
+
+
+class RequestTimeoutError(JaxinferError, TimeoutError):
+    """A request waited longer than its timeout (HTTP 504)."""
+
+
+class LatencyModel:
+    """Seconds per batch bucket: measured at warm-up, then an online moving average."""
+
+    def __init__(self, timings: Mapping[int, float] | None = None, alpha: float = 0.2):
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        self.alpha = alpha
+        self._t: dict[int, float] = {int(k): float(v) for k, v in (timings or {}).items()}
+        self._lock = threading.Lock()
+
+    def update(self, bucket: int, seconds: float) -> None:
+        with self._lock:
+            old = self._t.get(bucket)
+            self._t[bucket] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+
+    def estimate(self, bucket: int) -> float:
+        """The expected seconds for ``bucket`` (linear between measured buckets; 0 when none)."""
+        with self._lock:
+            if bucket in self._t:
+                return self._t[bucket]
+            if not self._t:
+                return 0.0
+            keys = sorted(self._t)
+            i = bisect.bisect_left(keys, bucket)
+            if i == 0:
+                return self._t[keys[0]] * bucket / keys[0]
+            if i == len(keys):
+                return self._t[keys[-1]] * bucket / keys[-1]
+            lo, hi = keys[i - 1], keys[i]
+            w = (bucket - lo) / (hi - lo)
+            return (1 - w) * self._t[lo] + w * self._t[hi]
+
+    def useful_batch(self, buckets: tuple[int, ...], slack: float = 0.9) -> int:
+        """The smallest bucket whose rows/second is within ``slack`` of the best bucket's.
+
+        Where bigger batches buy no throughput (a compute-bound CPU), this is 1 and the
+        batcher stops adding latency for nothing; on an accelerator it is the largest bucket.
+        """
+        rates = {b: b / t for b, t in ((b, self.estimate(b)) for b in buckets) if t > 0}
+        if len(rates) < len(buckets):
+            return buckets[-1]
+        best = max(rates.values())
+        return min(b for b, r in rates.items() if r >= slack * best)
+
+    def snapshot(self) -> dict[int, float]:
+        with self._lock:
+            return dict(self._t)
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    """Limits of one batcher; validated on construction."""
+
+    max_queue_delay_ms: float = 2.0
+    sla_ms: float | None = None
+    queue_size: int = 1024
+    timeout_ms: float | None = 30_000.0
+    max_in_flight: int = 2
+    adaptive_cap: bool = True  # cap batches at the bucket where throughput stops growing (latency model)
+
+    def __post_init__(self) -> None:
+        if self.max_queue_delay_ms < 0:
+            raise ValueError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
+        if self.sla_ms is not None and self.sla_ms <= 0:
+            raise ValueError(f"sla_ms must be > 0, got {self.sla_ms}")
+        if self.queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {self.queue_size}")
+        if self.timeout_ms is not None and self.timeout_ms <= 0:
+            raise ValueError(f"timeout_ms must be > 0, got {self.timeout_ms}")
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What one dispatched batch did, for metrics."""
+
+    bucket: int
+    rows: int
+    requests: int
+    compute_s: float
+    queue_s: tuple[float, ...]
+    error: bool = False
+
+    @property
+    def padding_ratio(self) -> float:
+        return 0.0 if self.bucket == 0 else (self.bucket - self.rows) / self.bucket
+
+
+class _Ticket:
+    """One caller's request: its future, and its parts when it was split."""
+
+    def __init__(self, parts: int, batched: set[str]):
+        self.future: Future = Future()
+        self.results: list[Any] = [None] * parts
+        self.left = parts
+        self.batched = batched
+        self.lock = threading.Lock()
+
+    def part_done(self, index: int, result: Mapping[str, np.ndarray]) -> None:
+        with self.lock:
+            if self.future.done():
+                return
+            self.results[index] = result
+            self.left -= 1
+            if self.left == 0:
+                try:
+                    self.future.set_result(merge_rows(self.results, self.batched))
+                except InvalidStateError:  # the caller cancelled meanwhile
+                    pass
+
+    def fail(self, exc: BaseException) -> None:
+        with self.lock:
+            if not self.future.done():
+                try:
+                    self.future.set_exception(exc)
+                except InvalidStateError:
+                    pass
+
+
+@dataclass
+class _Item:
+    part: Prepared
+    ticket: _Ticket
+    index: int
+    arrival: float
+    deadline: float  # monotonic; math.inf for no timeout
+    dispatched: float = field(default=0.0)
+
+
+_STOP = object()
+
+
+class DynamicBatcher:
+    """Queue requests for one model version and run them in latency-aware batches.
+
+    Example:
+        >>> bm = BucketedModel(model, BucketPolicy.for_max_batch(16)); lat = LatencyModel(bm.warmup())  # doctest: +SKIP
+        >>> b = DynamicBatcher(bm, lat, BatcherConfig(sla_ms=50)); b.start()          # doctest: +SKIP
+        >>> out = b.submit({"x": x}).result()                                         # doctest: +SKIP
+        >>> b.stop()                                                                   # doctest: +SKIP
+    """
+
+    def __init__(self, model: BucketedModel, latency: LatencyModel | None = None,
+                 config: BatcherConfig | None = None, *, name: str = "model",
+                 on_batch: Callable[[BatchReport], None] | None = None):
+        self.model = model
+        self.latency = latency or LatencyModel()
+        self.config = config or BatcherConfig()
+        self.name = name
+        self.on_batch = on_batch
+        self._pending: deque[_Item] = deque()
+        self._cond = threading.Condition()
+        self._slots = threading.Semaphore(self.config.max_in_flight)
+        self._done_q: queue.Queue = queue.Queue()
+        self._stopping = False
+        self._started = False
+        self._gap = 0.0  # moving average of the gap between arrivals (s)
+        self._last_arrival: float | None = None
+        self._cap_value, self._cap_at = model.policy.max_batch, -math.inf
+        self._loop_thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._done_thread = threading.Thread(target=self._completions, name=f"batcher-{name}-done", daemon=True)
+        self.busy_s = 0.0
+        self.created = time.monotonic()
+        self.in_flight = 0
+
+    # ------------------------------------------------------------- lifecycle
+    def start(self) -> DynamicBatcher:
+        if not self._started:
+            self._started = True
+            self._loop_thread.start()
+            self._done_thread.start()
+        return self
+
+    def stop(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        """Take no new requests; finish (``drain``) or fail the queued ones; join the threads."""
+        with self._cond:
+            self._stopping = True
+            if not drain:
+                dropped = list(self._pending)
+                self._pending.clear()
+            else:
+                dropped = []
+            self._cond.notify_all()
+        for item in dropped:
+            item.ticket.fail(BatcherStoppedError(f"model '{self.name}' stopped before running this request"))
+        if not self._started:
+            return
+        self._loop_thread.join(timeout)
+        self._done_thread.join(timeout)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def __enter__(self) -> DynamicBatcher:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def queued(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    # ---------------------------------------------------------------- submit
+    def submit(self, feeds: Mapping[str, Any] | Prepared, *, timeout_s: float | None = None) -> Future:
+        """Queue one request; its future gets ``{output: np.ndarray}`` or the exception.
+
+        Raises at once: ``InputError`` (bad input), :class:`QueueFullError`,
+        :class:`BatcherStoppedError`.
+        """
+        prepared = feeds if isinstance(feeds, Prepared) else self.model.prepare(feeds)
+        parts = self.model.split(prepared)
+        ticket = _Ticket(len(parts), self.model.batched_outputs)
+        now = time.monotonic()
+        if timeout_s is None and self.config.timeout_ms is not None:
+            timeout_s = self.config.timeout_ms / 1000.0
+        deadline = now + timeout_s if timeout_s is not None else math.inf
+        with self._cond:
+            if self._stopping or not self._started:
+                raise BatcherStoppedError(f"model '{self.name}' is not accepting requests (stopping or not started)")
+            if len(self._pending) + len(parts) > self.config.queue_size:
+                raise QueueFullError(f"model '{self.name}' queue is full ({self.config.queue_size} requests); "
+                                     "retry later")
+            if self._last_arrival is not None:
+                gap = now - self._last_arrival
+                self._gap = gap if self._gap == 0.0 else 0.8 * self._gap + 0.2 * gap
+            self._last_arrival = now
+            for i, part in enumerate(parts):
+                self._pending.append(_Item(part, ticket, i, now, deadline))
+            self._cond.notify()
+        return ticket.future
+
+    def run(self, feeds: Mapping[str, Any], *, timeout_s: float | None = None) -> dict[str, np.ndarray]:
+        """Submit and wait (a convenience for synchronous callers)."""
+        return self.submit(feeds, timeout_s=timeout_s).result()
+
+    # ------------------------------------------------------------------ loop
+    def _expire(self, now: float) -> None:
+        """Drop items whose caller timed out or gave up (caller holds the lock)."""
+        keep: deque[_Item] = deque()
+        for item in self._pending:
+            if item.ticket.future.done():
+                continue
+            if now >= item.deadline:
+                item.ticket.fail(RequestTimeoutError(
+                    f"request to '{self.name}' timed out after {now - item.arrival:.3f}s in the queue"))
+                continue
+            keep.append(item)
+        self._pending = keep
+
+    def _cap(self) -> int:
+        """Rows per batch: max_batch, or less where the latency model says bigger buckets gain nothing."""
+        buckets = self.model.policy.batch_sizes
+        if not self.config.adaptive_cap:
+            return buckets[-1]
+        now = time.monotonic()
+        if now - self._cap_at > 1.0:  # re-read the (online-updated) latency model once a second
+            self._cap_value, self._cap_at = self.latency.useful_batch(buckets), now
+        return self._cap_value
+
+    def _take(self, now: float) -> tuple[list[_Item], float | None]:
+        """Items to dispatch now, or ([], the time to look again). Caller holds the lock."""
+        if not self._pending:
+            return [], None
+        oldest = self._pending[0]
+        key = oldest.part.key
+        cap = self._cap() if self.model.layout != "none" else 1
+        group: list[_Item] = []
+        rows = 0
+        full = False
+        for item in self._pending:
+            if item.part.key != key:
+                continue
+            if group and rows + item.part.rows > cap:  # the oldest always goes, even when above the cap
+                full = True
+                break
+            group.append(item)
+            rows += item.part.rows
+        full = full or rows >= cap
+        cfg = self.config
+        delay_at = oldest.arrival + cfg.max_queue_delay_ms / 1000.0
+        wake = delay_at
+        # an idle device runs at once (waiting only adds latency); while a batch is in flight,
+        # requests gather for up to max_queue_delay, or until it completes and the device is idle
+        due = full or self._stopping or now >= delay_at or self.in_flight == 0
+        if not due and cfg.sla_ms is not None:
+            policy = self.model.policy
+            nxt = policy.batch_bucket(min(rows + 1, policy.max_batch))
+            sla_at = oldest.arrival + cfg.sla_ms / 1000.0
+            gap = self._gap if self._gap > 0 else cfg.max_queue_delay_ms / 1000.0
+            start_by = sla_at - self.latency.estimate(nxt) - gap
+            due = now >= start_by
+            wake = min(wake, start_by)
+        wake = min(wake, min(i.deadline for i in self._pending))
+        if not due:
+            return [], wake
+        taken = set(map(id, group))
+        self._pending = deque(i for i in self._pending if id(i) not in taken)
+        return group, None
+
+    def _loop(self) -> None:
+        while True:
+            # wait for a free device slot, letting the queue fill meanwhile (and expiring timed-out requests)
+            while not self._slots.acquire(timeout=0.02):
+                with self._cond:
+                    self._expire(time.monotonic())
+            group: list[_Item] = []
+            with self._cond:
+                while True:
+                    now = time.monotonic()
+                    self._expire(now)
+                    if self._stopping and not self._pending:
+                        break
+                    group, wake = self._take(now)
+                    if group:
+                        break
+                    self._cond.wait(None if wake is None else max(wake - now, 0.0))
+            if not group:
+                self._slots.release()
+                self._done_q.put(_STOP)
+                return
+            self._dispatch(group)
+
+    def _dispatch(self, group: list[_Item]) -> None:
+        now = time.monotonic()
+        for item in group:
+            item.dispatched = now
+        try:
+            batch = self.model.dispatch([i.part for i in group])
+        except Exception as exc:  # noqa: BLE001  (delivered to every caller)
+            log.exception("batch for '%s' failed to start", self.name)
+            for item in group:
+                item.ticket.fail(exc)
+            self._report(BatchReport(0, sum(i.part.rows for i in group), len(group), 0.0,
+                                     tuple(now - i.arrival for i in group), error=True))
+            self._slots.release()
+            return
+        with self._cond:
+            self.in_flight += 1
+        self._done_q.put((group, batch))
+
+    def _completions(self) -> None:
+        last_done = 0.0
+        while True:
+            entry = self._done_q.get()
+            if entry is _STOP:
+                return
+            group, batch = entry
+            batch: Batch
+            try:
+                results = self.model.collect(batch)
+                error: BaseException | None = None
+            except Exception as exc:  # noqa: BLE001
+                log.exception("batch for '%s' failed", self.name)
+                results, error = [], exc
+            done = time.perf_counter()
+            compute = done - max(batch.started, last_done)
+            last_done = done
+            with self._cond:
+                self.in_flight -= 1
+                self._cond.notify()  # an idle device: the loop may dispatch what is waiting
+            self._slots.release()
+            if error is None:
+                self.latency.update(batch.bucket, compute)
+                self.busy_s += compute
+                for item, result in zip(group, results):
+                    item.ticket.part_done(item.index, result)
+            else:
+                for item in group:
+                    item.ticket.fail(error)
+            self._report(BatchReport(batch.bucket, batch.rows, len(group), compute,
+                                     tuple(i.dispatched - i.arrival for i in group), error=error is not None))
+
+    def _report(self, report: BatchReport) -> None:
+        if self.on_batch is not None:
+            try:
+                self.on_batch(report)
+            except Exception:  # noqa: BLE001  (metrics must never break serving)
+                log.exception("on_batch callback failed")
+
+    def utilization(self) -> float:
+        """Fraction of wall time the device was busy with this batcher's batches."""
+        wall = time.monotonic() - self.created
+        return min(1.0, self.busy_s / wall) if wall > 0 else 0.0

@@ -1,0 +1,424 @@
+"""Shape buckets: a model compiled once per bucket, requests padded up and sliced back.
+
+A :class:`BucketPolicy` lists the batch sizes (default 1, 2, 4, ... up to
+``max_batch``) and, optionally, sizes for other symbolic dims (``{"seq": [16,
+32, 64]}``). :class:`BucketedModel` wraps a :class:`~jaxinfer.Model`: it finds
+the batch axis (dim 0 shared by every input; a fixed batch of 1 is re-stamped
+to a symbolic ``batch``), compiles every bucket at warm-up, and afterwards
+never compiles again: each batch of requests is concatenated, zero-padded up to
+its bucket, run, and sliced back per request. A request larger than the largest
+bucket is split into chunks by :meth:`BucketedModel.split`.
+
+Padding a non-batch dim is only correct for graphs that treat padded positions
+as absent (position-wise ops, or a mask input: zero padding writes 0 = "absent"
+into an attention mask), so dim buckets are opt-in.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError, JaxinferError
+from ..graph import Graph, Node, ValueInfo
+from ..model import Model, Signature
+
+log = logging.getLogger("jaxinfer.batching")
+
+BATCH = "batch"
+DEFAULT_MAX_BATCH = 32
+
+
+class BucketError(JaxinferError):
+    """A bucket policy that does not fit the model, or a warm-up that failed."""
+
+
+def default_batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """Powers of two up to ``max_batch``, with ``max_batch`` itself last."""
+    if max_batch < 1:
+        raise BucketError(f"max_batch must be >= 1, got {max_batch}")
+    sizes = [1]
+    while sizes[-1] * 2 < max_batch:
+        sizes.append(sizes[-1] * 2)
+    if sizes[-1] != max_batch:
+        sizes.append(max_batch)
+    return tuple(sizes)
+
+
+@dataclass(frozen=True)
+class BucketPolicy:
+    """Batch sizes and per-symbol dim sizes to compile; requests are padded up to them."""
+
+    batch_sizes: tuple[int, ...] = default_batch_sizes(DEFAULT_MAX_BATCH)
+    dims: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        sizes = tuple(sorted(set(int(b) for b in self.batch_sizes)))
+        if not sizes or sizes[0] < 1:
+            raise BucketError(f"batch_sizes must be positive integers, got {list(self.batch_sizes)}")
+        object.__setattr__(self, "batch_sizes", sizes)
+        dims: dict[str, tuple[int, ...]] = {}
+        for sym, values in dict(self.dims).items():
+            vals = tuple(sorted(set(int(v) for v in values)))
+            if not vals or vals[0] < 1:
+                raise BucketError(f"dim bucket '{sym}' needs positive sizes, got {list(values)}")
+            dims[str(sym)] = vals
+        object.__setattr__(self, "dims", dims)
+
+    @classmethod
+    def for_max_batch(cls, max_batch: int, dims: Mapping[str, Sequence[int]] | None = None) -> BucketPolicy:
+        return cls(default_batch_sizes(max_batch), {k: tuple(v) for k, v in (dims or {}).items()})
+
+    @property
+    def max_batch(self) -> int:
+        return self.batch_sizes[-1]
+
+    def batch_bucket(self, n: int) -> int:
+        """The smallest batch bucket holding ``n`` rows (``n`` <= max_batch)."""
+        for b in self.batch_sizes:
+            if b >= n:
+                return b
+        raise BucketError(f"batch of {n} exceeds the largest bucket {self.max_batch}; split it first")
+
+    def dim_bucket(self, sym: str, size: int) -> int:
+        for b in self.dims[sym]:
+            if b >= size:
+                return b
+        raise InputError(f"dim '{sym}' = {size} exceeds the largest configured bucket {self.dims[sym][-1]} "
+                         f"(buckets {list(self.dims[sym])})")
+
+
+# --------------------------------------------------------------- re-stamping
+def _reads_inputs(graph: Graph) -> set[str]:
+    """Values computed from the graph inputs (not through Shape/Size)."""
+    flowing = {v.name for v in graph.inputs}
+    for node in graph.nodes:
+        if node.op_type in ("Shape", "Size"):
+            continue
+        if any(i in flowing for i in node.inputs if i):
+            flowing.update(o for o in node.outputs if o)
+    return flowing
+
+
+def restamp_graph_batch(graph: Graph, symbol: str = BATCH) -> Graph:
+    """A graph whose fixed batch of 1 (dim 0 of inputs/outputs) is the symbolic ``symbol``.
+
+    Reshapes fed by the inputs whose constant target shape starts with 1 copy
+    dim 0 from their data instead (target ``0``), so ``[1, 9216]`` becomes ``[0, 9216]``.
+    """
+    def stamp(v: ValueInfo) -> ValueInfo:
+        if v.shape and v.shape[0] == 1:
+            return ValueInfo(v.name, (symbol,) + tuple(v.shape[1:]), v.dtype, v.kind, v.elem)
+        return v
+
+    flowing = _reads_inputs(graph)
+    inits = dict(graph.initializers)
+    nodes: list[Node] = []
+    for node in graph.nodes:
+        if (node.op_type == "Reshape" and len(node.inputs) > 1 and node.inputs[0] in flowing
+                and node.inputs[1] in inits and not node.attrs.get("allowzero", 0)):
+            target = np.asarray(inits[node.inputs[1]])
+            if target.ndim == 1 and target.size and int(target[0]) == 1:
+                fixed = target.astype(np.int64).copy()
+                fixed[0] = 0
+                name = f"{node.inputs[1]}__{symbol}"
+                inits[name] = fixed
+                node = Node(node.op_type, (node.inputs[0], name) + node.inputs[2:], node.outputs,
+                            dict(node.attrs), node.name, node.domain)
+        nodes.append(node)
+    return graph.replace(nodes=tuple(nodes), inputs=tuple(stamp(v) for v in graph.inputs),
+                         outputs=tuple(stamp(v) for v in graph.outputs), initializers=inits, value_info={})
+
+
+def _tensor_inputs(model: Model) -> list[Signature]:
+    return [s for s in model.inputs if s.kind == "tensor"]
+
+
+def batch_layout(model: Model) -> str:
+    """'symbolic' (dim 0 of every input is one shared symbol), 'fixed1' (all 1), or 'none'."""
+    ins = _tensor_inputs(model)
+    if not ins or len(ins) != len(model.inputs) or any(s.shape is None or not s.shape for s in ins):
+        return "none"
+    if any(s.name in model.value_inputs for s in ins):
+        return "none"
+    lead = {s.shape[0] for s in ins}
+    if len(lead) == 1 and isinstance(next(iter(lead)), str):
+        return "symbolic"
+    if lead == {1}:
+        return "fixed1"
+    return "none"
+
+
+def batchable(model: Model, max_batch: int) -> Model:
+    """``model`` itself, or a re-stamped copy (sharing params) when its batch is a fixed 1."""
+    layout = batch_layout(model)
+    if max_batch <= 1 or layout == "symbolic":
+        return model
+    if layout == "fixed1":
+        graph = restamp_graph_batch(model.graph)
+        return Model(graph, model.registry, params=model.params, source=model.source, check=False)
+    raise BucketError(
+        f"model {model.source or model.graph.name!r} has no batch dim to bucket: inputs "
+        f"{[str(s) for s in model.inputs]} need one shared symbolic (or fixed 1) dim 0; "
+        "set max_batch: 1 to serve it unbatched")
+
+
+# ------------------------------------------------------------------ requests
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request: numpy inputs padded on bucketed dims, its rows and dim key."""
+
+    feeds: Mapping[str, np.ndarray]
+    rows: int
+    key: tuple  # (dim symbol, bucket size) pairs: requests batch together only with equal keys
+    sizes: Mapping[str, int]  # original sizes of bucketed symbols, to slice outputs back
+
+
+@dataclass
+class Batch:
+    """A padded batch on its way through the device: the parts and their row offsets."""
+
+    parts: list[Prepared]
+    bucket: int
+    rows: int
+    outputs: Any  # device arrays, not yet on the host
+    started: float
+
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+def stderr_progress(done: int, total: int, label: str) -> None:
+    """A one-line progress bar on stderr for warm-up."""
+    width = 24
+    filled = int(width * done / max(total, 1))
+    sys.stderr.write(f"\rwarm-up {label}: [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+class BucketedModel:
+    """A model run only at bucket shapes: warm up once, then pad, run and slice.
+
+    Example:
+        >>> bm = BucketedModel(jaxinfer.load("mlp.onnx"), BucketPolicy.for_max_batch(8))  # doctest: +SKIP
+        >>> bm.warmup()                                    # compiles buckets 1, 2, 4, 8   # doctest: +SKIP
+        >>> out = bm.run({"x": np.ones((3, 16), np.float32)})   # runs bucket 4, returns 3 rows  # doctest: +SKIP
+    """
+
+    def __init__(self, model: Model, policy: BucketPolicy | None = None):
+        policy = policy or BucketPolicy()
+        self.source_model = model
+        self.layout = batch_layout(model)
+        if self.layout == "none" and policy.max_batch > 1:
+            log.warning("model %s has no batch dim; serving it unbatched (max_batch 1)", model.source)
+            policy = BucketPolicy((1,), policy.dims)
+        self.policy = policy
+        self.model = batchable(model, policy.max_batch)
+        self.inputs = list(self.model.inputs)
+        self.outputs = list(self.model.outputs)
+        self._check_dim_symbols()
+        self.batched_outputs: set[str] = {s.name for s in self.outputs if s.shape and isinstance(s.shape[0], str)}
+        self.warm_keys: set[tuple] = set()
+        self.compiles_at_warmup: int | None = None
+        self.late_compiles = 0
+
+    # ---------------------------------------------------------------- shapes
+    def _check_dim_symbols(self) -> None:
+        present = {d for s in self.inputs if s.shape for d in s.shape[1:] if isinstance(d, str)}
+        unknown = sorted(set(self.policy.dims) - present)
+        if unknown:
+            raise BucketError(f"dim buckets {unknown} name no symbolic dim of the inputs; "
+                              f"the inputs are {[str(s) for s in self.inputs]}")
+
+    def _bucket_shapes(self) -> list[dict[str, tuple[int, ...]]]:
+        """Every input shape combination to compile: batch sizes x dim buckets."""
+        combos: list[dict[str, int]] = [{}]
+        for sym, sizes in self.policy.dims.items():
+            combos = [{**c, sym: s} for c in combos for s in sizes]
+        unresolved = sorted({d for s in self.inputs if s.shape for d in s.shape[1:]
+                             if not isinstance(d, int) and d not in self.policy.dims})
+        if unresolved:
+            raise BucketError(f"inputs have dynamic dims {unresolved} without buckets; add them to the "
+                              f"policy's dims (config 'dim_buckets'), e.g. {{{unresolved[0]!r}: [16, 32, 64]}}")
+        out = []
+        batch_sizes = self.policy.batch_sizes if self.layout != "none" else (None,)
+        for b in batch_sizes:
+            for combo in combos:
+                shapes = {}
+                for s in self.inputs:
+                    dims = []
+                    for axis, d in enumerate(s.shape or ()):
+                        if axis == 0 and b is not None:
+                            dims.append(b)
+                        elif isinstance(d, int):
+                            dims.append(d)
+                        else:
+                            dims.append(combo[d])
+                    shapes[s.name] = tuple(dims)
+                out.append(shapes)
+        return out
+
+    def example_feeds(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+        return {s.name: np.zeros(shapes[s.name], s.dtype) for s in self.inputs}
+
+    # ---------------------------------------------------------------- warm-up
+    def warmup(self, progress: ProgressFn | None = None, *, timing_runs: int = 2,
+               label: str = "") -> dict[int, float]:
+        """Compile every bucket and time it; returns {batch bucket: seconds} (the slowest dim combo)."""
+        shapes = self._bucket_shapes()
+        timings: dict[int, float] = {}
+        for i, shape in enumerate(shapes):
+            feeds = self.example_feeds(shape)
+            outs = self.model.run(feeds)  # compiles
+            self._learn_batched_outputs(shape, outs)
+            best = float("inf")
+            for _ in range(timing_runs):
+                t = time.perf_counter()
+                self.model.run(feeds)
+                best = min(best, time.perf_counter() - t)
+            bucket = self._rows_of(shape)
+            timings[bucket] = max(timings.get(bucket, 0.0), best)
+            self.warm_keys.add(self._shape_key(feeds))
+            if progress:
+                progress(i + 1, len(shapes), label or self.model.source or "model")
+        self.compiles_at_warmup = self.model.stats.compiles
+        return timings
+
+    def _rows_of(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
+        if self.layout == "none":
+            return 1
+        return next(iter(shapes.values()))[0]
+
+    def _learn_batched_outputs(self, shapes: Mapping[str, tuple[int, ...]], outs: Mapping[str, Any]) -> None:
+        if self.layout == "none":
+            return
+        rows = self._rows_of(shapes)
+        for s in self.outputs:
+            arr = outs[s.name]
+            lead = np.shape(arr)[0] if np.ndim(arr) else None
+            if s.name in self.batched_outputs and lead != rows:
+                raise BucketError(f"output '{s.name}' should have batch {rows} at bucket {rows} but has shape "
+                                  f"{np.shape(arr)}: the graph fixes its batch; set max_batch: 1")
+            if s.shape is None and lead == rows and len(self.policy.batch_sizes) > 1:
+                self.batched_outputs.add(s.name)
+
+    @staticmethod
+    def _shape_key(feeds: Mapping[str, np.ndarray]) -> tuple:
+        return tuple((k, tuple(np.shape(v)), str(np.asarray(v).dtype)) for k, v in feeds.items())
+
+    # --------------------------------------------------------------- requests
+    def prepare(self, feeds: Mapping[str, Any]) -> Prepared:
+        """Validate one request against the signature and pad its bucketed dims; raises InputError."""
+        checked = self.model._check_inputs(feeds)  # names, dtypes, ranks, fixed dims
+        ordered: dict[str, np.ndarray] = {}
+        rows = None
+        sizes: dict[str, int] = {}
+        for s in self.inputs:
+            arr = np.asarray(checked[s.name])
+            if self.layout != "none":
+                if arr.ndim == 0:
+                    raise InputError(f"input '{s.name}': expected a batch dim ({s}), got a scalar")
+                if rows is None:
+                    rows = arr.shape[0]
+                elif arr.shape[0] != rows:
+                    raise InputError(f"input '{s.name}' has batch {arr.shape[0]} but another input has {rows}")
+            for axis, d in enumerate(s.shape or ()):
+                if axis > 0 and isinstance(d, str) and d in self.policy.dims:
+                    sizes[d] = arr.shape[axis]
+            ordered[s.name] = arr
+        if rows == 0:
+            raise InputError("empty batch: inputs have 0 rows")
+        key = tuple((sym, self.policy.dim_bucket(sym, n)) for sym, n in sorted(sizes.items()))
+        if key:
+            target = dict(key)
+            for s in self.inputs:
+                pads = [(0, 0)] * ordered[s.name].ndim
+                for axis, d in enumerate(s.shape or ()):
+                    if axis > 0 and isinstance(d, str) and d in target:
+                        pads[axis] = (0, target[d] - ordered[s.name].shape[axis])
+                if any(p[1] for p in pads):
+                    ordered[s.name] = np.pad(ordered[s.name], pads)
+        return Prepared(ordered, rows if rows is not None else 1, key, sizes)
+
+    def split(self, prepared: Prepared) -> list[Prepared]:
+        """Chunks of at most ``max_batch`` rows (a request larger than the largest bucket)."""
+        step = self.policy.max_batch
+        if self.layout == "none" or prepared.rows <= step:
+            return [prepared]
+        return [Prepared({k: v[i:i + step] for k, v in prepared.feeds.items()}, min(step, prepared.rows - i),
+                         prepared.key, prepared.sizes) for i in range(0, prepared.rows, step)]
+
+    def dispatch(self, parts: Sequence[Prepared]) -> Batch:
+        """Concatenate, pad to the bucket and start the device run (asynchronous); see :meth:`collect`."""
+        rows = sum(p.rows for p in parts)
+        if self.layout == "none":
+            if len(parts) != 1:
+                raise BucketError("an unbatched model runs one request at a time")
+            feeds = dict(parts[0].feeds)
+            bucket = 1
+        else:
+            bucket = self.policy.batch_bucket(rows)
+            feeds = {}
+            for s in self.inputs:
+                first = parts[0].feeds[s.name]
+                buf = np.zeros((bucket,) + first.shape[1:], first.dtype)
+                off = 0
+                for p in parts:
+                    buf[off:off + p.rows] = p.feeds[s.name]
+                    off += p.rows
+                feeds[s.name] = buf
+        key = self._shape_key(feeds)
+        if key not in self.warm_keys:
+            self.late_compiles += 1
+            log.warning("shape %s was not warmed up; compiling now", key)
+            self.warm_keys.add(key)
+        started = time.perf_counter()
+        outs = self.model.run_device(feeds)
+        return Batch(list(parts), bucket, rows, outs, started)
+
+    def collect(self, batch: Batch) -> list[dict[str, np.ndarray]]:
+        """Wait for the device, copy to host and slice each part's rows (and dims) back."""
+        host = {s.name: np.asarray(batch.outputs[s.name]) for s in self.outputs}
+        results = []
+        off = 0
+        for p in batch.parts:
+            one: dict[str, np.ndarray] = {}
+            for s in self.outputs:
+                arr = host[s.name]
+                if s.name in self.batched_outputs:
+                    arr = arr[off:off + p.rows]
+                if p.sizes and s.shape:
+                    index = [slice(None)] * arr.ndim
+                    for axis, d in enumerate(s.shape):
+                        if axis > 0 and isinstance(d, str) and d in p.sizes and axis < arr.ndim:
+                            index[axis] = slice(0, p.sizes[d])
+                    arr = arr[tuple(index)]
+                one[s.name] = arr
+            results.append(one)
+            off += p.rows
+        return results
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Run one request synchronously through the buckets (split when oversize)."""
+        chunks = self.split(self.prepare(feeds))
+        outs = [self.collect(self.dispatch([c]))[0] for c in chunks]
+        return merge_rows(outs, self.batched_outputs)
+
+    @property
+    def compiles(self) -> int:
+        return self.model.stats.compiles
+
+
+def merge_rows(parts: Sequence[Mapping[str, np.ndarray]], batched: set[str]) -> dict[str, np.ndarray]:
+    """Join the chunks of a split request back along the batch dim."""
+    if len(parts) == 1:
+        return dict(parts[0])
+    return {k: (np.concatenate([p[k] for p in parts]) if k in batched else parts[0][k]) for k in parts[0]}

@@ -1,0 +1,189 @@
+"""Per-model serving configuration: ``repo/<model>/config.yaml`` or keyword arguments.
+
+Example ``config.yaml``::
+
+    max_batch: 16                  # batch buckets 1, 2, 4, 8, 16 (or list them: batch_buckets)
+    dim_buckets: {seq: [32, 64, 128]}
+    sla_ms: 50                     # dispatch early when waiting would miss it
+    max_queue_delay_ms: 2
+    adaptive_cap: true             # stop growing batches where the latency model shows no throughput gain
+    queue_size: 1024               # a full queue answers 429
+    timeout_ms: 30000              # a request waiting longer answers 504
+    version_policy: {latest: 1}    # or {specific: [1, 3]} or all
+    response_cache: {size: 1024}   # or true / false
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..batching import BatcherConfig, BucketPolicy, default_batch_sizes
+from ..errors import JaxinferError
+
+
+class ConfigError(JaxinferError):
+    """A config.yaml or serve() option that is malformed; names the key and what was expected."""
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions of a model to serve: the latest N, a specific list, or all."""
+
+    kind: str = "latest"
+    count: int = 1
+    versions: tuple[int, ...] = ()
+
+    @classmethod
+    def parse(cls, value: Any) -> VersionPolicy:
+        if value is None:
+            return cls()
+        if value == "all" or value == {"all": {}} or (isinstance(value, Mapping) and "all" in value):
+            return cls("all")
+        if isinstance(value, Mapping) and len(value) == 1:
+            (key, arg), = value.items()
+            if key == "latest":
+                n = arg.get("num_versions", 1) if isinstance(arg, Mapping) else arg
+                if not isinstance(n, int) or n < 1:
+                    raise ConfigError(f"version_policy latest needs a positive count, got {arg!r}")
+                return cls("latest", n)
+            if key == "specific":
+                vs = arg.get("versions", []) if isinstance(arg, Mapping) else arg
+                if not isinstance(vs, (list, tuple)) or not vs or not all(isinstance(v, int) for v in vs):
+                    raise ConfigError(f"version_policy specific needs a list of version numbers, got {arg!r}")
+                return cls("specific", versions=tuple(sorted(vs)))
+        raise ConfigError(f"version_policy must be 'all', {{latest: N}} or {{specific: [versions]}}, got {value!r}")
+
+    def select(self, available: list[int]) -> list[int]:
+        """The versions to serve out of those on disk."""
+        have = sorted(available)
+        if self.kind == "all":
+            return have
+        if self.kind == "latest":
+            return have[-self.count:]
+        return [v for v in have if v in self.versions]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that decides how one model is served."""
+
+    max_batch: int = 32
+    batch_buckets: tuple[int, ...] = ()
+    dim_buckets: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    sla_ms: float | None = None
+    max_queue_delay_ms: float = 2.0
+    queue_size: int = 1024
+    timeout_ms: float | None = 30_000.0
+    max_in_flight: int = 2
+    adaptive_cap: bool = True
+    version_policy: VersionPolicy = VersionPolicy()
+    response_cache: int = 0  # entries; 0 = off
+    precision: str | None = None
+    quantize: str | None = None
+    shard: Any = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise ConfigError(f"max_batch must be a positive integer, got {self.max_batch!r}")
+        if self.batch_buckets:
+            if not all(isinstance(b, int) and b > 0 for b in self.batch_buckets):
+                raise ConfigError(f"batch_buckets must be positive integers, got {list(self.batch_buckets)}")
+            object.__setattr__(self, "batch_buckets", tuple(sorted(set(self.batch_buckets))))
+            object.__setattr__(self, "max_batch", self.batch_buckets[-1])
+        if self.response_cache < 0:
+            raise ConfigError(f"response_cache size must be >= 0, got {self.response_cache}")
+        try:
+            self.batcher()
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+    def buckets(self) -> BucketPolicy:
+        sizes = self.batch_buckets or default_batch_sizes(self.max_batch)
+        return BucketPolicy(sizes, dict(self.dim_buckets))
+
+    def batcher(self) -> BatcherConfig:
+        return BatcherConfig(max_queue_delay_ms=self.max_queue_delay_ms, sla_ms=self.sla_ms,
+                             queue_size=self.queue_size, timeout_ms=self.timeout_ms,
+                             max_in_flight=self.max_in_flight, adaptive_cap=self.adaptive_cap)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None, *, where: str = "config") -> ModelConfig:
+        raw = dict(raw or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        kw: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key == "version_policy":
+                kw[key] = VersionPolicy.parse(value)
+            elif key == "batch_buckets":
+                kw[key] = tuple(_ints(value, f"{where}: batch_buckets"))
+            elif key == "dim_buckets":
+                if not isinstance(value, Mapping):
+                    raise ConfigError(f"{where}: dim_buckets must map a dim name to sizes, got {value!r}")
+                kw[key] = {str(k): tuple(_ints(v, f"{where}: dim_buckets.{k}")) for k, v in value.items()}
+            elif key == "response_cache":
+                kw[key] = _cache_size(value, where)
+            elif key in ("sla_ms", "max_queue_delay_ms", "timeout_ms"):
+                if value is not None and not isinstance(value, (int, float)):
+                    raise ConfigError(f"{where}: {key} must be a number of milliseconds, got {value!r}")
+                kw[key] = None if value is None else float(value)
+            else:
+                kw[key] = value
+        if kw.get("quantize") or kw.get("precision") or kw.get("shard"):
+            raise ConfigError(f"{where}: precision/quantize/shard are not supported by the server yet; "
+                              "quantize or shard the Model in Python and pass it to jaxinfer.serve")
+        try:
+            return cls(**kw)
+        except TypeError as e:
+            raise ConfigError(f"{where}: {e}") from e
+
+    @classmethod
+    def load(cls, path: Path) -> ModelConfig:
+        try:
+            raw = yaml.safe_load(path.read_text()) if path.exists() else {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if raw is not None and not isinstance(raw, Mapping):
+            raise ConfigError(f"{path}: expected a mapping of options, got {type(raw).__name__}")
+        return cls.from_dict(raw, where=str(path))
+
+    def merged(self, **overrides: Any) -> ModelConfig:
+        """This config with ``overrides`` applied (validated like a config.yaml)."""
+        base = {f.name: getattr(self, f.name) for f in fields(self)}
+        unknown = sorted(set(overrides) - set(base))
+        if unknown:
+            raise ConfigError(f"unknown model option(s) {unknown}; known options are {sorted(base)}")
+        for k, v in overrides.items():
+            base[k] = v
+        base["version_policy"] = base["version_policy"] if isinstance(base["version_policy"], VersionPolicy) \
+            else VersionPolicy.parse(base["version_policy"])
+        if not isinstance(base["response_cache"], int) or isinstance(base["response_cache"], bool):
+            base["response_cache"] = _cache_size(base["response_cache"], "serve()")
+        if "max_batch" in overrides and "batch_buckets" not in overrides:
+            base["batch_buckets"] = ()
+        return ModelConfig(**base)
+
+
+def _ints(value: Any, where: str) -> list[int]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"{where} must be a list of integers, got {value!r}")
+    return list(value)
+
+
+def _cache_size(value: Any, where: str) -> int:
+    if value is True:
+        return 1024
+    if value in (False, None):
+        return 0
+    if isinstance(value, int):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("size", 1024), int):
+        return int(value.get("size", 1024)) if value.get("enabled", True) else 0
+    raise ConfigError(f"{where}: response_cache must be true/false, a size or {{size: N}}, got {value!r}")

@@ -1,0 +1,114 @@
+"""Prometheus metrics for one server (its own registry, so several servers can coexist)."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from ..batching import BatchReport
+
+_LAT = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+QUANTILES = (0.5, 0.9, 0.99)
+WINDOW = 2048  # recent request durations kept per model version for the quantiles
+
+
+class Metrics:
+    """The counters and histograms of the issue's metric names, plus live gauges read on scrape."""
+
+    def __init__(self, versions: Callable[[], Iterable[Any]], compiles_retired: Callable[[], int]):
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ("model", "version")
+        r = self.registry
+        self.request_duration = Histogram("jaxinfer_request_duration_seconds", "End-to-end request latency",
+                                          labels, buckets=_LAT, registry=r)
+        self.queue_duration = Histogram("jaxinfer_queue_duration_seconds", "Time from arrival to dispatch",
+                                        labels, buckets=_LAT, registry=r)
+        self.compute_duration = Histogram("jaxinfer_compute_duration_seconds", "Device time per batch",
+                                          labels, buckets=_LAT, registry=r)
+        self.batch_size = Histogram("jaxinfer_batch_size", "Rows per dispatched batch", labels,
+                                    buckets=_BATCH, registry=r)
+        self.batch_size_current = Gauge("jaxinfer_batch_size_current", "Rows in the last batch", labels,
+                                        registry=r)
+        self.padding_ratio = Histogram("jaxinfer_padding_ratio", "Padded fraction of each batch's bucket",
+                                       labels, buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 1.0), registry=r)
+        self.requests = Counter("jaxinfer_requests", "Requests by outcome", labels + ("status",), registry=r)
+        self.cache_hits = Counter("jaxinfer_cache_hits", "Response cache hits", labels, registry=r)
+        self.cache_misses = Counter("jaxinfer_cache_misses", "Response cache misses", labels, registry=r)
+        self._recent: dict[tuple[str, str], deque[float]] = {}
+        self._lock = threading.Lock()
+        self.registry.register(_Live(self, versions, compiles_retired))
+
+    def observe_request(self, model: str, version: str, status: int, seconds: float) -> None:
+        self.requests.labels(model, version, str(status)).inc()
+        if status == 200:
+            self.request_duration.labels(model, version).observe(seconds)
+            with self._lock:
+                self._recent.setdefault((model, version), deque(maxlen=WINDOW)).append(seconds)
+
+    def on_batch(self, model: str, version: str, report: BatchReport) -> None:
+        if report.error:
+            return
+        self.compute_duration.labels(model, version).observe(report.compute_s)
+        self.batch_size.labels(model, version).observe(report.rows)
+        self.batch_size_current.labels(model, version).set(report.rows)
+        self.padding_ratio.labels(model, version).observe(report.padding_ratio)
+        for q in report.queue_s:
+            self.queue_duration.labels(model, version).observe(q)
+
+    def quantiles(self) -> dict[tuple[str, str], dict[float, float]]:
+        with self._lock:
+            recent = {k: np.asarray(v) for k, v in self._recent.items() if v}
+        return {k: {q: float(np.quantile(v, q)) for q in QUANTILES} for k, v in recent.items()}
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Live:
+    """Gauges read at scrape time: quantiles, compiles, queue depth, device memory/utilisation."""
+
+    def __init__(self, metrics: Metrics, versions: Callable[[], Iterable[Any]], retired: Callable[[], int]):
+        self.metrics, self.versions, self.retired = metrics, versions, retired
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        q = GaugeMetricFamily("jaxinfer_request_duration_quantile_seconds",
+                              f"Request latency quantiles over the last {WINDOW} requests",
+                              labels=["model", "version", "quantile"])
+        for (model, version), qs in self.metrics.quantiles().items():
+            for k, v in qs.items():
+                q.add_metric([model, version, str(k)], v)
+        yield q
+        live = list(self.versions())
+        compiles = CounterMetricFamily("jaxinfer_compiles", "XLA compiles, warm-up included")
+        compiles.add_metric([], self.retired() + sum(v.compiles for v in live))
+        yield compiles
+        late = CounterMetricFamily("jaxinfer_compiles_after_warmup", "Compiles after warm-up (should stay 0)",
+                                   labels=["model", "version"])
+        depth = GaugeMetricFamily("jaxinfer_queue_size", "Requests waiting", labels=["model", "version"])
+        util = GaugeMetricFamily("jaxinfer_device_utilization", "Busy-time fraction of the device per model",
+                                 labels=["model", "version"])
+        for v in live:
+            late.add_metric([v.name, str(v.version)], v.late_compiles)
+            depth.add_metric([v.name, str(v.version)], v.batcher.queued())
+            util.add_metric([v.name, str(v.version)], v.batcher.utilization())
+        yield late
+        yield depth
+        yield util
+        mem = GaugeMetricFamily("jaxinfer_device_memory_bytes_in_use", "Device memory in use",
+                                labels=["device"])
+        for d in jax.local_devices()[:8]:
+            stats = d.memory_stats() if hasattr(d, "memory_stats") else None
+            if stats and "bytes_in_use" in stats:
+                mem.add_metric([str(d.id)], stats["bytes_in_use"])
+        yield mem

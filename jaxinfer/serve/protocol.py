@@ -1,0 +1,248 @@
+"""KServe v2 / Open Inference Protocol codec: JSON tensors and the binary tensor extension.
+
+Spec: https://kserve.github.io/website/latest/modelserving/data_plane/v2_protocol/
+and Triton's binary data extension (``Inference-Header-Content-Length``): the
+body is a JSON header of that many bytes followed by the raw tensors, in input
+order, of every input whose ``parameters.binary_data_size`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+HEADER = "Inference-Header-Content-Length"
+
+_DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "BYTES": np.dtype(object),
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class ProtocolError(Exception):
+    """A request the server cannot accept; ``status`` is the HTTP code to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def datatype_of(dtype: np.dtype | None) -> str:
+    """The v2 datatype name of a numpy dtype (``FP32``...); strings are ``BYTES``."""
+    if dtype is None:
+        return "BYTES"
+    dt = np.dtype(dtype)
+    if dt.kind in "OSU":
+        return "BYTES"
+    if dt not in _NAMES:
+        raise ProtocolError(f"dtype {dt} has no KServe v2 datatype", 500)
+    return _NAMES[dt]
+
+
+def dtype_of(datatype: str, where: str) -> np.dtype:
+    if not isinstance(datatype, str) or datatype not in _DTYPES:
+        raise ProtocolError(f"{where}: unknown datatype {datatype!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[datatype]
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    name: str
+    binary: bool
+
+
+@dataclass
+class InferRequest:
+    """A decoded ``POST .../infer`` body."""
+
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    outputs: list[RequestedOutput] | None  # None: all outputs
+    binary_default: bool
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def _shape(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in value):
+        raise ProtocolError(f"{where}: 'shape' must be a list of non-negative integers, got {value!r}")
+    return tuple(value)
+
+
+def _decode_bytes_elements(raw: bytes, count: int, where: str) -> np.ndarray:
+    out = np.empty(count, dtype=object)
+    pos = 0
+    for i in range(count):
+        if pos + 4 > len(raw):
+            raise ProtocolError(f"{where}: BYTES data truncated at element {i} of {count}")
+        (n,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if pos + n > len(raw):
+            raise ProtocolError(f"{where}: BYTES element {i} claims {n} bytes, only {len(raw) - pos} remain")
+        out[i] = raw[pos:pos + n]
+        pos += n
+    if pos != len(raw):
+        raise ProtocolError(f"{where}: {len(raw) - pos} trailing bytes after {count} BYTES elements")
+    return out
+
+
+def _json_tensor(data: Any, shape: tuple[int, ...], dtype: np.dtype, where: str) -> np.ndarray:
+    count = math.prod(shape)
+    if dtype == np.dtype(object):
+        flat = np.asarray(data, dtype=object).reshape(-1)
+        if flat.size != count:
+            raise ProtocolError(f"{where}: shape {list(shape)} needs {count} elements, 'data' has {flat.size}")
+        return np.array([s.encode() if isinstance(s, str) else s for s in flat], dtype=object).reshape(shape)
+    try:
+        arr = np.asarray(data, dtype=dtype if dtype.kind != "b" else None)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ProtocolError(f"{where}: 'data' does not hold {datatype_of(dtype)} values: {e}") from None
+    if arr.dtype == np.dtype(object) or arr.dtype.kind in "SU":
+        raise ProtocolError(f"{where}: 'data' must be a (nested) list of numbers, got ragged or string values")
+    if dtype.kind == "b":
+        if arr.size and arr.dtype.kind != "b":
+            raise ProtocolError(f"{where}: BOOL data must be true/false, got {arr.dtype.name} values")
+        arr = arr.astype(np.bool_)
+    if arr.size != count:
+        raise ProtocolError(f"{where}: shape {list(shape)} needs {count} elements, 'data' has {arr.size}")
+    return arr.reshape(shape)
+
+
+def decode_infer(body: bytes, header_length: int | None) -> InferRequest:
+    """Parse a v2 infer body (JSON, or JSON header + binary tensors); raises ProtocolError (400)."""
+    if header_length is not None:
+        if header_length < 0 or header_length > len(body):
+            raise ProtocolError(f"{HEADER} is {header_length} but the body has {len(body)} bytes")
+        head, rest = body[:header_length], memoryview(body)[header_length:]
+    else:
+        head, rest = body, memoryview(b"")
+    try:
+        req = json.loads(head)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"request body is not valid JSON: {e}") from None
+    if not isinstance(req, dict):
+        raise ProtocolError(f"request must be a JSON object, got {type(req).__name__}")
+    req_id = req.get("id")
+    if req_id is not None and not isinstance(req_id, str):
+        raise ProtocolError(f"'id' must be a string, got {req_id!r}")
+    params = req.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ProtocolError("'parameters' must be an object")
+    raw_inputs = req.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise ProtocolError("'inputs' must be a non-empty list of tensors")
+    inputs: dict[str, np.ndarray] = {}
+    offset = 0
+    for i, t in enumerate(raw_inputs):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+            raise ProtocolError(f"inputs[{i}] must be an object with a string 'name'")
+        name = t["name"]
+        where = f"input '{name}'"
+        if name in inputs:
+            raise ProtocolError(f"{where} is given twice")
+        shape = _shape(t.get("shape"), where)
+        dtype = dtype_of(t.get("datatype"), where)
+        tparams = t.get("parameters") or {}
+        if not isinstance(tparams, dict):
+            raise ProtocolError(f"{where}: 'parameters' must be an object")
+        size = tparams.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0:
+                raise ProtocolError(f"{where}: binary_data_size must be a non-negative integer, got {size!r}")
+            if "data" in t:
+                raise ProtocolError(f"{where}: has both 'data' and binary_data_size")
+            if offset + size > len(rest):
+                raise ProtocolError(f"{where}: binary_data_size {size} runs past the end of the body "
+                                    f"({len(rest) - offset} bytes left): truncated binary data")
+            chunk = bytes(rest[offset:offset + size])
+            offset += size
+            count = math.prod(shape)
+            if dtype == np.dtype(object):
+                arr = _decode_bytes_elements(chunk, count, where).reshape(shape)
+            else:
+                if size != count * dtype.itemsize:
+                    raise ProtocolError(f"{where}: shape {list(shape)} of {datatype_of(dtype)} needs "
+                                        f"{count * dtype.itemsize} bytes, binary_data_size is {size}")
+                arr = np.frombuffer(chunk, dtype=dtype).reshape(shape)
+        else:
+            if "data" not in t:
+                raise ProtocolError(f"{where}: needs 'data' or parameters.binary_data_size")
+            arr = _json_tensor(t["data"], shape, dtype, where)
+        inputs[name] = arr
+    if offset != len(rest):
+        raise ProtocolError(f"body has {len(rest) - offset} bytes of binary data no input claims")
+    binary_default = bool(params.get("binary_data_output", False))
+    outputs = None
+    if req.get("outputs") is not None:
+        if not isinstance(req["outputs"], list):
+            raise ProtocolError("'outputs' must be a list")
+        outputs = []
+        for i, o in enumerate(req["outputs"]):
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                raise ProtocolError(f"outputs[{i}] must be an object with a string 'name'")
+            op = o.get("parameters") or {}
+            outputs.append(RequestedOutput(o["name"], bool(op.get("binary_data", binary_default))))
+    return InferRequest(req_id, inputs, outputs, binary_default, params)
+
+
+def _encode_bytes(arr: np.ndarray) -> bytes:
+    parts = []
+    for v in arr.reshape(-1):
+        b = v if isinstance(v, bytes) else str(v).encode()
+        parts.append(struct.pack("<I", len(b)) + b)
+    return b"".join(parts)
+
+
+def _json_data(arr: np.ndarray) -> list[Any]:
+    flat = arr.reshape(-1)
+    if arr.dtype == np.dtype(object):
+        return [v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in flat]
+    if arr.dtype == np.dtype(ml_dtypes.bfloat16) or arr.dtype == np.float16:
+        flat = flat.astype(np.float32)
+    return flat.tolist()
+
+
+def encode_infer(model: str, version: str, req_id: str | None, outputs: Sequence[tuple[str, np.ndarray, bool]],
+                 parameters: Mapping[str, Any] | None = None) -> tuple[bytes, dict[str, str]]:
+    """A v2 infer response body and its extra headers; binary outputs go after the JSON header."""
+    items = []
+    blobs: list[bytes] = []
+    for name, arr, binary in outputs:
+        arr = np.asarray(arr)
+        item: dict[str, Any] = {"name": name, "datatype": datatype_of(arr.dtype), "shape": list(arr.shape)}
+        if binary:
+            blob = _encode_bytes(arr) if arr.dtype == np.dtype(object) else np.ascontiguousarray(arr).tobytes()
+            item["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            item["data"] = _json_data(arr)
+        items.append(item)
+    resp: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": items}
+    if req_id is not None:
+        resp["id"] = req_id
+    if parameters:
+        resp["parameters"] = dict(parameters)
+    head = json.dumps(resp, separators=(",", ":")).encode()
+    if not blobs:
+        return head, {"content-type": "application/json"}
+    return head + b"".join(blobs), {"content-type": "application/octet-stream", HEADER: str(len(head))}

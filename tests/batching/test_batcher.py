@@ -1,0 +1,160 @@
+"""The dynamic batcher: every caller gets its own result or exception; limits, SLA, drain."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import jaxinfer
+from jaxinfer.batching import (BatcherConfig, BatcherStoppedError, BucketedModel, BucketPolicy, DynamicBatcher,
+                               LatencyModel, QueueFullError, RequestTimeoutError)
+
+from .models import mlp_proto, mlp_reference
+
+
+@pytest.fixture(scope="module")
+def bucketed():
+    proto = mlp_proto(seed=3)
+    bm = BucketedModel(jaxinfer.load(proto), BucketPolicy.for_max_batch(8))
+    return proto, bm, bm.warmup()
+
+
+def test_latency_model_interpolates_and_updates():
+    lat = LatencyModel({1: 0.01, 4: 0.04})
+    assert lat.estimate(2) == pytest.approx(0.02)
+    assert lat.estimate(8) == pytest.approx(0.08)
+    lat.update(1, 0.02)
+    assert 0.01 < lat.estimate(1) < 0.02
+    assert LatencyModel().estimate(3) == 0.0
+
+
+def test_useful_batch_follows_throughput():
+    gpu_like = LatencyModel({1: 0.010, 2: 0.011, 4: 0.012, 8: 0.014})
+    assert gpu_like.useful_batch((1, 2, 4, 8)) == 8
+    cpu_like = LatencyModel({1: 0.070, 2: 0.150, 4: 0.300, 8: 0.700})  # no gain from batching
+    assert cpu_like.useful_batch((1, 2, 4, 8)) == 1
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="queue_size"):
+        BatcherConfig(queue_size=0)
+    with pytest.raises(ValueError, match="sla_ms"):
+        BatcherConfig(sla_ms=-1)
+
+
+def test_concurrent_callers_get_their_own_rows(bucketed):
+    proto, bm, timings = bucketed
+    reports = []
+    b = DynamicBatcher(bm, LatencyModel(timings), BatcherConfig(max_queue_delay_ms=20, adaptive_cap=False,
+                                                                 max_in_flight=1), on_batch=reports.append)
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((1 + i % 3, 8)).astype(np.float32) for i in range(40)]
+    results: dict[int, dict] = {}
+    real, gate = bm.dispatch, threading.Event()
+    with b:
+        def call(i):
+            results[i] = b.submit({"x": xs[i]}).result(10)
+        try:
+            bm.dispatch = lambda parts: (gate.wait(5), real(parts))[1]  # a busy device: requests gather
+            threads = [threading.Thread(target=call, args=(i,)) for i in range(len(xs))]
+            for t in threads:
+                t.start()
+            time.sleep(0.2)
+            gate.set()
+            for t in threads:
+                t.join()
+        finally:
+            bm.dispatch = real
+    for i, x in enumerate(xs):
+        np.testing.assert_allclose(results[i]["y"], mlp_reference(proto, x)["y"], rtol=1e-5, atol=1e-5)
+    assert max(r.rows for r in reports) > 1  # batching happened
+    assert all(r.rows <= 8 for r in reports)
+    assert bm.late_compiles == 0
+
+
+def test_oversize_request_is_split(bucketed):
+    proto, bm, timings = bucketed
+    x = np.random.default_rng(2).standard_normal((21, 8)).astype(np.float32)
+    with DynamicBatcher(bm, LatencyModel(timings)) as b:
+        out = b.submit({"x": x}).result(10)
+    np.testing.assert_allclose(out["z"], mlp_reference(proto, x)["z"], rtol=1e-5, atol=1e-5)
+
+
+def test_full_queue_refuses_at_once(bucketed):
+    _, bm, timings = bucketed
+    b = DynamicBatcher(bm, LatencyModel(timings), BatcherConfig(queue_size=2, max_queue_delay_ms=200,
+                                                                 max_in_flight=1))
+    b.start()
+    gate = threading.Event()
+    real = bm.dispatch
+
+    try:
+        bm.dispatch = lambda parts: (gate.wait(5), real(parts))[1]  # hold the device
+        x = np.ones((8, 8), np.float32)
+        first = b.submit({"x": x})  # full batch: dispatched, blocks in dispatch
+        time.sleep(0.05)
+        queued = [b.submit({"x": x[:1]}), b.submit({"x": x[:1]})]
+        with pytest.raises(QueueFullError, match="queue is full"):
+            b.submit({"x": x[:1]})
+        gate.set()
+        first.result(5)
+        for f in queued:
+            f.result(5)
+    finally:
+        bm.dispatch = real
+        gate.set()
+        b.stop()
+
+
+def test_timeout_and_errors_reach_callers(bucketed):
+    _, bm, timings = bucketed
+    b = DynamicBatcher(bm, LatencyModel(timings), BatcherConfig(max_in_flight=1))
+    b.start()
+    real = bm.dispatch
+    gate = threading.Event()
+    try:
+        bm.dispatch = lambda parts: (gate.wait(1), real(parts))[1]
+        slow = b.submit({"x": np.ones((8, 8), np.float32)})
+        time.sleep(0.05)
+        late = b.submit({"x": np.ones((1, 8), np.float32)}, timeout_s=0.05)
+        with pytest.raises(RequestTimeoutError):
+            late.result(5)
+        gate.set()
+        slow.result(5)
+
+        def boom(parts):
+            raise RuntimeError("device exploded")
+        bm.dispatch = boom
+        futs = [b.submit({"x": np.ones((1, 8), np.float32)}) for _ in range(3)]
+        for f in futs:
+            with pytest.raises(RuntimeError, match="device exploded"):
+                f.result(5)
+    finally:
+        bm.dispatch = real
+        gate.set()
+        b.stop()
+
+
+def test_sla_dispatches_early(bucketed):
+    """With a slow bucket-4 latency estimate, waiting for more would miss the SLA: send 1 at once."""
+    _, bm, _ = bucketed
+    lat = LatencyModel({1: 0.001, 2: 0.002, 4: 0.5, 8: 1.0})
+    b = DynamicBatcher(bm, lat, BatcherConfig(sla_ms=100, max_queue_delay_ms=5_000, adaptive_cap=False))
+    with b:
+        t = time.perf_counter()
+        b.submit({"x": np.ones((3, 8), np.float32)}).result(5)  # next batch (4) would take 500 ms > SLA
+        assert time.perf_counter() - t < 1.0
+
+
+def test_drain_on_stop_and_refuse_after(bucketed):
+    _, bm, timings = bucketed
+    b = DynamicBatcher(bm, LatencyModel(timings), BatcherConfig(max_queue_delay_ms=500))
+    b.start()
+    futs = [b.submit({"x": np.ones((1, 8), np.float32)}) for _ in range(5)]
+    b.stop(drain=True)
+    assert all(f.result(0)["y"].shape == (1, 4) for f in futs)
+    with pytest.raises(BatcherStoppedError):
+        b.submit({"x": np.ones((1, 8), np.float32)})
