@@ -250,3 +250,69 @@ def test_adam_bias_correction() -> None:
     np.testing.assert_allclose(x_new, 0.9 * (x - rate * want_v / (np.sqrt(want_h) + 1e-6)), rtol=1e-5)
     np.testing.assert_allclose(v_new, want_v, rtol=1e-6)
     np.testing.assert_allclose(h_new, want_h, rtol=1e-6)
+
+
+def _legacy_regressor_attrs(aggregate: str, post: str) -> dict[str, Any]:
+    """Tree 0: depth 2 with a NaN-tracking root; tree 1: one split; leaves carry 1-2 target weights."""
+    return dict(
+        n_targets=2, aggregate_function=aggregate, post_transform=post, base_values=[0.5, -0.25],
+        nodes_treeids=[0, 0, 0, 0, 0, 1, 1, 1], nodes_nodeids=[0, 1, 2, 3, 4, 0, 1, 2],
+        nodes_featureids=[0, 1, 0, 0, 0, 1, 0, 0],
+        nodes_modes=["BRANCH_LEQ", "BRANCH_GT", "LEAF", "LEAF", "LEAF", "BRANCH_LT", "LEAF", "LEAF"],
+        nodes_values=[0.5, 0.1, 0, 0, 0, 0.2, 0, 0],
+        nodes_truenodeids=[1, 2, 0, 0, 0, 1, 0, 0], nodes_falsenodeids=[4, 3, 0, 0, 0, 2, 0, 0],
+        nodes_missing_value_tracks_true=[1, 0, 0, 0, 0, 0, 0, 0],
+        target_treeids=[0, 0, 0, 0, 1, 1, 1], target_nodeids=[2, 2, 3, 4, 1, 2, 2],
+        target_ids=[0, 1, 1, 0, 0, 0, 1], target_weights=[1.0, 2.0, 3.0, -4.0, 0.5, 1.5, -2.0])
+
+
+@pytest.mark.parametrize("aggregate,post", [("SUM", "NONE"), ("AVERAGE", "NONE"), ("MIN", "NONE"),
+                                            ("MAX", "NONE"), ("SUM", "LOGISTIC"), ("SUM", "SOFTMAX")])
+def test_tree_ensemble_regressor(aggregate: str, post: str) -> None:
+    # every row reaches every target: onnxruntime leaves out base_values for a target no tree reaches
+    # (the spec adds them always, as we do)
+    x = np.array([[0, 0], [1, 1], [0.3, 0.5], [np.nan, 0.1], [0.7, 0.3]], np.float32)
+    _check("TreeEnsembleRegressor", {"x": x}, domain=ML, domain_opset=3, **_legacy_regressor_attrs(aggregate, post))
+
+
+def test_scaler_normalizer_imputer() -> None:
+    x = np.array([[1.0, -2.0, np.nan], [0.5, 4.0, 3.0]], np.float32)
+    _check("Scaler", {"x": np.nan_to_num(x)}, domain=ML, offset=[0.5, 1.0, -1.0], scale=[2.0, 0.5, 1.0])
+    _check("Scaler", {"x": np.array([[1, 2], [3, 4]], np.int64)}, domain=ML, offset=[1.0], scale=[0.5])
+    for norm in ("MAX", "L1", "L2"):
+        _check("Normalizer", {"x": np.nan_to_num(x)}, domain=ML, norm=norm)
+    _check("Imputer", {"x": x}, domain=ML, imputed_value_floats=[9.0, 8.0, 7.0], replaced_value_float=float("nan"))
+    _check("Imputer", {"x": np.array([[1, 0, 3]], np.int64)}, domain=ML, imputed_value_int64s=[5],
+           replaced_value_int64=0)
+
+
+@pytest.mark.parametrize("post", ["NONE", "LOGISTIC", "SOFTMAX"])
+def test_linear_regressor_and_classifier(post: str) -> None:
+    x = np.array([[1.0, -2.0, 0.5], [0.5, 4.0, 3.0]], np.float32)
+    coef = [0.1, 0.2, -0.3, 1.0, 0.0, 0.5, -0.5, 0.25, 0.75]
+    _check("LinearRegressor", {"x": x}, domain=ML, coefficients=coef, intercepts=[0.1, -0.2, 0.3], targets=3,
+           post_transform=post)
+    _check("LinearClassifier", {"x": x}, 2, domain=ML, coefficients=coef, intercepts=[0.1, -0.2, 0.3],
+           classlabels_ints=[7, 8, 9], post_transform=post)
+
+
+@pytest.mark.parametrize("post", ["NONE", "SOFTMAX", "LOGISTIC"])
+def test_tree_ensemble_classifier(post: str) -> None:
+    attrs = _legacy_regressor_attrs("SUM", post)
+    for k in ("n_targets", "aggregate_function"):
+        attrs.pop(k)
+    attrs.update({k.replace("target_", "class_"): attrs.pop(k) for k in
+                  ("target_treeids", "target_nodeids", "target_ids", "target_weights")})
+    # three classes: onnxruntime's two-class path has its own label rules the spec does not state
+    attrs["class_ids"] = [0, 1, 2, 0, 2, 0, 1]
+    attrs["base_values"] = [0.5, -0.25, 0.0]
+    attrs["classlabels_int64s"] = [3, 5, 7]
+    x = np.array([[0, 0], [1, 1], [0.3, 0.5], [np.nan, 0.1], [0.7, 0.3]], np.float32)
+    _check("TreeEnsembleClassifier", {"x": x}, 2, domain=ML, domain_opset=3, **attrs)
+
+
+def test_feature_vectorizer_and_one_hot_encoder() -> None:
+    a, b = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32), np.array([[5, 6, 7], [8, 9, 10]], np.float32)
+    _check("FeatureVectorizer", {"a": a, "b": b}, domain=ML, inputdimensions=[3, 2])
+    _check("OneHotEncoder", {"x": np.array([[2, 5], [9, 2]], np.int64)}, domain=ML, cats_int64s=[2, 5, 7])
+    _check("OneHotEncoder", {"x": _s(["a", "c"], ["b", "z"])}, domain=ML, cats_strings=["a", "b", "c"])
