@@ -14,6 +14,7 @@ from .graph import Graph, Node, ValueInfo
 from .loading import load
 from .model import Model, Signature
 from .serve import Server, serve
+from .sharding import distributed, plan
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,8 @@ __all__ = [
     "Signature",
     "UnsupportedOpsError",
     "ValueInfo",
+    "distributed",
     "load",
+    "plan",
     "serve",
 ]

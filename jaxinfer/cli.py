@@ -171,6 +171,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return int(serve_main(args.rest) or 0)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .sharding import plan
+
+    import jax
+
+    devices = args.devices or len(jax.devices())
+    p = plan(_load(args.model), devices=devices, batch=args.batch, memory_limit=args.memory_limit)
+    print(p.table())
+    print(f"best: {p.best}")
+    if args.json:
+        Path(args.json).write_text(p.to_json())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxinfer", description="ONNX/TFLite models as jitted JAX functions")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -196,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", metavar="FILE")
     bench.set_defaults(func=cmd_bench)
 
+    pl = sub.add_parser("plan", help="rank data x tensor meshes for this model (compile, memory, timed run)")
+    pl.add_argument("model")
+    pl.add_argument("--devices", type=int, default=None)
+    pl.add_argument("--batch", type=int, default=1)
+    pl.add_argument("--memory-limit", type=int, default=None, metavar="BYTES")
+    pl.add_argument("--json", metavar="FILE")
+    pl.set_defaults(func=cmd_plan)
+
     serve = sub.add_parser("serve", help="serve a model repository over KServe v2 HTTP", add_help=False)
     serve.add_argument("rest", nargs=argparse.REMAINDER)
     serve.set_defaults(func=cmd_serve)
@@ -205,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from .errors import JaxinferError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # the serving command parses its own options
+        try:
+            from .serve import main as serve_main
+        except ImportError as e:
+            raise SystemExit(f"serving is not available: {e}") from e
+        return int(serve_main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     if getattr(args, "against", None) == "none":
         args.against = None

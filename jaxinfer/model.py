@@ -281,6 +281,12 @@ class Model:
             "notes": notes,
         }
 
+    def shard(self, config: Any = None, **overrides: Any) -> Model:
+        """This model over a device mesh: a dict, a dataclass or a YAML path (see jaxinfer.sharding)."""
+        from .sharding import shard
+
+        return shard(self, config, **overrides)
+
     def with_params(self, params: Mapping[str, Any]) -> Model:
         """A new Model sharing this graph with other params (e.g. quantized)."""
         return Model(self.graph, self.registry, params=params, source=self.source, check=False)

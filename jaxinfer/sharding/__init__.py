@@ -1,0 +1,23 @@
+"""Sharding imported graphs over device meshes (tensor, data, pipeline parallelism).
+
+Example:
+    >>> m = jaxinfer.load("gpt2.onnx")                                # doctest: +SKIP
+    >>> sm = sharding.shard(m, {"tensor_parallel": 4, "data_parallel": 2})  # doctest: +SKIP
+    >>> sm.run({"input_ids": ids})                                   # doctest: +SKIP
+    >>> p = sharding.plan(m, devices=8, batch=8); p.best               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from . import distributed
+from .config import AXES, MeshConfig, ShardingConfigError, build_mesh, enumerate_configs, parse_config
+from .hlo import Collectives, collectives
+from .plan import Plan, PlanRow, measure, plan
+from .rules import Analysis, analyze, format_rules, specs_from_rules
+from .sharded import ShardedModel, place, shard
+
+__all__ = [
+    "AXES", "Analysis", "Collectives", "MeshConfig", "Plan", "PlanRow", "measure", "ShardedModel", "ShardingConfigError", "analyze",
+    "build_mesh", "collectives", "distributed", "enumerate_configs", "format_rules", "parse_config", "place",
+    "plan", "shard", "specs_from_rules",
+]

@@ -1,0 +1,187 @@
+"""Plan search: enumerate data×stage×expert×tensor factorizations, compile each,
+read XLA's memory and cost analyses (and, where cheap, time a few runs), drop
+what exceeds the memory limit, rank the rest.
+
+``plan(model, devices=8, batch=8).best`` is a config ``shard`` accepts;
+``.rows`` holds every candidate with its figures, best first; ``.table()``
+prints them.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import jax
+import numpy as np
+
+from .config import MeshConfig, enumerate_configs
+from .hlo import collectives
+
+#: Rough per-device figures used only when a candidate is not timed.
+PEAK_FLOPS = 2e10
+MEM_BW = 1e10
+LINK_BW = 5e9
+COLLECTIVE_LATENCY = 2e-5
+
+
+@dataclass
+class PlanRow:
+    config: dict[str, Any]
+    ok: bool = True
+    reason: str = ""
+    per_device_params_bytes: int = 0
+    argument_bytes: int = 0
+    temp_bytes: int = 0
+    output_bytes: int = 0
+    flops: float = 0.0
+    bytes_accessed: float = 0.0
+    collectives: dict[str, int] = field(default_factory=dict)
+    collective_bytes: int = 0
+    compile_s: float = 0.0
+    latency_s: float | None = None
+    estimate_s: float = 0.0
+
+    @property
+    def mesh(self) -> str:
+        c = self.config
+        return "x".join(f"{a[0]}{c.get(a, 1)}" for a in ("data", "stage", "expert", "tensor"))
+
+    @property
+    def score(self) -> float:
+        return self.latency_s if self.latency_s is not None else self.estimate_s
+
+
+@dataclass
+class Plan:
+    rows: list[PlanRow]
+    devices: int
+    batch: int
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        ok = [r for r in self.rows if r.ok]
+        return dict(ok[0].config) if ok else None
+
+    def table(self) -> str:
+        head = f"{'rank':>4} {'mesh':14} {'params/dev':>11} {'temp':>10} {'GFLOP':>7} {'colls':>5} {'coll B':>9} " \
+               f"{'compile s':>9} {'latency ms':>10} {'est ms':>8}  note"
+        lines = [head]
+        for i, r in enumerate(self.rows, 1):
+            lat = f"{r.latency_s * 1e3:10.2f}" if r.latency_s is not None else f"{'-':>10}"
+            lines.append(f"{i if r.ok else '-':>4} {r.mesh:14} {r.per_device_params_bytes:11d} {r.temp_bytes:10d} "
+                         f"{r.flops / 1e9:7.3f} {sum(r.collectives.values()):5d} {r.collective_bytes:9d} "
+                         f"{r.compile_s:9.2f} {lat} {r.estimate_s * 1e3:8.2f}  {r.reason}")
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps({"devices": self.devices, "batch": self.batch, "best": self.best,
+                           "rows": [asdict(r) for r in self.rows]}, indent=1, default=str)
+
+
+def example_feeds(model: Any, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random feeds for ``model``'s signature with symbolic dims set to ``batch``."""
+    rs = np.random.RandomState(seed)
+    feeds = {}
+    for s in model.inputs:
+        shape = tuple(d if isinstance(d, int) and d > 0 else batch for d in (s.shape or ()))
+        dt = np.dtype(s.dtype or np.float32)
+        if dt.kind in "iu":
+            feeds[s.name] = rs.randint(0, 2, shape).astype(dt)
+        elif dt.kind == "b":
+            feeds[s.name] = rs.rand(*shape) > 0.5
+        else:
+            feeds[s.name] = rs.rand(*shape).astype(dt)
+    return feeds
+
+
+def _cost(exe: Any) -> tuple[float, float]:
+    try:
+        ca = exe.cost_analysis()
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return 0.0, 0.0
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    ca = ca or {}
+    return float(ca.get("flops", 0.0)), float(ca.get("bytes accessed", 0.0))
+
+
+def measure(sm: Any, feeds: Mapping[str, Any], *, timed: bool = True, repeats: int = 3) -> dict[str, Any]:
+    """Compile ``sm`` for ``feeds`` and collect its figures (used by plan and the benchmark)."""
+    checked = sm._check_inputs(feeds)
+    t0 = time.perf_counter()
+    exe = sm.compiled(checked)
+    compile_s = time.perf_counter() - t0
+    mem = exe.memory_analysis()
+    flops, bytes_acc = _cost(exe)
+    coll = collectives(exe)
+    per = sm.per_device_params_bytes()
+    out = dict(per_device_params_bytes=max(per.values()) if per else 0,
+               argument_bytes=int(getattr(mem, "argument_size_in_bytes", 0) or 0),
+               temp_bytes=int(getattr(mem, "temp_size_in_bytes", 0) or 0),
+               output_bytes=int(getattr(mem, "output_size_in_bytes", 0) or 0),
+               flops=flops, bytes_accessed=bytes_acc,
+               collectives={k: v for k, v in coll.counts.items() if v}, collective_bytes=coll.total_bytes,
+               compile_s=compile_s, latency_s=None)
+    out["estimate_s"] = (flops / PEAK_FLOPS + bytes_acc / MEM_BW + coll.total_bytes / LINK_BW
+                         + coll.total * COLLECTIVE_LATENCY)
+    if timed:
+        placed = sm.place_inputs(checked)
+        jax.block_until_ready(exe(sm.params, placed))  # warm
+        times = []
+        for _ in range(max(1, repeats)):
+            t = time.perf_counter()
+            jax.block_until_ready(exe(sm.params, placed))
+            times.append(time.perf_counter() - t)
+        out["latency_s"] = statistics.median(times)
+    return out
+
+
+def plan(model: Any, devices: int | Sequence[Any] = 8, *, batch: int = 8, memory_limit: int | None = None,
+         feeds: Mapping[str, Any] | None = None, timed: bool = True, repeats: int = 3,
+         configs: Sequence[MeshConfig] | None = None, allow_stage: bool = False) -> Plan:
+    """Rank every mesh for ``model`` on ``devices``.
+
+    Args:
+      model: a loaded Model.
+      devices: a device count (the first N of ``jax.devices()``) or a device list.
+      batch: batch size for the symbolic batch dim (ignored when ``feeds`` given).
+      memory_limit: per-device bytes (params + arguments + temporaries) a candidate may use.
+      timed: time ``repeats`` runs of each candidate (ranks by measured latency);
+        False ranks by an estimate from cost_analysis and collective bytes.
+      configs: candidates to try (default: every factorization).
+
+    Returns:
+      A :class:`Plan`; ``plan.best`` is a config dict for ``shard``.
+    """
+    from .sharded import shard
+
+    devs = list(jax.devices()[:devices]) if isinstance(devices, int) else list(devices)
+    if isinstance(devices, int) and len(devs) < devices:
+        raise ValueError(f"asked for {devices} devices, only {len(devs)} exist")
+    feeds = dict(feeds) if feeds is not None else example_feeds(model, batch)
+    configs = list(configs) if configs is not None else enumerate_configs(len(devs), allow_stage=allow_stage)
+    rows: list[PlanRow] = []
+    for cfg in configs:
+        d = {"data": cfg.data, "stage": cfg.stage, "expert": cfg.expert, "tensor": cfg.tensor}
+        row = PlanRow(config=d)
+        try:
+            sm = shard(model, cfg, devices=devs)
+            figures = measure(sm, feeds, timed=False)
+            for k, v in figures.items():
+                setattr(row, k, v)
+            used = row.argument_bytes + row.temp_bytes + row.output_bytes
+            if memory_limit is not None and used > memory_limit:
+                row.ok, row.reason = False, f"over memory limit ({used} > {memory_limit} B per device)"
+            elif timed:
+                row.latency_s = measure(sm, feeds, timed=True, repeats=repeats)["latency_s"]
+            del sm
+        except Exception as e:  # noqa: BLE001 - an invalid mesh is a row with its reason
+            row.ok, row.reason = False, f"{type(e).__name__}: {e}"[:500]
+        rows.append(row)
+    rows.sort(key=lambda r: (not r.ok, r.score))
+    return Plan(rows, len(devs), batch)

@@ -1,0 +1,232 @@
+"""``shard(model, config)``: the same graph, params placed over a device mesh.
+
+A ``ShardedModel`` is a ``Model`` whose params carry ``NamedSharding``s
+(from the tensor-parallel rules) and whose compile step is
+``jax.jit(..., in_shardings=..., out_shardings=...)``: inputs split over
+``data`` on their leading (batch) dim. Ops stay sharding-agnostic; XLA's
+SPMD partitioner inserts the collectives the param specs imply.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ..model import Model
+from .config import AXES, MeshConfig, ShardingConfigError, build_mesh, divisors, parse_config
+from .rules import Analysis, analyze, specs_from_rules
+
+
+def place(value: Any, sharding: NamedSharding) -> jax.Array:
+    """Put a host/device array on ``sharding`` (multi-process safe: every process holds the same value)."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    arr = np.asarray(value)
+    return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
+
+
+def _host(v: Any) -> Any:
+    if v is None:
+        return None
+    if isinstance(v, (list, tuple)):
+        return [_host(x) for x in v]
+    if isinstance(v, jax.Array) and not v.is_fully_addressable:
+        if not v.sharding.is_fully_replicated:
+            raise ShardingConfigError("an output split across processes cannot be read on one host; "
+                                      "shard with replicate_outputs=True")
+        return np.asarray(v.addressable_data(0))
+    return np.asarray(v)
+
+
+def _spec_ok(name: str, shape: tuple, spec: P, mesh: Mesh) -> None:
+    if len(spec) > len(shape):
+        raise ShardingConfigError(f"param '{name}' has rank {len(shape)} but its spec {spec} has {len(spec)} entries")
+    for dim, axes in enumerate(spec):
+        if axes is None:
+            continue
+        names = axes if isinstance(axes, tuple) else (axes,)
+        n = 1
+        for a in names:
+            if a not in mesh.shape:
+                raise ShardingConfigError(f"param '{name}': spec {spec} names axis '{a}'; mesh axes are {AXES}")
+            n *= mesh.shape[a]
+        if shape[dim] % n:
+            fits = [d for d in divisors(shape[dim])]
+            raise ShardingConfigError(
+                f"param '{name}' dim {dim} has size {shape[dim]}, not divisible by {'×'.join(names)} = {n}; "
+                f"sizes that divide it: {fits}")
+
+
+class ShardedModel(Model):
+    """A Model laid over ``mesh``: ``param_specs`` beside the params, jit with shardings."""
+
+    def __init__(self, base: Model, mesh: Mesh, config: MeshConfig, param_specs: Mapping[str, P],
+                 analysis: Analysis | None = None, params: Mapping[str, Any] | None = None):
+        self.mesh = mesh
+        self.config = config
+        self.param_specs = dict(param_specs)
+        self.analysis = analysis
+        self.base = base
+        src = base.params if params is None else params
+        placed = {k: place(v, NamedSharding(mesh, self.param_specs.get(k, P()))) for k, v in src.items()}
+        super().__init__(base.graph, base.registry, params=placed, source=base.source, check=False)
+
+    @property
+    def rules(self) -> list:
+        return list(self.config.rules or (self.analysis.rules if self.analysis else []))
+
+    # ------------------------------------------------------------ shardings
+    def input_spec(self, name: str, value: Any) -> P:
+        nd = np.ndim(value)
+        data = self.mesh.shape["data"]
+        if data == 1 or nd == 0:
+            return P()
+        b = np.shape(value)[0]
+        if b % data:
+            raise ShardingConfigError(
+                f"input '{name}': batch {b} is not divisible by data={data}; use a batch that is a multiple "
+                f"of {data}, or data in {divisors(b)}")
+        return P("data")
+
+    def _input_shardings(self, dynamic: Mapping[str, Any]) -> dict[str, NamedSharding]:
+        return {k: NamedSharding(self.mesh, self.input_spec(k, v)) for k, v in dynamic.items()}
+
+    def _compile(self, key: tuple, feeds: Mapping[str, Any]) -> Any:
+        static = {k: v for k, v in feeds.items() if k in self.value_inputs}
+        dynamic = {k: v for k, v in feeds.items() if k not in self.value_inputs}
+        fn = self.fn
+        stats = self.stats
+        pshard = {k: v.sharding for k, v in self.params.items()}
+        ishard = self._input_shardings(dynamic)
+        abstract = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype if not hasattr(v, "dtype") else v.dtype,
+                                            sharding=ishard[k]) for k, v in dynamic.items()}
+        out_sh = NamedSharding(self.mesh, P()) if self.config.replicate_outputs else None
+        start = time.perf_counter()
+        if self.stateful:
+            sshard = {k: NamedSharding(self.mesh, P()) for k in self.state}
+
+            def call(params: Any, state: Any, inputs: Any) -> Any:
+                stats.traces += 1
+                return fn(params, state, {**inputs, **static})
+
+            jitted = jax.jit(call, in_shardings=(pshard, sshard, ishard),
+                             out_shardings=None if out_sh is None else (out_sh, sshard))
+            exe = jitted.lower(self.params, self.state, abstract).compile()
+        else:
+            def call(params: Any, inputs: Any) -> Any:  # type: ignore[misc]
+                stats.traces += 1
+                return fn(params, {**inputs, **static})
+
+            jitted = jax.jit(call, in_shardings=(pshard, ishard), out_shardings=out_sh)
+            exe = jitted.lower(self.params, abstract).compile()
+        self.stats.compiles += 1
+        self.stats.compile_seconds += time.perf_counter() - start
+        self.stats.keys.append(key)
+        return exe
+
+    # -------------------------------------------------------------- running
+    def place_inputs(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        dynamic = {k: v for k, v in feeds.items() if k not in self.value_inputs}
+        return {k: place(v, s) for k, s, v in ((k, s, dynamic[k]) for k, s in self._input_shardings(dynamic).items())}
+
+    def run_device(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        feeds = self._check_inputs(feeds)
+        exe = self.compiled(feeds)
+        dynamic = self.place_inputs(feeds)
+        if self.stateful:
+            outs, self.state = exe(self.params, self.state, dynamic)
+            return outs
+        return exe(self.params, dynamic)
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        outs = self.run_device(feeds)
+        return {s.name: _host(outs[s.name]) for s in self.outputs}
+
+    # ------------------------------------------------------------ reporting
+    def per_device_params_bytes(self) -> dict[int, int]:
+        """Bytes of params each (addressable) device holds."""
+        out: dict[int, int] = {}
+        for v in self.params.values():
+            for s in v.addressable_shards:
+                out[s.device.id] = out.get(s.device.id, 0) + s.data.nbytes
+        return out
+
+    def with_params(self, params: Mapping[str, Any]) -> ShardedModel:
+        return ShardedModel(self.base, self.mesh, self.config, self.param_specs, self.analysis, params=params)
+
+    def info(self) -> dict[str, Any]:
+        d = super().info()
+        per = self.per_device_params_bytes()
+        d.update(mesh=dict(self.mesh.shape), config=str(self.config),
+                 per_device_params_bytes=max(per.values()) if per else 0,
+                 rules=[(p, str(s)) for p, s in self.rules])
+        return d
+
+    def __repr__(self) -> str:
+        return f"ShardedModel({self.source or self.graph.name!r}, mesh={dict(self.mesh.shape)})"
+
+
+def shard(model: Model, config: Any = None, *, devices: Sequence[Any] | None = None,
+          example: Mapping[str, Any] | None = None, **overrides: Any) -> Model:
+    """Lay ``model`` over a device mesh.
+
+    Args:
+      model: a loaded :class:`~jaxinfer.Model` (or a ShardedModel, resharded).
+      config: a MeshConfig, dict (long or short form), YAML path/text, or any
+        frozen dataclass with the same fields; None means ``overrides`` only.
+      devices: the devices to use (default ``jax.devices()``: all processes').
+      example: feeds for inputs read at trace time (shape inputs), if any.
+      overrides: MeshConfig fields, e.g. ``tensor=4``.
+
+    Returns:
+      A :class:`ShardedModel` (or a pipelined model when ``stage > 1``).
+    """
+    cfg = parse_config(config if config is not None else {})
+    if overrides:
+        cfg = parse_config({**cfg.to_dict(), **({"rules": cfg.rules} if cfg.rules else {}), **overrides})
+    base = model.base if isinstance(model, ShardedModel) else model
+    params = model.params if isinstance(model, ShardedModel) else None
+    devs = list(jax.devices() if devices is None else devices)
+    cfg = cfg.resolved(len(devs))
+    if cfg.expert > 1:
+        moe = [n for n, _ in base.graph.walk() if n.op_type in ("MoE", "QMoE", "SparseMoE")]
+        if not moe:
+            raise ShardingConfigError(
+                f"expert={cfg.expert} but the model has no MoE op (com.microsoft.MoE) to split over experts; "
+                f"use data or tensor parallelism for these devices")
+        raise ShardingConfigError("expert parallelism is not implemented yet")
+    if cfg.stage > 1:
+        raise ShardingConfigError(
+            f"stage={cfg.stage}: pipeline parallelism is not implemented yet; use tensor/data parallelism "
+            f"(e.g. tensor={cfg.stage * cfg.tensor})")
+    mesh = build_mesh(cfg, devs)
+    analysis = None
+    if cfg.rules is not None:
+        rules = list(cfg.rules)
+    elif cfg.tensor > 1:
+        analysis = analyze(base, cfg.tensor, example=example)
+        if cfg.strict and analysis.unsplittable:
+            free = analyze(base, None, example=example)
+            bad = ", ".join(f"{why} = {size}" for why, size in analysis.unsplittable[:2])
+            if len(analysis.unsplittable) > 2:
+                bad += f", +{len(analysis.unsplittable) - 2} more"
+            raise ShardingConfigError(
+                f"tensor={cfg.tensor} does not divide the model dims tensor parallelism splits ({bad}); "
+                f"tensor sizes that fit this model: {[d for d in free.fits() if len(devs) % d == 0]} "
+                f"(or pass strict=False to leave those params replicated)")
+        if not analysis.param_dims:
+            raise ShardingConfigError(f"tensor={cfg.tensor}: found nothing in this graph to split over 'tensor'; "
+                                      "use data parallelism or pass explicit rules")
+        rules = analysis.rules
+    else:
+        rules = []
+    specs = specs_from_rules(rules, base.params)
+    for name, spec in specs.items():
+        _spec_ok(name, tuple(np.shape(base.params[name])), spec, mesh)
+    return ShardedModel(base, mesh, cfg, specs, analysis, params=params)
