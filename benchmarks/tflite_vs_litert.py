@@ -2,9 +2,11 @@
 
     python benchmarks/tflite_vs_litert.py [--iters 50] [--json out.json]
 
-Models are built with the test builder (tests/converters/tflite/builder.py): a
-float and an int8 conv stack at batch 1 and 8. Prints a table and the
-geometric mean of jaxinfer/LiteRT latency ratios (per float and int8).
+Models: the fixtures of tests/fixtures/tflite/make_fixtures.py (a float and an
+int8 conv+depthwise stack, a dynamic-range MLP, a streaming LSTM) at batch 1 and 8,
+plus the plain conv stacks below. LiteRT runs with its default (XNNPACK) kernels
+on one thread. Prints a table and the geometric mean of jaxinfer/LiteRT latency
+ratios per kind (float incl. hybrid/LSTM, int8).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxinfer.converters.tflite import load_tflite  # noqa: E402
 from tests.converters.tflite.builder import ModelBuilder  # noqa: E402
+from tests.fixtures.tflite.make_fixtures import FIXTURES  # noqa: E402
 
 
 def conv_stack(batch: int, quantized: bool, size: int = 32, width: int = 32, layers: int = 4) -> bytes:
@@ -59,7 +62,7 @@ def _time(fn, iters: int) -> float:
 def bench(name: str, data: bytes, iters: int) -> dict:
     from ai_edge_litert.interpreter import Interpreter
 
-    model = load_tflite(data)
+    model = load_tflite(data)  # hybrid="xnnpack": the same dynamic-range arithmetic as LiteRT's default path
     it = Interpreter(model_content=data, num_threads=1)
     it.allocate_tensors()
     inp = it.get_input_details()[0]
@@ -96,12 +99,15 @@ def main() -> None:
         for batch in (1, 8):
             name = f"conv_stack_{'int8' if quantized else 'f32'}_b{batch}"
             rows.append(bench(name, conv_stack(batch, quantized), args.iters))
+    for fname, build in FIXTURES.items():
+        for batch in (1, 8):
+            rows.append(bench(f"{fname}_b{batch}", build(batch), args.iters))
     print(f"{'model':28s} {'jaxinfer ms':>12s} {'LiteRT ms':>10s} {'ratio':>7s}")
     for r in rows:
         print(f"{r['model']:28s} {r['jaxinfer_ms']:12.3f} {r['litert_ms']:10.3f} {r['ratio']:7.2f}")
     summary = {}
     for kind in ("f32", "int8"):
-        ratios = [r["ratio"] for r in rows if f"_{kind}_" in r["model"]]
+        ratios = [r["ratio"] for r in rows if ("int8" in r["model"]) == (kind == "int8")]
         summary[kind] = float(np.exp(np.mean(np.log(ratios))))
         print(f"geomean jaxinfer/LiteRT ({kind}): {summary[kind]:.2f}")
     if args.json:

@@ -9,14 +9,20 @@ from .ops import REGISTRY
 from .reader import read_model
 
 
-def load_tflite(source: str | os.PathLike[str] | bytes) -> Model:
+def load_tflite(source: str | os.PathLike[str] | bytes, *, hybrid: str = "xnnpack") -> Model:
     """Read a ``.tflite`` model (path or bytes) into a :class:`~jaxinfer.Model`.
+
+    ``hybrid`` picks how dynamic-range layers (int8 weights, float inputs) quantize their
+    inputs, as the two LiteRT CPU paths do: ``"xnnpack"`` (LiteRT's default delegate:
+    asymmetric int8 per batch row for FULLY_CONNECTED/CONV_2D/DEPTHWISE_CONV_2D) or
+    ``"builtin"`` (LiteRT's builtin kernels: symmetric unless the op's
+    ``asymmetric_quantize_inputs`` is set or the conv weights are per-channel).
 
     Example:
       >>> m = load_tflite("mobilenet_v2.tflite")                      # doctest: +SKIP
       >>> m.run({"input": np.zeros((1, 224, 224, 3), np.float32)})    # doctest: +SKIP
     """
-    graph = read_model(source)
+    graph = read_model(source, hybrid=hybrid)
     label = str(source) if isinstance(source, (str, os.PathLike)) else graph.name
     return Model(graph, REGISTRY, source=label)
 

@@ -197,3 +197,45 @@ def lut_8bit(fn, q_in: QParams, q_out: QParams) -> np.ndarray:
     out = fn(deq).astype(np.float32)
     r = round_half_away(out / np.float32(q_out.s))
     return np.clip(r.astype(np.int64) + q_out.zp, q_out.qmin, q_out.qmax).astype(q_out.dtype)
+
+
+def _round_half_away_j(x: jnp.ndarray) -> jnp.ndarray:
+    return jnp.sign(x) * jnp.floor(jnp.abs(x) + 0.5)
+
+
+def dynamic_quantize_rows(rows: jnp.ndarray, asymmetric: bool) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Hybrid kernels' on-the-fly int8 quantization of float32 ``rows`` [B, N], one scale per row.
+
+    Returns ``(q - offset)`` as int32 (the value the integer dot product sees), the float32
+    scaling factor per row and the int32 offset per row. Symmetric: scale ``max|x| / 127``,
+    values in [-127, 127], offset 0. Asymmetric: the range [min(x, 0), max(x, 0)] over 255
+    steps with a nudged zero point, values in [-128, 127]. An all-zero row gets scale 1.
+    """
+    rows = jnp.asarray(rows, jnp.float32)
+    lo = jnp.min(rows, axis=1, keepdims=True)
+    hi = jnp.max(rows, axis=1, keepdims=True)
+    if not asymmetric:
+        rng = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+        zero = rng == 0
+        safe = jnp.where(zero, jnp.float32(1), rng)
+        scale = jnp.where(zero, jnp.float32(1), safe / jnp.float32(127))
+        inv = jnp.float32(127) / safe
+        q = jnp.clip(_round_half_away_j(rows * inv), -127, 127)
+        q = jnp.where(zero, 0, q).astype(jnp.int32)
+        return q, scale[:, 0], jnp.zeros(rows.shape[:1], jnp.int32)
+    rmin = jnp.minimum(lo, 0).astype(jnp.float64)
+    rmax = jnp.maximum(hi, 0).astype(jnp.float64)
+    zero = rmin == rmax
+    scale_d = jnp.where(zero, 1.0, (rmax - rmin) / 255.0)
+    zp_min = -128.0 - rmin / scale_d
+    zp_max = 127.0 - rmax / scale_d
+    err_min = 128.0 + jnp.abs(rmin / scale_d)
+    err_max = 127.0 + jnp.abs(rmax / scale_d)
+    zpd = jnp.where(err_min < err_max, zp_min, zp_max)
+    nudged = jnp.where(zpd <= -128.0, -128.0, jnp.where(zpd >= 127.0, 127.0, _round_half_away_j(zpd)))
+    offset = jnp.where(zero, 0.0, nudged).astype(jnp.int32)
+    scale = jnp.where(zero, 1.0, scale_d).astype(jnp.float32)
+    inv = jnp.float32(1) / scale
+    q = jnp.clip(_round_half_away_j(offset.astype(jnp.float32) + rows * inv), -128, 127).astype(jnp.int32)
+    q = jnp.where(zero, 0, q)
+    return q - offset, scale[:, 0], offset[:, 0]

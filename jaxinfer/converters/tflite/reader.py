@@ -209,9 +209,10 @@ class _Converted:
 class _SubgraphBuilder:
     """Converts one TFLite subgraph (and, recursively, the subgraphs its ops call)."""
 
-    def __init__(self, reader: _Reader, cache: dict[int, Graph]):
+    def __init__(self, reader: _Reader, cache: dict[int, Graph], hybrid: str = "xnnpack"):
         self.r = reader
         self.cache = cache
+        self.hybrid = hybrid
 
     def convert(self, index: int, rename: Mapping[int, str] | None = None,
                 out_rename: Mapping[int, str] | None = None) -> Graph:
@@ -227,15 +228,22 @@ class _SubgraphBuilder:
         inputs_idx = [int(i) for i in sg.InputsAsNumpy()] if sg.InputsLength() else []
         outputs_idx = [int(i) for i in sg.OutputsAsNumpy()] if sg.OutputsLength() else []
 
+        state_slots = _variable_state_slots(self.r, sg, tensors)
         initializers: dict[str, np.ndarray] = {}
+        state_init: dict[str, np.ndarray] = {}
         for i, t in enumerate(tensors):
             if i in inputs_idx:
+                continue
+            if i in state_slots.values_set:
+                value = self.r.constant(t)
+                state_init[names[i]] = value if value is not None else np.zeros(t.shape, t.dtype or np.float32)
                 continue
             value = self.r.constant(t)
             if value is not None:
                 initializers[names[i]] = value
 
         nodes: list[Node] = []
+        current: dict[str, str] = {}  # variable tensor -> its latest version
         for k in range(sg.OperatorsLength()):
             op = sg.Operators(k)
             domain, op_type = self.r.op_name(op.OpcodeIndex())
@@ -250,12 +258,24 @@ class _SubgraphBuilder:
             if any(q is not None for q in in_q + out_q):
                 attrs["in_q"] = in_q
                 attrs["out_q"] = out_q
+            if domain == DOMAIN and op_type in _HYBRID_OPS and self.hybrid == "xnnpack":
+                attrs["hybrid_asymmetric"] = True
             if domain == DOMAIN and op_type in _WANTS_OUT_DTYPE:
                 attrs["out_dtype"] = tensors[outs[0]].dtype
             if domain == DOMAIN and op_type in _WANTS_OUT_SHAPE:
                 attrs["out_shape"] = tuple(_dim(d) for d in tensors[outs[0]].signature)
-            nodes.append(Node(op_type, tuple(names[i] if i >= 0 else "" for i in ins),
-                              tuple(names[i] for i in outs), attrs, name=f"{op_type}_{k}", domain=domain))
+            in_names = [names[i] if i >= 0 else "" for i in ins]
+            out_names = [names[i] for i in outs]
+            slots = state_slots.by_op.get(k, ())
+            if slots:
+                attrs["state_outputs"] = slots
+                for slot in slots:
+                    var = names[ins[slot]]
+                    in_names[slot] = current.get(var, var)
+                    new = f"{var}@{k}"
+                    out_names.append(new)
+                    current[var] = new
+            nodes.append(Node(op_type, tuple(in_names), tuple(out_names), attrs, name=f"{op_type}_{k}", domain=domain))
 
         def info(i: int) -> ValueInfo:
             t = tensors[i]
@@ -271,6 +291,8 @@ class _SubgraphBuilder:
             name=sg_name,
             value_info={names[i]: info(i) for i in range(len(tensors)) if tensors[i].dtype is not None},
             fmt="tflite",
+            state_vars={var: current.get(var, var) for var in state_init},
+            state_init=state_init,
         )
         graph = _lower_variables(graph, [t for t in tensors], names)
         if key is not None:
@@ -282,6 +304,41 @@ class _SubgraphBuilder:
 _WANTS_OUT_DTYPE = {"CAST", "DEQUANTIZE", "QUANTIZE", "SHAPE", "ARG_MAX", "ARG_MIN", "ZEROS_LIKE", "ONES_LIKE", "FILL",
                     "RANGE", "READ_VARIABLE", "VAR_HANDLE"}
 _WANTS_OUT_SHAPE = {"RESHAPE", "VAR_HANDLE"}
+#: Ops whose dynamic-range (hybrid) kernels quantize inputs asymmetrically under XNNPACK.
+_HYBRID_OPS = {"FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D"}
+HYBRID_MODES = ("xnnpack", "builtin")
+
+
+#: Builtins whose state inputs are TFLite variable tensors (LiteRT keeps them across invocations).
+_STATE_SLOTS = {
+    "UNIDIRECTIONAL_SEQUENCE_LSTM": (18, 19),
+    "BIDIRECTIONAL_SEQUENCE_LSTM": (35, 36, 37, 38),
+    "UNIDIRECTIONAL_SEQUENCE_RNN": (4,),
+    "SVDF": (4,),
+}
+
+
+@dataclass
+class _StateSlots:
+    by_op: dict[int, tuple[int, ...]]  # operator index -> its input slots holding variable tensors
+    values_set: set[int]  # those tensors' indices
+
+
+def _variable_state_slots(reader: _Reader, sg: Any, tensors: list[_Tensor]) -> _StateSlots:
+    """Which inputs of the recurrent builtins are variable tensors: they become graph state."""
+    by_op: dict[int, tuple[int, ...]] = {}
+    values: set[int] = set()
+    for k in range(sg.OperatorsLength()):
+        op = sg.Operators(k)
+        domain, op_type = reader.op_name(op.OpcodeIndex())
+        if domain != DOMAIN or op_type not in _STATE_SLOTS:
+            continue
+        ins = [int(i) for i in op.InputsAsNumpy()] if op.InputsLength() else []
+        slots = tuple(s for s in _STATE_SLOTS[op_type] if s < len(ins) and ins[s] >= 0 and tensors[ins[s]].is_variable)
+        if slots:
+            by_op[k] = slots
+            values.update(ins[s] for s in slots)
+    return _StateSlots(by_op, values)
 
 
 def _unique_names(tensors: list[_Tensor], sg_name: str, rename: Mapping[int, str]) -> list[str]:
@@ -335,7 +392,7 @@ def _lower_variables(graph: Graph, tensors: list[_Tensor], names: list[str]) -> 
             raise ModelLoadError(f"{node.op_type} node '{node.label}' takes a resource handle; only READ_VARIABLE and "
                                  "ASSIGN_VARIABLE may (resource handles cannot flow into other ops or subgraphs)")
         nodes.append(node)
-    state_vars = {var: current.get(var, var) for var in sorted(set(handles.values()))}
+    state_vars = {**graph.state_vars, **{var: current.get(var, var) for var in sorted(set(handles.values()))}}
     return graph.replace(nodes=tuple(nodes), state_vars=state_vars)
 
 
@@ -358,18 +415,21 @@ def _signature(model: Any) -> tuple[int, dict[int, str], dict[int, str], str] | 
     return sig.SubgraphIndex(), ins, outs, (sig.SignatureKey() or b"").decode()
 
 
-def read_model(source: str | os.PathLike[str] | bytes) -> Graph:
+def read_model(source: str | os.PathLike[str] | bytes, *, hybrid: str = "xnnpack") -> Graph:
     """Read a ``.tflite`` file (path or bytes) into a :class:`Graph`.
 
     The main graph is the first SignatureDef's subgraph (subgraph 0 without
     one); with a signature, inputs and outputs carry its keys as names.
     ``CALL_ONCE`` init subgraphs run here, at load, to set variables' initial values.
+    ``hybrid``: see :func:`~jaxinfer.converters.tflite.load_tflite`.
     """
+    if hybrid not in HYBRID_MODES:
+        raise ValueError(f"hybrid={hybrid!r}: expected one of {HYBRID_MODES}")
     data = read_bytes(source)
     try:
         reader = _Reader(data)
         sig = _signature(reader.model)
-        builder = _SubgraphBuilder(reader, {})
+        builder = _SubgraphBuilder(reader, {}, hybrid)
         if sig is None:
             graph = builder.convert(0)
         else:

@@ -17,7 +17,7 @@ def run_call_once(graph: Graph) -> Graph:
     """
     from .ops import REGISTRY
 
-    init: dict[str, np.ndarray] = {}
+    init: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in graph.state_init.items()}
     nodes = []
     for node in graph.nodes:
         if node.op_type != "CALL_ONCE" or node.domain != "tflite":

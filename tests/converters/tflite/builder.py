@@ -42,6 +42,7 @@ class _T:
     q: tuple | None = None  # (scales, zero_points, axis)
     signature: tuple[int, ...] | None = None
     is_variable: bool = False
+    sparsity: tuple | None = None  # (traversal_order, block_map, [(format, dense_size, segments, indices)])
 
 
 @dataclass
@@ -87,14 +88,15 @@ class ModelBuilder:
         return self.subgraphs[self.cur]
 
     # ---------------------------------------------------------------- tensors
-    def tensor(self, name: str, shape, dtype=np.float32, q=None, signature=None, type_code=None) -> int:
+    def tensor(self, name: str, shape, dtype=np.float32, q=None, signature=None, type_code=None,
+               variable: bool = False) -> int:
         code = _TYPE[np.dtype(dtype)] if type_code is None else type_code
         if q is not None:
             scales, zps, *axis = q
             q = (np.atleast_1d(np.asarray(scales, np.float32)), np.atleast_1d(np.asarray(zps, np.int64)),
                  axis[0] if axis else 0)
         self.sg.tensors.append(_T(name, tuple(int(d) for d in shape), code, 0, q,
-                                  None if signature is None else tuple(signature)))
+                                  None if signature is None else tuple(signature), variable))
         return len(self.sg.tensors) - 1
 
     def input(self, name: str, shape, dtype=np.float32, q=None, signature=None) -> int:
@@ -109,8 +111,17 @@ class ModelBuilder:
         self.sg.tensors[t].buffer = len(self.buffers) - 1
         return t
 
+    def sparse_const(self, name: str, shape, values: np.ndarray, sparsity: tuple, q=None) -> int:
+        """A sparse constant of dense ``shape``: ``values`` stored in walk order, ``sparsity`` as on ``_T``."""
+        values = np.ascontiguousarray(values)
+        t = self.tensor(name, shape, values.dtype, q)
+        self.buffers.append(values.tobytes())
+        self.sg.tensors[t].buffer = len(self.buffers) - 1
+        self.sg.tensors[t].sparsity = sparsity
+        return t
+
     # ---------------------------------------------------------------- ops
-    def op(self, name: str, inputs, outputs, options: str | None = None, **fields: Any) -> None:
+    def op(self, name: str, inputs, outputs, options: str | None = None, /, **fields: Any) -> None:
         code = getattr(BuiltinOperator, name)
         key = (code, _VERSION.get(name))
         if key not in self.opcodes:
@@ -245,7 +256,10 @@ class ModelBuilder:
             tflite.QuantizationParametersAddZeroPoint(b, zv)
             tflite.QuantizationParametersAddQuantizedDimension(b, axis)
             qoff = tflite.QuantizationParametersEnd(b)
+        sp = ModelBuilder._sparsity(b, t.sparsity, ivec) if t.sparsity is not None else None
         tflite.TensorStart(b)
+        if sp is not None:
+            tflite.TensorAddSparsity(b, sp)
         tflite.TensorAddShape(b, shape)
         if sig is not None:
             tflite.TensorAddShapeSignature(b, sig)
@@ -256,6 +270,49 @@ class ModelBuilder:
             tflite.TensorAddQuantization(b, qoff)
         tflite.TensorAddIsVariable(b, t.is_variable)
         return tflite.TensorEnd(b)
+
+    @staticmethod
+    def _sparsity(b, sparsity: tuple, ivec) -> int:
+        order, block_map, levels = sparsity
+        kinds = {np.dtype(np.int32): (1, "Int32Vector"), np.dtype(np.uint16): (2, "Uint16Vector"),
+                 np.dtype(np.uint8): (3, "Uint8Vector")}
+
+        def index_vec(arr):
+            arr = np.asarray(arr)
+            code, name = kinds[arr.dtype]
+            getattr(tflite, f"{name}StartValuesVector")(b, len(arr))
+            for v in reversed(arr.tolist()):
+                {1: b.PrependInt32, 2: b.PrependUint16, 3: b.PrependUint8}[code](int(v))
+            vec = b.EndVector()
+            getattr(tflite, f"{name}Start")(b)
+            getattr(tflite, f"{name}AddValues")(b, vec)
+            return code, getattr(tflite, f"{name}End")(b)
+
+        dm_offs = []
+        for fmt, size, seg, idx in levels:
+            seg_t = index_vec(seg) if fmt == 1 else None
+            idx_t = index_vec(idx) if fmt == 1 else None
+            tflite.DimensionMetadataStart(b)
+            tflite.DimensionMetadataAddFormat(b, fmt)
+            tflite.DimensionMetadataAddDenseSize(b, size)
+            if seg_t is not None:
+                tflite.DimensionMetadataAddArraySegmentsType(b, seg_t[0])
+                tflite.DimensionMetadataAddArraySegments(b, seg_t[1])
+                tflite.DimensionMetadataAddArrayIndicesType(b, idx_t[0])
+                tflite.DimensionMetadataAddArrayIndices(b, idx_t[1])
+            dm_offs.append(tflite.DimensionMetadataEnd(b))
+        tflite.SparsityParametersStartDimMetadataVector(b, len(dm_offs))
+        for o in reversed(dm_offs):
+            b.PrependUOffsetTRelative(o)
+        dmv = b.EndVector()
+        ov = ivec(tflite.SparsityParametersStartTraversalOrderVector, order)
+        bm = ivec(tflite.SparsityParametersStartBlockMapVector, block_map) if block_map else None
+        tflite.SparsityParametersStart(b)
+        tflite.SparsityParametersAddTraversalOrder(b, ov)
+        if bm is not None:
+            tflite.SparsityParametersAddBlockMap(b, bm)
+        tflite.SparsityParametersAddDimMetadata(b, dmv)
+        return tflite.SparsityParametersEnd(b)
 
     @staticmethod
     def _operator(b, o: _Op, ivec) -> int:
@@ -269,6 +326,8 @@ class ModelBuilder:
                 camel = _camel(k)
                 if isinstance(v, str):
                     pre[camel] = b.CreateString(v)
+                elif isinstance(v, (bytes, bytearray)):
+                    pre[camel] = b.CreateByteVector(v)
                 elif isinstance(v, (list, tuple)):
                     pre[camel] = ivec(getattr(mod, f"{o.options}Start{camel}Vector"), v)
             getattr(mod, f"{o.options}Start")(b)

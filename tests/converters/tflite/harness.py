@@ -48,11 +48,12 @@ def quant_stats(ours: np.ndarray, ref: np.ndarray) -> tuple[float, int]:
 
 
 def compare(data: bytes, steps: Sequence[dict[str, np.ndarray]] | dict[str, np.ndarray], *, rtol: float = 1e-4,
-            atol: float = 1e-5, kernels: str = "auto", min_exact: float = 0.999) -> list[tuple[float, int]]:
+            atol: float = 1e-5, kernels: str = "auto", min_exact: float = 0.999,
+            **load_kwargs) -> list[tuple[float, int]]:
     """Assert jaxinfer matches LiteRT on every output of every step; return quantized (exact%, max LSB) stats."""
     if isinstance(steps, dict):
         steps = [steps]
-    model = load_tflite(data)
+    model = load_tflite(data, **load_kwargs)
     refs = litert_steps(data, steps, kernels)
     stats = []
     for i, (feeds, ref) in enumerate(zip(steps, refs)):

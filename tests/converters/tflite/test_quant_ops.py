@@ -159,8 +159,6 @@ def _dequant_case():
 
 #: (case, kernels) pairs known to differ from LiteRT by 1 LSB on more than 0.1 % of elements.
 KNOWN_GAPS = {
-    ("hard_swish_int8", "builtin"): "HARD_SWISH uses a float LUT; TFLite's kernel is fixed-point",
-    ("hard_swish_int8", "reference"): "HARD_SWISH uses a float LUT; TFLite's kernel is fixed-point",
     ("mean_int8_same_q", "builtin"): "MEAN with equal in/out params takes a different integer path in TFLite",
     ("mean_int8_same_q", "reference"): "MEAN with equal in/out params takes a different integer path in TFLite",
     ("mean_int8", "builtin"): "optimized MEAN kernel rounds differently from the reference one we follow",

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ....registry import Registry
-from . import activation, control, elementwise, nn, reduce, shape
+from . import activation, control, elementwise, nn, recurrent, reduce, shape
 
-FAMILIES = (activation, control, elementwise, nn, reduce, shape)
+FAMILIES = (activation, control, elementwise, nn, recurrent, reduce, shape)
 
 REGISTRY = Registry.merge(*(m.OPS for m in FAMILIES))

@@ -66,9 +66,69 @@ def _hard_swish_np(v):
     return (v * np.clip(v + 3.0, 0.0, 6.0) / 6.0).astype(np.float32)
 
 
+def _srdhm16(a: np.ndarray, b: int) -> np.ndarray:
+    """int16 SaturatingRoundingDoublingHighMul (values held in int64)."""
+    ab = a * b
+    nudge = np.where(ab >= 0, 1 << 14, 1 - (1 << 14))
+    r = np.trunc((ab + nudge) / (1 << 15)).astype(np.int64)
+    return np.where((a == -32768) & (b == -32768), 32767, r)
+
+
+def _sat_shift16(x: np.ndarray, exponent: int) -> np.ndarray:
+    return np.clip(x * (1 << exponent), -32768, 32767)
+
+
+def _rdbp16(x: np.ndarray, exponent: int) -> np.ndarray:
+    """Rounding (half away from zero) arithmetic right shift."""
+    if exponent == 0:
+        return x
+    mask = (1 << exponent) - 1
+    threshold = (mask >> 1) + (x < 0)
+    return (x >> exponent) + ((x & mask) > threshold)
+
+
+def _int16_multiplier(real: np.float32) -> tuple[int, int]:
+    """QuantizeMultiplier, then the Q31 multiplier rounded down to Q15 (TFLite's DownScaleInt32ToInt16Multiplier)."""
+    m32, exponent = Q.quantize_multiplier(float(real))
+    m16 = 32767 if m32 >= (1 << 31) - 1 - (1 << 15) else (m32 + (1 << 15)) >> 16
+    return m16, exponent
+
+
+def hard_swish_table(qi: Q.QParams, qo: Q.QParams) -> np.ndarray:
+    """The 8-bit HARD_SWISH of TFLite's fixed-point kernel, as a 256-entry table.
+
+    The input offset is moved to a 2**-7 finer scale; a "reluish" factor relu6(x + 3) / 6 is
+    formed in Q15 (a 3/32768-scaled value shifted and halved onto [0, 1)), multiplied with the
+    input rescaled to the output scale, then shifted down and offset by the output zero point.
+    """
+    hires = np.float32(1.0 / 128.0) * np.float32(qi.s)
+    out_m, out_e = _int16_multiplier(np.float32(hires / np.float32(qo.s)))
+    rel_m, rel_e = _int16_multiplier(np.float32(hires / np.float32(3.0 / 32768.0)))
+    if out_e > 0:
+        raise ValueError(f"HARD_SWISH: output scale {qo.s} too small for input scale {qi.s} (TFLite requires <= 1/128 ratio)")
+    v = np.arange(qi.qmin, qi.qmax + 1, dtype=np.int64) - qi.zp
+    hires_v = v * 128
+    pre_out = _srdhm16(hires_v, out_m)
+    rel = hires_v
+    if rel_e > 0:
+        rel = _sat_shift16(rel, rel_e - 1)
+    rel = _srdhm16(rel, rel_m)
+    if rel_e > 0:
+        rel = _sat_shift16(rel, 1)
+    if rel_e < 0:
+        rel = _rdbp16(rel, -rel_e)
+    rel = (rel + (1 << 15)) >> 1
+    prod = rel * pre_out
+    prod = np.trunc(prod / (1 << 15)).astype(np.int64)  # SaturatingDoublingHighMul (truncating)
+    out = _rdbp16(prod, -out_e) + qo.zp
+    return np.clip(out, qo.qmin, qo.qmax).astype(qo.dtype)
+
+
 @op("HARD_SWISH")
 def hard_swish(x, *, in_q: QList = None, out_q: QList = None):
-    """x * relu6(x + 3) / 6."""
+    """x * relu6(x + 3) / 6; 8-bit tensors follow TFLite's fixed-point kernel (a 256-entry table)."""
+    if is_quantized(in_q, out_q) and np.dtype(in_q[0].dtype).itemsize == 1:
+        return Q.table_lookup(x, hard_swish_table(in_q[0], out_q[0]), in_q[0])
     return _lut_or_float(x, in_q, out_q, _hard_swish_np, lambda v: v * jnp.clip(v + 3.0, 0.0, 6.0) / 6.0)
 
 

@@ -77,3 +77,10 @@ def if_(pred, *args, then_branch, else_branch):
         return tuple(branch(*args))
     return tuple(lax.cond(jnp.reshape(pred, ()).astype(bool), lambda a: tuple(then_branch(*a)),
                           lambda a: tuple(else_branch(*a)), tuple(args)))
+
+
+@op("STABLEHLO_COMPOSITE")
+def stablehlo_composite(*args, decomposition, name: str = "", composite_attributes: tuple = (),
+                        composite_attributes_format: int = 0, version: int = 0):
+    """A named composite (e.g. ``odml.rms_norm``) executed through its decomposition subgraph."""
+    return tuple(decomposition(*args))

@@ -43,21 +43,112 @@ def _finish(acc, bias, in_q, out_q, w_channels: int, act: str):
     return Q.requantize(acc.astype(jnp.int64), mult, qo, Q.activation_range(act, qo), channel_axis=-1)
 
 
-def exact_float(terms: int) -> jnp.dtype:
-    """A float dtype whose sums of ``terms`` products of 8-bit offsets (|v| <= 255) are exact integers."""
-    return jnp.float32 if terms * 255 * 255 < (1 << 24) else jnp.float64
+_F32_EXACT = 1 << 24  # float32 holds every integer below this exactly
 
 
-def _conv(x, w, stride, dilation, padding, groups):
-    """Convolution; integer operands are convolved in an exact float type (XLA's integer conv is slow on CPU)."""
-    integer = jnp.issubdtype(x.dtype, jnp.integer)
-    if integer:
-        ft = exact_float(int(np.prod(w.shape[1:])))
-        x, w = x.astype(ft), w.astype(ft)
-    y = lax.conv_general_dilated(
-        x, w, window_strides=stride, padding=padding, rhs_dilation=dilation,
-        dimension_numbers=("NHWC", "OHWI", "NHWC"), feature_group_count=groups)
-    return y.astype(jnp.int32) if integer else y
+def qrange(q: Q.QParams) -> int:
+    """Largest |value - zero_point| of an integer tensor with these params."""
+    zp = np.asarray(q.zero_point, np.int64)
+    return int(max(np.max(np.abs(q.qmin - zp)), np.max(np.abs(q.qmax - zp))))
+
+
+def exact_float(terms: int, bound: int = 255 * 255) -> jnp.dtype:
+    """A float dtype whose sums of ``terms`` products (each |p| <= bound) are exact integers."""
+    return jnp.float32 if terms * bound < _F32_EXACT else jnp.float64
+
+
+def _chunks(total: int, per_item: int, bound: int) -> list[tuple[int, int]] | None:
+    """Split ``total`` reduction items (``per_item`` products each) into float32-exact chunks; None: impossible."""
+    step = (_F32_EXACT - 1) // (per_item * bound)
+    if step < 1:
+        return None
+    return [(i, min(i + step, total)) for i in range(0, total, step)]
+
+
+def exact_dot(a, b, dims, k_axis_a: int, k_axis_b: int, bound: int):
+    """Integer dot_general (int32 result) through float32 sums that stay exact: long reductions are split."""
+    k = a.shape[k_axis_a]
+    parts = _chunks(k, 1, bound)
+    if parts is None:
+        return lax.dot_general(a.astype(jnp.float64), b.astype(jnp.float64), dims).astype(jnp.int32)
+    acc = None
+    for lo, hi in parts:
+        pa = lax.slice_in_dim(a, lo, hi, axis=k_axis_a).astype(jnp.float32)
+        pb = lax.slice_in_dim(b, lo, hi, axis=k_axis_b).astype(jnp.float32)
+        part = lax.dot_general(pa, pb, dims).astype(jnp.int32)
+        acc = part if acc is None else acc + part
+    return acc
+
+
+def _conv(x, w, stride, dilation, padding, groups, bound: int = 255 * 255):
+    """Convolution; integer operands (|x * w| <= bound) are convolved in float32 and stay exact.
+
+    XLA's integer convolution is slow on CPU and float64 ones are several times slower than
+    float32, so a long reduction (many input channels) is split into input-channel chunks
+    whose float32 sums are exact, each a single XLA convolution, summed in int32.
+    """
+    dn = ("NHWC", "OHWI", "NHWC")
+    if groups > 1 and groups == x.shape[-1] and w.shape[3] == 1:
+        return _depthwise_taps(x, w, stride, dilation, padding)
+
+    def conv(a, b, ft):
+        return lax.conv_general_dilated(a.astype(ft), b.astype(ft), window_strides=stride, padding=padding,
+                                        rhs_dilation=dilation, dimension_numbers=dn, feature_group_count=groups)
+
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        return conv(x, w, x.dtype)
+    window = int(np.prod(w.shape[1:3]))
+    cin = w.shape[3]
+    parts = _chunks(cin, window, bound) if groups == 1 else ([(0, cin)] if window * cin * bound < _F32_EXACT else None)
+    if parts is None:
+        return conv(x, w, jnp.float64).astype(jnp.int32)
+    acc = None
+    for lo, hi in parts:
+        xs = x if len(parts) == 1 else x[..., lo:hi]
+        ws = w if len(parts) == 1 else w[..., lo:hi]
+        part = conv(xs, ws, jnp.float32).astype(jnp.int32)
+        acc = part if acc is None else acc + part
+    return acc
+
+
+def _same_pads(size: int, k: int, s: int, d: int, padding: str) -> tuple[int, int, int]:
+    """(pad_lo, pad_hi, out_size) of one spatial dim, TFLite/XLA style (SAME puts the extra pad after)."""
+    eff = (k - 1) * d + 1
+    if padding == "VALID":
+        return 0, 0, max(-(-(size - eff + 1) // s), 0)
+    out = -(-size // s)
+    total = max((out - 1) * s + eff - size, 0)
+    return total // 2, total - total // 2, out
+
+
+def _depthwise_taps(x, w, stride, dilation, padding):
+    """Depthwise convolution as a sum of kh*kw shifted, strided slices times per-channel taps.
+
+    ``w`` is OHWI with I = 1 (output channel c*M+m reads input channel c). XLA's CPU grouped
+    convolution is an order of magnitude slower than this one fused elementwise loop.
+    Integer operands accumulate in int32 (exact); float ones in their own dtype.
+    """
+    c = x.shape[-1]
+    mult = w.shape[0] // c
+    if mult > 1:
+        x = jnp.repeat(x, mult, axis=-1)
+    kh, kw = w.shape[1], w.shape[2]
+    (sh, sw), (dh, dw) = stride, dilation
+    ph = _same_pads(x.shape[1], kh, sh, dh, padding)
+    pw = _same_pads(x.shape[2], kw, sw, dw, padding)
+    acc_t = jnp.int32 if jnp.issubdtype(x.dtype, jnp.integer) else x.dtype
+    x = jnp.pad(x.astype(acc_t), ((0, 0), ph[:2], pw[:2], (0, 0)))
+    taps = jnp.transpose(w[..., 0], (1, 2, 0)).astype(acc_t)  # [kh, kw, C*M]
+    oh, ow = ph[2], pw[2]
+    n, ch = x.shape[0], x.shape[3]
+    acc = None
+    for i in range(kh):
+        for j in range(kw):
+            start = (0, i * dh, j * dw, 0)
+            limit = (n, i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, ch)
+            term = lax.slice(x, start, limit, (1, sh, sw, 1)) * taps[i, j]
+            acc = term if acc is None else acc + term
+    return acc
 
 
 def _hybrid_weight(w, qw: Q.QParams | None, x):
@@ -67,17 +158,53 @@ def _hybrid_weight(w, qw: Q.QParams | None, x):
     return w
 
 
+def _is_hybrid(x, w, qw: Q.QParams | None) -> bool:
+    """Float activations with int8 weights (a dynamic-range model): LiteRT quantizes inputs on the fly."""
+    return (qw is not None and jnp.issubdtype(jnp.result_type(x), jnp.floating)
+            and jnp.result_type(w) == jnp.int8)
+
+
+def _distinct_scales(q: Q.QParams) -> bool:
+    return q.scale.size > 1 and bool(np.any(q.scale != q.scale[0]))
+
+
+def _hybrid_conv(x, w, bias, qw: Q.QParams, stride, dil, padding, groups, asymmetric: bool, act: str, channels: int):
+    """Dynamic-range convolution: each batch item quantized to int8 (one scale), int32 accumulation, float rescale.
+
+    Per-tensor weights: symmetric input quantization, ``acc * (input_scale * filter_scale) + bias``.
+    Per-channel weights (or depthwise): asymmetric, ``acc * filter_scale[c] * input_scale + bias``.
+    """
+    batch = x.shape[0]
+    q, sf, _ = Q.dynamic_quantize_rows(jnp.reshape(x, (batch, -1)), asymmetric)
+    acc = _conv(jnp.reshape(q, x.shape), jnp.asarray(w, jnp.int32), stride, dil, padding, groups,
+                bound=(255 if asymmetric else 127) * qrange(qw))
+    ws = np.broadcast_to(qw.scale.astype(np.float32), (channels,))
+    accf = acc.astype(jnp.float32)
+    if asymmetric:
+        y = accf * jnp.asarray(ws) * sf[:, None, None, None]
+    else:
+        y = accf * (sf * jnp.float32(qw.scale[0]))[:, None, None, None]
+    if bias is not None:
+        y = y + jnp.asarray(bias, jnp.float32)
+    return fused(y, act)
+
+
 @op("CONV_2D")
 def conv_2d(x, w, bias=None, *, padding: str = "SAME", stride_w: int = 1, stride_h: int = 1,
             fused_activation_function: str = "NONE", dilation_w_factor: int = 1, dilation_h_factor: int = 1,
-            quantized_bias_type: int = 0, in_q: QList = None, out_q: QList = None):
+            quantized_bias_type: int = 0, hybrid_asymmetric: bool = False, in_q: QList = None, out_q: QList = None):
     """2-D convolution, input NHWC, filter OHWI; int8 per-channel or uint8 per-tensor when quantized."""
     groups = x.shape[-1] // w.shape[-1]
     stride, dil = (stride_h, stride_w), (dilation_h_factor, dilation_w_factor)
     if is_quantized(in_q, out_q):
-        acc = _conv(_offset(x, in_q[0]), _offset(w, in_q[1], axis=0), stride, dil, padding, groups)
+        acc = _conv(_offset(x, in_q[0]), _offset(w, in_q[1], axis=0), stride, dil, padding, groups,
+                    bound=qrange(in_q[0]) * qrange(in_q[1]))
         return _finish(acc, bias, in_q, out_q, w.shape[0], fused_activation_function)
-    w = _hybrid_weight(w, qat(in_q, 1), x)
+    qw = qat(in_q, 1)
+    if _is_hybrid(x, w, qw):
+        return _hybrid_conv(x, w, bias, qw, stride, dil, padding, groups, hybrid_asymmetric or _distinct_scales(qw),
+                            fused_activation_function, w.shape[0])
+    w = _hybrid_weight(w, qw, x)
     y = _conv(x, w.astype(x.dtype), stride, dil, padding, groups)
     if bias is not None:
         y = y + _hybrid_weight(bias, qat(in_q, 2), x).astype(x.dtype)
@@ -87,16 +214,20 @@ def conv_2d(x, w, bias=None, *, padding: str = "SAME", stride_w: int = 1, stride
 @op("DEPTHWISE_CONV_2D")
 def depthwise_conv_2d(x, w, bias=None, *, padding: str = "SAME", stride_w: int = 1, stride_h: int = 1,
                       depth_multiplier: int = 1, fused_activation_function: str = "NONE",
-                      dilation_w_factor: int = 1, dilation_h_factor: int = 1,
+                      dilation_w_factor: int = 1, dilation_h_factor: int = 1, hybrid_asymmetric: bool = False,
                       in_q: QList = None, out_q: QList = None):
     """Depthwise convolution, filter [1, H, W, C*M]; output channel c*M+m reads input channel c."""
     c = x.shape[-1]
     stride, dil = (stride_h, stride_w), (dilation_h_factor, dilation_w_factor)
     if is_quantized(in_q, out_q):
         wk = jnp.transpose(_offset(w, in_q[1], axis=3), (3, 1, 2, 0))  # [C*M, H, W, 1]
-        acc = _conv(_offset(x, in_q[0]), wk, stride, dil, padding, c)
+        acc = _conv(_offset(x, in_q[0]), wk, stride, dil, padding, c, bound=qrange(in_q[0]) * qrange(in_q[1]))
         return _finish(acc, bias, in_q, out_q, w.shape[3], fused_activation_function)
-    w = _hybrid_weight(w, qat(in_q, 1), x)
+    qw = qat(in_q, 1)
+    if _is_hybrid(x, w, qw):
+        return _hybrid_conv(x, jnp.transpose(w, (3, 1, 2, 0)), bias, qw, stride, dil, padding, c, True,
+                            fused_activation_function, w.shape[3])
+    w = _hybrid_weight(w, qw, x)
     y = _conv(x, jnp.transpose(w, (3, 1, 2, 0)).astype(x.dtype), stride, dil, padding, c)
     if bias is not None:
         y = y + _hybrid_weight(bias, qat(in_q, 2), x).astype(x.dtype)
@@ -144,7 +275,8 @@ def conv_3d(x, w, bias=None, *, padding: str = "SAME", stride_d: int = 1, stride
 @op("FULLY_CONNECTED")
 def fully_connected(x, w, bias=None, *, fused_activation_function: str = "NONE", weights_format: int = 0,
                     keep_num_dims: bool = False, asymmetric_quantize_inputs: bool = False,
-                    quantized_bias_type: int = 0, in_q: QList = None, out_q: QList = None):
+                    quantized_bias_type: int = 0, hybrid_asymmetric: bool = False,
+                    in_q: QList = None, out_q: QList = None):
     """x @ w.T + bias, weights [N, K]; the input is flattened to [-1, K] unless keep_num_dims."""
     if weights_format != 0:
         raise ValueError(f"FULLY_CONNECTED weights_format {weights_format} (shuffled) is not supported; expected DEFAULT (0)")
@@ -153,10 +285,18 @@ def fully_connected(x, w, bias=None, *, fused_activation_function: str = "NONE",
     x2 = jnp.reshape(x, (-1, k))
     dims = (((1,), (1,)), ((), ()))
     if is_quantized(in_q, out_q):
-        ft = exact_float(k)
-        acc = lax.dot_general(_offset(x2, in_q[0]).astype(ft), _offset(w, in_q[1], axis=0).astype(ft),
-                              dims).astype(jnp.int32)
+        acc = exact_dot(_offset(x2, in_q[0]), _offset(w, in_q[1], axis=0), dims, 1, 1,
+                        qrange(in_q[0]) * qrange(in_q[1]))
         y = _finish(acc, bias, in_q, out_q, w.shape[0], fused_activation_function)
+    elif _is_hybrid(x, w, qat(in_q, 1)):
+        qw = in_q[1]
+        q, sf, _ = Q.dynamic_quantize_rows(x2, bool(asymmetric_quantize_inputs or hybrid_asymmetric))
+        acc = exact_dot(q, jnp.asarray(w, jnp.int32), dims, 1, 1, 255 * qrange(qw))
+        ws = np.broadcast_to(qw.scale.astype(np.float32), (w.shape[0],))
+        y = acc.astype(jnp.float32) * (sf[:, None] * jnp.asarray(ws)[None, :])
+        if bias is not None:
+            y = y + jnp.asarray(bias, jnp.float32)
+        y = fused(y, fused_activation_function)
     else:
         w = _hybrid_weight(w, qat(in_q, 1), x).astype(x.dtype)
         y = lax.dot_general(x2, w, dims)
