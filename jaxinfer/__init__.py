@@ -15,6 +15,8 @@ from .loading import load
 from .model import Model, Signature
 from .serve import Server, serve
 from .sharding import distributed, plan
+from .quant import QuantizedModel, QuantReport, quantize
+from .saving import save
 
 __version__ = "0.1.0"
 
@@ -26,6 +28,8 @@ __all__ = [
     "ModelLoadError",
     "Node",
     "OpError",
+    "QuantReport",
+    "QuantizedModel",
     "Server",
     "Signature",
     "UnsupportedOpsError",
@@ -33,5 +37,7 @@ __all__ = [
     "distributed",
     "load",
     "plan",
+    "quantize",
+    "save",
     "serve",
 ]

@@ -16,11 +16,13 @@ from .dedupe import merge_identical_initializers
 from .fold_bn import fold_conv_batchnorm
 from .fuse import fuse_matmul_add
 from .layout import conv_weights_spatial_first
+from .qdq import rewrite_qdq
 
 Pass = Callable[[Graph], Graph]
 
 DEFAULT_PASSES: tuple[Pass, ...] = (
     eliminate_identities,
+    rewrite_qdq,
     merge_identical_initializers,
     fold_conv_batchnorm,
     fuse_matmul_add,
@@ -31,7 +33,7 @@ DEFAULT_PASSES: tuple[Pass, ...] = (
 
 def pipeline(registry: Registry) -> tuple[Pass, ...]:
     """The default passes with constant folding (which needs the format's registry) first."""
-    return (eliminate_identities, constant_folder(registry)) + DEFAULT_PASSES[1:]
+    return (eliminate_identities, rewrite_qdq, constant_folder(registry)) + DEFAULT_PASSES[2:]
 
 
 def optimize(graph: Graph, passes: Sequence[Pass] = DEFAULT_PASSES) -> Graph:
@@ -54,6 +56,7 @@ __all__ = [
     "eliminate_identities",
     "fold_constants",
     "pipeline",
+    "rewrite_qdq",
     "fold_conv_batchnorm",
     "fuse_matmul_add",
     "merge_identical_initializers",

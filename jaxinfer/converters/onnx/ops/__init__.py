@@ -7,6 +7,9 @@ from . import (
     activation,
     attention,
     cast,
+    contrib,
+    contrib_attention,
+    contrib_quant,
     control_flow,
     conv_pool,
     elementwise,
@@ -29,7 +32,7 @@ from . import (
 )
 
 FAMILIES = (
-    activation, attention, cast, control_flow, conv_pool, elementwise, image, indexing, linalg, losses, ml,
+    activation, attention, cast, contrib, contrib_attention, contrib_quant, control_flow, conv_pool, elementwise, image, indexing, linalg, losses, ml,
     normalization, pool, quant, random, reduce, rnn, sequence, shape, signal, strings, training,
 )
 

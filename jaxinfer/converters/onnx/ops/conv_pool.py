@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .... import arith
 from ....registry import OpDef, registrar
 from ._util import auto_pads, ints, spatial_pads
 
@@ -42,7 +43,7 @@ def conv(x, w, b=None, *, auto_pad: str = "NOTSET", dilations=None, group: int =
     kernel = tuple(kernel_shape) if kernel_shape else w.shape[2:]
     strides, dilations = _per_axis(strides, n), _per_axis(dilations, n)
     padding = auto_pads(auto_pad, x.shape[2:], kernel, strides, dilations, pads)
-    y = lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilations,
+    y = arith.conv(x, w, strides, padding, rhs_dilation=dilations,
                                  dimension_numbers=conv_dims(n), feature_group_count=group)
     return _bias(y, b)
 
@@ -65,7 +66,7 @@ def conv_hwio(x, w, b=None, *, auto_pad: str = "NOTSET", dilations=None, group: 
     kernel = tuple(kernel_shape) if kernel_shape else w.shape[:n]
     strides, dilations = _per_axis(strides, n), _per_axis(dilations, n)
     padding = auto_pads(auto_pad, x.shape[2:], kernel, strides, dilations, pads)
-    y = lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilations,
+    y = arith.conv(x, w, strides, padding, rhs_dilation=dilations,
                                  dimension_numbers=channels_last_kernel_dims(n), feature_group_count=group)
     return _bias(y, b)
 

@@ -1,26 +1,28 @@
 """Matrix products and linear algebra (ai.onnx): MatMul, MatMulInteger, Gemm, Einsum, Det.
 
 Float products run at ``PRECISION`` (full float32, as ONNX defines them; XLA's default
-would let GPUs use TF32): a precision/quantization policy should swap this, not the ops.
+would let GPUs use TF32). MatMul, Gemm and Einsum go through :mod:`jaxinfer.arith`, which
+dispatches on the weight's type (plain, bf16, int8 QArray, w8a8): quantization swaps the
+arithmetic, not the op.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
-from jax import lax
 
+from .... import arith
 from ....registry import OpDef, registrar
 
 OPS: list[OpDef] = []
 op = registrar(OPS)
 
-PRECISION = lax.Precision.HIGHEST
+PRECISION = arith.PRECISION
 
 
 @op("MatMul", (1, 9, 13))
 def matmul(a, b):
     """https://onnx.ai/onnx/operators/onnx__MatMul.html (numpy matmul semantics)."""
-    return jnp.matmul(a, b, precision=PRECISION)
+    return arith.matmul(a, b)
 
 
 def _zero_point(zp, row_axis: bool):
@@ -46,8 +48,9 @@ def gemm(a, b, c=None, *, alpha: float = 1.0, beta: float = 1.0, transA: int = 0
          broadcast: int = 0):
     """https://onnx.ai/onnx/operators/onnx__Gemm.html: alpha*A'B' + beta*C (C broadcast to the result)."""
     a = a.T if transA else a
-    b = b.T if transB else b
-    y = jnp.matmul(a, b, precision=PRECISION)
+    # B is usually the weight: contract its axis 1 when transposed instead of transposing it
+    # (a quantized B keeps its layout and its per-output-channel scales).
+    y = arith.dot_general(a, b, (((1,), (1 if transB else 0,)), ((), ())))
     if alpha != 1.0:
         y = y * jnp.asarray(alpha, y.dtype)
     if c is not None:
@@ -60,7 +63,7 @@ def gemm(a, b, c=None, *, alpha: float = 1.0, beta: float = 1.0, transA: int = 0
 def einsum(*inputs, equation: str):
     """https://onnx.ai/onnx/operators/onnx__Einsum.html (spaces in the equation are ignored)."""
     eq = (equation.decode() if isinstance(equation, bytes) else equation).replace(" ", "")
-    return jnp.einsum(eq, *inputs, precision=PRECISION)
+    return arith.einsum(eq, *inputs)
 
 
 @op("Det", (11, 22))

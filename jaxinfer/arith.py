@@ -1,0 +1,261 @@
+"""The arithmetic ops call: matmul, dot_general, einsum and conv, dispatched on the weight's type.
+
+Quantization swaps the arithmetic, not the op (design habit 6). The policy lives in the
+params pytree, so an op written once runs in float, bf16 or int8 depending on what the
+weight it receives is:
+
+* a plain array: the usual ``lax`` op at ``Precision.HIGHEST`` (full float32, as ONNX
+  defines products). A weight stored in a narrower float than the activation (bf16
+  weights, f32 activations: ``auto``'s middle rung) is widened to the activation dtype.
+* a :class:`qwix.QArray` (int8 values + per-output-channel scales): **weight-only int8**.
+  The int8 values go into the dot as they are (``lax.dot_general`` with an int8 operand and
+  a float result) and the per-channel scale multiplies the output, so no f32 copy of the
+  weight is written to memory. Scales that vary along a contracted axis (sub-channel
+  tiles) fall back to qwix's ``dot_general`` (dequantize, then dot).
+* a :class:`W8A8` (a QArray plus an optional calibrated activation scale): **w8a8**. The
+  activation is quantized to int8 at run time, per row (``act_scale is None``: dynamic) or
+  with the calibrated per-tensor scale (static), and the product runs int8 x int8 -> int32
+  (qwix's ``dot_general`` fast path: ``preferred_element_type=int32``), then both scales.
+
+qwix has the int8 array and the quantized dot, but no place to say "quantize the other
+operand too, with this calibrated scale" outside its Flax interception providers, which a
+graph of ONNX ops does not go through; :class:`W8A8` is that one missing piece.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import qwix
+from jax import lax
+
+PRECISION = lax.Precision.HIGHEST
+
+QArray = qwix.QArray
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class W8A8:
+    """An int8 weight whose products also quantize the activation to int8.
+
+    Attributes:
+      w: the int8 weight (values + per-output-channel scales).
+      act_scale: ``None`` for dynamic quantization (per-row absmax at run time), else the
+        calibrated per-tensor activation scale (a float32 scalar array): static.
+    """
+
+    w: QArray
+    act_scale: jax.Array | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.w.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.w.ndim
+
+    @property
+    def dtype(self) -> Any:
+        return self.w.dtype
+
+    @property
+    def mode(self) -> str:
+        return "int8-dynamic" if self.act_scale is None else "int8-static"
+
+
+def is_quantized(x: Any) -> bool:
+    return isinstance(x, (QArray, W8A8))
+
+
+def kind(x: Any) -> str:
+    """The arithmetic a weight selects: float, int8-weight, int8-dynamic or int8-static."""
+    if isinstance(x, W8A8):
+        return x.mode
+    if isinstance(x, QArray):
+        return "int8-weight"
+    return "float"
+
+
+def nbytes(x: Any) -> int:
+    """Bytes a param (array, QArray or W8A8) holds on device."""
+    return int(sum(np.dtype(leaf.dtype).itemsize * int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(x)))
+
+
+# --------------------------------------------------------------------------- helpers
+def _scale_contracted(q: QArray, axes: Sequence[int]) -> bool:
+    return any(q.scale.shape[a] > 1 for a in axes)
+
+
+def _output_scale(scale: jax.Array, dims: Any, ndim_lhs: int, for_rhs: bool) -> jax.Array:
+    """A per-channel scale of one operand, laid out to broadcast against the dot's output.
+
+    dot_general's output is ``batch dims, lhs free dims, rhs free dims``.
+    """
+    (lc, rc), (lb, rb) = dims
+    contract, batch = (rc, rb) if for_rhs else (lc, lb)
+    nd = scale.ndim
+    free = [a for a in range(nd) if a not in contract and a not in batch]
+    s = jnp.transpose(scale, tuple(batch) + tuple(contract) + tuple(free))
+    s = s.reshape(tuple(scale.shape[a] for a in batch) + tuple(scale.shape[a] for a in free))
+    n_batch = len(batch)
+    n_lhs_free = ndim_lhs - len(lc) - len(lb)
+    if for_rhs:
+        # batch, [lhs free -> 1s], rhs free
+        return s.reshape(s.shape[:n_batch] + (1,) * n_lhs_free + s.shape[n_batch:])
+    return s  # batch, lhs free; rhs free dims broadcast from the right only if trailing 1s added by caller
+
+
+def _float_dtype(a: Any) -> Any:
+    dt = jnp.asarray(a).dtype if not hasattr(a, "dtype") else a.dtype
+    return dt if jnp.issubdtype(dt, jnp.floating) else jnp.float32
+
+
+def quantize_rows(x: jax.Array, axes: Sequence[int]) -> QArray:
+    """Dynamic symmetric int8 of an activation: one scale per index of the non-contracted axes."""
+    keep = tuple(a for a in range(x.ndim) if a not in set(axes))
+    return qwix.quantize(x, jnp.int8, channelwise_axes=keep)
+
+
+def quantize_static(x: jax.Array, scale: jax.Array) -> QArray:
+    """Static symmetric int8 of an activation with a calibrated per-tensor scale (clipped)."""
+    s = jnp.asarray(scale, x.dtype)
+    q = jnp.clip(jnp.round(x / s), -127, 127).astype(jnp.int8)
+    return QArray(q, jnp.broadcast_to(s, (1,) * x.ndim), None, jnp.int8)
+
+
+# ------------------------------------------------------------------------ dot_general
+def dot_general(lhs: Any, rhs: Any, dimension_numbers: Any, *, precision: Any = PRECISION,
+                preferred_element_type: Any = None) -> jax.Array:
+    """``lax.dot_general`` where ``rhs`` (the weight) may be a QArray / W8A8 / narrower float."""
+    if isinstance(rhs, W8A8):
+        return _w8a8_dot(lhs, rhs, dimension_numbers, preferred_element_type)
+    if isinstance(rhs, QArray):
+        return _weight_only_dot(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+    lhs, rhs = _align_float(lhs, rhs)
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type)
+
+
+def _align_float(a: Any, b: Any) -> tuple[Any, Any]:
+    """A float weight narrower than the activation (bf16 storage, f32 compute) is widened."""
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    if (a.dtype != b.dtype and jnp.issubdtype(a.dtype, jnp.floating) and jnp.issubdtype(b.dtype, jnp.floating)):
+        if jnp.finfo(b.dtype).bits < jnp.finfo(a.dtype).bits:
+            b = b.astype(a.dtype)
+        else:
+            a = a.astype(b.dtype)
+    return a, b
+
+
+def _weight_only_dot(lhs: Any, w: QArray, dims: Any, precision: Any, pet: Any) -> jax.Array:
+    (lc, rc), (lb, rb) = dims
+    out_dtype = pet or _float_dtype(lhs)
+    if w.zero_point is not None or _scale_contracted(w, rc) or _scale_contracted(w, rb):
+        return qwix.dot_general(lhs, w, dims, precision=precision, preferred_element_type=pet)
+    # int8 values straight into the dot (XLA converts inside the dot, no f32 weight copy),
+    # per-output-channel scale on the output.
+    y = lax.dot_general(lhs, w.qvalue, dims, precision=precision, preferred_element_type=out_dtype)
+    return y * _output_scale(w.scale.astype(out_dtype), dims, jnp.ndim(lhs), for_rhs=True)
+
+
+def _w8a8_dot(lhs: Any, w: W8A8, dims: Any, pet: Any) -> jax.Array:
+    (lc, _), _ = dims
+    lhs = jnp.asarray(lhs)
+    out_dtype = pet or _float_dtype(lhs)
+    if w.act_scale is None:
+        xq = quantize_rows(lhs, lc)
+    else:
+        xq = quantize_static(lhs, w.act_scale)
+    return qwix.dot_general(xq, w.w, dims, preferred_element_type=out_dtype)
+
+
+# ------------------------------------------------------------------------------ matmul
+def matmul(a: Any, b: Any) -> jax.Array:
+    """numpy ``matmul`` semantics; ``b`` may be a quantized 2-D weight ``[K, N]``."""
+    if is_quantized(b) or (hasattr(b, "dtype") and hasattr(a, "dtype") and a.dtype != b.dtype):
+        a = jnp.asarray(a)
+        if is_quantized(b):
+            if b.ndim != 2:
+                raise ValueError(f"a quantized MatMul weight must be 2-D, got shape {b.shape}")
+            if a.ndim == 1:
+                return dot_general(a[None, :], b, (((1,), (0,)), ((), ())))[0]
+            return dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())))
+        a, b = _align_float(a, b)
+    return jnp.matmul(a, b, precision=PRECISION)
+
+
+# ------------------------------------------------------------------------------ einsum
+def einsum(equation: str, *operands: Any) -> jax.Array:
+    """``jnp.einsum``; a quantized operand goes through qwix's einsum (int8-weight: dequantize
+    fused by XLA; w8a8: the other operands quantized per tensor at run time)."""
+    if not any(is_quantized(o) for o in operands):
+        if len({jnp.asarray(o).dtype for o in operands}) > 1:
+            ref = max((jnp.asarray(o) for o in operands), key=lambda o: jnp.finfo(o.dtype).bits
+                      if jnp.issubdtype(o.dtype, jnp.floating) else 0)
+            operands = tuple(_align_float(ref, o)[1] for o in operands)
+        return jnp.einsum(equation, *operands, precision=PRECISION)
+    ops: list[Any] = []
+    w8a8 = next((o for o in operands if isinstance(o, W8A8)), None)
+    for o in operands:
+        if isinstance(o, W8A8):
+            ops.append(o.w)
+        elif isinstance(o, QArray):
+            ops.append(o)
+        elif w8a8 is not None:
+            x = jnp.asarray(o)
+            ops.append(quantize_static(x, w8a8.act_scale) if w8a8.act_scale is not None
+                       else qwix.quantize(x, jnp.int8))
+        else:
+            ops.append(o)
+    return qwix.einsum(equation, *ops, preferred_element_type=jnp.float32)
+
+
+# -------------------------------------------------------------------------------- conv
+def conv(lhs: Any, rhs: Any, window_strides: Sequence[int], padding: Any, *, lhs_dilation: Any = None,
+         rhs_dilation: Any = None, dimension_numbers: Any = None, feature_group_count: int = 1,
+         batch_group_count: int = 1, precision: Any = PRECISION, preferred_element_type: Any = None) -> jax.Array:
+    """``lax.conv_general_dilated`` where ``rhs`` (the kernel) may be quantized.
+
+    int8-weight: the kernel is dequantized into the conv (XLA fuses the convert on
+    accelerators; on CPU it is a small per-call copy of the kernel). w8a8: the input is
+    quantized per sample (dynamic) or with the calibrated scale (static) and qwix runs the
+    conv int8 x int8 -> int32.
+    """
+    kw = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+              feature_group_count=feature_group_count, batch_group_count=batch_group_count)
+    if isinstance(rhs, W8A8):
+        x = jnp.asarray(lhs)
+        out_dtype = preferred_element_type or _float_dtype(x)
+        if rhs.act_scale is None:
+            xq = qwix.quantize(x, jnp.int8, channelwise_axes=(_batch_axis(dimension_numbers, x.ndim),))
+        else:
+            xq = quantize_static(x, rhs.act_scale)
+        return qwix.conv_general_dilated(xq, rhs.w, window_strides, padding, preferred_element_type=out_dtype, **kw)
+    if isinstance(rhs, QArray):
+        # qwix's conv takes int8 only on both sides; a float input dequantizes the kernel
+        # (a convert + multiply XLA fuses into the conv's operand on accelerators).
+        rhs = qwix.dequantize(rhs).astype(_float_dtype(lhs))
+    lhs, rhs = _align_float(lhs, rhs)
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, precision=precision,
+                                    preferred_element_type=preferred_element_type, **kw)
+
+
+def _batch_axis(dimension_numbers: Any, ndim: int) -> int:
+    if dimension_numbers is None:
+        return 0
+    if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
+        return dimension_numbers.lhs_spec[0]
+    if isinstance(dimension_numbers, (tuple, list)) and isinstance(dimension_numbers[0], str):
+        return dimension_numbers[0].index("N")
+    return 0
+
+
+__all__ = ["PRECISION", "QArray", "W8A8", "conv", "dot_general", "einsum", "is_quantized", "kind",
+           "matmul", "nbytes", "quantize_rows", "quantize_static"]

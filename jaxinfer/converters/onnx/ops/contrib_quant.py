@@ -1,0 +1,314 @@
+"""onnxruntime quantized contrib ops (``com.microsoft``) and jaxinfer's integer ops for QDQ graphs.
+
+Products accumulate ``(a - a_zp) * (b - b_zp)`` in int32 (``preferred_element_type=int32``);
+rescaling happens once, in float32, followed by round-half-to-even, the zero point and
+saturation. Elementwise QLinear ops dequantize to float32, apply the float op and requantize
+(onnxruntime does the same through per-value lookup tables).
+
+The ``jaxinfer`` domain ops (``QLinearConvInt``, ``QLinearMatMulInt``, ``QLinearGemmInt``) are what
+``passes.qdq`` rewrites ``DequantizeLinear -> Conv/MatMul/Gemm [-> QuantizeLinear]`` into.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ....registry import OpDef, registrar
+from ._util import auto_pads, dtype_of
+from ._util import axis as norm_axis
+from .pool import average_pool as _average_pool
+from .quant import dequantize_linear as _dequantize_linear
+from .quant import dynamic_quantize_linear as _dynamic_quantize_linear
+from .quant import qlinear_conv as _qlinear_conv
+from .quant import quantize_linear as _quantize_linear
+
+MS = "com.microsoft"
+JX = "jaxinfer"
+OPS: list[OpDef] = []
+op = registrar(OPS, domain=MS)
+F32 = jnp.float32
+
+
+def _range(dtype: Any) -> tuple[int, int]:
+    info = jnp.iinfo(dtype)
+    return int(info.min), int(info.max)
+
+
+def _scalar(v: Any, dtype: Any = F32) -> Any:
+    return jnp.asarray(v).astype(dtype).reshape(())
+
+
+def _zp(v: Any) -> Any:
+    return jnp.int32(0) if v is None else jnp.asarray(v).astype(jnp.int32).reshape(())
+
+
+def _deq(x: Any, scale: Any, zp: Any) -> Any:
+    return (jnp.asarray(x).astype(jnp.int32) - _zp(zp)).astype(F32) * _scalar(scale)
+
+
+def _quant(v: Any, scale: Any, zp: Any, dtype: Any) -> Any:
+    """float32 -> ``dtype``: divide by scale, round half to even, add the zero point, saturate."""
+    lo, hi = _range(dtype)
+    q = jnp.round(v / _scalar(scale)) + _zp(zp).astype(F32)
+    return jnp.clip(q, lo, hi).astype(dtype)
+
+
+def _requant(acc: Any, multiplier: Any, zp: Any, dtype: Any) -> Any:
+    lo, hi = _range(dtype)
+    q = jnp.round(acc.astype(F32) * multiplier) + _zp(zp).astype(F32)
+    return jnp.clip(q, lo, hi).astype(dtype)
+
+
+def _col(p: Any, n: int) -> Any:
+    """A per-tensor or per-column ([N]) parameter, broadcastable against (..., N)."""
+    p = jnp.asarray(p)
+    return p.reshape(()) if p.size == 1 else p.reshape((n,))
+
+
+def _int_matmul(a: Any, b: Any, a_zp: Any, b_zp: Any) -> Any:
+    n = b.shape[-1]
+    ai = jnp.asarray(a).astype(jnp.int32) - (jnp.int32(0) if a_zp is None else _col(a_zp, 1).astype(jnp.int32))
+    bi = jnp.asarray(b).astype(jnp.int32) - (jnp.int32(0) if b_zp is None else _col(b_zp, n).astype(jnp.int32))
+    return jnp.matmul(ai, bi, preferred_element_type=jnp.int32)
+
+
+# ---------------------------------------------------------------- matmuls
+
+
+@op("MatMulIntegerToFloat", 1)
+def matmul_integer_to_float(A, B, a_scale, b_scale, a_zero_point=None, b_zero_point=None, bias=None):
+    """com.microsoft MatMulIntegerToFloat: (A - a_zp) @ (B - b_zp) in int32, times a_scale * b_scale (+ bias)."""
+    B = jnp.asarray(B)
+    n = B.shape[-1]
+    acc = _int_matmul(A, B, a_zero_point, b_zero_point)
+    out = jnp.result_type(a_scale)
+    y = acc.astype(F32) * (_col(a_scale, 1).astype(F32) * _col(b_scale, n).astype(F32))
+    if bias is not None:
+        y = y + jnp.asarray(bias).astype(F32)
+    return y.astype(out)
+
+
+@op("DynamicQuantizeMatMul", 1)
+def dynamic_quantize_matmul(A, B, b_scale, b_zero_point=None, bias=None):
+    """com.microsoft DynamicQuantizeMatMul: A quantized to uint8 on the fly (DynamicQuantizeLinear), then
+    an int32 matmul with the quantized B and one float rescale."""
+    A = jnp.asarray(A)
+    aq, a_scale, a_zp = _dynamic_quantize_linear(A)
+    return matmul_integer_to_float(aq, B, a_scale, b_scale, a_zp, b_zero_point, bias).astype(A.dtype)
+
+
+@op("QGemm", 1)
+def qgemm(A, a_scale, a_zero_point, B, b_scale, b_zero_point=None, C=None, y_scale=None, y_zero_point=None, *,
+          alpha: float = 1.0, transA: int = 0, transB: int = 0):
+    """com.microsoft QGemm: int32 alpha*A'B' (+ int32 C at scale a_scale*b_scale); float out without y_scale."""
+    a = jnp.asarray(A)
+    b = jnp.asarray(B)
+    a = a.T if transA else a
+    b = b.T if transB else b
+    n = b.shape[-1]
+    acc = _int_matmul(a, b, a_zero_point, b_zero_point)
+    if C is not None:
+        acc = acc + jnp.asarray(C).astype(jnp.int32)
+    scale = _scalar(a_scale) * _col(b_scale, n).astype(F32) * alpha
+    if y_scale is None:
+        return acc.astype(F32) * scale
+    out = jnp.result_type(y_zero_point) if y_zero_point is not None else a.dtype
+    return _requant(acc, scale / _scalar(y_scale), y_zero_point, out)
+
+
+# ------------------------------------------------------------ elementwise
+
+
+def _binary(fn: Any, A: Any, A_scale: Any, A_zp: Any, B: Any, B_scale: Any, B_zp: Any, C_scale: Any, C_zp: Any) -> Any:
+    out = jnp.result_type(A)
+    return _quant(fn(_deq(A, A_scale, A_zp), _deq(B, B_scale, B_zp)), C_scale, C_zp, out)
+
+
+@op("QLinearAdd", 1)
+def qlinear_add(A, A_scale, A_zero_point, B, B_scale, B_zero_point, C_scale, C_zero_point=None):
+    """com.microsoft QLinearAdd: quantize(dequantize(A) + dequantize(B))."""
+    return _binary(jnp.add, A, A_scale, A_zero_point, B, B_scale, B_zero_point, C_scale, C_zero_point)
+
+
+@op("QLinearMul", 1)
+def qlinear_mul(A, A_scale, A_zero_point, B, B_scale, B_zero_point, C_scale, C_zero_point=None):
+    """com.microsoft QLinearMul: quantize(dequantize(A) * dequantize(B))."""
+    return _binary(jnp.multiply, A, A_scale, A_zero_point, B, B_scale, B_zero_point, C_scale, C_zero_point)
+
+
+def _unary(fn: Any, X: Any, X_scale: Any, X_zp: Any, Y_scale: Any, Y_zp: Any) -> Any:
+    return _quant(fn(_deq(X, X_scale, X_zp)), Y_scale, Y_zp, jnp.result_type(X))
+
+
+@op("QLinearSigmoid", 1)
+def qlinear_sigmoid(X, X_scale, X_zero_point=None, Y_scale=None, Y_zero_point=None):
+    """com.microsoft QLinearSigmoid."""
+    return _unary(jax.nn.sigmoid, X, X_scale, X_zero_point, Y_scale, Y_zero_point)
+
+
+@op("QLinearLeakyRelu", 1)
+def qlinear_leaky_relu(X, X_scale, X_zero_point=None, Y_scale=None, Y_zero_point=None, *, alpha: float = 0.01):
+    """com.microsoft QLinearLeakyRelu."""
+    return _unary(lambda v: jnp.where(v >= 0, v, v * alpha), X, X_scale, X_zero_point, Y_scale, Y_zero_point)
+
+
+@op("QLinearSoftmax", 1)
+def qlinear_softmax(X, X_scale, x_zero_point=None, y_scale=None, y_zero_point=None, *, axis: int = -1,
+                    opset: int = 13):
+    """com.microsoft QLinearSoftmax: softmax of the dequantized input (2-D coercion before opset 13)."""
+    x = _deq(X, X_scale, x_zero_point)
+    ax = norm_axis(axis, x.ndim)
+    if opset < 13:
+        shape = x.shape
+        y = jax.nn.softmax(x.reshape(int(np.prod(shape[:ax])), -1), axis=-1).reshape(shape)
+    else:
+        y = jax.nn.softmax(x, axis=ax)
+    return _quant(y, y_scale, y_zero_point, jnp.result_type(y_zero_point if y_zero_point is not None else X))
+
+
+@op("QLinearGlobalAveragePool", 1)
+def qlinear_global_average_pool(X, x_scale, x_zero_point, y_scale, y_zero_point, *, channels_last: int = 0):
+    """com.microsoft QLinearGlobalAveragePool: int32 window sums, one float rescale."""
+    X = jnp.asarray(X)
+    axes = tuple(range(1, X.ndim - 1)) if channels_last else tuple(range(2, X.ndim))
+    count = int(np.prod([X.shape[a] for a in axes]))
+    acc = jnp.sum(X.astype(jnp.int32) - _zp(x_zero_point), axis=axes, keepdims=True)
+    mult = _scalar(x_scale) / (_scalar(y_scale) * count)
+    return _requant(acc, mult, y_zero_point, X.dtype)
+
+
+@op("QLinearAveragePool", 1)
+def qlinear_average_pool(X, x_scale, x_zero_point=None, y_scale=None, y_zero_point=None, *, kernel_shape,
+                         auto_pad: str = "NOTSET", ceil_mode: int = 0, channels_last: int = 0,
+                         count_include_pad: int = 0, pads=None, strides=None):
+    """com.microsoft QLinearAveragePool: dequantize, AveragePool in float32, quantize."""
+    X = jnp.asarray(X)
+    x = _deq(X, x_scale, x_zero_point)
+    if channels_last:
+        x = jnp.moveaxis(x, -1, 1)
+    y = _average_pool(x, auto_pad=auto_pad, ceil_mode=ceil_mode, count_include_pad=count_include_pad,
+                      kernel_shape=kernel_shape, pads=pads, strides=strides)
+    if channels_last:
+        y = jnp.moveaxis(y, 1, -1)
+    return _quant(y, y_scale, y_zero_point, X.dtype)
+
+
+@op("QLinearConcat", 1)
+def qlinear_concat(Y_scale, Y_zero_point, *inputs, axis: int):
+    """com.microsoft QLinearConcat: (tensor, scale, zero point) triples requantized to Y's and concatenated."""
+    if len(inputs) % 3:
+        raise ValueError(f"QLinearConcat: inputs come in (tensor, scale, zero point) triples, got {len(inputs)}")
+    out = jnp.result_type(Y_zero_point)
+    parts = []
+    for i in range(0, len(inputs), 3):
+        x, s, z = inputs[i:i + 3]
+        parts.append(_quant(_deq(x, s, z), Y_scale, Y_zero_point, out))
+    return jnp.concatenate(parts, axis=norm_axis(axis, parts[0].ndim))
+
+
+@op("QLinearConv", 1)
+def qlinear_conv_ms(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, B=None, *,
+                    auto_pad: str = "NOTSET", dilations: Sequence[int] = (), group: int = 1,
+                    kernel_shape: Sequence[int] = (), pads: Sequence[int] = (), strides: Sequence[int] = (),
+                    channels_last: int = 0):
+    """com.microsoft QLinearConv: the ai.onnx op, optionally on channels-last activations."""
+    x = jnp.asarray(x)
+    if channels_last:
+        x = jnp.moveaxis(x, -1, 1)
+    y = _qlinear_conv(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, B,
+                      auto_pad=auto_pad, dilations=dilations, group=group, kernel_shape=kernel_shape, pads=pads,
+                      strides=strides)
+    return jnp.moveaxis(y, 1, -1) if channels_last else y
+
+
+op("QuantizeLinear", 1)(_quantize_linear)
+op("DequantizeLinear", 1)(_dequantize_linear)
+
+
+# ------------------------------------------- jaxinfer integer ops (QDQ rewrite)
+
+jx = registrar(OPS, domain=JX)
+
+
+def _out(acc: Any, multiplier: Any, bias_f: Any, y_scale: Any, y_zero_point: Any, float_type: Any,
+         relu: int = 0) -> Any:
+    """int32 accumulator -> quantized (when y_scale is given) or float output; ``relu`` clamps a
+    quantized output at its zero point (quantize(relu(v)) == max(quantize(v), zero point))."""
+    if y_scale is None:
+        y = acc.astype(F32) * multiplier
+        if bias_f is not None:
+            y = y + bias_f
+        return y.astype(float_type)
+    if bias_f is not None:
+        raise ValueError("a float bias cannot join a requantized integer output")
+    out = jnp.result_type(y_zero_point) if y_zero_point is not None else np.dtype(np.uint8)
+    q = _requant(acc, multiplier / _scalar(y_scale), y_zero_point, out)
+    return jnp.maximum(q, _zp(y_zero_point).astype(out)) if relu else q
+
+
+def _channel_param(p: Any, n: int, shape: tuple[int, ...]) -> Any:
+    p = jnp.asarray(p)
+    return p.reshape(()) if p.size == 1 else p.reshape(shape if p.size == n else (-1,))
+
+
+@jx("QLinearConvInt", 1)
+def qlinear_conv_int(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias_q=None, bias_f=None, y_scale=None,
+                     y_zero_point=None, *, auto_pad: str = "NOTSET", dilations: Sequence[int] = (), group: int = 1,
+                     kernel_shape: Sequence[int] = (), pads: Sequence[int] = (), strides: Sequence[int] = (),
+                     float_type: int = 1, relu: int = 0):
+    """Integer conv of a QDQ graph: int32 conv of zero-point-shifted int8/uint8 operands, int32 bias
+    (at scale x_scale * w_scale), then requantization to y (or a float output + float bias)."""
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    n = x.ndim - 2
+    strides = tuple(strides) or (1,) * n
+    dilations = tuple(dilations) or (1,) * n
+    padding = auto_pads(auto_pad, x.shape[2:], w.shape[2:], strides, dilations, pads)
+    cout = w.shape[0]
+    wzp = _channel_param(w_zero_point, cout, (cout,) + (1,) * (w.ndim - 1)).astype(jnp.int32)
+    xi = x.astype(jnp.int32) - _zp(x_zero_point)
+    wi = w.astype(jnp.int32) - wzp
+    acc = lax.conv_general_dilated(xi, wi, strides, padding, rhs_dilation=dilations, feature_group_count=group,
+                                   preferred_element_type=jnp.int32)
+    chan = (1, cout) + (1,) * n
+    if bias_q is not None:
+        acc = acc + jnp.asarray(bias_q).astype(jnp.int32).reshape(chan)
+    mult = _scalar(x_scale) * _channel_param(w_scale, cout, chan).astype(F32)
+    bf = None if bias_f is None else jnp.asarray(bias_f).astype(F32).reshape(chan)
+    return _out(acc, mult, bf, y_scale, y_zero_point, _float_type(float_type), relu)
+
+
+def _float_type(code: int) -> Any:
+    return dtype_of(code)
+
+
+@jx("QLinearMatMulInt", 1)
+def qlinear_matmul_int(a, a_scale, a_zero_point, b, b_scale, b_zero_point, bias_q=None, bias_f=None, y_scale=None,
+                       y_zero_point=None, *, trans_b: int = 0, alpha: float = 1.0, float_type: int = 1,
+                       relu: int = 0):
+    """Integer MatMul/Gemm of a QDQ graph: a (..., K) x b (K, N) (or (N, K) with ``trans_b``), int32
+    accumulation, per-tensor or per-column b scale, then requantization (or float output)."""
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    n = b.shape[0] if trans_b else b.shape[-1]
+    ai = a.astype(jnp.int32) - _zp(a_zero_point)
+    bzp = jnp.asarray(b_zero_point).astype(jnp.int32)
+    if bzp.size > 1:
+        bzp = bzp.reshape((n, 1) if trans_b else (n,))
+    else:
+        bzp = bzp.reshape(())
+    bi = b.astype(jnp.int32) - bzp
+    contract_b = 1 if trans_b else b.ndim - 2
+    if b.ndim == 2:
+        acc = lax.dot_general(ai, bi, (((ai.ndim - 1,), (contract_b,)), ((), ())), preferred_element_type=jnp.int32)
+    else:
+        acc = jnp.matmul(ai, jnp.swapaxes(bi, -1, -2) if trans_b else bi, preferred_element_type=jnp.int32)
+    if bias_q is not None:
+        acc = acc + jnp.asarray(bias_q).astype(jnp.int32)
+    mult = _scalar(a_scale) * _col(b_scale, n).astype(F32) * alpha
+    bf = None if bias_f is None else jnp.asarray(bias_f).astype(F32)
+    return _out(acc, mult, bf, y_scale, y_zero_point, _float_type(float_type), relu)

@@ -1,0 +1,13 @@
+"""Quantization and precision: bf16/fp16/mixed, int8 weight-only, w8a8 dynamic and static, auto.
+
+The policy lives in the params pytree (qwix ``QArray`` / :class:`jaxinfer.arith.W8A8` /
+low-precision arrays); the ops call :mod:`jaxinfer.arith`, which dispatches on them.
+"""
+
+from __future__ import annotations
+
+from .api import ALIASES, METHODS, QuantizedModel, canonical, quantize
+from .layers import Layer, find_layers
+from .report import QuantReport
+
+__all__ = ["ALIASES", "METHODS", "Layer", "QuantReport", "QuantizedModel", "canonical", "find_layers", "quantize"]

@@ -1,0 +1,190 @@
+"""``quantize(model, method, ...)``: a new Model whose params select int8 / bf16 arithmetic."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import qwix
+
+from .. import arith
+from ..model import Model
+from . import calibrate as cal
+from . import precision
+from .layers import Layer, find_layers
+from .report import QuantReport, compare, end_to_end
+
+METHODS = ("bf16", "fp16", "mixed", "int8-weight", "int8-dynamic", "int8-static", "auto")
+ALIASES = {
+    "dynamic_int8": "int8-dynamic", "int8_dynamic": "int8-dynamic", "w8a8": "int8-dynamic",
+    "static_int8": "int8-static", "int8_static": "int8-static",
+    "weight_int8": "int8-weight", "int8_weight": "int8-weight", "int8-weight-only": "int8-weight",
+    # the seed's "dynamic_fp16": fp16 weights and activations, f32 for the sensitive ops.
+    "dynamic_fp16": "fp16", "float16": "fp16", "half": "fp16", "bfloat16": "bf16",
+}
+
+
+def canonical(method: str) -> str:
+    m = ALIASES.get(method, method)
+    if m not in METHODS:
+        raise ValueError(f"unknown quantization method '{method}'; choose one of {list(METHODS)} "
+                         f"(aliases: {sorted(ALIASES)})")
+    return m
+
+
+class QuantizedModel(Model):
+    """A :class:`Model` with quantized params and the record of how they were made.
+
+    ``report()`` gives per-layer method, bytes before/after and (when calibration data was
+    given) the output error against the float model.
+    """
+
+    quant_report: QuantReport
+
+    def report(self) -> QuantReport:
+        return self.quant_report
+
+
+def _int8(w: Any, axes: Sequence[int], granularity: str) -> arith.QArray:
+    keep = tuple(axes) if granularity == "per_channel" else ()
+    return qwix.quantize(jnp.asarray(w, jnp.float32), jnp.int8, channelwise_axes=keep)
+
+
+def layer_param(layer: Layer, w: Any, how: str, granularity: str = "per_channel",
+                act_scale: float | None = None) -> Any:
+    """The param a layer's weight becomes under ``how``."""
+    if how == "int8-weight":
+        return _int8(w, layer.channel_axes, granularity)
+    if how == "int8-dynamic":
+        return arith.W8A8(_int8(w, layer.channel_axes, granularity))
+    if how == "int8-static":
+        return arith.W8A8(_int8(w, layer.channel_axes, granularity), jnp.asarray(act_scale, jnp.float32))
+    if how in ("bf16", "fp16"):
+        return jnp.asarray(w).astype(precision.low_dtype(how))
+    if how == "f32":
+        return w
+    raise ValueError(how)
+
+
+def _strip(graph: Any, names: Iterable[str]) -> Any:
+    """The graph without the float copies of weights now held quantized in params."""
+    drop = set(names)
+    return graph.replace(initializers={k: v for k, v in graph.initializers.items() if k not in drop})
+
+
+def build(model: Model, graph: Any, params: Mapping[str, Any], report: QuantReport) -> QuantizedModel:
+    q = QuantizedModel(graph, model.registry, params=params, source=model.source, check=False)
+    q.quant_report = report
+    return q
+
+
+def quantize(model: Model, method: str, *, exclude: Sequence[str] = (), calibration: Any = None,
+             budget: Mapping[str, float] | None = None, granularity: str = "per_channel",
+             observer: str = "minmax", percentile: float = 99.99) -> QuantizedModel:
+    """A new, quantized Model; ``model`` is left as it was.
+
+    Args:
+      model: a loaded :class:`Model`.
+      method: ``bf16``, ``fp16``, ``mixed``, ``int8-weight``, ``int8-dynamic``,
+        ``int8-static``, ``auto`` (or an alias: ``dynamic_int8``, ``static_int8``,
+        ``dynamic_fp16``).
+      exclude: globs over node names, ``"op:Type"`` and initializer names.
+      calibration: an iterable of input dicts: required by ``int8-static`` and ``auto``;
+        when given, ``report()`` also measures each layer's error against float.
+      budget: for ``auto``: ``{"cosine": 0.999}`` or ``{"top1_agreement": 0.99}``.
+      granularity: ``per_channel`` (per output channel) or ``per_tensor`` weight scales.
+      observer: for ``int8-static``: ``minmax``, ``percentile`` or ``mse``.
+
+    Example:
+      >>> q = jaxinfer.quantize(m, "int8-dynamic", exclude=["lm_head*"])   # doctest: +SKIP
+      >>> print(q.report())                                                # doctest: +SKIP
+    """
+    method = canonical(method)
+    if granularity not in ("per_channel", "per_tensor"):
+        raise ValueError(f"granularity must be 'per_channel' or 'per_tensor', got '{granularity}'")
+    data = cal.batches(calibration)
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    layers, skipped = find_layers(model.graph, model.params, model.registry, exclude)
+    if method == "auto":
+        from .auto import auto
+
+        return auto(model, layers, skipped, data, budget, granularity)
+    if method == "int8-static" and not data:
+        raise ValueError("int8-static needs calibration: an iterable of input dicts (e.g. 8-32 typical batches)")
+    params = dict(model.params)
+    graph = model.graph
+    how: dict[str, str] = {}
+    if method in ("bf16", "fp16", "mixed"):
+        kind = "fp16" if method == "fp16" else "bf16"
+        mode = "mixed" if method == "mixed" else "full"
+        skip_nodes = [n.name for n, _ in model.graph.walk() if exclude and _excluded(n, exclude)]
+        graph = precision.rewrite(model.graph, model.registry, kind, mode, skip_nodes)
+        if mode == "full":
+            params = precision.cast_params(params, kind)
+        else:
+            prod_params = {i for n in model.graph.nodes if n.op_type in precision.PRODUCTS and n.name not in skip_nodes
+                           for i in n.inputs if i in params}
+            params = precision.cast_params(params, kind, prod_params)
+        for layer in layers:
+            how[layer.weight] = kind
+        q = build(model, graph, params, QuantReport(method, []))
+        q.quant_report = _report(model, q, method, layers, skipped, how, data)
+        return q
+    scales: dict[str, float] = {}
+    if method == "int8-static":
+        acts = {layer.weight: layer_input(model, layer) for layer in layers}
+        obs = cal.observe(model, list(set(acts.values())), data)
+        per_value = cal.act_scales(obs, observer, percentile)
+        scales = {w: per_value[a] for w, a in acts.items()}
+    for layer in layers:
+        params[layer.weight] = layer_param(layer, model.params[layer.weight], method, granularity, scales.get(layer.weight))
+        how[layer.weight] = method
+    graph = _strip(graph, how)
+    q = build(model, graph, params, QuantReport(method, []))
+    q.quant_report = _report(model, q, method, layers, skipped, how, data, observer if method == "int8-static" else None)
+    return q
+
+
+def layer_input(model: Model, layer: Layer) -> str:
+    node = next(n for n in model.graph.nodes if n.name == layer.node)
+    return node.inputs[layer.activation_slots[0]] if layer.activation_slots else node.inputs[0]
+
+
+def _excluded(node: Any, patterns: Sequence[str]) -> bool:
+    from .layers import matches
+
+    return matches(patterns, node, "")
+
+
+def _report(model: Model, q: Model, method: str, layers: list[Layer], skipped: list[tuple[str, str]],
+            how: Mapping[str, str], data: Sequence[Mapping[str, Any]], observer: str | None = None,
+            extra: Mapping[str, Any] | None = None) -> QuantReport:
+    rows = []
+    errors = compare(model, q, [layer.output for layer in layers], data) if data else {}
+    for layer in layers:
+        before = arith.nbytes(model.params[layer.weight])
+        after = arith.nbytes(q.params[layer.weight])
+        row = {"layer": layer.node, "op": layer.op_type, "weight": layer.weight,
+               "method": how.get(layer.weight, "f32"), "bytes_before": before, "bytes_after": after,
+               "ratio": round(before / after, 3) if after else None}
+        row.update(errors.get(layer.output, {}))
+        rows.append(row)
+    totals = {
+        "params_bytes_f32": sum(arith.nbytes(v) for v in model.params.values()),
+        "params_bytes": sum(arith.nbytes(v) for v in q.params.values()),
+        "quantized_layers": sum(1 for r in rows if r["method"] not in ("f32",)),
+        "skipped": [{"layer": n, "why": why} for n, why in skipped],
+    }
+    qb = sum(r["bytes_before"] for r in rows if r["method"] != "f32")
+    qa = sum(r["bytes_after"] for r in rows if r["method"] != "f32")
+    totals["quantized_weights_bytes_before"] = qb
+    totals["quantized_weights_bytes_after"] = qa
+    totals["quantized_weights_ratio"] = round(qb / qa, 3) if qa else None
+    if data:
+        totals.update(end_to_end(model, q, data))
+    if observer:
+        totals["observer"] = observer
+    if extra:
+        totals.update(extra)
+    return QuantReport(method, rows, totals)

@@ -1,0 +1,144 @@
+"""Which weights a quantization method may touch: the quantizable layers of a Graph.
+
+A layer is a MatMul/Gemm/Conv/Einsum node whose weight input is a param (a float
+initializer that ``Model.params`` holds). A weight read anywhere else (a Transpose in
+front of the MatMul, an embedding Gather sharing it) is left in float: the other reader
+would receive an int8 array it does not understand.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..graph import Graph, Node
+
+#: op type -> the input slots that may hold a weight. Conv routes through ``arith.conv``
+#: once conv_pool.py calls it (see ``CONV_VIA_ARITH``); until then it is not quantized.
+WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {"MatMul": (1,), "Gemm": (1,), "Conv": (1,), "Einsum": (0, 1)}
+
+#: The ONNX Conv ops (``Conv`` and the spatial-first ``jaxinfer::Conv``) call ``arith.conv``.
+CONV_VIA_ARITH = True
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One quantizable product: the node, its weight and the weight's channel (kept) axes."""
+
+    node: str
+    op_type: str
+    weight: str
+    slot: int
+    activation_slots: tuple[int, ...]
+    channel_axes: tuple[int, ...]
+    output: str
+
+
+def _conv_enabled(registry: Any) -> bool:
+    if CONV_VIA_ARITH:
+        return True
+    try:
+        opdef = registry.resolve("", "Conv", 22)
+    except Exception:  # noqa: BLE001
+        return False
+    code = getattr(getattr(opdef, "fn", None), "__code__", None)
+    return code is not None and "arith" in code.co_names
+
+
+def _einsum_axes(equation: str, slot: int) -> tuple[int, ...] | None:
+    eq = equation.replace(" ", "")
+    if "->" not in eq or "..." in eq:
+        return None
+    lhs, out = eq.split("->")
+    terms = lhs.split(",")
+    if len(terms) != 2 or slot >= len(terms):
+        return None
+    term = terms[slot]
+    return tuple(i for i, c in enumerate(term) if c in out)
+
+
+def _channel_axes(node: Node, slot: int, w: np.ndarray) -> tuple[int, ...] | None:
+    if node.op_type == "MatMul":
+        return (1,) if w.ndim == 2 else None
+    if node.op_type == "Gemm":
+        if w.ndim != 2:
+            return None
+        return (0,) if node.attrs.get("transB", 0) else (1,)
+    if node.op_type == "Conv":
+        if w.ndim < 3:
+            return None
+        # ai.onnx Conv weights are O, I, spatial...; jaxinfer::Conv (passes.layout) stores spatial..., I, O
+        return (w.ndim - 1,) if node.domain == "jaxinfer" else (0,)
+    if node.op_type == "Einsum":
+        eq = node.attrs.get("equation", "")
+        return _einsum_axes(eq.decode() if isinstance(eq, bytes) else eq, slot)
+    return None
+
+
+def matches(patterns: Sequence[str], node: Node, weight: str) -> bool:
+    """``exclude`` globs: node names, ``"op:Type"`` and initializer (weight) names."""
+    for p in patterns:
+        if p.startswith("op:"):
+            if fnmatch.fnmatchcase(node.op_type, p[3:]):
+                return True
+        elif fnmatch.fnmatchcase(node.name, p) or fnmatch.fnmatchcase(weight, p):
+            return True
+    return False
+
+
+def find_layers(graph: Graph, params: Mapping[str, Any], registry: Any = None,
+                exclude: Iterable[str] = ()) -> tuple[list[Layer], list[tuple[str, str]]]:
+    """(layers to quantize, [(node or weight, why skipped)]) for the top-level graph."""
+    exclude = tuple(exclude)
+    readers: dict[str, list[tuple[Node, int]]] = {}
+    for node, _ in graph.walk():
+        for i, name in enumerate(node.inputs):
+            if name:
+                readers.setdefault(name, []).append((node, i))
+    conv_ok = registry is None or _conv_enabled(registry)
+    layers: list[Layer] = []
+    skipped: list[tuple[str, str]] = []
+    taken: set[str] = set()
+    for node in graph.nodes:
+        slots = WEIGHT_SLOTS.get(node.op_type)
+        if slots is None or not (node.domain in ("", "ai.onnx") or (node.domain, node.op_type) == ("jaxinfer", "Conv")):
+            continue
+        for slot in slots:
+            if slot >= len(node.inputs):
+                continue
+            name = node.inputs[slot]
+            if name not in params:
+                continue
+            w = np.asarray(params[name]) if not hasattr(params[name], "dtype") else params[name]
+            if not np.issubdtype(np.dtype(w.dtype), np.floating):
+                continue
+            if node.op_type == "Conv" and not conv_ok:
+                skipped.append((node.name, "Conv does not call jaxinfer.arith.conv yet"))
+                continue
+            if matches(exclude, node, name):
+                skipped.append((node.name, "excluded"))
+                continue
+            if node.op_type == "Einsum" and len(node.inputs) != 2:
+                skipped.append((node.name, "Einsum with other than two operands"))
+                continue
+            others = [(n, i) for n, i in readers.get(name, []) if not (n is node and i == slot)]
+            if others:
+                skipped.append((node.name, f"weight '{name}' is also read by {others[0][0].op_type} '{others[0][0].name}'"))
+                continue
+            axes = _channel_axes(node, slot, np.empty(w.shape, np.int8))
+            if axes is None:
+                skipped.append((node.name, f"weight shape {tuple(w.shape)} not supported for {node.op_type}"))
+                continue
+            if name in taken:
+                continue
+            taken.add(name)
+            act = tuple(i for i in range(len(node.inputs)) if i != slot and node.inputs[i]
+                        and node.inputs[i] not in params and (node.op_type != "Gemm" or i == 0)
+                        and (node.op_type != "Conv" or i == 0))
+            layers.append(Layer(node.name, node.op_type, name, slot, act, axes, node.outputs[0]))
+            break
+    return layers, skipped

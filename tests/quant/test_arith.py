@@ -1,0 +1,77 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import qwix
+from jax import lax
+
+from jaxinfer import arith
+from jaxinfer.quant.report import cosine
+
+rng = np.random.default_rng(0)
+X = rng.standard_normal((3, 5, 64)).astype(np.float32)
+W = (rng.standard_normal((64, 48)) / 8).astype(np.float32)
+
+
+def q8(w, axes=(1,)):
+    return qwix.quantize(jnp.asarray(w), jnp.int8, channelwise_axes=axes)
+
+
+def test_plain_matmul_is_highest_precision_jnp():
+    np.testing.assert_array_equal(arith.matmul(X, W), jnp.matmul(X, W, precision=lax.Precision.HIGHEST))
+
+
+@pytest.mark.parametrize("weight", ["int8-weight", "int8-dynamic", "int8-static"])
+def test_quantized_matmul_close_to_float(weight):
+    w = {"int8-weight": q8(W), "int8-dynamic": arith.W8A8(q8(W)),
+         "int8-static": arith.W8A8(q8(W), jnp.float32(np.abs(X).max() / 127))}[weight]
+    assert arith.kind(w) == weight
+    y = arith.matmul(X, w)
+    assert y.shape == (3, 5, 48) and y.dtype == jnp.float32
+    assert cosine(y, X @ W) > 0.999
+
+
+def test_w8a8_runs_int8_dot_with_int32_accumulation():
+    jaxpr = str(jax.make_jaxpr(lambda x, w: arith.matmul(x, w))(X, arith.W8A8(q8(W))))
+    assert "preferred_element_type=int32" in jaxpr and "i8[" in jaxpr
+
+
+def test_weight_only_keeps_int8_inside_the_dot():
+    jaxpr = jax.make_jaxpr(lambda x, w: arith.matmul(x, w))(X, q8(W))
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert dots and dots[0].invars[1].aval.dtype == jnp.int8  # no f32 copy of the weight
+
+
+def test_gemm_trans_b_layout():
+    wt = W.T.copy()
+    y = arith.dot_general(X[0], q8(wt, axes=(0,)), (((1,), (1,)), ((), ())))
+    assert cosine(y, X[0] @ W) > 0.999
+
+
+def test_bf16_weight_widened_for_f32_activation():
+    y = arith.matmul(X, jnp.asarray(W, jnp.bfloat16))
+    assert y.dtype == jnp.float32 and cosine(y, X @ W) > 0.9999
+
+
+def test_einsum_quantized_operand():
+    y = arith.einsum("bsd,dh->bsh", X, q8(W))
+    assert cosine(y, np.einsum("bsd,dh->bsh", X, W)) > 0.999
+    y = arith.einsum("bsd,dh->bsh", X, arith.W8A8(q8(W)))
+    assert cosine(y, np.einsum("bsd,dh->bsh", X, W)) > 0.999
+
+
+@pytest.mark.parametrize("how", ["weight", "dynamic", "static"])
+def test_conv_quantized_kernel(how):
+    x = rng.standard_normal((2, 8, 12, 12)).astype(np.float32)
+    k = (rng.standard_normal((16, 8, 3, 3)) / 8).astype(np.float32)
+    dn = ("NCHW", "OIHW", "NCHW")
+    ref = lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn, precision=lax.Precision.HIGHEST)
+    qk = q8(k, axes=(0,))
+    w = {"weight": qk, "dynamic": arith.W8A8(qk), "static": arith.W8A8(qk, jnp.float32(np.abs(x).max() / 127))}[how]
+    y = arith.conv(x, w, (1, 1), "SAME", dimension_numbers=dn)
+    assert y.shape == ref.shape and cosine(y, ref) > 0.999
+
+
+def test_nbytes_int8_is_about_4x_smaller():
+    w = np.ones((1024, 256), np.float32)  # ratio 4K/(K+4): the per-channel f32 scales cost K<~512
+    assert arith.nbytes(w) / arith.nbytes(q8(w)) > 3.9

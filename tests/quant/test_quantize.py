@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+
+import jaxinfer
+from jaxinfer import arith
+from jaxinfer.quant import QuantizedModel, quantize
+
+
+@pytest.mark.parametrize("method", ["int8-weight", "int8-dynamic", "dynamic_int8"])
+def test_int8_numerics_and_size(encoder, calib, method):
+    before = dict(encoder.params)
+    q = quantize(encoder, method, calibration=calib)
+    assert isinstance(q, QuantizedModel) and q is not encoder
+    assert all(encoder.params[k] is v for k, v in before.items())  # the old model is untouched
+    t = q.report().totals
+    assert t["cosine"] >= 0.999
+    assert t["quantized_weights_ratio"] >= 3.9
+    assert t["params_bytes"] < t["params_bytes_f32"] / 3
+    assert len(q.report().rows) == 12
+    y = q.run(calib[0])["y"]
+    assert y.dtype == np.float32 and y.shape == calib[0]["x"].shape
+
+
+@pytest.mark.parametrize("observer", ["minmax", "percentile", "mse"])
+def test_int8_static_observers(encoder, calib, observer):
+    q = quantize(encoder, "int8-static", calibration=calib, observer=observer)
+    kinds = {arith.kind(v) for v in q.params.values()}
+    assert "int8-static" in kinds
+    assert q.report().totals["cosine"] >= 0.995
+
+
+def test_int8_static_needs_calibration(encoder):
+    with pytest.raises(ValueError, match="calibration"):
+        quantize(encoder, "int8-static")
+
+
+def test_exclude_globs(encoder):
+    q = quantize(encoder, "int8-dynamic", exclude=["*ffn*", "l1.attn.q.w"])
+    quantized = {k for k, v in q.params.items() if arith.is_quantized(v)}
+    assert quantized == {f"l{i}.attn.{n}.w" for i in (0, 1) for n in "qkvo"} - {"l1.attn.q.w"}
+    assert not any(arith.is_quantized(v) for v in quantize(encoder, "int8-weight", exclude=["op:MatMul"]).params.values())
+
+
+@pytest.mark.parametrize("method", ["bf16", "fp16", "mixed"])
+def test_low_precision(encoder, calib, method):
+    q = quantize(encoder, method, calibration=calib)
+    out = q.run(calib[0])["y"]
+    assert out.dtype == np.float32
+    assert q.report().totals["cosine"] >= 0.999
+    assert q.report().totals["quantized_weights_ratio"] == 2.0
+
+
+def test_bf16_activations_flow_in_bf16_with_f32_softmax(encoder):
+    q = quantize(encoder, "bf16")
+    ops = [(n.op_type, n.attrs.get("to")) for n in q.graph.nodes if n.op_type == "Cast"]
+    assert (("Cast", 16) in ops) and (("Cast", 1) in ops)
+    soft = [n for n in q.graph.nodes if n.op_type == "Softmax"]
+    assert all(i.endswith(f"__f32@{n.name}") for n in soft for i in n.inputs)
+
+
+def test_report_text(encoder, calib):
+    text = str(quantize(encoder, "int8-dynamic", calibration=calib).report())
+    assert "l0/ffn/up/matmul" in text and "end to end: cosine" in text
+
+
+def test_unknown_method(encoder):
+    with pytest.raises(ValueError, match="unknown quantization method"):
+        quantize(encoder, "int3")
+
+
+def test_auto_meets_budget(encoder, calib):
+    q = quantize(encoder, "auto", calibration=calib, budget={"cosine": 0.9999})
+    t = q.report().totals
+    assert t["budget_met"] and t["cosine"] >= 0.9999
+    methods = {r["method"] for r in q.report().rows}
+    assert methods <= {"int8-dynamic", "bf16", "f32"}
+
+
+def test_light_cnn_convs_quantize_int8_and_keep_top1():
+    """The spatial-first jaxinfer::Conv weights (passes.layout) quantize per output channel."""
+    import numpy as np
+
+    import jaxinfer
+    from jaxinfer.bench import light_models
+
+    path = next(p for p in light_models() if "squeezenet" in p.name)
+    m = jaxinfer.load(path)
+    q = jaxinfer.quantize(m, "int8-weight")
+    x = {m.inputs[0].name: np.random.default_rng(0).random((1, 3, 224, 224)).astype(np.float32) * 1e-3}
+    convs = [n for n in m.graph.nodes if n.op_type == "Conv"]
+    assert convs and all(n.domain == "jaxinfer" for n in convs)
+    rows = q.report().rows  # convs whose (deduplicated) weight is shared with another conv are skipped, and said so
+    assert rows and all(r["bytes_after"] * 3 < r["bytes_before"] for r in rows)
+    a, b = m.run(x)[m.outputs[0].name], q.run(x)[q.outputs[0].name]
+    assert a.shape == b.shape and np.isfinite(b).all()
