@@ -226,10 +226,14 @@ def serve(target: str | os.PathLike[str] | Model | Mapping[str, Model], *, host:
 
 
 def default_model_path() -> Path:
-    """The light SqueezeNet that ships inside the onnx wheel: a real CNN on any machine."""
+    """The light ResNet-50 that ships inside the onnx wheel: a real CNN on any machine.
+
+    (Not the light SqueezeNet: its constant stand-in weights drive the logits to ~1e10,
+    where XLA CPU's fused multiply-add in softmax's ``x - max(x)`` overflows exp to NaN.)
+    """
     import onnx
 
-    path = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_squeezenet.onnx"
+    path = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_resnet50.onnx"
     if not path.exists():
         raise ModelLoadFailed(f"the default model {path} is missing from the onnx package; give a REPO")
     return path
@@ -239,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``jaxinfer serve [REPO] [--host H] [--port P] ...``: serve until Ctrl-C."""
     p = argparse.ArgumentParser(prog="jaxinfer serve", description="Serve models over KServe v2 HTTP.")
     p.add_argument("repo", nargs="?", help="model repository dir or model file (default: the onnx wheel's "
-                                           "light SqueezeNet as model 'squeezenet')")
+                                           "light ResNet-50 as model 'resnet50')")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: local only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, help="largest batch bucket (default 32; 1 disables batching)")
@@ -257,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     target: Any = args.repo
     name = "model"
     if target is None:
-        target, name = default_model_path(), "squeezenet"
+        target, name = default_model_path(), "resnet50"
         config.setdefault("max_batch", 8)
     try:
         server = serve(target, host=args.host, port=args.port, max_body_bytes=int(args.max_body_mb * 2**20),

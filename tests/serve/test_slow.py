@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(not os.environ.get("JAXINFER_SLOW"), reason="slo
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_cli_serves_default_squeezenet():
+def test_cli_serves_default_resnet50():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -42,9 +42,10 @@ def test_cli_serves_default_squeezenet():
             except httpx.HTTPError:
                 time.sleep(0.5)
         x = np.zeros((5, 3, 224, 224), np.float32)
-        body = {"inputs": [{"name": "data_0", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}],
-                "outputs": [{"name": "softmaxout_1", "parameters": {"binary_data": True}}]}
-        r = httpx.post(url + "/v2/models/squeezenet/infer", json=body, timeout=120)
+        body = {"inputs": [{"name": "gpu_0/data_0", "shape": list(x.shape), "datatype": "FP32",
+                            "data": x.ravel().tolist()}],
+                "outputs": [{"name": "gpu_0/softmax_1", "parameters": {"binary_data": True}}]}
+        r = httpx.post(url + "/v2/models/resnet50/infer", json=body, timeout=120)
         assert r.status_code == 200, r.text
         assert r.headers["inference-header-content-length"]
     finally:
