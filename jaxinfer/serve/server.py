@@ -226,11 +226,7 @@ def serve(target: str | os.PathLike[str] | Model | Mapping[str, Model], *, host:
 
 
 def default_model_path() -> Path:
-    """The light ResNet-50 that ships inside the onnx wheel: a real CNN on any machine.
-
-    (Not the light SqueezeNet: its constant stand-in weights drive the logits to ~1e10,
-    where XLA CPU's fused multiply-add in softmax's ``x - max(x)`` overflows exp to NaN.)
-    """
+    """The light ResNet-50 that ships inside the onnx wheel: a real CNN on any machine."""
     import onnx
 
     path = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_resnet50.onnx"

@@ -27,9 +27,4 @@ EXCLUDED: dict[str, str] = {
     r"^test_gradient_of_add(_and_mul)?_cpu$": (
         "Gradient (ai.onnx.preview.training) differentiates the enclosing graph named by its xs/y "
         "attributes; an op cannot see its graph (it needs a graph pass into a differentiable subgraph)"),
-    r"^test_squeezenet_cpu$": (
-        "light SqueezeNet's constant stand-in weights drive its logits to ~1e10; XLA CPU duplicates the "
-        "pooling's scale into softmax's fusions and contracts it with x - max(x) into an FMA, so exp sees "
-        "+421 or -600 instead of 0 and the output is NaN (eager evaluation gives 0.001). Real weights do "
-        "not reach such magnitudes; the other eight light models pass"),
 }

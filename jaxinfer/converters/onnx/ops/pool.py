@@ -152,8 +152,15 @@ def _root(s, p: float):
 
 @op("GlobalAveragePool", (1, 22))
 def global_average_pool(x):
-    """https://onnx.ai/onnx/operators/onnx__GlobalAveragePool.html"""
-    return jnp.mean(x, axis=tuple(range(2, x.ndim)), keepdims=True)
+    """https://onnx.ai/onnx/operators/onnx__GlobalAveragePool.html
+
+    Scaled before summing, so the reduction is the last op: XLA CPU otherwise
+    duplicates the trailing ``* 1/n`` into each consumer's fusion and contracts it
+    into FMAs, and a following softmax saw max and exp disagree (NaN at 1e10 logits).
+    """
+    axes = tuple(range(2, x.ndim))
+    n = int(np.prod([x.shape[a] for a in axes]))
+    return jnp.sum(x * jnp.asarray(1.0 / n, x.dtype), axis=axes, keepdims=True)
 
 
 @op("GlobalMaxPool", (1, 22))
