@@ -113,16 +113,24 @@ def test_identical_initializers_are_shared():
 
 
 def test_optimize_keeps_light_resnet_outputs():
+    """The optimized ResNet-50 matches onnxruntime on its logits (r174, ~1e19 with the stand-in weights)."""
+    import onnxruntime as ort
+
     from jaxinfer.bench import dummy_inputs, light_models
+    from jaxinfer.graph import ValueInfo
 
     path = next(p for p in light_models() if "resnet50" in p.name)
     g = read_model(path)
+    g = g.replace(outputs=g.outputs + (ValueInfo("r174"),))
     g2 = optimize(g, pipeline(REGISTRY))
-    assert counts(g2)['nodes'] < 140  # 53 BatchNormalizations and 239 ConstantOfShapes folded away
-    assert counts(g2)["nodes"] < counts(g)["nodes"]
-    m1, m2 = Model(g, REGISTRY), Model(g2, REGISTRY)
-    feeds = dummy_inputs(m1.inputs)
-    np.testing.assert_allclose(m1.run(feeds)[m1.outputs[0].name], m2.run(feeds)[m2.outputs[0].name], rtol=1e-4, atol=1e-6)
+    assert counts(g2)["nodes"] < 140  # 53 BatchNormalizations and 239 ConstantOfShapes folded away
+    m2 = Model(g2, REGISTRY)
+    feeds = dummy_inputs(m2.inputs)
+    proto = onnx.load(path)
+    proto.graph.output.append(helper.make_empty_tensor_value_info("r174"))
+    ort.set_default_logger_severity(3)
+    want = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(["r174"], feeds)[0]
+    np.testing.assert_allclose(m2.run(feeds)["r174"], want, rtol=1e-4)
 
 
 def test_conv_weights_are_stored_spatial_first():
