@@ -137,10 +137,7 @@ class Model:
                 out[name] = [np.asarray(v) for v in value]
                 continue
             if sig.kind == "optional":
-                out[name] = None if value is None else (
-                    [np.asarray(v) for v in value] if isinstance(value, (list, tuple)) and sig.shape is None and
-                    getattr(self.graph.inputs[[i.name for i in self.graph.inputs].index(name)].elem, "kind", "") == "sequence"
-                    else np.asarray(value))
+                out[name] = self._optional_value(name, value)
                 continue
             arr = self._as_array(name, value, sig)
             if sig.shape is not None:
@@ -157,6 +154,18 @@ class Model:
                                 f"has '{want}' = {seen[0]}; symbolic dims with one name must agree")
             out[name] = arr
         return out
+
+    def _optional_value(self, name: str, value: Any) -> Any:
+        """An optional input: None (empty), a list (optional sequence) or an array (optional tensor)."""
+        if value is None:
+            return None
+        elem = next(v.elem for v in self.graph.inputs if v.name == name)
+        if elem is not None and elem.kind == "sequence":
+            if not isinstance(value, (list, tuple)):
+                raise InputError(f"input '{name}': expected an optional sequence (list of arrays or None), "
+                                 f"got {type(value).__name__}")
+            return [np.asarray(v) for v in value]
+        return np.asarray(value)
 
     @staticmethod
     def _as_array(name: str, value: Any, sig: Signature) -> np.ndarray:
