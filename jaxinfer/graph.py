@@ -152,6 +152,18 @@ def outer_names(graph: Graph) -> set[str]:
     return used - defined
 
 
+def values_flowing_from(sources: set[str], steps: Iterator[tuple[str, tuple[str, ...], tuple[str, ...]]] | list) -> set[str]:
+    """Names computed from ``sources`` by ``(op_type, inputs, outputs)`` steps in order,
+    not counting flow through ``Shape``/``Size`` (which read only shapes)."""
+    flowing = set(sources)
+    for op_type, inputs, outputs in steps:
+        if op_type in ("Shape", "Size"):
+            continue
+        if any(i in flowing for i in inputs if i):
+            flowing.update(o for o in outputs if o)
+    return flowing
+
+
 def topological_order(nodes: tuple[Node, ...], available: set[str]) -> tuple[Node, ...]:
     """Nodes sorted so every input is produced before use (stable; cycles raise)."""
     ready = set(available)

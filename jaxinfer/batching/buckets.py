@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, JaxinferError
-from ..graph import Graph, Node, ValueInfo
+from ..graph import Graph, Node, ValueInfo, values_flowing_from
 from ..model import Model, Signature
 
 log = logging.getLogger("jaxinfer.batching")
@@ -97,13 +97,8 @@ class BucketPolicy:
 # --------------------------------------------------------------- re-stamping
 def _reads_inputs(graph: Graph) -> set[str]:
     """Values computed from the graph inputs (not through Shape/Size)."""
-    flowing = {v.name for v in graph.inputs}
-    for node in graph.nodes:
-        if node.op_type in ("Shape", "Size"):
-            continue
-        if any(i in flowing for i in node.inputs if i):
-            flowing.update(o for o in node.outputs if o)
-    return flowing
+    return values_flowing_from({v.name for v in graph.inputs},
+                               [(n.op_type, n.inputs, n.outputs) for n in graph.nodes])
 
 
 def restamp_graph_batch(graph: Graph, symbol: str = BATCH) -> Graph:

@@ -16,6 +16,7 @@ import onnx
 from onnx import ModelProto, numpy_helper
 
 from ...errors import ModelLoadError
+from ...graph import values_flowing_from
 
 
 def _set_leading_dim(vi: onnx.ValueInfoProto, batch: int | str) -> None:
@@ -31,13 +32,8 @@ def _set_leading_dim(vi: onnx.ValueInfoProto, batch: int | str) -> None:
 
 def _batched_values(graph: onnx.GraphProto) -> set[str]:
     inits = {i.name for i in graph.initializer}
-    batched = {i.name for i in graph.input if i.name not in inits}
-    for node in graph.node:
-        if node.op_type in ("Shape", "Size"):
-            continue
-        if any(i in batched for i in node.input if i):
-            batched.update(o for o in node.output if o)
-    return batched
+    inputs = {i.name for i in graph.input if i.name not in inits}
+    return values_flowing_from(inputs, [(n.op_type, tuple(n.input), tuple(n.output)) for n in graph.node])
 
 
 def restamp_batch(model: ModelProto, batch: int | str) -> ModelProto:

@@ -156,28 +156,25 @@ def activation_range(act: str, out: QParams | None) -> tuple[int, int]:
     raise ValueError(f"fused activation {act} has no quantized form (expected NONE, RELU, RELU6 or RELU_N1_TO_1)")
 
 
+def _broadcast_params(q: QParams, ndim: int) -> tuple:
+    """(scale, zero_point) shaped to broadcast against a rank-``ndim`` tensor (per-axis aware)."""
+    if q.per_axis:
+        shape = [1] * ndim
+        shape[q.axis] = q.scale.size
+        return q.scale.reshape(shape), q.zero_point.reshape(shape)
+    return q.scale[0], q.zero_point[0]
+
+
 def dequantize(x: jnp.ndarray, q: QParams) -> jnp.ndarray:
     """Integer tensor -> float32 ``scale * (x - zero_point)`` (per-axis aware)."""
-    scale, zp = q.scale, q.zero_point
-    if q.per_axis:
-        shape = [1] * x.ndim
-        shape[q.axis] = scale.size
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
-    else:
-        scale, zp = scale[0], zp[0]
+    scale, zp = _broadcast_params(q, x.ndim)
     diff = jnp.asarray(x, jnp.int32) - jnp.asarray(zp, jnp.int32)
     return (diff.astype(jnp.float32) * jnp.asarray(scale, jnp.float32)).astype(jnp.float32)
 
 
 def quantize(x: jnp.ndarray, q: QParams) -> jnp.ndarray:
     """float -> integer: ``round(x / scale) + zero_point`` (ties away from zero), saturated."""
-    scale, zp = q.scale, q.zero_point
-    if q.per_axis:
-        shape = [1] * x.ndim
-        shape[q.axis] = scale.size
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
-    else:
-        scale, zp = scale[0], zp[0]
+    scale, zp = _broadcast_params(q, x.ndim)
     v = jnp.asarray(x, jnp.float32) / jnp.asarray(scale, jnp.float32)
     r = jnp.sign(v) * jnp.floor(jnp.abs(v) + 0.5)
     y = r.astype(jnp.int64) + jnp.asarray(zp, jnp.int64)

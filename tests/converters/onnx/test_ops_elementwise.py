@@ -14,11 +14,13 @@ import jax
 import ml_dtypes
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
 from jaxinfer.converters.onnx import load_onnx
+
+from .oracle import run_ort as _ort
+from .oracle import run_ours as _run
 
 F = TensorProto.FLOAT
 
@@ -31,18 +33,6 @@ def _model(op: str, inputs: dict[str, np.ndarray], n_out: int = 1, opset: int = 
     outputs = [helper.make_value_info(o, onnx.TypeProto()) for o in outs]
     graph = helper.make_graph([node], op.lower(), ins, outputs)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-
-
-def _run(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    m = load_onnx(model)
-    out = m.run(inputs)
-    return [np.asarray(out[s.name]) for s in m.outputs]
-
-
-def _ort(model: onnx.ModelProto, inputs: dict[str, np.ndarray], n_out: int = 1) -> list[np.ndarray]:
-    model = onnx.shape_inference.infer_shapes(model)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run([f"y{i}" for i in range(n_out)], inputs)
 
 
 def _same(ours: Sequence[np.ndarray], ref: Sequence[np.ndarray], rtol: float = 1e-5) -> None:

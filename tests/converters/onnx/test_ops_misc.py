@@ -11,11 +11,13 @@ from typing import Any
 import jax
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
 from jaxinfer.converters.onnx import load_onnx
+
+from .oracle import run_ort as _ort
+from .oracle import run_ours as _run
 
 F = TensorProto.FLOAT
 ML = "ai.onnx.ml"
@@ -36,18 +38,6 @@ def _model(op: str, inputs: dict[str, np.ndarray], n_out: int = 1, domain: str =
     if domain:
         opsets.append(helper.make_opsetid(domain, domain_opset))
     return helper.make_model(graph, opset_imports=opsets)
-
-
-def _run(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    m = load_onnx(model)
-    out = m.run(inputs)
-    return [np.asarray(out[s.name]) for s in m.outputs]
-
-
-def _ort(model: onnx.ModelProto, inputs: dict[str, np.ndarray], n_out: int = 1) -> list[np.ndarray]:
-    model = onnx.shape_inference.infer_shapes(model)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run([f"y{i}" for i in range(n_out)], inputs)
 
 
 def _same(ours: list[np.ndarray], ref: list[np.ndarray], rtol: float = 1e-5) -> None:

@@ -83,6 +83,21 @@ def _key_mask_bias(mask: Any, b: int, s: int, t: int, past: int, filt: float, st
     return jnp.where(keep, jnp.asarray(0.0, st), jnp.asarray(filt, st))
 
 
+def _total_bias(key_mask, unidirectional, attention_bias, b, s, t, p, mask_filter_value, st):
+    """Sum of the key-padding mask, the causal mask and an explicit bias (None when there is none)."""
+    parts = []
+    if key_mask is not None:
+        parts.append(_key_mask_bias(key_mask, b, s, t, p, mask_filter_value, st))
+    if unidirectional:
+        parts.append(_causal_bias(s, t, p, mask_filter_value, st))
+    if attention_bias is not None:
+        parts.append(jnp.asarray(attention_bias).astype(st))
+    total = None
+    for part in parts:
+        total = part if total is None else total + part
+    return total
+
+
 def _causal_bias(s: int, t: int, past: int, filt: float, st: Any) -> Any:
     i = jnp.arange(s)[:, None]
     j = jnp.arange(t)[None, :]
@@ -115,15 +130,7 @@ def attention(input, weights, bias=None, mask_index=None, past=None, attention_b
         v = jnp.concatenate([past[1], v], axis=2)
     b, _, s, d = q.shape
     t = k.shape[2]
-    bias_total = None
-    if mask_index is not None:
-        bias_total = _key_mask_bias(mask_index, b, s, t, p, mask_filter_value, st)
-    if unidirectional:
-        c = _causal_bias(s, t, p, mask_filter_value, st)
-        bias_total = c if bias_total is None else bias_total + c
-    if attention_bias is not None:
-        ab = jnp.asarray(attention_bias).astype(st)
-        bias_total = ab if bias_total is None else bias_total + ab
+    bias_total = _total_bias(mask_index, unidirectional, attention_bias, b, s, t, p, mask_filter_value, st)
     ctx, _ = _softmax_attend(q, k, v, scale or 1.0 / math.sqrt(d), bias_total)
     present = jnp.stack([k, v]).astype(x.dtype) if k.shape == v.shape else None
     return _merge(ctx).astype(x.dtype), present
@@ -169,15 +176,7 @@ def multi_head_attention(query, key=None, value=None, bias=None, key_padding_mas
         vh = jnp.concatenate([jnp.asarray(past_value), vh], axis=2)
     b, _, s, d = qh.shape
     t = kh.shape[2]
-    bias_total = None
-    if key_padding_mask is not None:
-        bias_total = _key_mask_bias(key_padding_mask, b, s, t, p, mask_filter_value, st)
-    if unidirectional:
-        c = _causal_bias(s, t, p, mask_filter_value, st)
-        bias_total = c if bias_total is None else bias_total + c
-    if attention_bias is not None:
-        ab = jnp.asarray(attention_bias).astype(st)
-        bias_total = ab if bias_total is None else bias_total + ab
+    bias_total = _total_bias(key_padding_mask, unidirectional, attention_bias, b, s, t, p, mask_filter_value, st)
     sc = scale or 1.0 / math.sqrt(d)
     ctx, probs = _softmax_attend(qh, kh, vh, sc, bias_total)
     outs = (_merge(ctx).astype(q.dtype), kh, vh)
