@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..batching.batcher import QueueFullError
 from ..errors import InputError, JaxinferError
 from .decoder import Decoder, SlotSampling
 from .sampling import SamplingParams
@@ -69,7 +70,7 @@ class Engine:
         self._sampling = SlotSampling.empty(decoder.slots)
         self._cond = threading.Condition()
         self._closed = False
-        self._counters = {"tokens_generated": 0, "steps": 0, "prefills": 0, "errors": 0}
+        self._counters = {"tokens_generated": 0, "steps": 0, "prefills": 0, "errors": 0, "cancelled": 0}
         self._thread = threading.Thread(target=self._run, name="jaxinfer-generation-engine", daemon=True)
         self._thread.start()
 
@@ -87,7 +88,7 @@ class Engine:
             if self._closed:
                 raise JaxinferError("the Engine is closed; it accepts no more requests")
             if len(self._waiting) >= self.max_waiting:
-                raise InputError(f"queue full: {len(self._waiting)} requests waiting (max_waiting="
+                raise QueueFullError(f"queue full: {len(self._waiting)} requests waiting (max_waiting="
                                  f"{self.max_waiting}); retry later")
             self._waiting.append(_Request(prompt, params, stream))
             self._cond.notify_all()
@@ -141,6 +142,7 @@ class Engine:
                 if self._closed:
                     return
                 admitted = self._admissions()
+            self._drop_cancelled()
             try:
                 for slot, req in admitted:
                     self._prefill(slot, req)
@@ -157,9 +159,24 @@ class Engine:
         free = [i for i, a in enumerate(self._slots) if a is None]
         if self.policy == "static" and len(free) < len(self._slots):
             return []
+        for req in [r for r in self._waiting if r.stream.cancelled]:
+            self._waiting.remove(req)
+            self._counters["cancelled"] += 1
+            req.stream._finish("cancelled")
         return [(slot, self._waiting.popleft()) for slot in free[: len(self._waiting)]]
 
+    def _drop_cancelled(self) -> None:
+        """Free the slots of running requests whose stream was cancelled."""
+        for i, a in enumerate(self._slots):
+            if a is not None and a.request.stream.cancelled:
+                self._slots[i] = None
+                self._counters["cancelled"] += 1
+                a.request.stream._finish("cancelled")
+
     def _prefill(self, slot: int, req: _Request) -> None:
+        if req.stream.cancelled:
+            req.stream._finish("cancelled")
+            return
         try:
             token = self.decoder.prefill(slot, req.prompt, req.params)
         except Exception as e:

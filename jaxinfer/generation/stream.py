@@ -26,7 +26,7 @@ class Stream:
 
     def __init__(self, prompt_len: int):
         self.prompt_len = prompt_len
-        self.finish_reason: str | None = None  # "stop" | "length" | "error" | None while running
+        self.finish_reason: str | None = None  # "stop" | "length" | "error" | "cancelled" | None while running
         self.ttft_s: float | None = None
         self.token_times: list[float] = []
         self.submitted_at = time.monotonic()
@@ -34,6 +34,19 @@ class Stream:
         self._error: BaseException | None = None
         self._cond = threading.Condition()
         self._listeners: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        """Stop this request: the engine frees its slot (or drops it from the queue) before its next step.
+
+        The stream then finishes with ``finish_reason == "cancelled"``, keeping the tokens it had.
+        """
+        with self._cond:
+            self._cancelled = True
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
 
     # ------------------------------------------------------------ writer side
     def _emit(self, token: int) -> None:

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from jaxinfer.batching.batcher import QueueFullError
 from jaxinfer.errors import InputError, JaxinferError
 from jaxinfer.generation import Decoder, Engine, SamplingParams, generate
 
@@ -64,7 +65,7 @@ def test_queue_full(gpt2, monkeypatch):
         while engine.stats()["waiting"] and time.monotonic() < deadline:  # the thread took it and is held
             time.sleep(0.01)
         second = engine.submit([3], SamplingParams(max_new_tokens=2))
-        with pytest.raises(InputError, match="queue full"):
+        with pytest.raises(QueueFullError, match="queue full"):
             engine.submit([4], SamplingParams(max_new_tokens=2))
         release.set()
         assert len(first.result(timeout=60)) == len(second.result(timeout=60)) == 2
@@ -173,3 +174,23 @@ def test_generate_uses_a_given_engine_and_leaves_it_running(gpt2):
             generate_stream(engine, [], 5)  # validated when called, not at the first next()
         assert list(generate_stream(engine, PROMPT, 5)) == want
         assert engine.submit(PROMPT, SamplingParams(max_new_tokens=5)).result(timeout=60) == want
+
+
+
+def test_cancel_frees_the_slot_and_drops_a_queued_request(gpt2):
+    with Engine(gpt2) as engine:
+        running = engine.submit(PROMPT, SamplingParams(max_new_tokens=100))
+        next(iter(running))  # it holds a slot and has produced a token
+        running.cancel()
+        got = running.result(timeout=60)  # it finishes early, keeping what it had
+        assert running.finish_reason == "cancelled" and 1 <= len(got) < 100
+
+        busy = [engine.submit([3, 4], SamplingParams(max_new_tokens=50)) for _ in range(gpt2.slots)]
+        waiting = engine.submit([5], SamplingParams(max_new_tokens=50))  # no free slot: it queues
+        waiting.cancel()
+        for s in busy:
+            s.cancel()
+        assert waiting.result(timeout=60) == [] and waiting.finish_reason == "cancelled"
+        assert all(s.result(timeout=60) is not None and s.finish_reason in ("cancelled", "length") for s in busy)
+        assert engine.submit([1, 2], SamplingParams(max_new_tokens=3)).result(timeout=60)  # nothing else lost
+        assert engine.stats()["active_slots"] == 0 and engine.stats()["cancelled"] >= 2
