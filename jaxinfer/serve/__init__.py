@@ -7,13 +7,14 @@ Example:
 
 from __future__ import annotations
 
-from .config import ConfigError, ModelConfig, VersionPolicy
+from .config import ConfigError, GenerationConfig, ModelConfig, VersionPolicy
 from .protocol import ProtocolError
 from .repository import ModelLoadFailed, ModelNotFoundError, ModelRepository, ModelVersion
 from .server import Server, default_model_path, main, serve
 
 __all__ = [
     "ConfigError",
+    "GenerationConfig",
     "ModelConfig",
     "ModelLoadFailed",
     "ModelNotFoundError",

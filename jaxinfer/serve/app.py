@@ -1,4 +1,4 @@
-"""The HTTP app: KServe v2 inference, Triton's repository extension, Prometheus metrics.
+"""The HTTP app: KServe v2 inference, Triton's repository and generate extensions, Prometheus metrics.
 
 Every error answers ``{"error": "..."}``: 400 bad request (name, shape, dtype,
 JSON, byte sizes), 404 unknown model/version, 413 body over the limit, 429
@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from ..batching import BatcherStoppedError, QueueFullError, RequestTimeoutError
 from ..errors import InputError, JaxinferError
+from .generate import generate_routes
 from .metrics import Metrics
 from .protocol import HEADER, ProtocolError, decode_infer, encode_infer
 from .repository import ModelLoadFailed, ModelNotFoundError, ModelRepository
@@ -99,7 +100,7 @@ def build_app(state: ServerState) -> Starlette:
 
     async def server_meta(_: Request) -> Response:
         return JSONResponse({"name": "jaxinfer", "version": state.version,
-                             "extensions": ["binary_tensor_data", "model_repository", "parameters"]})
+                             "extensions": ["binary_tensor_data", "model_repository", "parameters", "generate"]})
 
     async def live(_: Request) -> Response:
         return JSONResponse({"live": True})
@@ -256,6 +257,7 @@ def build_app(state: ServerState) -> Starlette:
         Route("/v2/repository/models/{model}/load", repo_load, methods=["POST"]),
         Route("/v2/repository/models/{model}/unload", repo_unload, methods=["POST"]),
         Route("/metrics", prometheus, methods=["GET"]),
+        *generate_routes(state),
     ]
 
     async def not_found(request: Request, exc: Exception) -> Response:

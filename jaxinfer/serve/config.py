@@ -11,6 +11,12 @@ Example ``config.yaml``::
     timeout_ms: 30000              # a request waiting longer answers 504
     version_policy: {latest: 1}    # or {specific: [1, 3]} or all
     response_cache: {size: 1024}   # or true / false
+    generation: {slots: 8, max_len: 256, prefill_buckets: [16, 64, 256]}   # a decoder: generate endpoints
+
+A model whose inputs are a past-KV decoder's (``input_ids`` + ``past_*``) is
+served through the generate endpoints with the defaults of
+:class:`GenerationConfig` even without a ``generation`` key; ``generation:
+false`` turns that off.
 """
 
 from __future__ import annotations
@@ -69,6 +75,64 @@ class VersionPolicy:
 
 
 @dataclass(frozen=True)
+class GenerationConfig:
+    """How a decoder model is served: KV-cache slots, their length, prefill buckets, scheduling."""
+
+    enabled: bool = True
+    slots: int = 8
+    max_len: int = 256
+    prefill_buckets: tuple[int, ...] = ()  # () -> the Decoder's default buckets
+    policy: str = "continuous"              # or "static": admit a new batch only when all slots are done
+    max_waiting: int = 1024                 # requests queued beyond the slots; more answer 503
+    max_new_tokens: int | None = None       # when a request names no max_tokens (default: min(64, max_len/2))
+    tokenizer: str | None = None            # a tokenizer.json path (default: the model/version folder's)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens is None and isinstance(self.max_len, int):
+            object.__setattr__(self, "max_new_tokens", max(1, min(64, self.max_len // 2)))
+        for key in ("slots", "max_len", "max_waiting", "max_new_tokens"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"generation.{key} must be a positive integer, got {value!r}")
+        if not all(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= self.max_len
+                   for b in self.prefill_buckets):
+            raise ConfigError(f"generation.prefill_buckets must be positive integers <= max_len {self.max_len}, "
+                              f"got {list(self.prefill_buckets)}")
+        object.__setattr__(self, "prefill_buckets", tuple(sorted(set(self.prefill_buckets))))
+        if self.policy not in ("continuous", "static"):
+            raise ConfigError(f"generation.policy must be 'continuous' or 'static', got {self.policy!r}")
+        if self.max_new_tokens >= self.max_len:
+            raise ConfigError(f"generation.max_new_tokens ({self.max_new_tokens}) must be below max_len "
+                              f"({self.max_len}) to leave room for a prompt")
+
+    @classmethod
+    def parse(cls, value: Any, where: str = "config") -> GenerationConfig | None:
+        """``true``/``false``/``None``/a mapping/a GenerationConfig -> a config (None: detect decoders)."""
+        if value is None or isinstance(value, GenerationConfig):
+            return value
+        if value is True:
+            return cls()
+        if value is False:
+            return cls(enabled=False)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: generation must be true/false or a mapping like "
+                              f"{{slots: 8, max_len: 256}}, got {value!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown generation key(s) {unknown}; known keys are {sorted(known)}")
+        kw = dict(value)
+        if "prefill_buckets" in kw:
+            kw["prefill_buckets"] = tuple(_ints(kw["prefill_buckets"], f"{where}: generation.prefill_buckets"))
+        if kw.get("tokenizer") is not None and not isinstance(kw["tokenizer"], str):
+            raise ConfigError(f"{where}: generation.tokenizer must be a path string, got {kw['tokenizer']!r}")
+        try:
+            return cls(**kw)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything that decides how one model is served."""
 
@@ -86,6 +150,7 @@ class ModelConfig:
     precision: str | None = None
     quantize: str | None = None
     shard: Any = None
+    generation: GenerationConfig | None = None  # None: a recognised past-KV decoder gets the defaults
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
@@ -130,6 +195,8 @@ class ModelConfig:
                 kw[key] = {str(k): tuple(_ints(v, f"{where}: dim_buckets.{k}")) for k, v in value.items()}
             elif key == "response_cache":
                 kw[key] = _cache_size(value, where)
+            elif key == "generation":
+                kw[key] = GenerationConfig.parse(value, where)
             elif key in ("sla_ms", "max_queue_delay_ms", "timeout_ms"):
                 if value is not None and not isinstance(value, (int, float)):
                     raise ConfigError(f"{where}: {key} must be a number of milliseconds, got {value!r}")
@@ -166,6 +233,7 @@ class ModelConfig:
             else VersionPolicy.parse(base["version_policy"])
         if not isinstance(base["response_cache"], int) or isinstance(base["response_cache"], bool):
             base["response_cache"] = _cache_size(base["response_cache"], "serve()")
+        base["generation"] = GenerationConfig.parse(base["generation"], "serve()")
         if "max_batch" in overrides and "batch_buckets" not in overrides:
             base["batch_buckets"] = ()
         return ModelConfig(**base)

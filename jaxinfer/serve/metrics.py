@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -16,6 +17,8 @@ from ..batching import BatchReport
 
 _LAT = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_ITL = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5)
+RATE_WINDOW_S = 10.0  # tokens/s is measured over about this many seconds of recent scrapes
 QUANTILES = (0.5, 0.9, 0.99)
 WINDOW = 2048  # recent request durations kept per model version for the quantiles
 
@@ -42,7 +45,18 @@ class Metrics:
         self.requests = Counter("jaxinfer_requests", "Requests by outcome", labels + ("status",), registry=r)
         self.cache_hits = Counter("jaxinfer_cache_hits", "Response cache hits", labels, registry=r)
         self.cache_misses = Counter("jaxinfer_cache_misses", "Response cache misses", labels, registry=r)
+        # generation (decoders served through the generate endpoints)
+        self.ttft = Histogram("jaxinfer_time_to_first_token_seconds", "Generate: request arrival to first token",
+                              labels, buckets=_LAT, registry=r)
+        self.inter_token = Histogram("jaxinfer_inter_token_latency_seconds", "Generate: time between tokens",
+                                     labels, buckets=_ITL, registry=r)
+        self.generated_tokens = Counter("jaxinfer_generated_tokens", "Generate: tokens sent to clients", labels,
+                                        registry=r)
+        self.generate_length = Histogram("jaxinfer_generate_output_tokens", "Generate: tokens per request",
+                                         labels, buckets=_BATCH, registry=r)
         self._recent: dict[tuple[str, str], deque[float]] = {}
+        self._tokens: dict[tuple[str, str], int] = {}
+        self._token_samples: dict[tuple[str, str], deque[tuple[float, float]]] = {}
         self._lock = threading.Lock()
         self.registry.register(_Live(self, versions, compiles_retired))
 
@@ -52,6 +66,41 @@ class Metrics:
             self.request_duration.labels(model, version).observe(seconds)
             with self._lock:
                 self._recent.setdefault((model, version), deque(maxlen=WINDOW)).append(seconds)
+
+    def observe_generation(self, model: str, version: str, stream: Any, n_tokens: int, *,
+                           count_tokens: bool = True) -> None:
+        """One finished generation: its TTFT, its inter-token gaps, its length (and its tokens, unless
+        the streaming handler already counted them one by one)."""
+        if count_tokens:
+            self.count_tokens(model, version, n_tokens)
+        if not n_tokens:
+            return
+        self.generate_length.labels(model, version).observe(n_tokens)
+        ttft = getattr(stream, "ttft_s", None)
+        if ttft is not None:
+            self.ttft.labels(model, version).observe(ttft)
+        times = list(getattr(stream, "token_times", ()) or ())
+        itl = self.inter_token.labels(model, version)
+        for a, b in zip(times, times[1:]):
+            itl.observe(b - a)
+
+    def count_tokens(self, model: str, version: str, n: int) -> None:
+        if n:
+            self.generated_tokens.labels(model, version).inc(n)
+            with self._lock:
+                self._tokens[(model, version)] = self._tokens.get((model, version), 0) + n
+
+    def token_rate(self, model: str, version: str) -> float:
+        """Tokens/s sent for (model, version) over the last ~RATE_WINDOW_S seconds of scrapes."""
+        now = time.monotonic()
+        with self._lock:
+            total = self._tokens.get((model, version), 0)
+            samples = self._token_samples.setdefault((model, version), deque())
+            samples.append((now, total))
+            while len(samples) > 2 and now - samples[1][0] >= RATE_WINDOW_S:
+                samples.popleft()
+            t0, n0 = samples[0]
+        return (total - n0) / (now - t0) if now > t0 else 0.0
 
     def on_batch(self, model: str, version: str, report: BatchReport) -> None:
         if report.error:
@@ -100,11 +149,12 @@ class _Live:
                                  labels=["model", "version"])
         for v in live:
             late.add_metric([v.name, str(v.version)], v.late_compiles)
-            depth.add_metric([v.name, str(v.version)], v.batcher.queued())
-            util.add_metric([v.name, str(v.version)], v.batcher.utilization())
+            depth.add_metric([v.name, str(v.version)], v.queued())
+            util.add_metric([v.name, str(v.version)], v.utilization())
         yield late
         yield depth
         yield util
+        yield from self._generation(live)
         mem = GaugeMetricFamily("jaxinfer_device_memory_bytes_in_use", "Device memory in use",
                                 labels=["device"])
         for d in jax.local_devices()[:8]:
@@ -112,3 +162,29 @@ class _Live:
             if stats and "bytes_in_use" in stats:
                 mem.add_metric([str(d.id)], stats["bytes_in_use"])
         yield mem
+
+    def _generation(self, live: list[Any]) -> Iterable[Any]:
+        """Per decoder version: slots in use, KV-cache occupancy, tokens/s, engine steps."""
+        labels = ["model", "version"]
+        slots = GaugeMetricFamily("jaxinfer_generate_active_slots", "Generate: KV-cache slots decoding now",
+                                  labels=labels)
+        occupancy = GaugeMetricFamily("jaxinfer_generate_cache_occupancy",
+                                      "Generate: fraction of the KV cache (slots x max_len) holding tokens",
+                                      labels=labels)
+        rate = GaugeMetricFamily("jaxinfer_generate_tokens_per_second",
+                                 f"Generate: tokens sent per second over the last ~{RATE_WINDOW_S:g} s", labels=labels)
+        steps = CounterMetricFamily("jaxinfer_generate_decode_steps", "Generate: decode steps run by the engine",
+                                    labels=labels)
+        for v in live:
+            if getattr(v, "kind", None) != "decoder":
+                continue
+            key = [v.name, str(v.version)]
+            stats = v.stats()
+            slots.add_metric(key, float(stats.get("active_slots", 0)))
+            occupancy.add_metric(key, float(stats.get("cache_occupancy", 0.0)))
+            rate.add_metric(key, self.metrics.token_rate(v.name, str(v.version)))
+            steps.add_metric(key, float(stats.get("steps", 0)))
+        yield slots
+        yield occupancy
+        yield rate
+        yield steps

@@ -4,6 +4,12 @@ Layout (Triton's)::
 
     repo/<model>/config.yaml              optional, see :mod:`jaxinfer.serve.config`
     repo/<model>/<version>/model.onnx     or model.tflite, or model/ (a jaxinfer.save directory)
+    repo/<model>[/<version>]/tokenizer.json   optional, for a decoder's text in/out
+
+A past-KV decoder (or a model whose config.yaml has ``generation``) is served
+by a :class:`~jaxinfer.serve.generate.DecoderVersion` (KV-cache slots and a
+continuous-batching engine, warmed at load) behind the generate endpoints;
+every other model by a :class:`ModelVersion` (buckets and a dynamic batcher).
 
 A (re)load warms every new version *before* it is published; versions that
 leave the policy are then drained (their queued requests finish) and stopped,
@@ -31,6 +37,7 @@ from ..errors import JaxinferError
 from ..model import Model
 from .cache import ResponseCache, tensors_key
 from .config import ConfigError, ModelConfig
+from .generate import DecoderVersion, wants_generation
 from .protocol import datatype_of
 
 log = logging.getLogger("jaxinfer.serve")
@@ -132,6 +139,12 @@ class ModelVersion:
     def prepare(self, feeds: Mapping[str, Any]) -> Prepared:
         return self.bucketed.prepare(feeds)
 
+    def queued(self) -> int:
+        return self.batcher.queued()
+
+    def utilization(self) -> float:
+        return self.batcher.utilization()
+
     def submit(self, prepared: Prepared, *, timeout_s: float | None = None) -> tuple[Future, bool]:
         """Queue a prepared request; returns (future, cache hit)."""
         if self.cache is not None:
@@ -179,6 +192,10 @@ class ModelVersion:
         }
 
 
+#: What the repository serves per version: a batched model or a decoder (generate endpoints).
+Served = ModelVersion | DecoderVersion
+
+
 def _model_path(version_dir: Path) -> Path | None:
     for name in MODEL_FILES:
         p = version_dir / name
@@ -202,7 +219,7 @@ class ModelRepository:
         self.progress = progress
         self.on_batch = on_batch
         self.pool = ParamPool() if share_weights else None
-        self._live: dict[str, dict[int, ModelVersion]] = {}
+        self._live: dict[str, dict[int, Served]] = {}
         self._errors: dict[str, str] = {}
         self._lock = threading.RLock()  # guards _live
         self._load_locks: dict[str, threading.Lock] = {}
@@ -218,11 +235,11 @@ class ModelRepository:
             found |= {p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")}
         return sorted(found | set(self._live))
 
-    def versions(self) -> list[ModelVersion]:
+    def versions(self) -> list[Served]:
         with self._lock:
             return [v for vs in self._live.values() for v in vs.values()]
 
-    def get(self, name: str, version: str | int | None = None) -> ModelVersion:
+    def get(self, name: str, version: str | int | None = None) -> Served:
         with self._lock:
             vs = self._live.get(name)
             if not vs:
@@ -279,13 +296,17 @@ class ModelRepository:
                     found[int(d.name)] = path
         return found
 
-    def _load_one(self, name: str, version: int, path: Path | None, config: ModelConfig) -> ModelVersion:
+    def _load_one(self, name: str, version: int, path: Path | None, config: ModelConfig) -> Served:
         import jaxinfer
 
         model = self.memory[name] if path is None else jaxinfer.load(path)
         if self.pool is not None:
             model = self.pool.share(model)
         stamp = path.stat().st_mtime if path is not None else 0.0
+        if wants_generation(model, config):
+            folders = (path.parent, path.parent.parent) if path is not None else ()
+            dv = DecoderVersion(name, version, model, config, stamp=stamp, folders=folders)
+            return dv.start(progress=self.progress)
         mv = ModelVersion(name, version, model, config, on_batch=self.on_batch, stamp=stamp)
         return mv.start(progress=self.progress)
 
@@ -312,7 +333,7 @@ class ModelRepository:
                     wanted = {v: disk[v] for v in chosen}
                 with self._lock:
                     current = dict(self._live.get(name, {}))
-                fresh: dict[int, ModelVersion] = {}
+                fresh: dict[int, Served] = {}
                 for v, path in sorted(wanted.items()):
                     old = current.get(v)
                     stamp = path.stat().st_mtime if path is not None else 0.0
@@ -338,7 +359,7 @@ class ModelRepository:
                     self._retire(mv)
             return sorted(fresh)
 
-    def _retire(self, mv: ModelVersion) -> None:
+    def _retire(self, mv: Served) -> None:
         mv.stop(drain=True)
         self.retired_compiles += mv.compiles
 
