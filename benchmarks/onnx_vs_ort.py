@@ -1,10 +1,14 @@
-"""jaxinfer vs onnxruntime on the onnx wheel's light CNNs, batch 1 and 8.
+"""jaxinfer vs onnxruntime on the onnx wheel's light CNNs and the exported fixtures, batch 1 and 8.
 
 Both run in one process on the same inputs, interleaved call by call; each
 figure is the median of --runs calls. A model whose batch dim is fixed at 1 is
 re-stamped (jaxinfer.converters.onnx.restamp) so both engines run the same
-batch-8 graph. Prints a table, writes JSON, and the geometric mean of the
-jaxinfer/onnxruntime latency ratio per batch size.
+batch-8 graph. The exported fixtures (tests/fixtures/onnx/*.onnx: BERT, GPT-2,
+ViT, a CNN, their onnxruntime-optimized and quantized variants) are picked up
+when present; their text inputs get token ids, an all-ones attention mask and
+--seq tokens. Prints a table, writes JSON, and the geometric mean of the
+jaxinfer/onnxruntime latency ratio per batch size (all models, light CNNs,
+fixtures). A model that fails to load or run is reported and skipped.
 
     python benchmarks/onnx_vs_ort.py --runs 20 --json benchmarks/results/onnx_vs_ort.json
 """
@@ -15,33 +19,133 @@ import argparse
 import json
 import os
 import platform
+import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 import jaxinfer  # noqa: F401
-from jaxinfer.bench import compare, geomean, light_models, table
+from jaxinfer.bench import BenchRow, compare, geomean, interleaved, light_models, ort_session, table
+
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "onnx"
+VOCAB = 256  # the fixtures' vocabulary (tests/fixtures/onnx/README.md)
+
+
+def fixture_models() -> list[Path]:
+    """The committed exported fixtures that exist now (none is fine)."""
+    return sorted(FIXTURES.glob("*.onnx"))
+
+
+def fixture_feeds(model: Any, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs for an exported model: dim 0 = batch, other symbolic dims = ``seq``; ids in the vocabulary."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for sig in model.inputs:
+        dims = [batch if i == 0 else (d if isinstance(d, int) and d > 0 else seq)
+                for i, d in enumerate(sig.shape or ())]
+        dtype = sig.dtype if sig.dtype is not None else np.dtype(np.float32)
+        if dtype.kind == "f":
+            arr = rng.standard_normal(dims)
+        elif "mask" in sig.name:
+            arr = np.ones(dims)
+        elif "type" in sig.name:
+            arr = np.zeros(dims)
+        else:
+            arr = rng.integers(0, VOCAB, dims)
+        feeds[sig.name] = np.asarray(arr, dtype=dtype)
+    return feeds
+
+
+def max_abs(ours: dict[str, Any], theirs: list[Any]) -> float:
+    diffs = [0.0]
+    for a, b in zip(ours.values(), theirs):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if a.shape != b.shape:
+            return float("inf")
+        if a.size:
+            diffs.append(float(np.nanmax(np.abs(a - b))))
+    return max(diffs)
+
+
+def compare_fixture(path: Path, batches: list[int], runs: int, seq: int) -> list[BenchRow]:
+    """Like jaxinfer.bench.compare, with inputs the exported models take (token ids, masks)."""
+    from jaxinfer.converters.onnx import load_onnx
+
+    data = path.read_bytes()
+    sess = ort_session(data)
+    rows = []
+    for batch in batches:
+        model = load_onnx(data)
+        feeds = fixture_feeds(model, batch, seq)
+        t0 = time.perf_counter()
+        ours = model.run(feeds)
+        compile_s = time.perf_counter() - t0
+        diff = max_abs(ours, sess.run(None, feeds))
+        fns: list[Callable[[], Any]] = [lambda: model.run(feeds), lambda: sess.run(None, feeds)]
+        ms = interleaved(fns, runs)
+        rows.append(BenchRow(path.stem, batch, ms[0], ms[1], ms[0] / ms[1], diff, compile_s))
+    return rows
+
+
+def summarize(rows: list[dict], batches: list[int]) -> dict[str, float]:
+    out = {}
+    for group, pick in (("", lambda r: True), ("_light", lambda r: r["kind"] == "light"),
+                        ("_fixtures", lambda r: r["kind"] == "fixture")):
+        for b in batches:
+            ratios = [r["ratio"] for r in rows if r["batch"] == b and pick(r) and r["ratio"]]
+            if ratios:
+                out[f"geomean_ratio{group}_batch{b}"] = geomean(ratios)
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", default="1,8")
     p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--seq", type=int, default=32, help="sequence length for the text fixtures")
     p.add_argument("--models", default="", help="comma-separated substrings to select models")
+    p.add_argument("--no-light", action="store_true", help="only the exported fixtures")
+    p.add_argument("--no-fixtures", action="store_true", help="only the light CNNs")
     p.add_argument("--json", default="benchmarks/results/onnx_vs_ort.json")
     args = p.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
-    models = [m for m in light_models() if not args.models or any(s in m.name for s in args.models.split(","))]
-    rows = []
-    for path in models:
-        for row in compare(path, batches, runs=args.runs, label=path.stem.replace("light_", "")):
-            rows.append(row.as_dict())
-            print(f"  {row.model:14s} b{row.batch}: jaxinfer {row.jaxinfer_ms:8.2f} ms  "
+
+    def wanted(path: Path) -> bool:
+        return not args.models or any(s in path.name for s in args.models.split(","))
+
+    jobs: list[tuple[str, Path, Callable[[Path], list[BenchRow]]]] = []
+    if not args.no_light:
+        jobs += [("light", m, lambda m: compare(m, batches, runs=args.runs, label=m.stem.replace("light_", "")))
+                 for m in light_models() if wanted(m)]
+    if not args.no_fixtures:
+        jobs += [("fixture", m, lambda m: compare_fixture(m, batches, args.runs, args.seq))
+                 for m in fixture_models() if wanted(m)]
+    rows, failed = [], []
+    for kind, path, run in jobs:
+        try:
+            result = run(path)
+        except Exception as e:  # noqa: BLE001 - one model failing must not stop the table
+            failed.append({"model": path.stem, "error": f"{type(e).__name__}: {e}"[:500]})
+            print(f"  {path.stem:24s} FAILED: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            traceback.print_exc(limit=2)
+            continue
+        for row in result:
+            rows.append({"kind": kind, **row.as_dict()})
+            print(f"  {row.model:24s} b{row.batch}: jaxinfer {row.jaxinfer_ms:8.2f} ms  "
                   f"onnxruntime {row.onnxruntime_ms:8.2f} ms  ratio {row.ratio:.2f}", flush=True)
     print()
-    print(table(rows, ["model", "batch", "jaxinfer_ms", "onnxruntime_ms", "ratio", "max_abs_diff", "compile_s"]))
-    summary = {f"geomean_ratio_batch{b}": geomean([r["ratio"] for r in rows if r["batch"] == b]) for b in batches}
+    print(table(rows, ["kind", "model", "batch", "jaxinfer_ms", "onnxruntime_ms", "ratio", "max_abs_diff",
+                       "compile_s"]))
+    summary = summarize(rows, batches)
     for k, v in summary.items():
         print(f"{k}: {v:.3f}")
-    out = {"rows": rows, "summary": summary, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
+    for f in failed:
+        print(f"failed: {f['model']}: {f['error']}")
+    out = {"rows": rows, "summary": summary, "failed": failed, "seq": args.seq,
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.json}")

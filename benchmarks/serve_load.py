@@ -5,7 +5,8 @@ block built with onnx.helper) and each concurrency, ``C`` async clients send
 binary KServe v2 requests back-to-back for ``--seconds`` to a ``jaxinfer
 serve`` subprocess on 127.0.0.1, once with ``max_batch: 1`` and once with
 dynamic batching. Raw ``Model.run`` at the same batch sizes gives the ceiling.
-Prints a table, writes JSON (and a PNG if matplotlib is installed).
+Prints a table, writes JSON and a PNG beside it (throughput and p50/p99 latency
+against concurrency; ``--plot-only results.json`` redraws it).
 
     python benchmarks/serve_load.py --fixtures cnn --concurrency 1 8 32 --seconds 5
 """
@@ -227,7 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load.json"))
+    p.add_argument("--plot-only", metavar="JSON", help="redraw the PNG from a results JSON of an earlier run")
     args = p.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads(Path(args.plot_only).read_text()), Path(args.plot_only).with_suffix(".png"))
+        return 0
     results: dict[str, dict] = {}
     fx = fixtures()
     for fname in args.fixtures:
@@ -293,7 +298,19 @@ def report(results: dict, args: argparse.Namespace) -> None:
         print(f"saturation: dynamic {best_dyn:.1f}/s vs raw best {best_raw:.1f}/s = {best_dyn / best_raw:.0%}")
 
 
+#: (result key, label, line style) of each curve in the plot.
+_CURVES = (("batch1", "HTTP, max_batch 1", "-"), ("dynamic", "HTTP, dynamic batching", "-"),
+           ("inproc_batch1", "in-process, max_batch 1", ":"), ("inproc_dynamic", "in-process, dynamic", ":"))
+
+
+def _points(r: dict, key: str) -> list[dict]:
+    """A mode's points: HTTP modes keep them under "points", in-process ones are the list itself."""
+    v = r.get(key)
+    return (v.get("points", []) if isinstance(v, dict) else v) or []
+
+
 def plot(results: dict, path: Path) -> None:
+    """One column per fixture: throughput (top) and p50/p99 latency (bottom) against concurrency."""
     try:
         import matplotlib
 
@@ -302,19 +319,38 @@ def plot(results: dict, path: Path) -> None:
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
-    for ax, (fname, r) in zip(axes[0], results.items()):
-        for mode in ("batch1", "dynamic"):
-            pts = r[mode]["points"]
-            ax.plot([p["concurrency"] for p in pts], [p["throughput"] for p in pts], marker="o", label=mode)
-        ax.axhline(max(x["throughput"] for x in r["raw"]), ls="--", color="grey", label="raw Model.run best")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrency")
-        ax.set_ylabel("requests/s")
-        ax.set_title(fname)
-        ax.legend()
+    fig, axes = plt.subplots(2, len(results), figsize=(6.5 * len(results), 8), squeeze=False)
+    for col, (fname, r) in enumerate(results.items()):
+        tput, lat = axes[0][col], axes[1][col]
+        for i, (key, label, style) in enumerate(_CURVES):
+            pts = _points(r, key)
+            if not pts:
+                continue
+            conc = [p["concurrency"] for p in pts]
+            color = f"C{i}"
+            tput.plot(conc, [p["throughput"] for p in pts], style, marker="o", color=color, label=label)
+            lat.plot(conc, [p["p50_ms"] for p in pts], style, marker="o", color=color, label=f"{label} p50")
+            lat.plot(conc, [p["p99_ms"] for p in pts], style, marker="^", color=color, alpha=0.5,
+                     label=f"{label} p99")
+        if r.get("raw"):
+            best = max(r["raw"], key=lambda x: x["throughput"])
+            tput.axhline(best["throughput"], ls="--", color="grey",
+                         label=f"raw Model.run best (b{best['batch']})")
+        for ax in (tput, lat):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrent clients")
+            ax.grid(True, which="both", alpha=0.3)
+        tput.set_yscale("log")
+        lat.set_yscale("log")
+        tput.set_ylabel("requests/s")
+        lat.set_ylabel("latency (ms)")
+        tput.set_title(f"{fname}: throughput")
+        lat.set_title(f"{fname}: latency")
+        tput.legend(fontsize=8)
+        lat.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     print(f"wrote {path}")
 
 
