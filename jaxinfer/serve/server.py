@@ -14,9 +14,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import uvicorn
 
+from .._config import enable_compilation_cache
 from ..errors import JaxinferError
 from ..model import Model
 from .app import ServerState, build_app
@@ -26,22 +26,6 @@ from .repository import ModelLoadFailed, ModelRepository
 log = logging.getLogger("jaxinfer.serve")
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
-
-
-def enable_compilation_cache(path: str | None = None) -> str | None:
-    """Turn on JAX's persistent compilation cache (unless the user already set one)."""
-    if jax.config.jax_compilation_cache_dir:
-        return jax.config.jax_compilation_cache_dir
-    path = path or os.environ.get("JAXINFER_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "jaxinfer", "xla")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        log.warning("compilation cache disabled: cannot create %s: %s", path, e)
-        return None
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    return path
 
 
 class Server:
