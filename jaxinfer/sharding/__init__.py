@@ -1,4 +1,4 @@
-"""Sharding imported graphs over device meshes (tensor, data, pipeline parallelism).
+"""Sharding imported graphs over device meshes (tensor, data, pipeline, expert parallelism; chunk_size).
 
 Example:
     >>> m = jaxinfer.load("gpt2.onnx")                                # doctest: +SKIP
@@ -12,12 +12,14 @@ from __future__ import annotations
 from . import distributed
 from .config import AXES, MeshConfig, ShardingConfigError, build_mesh, enumerate_configs, parse_config
 from .hlo import Collectives, collectives
+from .pipeline import PipelineModel, Profile, StageSplit, split_stages
 from .plan import Plan, PlanRow, measure, plan
 from .rules import Analysis, analyze, format_rules, specs_from_rules
 from .sharded import ShardedModel, place, shard
 
 __all__ = [
-    "AXES", "Analysis", "Collectives", "MeshConfig", "Plan", "PlanRow", "measure", "ShardedModel", "ShardingConfigError", "analyze",
+    "AXES", "Analysis", "Collectives", "MeshConfig", "PipelineModel", "Plan", "PlanRow", "Profile", "StageSplit",
+    "measure", "ShardedModel", "ShardingConfigError", "analyze", "split_stages",
     "build_mesh", "collectives", "distributed", "enumerate_configs", "format_rules", "parse_config", "place",
     "plan", "shard", "specs_from_rules",
 ]

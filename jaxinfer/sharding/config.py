@@ -54,8 +54,11 @@ class MeshConfig:
       data, stage, expert, tensor: mesh axis sizes; ``data=None`` takes every
         device the others leave over.
       micro_batches: GPipe micro-batches when ``stage > 1``.
-      chunk_size: bound on rows/columns of large matmuls/embeddings (recorded;
-        see README of jaxinfer.sharding for status).
+      schedule: pipeline schedule: "stacked" (repeated layers stacked, shard_map +
+        ppermute over ``stage``), "stages" (per-stage executables on sub-meshes) or
+        "auto" (stacked where it applies).
+      chunk_size: run row-local stretches (projections, MLPs, norms, embeddings)
+        over chunks of at most this many rows to bound peak memory (see chunking.py).
       strategy: a label ("hybrid", ...) kept for round-tripping user configs.
       rules: tensor-parallel rules ``[(regex, PartitionSpec), ...]`` overriding
         the automatic ones (None: found from the graph).
@@ -71,6 +74,7 @@ class MeshConfig:
     tensor: int = 1
     micro_batches: int = 1
     chunk_size: int | None = None
+    schedule: str = "auto"
     strategy: str = "auto"
     rules: tuple | None = None
     strict: bool = True
@@ -188,11 +192,15 @@ def parse_config(config: Any) -> MeshConfig:
             for k, v in extras.items():
                 if k in ("micro_batches", "chunk_size"):
                     out[k] = None if v is None else int(v)
+                elif k == "schedule":
+                    if v not in ("auto", "stacked", "stages"):
+                        raise ShardingConfigError(f"'{key}': schedule must be auto, stacked or stages, got {v!r}")
+                    out[k] = v
                 elif k in ("num_experts",):
                     pass
                 else:
                     raise ShardingConfigError(f"'{key}': unknown option '{k}' (known: world_size, chunk_size, "
-                                              "micro_batches, stages)")
+                                              "micro_batches, stages, schedule)")
         elif key == "strategy":
             if str(value) not in _STRATEGIES:
                 raise ShardingConfigError(f"unknown strategy {value!r}; one of {_STRATEGIES}")

@@ -13,7 +13,7 @@ import json
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import jax
@@ -112,6 +112,8 @@ def _cost(exe: Any) -> tuple[float, float]:
 
 def measure(sm: Any, feeds: Mapping[str, Any], *, timed: bool = True, repeats: int = 3) -> dict[str, Any]:
     """Compile ``sm`` for ``feeds`` and collect its figures (used by plan and the benchmark)."""
+    if hasattr(sm, "measure"):  # a pipelined model measures its stages itself
+        return sm.measure(feeds, timed=timed, repeats=repeats)
     checked = sm._check_inputs(feeds)
     t0 = time.perf_counter()
     exe = sm.compiled(checked)
@@ -143,7 +145,8 @@ def measure(sm: Any, feeds: Mapping[str, Any], *, timed: bool = True, repeats: i
 
 def plan(model: Any, devices: int | Sequence[Any] = 8, *, batch: int = 8, memory_limit: int | None = None,
          feeds: Mapping[str, Any] | None = None, timed: bool = True, repeats: int = 3,
-         configs: Sequence[MeshConfig] | None = None, allow_stage: bool = False) -> Plan:
+         configs: Sequence[MeshConfig] | None = None, allow_stage: bool = False,
+         micro_batches: int | None = None) -> Plan:
     """Rank every mesh for ``model`` on ``devices``.
 
     Args:
@@ -153,7 +156,10 @@ def plan(model: Any, devices: int | Sequence[Any] = 8, *, batch: int = 8, memory
       memory_limit: per-device bytes (params + arguments + temporaries) a candidate may use.
       timed: time ``repeats`` runs of each candidate (ranks by measured latency);
         False ranks by an estimate from cost_analysis and collective bytes.
-      configs: candidates to try (default: every factorization).
+      configs: candidates to try (default: every factorization; expert sizes only when
+        the model has a com.microsoft MoE op).
+      allow_stage: also try pipeline stages (with ``micro_batches``, default ``batch``
+        split as finely as the data size allows).
 
     Returns:
       A :class:`Plan`; ``plan.best`` is a config dict for ``shard``.
@@ -164,10 +170,18 @@ def plan(model: Any, devices: int | Sequence[Any] = 8, *, batch: int = 8, memory
     if isinstance(devices, int) and len(devs) < devices:
         raise ValueError(f"asked for {devices} devices, only {len(devs)} exist")
     feeds = dict(feeds) if feeds is not None else example_feeds(model, batch)
-    configs = list(configs) if configs is not None else enumerate_configs(len(devs), allow_stage=allow_stage)
+    if configs is None:
+        from .expert import moe_nodes
+
+        configs = enumerate_configs(len(devs), allow_stage=allow_stage, allow_expert=bool(moe_nodes(model.graph)))
+        configs = [replace(c, micro_batches=micro_batches or max(1, batch // c.data)) if c.stage > 1 else c
+                   for c in configs]
+    configs = list(configs)
     rows: list[PlanRow] = []
     for cfg in configs:
         d = {"data": cfg.data, "stage": cfg.stage, "expert": cfg.expert, "tensor": cfg.tensor}
+        if cfg.stage > 1:
+            d["micro_batches"] = cfg.micro_batches
         row = PlanRow(config=d)
         try:
             sm = shard(model, cfg, devices=devs)

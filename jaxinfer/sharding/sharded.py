@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ..graph import Node
 from ..model import Model
 from .config import AXES, MeshConfig, ShardingConfigError, build_mesh, divisors, parse_config
 from .rules import Analysis, analyze, specs_from_rules
@@ -67,15 +68,19 @@ class ShardedModel(Model):
     """A Model laid over ``mesh``: ``param_specs`` beside the params, jit with shardings."""
 
     def __init__(self, base: Model, mesh: Mesh, config: MeshConfig, param_specs: Mapping[str, P],
-                 analysis: Analysis | None = None, params: Mapping[str, Any] | None = None):
+                 analysis: Analysis | None = None, params: Mapping[str, Any] | None = None,
+                 registry: Any = None):
         self.mesh = mesh
         self.config = config
         self.param_specs = dict(param_specs)
         self.analysis = analysis
         self.base = base
+        self.chunk_segments: dict[tuple, list] = {}
+        self.replicated_inputs: frozenset[str] = frozenset()  # inputs with no batch dim (pipeline stages)
         src = base.params if params is None else params
         placed = {k: place(v, NamedSharding(mesh, self.param_specs.get(k, P()))) for k, v in src.items()}
-        super().__init__(base.graph, base.registry, params=placed, source=base.source, check=False)
+        super().__init__(base.graph, base.registry if registry is None else registry, params=placed,
+                         source=base.source, check=False)
 
     @property
     def rules(self) -> list:
@@ -85,7 +90,7 @@ class ShardedModel(Model):
     def input_spec(self, name: str, value: Any) -> P:
         nd = np.ndim(value)
         data = self.mesh.shape["data"]
-        if data == 1 or nd == 0:
+        if data == 1 or nd == 0 or name in self.replicated_inputs:
             return P()
         b = np.shape(value)[0]
         if b % data:
@@ -100,7 +105,7 @@ class ShardedModel(Model):
     def _compile(self, key: tuple, feeds: Mapping[str, Any]) -> Any:
         static = {k: v for k, v in feeds.items() if k in self.value_inputs}
         dynamic = {k: v for k, v in feeds.items() if k not in self.value_inputs}
-        fn = self.fn
+        fn = self._chunked_fn(key, feeds) if self.config.chunk_size else self.fn
         stats = self.stats
         pshard = {k: v.sharding for k, v in self.params.items()}
         ishard = self._input_shardings(dynamic)
@@ -117,18 +122,30 @@ class ShardedModel(Model):
 
             jitted = jax.jit(call, in_shardings=(pshard, sshard, ishard),
                              out_shardings=None if out_sh is None else (out_sh, sshard))
-            exe = jitted.lower(self.params, self.state, abstract).compile()
+            exe = jitted.lower(self.params, self.state, abstract).compile(self.compiler_options or None)
         else:
             def call(params: Any, inputs: Any) -> Any:  # type: ignore[misc]
                 stats.traces += 1
                 return fn(params, {**inputs, **static})
 
             jitted = jax.jit(call, in_shardings=(pshard, ishard), out_shardings=out_sh)
-            exe = jitted.lower(self.params, abstract).compile()
+            exe = jitted.lower(self.params, abstract).compile(self.compiler_options or None)
         self.stats.compiles += 1
         self.stats.compile_seconds += time.perf_counter() - start
         self.stats.keys.append(key)
         return exe
+
+    def _chunked_fn(self, key: tuple, feeds: Mapping[str, Any]) -> Any:
+        """This graph's fn with its row-local segments run over ``chunk_size``-row chunks."""
+        from .chunking import make_chunked_fn, schedule
+        from .values import abstract_values
+
+        if self.stateful:
+            raise ShardingConfigError("chunk_size does not support models with state variables; drop chunk_size")
+        steps = schedule(self.graph, abstract_values(self, feeds), self.config.chunk_size)
+        self.chunk_segments[key] = [s for s in steps if not isinstance(s, Node)]
+        return make_chunked_fn(self.graph, self.registry, self._constants, steps, self.config.chunk_size,
+                               self.mesh.shape["data"])
 
     # -------------------------------------------------------------- running
     def place_inputs(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
@@ -158,7 +175,8 @@ class ShardedModel(Model):
         return out
 
     def with_params(self, params: Mapping[str, Any]) -> ShardedModel:
-        return ShardedModel(self.base, self.mesh, self.config, self.param_specs, self.analysis, params=params)
+        return ShardedModel(self.base, self.mesh, self.config, self.param_specs, self.analysis, params=params,
+                            registry=self.registry)
 
     def info(self) -> dict[str, Any]:
         d = super().info()
@@ -194,18 +212,29 @@ def shard(model: Model, config: Any = None, *, devices: Sequence[Any] | None = N
     params = model.params if isinstance(model, ShardedModel) else None
     devs = list(jax.devices() if devices is None else devices)
     cfg = cfg.resolved(len(devs))
-    if cfg.expert > 1:
-        moe = [n for n, _ in base.graph.walk() if n.op_type in ("MoE", "QMoE", "SparseMoE")]
-        if not moe:
-            raise ShardingConfigError(
-                f"expert={cfg.expert} but the model has no MoE op (com.microsoft.MoE) to split over experts; "
-                f"use data or tensor parallelism for these devices")
-        raise ShardingConfigError("expert parallelism is not implemented yet")
     if cfg.stage > 1:
-        raise ShardingConfigError(
-            f"stage={cfg.stage}: pipeline parallelism is not implemented yet; use tensor/data parallelism "
-            f"(e.g. tensor={cfg.stage * cfg.tensor})")
+        from .pipeline import pipeline
+
+        if cfg.expert > 1:
+            raise ShardingConfigError(f"stage={cfg.stage} with expert={cfg.expert}: pipeline and expert parallelism "
+                                      "cannot be combined yet; use one of them with data/tensor parallelism")
+        return pipeline(base, cfg, devs, example=example, params=params)
     mesh = build_mesh(cfg, devs)
+    specs, analysis = tensor_specs(base, cfg, len(devs), example=example)
+    registry = None
+    if cfg.expert > 1:
+        from .expert import expert_registry, expert_specs
+
+        specs.update(expert_specs(base, cfg.expert))
+        registry = expert_registry(base.registry, mesh)
+    for name, spec in specs.items():
+        _spec_ok(name, tuple(np.shape(base.params[name])), spec, mesh)
+    return ShardedModel(base, mesh, cfg, specs, analysis, params=params, registry=registry)
+
+
+def tensor_specs(base: Model, cfg: MeshConfig, n_devices: int, *,
+                 example: Mapping[str, Any] | None = None) -> tuple[dict[str, P], Analysis | None]:
+    """Param specs from ``cfg.rules`` or, for ``tensor > 1``, the automatic analysis (checked)."""
     analysis = None
     if cfg.rules is not None:
         rules = list(cfg.rules)
@@ -218,7 +247,7 @@ def shard(model: Model, config: Any = None, *, devices: Sequence[Any] | None = N
                 bad += f", +{len(analysis.unsplittable) - 2} more"
             raise ShardingConfigError(
                 f"tensor={cfg.tensor} does not divide the model dims tensor parallelism splits ({bad}); "
-                f"tensor sizes that fit this model: {[d for d in free.fits() if len(devs) % d == 0]} "
+                f"tensor sizes that fit this model: {[d for d in free.fits() if n_devices % d == 0]} "
                 f"(or pass strict=False to leave those params replicated)")
         if not analysis.param_dims:
             raise ShardingConfigError(f"tensor={cfg.tensor}: found nothing in this graph to split over 'tensor'; "
@@ -226,7 +255,4 @@ def shard(model: Model, config: Any = None, *, devices: Sequence[Any] | None = N
         rules = analysis.rules
     else:
         rules = []
-    specs = specs_from_rules(rules, base.params)
-    for name, spec in specs.items():
-        _spec_ok(name, tuple(np.shape(base.params[name])), spec, mesh)
-    return ShardedModel(base, mesh, cfg, specs, analysis, params=params)
+    return specs_from_rules(rules, base.params), analysis

@@ -274,7 +274,7 @@ def matmul_nbits(A, B, scales, zero_points=None, g_idx=None, bias=None, *, K: in
 # ---------------------------------------------------------------------- MoE
 
 
-def _moe_activation(h: Any, kind: str, alpha: float, beta: float, limit: float | None, fusion: int,
+def moe_activation(h: Any, kind: str, alpha: float, beta: float, limit: float | None, fusion: int,
                     h3: Any = None) -> Any:
     if kind == "swiglu":
         if fusion == 1:
@@ -334,7 +334,7 @@ def moe(input, router_probs, fc1_experts_weights, fc1_experts_bias=None, fc2_exp
         h3 = jnp.einsum("th,eih->eti", t, jnp.asarray(fc3_experts_weights).astype(st), precision=lax.Precision.HIGHEST)
         if fc3_experts_bias is not None:
             h3 = h3 + jnp.asarray(fc3_experts_bias).astype(st)[:, None, :]
-    a = _moe_activation(h, activation_type, activation_alpha, activation_beta, swiglu_limit, swiglu_fusion, h3)
+    a = moe_activation(h, activation_type, activation_alpha, activation_beta, swiglu_limit, swiglu_fusion, h3)
     y = jnp.einsum("eti,ehi->eth", a, jnp.asarray(fc2_experts_weights).astype(st), precision=lax.Precision.HIGHEST)
     if fc2_experts_bias is not None:
         y = y + jnp.asarray(fc2_experts_bias).astype(st)[:, None, :]

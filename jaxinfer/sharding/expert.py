@@ -1,0 +1,197 @@
+"""Expert parallelism: ``com.microsoft.MoE`` with its experts split over the ``expert`` axis.
+
+The expert weights (``fc1/fc2/fc3_experts_*``, leading dim = experts) are
+placed ``P("expert")``: each device holds ``experts / N`` of them. The MoE op
+itself is swapped, in this model's registry only, for a ``shard_map`` version:
+
+1. tokens are split over ``data x expert`` (each device routes its own tokens);
+2. softmax -> top-k -> (normalised) gates, as onnxruntime's CPU kernel does;
+3. dense capacity-based dispatch: a one-hot ``[tokens, experts, capacity]``
+   tensor places each (token, chosen expert) in that expert's buffer;
+4. ``lax.all_to_all`` over ``expert`` sends each expert's buffers to the device
+   that holds it, the expert FFNs run on local weights, a second all-to-all
+   brings the results back, and the combine einsum weights them by the gates.
+
+The default capacity holds every token a device routes (no token is dropped,
+so the output equals the unsharded op); ``capacity_factor`` trades that for
+memory as in GShard/Switch. ``ragged_dot``/``ragged_all_to_all`` would avoid
+the padding but have no CPU lowering, so the dense form is used everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from ..converters.onnx.ops.contrib import moe_activation
+from ..graph import Graph, Node
+from ..registry import OpDef, Registry
+from .config import ShardingConfigError, divisors
+
+MS = "com.microsoft"
+#: MoE input slots holding per-expert weights (leading dim = experts).
+EXPERT_SLOTS = (2, 3, 4, 5, 6, 7)
+_HI = lax.Precision.HIGHEST
+
+
+def moe_nodes(graph: Graph) -> list[Node]:
+    """The com.microsoft MoE nodes of ``graph`` (top level)."""
+    return [n for n in graph.nodes if n.op_type == "MoE" and n.domain == MS]
+
+
+def expert_specs(model: Any, expert: int) -> dict[str, P]:
+    """``P("expert")`` for every param an MoE node reads as expert weights.
+
+    Raises:
+      ShardingConfigError: no MoE node, or ``expert`` does not divide the experts.
+    """
+    nodes = moe_nodes(model.graph)
+    if not nodes:
+        others = sorted({n.op_type for n, _ in model.graph.walk() if "moe" in n.op_type.lower()})
+        raise ShardingConfigError(
+            f"expert={expert} but the model has no com.microsoft MoE op to split over experts"
+            + (f" (found {others}, not supported for expert parallelism)" if others else "")
+            + "; use data or tensor parallelism for these devices")
+    specs: dict[str, P] = {}
+    for node in nodes:
+        for slot in EXPERT_SLOTS:
+            name = node.inputs[slot] if slot < len(node.inputs) else ""
+            if not name:
+                continue
+            if name not in model.params:
+                raise ShardingConfigError(f"MoE node '{node.label}': expert weight '{name}' (input {slot}) is not a "
+                                          "param; expert parallelism needs the expert weights as initializers")
+            n_exp = model.params[name].shape[0]
+            if n_exp % expert:
+                fits = [d for d in divisors(n_exp)]
+                raise ShardingConfigError(f"expert={expert} does not divide the {n_exp} experts of MoE node "
+                                          f"'{node.label}'; expert sizes that fit: {fits}")
+            specs[name] = P("expert")
+    return specs
+
+
+class OverlayRegistry(Registry):
+    """A registry with a few ops replaced (here: MoE by its expert-parallel form)."""
+
+    def __init__(self, base: Registry, overrides: Mapping[tuple[str, str], Callable[[OpDef], OpDef]]):
+        self._base = base
+        self._overrides = dict(overrides)
+        self._table = base._table
+
+    def resolve(self, domain: str, op_type: str, opset: int) -> OpDef | None:
+        found = self._base.resolve(domain, op_type, opset)
+        swap = self._overrides.get((domain or "", op_type))
+        return swap(found) if found is not None and swap is not None else found
+
+
+def expert_registry(registry: Registry, mesh: Mesh, capacity_factor: float | None = None) -> Registry:
+    """``registry`` with com.microsoft MoE run expert-parallel over ``mesh``'s ``expert`` axis."""
+    fn = expert_parallel_moe(mesh, capacity_factor)
+    return OverlayRegistry(registry, {(MS, "MoE"): lambda d: dataclasses.replace(d, fn=fn)})
+
+
+def capacity(tokens: int, experts: int, k: int, factor: float | None) -> int:
+    """Slots per expert per device: every token (no drops) unless ``factor`` bounds it."""
+    if factor is None:
+        return tokens
+    return max(1, min(tokens, math.ceil(factor * k * tokens / experts)))
+
+
+def route(logits: Any, k: int, normalize: bool) -> tuple[Any, Any]:
+    """(gates [T, k], expert ids [T, k]): softmax over experts, top-k, optional renormalisation."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    gates, ids = lax.top_k(probs, k)
+    if normalize:
+        gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+    return gates, ids
+
+
+def dispatch_tensors(gates: Any, ids: Any, valid: Any, experts: int, cap: int) -> tuple[Any, Any]:
+    """One-hot dispatch ``[T, E, C]`` (0/1) and combine (gate-weighted) tensors.
+
+    A (token, expert) pair takes the next free slot of that expert's buffer,
+    first choices before second choices; pairs past ``cap`` are dropped.
+    """
+    t, k = ids.shape
+    chosen = jax.nn.one_hot(ids, experts, dtype=gates.dtype) * valid[:, None, None]  # [T, k, E]
+    order = jnp.transpose(chosen, (1, 0, 2)).reshape(k * t, experts)  # choice-major priority
+    pos = (jnp.cumsum(order, axis=0) - 1.0).reshape(k, t, experts).transpose(1, 0, 2)  # [T, k, E]
+    slot = jnp.sum(pos * chosen, axis=-1).astype(jnp.int32)  # [T, k]
+    kept = chosen * (jnp.sum(pos * chosen, axis=-1, keepdims=True) < cap)
+    place = jax.nn.one_hot(slot, cap, dtype=gates.dtype)  # [T, k, C]
+    dispatch = jnp.einsum("tke,tkc->tec", kept, place)
+    combine = jnp.einsum("tke,tkc->tec", kept * gates[..., None], place)
+    return dispatch, combine
+
+
+def expert_parallel_moe(mesh: Mesh, capacity_factor: float | None = None) -> Callable[..., Any]:
+    """The com.microsoft MoE op (same signature) computed with experts split over ``expert``."""
+    token_axes = tuple(a for a in ("data", "expert") if mesh.shape[a] > 1) or None
+    shards = mesh.shape["data"] * mesh.shape["expert"]
+
+    def moe(input, router_probs, fc1_experts_weights, fc1_experts_bias=None, fc2_experts_weights=None,
+            fc2_experts_bias=None, fc3_experts_weights=None, fc3_experts_bias=None, *, k: int = 1,
+            activation_type: str = "relu", normalize_routing_weights: int = 0, use_sparse_mixer: int = 0,
+            activation_alpha: float = 1.0, activation_beta: float = 0.0, swiglu_fusion: int = 0,
+            swiglu_limit: float | None = None, swiglu_limit_after_activation: int = 0):
+        """com.microsoft MoE, expert parallel: dispatch -> all-to-all -> local experts -> all-to-all -> combine."""
+        if use_sparse_mixer:
+            raise ValueError("MoE: use_sparse_mixer=1 is not supported; expected 0")
+        if swiglu_limit_after_activation:
+            raise ValueError("MoE: swiglu_limit_after_activation=1 is CUDA-only; expected 0")
+        x = jnp.asarray(input)
+        hidden = x.shape[-1]
+        st = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+        tokens = x.reshape(-1, hidden).astype(st)
+        n_tok = tokens.shape[0]
+        logits = jnp.asarray(router_probs).reshape(n_tok, -1).astype(st)
+        experts = logits.shape[-1]
+        padded = -(-n_tok // shards) * shards
+        valid = (jnp.arange(padded) < n_tok).astype(st)
+        if padded > n_tok:
+            tokens = jnp.pad(tokens, ((0, padded - n_tok), (0, 0)))
+            logits = jnp.pad(logits, ((0, padded - n_tok), (0, 0)))
+        cap = capacity(padded // shards, experts, k, capacity_factor)
+        weights = (fc1_experts_weights, fc1_experts_bias, fc2_experts_weights, fc2_experts_bias,
+                   fc3_experts_weights, fc3_experts_bias)
+        present = tuple(i for i, w in enumerate(weights) if w is not None)
+
+        def local(tok: Any, lg: Any, ok: Any, *ws: Any) -> Any:
+            w = [None] * 6
+            for i, v in zip(present, ws):
+                w[i] = jnp.asarray(v).astype(st)
+            gates, ids = route(lg, k, bool(normalize_routing_weights))
+            dispatch, combine = dispatch_tensors(gates, ids, ok, experts, cap)
+            buf = jnp.einsum("tec,th->ech", dispatch, tok, precision=_HI)  # [E, C, H]
+            buf = lax.all_to_all(buf, "expert", 0, 1, tiled=True)  # [E/N, N*C, H]: my experts, every sender
+            h = jnp.einsum("ech,eih->eci", buf, w[0], precision=_HI)
+            if w[1] is not None:
+                h = h + w[1][:, None, :]
+            h3 = None
+            if w[4] is not None:
+                h3 = jnp.einsum("ech,eih->eci", buf, w[4], precision=_HI)
+                if w[5] is not None:
+                    h3 = h3 + w[5][:, None, :]
+            a = moe_activation(h, activation_type, activation_alpha, activation_beta, swiglu_limit, swiglu_fusion,
+                                h3)
+            y = jnp.einsum("eci,ehi->ech", a, w[2], precision=_HI)
+            if w[3] is not None:
+                y = y + w[3][:, None, :]
+            y = lax.all_to_all(y, "expert", 1, 0, tiled=True)  # [E, C, H]: back to the senders
+            return jnp.einsum("tec,ech->th", combine, y, precision=_HI)
+
+        run = jax.shard_map(local, mesh=mesh,
+                            in_specs=(P(token_axes), P(token_axes), P(token_axes)) + (P("expert"),) * len(present),
+                            out_specs=P(token_axes))
+        out = run(tokens, logits, valid, *(weights[i] for i in present))
+        return out[:n_tok].reshape(x.shape).astype(x.dtype)
+
+    return moe
