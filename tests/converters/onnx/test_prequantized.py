@@ -9,7 +9,6 @@ least 99 % of elements; the measured share is printed (``-s``) for the report.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx

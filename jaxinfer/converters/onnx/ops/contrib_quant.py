@@ -5,8 +5,9 @@ rescaling happens once, in float32, followed by round-half-to-even, the zero poi
 saturation. Elementwise QLinear ops dequantize to float32, apply the float op and requantize
 (onnxruntime does the same through per-value lookup tables).
 
-The ``jaxinfer`` domain ops (``QLinearConvInt``, ``QLinearMatMulInt``, ``QLinearGemmInt``) are what
-``passes.qdq`` rewrites ``DequantizeLinear -> Conv/MatMul/Gemm [-> QuantizeLinear]`` into.
+The ``jaxinfer`` domain ops ``QLinearConvInt`` and ``QLinearMatMulInt`` (Gemm too) are what
+``passes.qdq`` rewrites ``DequantizeLinear -> Conv/MatMul/Gemm [-> QuantizeLinear]`` into;
+``DequantMatMul`` is a float activation times a blocked or 4-bit weight kept packed in params.
 """
 
 from __future__ import annotations
@@ -290,10 +291,17 @@ def _float_type(code: int) -> Any:
 @jx("QLinearMatMulInt", 1)
 def qlinear_matmul_int(a, a_scale, a_zero_point, b, b_scale, b_zero_point, bias_q=None, bias_f=None, y_scale=None,
                        y_zero_point=None, *, trans_b: int = 0, alpha: float = 1.0, float_type: int = 1,
-                       relu: int = 0):
+                       relu: int = 0, block_size: int = 0):
     """Integer MatMul/Gemm of a QDQ graph: a (..., K) x b (K, N) (or (N, K) with ``trans_b``), int32
-    accumulation, per-tensor or per-column b scale, then requantization (or float output)."""
+    accumulation, per-tensor or per-column b scale, then requantization (or float output).
+
+    b may be int4/uint4; with ``block_size`` its scale/zero point are ``(ceil(K / block_size), N)``
+    (opset-21 blocked DequantizeLinear along K): one int32 dot per block, blocks combined in float32.
+    """
     a, b = jnp.asarray(a), jnp.asarray(b)
+    if block_size:
+        return _blocked_matmul_int(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point,
+                                   block_size, _float_type(float_type), relu)
     n = b.shape[0] if trans_b else b.shape[-1]
     ai = a.astype(jnp.int32) - _zp(a_zero_point)
     bzp = jnp.asarray(b_zero_point).astype(jnp.int32)
@@ -312,3 +320,33 @@ def qlinear_matmul_int(a, a_scale, a_zero_point, b, b_scale, b_zero_point, bias_
     mult = _scalar(a_scale) * _col(b_scale, n).astype(F32) * alpha
     bf = None if bias_f is None else jnp.asarray(bias_f).astype(F32)
     return _out(acc, mult, bf, y_scale, y_zero_point, _float_type(float_type), relu)
+
+
+def _blocked_matmul_int(a: Any, a_scale: Any, a_zero_point: Any, b: Any, b_scale: Any, b_zero_point: Any,
+                        y_scale: Any, y_zero_point: Any, block_size: int, float_type: Any, relu: int) -> Any:
+    """(..., K) x (K, N) with b quantized per K-block: int32 partial dots per block, float32 combine."""
+    k, n = b.shape
+    groups = -(-k // block_size)
+    pad = groups * block_size - k
+    ai = a.astype(jnp.int32) - _zp(a_zero_point)
+    bzp = jnp.zeros((groups, n), jnp.int32) if b_zero_point is None else jnp.asarray(b_zero_point).astype(jnp.int32)
+    bi = b.astype(jnp.int32) - jnp.repeat(bzp, block_size, axis=0)[:k]
+    # zero padding after the zero-point shift adds nothing to any block's sum
+    ai = jnp.pad(ai, [(0, 0)] * (ai.ndim - 1) + [(0, pad)]).reshape(ai.shape[:-1] + (groups, block_size))
+    bi = jnp.pad(bi, [(0, pad), (0, 0)]).reshape(groups, block_size, n)
+    acc = jnp.einsum("...gk,gkn->...gn", ai, bi, preferred_element_type=jnp.int32)
+    y = jnp.sum(acc.astype(F32) * jnp.asarray(b_scale).astype(F32), axis=-2) * _scalar(a_scale)
+    if y_scale is None:
+        return y.astype(float_type)
+    out = jnp.result_type(y_zero_point) if y_zero_point is not None else np.dtype(np.uint8)
+    q = _quant(y, y_scale, y_zero_point, out)
+    return jnp.maximum(q, _zp(y_zero_point).astype(out)) if relu else q
+
+
+@jx("DequantMatMul", 1)
+def dequant_matmul(a, b, b_scale, b_zero_point=None, *, axis: int = 0, block_size: int = 0):
+    """Float a (..., K) x a quantized weight b (K, N) (int8/int4, per tensor, per axis or blocked),
+    dequantized inside the jitted program: the weight stays packed in params, not folded to float."""
+    a = jnp.asarray(a)
+    w = _dequantize_linear(b, b_scale, b_zero_point, axis=axis, block_size=block_size)
+    return jnp.matmul(a, w.astype(a.dtype))
