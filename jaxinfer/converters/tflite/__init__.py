@@ -9,7 +9,8 @@ from .ops import REGISTRY
 from .reader import read_model
 
 
-def load_tflite(source: str | os.PathLike[str] | bytes, *, hybrid: str = "xnnpack") -> Model:
+def load_tflite(source: str | os.PathLike[str] | bytes, *, hybrid: str = "xnnpack",
+                requant: str = "reference") -> Model:
     """Read a ``.tflite`` model (path or bytes) into a :class:`~jaxinfer.Model`.
 
     ``hybrid`` picks how dynamic-range layers (int8 weights, float inputs) quantize their
@@ -18,11 +19,15 @@ def load_tflite(source: str | os.PathLike[str] | bytes, *, hybrid: str = "xnnpac
     ``"builtin"`` (LiteRT's builtin kernels: symmetric unless the op's
     ``asymmetric_quantize_inputs`` is set or the conv weights are per-channel).
 
+    ``requant`` picks the integer requantization rounding: ``"reference"`` (LiteRT's reference
+    kernels: ties away from zero) or ``"builtin"`` (its builtin kernels, where int8 per-channel
+    CONV_2D runs on ruy and rounds ties up).
+
     Example:
       >>> m = load_tflite("mobilenet_v2.tflite")                      # doctest: +SKIP
       >>> m.run({"input": np.zeros((1, 224, 224, 3), np.float32)})    # doctest: +SKIP
     """
-    graph = read_model(source, hybrid=hybrid)
+    graph = read_model(source, hybrid=hybrid, requant=requant)
     label = str(source) if isinstance(source, (str, os.PathLike)) else graph.name
     return Model(graph, REGISTRY, source=label)
 

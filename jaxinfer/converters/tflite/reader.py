@@ -209,10 +209,11 @@ class _Converted:
 class _SubgraphBuilder:
     """Converts one TFLite subgraph (and, recursively, the subgraphs its ops call)."""
 
-    def __init__(self, reader: _Reader, cache: dict[int, Graph], hybrid: str = "xnnpack"):
+    def __init__(self, reader: _Reader, cache: dict[int, Graph], hybrid: str = "xnnpack", requant: str = "reference"):
         self.r = reader
         self.cache = cache
         self.hybrid = hybrid
+        self.requant = requant
 
     def convert(self, index: int, rename: Mapping[int, str] | None = None,
                 out_rename: Mapping[int, str] | None = None) -> Graph:
@@ -260,6 +261,8 @@ class _SubgraphBuilder:
                 attrs["out_q"] = out_q
             if domain == DOMAIN and op_type in _HYBRID_OPS and self.hybrid == "xnnpack":
                 attrs["hybrid_asymmetric"] = True
+            if domain == DOMAIN and self.requant == "builtin" and _ruy_per_channel(op_type, in_q):
+                attrs["requant_rounding"] = "ties_up"
             if domain == DOMAIN and op_type in _WANTS_OUT_DTYPE:
                 attrs["out_dtype"] = tensors[outs[0]].dtype
             if domain == DOMAIN and op_type in _WANTS_OUT_SHAPE:
@@ -307,6 +310,15 @@ _WANTS_OUT_SHAPE = {"RESHAPE", "VAR_HANDLE"}
 #: Ops whose dynamic-range (hybrid) kernels quantize inputs asymmetrically under XNNPACK.
 _HYBRID_OPS = {"FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D"}
 HYBRID_MODES = ("xnnpack", "builtin")
+#: Which LiteRT kernel set's integer requantization rounding to follow (see load_tflite).
+REQUANT_MODES = ("reference", "builtin")
+
+
+def _ruy_per_channel(op_type: str, in_q: tuple) -> bool:
+    """An int8 CONV_2D with int8 per-channel weights: LiteRT's builtin kernel runs it on ruy."""
+    if op_type != "CONV_2D" or len(in_q) < 2 or in_q[0] is None or in_q[1] is None:
+        return False
+    return np.dtype(in_q[0].dtype) == np.int8 and np.dtype(in_q[1].dtype) == np.int8 and in_q[1].per_axis
 
 
 #: Builtins whose state inputs are TFLite variable tensors (LiteRT keeps them across invocations).
@@ -415,21 +427,24 @@ def _signature(model: Any) -> tuple[int, dict[int, str], dict[int, str], str] | 
     return sig.SubgraphIndex(), ins, outs, (sig.SignatureKey() or b"").decode()
 
 
-def read_model(source: str | os.PathLike[str] | bytes, *, hybrid: str = "xnnpack") -> Graph:
+def read_model(source: str | os.PathLike[str] | bytes, *, hybrid: str = "xnnpack",
+               requant: str = "reference") -> Graph:
     """Read a ``.tflite`` file (path or bytes) into a :class:`Graph`.
 
     The main graph is the first SignatureDef's subgraph (subgraph 0 without
     one); with a signature, inputs and outputs carry its keys as names.
     ``CALL_ONCE`` init subgraphs run here, at load, to set variables' initial values.
-    ``hybrid``: see :func:`~jaxinfer.converters.tflite.load_tflite`.
+    ``hybrid``, ``requant``: see :func:`~jaxinfer.converters.tflite.load_tflite`.
     """
     if hybrid not in HYBRID_MODES:
         raise ValueError(f"hybrid={hybrid!r}: expected one of {HYBRID_MODES}")
+    if requant not in REQUANT_MODES:
+        raise ValueError(f"requant={requant!r}: expected one of {REQUANT_MODES}")
     data = read_bytes(source)
     try:
         reader = _Reader(data)
         sig = _signature(reader.model)
-        builder = _SubgraphBuilder(reader, {}, hybrid)
+        builder = _SubgraphBuilder(reader, {}, hybrid, requant)
         if sig is None:
             graph = builder.convert(0)
         else:

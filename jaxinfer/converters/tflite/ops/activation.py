@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ....registry import OpDef, registrar
+from .. import fixedpoint as FP
+from .. import int16 as I16
 from .. import quant as Q
 from ._util import QList, is_quantized
 
@@ -50,15 +54,23 @@ def _sigmoid_np(v):
     return (1.0 / (1.0 + np.exp(-v.astype(np.float32)))).astype(np.float32)
 
 
+def _is_int16(in_q: QList, out_q: QList) -> bool:
+    return is_quantized(in_q, out_q) and np.dtype(in_q[0].dtype) == np.int16
+
+
 @op("LOGISTIC")
 def logistic(x, *, in_q: QList = None, out_q: QList = None):
-    """Sigmoid; 8-bit tensors through a 256-entry table."""
+    """Sigmoid; 8-bit tensors through a 256-entry table, int16 through TFLite's interpolated LUT."""
+    if _is_int16(in_q, out_q):
+        return I16.logistic16(x, in_q[0], out_q[0])
     return _lut_or_float(x, in_q, out_q, _sigmoid_np, jax.nn.sigmoid)
 
 
 @op("TANH")
 def tanh(x, *, in_q: QList = None, out_q: QList = None):
-    """tanh; 8-bit tensors through a 256-entry table."""
+    """tanh; 8-bit tensors through a 256-entry table, int16 through TFLite's interpolated LUT."""
+    if _is_int16(in_q, out_q):
+        return I16.tanh16(x, in_q[0], out_q[0])
     return _lut_or_float(x, in_q, out_q, lambda v: np.tanh(v).astype(np.float32), jnp.tanh)
 
 
@@ -196,9 +208,62 @@ def softmax(x, *, beta: float = 1.0, in_q: QList = None, out_q: QList = None):
     return jax.nn.softmax(x * float(np.float32(beta)), axis=-1)
 
 
+def log_softmax_params(input_scale: float) -> tuple[int, int, int, int, int]:
+    """Prepare-time constants of TFLite's integer LOG_SOFTMAX (beta 1, inputs rescaled to Q5.26).
+
+    Returns ``(input_multiplier, input_shift, reverse_multiplier, reverse_shift, diff_min)``:
+    the input difference's rescale to Q5.26, its approximate inverse (used to bound the
+    differences whose output is not the minimum) and the most negative difference whose
+    rescale cannot overflow.
+    """
+    real = min(float(input_scale) * (1 << (31 - _LOG_SOFTMAX_INPUT_BITS)), (1 << 31) - 1.0)
+    mult, shift = Q.quantize_multiplier(real)
+    if shift < 0:
+        raise ValueError(f"LOG_SOFTMAX: input scale {input_scale} too small (the Q5.26 rescale must be > 1)")
+    rev_mult, rev_shift = Q.quantize_multiplier((1 << (31 - shift)) / float(mult))
+    radius = math.floor(((1 << _LOG_SOFTMAX_INPUT_BITS) - 1) * float(1 << (31 - _LOG_SOFTMAX_INPUT_BITS))
+                        / float(1 << shift))
+    return mult, shift, rev_mult, rev_shift, -radius
+
+
+_LOG_SOFTMAX_INPUT_BITS = 5  # differences in Q5.26: exp(-16) and below are negligible
+_LOG_SOFTMAX_SUM_BITS = 12  # the sum of exps accumulates in Q12.19
+_LOG_SOFTMAX_OUTPUT_BITS = 4  # the output is log-probability in [-16, 0] with scale 16/256
+
+
+def _log_softmax_8bit(x, qi: Q.QParams, qo: Q.QParams):
+    """TFLite's reference integer LOG_SOFTMAX (8-bit in and out, output scale 16/256, zero point qmax).
+
+    Per row: differences to the row max are rescaled to Q5.26, exponentiated in fixed point
+    and summed in Q12.19; the log of the sum (Q5.26) is subtracted from each difference and
+    the result rounded down to the output's 1/16 steps. Differences too negative to matter
+    (below ``diff_min``, or whose result would underflow) give the minimum output.
+    """
+    if qo.zp != qo.qmax or abs(float(qo.s) - 16.0 / 256) > 1e-9:
+        raise ValueError(f"quantized LOG_SOFTMAX needs output scale 16/256 and zero point {qo.qmax} "
+                         f"(got {qo.s}, {qo.zp})")
+    mult, shift, rev_mult, rev_shift, diff_min = log_softmax_params(qi.s)
+    xi = jnp.asarray(x, jnp.int64)
+    diff = xi - jnp.max(xi, axis=-1, keepdims=True)
+    diff_q5 = Q.multiply_by_quantized_multiplier(diff, mult, shift)
+    exps = FP.rescale(FP.exp_on_negative_values(diff_q5, _LOG_SOFTMAX_INPUT_BITS), 0, _LOG_SOFTMAX_SUM_BITS)
+    total = FP.wrap32(jnp.sum(jnp.where(diff >= diff_min, exps, 0), axis=-1, keepdims=True))
+    log_sum = FP.log_x_for_x_ge_1(total, _LOG_SOFTMAX_SUM_BITS, _LOG_SOFTMAX_INPUT_BITS)
+    bound = Q.multiply_by_quantized_multiplier(log_sum + Q.INT32_MIN, rev_mult, rev_shift)
+    adjusted_min = jnp.maximum(diff_min - 1, bound)
+    out_shift = 31 - _LOG_SOFTMAX_INPUT_BITS - _LOG_SOFTMAX_OUTPUT_BITS
+    y = Q.rounding_divide_by_pot(diff_q5 - log_sum, out_shift) + qo.zp
+    y = jnp.where(diff > adjusted_min, jnp.clip(y, qo.qmin, qo.qmax), qo.qmin)
+    return y.astype(qo.dtype)
+
+
 @op("LOG_SOFTMAX")
-def log_softmax(x):
-    """log(softmax(x)) over the last axis."""
+def log_softmax(x, *, in_q: QList = None, out_q: QList = None):
+    """log(softmax(x)) over the last axis; 8-bit tensors follow TFLite's fixed-point reference kernel."""
+    if is_quantized(in_q, out_q):
+        if np.dtype(in_q[0].dtype).itemsize != 1:
+            raise ValueError(f"quantized LOG_SOFTMAX supports int8/uint8 (got {np.dtype(in_q[0].dtype).name})")
+        return _log_softmax_8bit(x, in_q[0], out_q[0])
     return jax.nn.log_softmax(x, axis=-1)
 
 

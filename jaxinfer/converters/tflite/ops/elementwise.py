@@ -32,11 +32,42 @@ def _quantized_add_sub(x, y, in_q, out_q, act: str, sign: int):
     return jnp.clip(raw, lo, hi).astype(qo.dtype)
 
 
+def _pot_shifts(in_q, out_q) -> tuple[int, int] | None:
+    """int16 ADD's power-of-two path: (input1 shift, input2 shift) when every scale is a power of two."""
+    from ..int16 import _checked_log2
+
+    logs = [_checked_log2(q.s) for q in (in_q[0], in_q[1], out_q[0])]
+    if not all(pot for _, pot in logs) or any(q.zp != 0 for q in (in_q[0], in_q[1], out_q[0])):
+        return None
+    s1, s2 = logs[0][0] - logs[2][0], logs[1][0] - logs[2][0]
+    if not (s1 == 0 or s2 == 0) or s1 > 0 or s2 > 0:
+        raise ValueError(f"int16 ADD with power-of-two scales needs one input at the output scale and the other "
+                         f"finer (got input shifts {s1} and {s2})")
+    return s1, s2
+
+
+def _add_int16_pot(x, y, shifts: tuple[int, int], qo: Q.QParams, act: str):
+    """TFLite's int16 ADD for power-of-two scales: the finer input is shifted down (rounding), then a saturating add."""
+    a, b = jnp.asarray(x, jnp.int64), jnp.asarray(y, jnp.int64)
+    a = Q.rounding_divide_by_pot(a, -shifts[0]) if shifts[0] else a
+    b = Q.rounding_divide_by_pot(b, -shifts[1]) if shifts[1] else b
+    lo, hi = Q.activation_range(act, qo)
+    return jnp.clip(jnp.clip(a + b, -32768, 32767), lo, hi).astype(qo.dtype)
+
+
 @op("ADD")
 def add(x, y, *, fused_activation_function: str = "NONE", pot_scale_int16: bool = True,
         in_q: QList = None, out_q: QList = None):
-    """https://ai.google.dev/edge/litert/models/ops_compatibility (ADD)."""
+    """https://ai.google.dev/edge/litert/models/ops_compatibility (ADD).
+
+    int16 tensors whose scales are all powers of two (and ``pot_scale_int16``, the schema's
+    default) take TFLite's shift-and-saturate path; other quantized tensors the general rescale.
+    """
     if is_quantized(in_q, out_q):
+        if pot_scale_int16 and np.dtype(out_q[0].dtype) == np.int16:
+            shifts = _pot_shifts(in_q, out_q)
+            if shifts is not None:
+                return _add_int16_pot(x, y, shifts, out_q[0], fused_activation_function)
         return _quantized_add_sub(x, y, in_q, out_q, fused_activation_function, 1)
     return fused(jnp.add(x, y), fused_activation_function)
 

@@ -34,16 +34,40 @@ def _offset(x, q: Q.QParams, axis: int | None = None):
     return jnp.asarray(x, jnp.int32) - int(zp[0])
 
 
-def _finish(acc, bias, in_q, out_q, w_channels: int, act: str):
-    """Add the int32 bias, requantize per channel (last axis), clamp to the fused activation."""
+def _finish(acc, bias, in_q, out_q, w_channels: int, act: str, wide_rounding: str = "int64",
+            rounding: str = "double"):
+    """Add the bias, requantize per channel (last axis), clamp to the fused activation.
+
+    8-bit kernels accumulate in int32 with an int32 bias. 16x8 kernels (int16 activations,
+    int8 weights) accumulate in int64 when the bias is int64 (or absent) and rescale with
+    ``wide_rounding`` (see :func:`~..quant.requantize`); with an int32 bias TFLite keeps an
+    int32 accumulator and ``rounding``.
+    """
     qi, qw, qo = in_q[0], in_q[1], out_q[0]
+    wide = _is_16x8(qi) and (bias is None or jnp.result_type(bias) == jnp.int64)
+    acc = acc.astype(jnp.int64)
     if bias is not None:
-        acc = acc + jnp.asarray(bias, jnp.int32)
+        acc = acc + jnp.asarray(bias, jnp.int64)
+    if not wide:
+        acc = Q._wrap32(acc)
     mult = _per_channel_multiplier(qi, qw, qo, w_channels)
-    return Q.requantize(acc.astype(jnp.int64), mult, qo, Q.activation_range(act, qo), channel_axis=-1)
+    return Q.requantize(acc, mult, qo, Q.activation_range(act, qo), channel_axis=-1,
+                        rounding=wide_rounding if wide else rounding)
+
+
+def _is_16x8(q: Q.QParams) -> bool:
+    """int16 activations (with int8 weights): TFLite's "16x8" quantization."""
+    return np.dtype(q.dtype) == np.int16
+
+
+def _acc_dtype(q: Q.QParams):
+    """Accumulator for products with activations quantized as ``q``: int64 for int16 activations."""
+    return jnp.int64 if _is_16x8(q) else jnp.int32
 
 
 _F32_EXACT = 1 << 24  # float32 holds every integer below this exactly
+#: Products above this bound (int16 x int8) leave float32 chunks too short to pay off: use float64.
+_CHUNK_BOUND_MAX = 1 << 16
 
 
 def qrange(q: Q.QParams) -> int:
@@ -58,29 +82,29 @@ def exact_float(terms: int, bound: int = 255 * 255) -> jnp.dtype:
 
 
 def _chunks(total: int, per_item: int, bound: int) -> list[tuple[int, int]] | None:
-    """Split ``total`` reduction items (``per_item`` products each) into float32-exact chunks; None: impossible."""
+    """Split ``total`` reduction items (``per_item`` products each) into float32-exact chunks; None: use float64."""
     step = (_F32_EXACT - 1) // (per_item * bound)
-    if step < 1:
+    if step < 1 or (bound > _CHUNK_BOUND_MAX and step < total):
         return None
     return [(i, min(i + step, total)) for i in range(0, total, step)]
 
 
-def exact_dot(a, b, dims, k_axis_a: int, k_axis_b: int, bound: int):
-    """Integer dot_general (int32 result) through float32 sums that stay exact: long reductions are split."""
+def exact_dot(a, b, dims, k_axis_a: int, k_axis_b: int, bound: int, acc_dtype=jnp.int32):
+    """Integer dot_general (``acc_dtype`` result) through float sums that stay exact: long reductions are split."""
     k = a.shape[k_axis_a]
     parts = _chunks(k, 1, bound)
     if parts is None:
-        return lax.dot_general(a.astype(jnp.float64), b.astype(jnp.float64), dims).astype(jnp.int32)
+        return lax.dot_general(a.astype(jnp.float64), b.astype(jnp.float64), dims).astype(acc_dtype)
     acc = None
     for lo, hi in parts:
         pa = lax.slice_in_dim(a, lo, hi, axis=k_axis_a).astype(jnp.float32)
         pb = lax.slice_in_dim(b, lo, hi, axis=k_axis_b).astype(jnp.float32)
-        part = lax.dot_general(pa, pb, dims).astype(jnp.int32)
+        part = lax.dot_general(pa, pb, dims).astype(jnp.int32).astype(acc_dtype)
         acc = part if acc is None else acc + part
     return acc
 
 
-def _conv(x, w, stride, dilation, padding, groups, bound: int = 255 * 255):
+def _conv(x, w, stride, dilation, padding, groups, bound: int = 255 * 255, acc_dtype=jnp.int32):
     """Convolution; integer operands (|x * w| <= bound) are convolved in float32 and stay exact.
 
     XLA's integer convolution is slow on CPU and float64 ones are several times slower than
@@ -89,7 +113,7 @@ def _conv(x, w, stride, dilation, padding, groups, bound: int = 255 * 255):
     """
     dn = ("NHWC", "OHWI", "NHWC")
     if groups > 1 and groups == x.shape[-1] and w.shape[3] == 1:
-        return _depthwise_taps(x, w, stride, dilation, padding)
+        return _depthwise_taps(x, w, stride, dilation, padding, acc_dtype)
 
     def conv(a, b, ft):
         return lax.conv_general_dilated(a.astype(ft), b.astype(ft), window_strides=stride, padding=padding,
@@ -99,14 +123,15 @@ def _conv(x, w, stride, dilation, padding, groups, bound: int = 255 * 255):
         return conv(x, w, x.dtype)
     window = int(np.prod(w.shape[1:3]))
     cin = w.shape[3]
-    parts = _chunks(cin, window, bound) if groups == 1 else ([(0, cin)] if window * cin * bound < _F32_EXACT else None)
+    parts = _chunks(cin, window, bound) if groups == 1 else \
+        ([(0, cin)] if window * cin * bound < _F32_EXACT else None)
     if parts is None:
-        return conv(x, w, jnp.float64).astype(jnp.int32)
+        return conv(x, w, jnp.float64).astype(acc_dtype)
     acc = None
     for lo, hi in parts:
         xs = x if len(parts) == 1 else x[..., lo:hi]
         ws = w if len(parts) == 1 else w[..., lo:hi]
-        part = conv(xs, ws, jnp.float32).astype(jnp.int32)
+        part = conv(xs, ws, jnp.float32).astype(jnp.int32).astype(acc_dtype)
         acc = part if acc is None else acc + part
     return acc
 
@@ -121,12 +146,12 @@ def _same_pads(size: int, k: int, s: int, d: int, padding: str) -> tuple[int, in
     return total // 2, total - total // 2, out
 
 
-def _depthwise_taps(x, w, stride, dilation, padding):
+def _depthwise_taps(x, w, stride, dilation, padding, int_acc=jnp.int32):
     """Depthwise convolution as a sum of kh*kw shifted, strided slices times per-channel taps.
 
     ``w`` is OHWI with I = 1 (output channel c*M+m reads input channel c). XLA's CPU grouped
     convolution is an order of magnitude slower than this one fused elementwise loop.
-    Integer operands accumulate in int32 (exact); float ones in their own dtype.
+    Integer operands accumulate in ``int_acc`` (exact); float ones in their own dtype.
     """
     c = x.shape[-1]
     mult = w.shape[0] // c
@@ -136,7 +161,7 @@ def _depthwise_taps(x, w, stride, dilation, padding):
     (sh, sw), (dh, dw) = stride, dilation
     ph = _same_pads(x.shape[1], kh, sh, dh, padding)
     pw = _same_pads(x.shape[2], kw, sw, dw, padding)
-    acc_t = jnp.int32 if jnp.issubdtype(x.dtype, jnp.integer) else x.dtype
+    acc_t = int_acc if jnp.issubdtype(x.dtype, jnp.integer) else x.dtype
     x = jnp.pad(x.astype(acc_t), ((0, 0), ph[:2], pw[:2], (0, 0)))
     taps = jnp.transpose(w[..., 0], (1, 2, 0)).astype(acc_t)  # [kh, kw, C*M]
     oh, ow = ph[2], pw[2]
@@ -192,14 +217,19 @@ def _hybrid_conv(x, w, bias, qw: Q.QParams, stride, dil, padding, groups, asymme
 @op("CONV_2D")
 def conv_2d(x, w, bias=None, *, padding: str = "SAME", stride_w: int = 1, stride_h: int = 1,
             fused_activation_function: str = "NONE", dilation_w_factor: int = 1, dilation_h_factor: int = 1,
-            quantized_bias_type: int = 0, hybrid_asymmetric: bool = False, in_q: QList = None, out_q: QList = None):
-    """2-D convolution, input NHWC, filter OHWI; int8 per-channel or uint8 per-tensor when quantized."""
+            quantized_bias_type: int = 0, hybrid_asymmetric: bool = False, requant_rounding: str = "double",
+            in_q: QList = None, out_q: QList = None):
+    """2-D convolution, input NHWC, filter OHWI; int8 per-channel or uint8 per-tensor when quantized.
+
+    ``requant_rounding``: the 8-bit requantization (see :func:`~..quant.requantize`); the reader
+    sets ``"ties_up"`` to follow LiteRT's builtin int8 per-channel kernel.
+    """
     groups = x.shape[-1] // w.shape[-1]
     stride, dil = (stride_h, stride_w), (dilation_h_factor, dilation_w_factor)
     if is_quantized(in_q, out_q):
         acc = _conv(_offset(x, in_q[0]), _offset(w, in_q[1], axis=0), stride, dil, padding, groups,
-                    bound=qrange(in_q[0]) * qrange(in_q[1]))
-        return _finish(acc, bias, in_q, out_q, w.shape[0], fused_activation_function)
+                    bound=qrange(in_q[0]) * qrange(in_q[1]), acc_dtype=_acc_dtype(in_q[0]))
+        return _finish(acc, bias, in_q, out_q, w.shape[0], fused_activation_function, rounding=requant_rounding)
     qw = qat(in_q, 1)
     if _is_hybrid(x, w, qw):
         return _hybrid_conv(x, w, bias, qw, stride, dil, padding, groups, hybrid_asymmetric or _distinct_scales(qw),
@@ -221,7 +251,8 @@ def depthwise_conv_2d(x, w, bias=None, *, padding: str = "SAME", stride_w: int =
     stride, dil = (stride_h, stride_w), (dilation_h_factor, dilation_w_factor)
     if is_quantized(in_q, out_q):
         wk = jnp.transpose(_offset(w, in_q[1], axis=3), (3, 1, 2, 0))  # [C*M, H, W, 1]
-        acc = _conv(_offset(x, in_q[0]), wk, stride, dil, padding, c, bound=qrange(in_q[0]) * qrange(in_q[1]))
+        acc = _conv(_offset(x, in_q[0]), wk, stride, dil, padding, c, bound=qrange(in_q[0]) * qrange(in_q[1]),
+                    acc_dtype=_acc_dtype(in_q[0]))
         return _finish(acc, bias, in_q, out_q, w.shape[3], fused_activation_function)
     qw = qat(in_q, 1)
     if _is_hybrid(x, w, qw):
@@ -286,8 +317,8 @@ def fully_connected(x, w, bias=None, *, fused_activation_function: str = "NONE",
     dims = (((1,), (1,)), ((), ()))
     if is_quantized(in_q, out_q):
         acc = exact_dot(_offset(x2, in_q[0]), _offset(w, in_q[1], axis=0), dims, 1, 1,
-                        qrange(in_q[0]) * qrange(in_q[1]))
-        y = _finish(acc, bias, in_q, out_q, w.shape[0], fused_activation_function)
+                        qrange(in_q[0]) * qrange(in_q[1]), acc_dtype=_acc_dtype(in_q[0]))
+        y = _finish(acc, bias, in_q, out_q, w.shape[0], fused_activation_function, wide_rounding="single")
     elif _is_hybrid(x, w, qat(in_q, 1)):
         qw = in_q[1]
         q, sf, _ = Q.dynamic_quantize_rows(x2, bool(asymmetric_quantize_inputs or hybrid_asymmetric))
