@@ -1,10 +1,11 @@
-"""The ``jaxinfer`` command: ``info``, ``run``, ``bench``, ``serve``.
+"""The ``jaxinfer`` command: ``info``, ``run``, ``bench``, ``quantize``, ``serve``.
 
 Examples::
 
     jaxinfer info model.onnx
     jaxinfer run model.onnx --input x=x.npy
     jaxinfer bench model.onnx --batch 1,8 --against onnxruntime --json out.json
+    jaxinfer quantize model.onnx --method int8-static --calibration calib/ --exclude 'lm_head*' -o out/
     jaxinfer serve [REPO] --port 8000
 """
 
@@ -171,6 +172,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return int(serve_main(args.rest) or 0)
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Quantize (optionally after pruning), save with ``jaxinfer.save``, print the report."""
+    import jaxinfer
+    from .quant import canonical
+    from .quant.calibrate import read_npy_dir
+
+    try:
+        method = canonical(args.method)
+    except ValueError as e:
+        print(f"jaxinfer: error: {e}", file=sys.stderr)
+        return 2
+    if method in ("int8-static", "auto") and not args.calibration:
+        print(f"jaxinfer: error: --method {args.method} needs --calibration DIR (activation scales / the accuracy "
+              "budget are measured on it); see 'jaxinfer quantize --help' for the layout", file=sys.stderr)
+        return 2
+    model = _load(args.model)
+    data = read_npy_dir(args.calibration, [s.name for s in model.inputs]) if args.calibration else None
+    budget = dict(_parse_budget(b) for b in args.budget or []) or None
+    try:
+        if args.prune:
+            model = jaxinfer.prune(model, args.prune, exclude=args.exclude or (), calibration=data)
+        q = jaxinfer.quantize(model, method, exclude=args.exclude or (), calibration=data, budget=budget,
+                              granularity=args.granularity, observer=args.observer)
+    except ValueError as e:
+        print(f"jaxinfer: error: {e}", file=sys.stderr)
+        return 2
+    rep = q.report()
+    if args.prune:
+        pr = model.report().totals
+        rep.totals["pruning"] = {k: pr[k] for k in ("sparsity", "criterion", "params_bytes_f32", "params_bytes",
+                                                     "pruned_layers")}
+    out = jaxinfer.save(q, args.output)
+    if args.json:
+        print(rep.to_json())
+    elif args.report:
+        print(rep)
+    t = rep.totals
+    print(f"saved {method} model to {out} (params {t.get('params_bytes_f32', 0):,} -> {t.get('params_bytes', 0):,} "
+          f"bytes; {t.get('quantized_layers', 0)} layers quantized)", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _parse_budget(item: str) -> tuple[str, float]:
+    key, _, value = item.partition("=")
+    try:
+        return key, float(value)
+    except ValueError:
+        raise SystemExit(f"--budget expects KEY=NUMBER (cosine=0.999, top1_agreement=0.99), got {item!r}") from None
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from .sharding import plan
 
@@ -209,6 +260,34 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--against", choices=["onnxruntime", "none"], default="onnxruntime")
     bench.add_argument("--json", metavar="FILE")
     bench.set_defaults(func=cmd_bench)
+
+    from .quant import ALIASES, METHODS
+    from .quant.calibrate import CALIBRATION_LAYOUT, OBSERVERS
+
+    qz = sub.add_parser(
+        "quantize", help="quantize a model (bf16/fp16/int8/auto) and save it with jaxinfer.save",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Quantize MODEL and save it (graph + orbax params) to OUT_DIR; jaxinfer.load(OUT_DIR) "
+                    "reloads it without recalibration.",
+        epilog=f"calibration (--calibration DIR, required by int8-static and auto):\n{CALIBRATION_LAYOUT}\n\n"
+               "example:\n  jaxinfer quantize model.onnx --method int8-static --calibration calib/ "
+               "--exclude 'lm_head*' -o out/ --report")
+    qz.add_argument("model", help="a model file, a saved directory, or a model a dependency ships (squeezenet, ...)")
+    qz.add_argument("--method", default="int8-dynamic",
+                    help=f"one of {', '.join(METHODS)} (or an alias: {', '.join(sorted(ALIASES))}); default int8-dynamic")
+    qz.add_argument("--calibration", metavar="DIR", help="a directory of .npy inputs (layout below)")
+    qz.add_argument("--exclude", action="append", metavar="GLOB",
+                    help="keep matching layers in float: node names, op:Type, weight names (repeatable)")
+    qz.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="where to save the quantized model")
+    qz.add_argument("--observer", choices=OBSERVERS, default="minmax", help="int8-static activation ranges")
+    qz.add_argument("--granularity", choices=["per_channel", "per_tensor"], default="per_channel")
+    qz.add_argument("--budget", action="append", metavar="KEY=VALUE",
+                    help="for auto: cosine=0.999 and/or top1_agreement=0.99")
+    qz.add_argument("--prune", type=float, metavar="SPARSITY",
+                    help="first remove this fraction of output channels per layer (jaxinfer.prune, L1 norm)")
+    qz.add_argument("--report", action="store_true", help="print the per-layer report")
+    qz.add_argument("--json", action="store_true", help="print the report as JSON (the summary goes to stderr)")
+    qz.set_defaults(func=cmd_quantize)
 
     pl = sub.add_parser("plan", help="rank data x tensor meshes for this model (compile, memory, timed run)")
     pl.add_argument("model")

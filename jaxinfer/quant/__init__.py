@@ -7,7 +7,10 @@ low-precision arrays); the ops call :mod:`jaxinfer.arith`, which dispatches on t
 from __future__ import annotations
 
 from .api import ALIASES, METHODS, QuantizedModel, canonical, quantize
+from .facade import InferenceRequest, InferenceResult, ManagedModel, ModelManager
 from .layers import Layer, find_layers
+from .prune import prune
 from .report import QuantReport
 
-__all__ = ["ALIASES", "METHODS", "Layer", "QuantReport", "QuantizedModel", "canonical", "find_layers", "quantize"]
+__all__ = ["ALIASES", "METHODS", "InferenceRequest", "InferenceResult", "Layer", "ManagedModel", "ModelManager",
+           "QuantReport", "QuantizedModel", "canonical", "find_layers", "prune", "quantize"]

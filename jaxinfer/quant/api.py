@@ -81,7 +81,7 @@ def build(model: Model, graph: Any, params: Mapping[str, Any], report: QuantRepo
 
 def quantize(model: Model, method: str, *, exclude: Sequence[str] = (), calibration: Any = None,
              budget: Mapping[str, float] | None = None, granularity: str = "per_channel",
-             observer: str = "minmax", percentile: float = 99.99) -> QuantizedModel:
+             observer: str = "minmax", percentile: float = 99.99, measure: bool = True) -> QuantizedModel:
     """A new, quantized Model; ``model`` is left as it was.
 
     Args:
@@ -95,6 +95,8 @@ def quantize(model: Model, method: str, *, exclude: Sequence[str] = (), calibrat
       budget: for ``auto``: ``{"cosine": 0.999}`` or ``{"top1_agreement": 0.99}``.
       granularity: ``per_channel`` (per output channel) or ``per_tensor`` weight scales.
       observer: for ``int8-static``: ``minmax``, ``percentile`` or ``mse``.
+      measure: when False, calibration only sets scales and the report holds bytes but no
+        errors (measuring compiles a probe of every layer: minutes for a large CNN on CPU).
 
     Example:
       >>> q = jaxinfer.quantize(m, "int8-dynamic", exclude=["lm_head*"])   # doctest: +SKIP
@@ -104,6 +106,7 @@ def quantize(model: Model, method: str, *, exclude: Sequence[str] = (), calibrat
     if granularity not in ("per_channel", "per_tensor"):
         raise ValueError(f"granularity must be 'per_channel' or 'per_tensor', got '{granularity}'")
     data = cal.batches(calibration)
+    shown = data if measure else []
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     layers, skipped = find_layers(model.graph, model.params, model.registry, exclude)
     if method == "auto":
@@ -129,7 +132,7 @@ def quantize(model: Model, method: str, *, exclude: Sequence[str] = (), calibrat
         for layer in layers:
             how[layer.weight] = kind
         q = build(model, graph, params, QuantReport(method, []))
-        q.quant_report = _report(model, q, method, layers, skipped, how, data)
+        q.quant_report = _report(model, q, method, layers, skipped, how, shown)
         return q
     scales: dict[str, float] = {}
     if method == "int8-static":
@@ -142,7 +145,7 @@ def quantize(model: Model, method: str, *, exclude: Sequence[str] = (), calibrat
         how[layer.weight] = method
     graph = _strip(graph, how)
     q = build(model, graph, params, QuantReport(method, []))
-    q.quant_report = _report(model, q, method, layers, skipped, how, data, observer if method == "int8-static" else None)
+    q.quant_report = _report(model, q, method, layers, skipped, how, shown, observer if method == "int8-static" else None)
     return q
 
 

@@ -10,14 +10,22 @@ Observers (symmetric int8, one scale per tensor, ``scale = threshold / 127``):
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..errors import JaxinferError
 from ..graph import ValueInfo
 
 OBSERVERS = ("minmax", "percentile", "mse")
+
+
+class CalibrationError(JaxinferError, ValueError):
+    """Calibration data is missing or does not match the model's inputs."""
 
 #: Values kept per watched tensor for percentile/MSE (a uniform subsample beyond this).
 SAMPLE_LIMIT = 1 << 20
@@ -29,6 +37,44 @@ def probe(model: Any, names: Sequence[str]) -> Any:
 
     graph = model.graph.replace(outputs=tuple(ValueInfo(n) for n in names))
     return Model(graph, model.registry, params=model.params, source=model.source, check=False)
+
+
+CALIBRATION_LAYOUT = """\
+A calibration directory holds .npy files, one per model input, named after the input with
+every character other than letters, digits, '.', '-' and '_' replaced by '_' (input
+'gpu_0/data_0' -> gpu_0_data_0.npy); a model with a single input takes any one .npy file.
+Either the directory itself holds one batch (DIR/x.npy), or each subdirectory holds one
+batch (DIR/000/x.npy, DIR/001/x.npy, ..., read in sorted order)."""
+
+
+def npy_name(input_name: str) -> str:
+    """The file name an input's calibration array has: see ``CALIBRATION_LAYOUT``."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", input_name) + ".npy"
+
+
+def read_npy_dir(directory: str | os.PathLike[str], input_names: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    """Calibration batches from a directory of .npy files laid out as ``CALIBRATION_LAYOUT`` says.
+
+    Raises:
+      CalibrationError: the directory is missing, empty, or a batch lacks an input's file.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise CalibrationError(f"calibration directory not found: {root}")
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir())
+    folders = subdirs if subdirs and not list(root.glob("*.npy")) else [root]
+    out = []
+    for folder in folders:
+        files = sorted(folder.glob("*.npy"))
+        if len(input_names) == 1 and len(files) == 1:
+            out.append({input_names[0]: np.load(files[0], allow_pickle=False)})
+            continue
+        missing = [f"{n} ({npy_name(n)})" for n in input_names if not (folder / npy_name(n)).is_file()]
+        if missing:
+            raise CalibrationError(f"calibration batch {folder} lacks {', '.join(missing)}; found "
+                                   f"{[f.name for f in files]}. Layout:\n{CALIBRATION_LAYOUT}")
+        out.append({n: np.load(folder / npy_name(n), allow_pickle=False) for n in input_names})
+    return out
 
 
 def batches(calibration: Iterable[Mapping[str, Any]] | None) -> list[dict[str, np.ndarray]]:

@@ -60,7 +60,6 @@ def rewrite(graph: Graph, registry: Any, kind: str, mode: str, skip: Iterable[st
             if v.dtype is not None and v.dtype == np.float32 and v.name not in static:
                 renames[v.name] = f"{v.name}__{kind}"
                 nodes.append(_cast(v.name, renames[v.name], lo, tag))
-        out_names = set(graph.output_names)
         tail: list[Node] = []
         out_renames: dict[str, str] = {}
         for v in graph.outputs:

@@ -98,23 +98,32 @@ class QuantReport:
         return cls(d["method"], list(d.get("rows", [])), dict(d.get("totals", {})))
 
     def __str__(self) -> str:
-        head = f"{'layer':40s} {'op':7s} {'method':13s} {'before':>11s} {'after':>11s} {'ratio':>6s} {'cosine':>9s} {'max_abs':>9s}"
-        lines = [f"quantization: {self.method}", head, "-" * len(head)]
+        pruning = self.method.startswith("prune")
+        chans = f" {'channels':>11s}" if pruning else ""
+        head = (f"{'layer':40s} {'op':7s} {'method':13s}{chans} {'before':>11s} {'after':>11s} {'ratio':>6s} "
+                f"{'cosine':>9s} {'max_abs':>9s}")
+        lines = [f"{'pruning' if pruning else 'quantization'}: {self.method}", head, "-" * len(head)]
         for r in self.rows:
             cosv = f"{r['cosine']:.6f}" if "cosine" in r else "-"
             mav = f"{r['max_abs']:.3g}" if "max_abs" in r else "-"
-            lines.append(f"{r['layer'][:40]:40s} {r['op']:7s} {r['method']:13s} {r['bytes_before']:>11,d} "
+            ch = f" {str(r.get('channels_before')) + '->' + str(r.get('channels_after')):>11s}" if pruning else ""
+            lines.append(f"{r['layer'][:40]:40s} {r['op']:7s} {r['method']:13s}{ch} {r['bytes_before']:>11,d} "
                          f"{r['bytes_after']:>11,d} {r['ratio'] or 0:>6.2f} {cosv:>9s} {mav:>9s}")
         t = self.totals
         lines.append("-" * len(head))
-        lines.append(f"params bytes: {t.get('params_bytes_f32', 0):,d} -> {t.get('params_bytes', 0):,d}; "
-                     f"quantized weights {t.get('quantized_weights_bytes_before', 0):,d} -> "
-                     f"{t.get('quantized_weights_bytes_after', 0):,d} ({t.get('quantized_weights_ratio')}x)")
+        if pruning:
+            lines.append(f"params bytes: {t.get('params_bytes_f32', 0):,d} -> {t.get('params_bytes', 0):,d} "
+                         f"({t.get('params_ratio')}x); sparsity {t.get('sparsity')}, {t.get('pruned_layers', 0)} "
+                         f"layers pruned")
+        else:
+            lines.append(f"params bytes: {t.get('params_bytes_f32', 0):,d} -> {t.get('params_bytes', 0):,d}; "
+                         f"quantized weights {t.get('quantized_weights_bytes_before', 0):,d} -> "
+                         f"{t.get('quantized_weights_bytes_after', 0):,d} ({t.get('quantized_weights_ratio')}x)")
         if "cosine" in t:
             lines.append(f"end to end: cosine {t['cosine']:.6f}, max abs {t.get('max_abs', 0):.4g}"
                          + (f", top-1 agreement {t['top1_agreement']:.4f}" if "top1_agreement" in t else ""))
         for s in t.get("skipped", []):
-            lines.append(f"skipped {s['layer']}: {s['why']}")
+            lines.append(f"{'kept' if pruning else 'skipped'} {s['layer']}: {s['why']}")
         return "\n".join(lines)
 
     __repr__ = __str__

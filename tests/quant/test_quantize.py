@@ -80,7 +80,6 @@ def test_light_cnn_convs_quantize_int8_and_keep_top1():
     """The spatial-first jaxinfer::Conv weights (passes.layout) quantize per output channel."""
     import numpy as np
 
-    import jaxinfer
     from jaxinfer.bench import light_models
 
     path = next(p for p in light_models() if "squeezenet" in p.name)
