@@ -16,12 +16,21 @@ def _sniff(data: bytes) -> str:
     return "onnx"
 
 
-def load(source: Any) -> Model:
+#: Keyword options ``load`` passes to each format's loader (see load_onnx / load_tflite).
+FORMAT_OPTIONS: dict[str, frozenset[str]] = {"onnx": frozenset({"optimize"}),
+                                             "tflite": frozenset({"hybrid", "requant"})}
+
+
+def load(source: Any, **options: Any) -> Model:
     """Load an ONNX or TFLite model, or a directory written by ``jaxinfer.save``.
 
     Args:
       source: a path (``.onnx``, ``.tflite``, or a saved directory), raw bytes,
         or an ``onnx.ModelProto``.
+      **options: the format's loader options: ONNX ``optimize`` (default True: the graph
+        passes); TFLite ``hybrid`` ("xnnpack" | "builtin": which LiteRT CPU path
+        dynamic-range layers follow) and ``requant`` ("reference" | "builtin": which
+        LiteRT kernels' requantization rounding to match bit for bit).
 
     Returns:
       A :class:`Model`: ``run``/``__call__``, the pure ``fn`` and its ``params``.
@@ -33,27 +42,29 @@ def load(source: Any) -> Model:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir():
+            if options:
+                raise TypeError(f"load(): options {sorted(options)} apply to model files, not to a saved directory")
             return _load_dir(path)
         if not path.exists():
             raise ModelLoadError(f"model file not found: {path}")
         suffix = path.suffix.lower()
         if suffix == ".tflite":
-            return _load_tflite(path)
+            return _load_tflite(path, options)
         if suffix != ".onnx":
             with open(path, "rb") as f:
                 if _sniff(f.read(8)) == "tflite":
-                    return _load_tflite(path)
-        return _load_onnx(path)
+                    return _load_tflite(path, options)
+        return _load_onnx(path, options)
     if isinstance(source, (bytes, bytearray, memoryview)):
         if _sniff(bytes(source[:8])) == "tflite":
-            return _load_tflite(bytes(source))
-        return _load_onnx(bytes(source))
+            return _load_tflite(bytes(source), options)
+        return _load_onnx(bytes(source), options)
     try:
         from onnx import ModelProto
     except ImportError:  # pragma: no cover
         ModelProto = ()  # type: ignore[assignment]
     if isinstance(source, ModelProto):
-        return _load_onnx(source)
+        return _load_onnx(source, options)
     raise ModelLoadError(f"cannot load a model from {type(source).__name__}; give a path, bytes or an onnx.ModelProto")
 
 
@@ -72,15 +83,24 @@ def _load_dir(path: Path) -> Model:
                          f"(found {[f.name for f in files]})")
 
 
-def _load_onnx(source: Any) -> Model:
+def _check_options(fmt: str, options: dict[str, Any]) -> None:
+    unknown = sorted(set(options) - FORMAT_OPTIONS[fmt])
+    if unknown:
+        raise TypeError(f"load(): unknown option(s) {unknown} for a {fmt} model; "
+                        f"it takes {sorted(FORMAT_OPTIONS[fmt])}")
+
+
+def _load_onnx(source: Any, options: dict[str, Any] | None = None) -> Model:
     from .converters.onnx import load_onnx
 
-    return load_onnx(source)
+    _check_options("onnx", options or {})
+    return load_onnx(source, **(options or {}))
 
 
-def _load_tflite(source: Any) -> Model:
+def _load_tflite(source: Any, options: dict[str, Any] | None = None) -> Model:
     try:
         from .converters.tflite import load_tflite
     except ImportError as e:
         raise ModelLoadError(f"TFLite support is not available: {e}") from e
-    return load_tflite(source)
+    _check_options("tflite", options or {})
+    return load_tflite(source, **(options or {}))

@@ -183,3 +183,19 @@ def test_shape_input_from_graph_input_compiles_per_value():
     assert m.run({"x": x + 1, "shape": np.array([2, 3])})["y"].shape == (2, 3)
     assert m.stats.compiles == 2
     assert any("compiles once" in n for n in m.info()["notes"])
+
+
+def test_load_passes_format_options_and_rejects_unknown_ones(tmp_path):
+    proto = mlp_model()
+    raw = jaxinfer.load(proto, optimize=False)
+    opt = jaxinfer.load(proto)
+    x = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
+    assert len(raw.graph.nodes) > len(opt.graph.nodes)  # MatMul+Add fused only when optimizing
+    np.testing.assert_allclose(raw.run({"x": x})["y"], opt.run({"x": x})["y"], rtol=1e-6)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['requant'\] for a onnx model"):
+        jaxinfer.load(proto, requant="builtin")
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    assert jaxinfer.load(path, optimize=False).graph.nodes == raw.graph.nodes
+    with pytest.raises(TypeError, match="not to a saved directory"):
+        jaxinfer.load(tmp_path, optimize=False)

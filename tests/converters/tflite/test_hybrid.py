@@ -77,3 +77,22 @@ def test_depthwise_conv_2d_hybrid(kernels):
          depth_multiplier=1, fused_activation_function=0, dilation_w_factor=1, dilation_h_factor=1)
     b.outputs(y)
     compare(b.finish(), feeds("x", (batch, size, size, c)), kernels=kernels, hybrid=HYBRID[kernels])
+
+
+def test_load_takes_the_tflite_options():
+    import jaxinfer
+
+    b = ModelBuilder()
+    x = b.input("x", (2, 8))
+    w, q = int8_weights((4, 8), None)
+    y = b.tensor("y", (2, 4))
+    b.op("FULLY_CONNECTED", [x, b.const("w", w, q)], [y], "FullyConnectedOptions")
+    b.outputs(y)
+    data = b.finish()
+    feed = {"x": RNG.uniform(-2, 3, (2, 8)).astype(F)}
+    outs = {mode: jaxinfer.load(data, hybrid=mode).run(feed)["y"] for mode in ("builtin", "xnnpack")}
+    assert not np.array_equal(outs["builtin"], outs["xnnpack"])  # symmetric vs asymmetric input rows
+    with pytest.raises(ValueError, match="hybrid"):
+        jaxinfer.load(data, hybrid="fast")
+    with pytest.raises(TypeError, match="optimize"):
+        jaxinfer.load(data, optimize=False)
