@@ -1,6 +1,6 @@
 """onnxruntime quantized contrib ops (``com.microsoft``) and jaxinfer's integer ops for QDQ graphs.
 
-Products accumulate ``(a - a_zp) * (b - b_zp)`` in int32 (``preferred_element_type=int32``);
+Products accumulate ``(a - a_zp) * (b - b_zp)`` exactly as int32 (through ``intmath``'s exact float sums);
 rescaling happens once, in float32, followed by round-half-to-even, the zero point and
 saturation. Elementwise QLinear ops dequantize to float32, apply the float op and requantize
 (onnxruntime does the same through per-value lookup tables).
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ....intmath import abs_bound, exact_conv, exact_dot, exact_float, exact_matmul
 from ....registry import OpDef, registrar
 from ._util import auto_pads, dtype_of
 from ._util import axis as norm_axis
@@ -72,11 +73,17 @@ def _col(p: Any, n: int) -> Any:
     return p.reshape(()) if p.size == 1 else p.reshape((n,))
 
 
+def _bound(v: Any, zp: Any) -> int:
+    """Largest |v - zp| of an integer operand (its dtype's span when a zero point shifts it)."""
+    return abs_bound(v.dtype, shifted=zp is not None)
+
+
 def _int_matmul(a: Any, b: Any, a_zp: Any, b_zp: Any) -> Any:
     n = b.shape[-1]
-    ai = jnp.asarray(a).astype(jnp.int32) - (jnp.int32(0) if a_zp is None else _col(a_zp, 1).astype(jnp.int32))
-    bi = jnp.asarray(b).astype(jnp.int32) - (jnp.int32(0) if b_zp is None else _col(b_zp, n).astype(jnp.int32))
-    return jnp.matmul(ai, bi, preferred_element_type=jnp.int32)
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    ai = a.astype(jnp.int32) - (jnp.int32(0) if a_zp is None else _col(a_zp, 1).astype(jnp.int32))
+    bi = b.astype(jnp.int32) - (jnp.int32(0) if b_zp is None else _col(b_zp, n).astype(jnp.int32))
+    return exact_matmul(ai, bi, _bound(a, a_zp) * _bound(b, b_zp))
 
 
 # ---------------------------------------------------------------- matmuls
@@ -274,8 +281,8 @@ def qlinear_conv_int(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias_q=
     wzp = _channel_param(w_zero_point, cout, (cout,) + (1,) * (w.ndim - 1)).astype(jnp.int32)
     xi = x.astype(jnp.int32) - _zp(x_zero_point)
     wi = w.astype(jnp.int32) - wzp
-    acc = lax.conv_general_dilated(xi, wi, strides, padding, rhs_dilation=dilations, feature_group_count=group,
-                                   preferred_element_type=jnp.int32)
+    acc = exact_conv(xi, wi, strides, padding, rhs_dilation=dilations, feature_group_count=group,
+                     bound=_bound(x, x_zero_point) * _bound(w, w_zero_point))
     chan = (1, cout) + (1,) * n
     if bias_q is not None:
         acc = acc + jnp.asarray(bias_q).astype(jnp.int32).reshape(chan)
@@ -311,10 +318,11 @@ def qlinear_matmul_int(a, a_scale, a_zero_point, b, b_scale, b_zero_point, bias_
         bzp = bzp.reshape(())
     bi = b.astype(jnp.int32) - bzp
     contract_b = 1 if trans_b else b.ndim - 2
+    bound = _bound(a, a_zero_point) * _bound(b, b_zero_point)
     if b.ndim == 2:
-        acc = lax.dot_general(ai, bi, (((ai.ndim - 1,), (contract_b,)), ((), ())), preferred_element_type=jnp.int32)
+        acc = exact_dot(ai, bi, (((ai.ndim - 1,), (contract_b,)), ((), ())), ai.ndim - 1, contract_b, bound)
     else:
-        acc = jnp.matmul(ai, jnp.swapaxes(bi, -1, -2) if trans_b else bi, preferred_element_type=jnp.int32)
+        acc = exact_matmul(ai, jnp.swapaxes(bi, -1, -2) if trans_b else bi, bound)
     if bias_q is not None:
         acc = acc + jnp.asarray(bias_q).astype(jnp.int32)
     mult = _scalar(a_scale) * _col(b_scale, n).astype(F32) * alpha
@@ -334,7 +342,8 @@ def _blocked_matmul_int(a: Any, a_scale: Any, a_zero_point: Any, b: Any, b_scale
     # zero padding after the zero-point shift adds nothing to any block's sum
     ai = jnp.pad(ai, [(0, 0)] * (ai.ndim - 1) + [(0, pad)]).reshape(ai.shape[:-1] + (groups, block_size))
     bi = jnp.pad(bi, [(0, pad), (0, 0)]).reshape(groups, block_size, n)
-    acc = jnp.einsum("...gk,gkn->...gn", ai, bi, preferred_element_type=jnp.int32)
+    ft = exact_float(block_size, _bound(a, a_zero_point) * _bound(b, b_zero_point))  # one block's sum is exact
+    acc = jnp.einsum("...gk,gkn->...gn", ai.astype(ft), bi.astype(ft), precision=lax.Precision.HIGHEST)
     y = jnp.sum(acc.astype(F32) * jnp.asarray(b_scale).astype(F32), axis=-2) * _scalar(a_scale)
     if y_scale is None:
         return y.astype(float_type)

@@ -14,6 +14,7 @@ import numpy as np
 from jax import lax
 
 from .... import arith
+from ....intmath import abs_bound, exact_conv
 from ....registry import OpDef, registrar
 from ._util import auto_pads, ints, spatial_pads
 
@@ -132,9 +133,9 @@ def conv_integer(x, w, x_zero_point=None, w_zero_point=None, *, auto_pad: str = 
     kernel = tuple(kernel_shape) if kernel_shape else w.shape[2:]
     strides, dilations = _per_axis(strides, n), _per_axis(dilations, n)
     padding = auto_pads(auto_pad, x.shape[2:], kernel, strides, dilations, pads)
-    return lax.conv_general_dilated(xi, wi, strides, padding, rhs_dilation=dilations,
-                                    dimension_numbers=conv_dims(n), feature_group_count=group,
-                                    preferred_element_type=jnp.int32)
+    bound = abs_bound(x.dtype, x_zero_point is not None) * abs_bound(w.dtype, w_zero_point is not None)
+    return exact_conv(xi, wi, strides, padding, rhs_dilation=dilations, dimension_numbers=conv_dims(n),
+                      feature_group_count=group, bound=bound)
 
 
 def _transpose_pads(auto_pad: str, in_shape, kernel, strides, dilations, output_padding, output_shape,

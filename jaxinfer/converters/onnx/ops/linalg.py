@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from .... import arith
+from ....intmath import abs_bound, exact_matmul
 from ....registry import OpDef, registrar
 
 OPS: list[OpDef] = []
@@ -38,9 +39,11 @@ def _zero_point(zp, row_axis: bool):
 @op("MatMulInteger", (10,))
 def matmul_integer(a, b, a_zero_point=None, b_zero_point=None):
     """https://onnx.ai/onnx/operators/onnx__MatMulInteger.html: (A - a_zp) @ (B - b_zp) in int32."""
-    a = jnp.asarray(a).astype(jnp.int32) - _zero_point(a_zero_point, row_axis=True)
-    b = jnp.asarray(b).astype(jnp.int32) - _zero_point(b_zero_point, row_axis=False)
-    return jnp.matmul(a, b, preferred_element_type=jnp.int32)
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    bound = abs_bound(a.dtype, a_zero_point is not None) * abs_bound(b.dtype, b_zero_point is not None)
+    ai = a.astype(jnp.int32) - _zero_point(a_zero_point, row_axis=True)
+    bi = b.astype(jnp.int32) - _zero_point(b_zero_point, row_axis=False)
+    return exact_matmul(ai, bi, bound)
 
 
 @op("Gemm", (1, 6, 7, 9, 11, 13))

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ....intmath import abs_bound, exact_conv, exact_matmul
 from ....registry import OpDef, registrar
 from ._util import auto_pads, axis as norm_axis, dtype_of
 
@@ -168,7 +169,7 @@ def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, 
     a, b = jnp.asarray(a), jnp.asarray(b)
     ai = a.astype(jnp.int32) - _row_param(a_zero_point, a.ndim).astype(jnp.int32)
     bi = b.astype(jnp.int32) - jnp.asarray(b_zero_point).astype(jnp.int32)
-    acc = jnp.matmul(ai, bi, preferred_element_type=jnp.int32)
+    acc = exact_matmul(ai, bi, abs_bound(a.dtype, True) * abs_bound(b.dtype, True))
     f32 = jnp.float32
     multiplier = (_row_param(a_scale, a.ndim).astype(f32) * jnp.asarray(b_scale).astype(f32)
                   / jnp.asarray(y_scale).astype(f32))
@@ -193,8 +194,8 @@ def qlinear_conv(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_
     wzp = wzp.reshape(channel) if wzp.size > 1 else wzp.reshape(())
     xi = x.astype(jnp.int32) - jnp.asarray(x_zero_point).astype(jnp.int32).reshape(())
     wi = w.astype(jnp.int32) - wzp
-    acc = lax.conv_general_dilated(xi, wi, strides, padding, rhs_dilation=dilations,
-                                   feature_group_count=group, preferred_element_type=jnp.int32)
+    acc = exact_conv(xi, wi, strides, padding, rhs_dilation=dilations, feature_group_count=group,
+                     bound=abs_bound(x.dtype, True) * abs_bound(w.dtype, True))
     if B is not None:
         acc = acc + jnp.asarray(B).astype(jnp.int32).reshape((1, -1) + (1,) * n)
     f32 = jnp.float32

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ....intmath import exact_conv, exact_dot, exact_matmul
 from ....registry import OpDef, registrar
 from .. import quant as Q
 from ._util import QList, fused, is_quantized, qat
@@ -65,75 +66,22 @@ def _acc_dtype(q: Q.QParams):
     return jnp.int64 if _is_16x8(q) else jnp.int32
 
 
-_F32_EXACT = 1 << 24  # float32 holds every integer below this exactly
-#: Products above this bound (int16 x int8) leave float32 chunks too short to pay off: use float64.
-_CHUNK_BOUND_MAX = 1 << 16
-
-
 def qrange(q: Q.QParams) -> int:
     """Largest |value - zero_point| of an integer tensor with these params."""
     zp = np.asarray(q.zero_point, np.int64)
     return int(max(np.max(np.abs(q.qmin - zp)), np.max(np.abs(q.qmax - zp))))
 
 
-def exact_float(terms: int, bound: int = 255 * 255) -> jnp.dtype:
-    """A float dtype whose sums of ``terms`` products (each |p| <= bound) are exact integers."""
-    return jnp.float32 if terms * bound < _F32_EXACT else jnp.float64
-
-
-def _chunks(total: int, per_item: int, bound: int) -> list[tuple[int, int]] | None:
-    """Split ``total`` reduction items (``per_item`` products each) into float32-exact chunks; None: use float64."""
-    step = (_F32_EXACT - 1) // (per_item * bound)
-    if step < 1 or (bound > _CHUNK_BOUND_MAX and step < total):
-        return None
-    return [(i, min(i + step, total)) for i in range(0, total, step)]
-
-
-def exact_dot(a, b, dims, k_axis_a: int, k_axis_b: int, bound: int, acc_dtype=jnp.int32):
-    """Integer dot_general (``acc_dtype`` result) through float sums that stay exact: long reductions are split."""
-    k = a.shape[k_axis_a]
-    parts = _chunks(k, 1, bound)
-    if parts is None:
-        return lax.dot_general(a.astype(jnp.float64), b.astype(jnp.float64), dims).astype(acc_dtype)
-    acc = None
-    for lo, hi in parts:
-        pa = lax.slice_in_dim(a, lo, hi, axis=k_axis_a).astype(jnp.float32)
-        pb = lax.slice_in_dim(b, lo, hi, axis=k_axis_b).astype(jnp.float32)
-        part = lax.dot_general(pa, pb, dims).astype(jnp.int32).astype(acc_dtype)
-        acc = part if acc is None else acc + part
-    return acc
-
-
 def _conv(x, w, stride, dilation, padding, groups, bound: int = 255 * 255, acc_dtype=jnp.int32):
-    """Convolution; integer operands (|x * w| <= bound) are convolved in float32 and stay exact.
-
-    XLA's integer convolution is slow on CPU and float64 ones are several times slower than
-    float32, so a long reduction (many input channels) is split into input-channel chunks
-    whose float32 sums are exact, each a single XLA convolution, summed in int32.
-    """
+    """NHWC x OHWI convolution; integer operands (|x * w| <= bound) go through :func:`exact_conv`."""
     dn = ("NHWC", "OHWI", "NHWC")
     if groups > 1 and groups == x.shape[-1] and w.shape[3] == 1:
         return _depthwise_taps(x, w, stride, dilation, padding, acc_dtype)
-
-    def conv(a, b, ft):
-        return lax.conv_general_dilated(a.astype(ft), b.astype(ft), window_strides=stride, padding=padding,
-                                        rhs_dilation=dilation, dimension_numbers=dn, feature_group_count=groups)
-
     if not jnp.issubdtype(x.dtype, jnp.integer):
-        return conv(x, w, x.dtype)
-    window = int(np.prod(w.shape[1:3]))
-    cin = w.shape[3]
-    parts = _chunks(cin, window, bound) if groups == 1 else \
-        ([(0, cin)] if window * cin * bound < _F32_EXACT else None)
-    if parts is None:
-        return conv(x, w, jnp.float64).astype(acc_dtype)
-    acc = None
-    for lo, hi in parts:
-        xs = x if len(parts) == 1 else x[..., lo:hi]
-        ws = w if len(parts) == 1 else w[..., lo:hi]
-        part = conv(xs, ws, jnp.float32).astype(jnp.int32).astype(acc_dtype)
-        acc = part if acc is None else acc + part
-    return acc
+        return lax.conv_general_dilated(x, w.astype(x.dtype), window_strides=stride, padding=padding,
+                                        rhs_dilation=dilation, dimension_numbers=dn, feature_group_count=groups)
+    return exact_conv(x, w, stride, padding, bound=bound, dimension_numbers=dn, rhs_dilation=dilation,
+                      feature_group_count=groups, acc_dtype=acc_dtype)
 
 
 def _same_pads(size: int, k: int, s: int, d: int, padding: str) -> tuple[int, int, int]:
@@ -348,7 +296,7 @@ def batch_matmul(x, y, *, adj_x: bool = False, adj_y: bool = False, asymmetric_q
             a = jnp.swapaxes(a, -1, -2)
         if adj_y:
             b = jnp.swapaxes(b, -1, -2)
-        acc = jnp.matmul(a, b, preferred_element_type=jnp.int32)
+        acc = exact_matmul(a, b, qrange(qa) * qrange(qb))
         return Q.requantize(acc.astype(jnp.int64), float(qa.s) * float(qb.s) / float(qo.s), qo, (qo.qmin, qo.qmax))
     y = _hybrid_weight(y, qat(in_q, 1), x)
     if adj_x:
