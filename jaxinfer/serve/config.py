@@ -83,7 +83,7 @@ class GenerationConfig:
     max_len: int = 256
     prefill_buckets: tuple[int, ...] = ()  # () -> the Decoder's default buckets
     policy: str = "continuous"              # or "static": admit a new batch only when all slots are done
-    max_waiting: int = 1024                 # requests queued beyond the slots; more answer 503
+    max_waiting: int = 1024                 # requests queued beyond the slots; more answer 429
     max_new_tokens: int | None = None       # when a request names no max_tokens (default: min(64, max_len/2))
     tokenizer: str | None = None            # a tokenizer.json path (default: the model/version folder's)
 

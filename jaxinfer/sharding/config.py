@@ -119,6 +119,8 @@ class MeshConfig:
         parts = [f"{a}={getattr(self, a)}" for a in AXES if (getattr(self, a) or 1) > 1 or a == "data"]
         if self.stage > 1:
             parts.append(f"micro_batches={self.micro_batches}")
+        if self.chunk_size:
+            parts.append(f"chunk_size={self.chunk_size}")
         return "MeshConfig(" + ", ".join(parts) + ")"
 
 
