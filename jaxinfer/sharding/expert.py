@@ -31,7 +31,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from ..converters.onnx.ops.contrib import moe_activation
+from ..converters.onnx.ops.contrib import check_moe_options, moe_activation
 from ..graph import Graph, Node
 from ..registry import OpDef, Registry
 from .config import ShardingConfigError, divisors
@@ -143,10 +143,7 @@ def expert_parallel_moe(mesh: Mesh, capacity_factor: float | None = None) -> Cal
             activation_alpha: float = 1.0, activation_beta: float = 0.0, swiglu_fusion: int = 0,
             swiglu_limit: float | None = None, swiglu_limit_after_activation: int = 0):
         """com.microsoft MoE, expert parallel: dispatch -> all-to-all -> local experts -> all-to-all -> combine."""
-        if use_sparse_mixer:
-            raise ValueError("MoE: use_sparse_mixer=1 is not supported; expected 0")
-        if swiglu_limit_after_activation:
-            raise ValueError("MoE: swiglu_limit_after_activation=1 is CUDA-only; expected 0")
+        check_moe_options(use_sparse_mixer, swiglu_limit_after_activation)
         x = jnp.asarray(input)
         hidden = x.shape[-1]
         st = jnp.float64 if x.dtype == jnp.float64 else jnp.float32

@@ -64,6 +64,15 @@ def _spec_ok(name: str, shape: tuple, spec: P, mesh: Mesh) -> None:
                 f"sizes that divide it: {fits}")
 
 
+def params_bytes_per_device(params: Mapping[str, Any]) -> dict[int, int]:
+    """Bytes of ``params`` each addressable device holds (device id -> bytes)."""
+    out: dict[int, int] = {}
+    for v in params.values():
+        for s in v.addressable_shards:
+            out[s.device.id] = out.get(s.device.id, 0) + s.data.nbytes
+    return out
+
+
 class ShardedModel(Model):
     """A Model laid over ``mesh``: ``param_specs`` beside the params, jit with shardings."""
 
@@ -168,11 +177,7 @@ class ShardedModel(Model):
     # ------------------------------------------------------------ reporting
     def per_device_params_bytes(self) -> dict[int, int]:
         """Bytes of params each (addressable) device holds."""
-        out: dict[int, int] = {}
-        for v in self.params.values():
-            for s in v.addressable_shards:
-                out[s.device.id] = out.get(s.device.id, 0) + s.data.nbytes
-        return out
+        return params_bytes_per_device(self.params)
 
     def with_params(self, params: Mapping[str, Any]) -> ShardedModel:
         return ShardedModel(self.base, self.mesh, self.config, self.param_specs, self.analysis, params=params,

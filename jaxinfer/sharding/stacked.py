@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 from ..graph import Graph, Node, ValueInfo
 from ..model import Model, split_initializers
 from .config import MeshConfig, ShardingConfigError, divisors
+from .sharded import params_bytes_per_device
 from .values import Abstract
 
 
@@ -237,11 +238,7 @@ class StackedPipelineModel(Model):
                 f"stages={self.config.stage}, micro_batches={self.config.micro_batches})")
 
     def per_device_params_bytes(self) -> dict[int, int]:
-        out: dict[int, int] = {}
-        for v in self.params.values():
-            for s in v.addressable_shards:
-                out[s.device.id] = out.get(s.device.id, 0) + s.data.nbytes
-        return out
+        return params_bytes_per_device(self.params)
 
 
 def stacked_pipeline(base: Model, cfg: MeshConfig, mesh: Mesh, values: Mapping[str, Abstract],

@@ -274,6 +274,14 @@ def matmul_nbits(A, B, scales, zero_points=None, g_idx=None, bias=None, *, K: in
 # ---------------------------------------------------------------------- MoE
 
 
+def check_moe_options(use_sparse_mixer: int, swiglu_limit_after_activation: int) -> None:
+    """Refuse the MoE attributes onnxruntime's CPU kernel does not have either."""
+    if use_sparse_mixer:
+        raise ValueError("MoE: use_sparse_mixer=1 is not supported; expected 0")
+    if swiglu_limit_after_activation:
+        raise ValueError("MoE: swiglu_limit_after_activation=1 is CUDA-only; expected 0")
+
+
 def moe_activation(h: Any, kind: str, alpha: float, beta: float, limit: float | None, fusion: int,
                     h3: Any = None) -> Any:
     if kind == "swiglu":
@@ -309,10 +317,7 @@ def moe(input, router_probs, fc1_experts_weights, fc1_experts_bias=None, fc2_exp
     Every expert runs densely on every token (weights of unselected experts are zero): exact and
     jit-friendly for the small expert counts of exported models.
     """
-    if use_sparse_mixer:
-        raise ValueError("MoE: use_sparse_mixer=1 is not supported; expected 0")
-    if swiglu_limit_after_activation:
-        raise ValueError("MoE: swiglu_limit_after_activation=1 is CUDA-only; expected 0")
+    check_moe_options(use_sparse_mixer, swiglu_limit_after_activation)
     x = jnp.asarray(input)
     hidden = x.shape[-1]
     tokens = x.reshape(-1, hidden)
