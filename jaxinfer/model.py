@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from . import aot
 from .errors import InputError, UnsupportedOpsError
 from .graph import Dim, Graph, ValueInfo
 from .registry import Registry
@@ -255,7 +256,13 @@ class Model:
                 stats.traces += 1
                 return split_host(fn(params, {**inputs, **static}))
 
-            exe = jax.jit(call).lower(self.params, dynamic).compile(self.compiler_options or None)
+            exe = None
+            if not static and aot.export_dir() is not None:  # a warm process skips tracing (see aot.py)
+                digest = aot.program_digest(self.graph, self._constants, (self.params, dynamic), self.compiler_options)
+                exe = aot.compile_exported(call, (self.params, dynamic), digest, self.compiler_options,
+                                           may_save=lambda: not host_outputs)
+            if exe is None:
+                exe = jax.jit(call).lower(self.params, dynamic).compile(self.compiler_options or None)
         if host_outputs:
             exe = _WithHostOutputs(exe, host_outputs, self.stateful)
         with self._lock:

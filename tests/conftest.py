@@ -6,6 +6,10 @@ import os
 from collections import Counter
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# A developer's persistent cache would let programs stored by one test skip tracing in another, and the
+# tests count traces: the suite runs without it (tests/test_aot.py turns it on in its own processes).
+for _var in ("JAXINFER_CACHE_DIR", "JAX_COMPILATION_CACHE_DIR"):
+    os.environ.pop(_var, None)
 
 import jaxinfer  # noqa: E402,F401  (applies jaxinfer's JAX config first)
 
