@@ -10,8 +10,6 @@ writes the optimized HLO (``--hlo out.txt``) so the fusion XLA chose can be read
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,20 +18,15 @@ import jax
 import numpy as np
 import onnx
 
-from jaxinfer.bench import dummy_inputs, light_models
+from jaxinfer.bench import dummy_inputs, interleaved, light_models
 from jaxinfer.converters.onnx import load_onnx
 from jaxinfer.converters.onnx.restamp import restamp_batch
 from jaxinfer.tracer import run_node
 
 
 def median_ms(fn: Callable[[], Any], runs: int) -> float:
-    jax.block_until_ready(fn())
-    samples = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        samples.append(time.perf_counter() - t)
-    return statistics.median(samples) * 1e3
+    """Median ms of ``fn`` (device work included) after one warm-up call."""
+    return interleaved([lambda: jax.block_until_ready(fn())], runs, warmup=1)[0]
 
 
 def per_op_ms(model: Any, feeds: dict[str, np.ndarray], runs: int) -> list[tuple[str, str, float]]:

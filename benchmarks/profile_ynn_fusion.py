@@ -13,25 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import jax
 import onnx
 
-from jaxinfer.bench import dummy_inputs, geomean, light_models, table
+from jaxinfer.bench import dummy_inputs, geomean, interleaved, light_models, table
 from jaxinfer.converters.onnx import load_onnx
 from jaxinfer.converters.onnx.restamp import restamp_batch
-
-
-def median_ms(fn, runs: int) -> float:
-    samples = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        samples.append(time.perf_counter() - t)
-    return statistics.median(samples) * 1e3
 
 
 def main() -> None:
@@ -51,14 +40,11 @@ def main() -> None:
             ours, xla_default = load_onnx(stamped), load_onnx(stamped)
             xla_default.compiler_options = {}
             feeds = dummy_inputs(ours.inputs, batch)
-            for m in (ours, xla_default):
-                jax.block_until_ready(m.run_device(feeds))
-            t_ours, t_default = [], []
-            for _ in range(args.runs):  # interleaved, one call each
-                t_ours.append(median_ms(lambda: ours.run_device(feeds), 1))
-                t_default.append(median_ms(lambda: xla_default.run_device(feeds), 1))
+            ms_ours, ms_default = interleaved([lambda: jax.block_until_ready(ours.run_device(feeds)),
+                                               lambda: jax.block_until_ready(xla_default.run_device(feeds))],
+                                              args.runs, warmup=1)
             row = {"model": path.stem.replace("light_", ""), "batch": batch,
-                   "individual_ms": statistics.median(t_ours), "xla_default_ms": statistics.median(t_default)}
+                   "individual_ms": ms_ours, "xla_default_ms": ms_default}
             row["speedup"] = row["xla_default_ms"] / row["individual_ms"]
             rows.append(row)
             print(f"  {row['model']:14s} b{batch}: individual {row['individual_ms']:9.1f} ms  "
