@@ -51,12 +51,18 @@ def source_digest() -> str:
     return h.hexdigest()
 
 
+def array_digest(value: Any) -> str:
+    """A digest of an array's dtype, shape and contents (object arrays by their values' repr)."""
+    arr = np.asarray(value)
+    h = hashlib.blake2b(f"{arr.dtype.str}|{arr.shape}|".encode(), digest_size=16)
+    h.update(repr(arr.tolist()).encode() if arr.dtype == np.dtype(object) else np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
 def _update(h: Any, value: Any) -> None:
     """Feed ``value`` into ``h`` exactly: arrays by dtype, shape and bytes, containers element by element."""
     if isinstance(value, (np.ndarray, np.generic)) or isinstance(value, jax.Array):
-        arr = np.asarray(value)
-        h.update(f"a{arr.dtype.str}{arr.shape}".encode())
-        h.update(arr.tobytes() if arr.dtype != object else repr(arr.tolist()).encode())
+        h.update(f"a{array_digest(value)};".encode())
     elif isinstance(value, Graph):  # a control-flow body: hashed like the top graph
         _update_graph(h, value, initializers=True)
     elif isinstance(value, Mapping):

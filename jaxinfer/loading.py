@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,6 @@ def _sniff(data: bytes) -> str:
     if len(data) >= 8 and data[4:8] == b"TFL3":
         return "tflite"
     return "onnx"
-
-
-#: Keyword options ``load`` passes to each format's loader (see load_onnx / load_tflite).
-FORMAT_OPTIONS: dict[str, frozenset[str]] = {"onnx": frozenset({"optimize"}),
-                                             "tflite": frozenset({"hybrid", "requant"})}
 
 
 def load(source: Any, **options: Any) -> Model:
@@ -83,18 +79,20 @@ def _load_dir(path: Path) -> Model:
                          f"(found {[f.name for f in files]})")
 
 
-def _check_options(fmt: str, options: dict[str, Any]) -> None:
-    unknown = sorted(set(options) - FORMAT_OPTIONS[fmt])
+def _call_loader(fmt: str, loader: Any, source: Any, options: dict[str, Any] | None) -> Model:
+    """``loader(source, **options)`` once every option is one of the loader's keyword-only parameters."""
+    options = options or {}
+    known = sorted(n for n, p in inspect.signature(loader).parameters.items() if p.kind is p.KEYWORD_ONLY)
+    unknown = sorted(set(options) - set(known))
     if unknown:
-        raise TypeError(f"load(): unknown option(s) {unknown} for a {fmt} model; "
-                        f"it takes {sorted(FORMAT_OPTIONS[fmt])}")
+        raise TypeError(f"load(): unknown option(s) {unknown} for a {fmt} model; it takes {known}")
+    return loader(source, **options)
 
 
 def _load_onnx(source: Any, options: dict[str, Any] | None = None) -> Model:
     from .converters.onnx import load_onnx
 
-    _check_options("onnx", options or {})
-    return load_onnx(source, **(options or {}))
+    return _call_loader("onnx", load_onnx, source, options)
 
 
 def _load_tflite(source: Any, options: dict[str, Any] | None = None) -> Model:
@@ -102,5 +100,4 @@ def _load_tflite(source: Any, options: dict[str, Any] | None = None) -> Model:
         from .converters.tflite import load_tflite
     except ImportError as e:
         raise ModelLoadError(f"TFLite support is not available: {e}") from e
-    _check_options("tflite", options or {})
-    return load_tflite(source, **(options or {}))
+    return _call_loader("tflite", load_tflite, source, options)

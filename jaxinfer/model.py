@@ -4,7 +4,6 @@ compiled-executable cache keyed by input shapes/dtypes, and ``run``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -398,11 +397,7 @@ def _value_digest(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return tuple(_value_digest(x) for x in v)
     arr = np.asarray(v)
-    if arr.dtype == np.dtype(object):
-        payload = repr(arr.tolist()).encode()
-    else:
-        payload = np.ascontiguousarray(arr).tobytes()
-    return (arr.shape, str(arr.dtype), hashlib.blake2b(payload, digest_size=16).hexdigest())
+    return (arr.shape, str(arr.dtype), aot.array_digest(arr))
 
 
 def _to_host(v: Any) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from .quant import INT32_MAX, INT32_MIN, rounding_divide_by_pot, srdhm
+from .quant import INT32_MAX, INT32_MIN, rounding_divide_by_pot, srdhm, wrap32
 
 #: gemmlowp's fixed-point constants (raw int32 values).
 _EXP_MINUS_ONE_EIGHTH = 1895147668  # exp(-1/8) in F0
@@ -29,11 +29,6 @@ _ALPHA_N = 117049297
 _ALPHA_D = 127690142
 _ALPHA_I = 1057819769
 _ALPHA_F = 638450708
-
-
-def wrap32(x: jnp.ndarray) -> jnp.ndarray:
-    """Two's-complement int32 wrap-around of an int64-held value (C int32 addition)."""
-    return ((x + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
 
 
 def sat32(x: jnp.ndarray) -> jnp.ndarray:

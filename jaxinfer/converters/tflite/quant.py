@@ -110,7 +110,7 @@ def multiply_by_quantized_multiplier(x: jnp.ndarray, mult: np.ndarray | int, shi
     left = jnp.maximum(shift, 0)
     right = jnp.maximum(-shift, 0)
     # x * 2**left can exceed int32 in TFLite too (wraps there); keep it in int32 range like the C++ code.
-    shifted = _wrap32(x << left)
+    shifted = wrap32(x << left)
     return rounding_divide_by_pot(srdhm(shifted, mult), right)
 
 
@@ -151,7 +151,7 @@ def multiply_by_quantized_multiplier_ties_up(x: jnp.ndarray, mult: np.ndarray | 
     x = jnp.asarray(x, jnp.int64)
     mult = jnp.asarray(mult, jnp.int64)
     shift = jnp.asarray(shift, jnp.int64)
-    high = srdhm(_wrap32(x << jnp.maximum(shift, 0)), mult)
+    high = srdhm(wrap32(x << jnp.maximum(shift, 0)), mult)
     right = jnp.maximum(-shift, 0)
     return jnp.where(right > 0, (high + (jnp.int64(1) << jnp.maximum(right - 1, 0))) >> right, high)
 
@@ -165,7 +165,8 @@ RESCALES = {
 }
 
 
-def _wrap32(x: jnp.ndarray) -> jnp.ndarray:
+def wrap32(x: jnp.ndarray) -> jnp.ndarray:
+    """Two's-complement int32 wrap-around of an int64-held value (C int32 addition)."""
     return ((x + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
 
 

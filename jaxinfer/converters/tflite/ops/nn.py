@@ -50,7 +50,7 @@ def _finish(acc, bias, in_q, out_q, w_channels: int, act: str, wide_rounding: st
     if bias is not None:
         acc = acc + jnp.asarray(bias, jnp.int64)
     if not wide:
-        acc = Q._wrap32(acc)
+        acc = Q.wrap32(acc)
     mult = _per_channel_multiplier(qi, qw, qo, w_channels)
     return Q.requantize(acc, mult, qo, Q.activation_range(act, qo), channel_axis=-1,
                         rounding=wide_rounding if wide else rounding)
