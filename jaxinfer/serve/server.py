@@ -19,7 +19,7 @@ import uvicorn
 from .._config import enable_compilation_cache
 from ..errors import JaxinferError
 from ..model import Model
-from .app import ServerState, build_app
+from .app import InferFastPath, ServerState, build_app
 from .metrics import Metrics
 from .repository import ModelLoadFailed, ModelRepository
 
@@ -44,7 +44,7 @@ class Server:
         self.repo = repo
         self.metrics = metrics or Metrics(repo.versions, lambda: repo.retired_compiles)
         self.state = ServerState(repo, self.metrics, max_body_bytes, __version__)
-        self.app = build_app(self.state)
+        self.app = InferFastPath(build_app(self.state), self.state)
         self.host = host
         # IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted sockets only when the proto says TCP (else +40 ms
         # per response from Nagle + delayed ACK)

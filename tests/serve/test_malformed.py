@@ -82,3 +82,24 @@ def test_healthy_after_malformed(server):
     r = httpx.post(f"{server.url}/v2/models/mlp/infer", json=_json(id="after"))
     assert r.status_code == 200 and r.json()["id"] == "after"
     assert server.repo.get("mlp").late_compiles == 0
+
+
+def test_starlette_route_answers_as_the_fast_path(server):
+    """The server answers infer in InferFastPath; the Starlette route alone gives the same answers."""
+    from starlette.testclient import TestClient
+
+    from jaxinfer.serve.app import build_app
+
+    good = json.dumps(_json(id="same")).encode()
+    with TestClient(build_app(server.state)) as plain:
+        for body, headers, *_ in [*CASES.values(), (good, {})]:
+            fast = httpx.post(f"{server.url}/v2/models/mlp/infer", content=body, headers=headers)
+            slow = plain.post("/v2/models/mlp/infer", content=body, headers=headers)
+            assert (fast.status_code, fast.json()) == (slow.status_code, slow.json())
+
+
+def test_infer_path_with_other_methods(server):
+    r = httpx.get(f"{server.url}/v2/models/mlp/infer")
+    assert r.status_code == 405 and "no route GET" in r.json()["error"]
+    r = httpx.post(f"{server.url}/v2/models/mlp/infer/extra", content=b"{}")
+    assert r.status_code == 404 and "error" in r.json()
