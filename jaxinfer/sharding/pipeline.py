@@ -43,6 +43,8 @@ from .values import Abstract, abstract_inputs, abstract_values
 
 #: Ops costed as matrix products (2·output·K FLOPs).
 _MATMUL = {"MatMul", "Gemm", "MatMulInteger", "FusedMatMul", "QLinearMatMul", "Einsum"}
+#: Mixture-of-experts ops (com.microsoft MoE, jaxinfer StackedMoE): fc1 weights [experts, inter, hidden] at input 2.
+_MOE = {"MoE", "StackedMoE"}
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,10 @@ def node_costs(graph: Graph, values: Mapping[str, Abstract]) -> tuple[list[float
         elif node.op_type in ("Conv", "ConvTranspose") and len(node.inputs) > 1 and node.inputs[1] in values:
             w = values[node.inputs[1]].shape
             size *= 2 * float(np.prod(w[1:]))
+        elif node.op_type in _MOE and len(node.inputs) > 2 and node.inputs[2] in values:
+            # routed experts: each token through k experts' fc1 (+fc3) and fc2, 2 FLOPs per multiply-add
+            mats = 3 if len(node.inputs) > 6 and node.inputs[6] else 2
+            size *= 2 * int(node.attrs.get("k", 1)) * mats * values[node.inputs[2]].shape[1]
         flops.append(size)
         reads = {v for v in node.inputs if v} | {v for s in node.subgraphs() for v in outer_names(s)}
         pbytes.append(sum(values[v].nbytes for v in reads if v in values and values[v].param))
@@ -443,6 +449,7 @@ class PipelineModel(Model):
 def pipeline(base: Model, cfg: MeshConfig, devices: Sequence[Any], *, example: Mapping[str, Any] | None = None,
              params: Mapping[str, Any] | None = None) -> PipelineModel:
     """Cut ``base`` into ``cfg.stage`` stages over ``devices`` (see the module docstring)."""
+    from .expert import expert_registry, expert_specs, moe_nodes
     from .sharded import ShardedModel, _spec_ok, tensor_specs
 
     if base.value_inputs:
@@ -474,9 +481,13 @@ def pipeline(base: Model, cfg: MeshConfig, devices: Sequence[Any], *, example: M
         sub_mesh = _stage_mesh(mesh, s)
         ex = None if example is None else {k: v for k, v in example.items() if k in sub.value_inputs}
         specs, analysis = tensor_specs(sub, stage_cfg, len(devices) // cfg.stage, example=ex)
+        registry = None
+        if cfg.expert > 1 and moe_nodes(g):  # this stage's experts split over its sub-mesh's expert axis
+            specs.update(expert_specs(sub, cfg.expert))
+            registry = expert_registry(sub.registry, sub_mesh)
         for name, spec in specs.items():
             _spec_ok(name, tuple(np.shape(sub.params[name])), spec, sub_mesh)
-        sm = ShardedModel(sub, sub_mesh, stage_cfg, specs, analysis)
+        sm = ShardedModel(sub, sub_mesh, stage_cfg, specs, analysis, registry=registry)
         sm.replicated_inputs = frozenset(v.name for v in g.inputs if dims.get(v.name, ("",))[:1] != ("batch",))
         models.append(sm)
     return PipelineModel(base, mesh, cfg, split, models, dims)

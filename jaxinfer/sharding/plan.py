@@ -157,7 +157,8 @@ def plan(model: Any, devices: int | Sequence[Any] = 8, *, batch: int = 8, memory
       timed: time ``repeats`` runs of each candidate (ranks by measured latency);
         False ranks by an estimate from cost_analysis and collective bytes.
       configs: candidates to try (default: every factorization; expert sizes only when
-        the model has a com.microsoft MoE op).
+        the model has a com.microsoft MoE op or an exported MoE pattern that ``moe_pattern``
+        recognises).
       allow_stage: also try pipeline stages (with ``micro_batches``, default ``batch``
         split as finely as the data size allows).
 
@@ -171,9 +172,9 @@ def plan(model: Any, devices: int | Sequence[Any] = 8, *, batch: int = 8, memory
         raise ValueError(f"asked for {devices} devices, only {len(devs)} exist")
     feeds = dict(feeds) if feeds is not None else example_feeds(model, batch)
     if configs is None:
-        from .expert import moe_nodes
+        from .expert import has_experts
 
-        configs = enumerate_configs(len(devs), allow_stage=allow_stage, allow_expert=bool(moe_nodes(model.graph)))
+        configs = enumerate_configs(len(devs), allow_stage=allow_stage, allow_expert=has_experts(model))
         configs = [replace(c, micro_batches=micro_batches or max(1, batch // c.data)) if c.stage > 1 else c
                    for c in configs]
     configs = list(configs)

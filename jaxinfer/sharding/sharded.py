@@ -217,12 +217,14 @@ def shard(model: Model, config: Any = None, *, devices: Sequence[Any] | None = N
     params = model.params if isinstance(model, ShardedModel) else None
     devs = list(jax.devices() if devices is None else devices)
     cfg = cfg.resolved(len(devs))
+    if cfg.expert > 1:
+        from .expert import expert_specs, experts_model
+
+        base, params = experts_model(base, params)  # exported MoE patterns -> StackedMoE nodes
+        expert_specs(base, cfg.expert)  # the model has experts, and expert divides them (else a clear error)
     if cfg.stage > 1:
         from .pipeline import pipeline
 
-        if cfg.expert > 1:
-            raise ShardingConfigError(f"stage={cfg.stage} with expert={cfg.expert}: pipeline and expert parallelism "
-                                      "cannot be combined yet; use one of them with data/tensor parallelism")
         return pipeline(base, cfg, devs, example=example, params=params)
     mesh = build_mesh(cfg, devs)
     specs, analysis = tensor_specs(base, cfg, len(devs), example=example)
@@ -255,8 +257,10 @@ def tensor_specs(base: Model, cfg: MeshConfig, n_devices: int, *,
                 f"tensor sizes that fit this model: {[d for d in free.fits() if n_devices % d == 0]} "
                 f"(or pass strict=False to leave those params replicated)")
         if not analysis.param_dims:
+            hint = (f" (its experts split over expert={cfg.expert}; e.g. {{'expert': {cfg.expert}, 'data': "
+                    f"{cfg.data * cfg.tensor}}} instead)" if cfg.expert > 1 else "")
             raise ShardingConfigError(f"tensor={cfg.tensor}: found nothing in this graph to split over 'tensor'; "
-                                      "use data parallelism or pass explicit rules")
+                                      f"use data parallelism or pass explicit rules{hint}")
         rules = analysis.rules
     else:
         rules = []

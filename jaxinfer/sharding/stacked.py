@@ -247,7 +247,7 @@ def stacked_pipeline(base: Model, cfg: MeshConfig, mesh: Mesh, values: Mapping[s
     """(the stacked-layer pipeline, "") when it applies to ``base`` and ``cfg``, else (None, why not)."""
     if cfg.tensor > 1 or cfg.expert > 1 or cfg.data > 1:
         return None, (f"the stacked schedule runs stage-only meshes (data={cfg.data}, tensor={cfg.tensor}, "
-                      f"expert={cfg.expert} given); the per-stage schedule combines stages with data/tensor")
+                      f"expert={cfg.expert} given); the per-stage schedule combines stages with data/tensor/expert")
     run = find_layers(base.graph, values, cuts)
     if run is None:
         return None, "the graph has no run of identical layers with one activation between them"

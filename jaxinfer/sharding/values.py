@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from ..graph import Graph
+from ..registry import Registry
 from ..tracer import is_concrete, run_node, static_names
 
 
@@ -80,4 +82,35 @@ def abstract_values(model: Any, inputs: Mapping[str, Any]) -> dict[str, Abstract
         return 0
 
     jax.eval_shape(walk, params, dynamic)
+    return found
+
+
+def graph_shapes(graph: Graph, registry: Registry, dim: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shape and dtype of every value of ``graph`` with each symbolic/unknown input dim set to ``dim``.
+
+    Raises:
+      ValueError: an input is read at trace time (its value, not only its shape, sets shapes).
+    """
+    from ..model import split_initializers
+
+    keep = static_names(graph, registry)
+    consts, params = split_initializers(graph, registry)
+    if any(v.name in keep for v in graph.inputs):
+        raise ValueError("graph inputs read at trace time: shapes depend on their values")
+    inputs = {v.name: jax.ShapeDtypeStruct(tuple(d if isinstance(d, int) and d > 0 else dim for d in (v.shape or ())),
+                                           v.dtype or np.float32) for v in graph.inputs}
+    found: dict[str, jax.ShapeDtypeStruct] = {}
+
+    def walk(p: Any, x: Any) -> int:
+        env: dict[str, Any] = dict(consts)
+        env.update(p)
+        env.update(x)
+        for node in graph.nodes:
+            run_node(node, env, registry, graph.opsets, keep)
+        for name, value in env.items():
+            if hasattr(value, "shape") and hasattr(value, "dtype"):
+                found[name] = jax.ShapeDtypeStruct(tuple(value.shape), np.dtype(value.dtype))
+        return 0
+
+    jax.eval_shape(walk, {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}, inputs)
     return found
