@@ -20,8 +20,11 @@ def load_tflite(source: str | os.PathLike[str] | bytes, *, hybrid: str = "xnnpac
     ``asymmetric_quantize_inputs`` is set or the conv weights are per-channel).
 
     ``requant`` picks the integer requantization rounding: ``"reference"`` (LiteRT's reference
-    kernels: ties away from zero) or ``"builtin"`` (its builtin kernels, where int8 per-channel
-    CONV_2D runs on ruy and rounds ties up).
+    kernels: ties away from zero), ``"builtin"`` (its builtin kernels, where int8 per-channel
+    CONV_2D runs on ruy and rounds ties up, and quantized MEAN over H, W and SUM take the
+    optimized kernels' arithmetic) or ``"xnnpack"`` (LiteRT's default delegate: 8-bit MEAN and
+    SUM rescale in float32 and round half to even; other integer ops round as ``"reference"``,
+    XNNPACK's own float32 requantization of convolutions and adds is not modelled).
 
     Example:
       >>> m = load_tflite("mobilenet_v2.tflite")                      # doctest: +SKIP

@@ -263,6 +263,8 @@ class _SubgraphBuilder:
                 attrs["hybrid_asymmetric"] = True
             if domain == DOMAIN and self.requant == "builtin" and _ruy_per_channel(op_type, in_q):
                 attrs["requant_rounding"] = "ties_up"
+            if domain == DOMAIN and op_type in _QUANT_REDUCERS and in_q and in_q[0] is not None:
+                attrs["quant_kernel"] = self.requant
             if domain == DOMAIN and op_type in _WANTS_OUT_DTYPE:
                 attrs["out_dtype"] = tensors[outs[0]].dtype
             if domain == DOMAIN and op_type in _WANTS_OUT_SHAPE:
@@ -311,7 +313,9 @@ _WANTS_OUT_SHAPE = {"RESHAPE", "VAR_HANDLE"}
 _HYBRID_OPS = {"FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D"}
 HYBRID_MODES = ("xnnpack", "builtin")
 #: Which LiteRT kernel set's integer requantization rounding to follow (see load_tflite).
-REQUANT_MODES = ("reference", "builtin")
+REQUANT_MODES = ("reference", "builtin", "xnnpack")
+#: Quantized reductions whose arithmetic differs between LiteRT's kernel sets (told ``quant_kernel``).
+_QUANT_REDUCERS = {"MEAN", "SUM", "REDUCE_PROD"}
 
 
 def _ruy_per_channel(op_type: str, in_q: tuple) -> bool:

@@ -1,11 +1,18 @@
 """Sequence builtins: UNIDIRECTIONAL_SEQUENCE_LSTM, BIDIRECTIONAL_SEQUENCE_LSTM, UNIDIRECTIONAL_SEQUENCE_RNN, SVDF.
 
-Float kernels (hybrid int8 weights are dequantized), one ``lax.scan`` over time.
-Tensor layouts follow TFLite's builtin kernels: weights are ``[n_cell, n_input]``
-and ``[n_cell, n_output]``, gates in the order input, forget, cell, output; an
-omitted input gate (CIFG) uses ``1 - forget``; peepholes read the previous cell
-state for the input/forget gates and the new one for the output gate; with
-layer norm the bias is added after normalization.
+Float kernels, one ``lax.scan`` over time. Tensor layouts follow TFLite's builtin
+kernels: weights are ``[n_cell, n_input]`` and ``[n_cell, n_output]``, gates in the
+order input, forget, cell, output; an omitted input gate (CIFG) uses ``1 - forget``;
+peepholes read the previous cell state for the input/forget gates and the new one for
+the output gate; with layer norm the bias is added after normalization.
+
+Dynamic-range (hybrid) models keep float activations and int8 weight matrices with one
+scale each. As LiteRT's hybrid kernels do, every float operand of such a matrix (the
+input at each step, the previous output state, the LSTM projection's input) is quantized
+to int8 per batch row (symmetric, or asymmetric with ``asymmetric_quantize_inputs``),
+multiplied in int32 and scaled back by ``row_scale * weight_scale``; contributions are
+added to the gate in the kernels' order (bias, input, auxiliary input, recurrent,
+peephole). Int8 peephole and SVDF time weights are dequantized (``q * scale``).
 
 The state inputs are TFLite *variable* tensors that LiteRT carries across
 invocations; the reader turns them into graph state and lists their slots in
@@ -15,12 +22,15 @@ every such state slot.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
+from ....intmath import exact_dot
 from ....registry import OpDef, registrar
 from .. import quant as Q
 from ._util import QList, fused, qat
@@ -48,6 +58,54 @@ def _f32(args: tuple[Any, ...], in_q: QList, slot: int):
     return jnp.asarray(v, jnp.float32)
 
 
+@dataclass(frozen=True)
+class _Int8Matrix:
+    """A dynamic-range weight matrix [N, K]: int8 values (held as int32) and its one float32 scale."""
+
+    values: Any
+    scale: np.float32
+
+
+def _matrix(args: tuple[Any, ...], in_q: QList, slot: int, hybrid: bool):
+    """Weight matrix ``slot``: an :class:`_Int8Matrix` in a hybrid op, else float32 (None when omitted)."""
+    if slot >= len(args) or args[slot] is None:
+        return None
+    q = qat(in_q, slot)
+    if hybrid and q is not None and not q.per_axis and jnp.result_type(args[slot]) == jnp.int8:
+        return _Int8Matrix(jnp.asarray(args[slot], jnp.int32), np.float32(q.s))
+    return _f32(args, in_q, slot)
+
+
+def _is_hybrid(args: tuple[Any, ...], in_q: QList, weight_slot: int) -> bool:
+    """Float activations with an int8 weight (LiteRT checks one weight, as here): the hybrid kernel."""
+    w = args[weight_slot] if weight_slot < len(args) else None
+    return (w is not None and qat(in_q, weight_slot) is not None and jnp.result_type(w) == jnp.int8
+            and jnp.issubdtype(jnp.result_type(args[0]), jnp.floating))
+
+
+class _Operand:
+    """A float operand of the gate matmuls; quantized per row (once) when it meets an int8 matrix."""
+
+    def __init__(self, x, asymmetric: bool):
+        self.x = x
+        self.asymmetric = asymmetric
+        self._q = None
+
+    def mm(self, w):
+        """``x @ w.T``: a float matmul, or LiteRT's hybrid one for an :class:`_Int8Matrix`."""
+        if w is None:
+            return None
+        if not isinstance(w, _Int8Matrix):
+            return _mm(self.x, w)
+        if self._q is None:
+            q, sf, _ = Q.dynamic_quantize_rows(jnp.reshape(self.x, (-1, self.x.shape[-1])), self.asymmetric)
+            self._q = (q, sf)
+        q, sf = self._q
+        acc = exact_dot(q, w.values, (((1,), (1,)), ((), ())), 1, 1, 255 * 128)
+        y = acc.astype(jnp.float32) * (sf[:, None] * jnp.float32(w.scale))
+        return jnp.reshape(y, self.x.shape[:-1] + (w.values.shape[0],))
+
+
 def _layer_norm(z):
     mean = jnp.mean(z, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(z - mean), axis=-1, keepdims=True)
@@ -59,51 +117,59 @@ def _mm(x, w):
     return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
 
 
+def _n_rows(m) -> int:
+    return m.values.shape[0] if isinstance(m, _Int8Matrix) else m.shape[0]
+
+
 def _lstm_layer(x_tm, h0, c0, w: dict[str, Any], act: str, cell_clip: float, proj_clip: float,
-                aux_tm=None, reverse: bool = False, diagonal: bool = False):
+                aux_tm=None, reverse: bool = False, diagonal: bool = False, asymmetric: bool = False):
     """One LSTM direction over time-major ``x_tm`` [T, B, I]; returns (outputs [T, B, n_output], h_T, c_T)."""
     cifg = w["wi"] is None
     gates = ("f", "c", "o") if cifg else ("i", "f", "c", "o")
     layer_norm = w["ln_f"] is not None
+    xs = _Operand(x_tm, asymmetric)
+    auxs = _Operand(aux_tm, asymmetric) if aux_tm is not None else None
     pre = {}
     for g in gates:
-        z = _mm(x_tm, w["w" + g])
-        if aux_tm is not None and w.get("aw" + g) is not None:
-            z = z + _mm(aux_tm, w["aw" + g])
+        z = xs.mm(w["w" + g])
         if not layer_norm and w["b" + g] is not None:
-            z = z + w["b" + g]
+            z = w["b" + g] + z  # the kernels start each gate from its bias
+        if auxs is not None and w.get("aw" + g) is not None:
+            z = z + auxs.mm(w["aw" + g])
         pre[g] = z
-
-    def gate(g, z, h, cell, fn):
-        r = w["r" + g]
-        z = z + (h * r if diagonal else _mm(h, r))
-        peep = w.get("p" + g)
-        if peep is not None and cell is not None:
-            z = z + cell * peep
-        if layer_norm:
-            z = _layer_norm(z) * w["ln_" + g]
-            if w["b" + g] is not None:
-                z = z + w["b" + g]
-        return fn(z)
 
     def act_fn(v):
         return fused(v, act)
 
     def step(carry, zs):
         h, c = carry
+        hs = _Operand(h, asymmetric)
+
+        def gate(g, z, cell, fn):
+            r = w["r" + g]
+            z = z + (h * r if diagonal else hs.mm(r))
+            peep = w.get("p" + g)
+            if peep is not None and cell is not None:
+                z = z + cell * peep
+            if layer_norm:
+                z = _layer_norm(z) * w["ln_" + g]
+                if w["b" + g] is not None:
+                    z = z + w["b" + g]
+            return fn(z)
+
         z = dict(zip(gates, zs))
-        f = gate("f", z["f"], h, c, jax.nn.sigmoid)
-        i = 1.0 - f if cifg else gate("i", z["i"], h, c, jax.nn.sigmoid)
-        g = gate("c", z["c"], h, None, act_fn)
+        f = gate("f", z["f"], c, jax.nn.sigmoid)
+        i = 1.0 - f if cifg else gate("i", z["i"], c, jax.nn.sigmoid)
+        g = gate("c", z["c"], None, act_fn)
         c_new = c * f + i * g
         if cell_clip > 0:
             c_new = jnp.clip(c_new, -cell_clip, cell_clip)
-        o = gate("o", z["o"], h, c_new, jax.nn.sigmoid)
+        o = gate("o", z["o"], c_new, jax.nn.sigmoid)
         out = o * act_fn(c_new)
         if w["proj_w"] is not None:
-            out = _mm(out, w["proj_w"])
+            out = _Operand(out, asymmetric).mm(w["proj_w"])
             if w["proj_b"] is not None:
-                out = out + w["proj_b"]
+                out = w["proj_b"] + out
             if proj_clip > 0:
                 out = jnp.clip(out, -proj_clip, proj_clip)
         return (out, c_new), out
@@ -114,18 +180,19 @@ def _lstm_layer(x_tm, h0, c0, w: dict[str, Any], act: str, cell_clip: float, pro
 
 
 def _lstm_weights(args, in_q, base: int, peep: int, bias: int, proj: int, ln: int | None = None,
-                  aux: int | None = None) -> dict[str, Any]:
+                  aux: int | None = None, hybrid: bool = False, diagonal: bool = False) -> dict[str, Any]:
+    """The LSTM's tensors by role; in a hybrid op the int8 weight matrices stay int8 (see :class:`_Int8Matrix`)."""
     names = "ifco"
     w: dict[str, Any] = {}
     for k, g in enumerate(names):
-        w["w" + g] = _f32(args, in_q, base + k)
-        w["r" + g] = _f32(args, in_q, base + 4 + k)
+        w["w" + g] = _matrix(args, in_q, base + k, hybrid)
+        w["r" + g] = _f32(args, in_q, base + 4 + k) if diagonal else _matrix(args, in_q, base + 4 + k, hybrid)
         w["b" + g] = _f32(args, in_q, bias + k)
         w["ln_" + g] = _f32(args, in_q, ln + k) if ln is not None else None
-        w["aw" + g] = _f32(args, in_q, aux + k) if aux is not None else None
+        w["aw" + g] = _matrix(args, in_q, aux + k, hybrid) if aux is not None else None
     for k, g in enumerate("ifo"):
         w["p" + g] = _f32(args, in_q, peep + k)
-    w["proj_w"] = _f32(args, in_q, proj)
+    w["proj_w"] = _matrix(args, in_q, proj, hybrid)
     w["proj_b"] = _f32(args, in_q, proj + 1)
     return w
 
@@ -149,15 +216,17 @@ def unidirectional_sequence_lstm(*args, fused_activation_function: str = "TANH",
                                  state_outputs: tuple[int, ...] = (), in_q: QList = None, out_q: QList = None):
     """LSTM over a [B, T, I] (or time-major [T, B, I]) sequence; inputs in TFLite's 24-slot layout."""
     x = _f32(args, in_q, 0)
-    w = _lstm_weights(args, in_q, 1, 9, 12, 16, ln=20 if len(args) > 20 else None)
+    diagonal = bool(diagonal_recurrent_tensors)
+    w = _lstm_weights(args, in_q, 1, 9, 12, 16, ln=20 if len(args) > 20 else None,
+                      hybrid=_is_hybrid(args, in_q, 4), diagonal=diagonal)
     x_tm = _time_major(x, time_major)
     batch = x_tm.shape[1]
-    n_cell = w["wf"].shape[0]
-    n_out = w["proj_w"].shape[0] if w["proj_w"] is not None else n_cell
+    n_cell = _n_rows(w["wf"])
+    n_out = _n_rows(w["proj_w"]) if w["proj_w"] is not None else n_cell
     h0 = _state(args, in_q, 18, batch, n_out)
     c0 = _state(args, in_q, 19, batch, n_cell)
     ys, h_t, c_t = _lstm_layer(x_tm, h0, c0, w, fused_activation_function, float(cell_clip), float(proj_clip),
-                               diagonal=bool(diagonal_recurrent_tensors))
+                               diagonal=diagonal, asymmetric=bool(asymmetric_quantize_inputs))
     finals = {18: h_t, 19: c_t}
     return (_time_major(ys, time_major),) + tuple(finals[s].reshape(jnp.shape(args[s])) for s in state_outputs)
 
@@ -175,19 +244,20 @@ def bidirectional_sequence_lstm(*args, fused_activation_function: str = "TANH", 
     x_tm = _time_major(_f32(args, in_q, 0), time_major)
     aux = _f32(args, in_q, 39)
     aux_tm = _time_major(aux, time_major) if aux is not None else None
-    fw = _lstm_weights(args, in_q, 1, 9, 12, 16, aux=40)
-    bw = _lstm_weights(args, in_q, 18, 26, 29, 33, aux=44)
+    fw = _lstm_weights(args, in_q, 1, 9, 12, 16, aux=40, hybrid=_is_hybrid(args, in_q, 4))
+    bw = _lstm_weights(args, in_q, 18, 26, 29, 33, aux=44, hybrid=_is_hybrid(args, in_q, 21))
     batch = x_tm.shape[1]
     act, cc, pc = fused_activation_function, float(cell_clip), float(proj_clip)
     results = {}
     for name, w, hs, cs, rev in (("fw", fw, 35, 36, False), ("bw", bw, 37, 38, True)):
-        n_cell = w["wf"].shape[0]
-        n_out = w["proj_w"].shape[0] if w["proj_w"] is not None else n_cell
+        n_cell = _n_rows(w["wf"])
+        n_out = _n_rows(w["proj_w"]) if w["proj_w"] is not None else n_cell
         h0, c0 = _state(args, in_q, hs, batch, n_out), _state(args, in_q, cs, batch, n_cell)
         inp, aux_in = x_tm, aux_tm
         if aux_tm is not None and w["awf"] is None:
             inp, aux_in = (aux_tm if name == "bw" else x_tm), None
-        ys, h_t, c_t = _lstm_layer(inp, h0, c0, w, act, cc, pc, aux_tm=aux_in, reverse=rev)
+        ys, h_t, c_t = _lstm_layer(inp, h0, c0, w, act, cc, pc, aux_tm=aux_in, reverse=rev,
+                                   asymmetric=bool(asymmetric_quantize_inputs))
         results[name] = ys
         results[hs], results[cs] = h_t, c_t
     states = tuple(results[s].reshape(jnp.shape(args[s])) for s in state_outputs)
@@ -202,15 +272,17 @@ def unidirectional_sequence_rnn(*args, time_major: bool = False, fused_activatio
                                 in_q: QList = None, out_q: QList = None):
     """h_t = act(x_t W^T + h_{t-1} R^T + b): input, weights [U, I], recurrent [U, U], bias [U], hidden state [B, U]."""
     x_tm = _time_major(_f32(args, in_q, 0), time_major)
-    wx, wh, b = _f32(args, in_q, 1), _f32(args, in_q, 2), _f32(args, in_q, 3)
-    batch, units = x_tm.shape[1], wx.shape[0]
+    hybrid = _is_hybrid(args, in_q, 1)
+    asymmetric = bool(asymmetric_quantize_inputs)
+    wx, wh, b = _matrix(args, in_q, 1, hybrid), _matrix(args, in_q, 2, hybrid), _f32(args, in_q, 3)
+    batch, units = x_tm.shape[1], _n_rows(wx)
     h0 = _state(args, in_q, 4, batch, units)
-    zx = _mm(x_tm, wx)
+    zx = _Operand(x_tm, asymmetric).mm(wx)
     if b is not None:
-        zx = zx + b
+        zx = b + zx
 
     def step(h, z):
-        h_new = fused(z + _mm(h, wh), fused_activation_function)
+        h_new = fused(z + _Operand(h, asymmetric).mm(wh), fused_activation_function)
         return h_new, h_new
 
     h_t, ys = lax.scan(step, h0, zx, unroll=_unroll(zx.shape[0]))
@@ -226,11 +298,12 @@ def svdf(*args, rank: int = 1, fused_activation_function: str = "NONE", asymmetr
     memory is weighted by ``weights_time`` and summed, ``rank`` filters sum into each unit.
     """
     x = _f32(args, in_q, 0)
-    w_feat, w_time, b = _f32(args, in_q, 1), _f32(args, in_q, 2), _f32(args, in_q, 3)
+    w_feat = _matrix(args, in_q, 1, _is_hybrid(args, in_q, 1))
+    w_time, b = _f32(args, in_q, 2), _f32(args, in_q, 3)
     batch = x.shape[0]
     filters, memory = w_time.shape
     state = _state(args, in_q, 4, batch, filters * memory).reshape(batch, filters, memory)
-    newest = _mm(jnp.reshape(x, (batch, -1)), w_feat)  # [B, F]
+    newest = _Operand(jnp.reshape(x, (batch, -1)), bool(asymmetric_quantize_inputs)).mm(w_feat)  # [B, F]
     state = jnp.concatenate([state[:, :, 1:], newest[:, :, None]], axis=2)
     per_filter = jnp.einsum("bfm,fm->bf", state, w_time)
     y = per_filter.reshape(batch, filters // rank, rank).sum(axis=-1)
