@@ -4,7 +4,8 @@ Issue 4's figure: a second process loading the same model should start from JAX'
 compilation cache, its first call taking <= 20 % of a cold process's. For each model this script
 spawns a fresh Python process twice with ``jax_compilation_cache_dir`` pointing at a new temporary
 directory (cold: empty; warm: what the cold process wrote) and times, inside each child: the load,
-the first ``run()`` (trace + lower + XLA compile or cache load + execute) and a second ``run()``.
+the first ``run()`` (trace + lower + XLA compile or cache load + execute; with a stored executable
+from jaxinfer/aot.py: just loading it + execute) and a second ``run()``.
 JAX's monitoring events split the first call into jaxpr tracing, MLIR lowering and backend compile
 time, and count persistent-cache hits (the load's own events are kept apart, under ``load_events``).
 
@@ -90,6 +91,7 @@ def child(name: str, batch: int, seq: int) -> dict[str, Any]:
     jax.monitoring.register_event_duration_secs_listener(on_duration)
     jax.monitoring.register_event_listener(on_event)
     import jaxinfer
+    from jaxinfer import aot
 
     t_import = time.perf_counter() - t0
     t = time.perf_counter()
@@ -108,7 +110,8 @@ def child(name: str, batch: int, seq: int) -> dict[str, Any]:
     model.run(feeds)
     second = time.perf_counter() - t
     return {"model": name, "import_s": t_import, "load_s": t_load, "first_run_s": first, "second_run_s": second,
-            **totals, **counts, "load_events": at_load, "cache_dir": jax.config.jax_compilation_cache_dir}
+            **totals, **counts, "load_events": at_load, "cache_dir": jax.config.jax_compilation_cache_dir,
+            "stored": dict(aot.COUNTS)}
 
 
 def _spawn(name: str, cache_dir: str, min_secs: float, batch: int, seq: int) -> dict[str, Any]:
@@ -139,13 +142,22 @@ def measure(name: str, repeats: int, min_secs: float, batch: int, seq: int) -> d
         pairs.append({"cold": cold, "warm": warm, "cache_entries": entries, "cache_bytes": size})
     med = {kind: {k: statistics.median(p[kind][k] for p in pairs) for k, v in pairs[0][kind].items()
                   if isinstance(v, (int, float))} for kind in ("cold", "warm")}
-    for kind in med:
-        med[kind]["load_and_first_s"] = statistics.median(p[kind]["load_s"] + p[kind]["first_run_s"] for p in pairs)
+    for kind, row in med.items():
+        row["load_and_first_s"] = statistics.median(p[kind]["load_s"] + p[kind]["first_run_s"] for p in pairs)
     return {"model": name, "cold_first_run_s": med["cold"]["first_run_s"],
             "warm_first_run_s": med["warm"]["first_run_s"],
             "warm_over_cold": med["warm"]["first_run_s"] / med["cold"]["first_run_s"],
             "load_and_first_warm_over_cold": med["warm"]["load_and_first_s"] / med["cold"]["load_and_first_s"],
             "median": med, "cache_entries": statistics.median(p["cache_entries"] for p in pairs), "pairs": pairs}
+
+
+def _source(stored: dict[str, int]) -> str:
+    """Where a warm process's program came from (aot.COUNTS): a stored executable, an export, or a trace."""
+    if stored.get("executable_loaded"):
+        return "executable"
+    if stored.get("export_loaded"):
+        return "export (+ compile)"
+    return "traced" if stored.get("exported") else "jit (not stored)"
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -191,14 +203,14 @@ def main() -> None:
     rows = [measure(m, args.repeats, args.min_compile_secs, args.batch, args.seq) for m in args.models.split(",")]
     print(f"{'model':14s} {'cold 1st':>9s} {'warm 1st':>9s} {'warm/cold':>9s} {'cold load+1st':>13s} "
           f"{'warm load+1st':>13s} {'warm/cold':>9s} {'cold compile':>12s} {'warm cache-load':>15s} "
-          f"{'warm trace+lower':>16s} {'hits':>5s} {'entries':>7s}")
+          f"{'warm trace+lower':>16s} {'hits':>5s} {'entries':>7s}  warm program from")
     for r in rows:
         c, w = r["median"]["cold"], r["median"]["warm"]
         print(f"{r['model']:14s} {c['first_run_s']:9.2f} {w['first_run_s']:9.2f} {100 * r['warm_over_cold']:8.1f}% "
               f"{c['load_and_first_s']:13.2f} {w['load_and_first_s']:13.2f} "
               f"{100 * r['load_and_first_warm_over_cold']:8.1f}% {c['backend_compile_s']:12.2f} "
               f"{w['cache_load_s']:15.2f} {w['trace_s'] + w['lower_s']:16.2f} {int(w['cache_hits']):5d} "
-              f"{int(r['cache_entries']):7d}")
+              f"{int(r['cache_entries']):7d}  {_source(r['pairs'][-1]['warm'].get('stored', {}))}")
     print("(medians over --repeats cold/warm process pairs; compile, cache-load, trace+lower: JAX events "
           "during the first run() only)")
     out = Path(args.json)
