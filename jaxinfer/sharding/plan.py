@@ -144,9 +144,9 @@ def measure(sm: Any, feeds: Mapping[str, Any], *, timed: bool = True, repeats: i
 
 
 def plan(model: Any, devices: int | Sequence[Any] = 8, *, batch: int = 8, memory_limit: int | None = None,
-         feeds: Mapping[str, Any] | None = None, timed: bool = True, repeats: int = 3,
+         feeds: Mapping[str, Any] | None = None, timed: bool | int = True, repeats: int = 3,
          configs: Sequence[MeshConfig] | None = None, allow_stage: bool = False,
-         micro_batches: int | None = None) -> Plan:
+         micro_batches: int | None = None, finalists: int = 3) -> Plan:
     """Rank every mesh for ``model`` on ``devices``.
 
     Args:
@@ -154,8 +154,12 @@ def plan(model: Any, devices: int | Sequence[Any] = 8, *, batch: int = 8, memory
       devices: a device count (the first N of ``jax.devices()``) or a device list.
       batch: batch size for the symbolic batch dim (ignored when ``feeds`` given).
       memory_limit: per-device bytes (params + arguments + temporaries) a candidate may use.
-      timed: time ``repeats`` runs of each candidate (ranks by measured latency);
-        False ranks by an estimate from cost_analysis and collective bytes.
+      timed: True times ``repeats`` runs of each candidate; an int ``k`` times only the ``k``
+        candidates the estimate ranks best; False ranks by the estimate alone (from
+        cost_analysis and collective bytes).
+      finalists: when timing, the fastest few are timed again, calls interleaved round-robin
+        (``2 * repeats`` each), and ranked by that: one candidate timed while the host was
+        busier cannot win or lose by it.
       configs: candidates to try (default: every factorization; expert sizes only when
         the model has a com.microsoft MoE op or an exported MoE pattern that ``moe_pattern``
         recognises).
@@ -192,11 +196,39 @@ def plan(model: Any, devices: int | Sequence[Any] = 8, *, batch: int = 8, memory
             used = row.argument_bytes + row.temp_bytes + row.output_bytes
             if memory_limit is not None and used > memory_limit:
                 row.ok, row.reason = False, f"over memory limit ({used} > {memory_limit} B per device)"
-            elif timed:
+            elif timed is True:
                 row.latency_s = measure(sm, feeds, timed=True, repeats=repeats)["latency_s"]
             del sm
         except Exception as e:  # noqa: BLE001 - an invalid mesh is a row with its reason
             row.ok, row.reason = False, f"{type(e).__name__}: {e}"[:500]
         rows.append(row)
-    rows.sort(key=lambda r: (not r.ok, r.score))
+    if timed is not False and not isinstance(timed, bool) and timed > 0:  # time the k best estimates
+        ok = sorted((r for r in rows if r.ok), key=lambda r: r.estimate_s)
+        _time_interleaved(model, ok[:timed], feeds, devs, repeats)
+    elif timed is True and finalists > 1:
+        ok = sorted((r for r in rows if r.ok and r.latency_s is not None), key=lambda r: r.latency_s)
+        _time_interleaved(model, ok[:finalists], feeds, devs, 2 * repeats)
+    # timed candidates first (by latency), then the rest by estimate
+    rows.sort(key=lambda r: (not r.ok, r.latency_s is None, r.score))
     return Plan(rows, len(devs), batch)
+
+
+def _time_interleaved(model: Any, rows: Sequence[PlanRow], feeds: Mapping[str, Any], devs: list[Any],
+                      runs: int) -> None:
+    """Set each row's latency to the median of ``runs`` calls, the rows' calls interleaved round-robin."""
+    from ..bench import interleaved
+    from .sharded import shard
+
+    if not rows:
+        return
+    models = [shard(model, r.config, devices=devs) for r in rows]
+    calls = []
+    for sm in models:
+        if hasattr(sm, "measure"):  # a pipeline: its own micro-batched run
+            calls.append(lambda sm=sm: jax.block_until_ready(sm.run_device(feeds)))
+        else:
+            checked = sm._check_inputs(feeds)
+            exe, placed = sm.compiled(checked), sm.place_inputs(checked)
+            calls.append(lambda exe=exe, sm=sm, placed=placed: jax.block_until_ready(exe(sm.params, placed)))
+    for row, ms in zip(rows, interleaved(calls, max(1, runs), warmup=1)):
+        row.latency_s = ms / 1e3

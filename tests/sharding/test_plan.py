@@ -35,3 +35,14 @@ def test_plan_memory_limit_drops_replicated(fm):
     by_mesh = {r.mesh: r for r in p.rows}
     assert not by_mesh["d2xs1xe1xt1"].ok and "memory limit" in by_mesh["d2xs1xe1xt1"].reason
     assert p.best["tensor"] >= 2
+
+
+def test_plan_times_only_the_best_estimates(fm):
+    """timed=k: the k best estimates are timed (interleaved) and ranked first; the rest keep their estimate."""
+    m = jaxinfer.load(fm.layer_only(d=32, heads=2, ff=64))
+    p = plan(m, devices=4, batch=4, timed=1, repeats=1)
+    ok = [r for r in p.rows if r.ok]
+    assert len(ok) == 2
+    assert ok[0].latency_s is not None and ok[1].latency_s is None
+    assert ok[0].estimate_s <= ok[1].estimate_s  # the one timed is the one the estimate ranked best
+    assert p.best == ok[0].config
