@@ -25,8 +25,8 @@ def load(source: Any, **options: Any) -> Model:
         or an ``onnx.ModelProto``.
       **options: the format's loader options: ONNX ``optimize`` (default True: the graph
         passes); TFLite ``hybrid`` ("xnnpack" | "builtin": which LiteRT CPU path
-        dynamic-range layers follow) and ``requant`` ("reference" | "builtin": which
-        LiteRT kernels' requantization rounding to match bit for bit).
+        dynamic-range layers follow) and ``requant`` ("reference" | "builtin" | "xnnpack":
+        which LiteRT kernels' requantization rounding to match bit for bit).
 
     Returns:
       A :class:`Model`: ``run``/``__call__``, the pure ``fn`` and its ``params``.
