@@ -134,16 +134,22 @@ def batch_histogram(metrics: dict[str, float]) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------- load
+def infer_body(name: str, shape: tuple[int, ...]) -> tuple[bytes, bytes]:
+    """One request of one row: (the JSON header, the whole binary-extension body)."""
+    x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
+    data = x.tobytes()
+    head = json.dumps({"inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32",
+                                   "parameters": {"binary_data_size": len(data)}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    return head, head + data
+
+
 async def closed_loop(url: str, model: str, name: str, shape: tuple[int, ...], concurrency: int,
                       seconds: float) -> dict[str, float]:
     import aiohttp  # lighter per request than httpx's pool at 32-64 connections on 2 shared cores
 
-    x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
-    raw = x.tobytes()
-    head = json.dumps({"inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32",
-                                   "parameters": {"binary_data_size": len(raw)}}],
-                       "parameters": {"binary_data_output": True}}).encode()
-    body, headers = head + raw, {HEADER: str(len(head)), "content-type": "application/octet-stream"}
+    head, body = infer_body(name, shape)
+    headers = {HEADER: str(len(head)), "content-type": "application/octet-stream"}
     lat: list[float] = []
     errors = 0
     end = time.perf_counter() + seconds
@@ -217,12 +223,7 @@ async def closed_loop_raw(url: str, model: str, name: str, shape: tuple[int, ...
     of CPU per request here (``--client aiohttp`` keeps it for comparison).
     """
     host, port = url.split("//", 1)[1].rsplit(":", 1)
-    x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
-    data = x.tobytes()
-    head = json.dumps({"inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32",
-                                   "parameters": {"binary_data_size": len(data)}}],
-                       "parameters": {"binary_data_output": True}}).encode()
-    body = head + data
+    head, body = infer_body(name, shape)
     raw = (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {host}:{port}\r\n{HEADER}: {len(head)}\r\n"
            f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
     loop = asyncio.get_running_loop()

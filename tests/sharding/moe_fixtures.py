@@ -30,33 +30,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .conftest import fixture_models
+
 OPSET = 17
 
 
-class _B:
-    def __init__(self, seed: int):
-        self.rng = np.random.RandomState(seed)
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self.n = 0
+class _B(fixture_models()._Builder):
+    """The sharding fixtures' graph builder; constants here are named by value and dtype."""
 
-    def name(self, base: str) -> str:
-        self.n += 1
-        return f"{base}_{self.n}"
-
-    def weight(self, name: str, shape: tuple[int, ...], scale: float) -> str:
-        self.inits.append(numpy_helper.from_array((self.rng.randn(*shape) * scale).astype(np.float32), name))
-        return name
-
-    def const(self, value, dtype=np.int64) -> str:
-        name = self.name("c")
-        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype), name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], n_out: int = 1, **attrs):
-        outs = [self.name(op_type.lower()) for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(op_type), **attrs))
-        return outs[0] if n_out == 1 else outs
+    def const(self, value, dtype=np.int64) -> str:  # type: ignore[override]
+        return super().const(np.asarray(value, dtype))
 
 
 def _act(b: _B, h: str, kind: str) -> str:
