@@ -19,8 +19,11 @@ themselves are swapped, in this model's registry only, for a ``shard_map`` versi
 
 The default capacity holds every token a device routes (no token is dropped,
 so the output equals the unsharded op); ``capacity_factor`` trades that for
-memory as in GShard/Switch. ``ragged_dot``/``ragged_all_to_all`` would avoid
-the padding but have no CPU lowering, so the dense form is used everywhere.
+memory as in GShard/Switch. ``ragged_all_to_all`` would avoid the padding but
+XLA:CPU does not implement it (UNIMPLEMENTED in its thunk emitter, jax 0.10.2);
+``ragged_dot`` does lower on CPU, but measured no faster than the dense einsum
+there (195 vs 203 ms for 512 tokens, d 512, ffn 2048, 8 experts, top-2), so the
+dense form is used everywhere. Untested on GPU/TPU, where both would pay.
 """
 
 from __future__ import annotations
