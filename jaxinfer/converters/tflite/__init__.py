@@ -19,11 +19,14 @@ def load_tflite(source: str | os.PathLike[str] | bytes, *, hybrid: str = "xnnpac
     ``"builtin"`` (LiteRT's builtin kernels: symmetric unless the op's
     ``asymmetric_quantize_inputs`` is set or the conv weights are per-channel).
 
-    ``requant`` picks the integer requantization rounding: ``"reference"`` (LiteRT's reference
-    kernels: ties away from zero), ``"builtin"`` (its builtin kernels, where int8 per-channel
-    CONV_2D runs on ruy and rounds ties up, and quantized MEAN over H, W and SUM take the
-    optimized kernels' arithmetic) or ``"xnnpack"`` (LiteRT's default delegate: 8-bit MEAN and
-    SUM rescale in float32 and round half to even; other integer ops round as ``"reference"``,
+    ``requant`` picks which LiteRT kernel set's integer arithmetic to follow where they differ:
+    ``"reference"`` (its reference kernels: fixed-point requantization rounding ties away from
+    zero; FULLY_CONNECTED rescales ``double(acc) * real`` and rounds half away), ``"builtin"``
+    (its builtin kernels as built for x86-64: FULLY_CONNECTED and CONV_2D run on ruy, whose
+    requantization rounds ties up; int8 DEPTHWISE_CONV_2D and 8-bit ADD round differently in
+    their SIMD lanes; quantized MEAN over H, W and SUM take the optimized kernels' arithmetic;
+    see ``ops/nn.py`` ``requant_rule``) or ``"xnnpack"`` (LiteRT's default delegate: 8-bit MEAN
+    and SUM rescale in float32 and round half to even; other integer ops as ``"reference"``,
     XNNPACK's own float32 requantization of convolutions and adds is not modelled).
 
     Example:

@@ -4,8 +4,11 @@ A real value is ``scale * (q - zero_point)``. Integer kernels accumulate in
 int32 and requantize with a fixed-point multiplier (an int32 in Q31) and a
 power-of-two shift, rounding as TFLite's reference kernels do: a saturating
 rounding doubling high multiply, then a rounding right shift (ties away from
-zero). Multipliers are derived on the host in float64 from the float32 scales,
-as TFLite does at prepare time; the per-element math runs in int64 in JAX.
+zero). LiteRT's kernel sets differ in places (see :func:`requantize`'s
+roundings): ruy rounds the final shift's ties up, the reference
+FULLY_CONNECTED rounds ``double(acc) * real`` instead. Multipliers are derived
+on the host in float64 from the float32 scales, as TFLite does at prepare
+time; the per-element math runs in int64 in JAX.
 """
 
 from __future__ import annotations
@@ -93,17 +96,27 @@ def srdhm(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     return jnp.where((a == INT32_MIN) & (b == INT32_MIN), INT32_MAX, res)
 
 
-def rounding_divide_by_pot(x: jnp.ndarray, exponent: jnp.ndarray) -> jnp.ndarray:
-    """Arithmetic right shift by ``exponent`` rounding half away from zero."""
+def rounding_divide_by_pot(x: jnp.ndarray, exponent: jnp.ndarray, ties_away=True) -> jnp.ndarray:
+    """Arithmetic right shift by ``exponent`` rounding to nearest.
+
+    Ties go away from zero (gemmlowp's RoundingDivideByPOT) where ``ties_away`` is true, up
+    (toward +inf, ``(x + 2**(exponent-1)) >> exponent``: ruy's and the SIMD output stages)
+    where it is false; ``ties_away`` may be an array broadcasting against ``x``.
+    """
     exponent = jnp.asarray(exponent, jnp.int64)
     mask = (jnp.int64(1) << exponent) - 1
     remainder = x & mask
-    threshold = (mask >> 1) + jnp.where(x < 0, 1, 0)
+    threshold = (mask >> 1) + jnp.where((x < 0) & jnp.asarray(ties_away, bool), 1, 0)
     return (x >> exponent) + jnp.where(remainder > threshold, 1, 0)
 
 
-def multiply_by_quantized_multiplier(x: jnp.ndarray, mult: np.ndarray | int, shift: np.ndarray | int) -> jnp.ndarray:
-    """TFLite's MultiplyByQuantizedMultiplier on int64-held int32 values (broadcasting mult/shift)."""
+def multiply_by_quantized_multiplier(x: jnp.ndarray, mult: np.ndarray | int, shift: np.ndarray | int,
+                                     ties_away=True) -> jnp.ndarray:
+    """TFLite's MultiplyByQuantizedMultiplier on int64-held int32 values (broadcasting mult/shift).
+
+    Two roundings: SaturatingRoundingDoublingHighMul (ties up), then a rounding right shift
+    whose ties go as ``ties_away`` says (see :func:`rounding_divide_by_pot`).
+    """
     x = jnp.asarray(x, jnp.int64)
     mult = jnp.asarray(mult, jnp.int64)
     shift = jnp.asarray(shift, jnp.int64)
@@ -111,7 +124,7 @@ def multiply_by_quantized_multiplier(x: jnp.ndarray, mult: np.ndarray | int, shi
     right = jnp.maximum(-shift, 0)
     # x * 2**left can exceed int32 in TFLite too (wraps there); keep it in int32 range like the C++ code.
     shifted = wrap32(x << left)
-    return rounding_divide_by_pot(srdhm(shifted, mult), right)
+    return rounding_divide_by_pot(srdhm(shifted, mult), right, ties_away)
 
 
 def multiply_by_quantized_multiplier_64(x: jnp.ndarray, mult: np.ndarray | int, shift: np.ndarray | int) -> jnp.ndarray:
@@ -145,15 +158,31 @@ def multiply_by_quantized_multiplier_ties_up(x: jnp.ndarray, mult: np.ndarray | 
                                              shift: np.ndarray | int) -> jnp.ndarray:
     """MultiplyByQuantizedMultiplier whose final right shift rounds ties up (toward +inf).
 
-    LiteRT's builtin int8 per-channel CONV_2D (the ruy GEMM path) requantizes this way; the
-    reference kernel rounds ties away from zero. Measured: 0 of 15,360 outputs differ.
+    LiteRT's ruy GEMM (its builtin FULLY_CONNECTED, uint8 CONV_2D and int8 CONV_2D) requantizes
+    this way on x86-64; the reference kernels round ties away from zero.
     """
-    x = jnp.asarray(x, jnp.int64)
-    mult = jnp.asarray(mult, jnp.int64)
-    shift = jnp.asarray(shift, jnp.int64)
-    high = srdhm(wrap32(x << jnp.maximum(shift, 0)), mult)
-    right = jnp.maximum(-shift, 0)
-    return jnp.where(right > 0, (high + (jnp.int64(1) << jnp.maximum(right - 1, 0))) >> right, high)
+    return multiply_by_quantized_multiplier(x, mult, shift, ties_away=False)
+
+
+def multiply_by_real_float64(x: jnp.ndarray, real: np.ndarray | float) -> jnp.ndarray:
+    """``round(double(x) * real)`` with C's ``round`` (ties away from zero), on int64-held values.
+
+    LiteRT's reference FULLY_CONNECTED (8-bit and 16x8) rescales its accumulator this way, with
+    ``real = double(input_scale) * double(filter_scale) / double(output_scale)``: no fixed-point
+    multiplier at all. The product is rounded to float64 first, as C does; the tie test compares
+    it with ``floor + 0.5`` (exact below 2**52) rather than subtracting, so nothing can fuse the
+    multiply into an FMA.
+    """
+    p = jnp.asarray(x, jnp.int64).astype(jnp.float64) * jnp.asarray(real, jnp.float64)
+    f = jnp.floor(p)
+    half = f + 0.5
+    up = (p > half) | ((p == half) & (p > 0))
+    return f.astype(jnp.int64) + up.astype(jnp.int64)
+
+
+def simd_ties_away(channels: int, block: int) -> np.ndarray:
+    """Per channel: False for channels in whole blocks of ``block`` (a SIMD output stage, ties up), True for the tail."""
+    return np.arange(channels) >= channels - channels % block
 
 
 #: Requantization variants by name (see :func:`requantize`).
@@ -163,6 +192,8 @@ RESCALES = {
     "int64": multiply_by_quantized_multiplier_64,
     "single": multiply_by_quantized_multiplier_single,
 }
+#: Rescales that take the real multiplier itself rather than a Q31 multiplier and shift.
+REAL_RESCALES = {"float64": multiply_by_real_float64}
 
 
 def wrap32(x: jnp.ndarray) -> jnp.ndarray:
@@ -171,22 +202,37 @@ def wrap32(x: jnp.ndarray) -> jnp.ndarray:
 
 
 def requantize(acc: jnp.ndarray, real_multiplier: np.ndarray | float, out: QParams,
-               act_range: tuple[int, int], channel_axis: int = -1, rounding: str = "double") -> jnp.ndarray:
-    """Accumulator -> output dtype: fixed-point rescale, add zero point, clamp.
+               act_range: tuple[int, int], channel_axis: int = -1, rounding: str = "double",
+               simd_block: int = 0) -> jnp.ndarray:
+    """Accumulator -> output dtype: rescale, add zero point, clamp.
 
-    ``rounding`` names the rescale in :data:`RESCALES`: ``"double"`` (TFLite's int32
-    MultiplyByQuantizedMultiplier), ``"ties_up"`` (LiteRT's builtin int8 per-channel CONV_2D),
-    ``"int64"`` (the int64 version, 16x8 conv kernels with an int64 bias) or ``"single"``
-    (int16 FULLY_CONNECTED).
+    ``rounding`` names the rescale: one of :data:`RESCALES`, which use the Q31 multiplier and
+    shift of ``real_multiplier`` -- ``"double"`` (TFLite's int32 MultiplyByQuantizedMultiplier),
+    ``"ties_up"`` (its final shift rounding ties up, as ruy does), ``"int64"`` (the int64
+    version, 16x8 conv kernels with an int64 bias) or ``"single"`` -- or ``"float64"``
+    (:func:`multiply_by_real_float64`, the reference FULLY_CONNECTED). With ``"double"`` and a
+    ``simd_block``, channels in whole blocks of that many round ties up and the tail ties away
+    (a SIMD output stage followed by a scalar loop).
     """
-    mult, shift = quantize_multipliers(np.atleast_1d(np.asarray(real_multiplier, np.float64)))
-    if mult.size > 1:
-        shape = [1] * acc.ndim
-        shape[channel_axis] = mult.size
-        mult, shift = mult.reshape(shape), shift.reshape(shape)
+    real = np.atleast_1d(np.asarray(real_multiplier, np.float64))
+    axis = channel_axis % acc.ndim
+    shape = [1] * acc.ndim
+    shape[axis] = real.size
+    if rounding in REAL_RESCALES:
+        y = REAL_RESCALES[rounding](acc, real.reshape(shape) if real.size > 1 else real[0])
     else:
-        mult, shift = mult[0], shift[0]
-    y = RESCALES[rounding](acc, mult, shift) + out.zp
+        mult, shift = quantize_multipliers(real)
+        if mult.size > 1:
+            mult, shift = mult.reshape(shape), shift.reshape(shape)
+        else:
+            mult, shift = mult[0], shift[0]
+        if simd_block and rounding == "double":
+            channels = acc.shape[axis]
+            away = simd_ties_away(channels, simd_block).reshape([channels if i == axis else 1 for i in range(acc.ndim)])
+            y = multiply_by_quantized_multiplier(acc, mult, shift, ties_away=away)
+        else:
+            y = RESCALES[rounding](acc, mult, shift)
+    y = y + out.zp
     return jnp.clip(y, act_range[0], act_range[1]).astype(out.dtype)
 
 

@@ -261,9 +261,7 @@ class _SubgraphBuilder:
                 attrs["out_q"] = out_q
             if domain == DOMAIN and op_type in _HYBRID_OPS and self.hybrid == "xnnpack":
                 attrs["hybrid_asymmetric"] = True
-            if domain == DOMAIN and self.requant == "builtin" and _ruy_per_channel(op_type, in_q):
-                attrs["requant_rounding"] = "ties_up"
-            if domain == DOMAIN and op_type in _QUANT_REDUCERS and in_q and in_q[0] is not None:
+            if domain == DOMAIN and op_type in _QUANT_KERNEL_OPS and in_q and in_q[0] is not None:
                 attrs["quant_kernel"] = self.requant
             if domain == DOMAIN and op_type in _WANTS_OUT_DTYPE:
                 attrs["out_dtype"] = tensors[outs[0]].dtype
@@ -314,15 +312,10 @@ _HYBRID_OPS = {"FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D"}
 HYBRID_MODES = ("xnnpack", "builtin")
 #: Which LiteRT kernel set's integer requantization rounding to follow (see load_tflite).
 REQUANT_MODES = ("reference", "builtin", "xnnpack")
-#: Quantized reductions whose arithmetic differs between LiteRT's kernel sets (told ``quant_kernel``).
-_QUANT_REDUCERS = {"MEAN", "SUM", "REDUCE_PROD"}
-
-
-def _ruy_per_channel(op_type: str, in_q: tuple) -> bool:
-    """An int8 CONV_2D with int8 per-channel weights: LiteRT's builtin kernel runs it on ruy."""
-    if op_type != "CONV_2D" or len(in_q) < 2 or in_q[0] is None or in_q[1] is None:
-        return False
-    return np.dtype(in_q[0].dtype) == np.int8 and np.dtype(in_q[1].dtype) == np.int8 and in_q[1].per_axis
+#: Quantized ops whose integer arithmetic differs between LiteRT's kernel sets (told ``quant_kernel``):
+#: reductions (ops/reduce.py), the conv/FC requantization (ops/nn.py ``requant_rule``) and ADD's
+#: vector lanes (ops/elementwise.py).
+_QUANT_KERNEL_OPS = {"MEAN", "SUM", "REDUCE_PROD", "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD"}
 
 
 #: Builtins whose state inputs are TFLite variable tensors (LiteRT keeps them across invocations).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -15,12 +17,65 @@ OPS: list[OpDef] = []
 op = registrar(OPS, domain="tflite")
 
 
-def _per_channel_multiplier(qi: Q.QParams, qw: Q.QParams, qo: Q.QParams, channels: int) -> np.ndarray:
-    """input_scale * filter_scale[c] / output_scale in float64, one per output channel."""
-    ws = qw.scale.astype(np.float64)
-    if ws.size == 1:
-        ws = np.full(channels, ws[0])
-    return float(qi.s) * ws / float(qo.s)
+#: The LiteRT kernel sets whose 8-bit CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED requantization
+#: the ops follow, picked by ``quant_kernel`` (the reader passes ``load_tflite(requant=...)``).
+QUANT_KERNELS = ("reference", "builtin", "xnnpack")
+#: LiteRT's optimized int8 DEPTHWISE_CONV_2D requantizes this many output channels at a time with
+#: SIMD code that rounds ties up; the remaining (depth % 8) channels take a scalar loop, ties away.
+_DEPTHWISE_SIMD_CHANNELS = 8
+
+
+@dataclass(frozen=True)
+class Requant:
+    """How one LiteRT kernel turns an 8-bit conv/FC accumulator into the output (measured on x86-64).
+
+    ``float32_product``: the real multiplier is ``double(float32(input_scale * filter_scale)) /
+    output_scale`` (TFLite's GetQuantizedConvolutionMultipler, used for the one multiplier of
+    uint8 convs and per-tensor FCs) rather than the float64 product (its per-channel multipliers).
+    ``rounding`` and ``simd_block``: as :func:`~..quant.requantize` takes them.
+    """
+
+    float32_product: bool = False
+    rounding: str = "double"
+    simd_block: int = 0
+
+
+def requant_rule(op_type: str, quant_kernel: str, qi: Q.QParams, qw: Q.QParams) -> Requant:
+    """The requantization LiteRT's ``quant_kernel`` kernels apply to an 8-bit ``op_type``.
+
+    * FULLY_CONNECTED: the reference kernels round ``double(acc) * real`` half away from zero
+      (:func:`~..quant.multiply_by_real_float64`); the builtin ones run ruy, whose rescale
+      rounds its final shift ties up, with the float32-product multiplier unless per channel.
+    * CONV_2D: builtin on ruy (ties up), reference MultiplyByQuantizedMultiplier (ties away);
+      uint8 with the float32-product multiplier.
+    * DEPTHWISE_CONV_2D: ties away, uint8 with the float32-product multiplier; the builtin int8
+      kernel rounds ties up on the channels its SIMD loop covers.
+
+    ``"xnnpack"`` follows the reference kernels (XNNPACK's own float32 requantization is not
+    modelled).
+    """
+    if quant_kernel not in QUANT_KERNELS:
+        raise ValueError(f"quant_kernel={quant_kernel!r}: expected one of {QUANT_KERNELS}")
+    builtin = quant_kernel == "builtin"
+    uint8 = np.dtype(qi.dtype) == np.uint8
+    if op_type == "FULLY_CONNECTED":
+        return Requant(not qw.per_axis, "ties_up") if builtin else Requant(False, "float64")
+    if op_type == "CONV_2D":
+        return Requant(uint8, "ties_up" if builtin else "double")
+    return Requant(uint8, "double", _DEPTHWISE_SIMD_CHANNELS if builtin and not uint8 else 0)
+
+
+def _per_channel_multiplier(qi: Q.QParams, qw: Q.QParams, qo: Q.QParams, channels: int,
+                            float32_product: bool = False) -> np.ndarray:
+    """input_scale * filter_scale[c] / output_scale in float64, one per output channel.
+
+    ``float32_product``: the product is formed in float32 first (see :class:`Requant`).
+    """
+    ws = np.broadcast_to(qw.scale.astype(np.float32), (channels,)) if qw.scale.size == 1 else qw.scale
+    if float32_product:
+        prod = (np.float32(qi.scale[0]) * ws.astype(np.float32)).astype(np.float64)
+        return prod / float(qo.s)
+    return float(qi.s) * ws.astype(np.float64) / float(qo.s)
 
 
 def _offset(x, q: Q.QParams, axis: int | None = None):
@@ -35,14 +90,14 @@ def _offset(x, q: Q.QParams, axis: int | None = None):
     return jnp.asarray(x, jnp.int32) - int(zp[0])
 
 
-def _finish(acc, bias, in_q, out_q, w_channels: int, act: str, wide_rounding: str = "int64",
-            rounding: str = "double"):
-    """Add the bias, requantize per channel (last axis), clamp to the fused activation.
+def _finish(acc, bias, in_q, out_q, w_channels: int, act: str, rule: Requant = Requant(),
+            wide_rounding: str = "int64"):
+    """Add the bias, requantize per channel (last axis) as ``rule`` says, clamp to the fused activation.
 
     8-bit kernels accumulate in int32 with an int32 bias. 16x8 kernels (int16 activations,
     int8 weights) accumulate in int64 when the bias is int64 (or absent) and rescale with
     ``wide_rounding`` (see :func:`~..quant.requantize`); with an int32 bias TFLite keeps an
-    int32 accumulator and ``rounding``.
+    int32 accumulator and ``rule.rounding``.
     """
     qi, qw, qo = in_q[0], in_q[1], out_q[0]
     wide = _is_16x8(qi) and (bias is None or jnp.result_type(bias) == jnp.int64)
@@ -51,9 +106,14 @@ def _finish(acc, bias, in_q, out_q, w_channels: int, act: str, wide_rounding: st
         acc = acc + jnp.asarray(bias, jnp.int64)
     if not wide:
         acc = Q.wrap32(acc)
-    mult = _per_channel_multiplier(qi, qw, qo, w_channels)
+    mult = _per_channel_multiplier(qi, qw, qo, w_channels, rule.float32_product)
     return Q.requantize(acc, mult, qo, Q.activation_range(act, qo), channel_axis=-1,
-                        rounding=wide_rounding if wide else rounding)
+                        rounding=wide_rounding if wide else rule.rounding, simd_block=rule.simd_block)
+
+
+def _rule(op_type: str, quant_kernel: str, in_q) -> Requant:
+    """The 8-bit requantization rule; 16x8 kernels keep the defaults (their own roundings)."""
+    return Requant() if _is_16x8(in_q[0]) else requant_rule(op_type, quant_kernel, in_q[0], in_q[1])
 
 
 def _is_16x8(q: Q.QParams) -> bool:
@@ -165,19 +225,23 @@ def _hybrid_conv(x, w, bias, qw: Q.QParams, stride, dil, padding, groups, asymme
 @op("CONV_2D")
 def conv_2d(x, w, bias=None, *, padding: str = "SAME", stride_w: int = 1, stride_h: int = 1,
             fused_activation_function: str = "NONE", dilation_w_factor: int = 1, dilation_h_factor: int = 1,
-            quantized_bias_type: int = 0, hybrid_asymmetric: bool = False, requant_rounding: str = "double",
-            in_q: QList = None, out_q: QList = None):
+            quantized_bias_type: int = 0, hybrid_asymmetric: bool = False, quant_kernel: str = "reference",
+            requant_rounding: str | None = None, in_q: QList = None, out_q: QList = None):
     """2-D convolution, input NHWC, filter OHWI; int8 per-channel or uint8 per-tensor when quantized.
 
-    ``requant_rounding``: the 8-bit requantization (see :func:`~..quant.requantize`); the reader
-    sets ``"ties_up"`` to follow LiteRT's builtin int8 per-channel kernel.
+    ``quant_kernel``: the LiteRT kernel set whose 8-bit requantization to follow (:func:`requant_rule`).
+    ``requant_rounding``: the attribute graphs saved by earlier versions carry ("ties_up" meant the
+    builtin kernels); read so that such saved models still load.
     """
+    if requant_rounding == "ties_up":
+        quant_kernel = "builtin"
     groups = x.shape[-1] // w.shape[-1]
     stride, dil = (stride_h, stride_w), (dilation_h_factor, dilation_w_factor)
     if is_quantized(in_q, out_q):
         acc = _conv(_offset(x, in_q[0]), _offset(w, in_q[1], axis=0), stride, dil, padding, groups,
                     bound=qrange(in_q[0]) * qrange(in_q[1]), acc_dtype=_acc_dtype(in_q[0]))
-        return _finish(acc, bias, in_q, out_q, w.shape[0], fused_activation_function, rounding=requant_rounding)
+        return _finish(acc, bias, in_q, out_q, w.shape[0], fused_activation_function,
+                       _rule("CONV_2D", quant_kernel, in_q))
     qw = qat(in_q, 1)
     if _is_hybrid(x, w, qw):
         return _hybrid_conv(x, w, bias, qw, stride, dil, padding, groups, hybrid_asymmetric or _distinct_scales(qw),
@@ -193,15 +257,19 @@ def conv_2d(x, w, bias=None, *, padding: str = "SAME", stride_w: int = 1, stride
 def depthwise_conv_2d(x, w, bias=None, *, padding: str = "SAME", stride_w: int = 1, stride_h: int = 1,
                       depth_multiplier: int = 1, fused_activation_function: str = "NONE",
                       dilation_w_factor: int = 1, dilation_h_factor: int = 1, hybrid_asymmetric: bool = False,
-                      in_q: QList = None, out_q: QList = None):
-    """Depthwise convolution, filter [1, H, W, C*M]; output channel c*M+m reads input channel c."""
+                      quant_kernel: str = "reference", in_q: QList = None, out_q: QList = None):
+    """Depthwise convolution, filter [1, H, W, C*M]; output channel c*M+m reads input channel c.
+
+    ``quant_kernel``: the LiteRT kernel set whose 8-bit requantization to follow (:func:`requant_rule`).
+    """
     c = x.shape[-1]
     stride, dil = (stride_h, stride_w), (dilation_h_factor, dilation_w_factor)
     if is_quantized(in_q, out_q):
         wk = jnp.transpose(_offset(w, in_q[1], axis=3), (3, 1, 2, 0))  # [C*M, H, W, 1]
         acc = _conv(_offset(x, in_q[0]), wk, stride, dil, padding, c, bound=qrange(in_q[0]) * qrange(in_q[1]),
                     acc_dtype=_acc_dtype(in_q[0]))
-        return _finish(acc, bias, in_q, out_q, w.shape[3], fused_activation_function)
+        return _finish(acc, bias, in_q, out_q, w.shape[3], fused_activation_function,
+                       _rule("DEPTHWISE_CONV_2D", quant_kernel, in_q))
     qw = qat(in_q, 1)
     if _is_hybrid(x, w, qw):
         return _hybrid_conv(x, jnp.transpose(w, (3, 1, 2, 0)), bias, qw, stride, dil, padding, c, True,
@@ -254,9 +322,13 @@ def conv_3d(x, w, bias=None, *, padding: str = "SAME", stride_d: int = 1, stride
 @op("FULLY_CONNECTED")
 def fully_connected(x, w, bias=None, *, fused_activation_function: str = "NONE", weights_format: int = 0,
                     keep_num_dims: bool = False, asymmetric_quantize_inputs: bool = False,
-                    quantized_bias_type: int = 0, hybrid_asymmetric: bool = False,
+                    quantized_bias_type: int = 0, hybrid_asymmetric: bool = False, quant_kernel: str = "reference",
                     in_q: QList = None, out_q: QList = None):
-    """x @ w.T + bias, weights [N, K]; the input is flattened to [-1, K] unless keep_num_dims."""
+    """x @ w.T + bias, weights [N, K]; the input is flattened to [-1, K] unless keep_num_dims.
+
+    ``quant_kernel``: the LiteRT kernel set whose 8-bit requantization to follow (:func:`requant_rule`);
+    16x8 FCs rescale as LiteRT's (reference) int16 kernel does, ``round(double(acc) * real)``.
+    """
     if weights_format != 0:
         raise ValueError(f"FULLY_CONNECTED weights_format {weights_format} (shuffled) is not supported; expected DEFAULT (0)")
     k = w.shape[1]
@@ -266,7 +338,8 @@ def fully_connected(x, w, bias=None, *, fused_activation_function: str = "NONE",
     if is_quantized(in_q, out_q):
         acc = exact_dot(_offset(x2, in_q[0]), _offset(w, in_q[1], axis=0), dims, 1, 1,
                         qrange(in_q[0]) * qrange(in_q[1]), acc_dtype=_acc_dtype(in_q[0]))
-        y = _finish(acc, bias, in_q, out_q, w.shape[0], fused_activation_function, wide_rounding="single")
+        rule = Requant(rounding="float64") if _is_16x8(in_q[0]) else _rule("FULLY_CONNECTED", quant_kernel, in_q)
+        y = _finish(acc, bias, in_q, out_q, w.shape[0], fused_activation_function, rule, wide_rounding="float64")
     elif _is_hybrid(x, w, qat(in_q, 1)):
         qw = in_q[1]
         q, sf, _ = Q.dynamic_quantize_rows(x2, bool(asymmetric_quantize_inputs or hybrid_asymmetric))

@@ -90,12 +90,8 @@ def _mean_hw_builtin(s, n: int, qi: Q.QParams, qo: Q.QParams):
     temp = temp + np.float32(0.5) if temp > 0 else temp - np.float32(0.5)
     bias = qo.zp - int(np.trunc(temp))
     mult, shift = Q.quantize_multiplier(float(si / np.float32(np.float32(n) * so)))
-    channels = s.shape[-1]
-    simd = channels - channels % _SIMD_CHANNELS
-    ties_up = Q.multiply_by_quantized_multiplier_ties_up(s, mult, shift)
-    away = Q.multiply_by_quantized_multiplier(s, mult, shift)
-    y = jnp.where(jnp.arange(channels) < simd, ties_up, away) if simd else away
-    return _clamp(y + bias, qo)
+    away = Q.simd_ties_away(s.shape[-1], _SIMD_CHANNELS)
+    return _clamp(Q.multiply_by_quantized_multiplier(s, mult, shift, ties_away=away) + bias, qo)
 
 
 @op("MEAN", static=(1,))
