@@ -134,6 +134,13 @@ def batch_histogram(metrics: dict[str, float]) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------- load
+def point(concurrency: int, lat: list[float], errors: int, wall: float) -> dict[str, float]:
+    """One closed-loop point: throughput and p50/p99 from the successful requests' latencies."""
+    arr = np.asarray(lat) if lat else np.asarray([np.nan])
+    return {"concurrency": concurrency, "requests": len(lat), "errors": errors, "throughput": len(lat) / wall,
+            "p50_ms": float(np.percentile(arr, 50) * 1e3), "p99_ms": float(np.percentile(arr, 99) * 1e3)}
+
+
 def infer_body(name: str, shape: tuple[int, ...]) -> tuple[bytes, bytes]:
     """One request of one row: (the JSON header, the whole binary-extension body)."""
     x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
@@ -171,9 +178,7 @@ async def closed_loop(url: str, model: str, name: str, shape: tuple[int, ...], c
         start = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(concurrency)))
         wall = time.perf_counter() - start
-    arr = np.asarray(lat) if lat else np.asarray([np.nan])
-    return {"concurrency": concurrency, "requests": len(lat), "errors": errors, "throughput": len(lat) / wall,
-            "p50_ms": float(np.percentile(arr, 50) * 1e3), "p99_ms": float(np.percentile(arr, 99) * 1e3)}
+    return point(concurrency, lat, errors, wall)
 
 
 class _HttpConn(asyncio.Protocol):
@@ -250,9 +255,7 @@ async def closed_loop_raw(url: str, model: str, name: str, shape: tuple[int, ...
     start = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(concurrency)))
     wall = time.perf_counter() - start
-    arr = np.asarray(lat) if lat else np.asarray([np.nan])
-    return {"concurrency": concurrency, "requests": len(lat), "errors": errors, "throughput": len(lat) / wall,
-            "p50_ms": float(np.percentile(arr, 50) * 1e3), "p99_ms": float(np.percentile(arr, 99) * 1e3)}
+    return point(concurrency, lat, errors, wall)
 
 
 def run_client(kind: str, *args: Any) -> dict[str, float]:

@@ -17,6 +17,7 @@ from jaxinfer.converters.tflite import load_tflite
 
 from .builder import ACT, ModelBuilder
 from .harness import compare, litert_steps
+from .test_recurrent import uni_lstm_model
 
 RNG = np.random.default_rng(23)
 F = np.float32
@@ -66,24 +67,7 @@ LSTM_CASES = {
 
 
 def _uni_lstm(case: str, batch=2, t=5, n_in=6, n_cell=8):
-    cfg = dict(LSTM_CASES[case])
-    time_major = cfg.pop("time_major", False)
-    act = cfg.pop("act", "TANH")
-    asymmetric = cfg.pop("asymmetric", False)
-    cell_clip, proj_clip = cfg.pop("cell_clip", 0.0), cfg.pop("proj_clip", 0.0)
-    n_out = 5 if cfg.get("projection") else n_cell
-    b = ModelBuilder()
-    shape = (t, batch, n_in) if time_major else (batch, t, n_in)
-    x = b.input("x", shape)
-    weights, ln = lstm_inputs(b, "", n_in, n_cell, n_out, **cfg)
-    h = b.tensor("h", (batch, n_out), variable=True)
-    c = b.tensor("c", (batch, n_cell), variable=True)
-    y = b.tensor("y", shape[:2] + (n_out,))
-    b.op("UNIDIRECTIONAL_SEQUENCE_LSTM", [x] + weights + [h, c] + (ln or []), [y],
-         "UnidirectionalSequenceLSTMOptions", fused_activation_function=ACT[act], cell_clip=cell_clip,
-         proj_clip=proj_clip, time_major=time_major, asymmetric_quantize_inputs=asymmetric)
-    b.outputs(y)
-    return b.finish(), shape
+    return uni_lstm_model(lstm_inputs, LSTM_CASES[case], batch=batch, t=t, n_in=n_in, n_cell=n_cell, n_proj=5)
 
 
 @pytest.mark.parametrize("case", sorted(LSTM_CASES))

@@ -51,26 +51,34 @@ LSTM_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(LSTM_CASES))
-def test_unidirectional_sequence_lstm(case):
-    cfg = dict(LSTM_CASES[case])
+def uni_lstm_model(weights_fn, case: dict, *, batch: int, t: int, n_in: int, n_cell: int,
+                   n_proj: int) -> tuple[bytes, tuple[int, ...]]:
+    """A one-op UNIDIRECTIONAL_SEQUENCE_LSTM model for ``case`` (its options and ``weights_fn``'s
+    flags), weights from ``weights_fn`` (float here, int8 in the hybrid tests); returns (model, input shape)."""
+    cfg = dict(case)
     time_major = cfg.pop("time_major", False)
     act = cfg.pop("act", "TANH")
+    asymmetric = cfg.pop("asymmetric", False)
     cell_clip, proj_clip = cfg.pop("cell_clip", 0.0), cfg.pop("proj_clip", 0.0)
-    batch, t, n_in, n_cell = 2, 5, 3, 4
-    n_out = 3 if cfg.get("projection") else n_cell
+    n_out = n_proj if cfg.get("projection") else n_cell
     b = ModelBuilder()
     shape = (t, batch, n_in) if time_major else (batch, t, n_in)
     x = b.input("x", shape)
-    weights, ln = lstm_inputs(b, "", n_in, n_cell, n_out, **cfg)
+    weights, ln = weights_fn(b, "", n_in, n_cell, n_out, **cfg)
     h = b.tensor("h", (batch, n_out), variable=True)
     c = b.tensor("c", (batch, n_cell), variable=True)
     y = b.tensor("y", shape[:2] + (n_out,))
     b.op("UNIDIRECTIONAL_SEQUENCE_LSTM", [x] + weights + [h, c] + (ln or []), [y],
          "UnidirectionalSequenceLSTMOptions", fused_activation_function=ACT[act], cell_clip=cell_clip,
-         proj_clip=proj_clip, time_major=time_major)
+         proj_clip=proj_clip, time_major=time_major, asymmetric_quantize_inputs=asymmetric)
     b.outputs(y)
-    compare(b.finish(), steps("x", shape))
+    return b.finish(), shape
+
+
+@pytest.mark.parametrize("case", sorted(LSTM_CASES))
+def test_unidirectional_sequence_lstm(case):
+    data, shape = uni_lstm_model(lstm_inputs, LSTM_CASES[case], batch=2, t=5, n_in=3, n_cell=4, n_proj=3)
+    compare(data, steps("x", shape))
 
 
 @pytest.mark.parametrize("merge", [False, True])
