@@ -202,7 +202,7 @@ def plan(model: Any, devices: int | Sequence[Any] = 8, *, batch: int = 8, memory
         except Exception as e:  # noqa: BLE001 - an invalid mesh is a row with its reason
             row.ok, row.reason = False, f"{type(e).__name__}: {e}"[:500]
         rows.append(row)
-    if timed is not False and not isinstance(timed, bool) and timed > 0:  # time the k best estimates
+    if not isinstance(timed, bool) and timed > 0:  # time the k best estimates
         ok = sorted((r for r in rows if r.ok), key=lambda r: r.estimate_s)
         _time_interleaved(model, ok[:timed], feeds, devs, repeats)
     elif timed is True and finalists > 1:
