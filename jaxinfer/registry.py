@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 #: Keyword-only parameters an op may declare to receive tracing context.
-CONTEXT_PARAMS = ("_num_outputs", "_opset", "_node_name")
+#: Keywords an op may declare to learn its context: its node's output count, the opset, the node's
+#: name, and ``_at_load`` (True when the node is evaluated once at load by constant folding, so the
+#: op may build its result with numpy instead of running a JAX program for it).
+CONTEXT_PARAMS = ("_num_outputs", "_opset", "_node_name", "_at_load")
 
 StaticSlots = tuple[int, ...] | Literal["all"]
 

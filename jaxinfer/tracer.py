@@ -155,8 +155,9 @@ def _static_value(value: Any, node: Node, slot: int) -> Any:
     return np.asarray(value)
 
 
-def run_node(node: Node, env: Env, registry: Registry, opsets: Mapping[str, int], keep: set[str]) -> None:
-    """Evaluate one node, writing its outputs into ``env``."""
+def run_node(node: Node, env: Env, registry: Registry, opsets: Mapping[str, int], keep: set[str], *,
+             at_load: bool = False) -> None:
+    """Evaluate one node, writing its outputs into ``env`` (``at_load``: by constant folding, once)."""
     opdef = resolve(node, registry, opsets)
     if opdef is None:
         op = UnsupportedOp(node.op_type, node.domain, _opset_for(opsets, node.domain), (node.label,))
@@ -181,6 +182,7 @@ def run_node(node: Node, env: Env, registry: Registry, opsets: Mapping[str, int]
         "_num_outputs": len(node.outputs),
         "_opset": _opset_for(opsets, node.domain),
         "_node_name": node.label,
+        "_at_load": at_load,
     }
     kwargs.update({k: context[k] for k in opdef.context if k in context})
 

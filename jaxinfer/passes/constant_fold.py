@@ -36,7 +36,7 @@ def fold_constants(graph: Graph, registry: Registry) -> Graph:
         if foldable:
             env = {i: consts[i] for i in node.inputs if i}
             try:
-                run_node(node, env, registry, graph.opsets, set(node.outputs))
+                run_node(node, env, registry, graph.opsets, set(node.outputs), at_load=True)
             except (JaxinferError, Exception):  # noqa: BLE001 - leave the node for the tracer to report
                 kept.append(node)
                 continue

@@ -149,3 +149,22 @@ def test_conv_weights_are_stored_spatial_first():
         return model.compiled(model._check_inputs(feeds)).as_text().count("f32[3,3,3,8]{1,0,2,3} transpose(")
 
     assert weight_relayouts(g) == 1 and weight_relayouts(g2) == 0
+
+
+def test_constant_of_shape_weights_fold_to_numpy_at_load():
+    """Exporters build weights with ConstantOfShape; folding fills them with numpy (no JAX program per shape)."""
+    from jaxinfer.passes.constant_fold import fold_constants
+
+    fill = numpy_helper.from_array(np.array([0.25], np.float32), "value")
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["w"], value=fill),
+             helper.make_node("MatMul", ["x", "w"], ["y"])]
+    g = read_model(_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          {"shape": np.array([3, 4], np.int64)}))
+    folded = fold_constants(g, REGISTRY)
+    assert [n.op_type for n in folded.nodes] == ["MatMul"]
+    w = folded.initializers["w"]
+    assert type(w) is np.ndarray and w.dtype == np.float32 and w.shape == (3, 4) and np.all(w == 0.25)
+    x = RNG.standard_normal((2, 3)).astype(np.float32)
+    np.testing.assert_allclose(Model(folded, REGISTRY).run({"x": x})["y"], x @ w, rtol=1e-6)
+    _same_outputs(g, folded, {"x": x})
