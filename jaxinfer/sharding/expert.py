@@ -39,7 +39,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from ..converters.onnx.ops.contrib import check_moe_options, moe_activation
+from ..converters.onnx.ops.contrib import check_moe_options, moe_activation, moe_route, stat_type
 from ..graph import Graph, Node
 from ..model import Model, split_initializers
 from ..registry import Registry
@@ -49,7 +49,6 @@ from .moe_op import (
     OP_TYPE,
     OverlayRegistry,
     body_activation,
-    stat_type,
     with_stacked_moe,
 )
 from .moe_pattern import fuse_moe
@@ -153,15 +152,6 @@ def capacity(tokens: int, experts: int, k: int, factor: float | None) -> int:
     return max(1, min(tokens, math.ceil(factor * k * tokens / experts)))
 
 
-def route(logits: Any, k: int, normalize: bool) -> tuple[Any, Any]:
-    """(gates [T, k], expert ids [T, k]): softmax over experts, top-k, optional renormalisation."""
-    probs = jax.nn.softmax(logits, axis=-1)
-    gates, ids = lax.top_k(probs, k)
-    if normalize:
-        gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
-    return gates, ids
-
-
 def dispatch_tensors(gates: Any, ids: Any, valid: Any, experts: int, cap: int) -> tuple[Any, Any]:
     """One-hot dispatch ``[T, E, C]`` (0/1) and combine (gate-weighted) tensors.
 
@@ -213,7 +203,7 @@ def expert_parallel_ffn(mesh: Mesh, capacity_factor: float | None = None) -> Cal
             w = [None] * 6
             for i, v in zip(present, ws):
                 w[i] = jnp.asarray(v).astype(st)
-            gates, ids = route(lg, k, normalize)
+            gates, ids = moe_route(lg, k, normalize)
             dispatch, combine = dispatch_tensors(gates, ids, ok, experts, cap)
             buf = jnp.einsum("tec,th->ech", dispatch, tok, precision=_HI)  # [E, C, H]
             buf = lax.all_to_all(buf, "expert", 0, 1, tiled=True)  # [E/N, N*C, H]: my experts, every sender

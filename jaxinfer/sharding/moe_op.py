@@ -14,20 +14,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
-from jax import lax
 
+from ..converters.onnx.ops.contrib import dense_moe
 from ..registry import OpDef, Registry
 
 DOMAIN = "jaxinfer"
 OP_TYPE = "StackedMoE"
-_HI = lax.Precision.HIGHEST
-
-
-def stat_type(x: Any) -> Any:
-    """The dtype the MoE arithmetic runs in: f64 for f64 inputs, f32 otherwise."""
-    return jnp.float64 if x.dtype == jnp.float64 else jnp.float32
 
 
 def body_activation(activation: Any) -> Callable[[Any, Any], Any]:
@@ -42,36 +35,14 @@ def body_activation(activation: Any) -> Callable[[Any, Any], Any]:
     return act
 
 
-def route_matrix(logits: Any, k: int, normalize: bool) -> Any:
-    """``[T, E]`` gate matrix: softmax, top-k, optional renormalisation, zeros elsewhere."""
-    probs = jax.nn.softmax(logits, axis=-1)
-    gates, ids = lax.top_k(probs, k)
-    if normalize:
-        gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
-    return jnp.sum(jax.nn.one_hot(ids, logits.shape[-1], dtype=logits.dtype) * gates[..., None], axis=1)
-
-
 def stacked_moe(input, router_logits, fc1_experts_weights, fc1_experts_bias=None, fc2_experts_weights=None,
                 fc2_experts_bias=None, fc3_experts_weights=None, fc3_experts_bias=None, *, k: int = 1,
                 normalize_routing_weights: int = 0, activation=None):
     """Mixture of experts over stacked weights; every expert runs densely on every token (exact)."""
-    x = jnp.asarray(input)
-    st = stat_type(x)
-    t = x.reshape(-1, x.shape[-1]).astype(st)
-    logits = jnp.asarray(router_logits).reshape(t.shape[0], -1).astype(st)
-    route = route_matrix(logits, int(k), bool(normalize_routing_weights))
-
-    def dense(w: Any, b: Any) -> Any:
-        h = jnp.einsum("th,eih->eti", t, jnp.asarray(w).astype(st), precision=_HI)
-        return h if b is None else h + jnp.asarray(b).astype(st)[:, None, :]
-
-    h3 = None if fc3_experts_weights is None else dense(fc3_experts_weights, fc3_experts_bias)
-    a = body_activation(activation)(dense(fc1_experts_weights, fc1_experts_bias), h3)
-    y = jnp.einsum("eti,ehi->eth", a, jnp.asarray(fc2_experts_weights).astype(st), precision=_HI)
-    if fc2_experts_bias is not None:
-        y = y + jnp.asarray(fc2_experts_bias).astype(st)[:, None, :]
-    out = jnp.einsum("eth,te->th", y, route, precision=_HI)
-    return out.reshape(x.shape).astype(x.dtype)
+    weights = (fc1_experts_weights, fc1_experts_bias, fc2_experts_weights, fc2_experts_bias, fc3_experts_weights,
+               fc3_experts_bias)
+    return dense_moe(input, router_logits, weights, int(k), bool(normalize_routing_weights),
+                     body_activation(activation))
 
 
 STACKED_MOE = OpDef(OP_TYPE, DOMAIN, 1, stacked_moe)

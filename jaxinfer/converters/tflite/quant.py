@@ -88,6 +88,17 @@ def _trunc_div_pow2(x: jnp.ndarray, bits: int) -> jnp.ndarray:
     return jnp.where(x >= 0, x >> bits, -((-x) >> bits))
 
 
+#: The LiteRT CPU kernel sets whose integer arithmetic the quantized ops can follow, picked by
+#: ``load_tflite(requant=...)`` and passed to the ops that differ as ``quant_kernel``.
+QUANT_KERNELS = ("reference", "builtin", "xnnpack")
+
+
+def check_kernel(kernel: str, what: str = "quant_kernel") -> None:
+    """Raise unless ``kernel`` names one of :data:`QUANT_KERNELS`."""
+    if kernel not in QUANT_KERNELS:
+        raise ValueError(f"{what}={kernel!r}: expected one of {QUANT_KERNELS}")
+
+
 def srdhm(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     """SaturatingRoundingDoublingHighMul of int32 values held in int64."""
     ab = a * b

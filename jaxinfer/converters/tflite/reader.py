@@ -25,7 +25,7 @@ from tflite.BuiltinOptions2 import BuiltinOptions2
 
 from ...errors import ModelLoadError
 from ...graph import Graph, Node, ValueInfo
-from .quant import QParams
+from .quant import QParams, check_kernel
 
 DOMAIN = "tflite"
 CUSTOM_DOMAIN = "tflite.custom"
@@ -310,8 +310,6 @@ _WANTS_OUT_SHAPE = {"RESHAPE", "VAR_HANDLE"}
 #: Ops whose dynamic-range (hybrid) kernels quantize inputs asymmetrically under XNNPACK.
 _HYBRID_OPS = {"FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D"}
 HYBRID_MODES = ("xnnpack", "builtin")
-#: Which LiteRT kernel set's integer requantization rounding to follow (see load_tflite).
-REQUANT_MODES = ("reference", "builtin", "xnnpack")
 #: Quantized ops whose integer arithmetic differs between LiteRT's kernel sets (told ``quant_kernel``):
 #: reductions (ops/reduce.py), the conv/FC requantization (ops/nn.py ``requant_rule``) and ADD's
 #: vector lanes (ops/elementwise.py).
@@ -435,8 +433,7 @@ def read_model(source: str | os.PathLike[str] | bytes, *, hybrid: str = "xnnpack
     """
     if hybrid not in HYBRID_MODES:
         raise ValueError(f"hybrid={hybrid!r}: expected one of {HYBRID_MODES}")
-    if requant not in REQUANT_MODES:
-        raise ValueError(f"requant={requant!r}: expected one of {REQUANT_MODES}")
+    check_kernel(requant, "requant")
     data = read_bytes(source)
     try:
         reader = _Reader(data)

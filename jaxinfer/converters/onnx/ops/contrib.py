@@ -9,6 +9,7 @@ for float64 inputs) as onnxruntime's CPU kernels do. The attention family lives 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -26,17 +27,18 @@ OPS: list[OpDef] = []
 op = registrar(OPS, domain=MS)
 
 
-def _stat_type(x: Any) -> Any:
+def stat_type(x: Any) -> Any:
+    """The dtype statistics and MoE arithmetic run in: f64 for f64 inputs, f32 otherwise."""
     return jnp.float64 if jnp.result_type(x) == jnp.float64 else jnp.float32
 
 
 def _gelu(x: Any) -> Any:
-    xf = x.astype(_stat_type(x))
+    xf = x.astype(stat_type(x))
     return (0.5 * xf * (1.0 + lax.erf(xf * (1.0 / math.sqrt(2.0))))).astype(x.dtype)
 
 
 def _gelu_tanh(x: Any) -> Any:
-    xf = x.astype(_stat_type(x))
+    xf = x.astype(stat_type(x))
     inner = 0.7978845608028654 * (xf + 0.044715 * xf * xf * xf)
     return (0.5 * xf * (1.0 + jnp.tanh(inner))).astype(x.dtype)
 
@@ -87,7 +89,7 @@ def bias_softmax(data, bias, *, axis: int = 1, is_inner_broadcast: int = 0):
             bias = bias.reshape(bias.shape[: ax - lead] + (1,) * lead + bias.shape[ax - lead:])
         else:
             bias = bias.reshape((1,) * (data.ndim - bias.ndim) + bias.shape)
-    x = (data + bias).astype(_stat_type(data))
+    x = (data + bias).astype(stat_type(data))
     shape = x.shape
     flat = x.reshape(shape[:ax] + (-1,))
     return jax.nn.softmax(flat, axis=-1).reshape(shape).astype(data.dtype)
@@ -119,7 +121,7 @@ def fused_matmul(A, B, *, alpha: float = 1.0, transA: int = 0, transB: int = 0, 
 
 
 def _layer_norm(x: Any, gamma: Any, beta: Any, epsilon: float, simplified: bool) -> tuple[Any, Any, Any]:
-    st = _stat_type(x)
+    st = stat_type(x)
     xf = x.astype(st)
     if simplified:
         mean = jnp.zeros(x.shape[:-1] + (1,), st)
@@ -159,7 +161,7 @@ def simplified_layer_normalization(X, scale, *, axis: int = -1, epsilon: float =
     """SimplifiedLayerNormalization (onnxruntime, ai.onnx domain v1): RMSNorm over dims ``axis``.. -> (Y, inv_std_var)."""
     X = jnp.asarray(X)
     ax = norm_axis(axis, X.ndim)
-    st = _stat_type(X)
+    st = stat_type(X)
     xf = X.astype(st)
     ms = jnp.mean(xf * xf, axis=tuple(range(ax, X.ndim)), keepdims=True)
     inv = lax.rsqrt(ms + jnp.asarray(epsilon, st))
@@ -255,7 +257,7 @@ def matmul_nbits(A, B, scales, zero_points=None, g_idx=None, bias=None, *, K: in
         return y if bias is None else y + bias
     k_blocks = -(-K // block_size)
     q = unpack_bits(B, bits, block_size).astype(jnp.int32).reshape(N, k_blocks, block_size)
-    st = _stat_type(A)
+    st = stat_type(A)
     sc = jnp.asarray(scales).astype(st).reshape(N, k_blocks, 1)
     if zero_points is None:
         w = (q - (1 << (bits - 1))).astype(st) * sc
@@ -306,42 +308,56 @@ def moe_activation(h: Any, kind: str, alpha: float, beta: float, limit: float | 
     return a if h3 is None else a * h3
 
 
+def moe_route(logits: Any, k: int, normalize: bool) -> tuple[Any, Any]:
+    """(gates [T, k], expert ids [T, k]): softmax over experts, top-k, optional renormalisation."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    gates, ids = lax.top_k(probs, k)
+    if normalize:
+        gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+    return gates, ids
+
+
+def dense_moe(input: Any, router_logits: Any, weights: tuple[Any, ...], k: int, normalize: bool,
+              act: Callable[[Any, Any], Any]) -> Any:
+    """Routed expert FFNs with every expert run densely on every token (unselected ones weigh 0).
+
+    ``weights`` = (fc1, fc1 bias, fc2, fc2 bias, fc3, fc3 bias) in onnxruntime's MoE layout
+    (None where absent); ``act(h, h3)`` is the activation between fc1 and fc2. Exact and
+    jit-friendly for the small expert counts of exported models.
+    """
+    x = jnp.asarray(input)
+    st = stat_type(x)
+    t = x.reshape(-1, x.shape[-1]).astype(st)
+    logits = jnp.asarray(router_logits).reshape(t.shape[0], -1).astype(st)
+    gates, ids = moe_route(logits, k, normalize)
+    route = jnp.sum(jax.nn.one_hot(ids, logits.shape[-1], dtype=st) * gates[..., None], axis=1)  # (T, E)
+    w1, b1, w2, b2, w3, b3 = weights
+
+    def fc(w: Any, b: Any) -> Any:
+        h = jnp.einsum("th,eih->eti", t, jnp.asarray(w).astype(st), precision=lax.Precision.HIGHEST)
+        return h if b is None else h + jnp.asarray(b).astype(st)[:, None, :]
+
+    a = act(fc(w1, b1), None if w3 is None else fc(w3, b3))
+    y = jnp.einsum("eti,ehi->eth", a, jnp.asarray(w2).astype(st), precision=lax.Precision.HIGHEST)
+    if b2 is not None:
+        y = y + jnp.asarray(b2).astype(st)[:, None, :]
+    out = jnp.einsum("eth,te->th", y, route, precision=lax.Precision.HIGHEST)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
 @op("MoE", 1)
 def moe(input, router_probs, fc1_experts_weights, fc1_experts_bias=None, fc2_experts_weights=None,
         fc2_experts_bias=None, fc3_experts_weights=None, fc3_experts_bias=None, *, k: int = 1,
         activation_type: str = "relu", normalize_routing_weights: int = 0, use_sparse_mixer: int = 0,
         activation_alpha: float = 1.0, activation_beta: float = 0.0, swiglu_fusion: int = 0,
         swiglu_limit: float | None = None, swiglu_limit_after_activation: int = 0):
-    """com.microsoft MoE: softmax routing over ``router_probs``, top-k experts, weighted sum of expert FFNs.
-
-    Every expert runs densely on every token (weights of unselected experts are zero): exact and
-    jit-friendly for the small expert counts of exported models.
-    """
+    """com.microsoft MoE: softmax routing over ``router_probs``, top-k experts, weighted sum of expert FFNs
+    (computed densely, see :func:`dense_moe`)."""
     check_moe_options(use_sparse_mixer, swiglu_limit_after_activation)
-    x = jnp.asarray(input)
-    hidden = x.shape[-1]
-    tokens = x.reshape(-1, hidden)
-    st = _stat_type(x)
-    logits = jnp.asarray(router_probs).reshape(tokens.shape[0], -1).astype(st)
-    probs = jax.nn.softmax(logits, axis=-1)
-    top_vals, top_idx = lax.top_k(probs, k)
-    if normalize_routing_weights:
-        top_vals = top_vals / jnp.sum(top_vals, axis=-1, keepdims=True)
-    n_exp = logits.shape[-1]
-    route = jnp.sum(jax.nn.one_hot(top_idx, n_exp, dtype=st) * top_vals[..., None], axis=1)  # (T, E)
-    t = tokens.astype(st)
-    w1 = jnp.asarray(fc1_experts_weights).astype(st)
-    h = jnp.einsum("th,eih->eti", t, w1, precision=lax.Precision.HIGHEST)
-    if fc1_experts_bias is not None:
-        h = h + jnp.asarray(fc1_experts_bias).astype(st)[:, None, :]
-    h3 = None
-    if fc3_experts_weights is not None:
-        h3 = jnp.einsum("th,eih->eti", t, jnp.asarray(fc3_experts_weights).astype(st), precision=lax.Precision.HIGHEST)
-        if fc3_experts_bias is not None:
-            h3 = h3 + jnp.asarray(fc3_experts_bias).astype(st)[:, None, :]
-    a = moe_activation(h, activation_type, activation_alpha, activation_beta, swiglu_limit, swiglu_fusion, h3)
-    y = jnp.einsum("eti,ehi->eth", a, jnp.asarray(fc2_experts_weights).astype(st), precision=lax.Precision.HIGHEST)
-    if fc2_experts_bias is not None:
-        y = y + jnp.asarray(fc2_experts_bias).astype(st)[:, None, :]
-    out = jnp.einsum("eth,te->th", y, route, precision=lax.Precision.HIGHEST)
-    return out.reshape(x.shape).astype(x.dtype)
+
+    def act(h: Any, h3: Any) -> Any:
+        return moe_activation(h, activation_type, activation_alpha, activation_beta, swiglu_limit, swiglu_fusion, h3)
+
+    weights = (fc1_experts_weights, fc1_experts_bias, fc2_experts_weights, fc2_experts_bias, fc3_experts_weights,
+               fc3_experts_bias)
+    return dense_moe(input, router_probs, weights, int(k), bool(normalize_routing_weights), act)

@@ -17,9 +17,6 @@ OPS: list[OpDef] = []
 op = registrar(OPS, domain="tflite")
 
 
-#: The LiteRT kernel sets whose 8-bit CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED requantization
-#: the ops follow, picked by ``quant_kernel`` (the reader passes ``load_tflite(requant=...)``).
-QUANT_KERNELS = ("reference", "builtin", "xnnpack")
 #: LiteRT's optimized int8 DEPTHWISE_CONV_2D requantizes this many output channels at a time with
 #: SIMD code that rounds ties up; the remaining (depth % 8) channels take a scalar loop, ties away.
 _DEPTHWISE_SIMD_CHANNELS = 8
@@ -54,8 +51,7 @@ def requant_rule(op_type: str, quant_kernel: str, qi: Q.QParams, qw: Q.QParams) 
     ``"xnnpack"`` follows the reference kernels (XNNPACK's own float32 requantization is not
     modelled).
     """
-    if quant_kernel not in QUANT_KERNELS:
-        raise ValueError(f"quant_kernel={quant_kernel!r}: expected one of {QUANT_KERNELS}")
+    Q.check_kernel(quant_kernel)
     builtin = quant_kernel == "builtin"
     uint8 = np.dtype(qi.dtype) == np.uint8
     if op_type == "FULLY_CONNECTED":

@@ -35,8 +35,6 @@ from ._util import QList, is_quantized
 OPS: list[OpDef] = []
 op = registrar(OPS, domain="tflite")
 
-#: LiteRT kernel sets a quantized MEAN/SUM can follow (see the module docstring).
-QUANT_KERNELS = ("reference", "builtin", "xnnpack")
 #: The optimized 4-D MEAN's SIMD path handles this many channels at a time.
 _SIMD_CHANNELS = 16
 #: Quantized REDUCE_PROD unrolls up to this many factors (a scan beyond).
@@ -49,11 +47,6 @@ def _axes(axes, rank: int) -> tuple[int, ...]:
 
 def _count(shape, ax) -> int:
     return int(np.prod([shape[a] for a in ax], dtype=np.int64))
-
-
-def _check_kernel(kernel: str) -> None:
-    if kernel not in QUANT_KERNELS:
-        raise ValueError(f"quant_kernel={kernel!r}: expected one of {QUANT_KERNELS}")
 
 
 def _clamp(y, qo: Q.QParams):
@@ -102,7 +95,7 @@ def mean(x, axes, *, keep_dims: bool = False, quant_kernel: str = "reference", i
     keep = bool(keep_dims)
     if not is_quantized(in_q, out_q):
         return jnp.mean(x, axis=ax, keepdims=keep)
-    _check_kernel(quant_kernel)
+    Q.check_kernel(quant_kernel)
     qi, qo = in_q[0], out_q[0]
     n = _count(x.shape, ax)
     s = _int_sum(x, ax, keep)
@@ -125,7 +118,7 @@ def sum_(x, axes, *, keep_dims: bool = False, quant_kernel: str = "reference", i
     keep = bool(keep_dims)
     if not is_quantized(in_q, out_q):
         return jnp.sum(x, axis=ax, keepdims=keep)
-    _check_kernel(quant_kernel)
+    Q.check_kernel(quant_kernel)
     qi, qo = in_q[0], out_q[0]
     n = _count(x.shape, ax)
     s = _int_sum(x, ax, keep)
@@ -173,7 +166,7 @@ def reduce_prod(x, axes, *, keep_dims: bool = False, quant_kernel: str = "refere
     """Product over ``axes``; quantized int8/int16: rescaled after each multiplication (see the module doc)."""
     ax = _axes(axes, x.ndim)
     if is_quantized(in_q, out_q):
-        _check_kernel(quant_kernel)
+        Q.check_kernel(quant_kernel)
         if np.dtype(in_q[0].dtype) not in (np.dtype(np.int8), np.dtype(np.int16)):
             raise ValueError(f"quantized REDUCE_PROD takes int8 or int16 (as LiteRT), got {np.dtype(in_q[0].dtype)}")
         return _quantized_prod(x, ax, bool(keep_dims), in_q[0], out_q[0], quant_kernel)
