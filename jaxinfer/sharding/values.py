@@ -53,10 +53,34 @@ def abstract_values(model: Any, inputs: Mapping[str, Any]) -> dict[str, Abstract
     inputs read at trace time (``model.value_inputs``) must be concrete arrays.
     """
     graph, registry = model.graph, model.registry
-    keep = static_names(graph, registry)
     static = {k: np.asarray(v) for k, v in inputs.items() if k in model.value_inputs}
     dynamic = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype) for k, v in inputs.items() if k not in static}
     params = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype) for k, v in model.params.items()}
+    return _walk(graph, registry, static_names(graph, registry), model._constants, params, dynamic, static)
+
+
+def graph_shapes(graph: Graph, registry: Registry, dim: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shape and dtype of every value of ``graph`` with each symbolic/unknown input dim set to ``dim``.
+
+    Raises:
+      ValueError: an input is read at trace time (its value, not only its shape, sets shapes).
+    """
+    from ..model import split_initializers
+
+    keep = static_names(graph, registry)
+    if any(v.name in keep for v in graph.inputs):
+        raise ValueError("graph inputs read at trace time: shapes depend on their values")
+    consts, params = split_initializers(graph, registry)
+    inputs = {v.name: jax.ShapeDtypeStruct(tuple(d if isinstance(d, int) and d > 0 else dim for d in (v.shape or ())),
+                                           v.dtype or np.float32) for v in graph.inputs}
+    avals = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype) for k, v in params.items()}
+    found = _walk(graph, registry, keep, consts, avals, inputs, {})
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in found.items()}
+
+
+def _walk(graph: Graph, registry: Registry, keep: set[str], constants: Mapping[str, Any],
+          params: Mapping[str, Any], dynamic: Mapping[str, Any], static: Mapping[str, Any]) -> dict[str, Abstract]:
+    """One ``jax.eval_shape`` walk of ``graph`` recording every value (``params``/``dynamic`` abstract)."""
     found: dict[str, Abstract] = {}
 
     def record(name: str, value: Any) -> None:
@@ -66,7 +90,7 @@ def abstract_values(model: Any, inputs: Mapping[str, Any]) -> dict[str, Abstract
                                    np.asarray(value) if concrete else None)
 
     def walk(p: Any, x: Any) -> int:
-        env: dict[str, Any] = dict(model._constants)
+        env: dict[str, Any] = dict(constants)
         env.update(p)
         env.update(x)
         env.update(static)
@@ -81,36 +105,5 @@ def abstract_values(model: Any, inputs: Mapping[str, Any]) -> dict[str, Abstract
                     record(o, env[o])
         return 0
 
-    jax.eval_shape(walk, params, dynamic)
-    return found
-
-
-def graph_shapes(graph: Graph, registry: Registry, dim: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shape and dtype of every value of ``graph`` with each symbolic/unknown input dim set to ``dim``.
-
-    Raises:
-      ValueError: an input is read at trace time (its value, not only its shape, sets shapes).
-    """
-    from ..model import split_initializers
-
-    keep = static_names(graph, registry)
-    consts, params = split_initializers(graph, registry)
-    if any(v.name in keep for v in graph.inputs):
-        raise ValueError("graph inputs read at trace time: shapes depend on their values")
-    inputs = {v.name: jax.ShapeDtypeStruct(tuple(d if isinstance(d, int) and d > 0 else dim for d in (v.shape or ())),
-                                           v.dtype or np.float32) for v in graph.inputs}
-    found: dict[str, jax.ShapeDtypeStruct] = {}
-
-    def walk(p: Any, x: Any) -> int:
-        env: dict[str, Any] = dict(consts)
-        env.update(p)
-        env.update(x)
-        for node in graph.nodes:
-            run_node(node, env, registry, graph.opsets, keep)
-        for name, value in env.items():
-            if hasattr(value, "shape") and hasattr(value, "dtype"):
-                found[name] = jax.ShapeDtypeStruct(tuple(value.shape), np.dtype(value.dtype))
-        return 0
-
-    jax.eval_shape(walk, {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}, inputs)
+    jax.eval_shape(walk, dict(params), dict(dynamic))
     return found
