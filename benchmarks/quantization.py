@@ -5,8 +5,10 @@ one PNG plot of accuracy against speed (``--plot``):
 
 * ``encoder``: the 4-layer d_model 1024 / ffn 4096 encoder (~50M params, built in code by
   jaxinfer.quant.fixtures.encoder). Per batch x tokens shape every variant runs on the same
-  input, interleaved call by call in one process; each figure is the median of --runs calls.
-  onnxruntime runs the same model in f32 and after ``quantize_dynamic``. Cosine is against
+  input in one process, in rotating blocks of back-to-back calls (``--timing interleaved``: call by
+  call; see ``blocked_times`` for why blocks); each figure is the median of --runs calls.
+  onnxruntime runs the same model in f32 and after ``quantize_dynamic``; ``ortq-jaxinfer`` is
+  jaxinfer running onnxruntime's quantized file (MatMulInteger as int8 dots). Cosine is against
   our f32 output; the crossover is the smallest tokens count where int8-dynamic stops
   beating f32.
 * ``cnn``: the onnx wheel's light CNNs (resnet50, squeezenet, ...). Their stored weights are
@@ -47,24 +49,60 @@ from jaxinfer.quant.report import cosine
 
 
 def _ort_sessions(proto, want: set[str]) -> dict:
+    """onnxruntime sessions for ``ort-f32`` / ``ort-int8``; ``ortq-jaxinfer`` is jaxinfer loading the very
+    file onnxruntime's ``quantize_dynamic`` wrote (DynamicQuantizeLinear + MatMulInteger)."""
+    import onnx
     import onnxruntime as ort
 
-    sessions = {}
+    sessions: dict[str, Any] = {}
     tmp = Path(tempfile.mkdtemp())
     f32 = tmp / "encoder.onnx"
-    import onnx
-
     onnx.save(proto, str(f32))
     so = ort.SessionOptions()
     if "ort-f32" in want:
         sessions["ort-f32"] = ort.InferenceSession(str(f32), so, providers=["CPUExecutionProvider"])
-    if "ort-int8" in want:
+    if want & {"ort-int8", "ortq-jaxinfer"}:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         q = tmp / "encoder.int8.onnx"
         quantize_dynamic(str(f32), str(q), weight_type=QuantType.QInt8)
-        sessions["ort-int8"] = ort.InferenceSession(str(q), so, providers=["CPUExecutionProvider"])
+        if "ort-int8" in want:
+            sessions["ort-int8"] = ort.InferenceSession(str(q), so, providers=["CPUExecutionProvider"])
+        if "ortq-jaxinfer" in want:
+            sessions["ortq-jaxinfer"] = jaxinfer.load(str(q))
     return sessions
+
+
+def interleaved_times(calls: dict[str, Any], runs: int) -> dict[str, list[float]]:
+    """Seconds per call, the variants called in turn, ``runs`` rounds."""
+    times: dict[str, list[float]] = {v: [] for v in calls}
+    for _ in range(runs):
+        for v, f in calls.items():
+            t0 = time.perf_counter()
+            f()
+            times[v].append(time.perf_counter() - t0)
+    return times
+
+
+def blocked_times(calls: dict[str, Any], runs: int, rounds: int = 3) -> dict[str, list[float]]:
+    """Seconds per call, each variant timed in a block of back-to-back calls, blocks rotated ``rounds`` times.
+
+    onnxruntime's intra-op threads spin-wait for a while after each run; called in turn, that spin
+    eats into whichever variant runs next on a 2-core machine (our f32 encoder at 1x8: ~34 ms alone,
+    ~50-65 ms right after an onnxruntime call). A block gives every engine its own steady state; a
+    pause and one untimed call start each block.
+    """
+    times: dict[str, list[float]] = {v: [] for v in calls}
+    per = max(1, -(-runs // rounds))
+    for _ in range(rounds):
+        for v, f in calls.items():
+            time.sleep(0.05)
+            f()
+            for _ in range(per):
+                t0 = time.perf_counter()
+                f()
+                times[v].append(time.perf_counter() - t0)
+    return times
 
 
 def encoder_part(args: argparse.Namespace) -> dict[str, Any]:
@@ -78,6 +116,7 @@ def encoder_part(args: argparse.Namespace) -> dict[str, Any]:
         if v not in models and not v.startswith("ort"):
             models[v] = quantize(base, v, calibration=calib if v == "int8-static" else None)
     sessions = _ort_sessions(proto, {v for v in variants if v.startswith("ort")})
+    models.update({k: v for k, v in sessions.items() if not k.startswith("ort-")})
     bytes_ = {v: m.report().totals["params_bytes"] if hasattr(m, "report") else m.info()["params_bytes"]
               for v, m in models.items()}
     rows = []
@@ -94,12 +133,7 @@ def encoder_part(args: argparse.Namespace) -> dict[str, Any]:
                 s = sessions[v]
                 calls[v] = (lambda s=s: s.run(["y"], feeds)[0])
         outs = {v: f() for v, f in calls.items()}
-        times = {v: [] for v in calls}
-        for _ in range(args.runs):
-            for v, f in calls.items():
-                t0 = time.perf_counter()
-                f()
-                times[v].append(time.perf_counter() - t0)
+        times = blocked_times(calls, args.runs) if args.timing == "blocks" else interleaved_times(calls, args.runs)
         for v in calls:
             ms = float(np.median(times[v]) * 1e3)
             rows.append({"batch": b, "tokens": t, "variant": v, "ms": round(ms, 3),
@@ -416,7 +450,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="encoder,cnn,matmul")
     p.add_argument("--shapes", default="1x8,4x32", help="encoder: batch x tokens, comma separated")
-    p.add_argument("--variants", default="f32,int8-weight,int8-dynamic,bf16,ort-f32,ort-int8")
+    p.add_argument("--timing", choices=("blocks", "interleaved"), default="blocks",
+                   help="encoder: blocks of back-to-back calls per variant (default) or calls in turn")
+    p.add_argument("--variants", default="f32,int8-weight,int8-dynamic,bf16,ortq-jaxinfer,ort-f32,ort-int8")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--d-model", type=int, default=1024)
     p.add_argument("--ffn", type=int, default=4096)

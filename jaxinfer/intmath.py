@@ -12,6 +12,12 @@ stay exact, and the chunks' int32 results are added; when even a one-item chunk 
 
 Every float product here asks for ``Precision.HIGHEST``, so no backend swaps in a reduced
 precision (TF32, bf16 passes) that would break exactness.
+
+Matmuls of 8-bit operands go another way (:func:`zp_matmul`): a true int8 x int8 -> int32
+``dot_general`` on the raw values, with the zero points applied afterwards as sums
+(``sum (a - za)(b - zb) = a.b - za*colsum(b) - zb*rowsum(a) + K*za*zb``). XLA CPU hands
+those dots to its int8 library kernels, which read a quarter of the float32 route's bytes
+(8x1024 x 1024x4096: ~0.7 ms against ~2.5 ms for converting both sides and a float dot).
 """
 
 from __future__ import annotations
@@ -69,6 +75,108 @@ def exact_dot(a: Any, b: Any, dims: Any, k_axis_a: int, k_axis_b: int, bound: in
         part = lax.dot_general(pa, pb, dims, precision=_HIGHEST).astype(jnp.int32).astype(acc_dtype)
         acc = part if acc is None else acc + part
     return acc
+
+
+def _int8(v: jax.Array) -> tuple[jax.Array, int] | None:
+    """``v`` as int8 plus the shift taken off (uint8 moves down by 128); None for other dtypes."""
+    dt = np.dtype(v.dtype)
+    if dt == np.int8:
+        return v, 0
+    if dt == np.uint8:
+        return (v.astype(jnp.int16) - 128).astype(jnp.int8), 128
+    return None
+
+
+def _static_zero(z: Any) -> bool:
+    """True when zero point ``z`` is known at trace time to be all zeros."""
+    if z is None:
+        return True
+    if isinstance(z, jax.core.Tracer):
+        return False
+    return not np.any(np.asarray(z))
+
+
+def zero_point(z: Any, shape: Sequence[int] | None = None) -> Any:
+    """A zero point as int32 (reshaped to ``shape``), kept a numpy constant when it is one.
+
+    Inside a trace every ``jnp`` op yields a tracer; keeping constants in numpy lets
+    :func:`zp_matmul` see an all-zero zero point and leave its correction out.
+    """
+    if z is None:
+        return None
+    if isinstance(z, jax.core.Tracer):
+        z = z.astype(jnp.int32)
+        return z if shape is None else jnp.reshape(z, shape)
+    z = np.asarray(z).astype(np.int32)
+    return z if shape is None else np.reshape(z, shape)
+
+
+def _shifted_zp(zp: Any, shift: int) -> Any:
+    """The zero point of an operand moved down by ``shift`` (int32; a plain 0 when both are zero)."""
+    if _static_zero(zp):
+        return -shift if shift else 0
+    z = zero_point(zp)
+    return z - shift if shift else z
+
+
+def zp_matmul(a: Any, a_zp: Any, b: Any, b_zp: Any, *, trans_b: bool = False) -> jax.Array:
+    """``sum_k (a - a_zp)(b - b_zp)`` in int32, ``jnp.matmul`` semantics (``b`` [N, K] when ``trans_b``).
+
+    ``a`` [..., M, K] and ``b`` [..., K, N] hold raw integers; ``a_zp`` is None, a scalar or per row
+    (broadcasting against ``a`` with size 1 on K), ``b_zp`` None, a scalar or per column
+    (broadcasting against ``b`` with size 1 on K; [N, 1] when ``trans_b``). Two 8-bit operands
+    take one int8 dot with the zero points applied after it; int32 wraps, so the result is exact
+    whenever the true sum fits int32. Other dtypes go through :func:`exact_matmul`.
+    """
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    a8, b8 = _int8(a), _int8(b)
+    if a8 is None or b8 is None or a.ndim < 2 or b.ndim < 2:
+        bound = abs_bound(a.dtype, a_zp is not None) * abs_bound(b.dtype, b_zp is not None)
+        ai = a.astype(jnp.int32) - (0 if a_zp is None else jnp.asarray(a_zp).astype(jnp.int32))
+        bi = b.astype(jnp.int32) - (0 if b_zp is None else jnp.asarray(b_zp).astype(jnp.int32))
+        return exact_matmul(ai, jnp.swapaxes(bi, -1, -2) if trans_b else bi, bound)
+    (a8, sa), (b8, sb) = a8, b8
+    za, zb = _shifted_zp(a_zp, sa), _shifted_zp(b_zp, sb)
+    k = a.shape[-1]
+    if b.ndim == 2:
+        return _rows_dot(a8, za, b8, zb, trans_b)
+    if trans_b:
+        b8 = jnp.swapaxes(b8, -1, -2)
+        zb = jnp.swapaxes(zb, -1, -2) if jnp.ndim(zb) >= 2 else zb
+    acc = jnp.matmul(a8, b8, preferred_element_type=jnp.int32)
+    if not _static_zero(za):
+        acc = acc - za * jnp.sum(b8, axis=-2, keepdims=True, dtype=jnp.int32)
+    if not _static_zero(zb):
+        acc = acc - jnp.sum(a8, axis=-1, keepdims=True, dtype=jnp.int32) * zb
+    if not (_static_zero(za) or _static_zero(zb)):
+        acc = acc + k * za * zb
+    return acc
+
+
+def _rows_dot(a8: jax.Array, za: Any, b8: jax.Array, zb: Any, trans_b: bool) -> jax.Array:
+    """:func:`zp_matmul` against a 2-D ``b`` (a weight): ``a``'s leading axes flattened into rows.
+
+    ``za * colsum(b)`` needs the column sums of ``b``; a row of ones appended to ``a`` makes the
+    dot compute them in the same pass over ``b`` instead of a second one.
+    """
+    lead, k = a8.shape[:-1], a8.shape[-1]
+    n = b8.shape[0] if trans_b else b8.shape[1]
+    rows = a8.reshape(-1, k)
+    need_colsum = not _static_zero(za)
+    if need_colsum:
+        rows = jnp.concatenate([rows, jnp.ones((1, k), jnp.int8)])
+    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+    out = lax.dot_general(rows, b8, dims, preferred_element_type=jnp.int32)
+    acc = out[:-1] if need_colsum else out
+    if need_colsum:
+        za_rows = jnp.broadcast_to(za, lead + (1,)).reshape(-1, 1)
+        acc = acc - za_rows * out[-1:]
+    if not _static_zero(zb):
+        zb_cols = jnp.reshape(zb, (1, n) if jnp.size(zb) > 1 else (1, 1))
+        acc = acc - jnp.sum(rows[:acc.shape[0]], axis=1, keepdims=True, dtype=jnp.int32) * zb_cols
+        if need_colsum:
+            acc = acc + k * za_rows * zb_cols
+    return acc.reshape(lead + (n,))
 
 
 def exact_matmul(a: Any, b: Any, bound: int, acc_dtype: Any = jnp.int32) -> jax.Array:

@@ -62,3 +62,52 @@ def test_w8a8_conv_matches_qwix():
               else arith.quantize_static(x, act_scale))
         want = qwix.conv_general_dilated(xq, wq, (1, 1), "SAME", preferred_element_type=jnp.float32)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def _zp_reference(a, za, b, zb, trans_b):
+    ai = a.astype(np.int64) - (0 if za is None else np.asarray(za, np.int64))
+    bi = b.astype(np.int64) - (0 if zb is None else np.asarray(zb, np.int64))
+    return np.matmul(ai, np.swapaxes(bi, -1, -2) if trans_b else bi)
+
+
+ZP_CASES = [  # a dtype, b dtype, lead dims, batched b, trans_b, a zero point, b zero point
+    (np.uint8, np.int8, (), False, False, "scalar", None),      # onnxruntime quantize_dynamic (MatMulInteger)
+    (np.int8, np.int8, (2,), False, True, "scalar", "column"),  # TFLite FC, per-channel weight zero points
+    (np.int8, np.int8, (3,), False, True, "row", None),         # hybrid rows quantized asymmetrically
+    (np.uint8, np.uint8, (2, 2), True, False, "row", "scalar"),  # batched QLinearMatMul
+    (np.int8, np.uint8, (2,), True, True, None, "column"),
+    (np.int8, np.int8, (), False, False, "zero", None),          # a zero point known to be 0: no correction
+    (np.int16, np.int8, (2,), False, True, "scalar", None),      # not 8-bit: the exact float route
+]
+
+
+@pytest.mark.parametrize("da,db,lead,batched,trans_b,za_kind,zb_kind", ZP_CASES)
+@pytest.mark.parametrize("traced", [False, True])
+def test_zp_matmul_equals_int64_reference(da, db, lead, batched, trans_b, za_kind, zb_kind, traced):
+    import jax
+
+    rng = np.random.default_rng(11)
+    m, k, n = 5, 300, 7
+
+    def draw(dt, shape):
+        info = np.iinfo(dt)
+        return rng.integers(info.min, info.max + 1, shape).astype(dt)
+
+    a = draw(da, lead + (m, k))
+    bshape = (n, k) if trans_b else (k, n)
+    b = draw(db, (lead if batched else ()) + bshape)
+    za = {None: None, "zero": np.array(0, da), "scalar": draw(da, ()), "row": draw(da, lead + (m, 1))}[za_kind]
+    zb = {None: None, "scalar": draw(db, ()), "column": draw(db, (n, 1) if trans_b else (1, n))}[zb_kind]
+    f = (lambda *v: intmath.zp_matmul(*v, trans_b=trans_b))
+    got = jax.jit(f)(a, za, b, zb) if traced and za is not None and zb is not None else f(a, za, b, zb)
+    assert np.array_equal(np.asarray(got), _zp_reference(a, za, b, zb, trans_b))
+
+
+def test_zp_matmul_takes_an_int8_dot_and_folds_column_sums_into_it():
+    import jax
+
+    a = np.zeros((4, 64), np.uint8)
+    b = np.zeros((64, 32), np.int8)
+    hlo = jax.jit(lambda a, b: intmath.zp_matmul(a, np.uint8(3), b, None)).lower(a, b).as_text()
+    assert "tensor<5x64xi8>" in hlo and "i32" in hlo  # the ones row rides along in one int8 x int8 dot
+    assert hlo.count("dot_general") == 1

@@ -318,8 +318,8 @@ def _round_half_away_j(x: jnp.ndarray) -> jnp.ndarray:
 def dynamic_quantize_rows(rows: jnp.ndarray, asymmetric: bool) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Hybrid kernels' on-the-fly int8 quantization of float32 ``rows`` [B, N], one scale per row.
 
-    Returns ``(q - offset)`` as int32 (the value the integer dot product sees), the float32
-    scaling factor per row and the int32 offset per row. Symmetric: scale ``max|x| / 127``,
+    Returns the int8 values ``q``, the float32 scaling factor per row and the int32 offset
+    per row (the integer dot product sees ``q - offset``). Symmetric: scale ``max|x| / 127``,
     values in [-127, 127], offset 0. Asymmetric: the range [min(x, 0), max(x, 0)] over 255
     steps with a nudged zero point, values in [-128, 127]. An all-zero row gets scale 1.
     """
@@ -333,7 +333,7 @@ def dynamic_quantize_rows(rows: jnp.ndarray, asymmetric: bool) -> tuple[jnp.ndar
         scale = jnp.where(zero, jnp.float32(1), safe / jnp.float32(127))
         inv = jnp.float32(127) / safe
         q = jnp.clip(_round_half_away_j(rows * inv), -127, 127)
-        q = jnp.where(zero, 0, q).astype(jnp.int32)
+        q = jnp.where(zero, 0, q).astype(jnp.int8)
         return q, scale[:, 0], jnp.zeros(rows.shape[:1], jnp.int32)
     rmin = jnp.minimum(lo, 0).astype(jnp.float64)
     rmax = jnp.maximum(hi, 0).astype(jnp.float64)
@@ -348,6 +348,6 @@ def dynamic_quantize_rows(rows: jnp.ndarray, asymmetric: bool) -> tuple[jnp.ndar
     offset = jnp.where(zero, 0.0, nudged).astype(jnp.int32)
     scale = jnp.where(zero, 1.0, scale_d).astype(jnp.float32)
     inv = jnp.float32(1) / scale
-    q = jnp.clip(_round_half_away_j(offset.astype(jnp.float32) + rows * inv), -128, 127).astype(jnp.int32)
-    q = jnp.where(zero, 0, q)
-    return q - offset, scale[:, 0], offset[:, 0]
+    q = jnp.clip(_round_half_away_j(offset.astype(jnp.float32) + rows * inv), -128, 127)
+    q = jnp.where(zero, 0, q).astype(jnp.int8)
+    return q, scale[:, 0], offset[:, 0]

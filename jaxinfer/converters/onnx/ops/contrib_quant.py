@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ....intmath import abs_bound, exact_conv, exact_dot, exact_float, exact_matmul
+from ....intmath import abs_bound, exact_conv, exact_float, zero_point, zp_matmul
 from ....registry import OpDef, registrar
 from ._util import auto_pads, dtype_of
 from ._util import axis as norm_axis
@@ -80,10 +80,8 @@ def _bound(v: Any, zp: Any) -> int:
 
 def _int_matmul(a: Any, b: Any, a_zp: Any, b_zp: Any) -> Any:
     n = b.shape[-1]
-    a, b = jnp.asarray(a), jnp.asarray(b)
-    ai = a.astype(jnp.int32) - (jnp.int32(0) if a_zp is None else _col(a_zp, 1).astype(jnp.int32))
-    bi = b.astype(jnp.int32) - (jnp.int32(0) if b_zp is None else _col(b_zp, n).astype(jnp.int32))
-    return exact_matmul(ai, bi, _bound(a, a_zp) * _bound(b, b_zp))
+    bshape = (n,) if b_zp is not None and np.size(b_zp) > 1 else ()
+    return zp_matmul(a, zero_point(a_zp, ()), b, zero_point(b_zp, bshape))
 
 
 # ---------------------------------------------------------------- matmuls
@@ -310,19 +308,8 @@ def qlinear_matmul_int(a, a_scale, a_zero_point, b, b_scale, b_zero_point, bias_
         return _blocked_matmul_int(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point,
                                    block_size, _float_type(float_type), relu)
     n = b.shape[0] if trans_b else b.shape[-1]
-    ai = a.astype(jnp.int32) - _zp(a_zero_point)
-    bzp = jnp.asarray(b_zero_point).astype(jnp.int32)
-    if bzp.size > 1:
-        bzp = bzp.reshape((n, 1) if trans_b else (n,))
-    else:
-        bzp = bzp.reshape(())
-    bi = b.astype(jnp.int32) - bzp
-    contract_b = 1 if trans_b else b.ndim - 2
-    bound = _bound(a, a_zero_point) * _bound(b, b_zero_point)
-    if b.ndim == 2:
-        acc = exact_dot(ai, bi, (((ai.ndim - 1,), (contract_b,)), ((), ())), ai.ndim - 1, contract_b, bound)
-    else:
-        acc = exact_matmul(ai, jnp.swapaxes(bi, -1, -2) if trans_b else bi, bound)
+    bshape = ((n, 1) if trans_b else (n,)) if b_zero_point is not None and np.size(b_zero_point) > 1 else ()
+    acc = zp_matmul(a, zero_point(a_zero_point, ()), b, zero_point(b_zero_point, bshape), trans_b=bool(trans_b))
     if bias_q is not None:
         acc = acc + jnp.asarray(bias_q).astype(jnp.int32)
     mult = _scalar(a_scale) * _col(b_scale, n).astype(F32) * alpha

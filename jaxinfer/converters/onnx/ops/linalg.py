@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from .... import arith
-from ....intmath import abs_bound, exact_matmul
+from ....intmath import zero_point, zp_matmul
 from ....registry import OpDef, registrar
 
 OPS: list[OpDef] = []
@@ -28,10 +28,8 @@ def matmul(a, b):
 
 def _zero_point(zp, row_axis: bool):
     """A scalar or per-row (A) / per-column (B) zero point, shaped to broadcast against the operand."""
-    if zp is None:
-        return jnp.asarray(0, jnp.int32)
-    zp = jnp.asarray(zp).astype(jnp.int32)
-    if row_axis and zp.ndim >= 1 and zp.size > 1:
+    zp = zero_point(zp)
+    if zp is not None and row_axis and zp.ndim >= 1 and zp.size > 1:
         return zp.reshape(zp.shape + (1,))  # [..., M] -> [..., M, 1]
     return zp
 
@@ -40,10 +38,7 @@ def _zero_point(zp, row_axis: bool):
 def matmul_integer(a, b, a_zero_point=None, b_zero_point=None):
     """https://onnx.ai/onnx/operators/onnx__MatMulInteger.html: (A - a_zp) @ (B - b_zp) in int32."""
     a, b = jnp.asarray(a), jnp.asarray(b)
-    bound = abs_bound(a.dtype, a_zero_point is not None) * abs_bound(b.dtype, b_zero_point is not None)
-    ai = a.astype(jnp.int32) - _zero_point(a_zero_point, row_axis=True)
-    bi = b.astype(jnp.int32) - _zero_point(b_zero_point, row_axis=False)
-    return exact_matmul(ai, bi, bound)
+    return zp_matmul(a, _zero_point(a_zero_point, row_axis=True), b, _zero_point(b_zero_point, row_axis=False))
 
 
 @op("Gemm", (1, 6, 7, 9, 11, 13))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ....intmath import abs_bound, exact_conv, exact_matmul
+from ....intmath import abs_bound, exact_conv, zero_point, zp_matmul
 from ....registry import OpDef, registrar
 from ._util import auto_pads, axis as norm_axis, dtype_of
 
@@ -147,10 +147,9 @@ def dynamic_quantize_linear(x):
 
 
 def _row_param(p: Any, rank: int) -> Any:
-    """A per-row (``[M]``) scale/zero point of a matmul's left operand, as ``[M, 1]``."""
-    p = jnp.asarray(p)
-    if p.ndim == 1 and p.shape[0] != 1 and rank >= 2:
-        return p.reshape(p.shape[0], 1)
+    """A per-row (``[M]``) scale/zero point of a matmul's left operand, as ``[M, 1]`` (numpy stays numpy)."""
+    if np.ndim(p) == 1 and np.shape(p)[0] != 1 and rank >= 2:
+        return p.reshape(np.shape(p)[0], 1)
     return p
 
 
@@ -167,9 +166,7 @@ def _requantize(acc: Any, multiplier: Any, y_zero_point: Any, out: np.dtype) -> 
 def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point):
     """https://onnx.ai/onnx/operators/onnx__QLinearMatMul.html (int32 accumulation, float32 rescale)."""
     a, b = jnp.asarray(a), jnp.asarray(b)
-    ai = a.astype(jnp.int32) - _row_param(a_zero_point, a.ndim).astype(jnp.int32)
-    bi = b.astype(jnp.int32) - jnp.asarray(b_zero_point).astype(jnp.int32)
-    acc = exact_matmul(ai, bi, abs_bound(a.dtype, True) * abs_bound(b.dtype, True))
+    acc = zp_matmul(a, _row_param(zero_point(a_zero_point), a.ndim), b, zero_point(b_zero_point))
     f32 = jnp.float32
     multiplier = (_row_param(a_scale, a.ndim).astype(f32) * jnp.asarray(b_scale).astype(f32)
                   / jnp.asarray(y_scale).astype(f32))

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ....intmath import exact_conv, exact_dot, exact_matmul
+from ....intmath import exact_conv, exact_dot, zp_matmul
 from ....registry import OpDef, registrar
 from .. import quant as Q
 from ._util import QList, fused, is_quantized, qat
@@ -72,6 +72,18 @@ def _per_channel_multiplier(qi: Q.QParams, qw: Q.QParams, qo: Q.QParams, channel
         prod = (np.float32(qi.scale[0]) * ws.astype(np.float32)).astype(np.float64)
         return prod / float(qo.s)
     return float(qi.s) * ws.astype(np.float64) / float(qo.s)
+
+
+def _zp(q: Q.QParams, shape: tuple[int, ...] = ()) -> np.ndarray | None:
+    """``q``'s zero point for :func:`zp_matmul`: None when zero, a scalar when uniform, else ``shape``."""
+    zp = np.asarray(q.zero_point, np.int32).reshape(-1)
+    if not np.any(zp):
+        return None
+    if np.all(zp == zp[0]):
+        return np.int32(zp[0])
+    if not shape:
+        raise ValueError("per-axis zero points are not supported here")
+    return zp.reshape(shape)
 
 
 def _offset(x, q: Q.QParams, axis: int | None = None):
@@ -204,8 +216,8 @@ def _hybrid_conv(x, w, bias, qw: Q.QParams, stride, dil, padding, groups, asymme
     Per-channel weights (or depthwise): asymmetric, ``acc * filter_scale[c] * input_scale + bias``.
     """
     batch = x.shape[0]
-    q, sf, _ = Q.dynamic_quantize_rows(jnp.reshape(x, (batch, -1)), asymmetric)
-    acc = _conv(jnp.reshape(q, x.shape), jnp.asarray(w, jnp.int32), stride, dil, padding, groups,
+    q, sf, off = Q.dynamic_quantize_rows(jnp.reshape(x, (batch, -1)), asymmetric)
+    acc = _conv(jnp.reshape(q.astype(jnp.int32) - off[:, None], x.shape), jnp.asarray(w, jnp.int32), stride, dil, padding, groups,
                 bound=(255 if asymmetric else 127) * qrange(qw))
     ws = np.broadcast_to(qw.scale.astype(np.float32), (channels,))
     accf = acc.astype(jnp.float32)
@@ -332,14 +344,18 @@ def fully_connected(x, w, bias=None, *, fused_activation_function: str = "NONE",
     x2 = jnp.reshape(x, (-1, k))
     dims = (((1,), (1,)), ((), ()))
     if is_quantized(in_q, out_q):
-        acc = exact_dot(_offset(x2, in_q[0]), _offset(w, in_q[1], axis=0), dims, 1, 1,
-                        qrange(in_q[0]) * qrange(in_q[1]), acc_dtype=_acc_dtype(in_q[0]))
+        if _is_16x8(in_q[0]):
+            acc = exact_dot(_offset(x2, in_q[0]), _offset(w, in_q[1], axis=0), dims, 1, 1,
+                            qrange(in_q[0]) * qrange(in_q[1]), acc_dtype=_acc_dtype(in_q[0]))
+        else:
+            acc = zp_matmul(x2, _zp(in_q[0]), w, _zp(in_q[1], (w.shape[0], 1)), trans_b=True)
         rule = Requant(rounding="float64") if _is_16x8(in_q[0]) else _rule("FULLY_CONNECTED", quant_kernel, in_q)
         y = _finish(acc, bias, in_q, out_q, w.shape[0], fused_activation_function, rule, wide_rounding="float64")
     elif _is_hybrid(x, w, qat(in_q, 1)):
         qw = in_q[1]
-        q, sf, _ = Q.dynamic_quantize_rows(x2, bool(asymmetric_quantize_inputs or hybrid_asymmetric))
-        acc = exact_dot(q, jnp.asarray(w, jnp.int32), dims, 1, 1, 255 * qrange(qw))
+        asym = bool(asymmetric_quantize_inputs or hybrid_asymmetric)
+        q, sf, off = Q.dynamic_quantize_rows(x2, asym)
+        acc = zp_matmul(q, off[:, None] if asym else None, w, _zp(qw, (w.shape[0], 1)), trans_b=True)
         ws = np.broadcast_to(qw.scale.astype(np.float32), (w.shape[0],))
         y = acc.astype(jnp.float32) * (sf[:, None] * jnp.asarray(ws)[None, :])
         if bias is not None:
@@ -360,12 +376,10 @@ def batch_matmul(x, y, *, adj_x: bool = False, adj_y: bool = False, asymmetric_q
     """Batched x @ y with optional adjoints (transposes of the last two axes), broadcasting batch dims."""
     if is_quantized(in_q, out_q):
         qa, qb, qo = in_q[0], in_q[1], out_q[0]
-        a, b = _offset(x, qa), _offset(y, qb)
+        a, b = jnp.asarray(x), jnp.asarray(y)
         if adj_x:
             a = jnp.swapaxes(a, -1, -2)
-        if adj_y:
-            b = jnp.swapaxes(b, -1, -2)
-        acc = exact_matmul(a, b, qrange(qa) * qrange(qb))
+        acc = zp_matmul(a, _zp(qa), b, _zp(qb), trans_b=adj_y)
         return Q.requantize(acc.astype(jnp.int64), float(qa.s) * float(qb.s) / float(qo.s), qo, (qo.qmin, qo.qmax))
     y = _hybrid_weight(y, qat(in_q, 1), x)
     if adj_x:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ....intmath import exact_dot
+from ....intmath import zp_matmul
 from ....registry import OpDef, registrar
 from .. import quant as Q
 from ._util import QList, fused, qat
@@ -60,7 +60,7 @@ def _f32(args: tuple[Any, ...], in_q: QList, slot: int):
 
 @dataclass(frozen=True)
 class _Int8Matrix:
-    """A dynamic-range weight matrix [N, K]: int8 values (held as int32) and its one float32 scale."""
+    """A dynamic-range weight matrix [N, K]: its int8 values and its one float32 scale."""
 
     values: Any
     scale: np.float32
@@ -72,7 +72,7 @@ def _matrix(args: tuple[Any, ...], in_q: QList, slot: int, hybrid: bool):
         return None
     q = qat(in_q, slot)
     if hybrid and q is not None and not q.per_axis and jnp.result_type(args[slot]) == jnp.int8:
-        return _Int8Matrix(jnp.asarray(args[slot], jnp.int32), np.float32(q.s))
+        return _Int8Matrix(jnp.asarray(args[slot], jnp.int8), np.float32(q.s))
     return _f32(args, in_q, slot)
 
 
@@ -98,10 +98,10 @@ class _Operand:
         if not isinstance(w, _Int8Matrix):
             return _mm(self.x, w)
         if self._q is None:
-            q, sf, _ = Q.dynamic_quantize_rows(jnp.reshape(self.x, (-1, self.x.shape[-1])), self.asymmetric)
-            self._q = (q, sf)
-        q, sf = self._q
-        acc = exact_dot(q, w.values, (((1,), (1,)), ((), ())), 1, 1, 255 * 128)
+            q, sf, off = Q.dynamic_quantize_rows(jnp.reshape(self.x, (-1, self.x.shape[-1])), self.asymmetric)
+            self._q = (q, sf, off[:, None] if self.asymmetric else None)
+        q, sf, off = self._q
+        acc = zp_matmul(q, off, w.values, None, trans_b=True)
         y = acc.astype(jnp.float32) * (sf[:, None] * jnp.float32(w.scale))
         return jnp.reshape(y, self.x.shape[:-1] + (w.values.shape[0],))
 
