@@ -1,7 +1,8 @@
 """jaxinfer vs onnxruntime on the onnx wheel's light CNNs and the exported fixtures, batch 1 and 8.
 
-Both run in one process on the same inputs, interleaved call by call; each
-figure is the median of --runs calls. A model whose batch dim is fixed at 1 is
+Both run in one process on the same inputs, in rotating blocks of back-to-back
+calls (jaxinfer.bench.blocked: onnxruntime's spinning threads would otherwise slow
+whichever engine runs right after it); each figure is the median of --runs calls. A model whose batch dim is fixed at 1 is
 re-stamped (jaxinfer.converters.onnx.restamp) so both engines run the same
 batch-8 graph. The exported fixtures (tests/fixtures/onnx/*.onnx: BERT, GPT-2,
 ViT, a CNN, their onnxruntime-optimized and quantized variants) are picked up
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 
 import jaxinfer  # noqa: F401
-from jaxinfer.bench import BenchRow, compare, geomean, interleaved, light_models, ort_session, table
+from jaxinfer.bench import BenchRow, blocked, compare, geomean, light_models, ort_session, table
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "onnx"
 VOCAB = 256  # the fixtures' vocabulary (tests/fixtures/onnx/README.md)
@@ -85,7 +86,7 @@ def compare_fixture(path: Path, batches: list[int], runs: int, seq: int) -> list
         compile_s = time.perf_counter() - t0
         diff = max_abs(ours, sess.run(None, feeds))
         fns: list[Callable[[], Any]] = [lambda: model.run(feeds), lambda: sess.run(None, feeds)]
-        ms = interleaved(fns, runs)
+        ms = blocked(fns, runs)
         rows.append(BenchRow(path.stem, batch, ms[0], ms[1], ms[0] / ms[1], diff, compile_s))
     return rows
 

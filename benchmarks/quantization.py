@@ -6,7 +6,7 @@ one PNG plot of accuracy against speed (``--plot``):
 * ``encoder``: the 4-layer d_model 1024 / ffn 4096 encoder (~50M params, built in code by
   jaxinfer.quant.fixtures.encoder). Per batch x tokens shape every variant runs on the same
   input in one process, in rotating blocks of back-to-back calls (``--timing interleaved``: call by
-  call; see ``blocked_times`` for why blocks); each figure is the median of --runs calls.
+  call; see ``jaxinfer.bench.blocked`` for why blocks); each figure is the median of --runs calls.
   onnxruntime runs the same model in f32 and after ``quantize_dynamic``; ``ortq-jaxinfer`` is
   jaxinfer running onnxruntime's quantized file (MatMulInteger as int8 dots). Cosine is against
   our f32 output; the crossover is the smallest tokens count where int8-dynamic stops
@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 import jaxinfer
+from jaxinfer.bench import blocked, interleaved
 from jaxinfer.quant import fixtures, quantize
 from jaxinfer.quant.report import cosine
 
@@ -71,38 +72,6 @@ def _ort_sessions(proto, want: set[str]) -> dict:
         if "ortq-jaxinfer" in want:
             sessions["ortq-jaxinfer"] = jaxinfer.load(str(q))
     return sessions
-
-
-def interleaved_times(calls: dict[str, Any], runs: int) -> dict[str, list[float]]:
-    """Seconds per call, the variants called in turn, ``runs`` rounds."""
-    times: dict[str, list[float]] = {v: [] for v in calls}
-    for _ in range(runs):
-        for v, f in calls.items():
-            t0 = time.perf_counter()
-            f()
-            times[v].append(time.perf_counter() - t0)
-    return times
-
-
-def blocked_times(calls: dict[str, Any], runs: int, rounds: int = 3) -> dict[str, list[float]]:
-    """Seconds per call, each variant timed in a block of back-to-back calls, blocks rotated ``rounds`` times.
-
-    onnxruntime's intra-op threads spin-wait for a while after each run; called in turn, that spin
-    eats into whichever variant runs next on a 2-core machine (our f32 encoder at 1x8: ~34 ms alone,
-    ~50-65 ms right after an onnxruntime call). A block gives every engine its own steady state; a
-    pause and one untimed call start each block.
-    """
-    times: dict[str, list[float]] = {v: [] for v in calls}
-    per = max(1, -(-runs // rounds))
-    for _ in range(rounds):
-        for v, f in calls.items():
-            time.sleep(0.05)
-            f()
-            for _ in range(per):
-                t0 = time.perf_counter()
-                f()
-                times[v].append(time.perf_counter() - t0)
-    return times
 
 
 def encoder_part(args: argparse.Namespace) -> dict[str, Any]:
@@ -133,9 +102,10 @@ def encoder_part(args: argparse.Namespace) -> dict[str, Any]:
                 s = sessions[v]
                 calls[v] = (lambda s=s: s.run(["y"], feeds)[0])
         outs = {v: f() for v, f in calls.items()}
-        times = blocked_times(calls, args.runs) if args.timing == "blocks" else interleaved_times(calls, args.runs)
+        timer = blocked if args.timing == "blocks" else interleaved
+        ms_each = dict(zip(calls, timer(list(calls.values()), args.runs)))
         for v in calls:
-            ms = float(np.median(times[v]) * 1e3)
+            ms = ms_each[v]
             rows.append({"batch": b, "tokens": t, "variant": v, "ms": round(ms, 3),
                          "cosine_vs_f32": round(cosine(outs[v], ref), 6), "params_bytes": bytes_.get(v)})
         f32ms = next(r["ms"] for r in rows if r["batch"] == b and r["tokens"] == t and r["variant"] == "f32")

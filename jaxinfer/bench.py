@@ -1,7 +1,9 @@
 """Side-by-side timing of jaxinfer and onnxruntime on the same model and inputs.
 
-Both run in one process, interleaved call by call, so machine noise hits both
-alike; the figure is the median of ``runs`` calls after ``warmup`` calls.
+Both run in one process, each in blocks of back-to-back calls with the blocks
+rotated (:func:`blocked`), so slow drifts of the machine hit both alike and
+neither engine's idle threads land in the other's timings; the figure is the
+median of ``runs`` calls.
 """
 
 from __future__ import annotations
@@ -85,6 +87,28 @@ def interleaved(fns: Sequence[Callable[[], Any]], runs: int, warmup: int = 3) ->
     return [_median_ms(s) for s in samples]
 
 
+def blocked(fns: Sequence[Callable[[], Any]], runs: int, rounds: int = 3) -> list[float]:
+    """Median milliseconds of each callable, timed in blocks of back-to-back calls, blocks rotated ``rounds`` times.
+
+    onnxruntime's intra-op threads spin-wait for a while after each run; with calls in turn
+    that spin eats into whichever engine runs next on a small machine (our ResNet-50 at batch 1:
+    ~79 ms alone, ~124 ms right after onnxruntime calls). Blocks give every engine its own
+    steady state (onnxruntime keeps the benefit of its spinning); a pause and one untimed call
+    start each block.
+    """
+    samples: list[list[float]] = [[] for _ in fns]
+    per = max(1, -(-runs // rounds))
+    for _ in range(rounds):
+        for i, f in enumerate(fns):
+            time.sleep(0.05)
+            f()
+            for _ in range(per):
+                t = time.perf_counter()
+                f()
+                samples[i].append(time.perf_counter() - t)
+    return [_median_ms(s) for s in samples]
+
+
 def ort_session(model_bytes: bytes, threads: int | None = None) -> Any:
     import onnxruntime as ort
 
@@ -119,7 +143,7 @@ def compare(model_path: str | Path, batches: Sequence[int] = (1, 8), runs: int =
             theirs = sess.run(None, feeds)
             diff = max(_max_abs(a, b) for a, b in zip(ours.values(), theirs))
             fns.append(lambda: sess.run(None, feeds))
-        times = interleaved(fns, runs)
+        times = blocked(fns, runs)
         ort_ms = times[1] if len(times) > 1 else None
         rows.append(BenchRow(label or Path(model_path).stem, batch, times[0], ort_ms,
                              times[0] / ort_ms if ort_ms else None, diff, compile_s))

@@ -1,10 +1,10 @@
-"""Exact integer dots and convolutions, computed through float sums that cannot round.
+"""Exact integer dots and convolutions: int8 dots, or float sums that cannot round.
 
 Quantized kernels (ONNX QLinearConv/ConvInteger/MatMulInteger and the QDQ-fused ops, TFLite's
 int8/int16 CONV_2D/FULLY_CONNECTED) need the int32 sum of products of small integers. XLA
 CPU's integer convolution is a slow generic loop (a 3x3 64->64 conv on 8x56x56: ~370 ms in
-int32, ~32 ms in float32 on the development machine), and its int32 dots are slower than
-float ones. A float32 sum of integers stays exact while every partial sum is below 2**24, in
+int32, ~32 ms in float32 on the development machine), and so are its dots of anything but two
+int8 operands. A float32 sum of integers stays exact while every partial sum is below 2**24, in
 any order and with FMAs, so when ``terms * bound < 2**24`` (``bound`` = the largest |product|)
 the float32 result *is* the integer result. Longer reductions are split into chunks that each
 stay exact, and the chunks' int32 results are added; when even a one-item chunk is too long

@@ -2,7 +2,7 @@
 
 XLA CPU's default YNNPACK fusion merged AlexNet's fc6 -> fc7 -> fc8 -> softmax into
 one library fusion that ran ~200x slower than the dots one by one. Model compiles
-with each dot and convolution offloaded on its own (jaxinfer.model.YNN_FUSION_TYPES);
+with each dot offloaded on its own and convolutions left to XLA (jaxinfer.model.YNN_FUSION_TYPES);
 this checks the optimized HLO of a chain large enough to trigger the merge.
 """
 

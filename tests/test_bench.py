@@ -1,0 +1,19 @@
+"""bench: the timing helpers behind ``jaxinfer bench`` and benchmarks/."""
+
+from __future__ import annotations
+
+from jaxinfer import bench
+
+
+def test_blocked_times_each_callable_in_rotated_blocks():
+    order: list[str] = []
+    ms = bench.blocked([lambda: order.append("a"), lambda: order.append("b")], runs=4, rounds=2)
+    assert len(ms) == 2 and all(m >= 0 for m in ms)
+    # per round: one untimed call, then ceil(4 / 2) = 2 timed calls, a's block before b's
+    assert "".join(order) == "aaabbb" * 2
+
+
+def test_interleaved_alternates_calls():
+    order: list[str] = []
+    bench.interleaved([lambda: order.append("a"), lambda: order.append("b")], runs=2, warmup=1)
+    assert "".join(order) == "ababab"
