@@ -2,8 +2,8 @@
 
 Both run in one process on the same inputs, in rotating blocks of back-to-back
 calls (jaxinfer.bench.blocked: onnxruntime's spinning threads would otherwise slow
-whichever engine runs right after it); each figure is the median of --runs calls. A model whose batch dim is fixed at 1 is
-re-stamped (jaxinfer.converters.onnx.restamp) so both engines run the same
+whichever engine runs right after it); each figure is the median of --runs
+calls. ``--tune`` sets Model.tune. A model whose batch dim is fixed at 1 is re-stamped (jaxinfer.converters.onnx.restamp) so both engines run the same
 batch-8 graph. The exported fixtures (tests/fixtures/onnx/*.onnx: BERT, GPT-2,
 ViT, a CNN, their onnxruntime-optimized and quantized variants) are picked up
 when present; their text inputs get token ids, an all-ones attention mask and
@@ -71,7 +71,7 @@ def max_abs(ours: dict[str, Any], theirs: list[Any]) -> float:
     return max(diffs)
 
 
-def compare_fixture(path: Path, batches: list[int], runs: int, seq: int) -> list[BenchRow]:
+def compare_fixture(path: Path, batches: list[int], runs: int, seq: int, tune: bool = False) -> list[BenchRow]:
     """Like jaxinfer.bench.compare, with inputs the exported models take (token ids, masks)."""
     from jaxinfer.converters.onnx import load_onnx
 
@@ -80,6 +80,7 @@ def compare_fixture(path: Path, batches: list[int], runs: int, seq: int) -> list
     rows = []
     for batch in batches:
         model = load_onnx(data)
+        model.tune = tune
         feeds = fixture_feeds(model, batch, seq)
         t0 = time.perf_counter()
         ours = model.run(feeds)
@@ -110,6 +111,8 @@ def main() -> None:
     p.add_argument("--models", default="", help="comma-separated substrings to select models")
     p.add_argument("--no-light", action="store_true", help="only the exported fixtures")
     p.add_argument("--no-fixtures", action="store_true", help="only the light CNNs")
+    p.add_argument("--tune", action="store_true",
+                   help="Model.tune: time XLA CPU option sets per shape, keep the fastest")
     p.add_argument("--json", default="benchmarks/results/onnx_vs_ort.json")
     args = p.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
@@ -119,10 +122,11 @@ def main() -> None:
 
     jobs: list[tuple[str, Path, Callable[[Path], list[BenchRow]]]] = []
     if not args.no_light:
-        jobs += [("light", m, lambda m: compare(m, batches, runs=args.runs, label=m.stem.replace("light_", "")))
+        jobs += [("light", m, lambda m: compare(m, batches, runs=args.runs, label=m.stem.replace("light_", ""),
+                                                tune=args.tune))
                  for m in light_models() if wanted(m)]
     if not args.no_fixtures:
-        jobs += [("fixture", m, lambda m: compare_fixture(m, batches, args.runs, args.seq))
+        jobs += [("fixture", m, lambda m: compare_fixture(m, batches, args.runs, args.seq, args.tune))
                  for m in fixture_models() if wanted(m)]
     rows, failed = [], []
     for kind, path, run in jobs:
@@ -145,7 +149,7 @@ def main() -> None:
         print(f"{k}: {v:.3f}")
     for f in failed:
         print(f"failed: {f['model']}: {f['error']}")
-    out = {"rows": rows, "summary": summary, "failed": failed, "seq": args.seq,
+    out = {"rows": rows, "summary": summary, "failed": failed, "seq": args.seq, "tune": args.tune,
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))

@@ -49,7 +49,7 @@ from jaxinfer.quant import fixtures, quantize
 from jaxinfer.quant.report import cosine
 
 
-def _ort_sessions(proto, want: set[str]) -> dict:
+def _ort_sessions(proto, want: set[str], tune: bool = False) -> dict:
     """onnxruntime sessions for ``ort-f32`` / ``ort-int8``; ``ortq-jaxinfer`` is jaxinfer loading the very
     file onnxruntime's ``quantize_dynamic`` wrote (DynamicQuantizeLinear + MatMulInteger)."""
     import onnx
@@ -70,7 +70,7 @@ def _ort_sessions(proto, want: set[str]) -> dict:
         if "ort-int8" in want:
             sessions["ort-int8"] = ort.InferenceSession(str(q), so, providers=["CPUExecutionProvider"])
         if "ortq-jaxinfer" in want:
-            sessions["ortq-jaxinfer"] = jaxinfer.load(str(q))
+            sessions["ortq-jaxinfer"] = jaxinfer.load(str(q), tune=tune)
     return sessions
 
 
@@ -78,13 +78,13 @@ def encoder_part(args: argparse.Namespace) -> dict[str, Any]:
     variants = args.variants.split(",")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     proto = fixtures.encoder(args.d_model, args.ffn, args.layers)
-    base = jaxinfer.load(proto.SerializeToString())
+    base = jaxinfer.load(proto.SerializeToString(), tune=args.tune)
     calib = [fixtures.inputs(1, 16, args.d_model, seed=100 + i) for i in range(4)]
     models = {"f32": base}
     for v in variants:
         if v not in models and not v.startswith("ort"):
             models[v] = quantize(base, v, calibration=calib if v == "int8-static" else None)
-    sessions = _ort_sessions(proto, {v for v in variants if v.startswith("ort")})
+    sessions = _ort_sessions(proto, {v for v in variants if v.startswith("ort")}, args.tune)
     models.update({k: v for k, v in sessions.items() if not k.startswith("ort-")})
     bytes_ = {v: m.report().totals["params_bytes"] if hasattr(m, "report") else m.info()["params_bytes"]
               for v, m in models.items()}
@@ -420,6 +420,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="encoder,cnn,matmul")
     p.add_argument("--shapes", default="1x8,4x32", help="encoder: batch x tokens, comma separated")
+    p.add_argument("--tune", action="store_true", help="encoder: Model.tune (time XLA CPU option sets per shape)")
     p.add_argument("--timing", choices=("blocks", "interleaved"), default="blocks",
                    help="encoder: blocks of back-to-back calls per variant (default) or calls in turn")
     p.add_argument("--variants", default="f32,int8-weight,int8-dynamic,bf16,ortq-jaxinfer,ort-f32,ort-int8")

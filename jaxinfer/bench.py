@@ -120,8 +120,11 @@ def ort_session(model_bytes: bytes, threads: int | None = None) -> Any:
 
 
 def compare(model_path: str | Path, batches: Sequence[int] = (1, 8), runs: int = 20,
-            against: str | None = "onnxruntime", label: str | None = None) -> list[BenchRow]:
-    """Time ``model_path`` at each batch size (re-stamping a fixed batch dim when needed)."""
+            against: str | None = "onnxruntime", label: str | None = None, tune: bool = False) -> list[BenchRow]:
+    """Time ``model_path`` at each batch size (re-stamping a fixed batch dim when needed).
+
+    ``tune``: set :attr:`Model.tune` (time XLA CPU option sets per shape, keep the fastest).
+    """
     import onnx
 
     from .converters.onnx import load_onnx
@@ -132,6 +135,7 @@ def compare(model_path: str | Path, batches: Sequence[int] = (1, 8), runs: int =
     for batch in batches:
         stamped = restamp_batch(proto, batch) if _needs_restamp(proto, batch) else proto
         model = load_onnx(stamped)
+        model.tune = tune
         feeds = dummy_inputs(model.inputs, batch)
         t0 = time.perf_counter()
         ours = model.run(feeds)

@@ -26,7 +26,8 @@ def load(source: Any, **options: Any) -> Model:
       **options: the format's loader options: ONNX ``optimize`` (default True: the graph
         passes); TFLite ``hybrid`` ("xnnpack" | "builtin": which LiteRT CPU path
         dynamic-range layers follow) and ``requant`` ("reference" | "builtin" | "xnnpack":
-        which LiteRT kernels' requantization rounding to match bit for bit).
+        which LiteRT kernels' requantization rounding to match bit for bit); for any format
+        ``tune=True`` sets :attr:`Model.tune` (time XLA CPU option sets per input shape).
 
     Returns:
       A :class:`Model`: ``run``/``__call__``, the pure ``fn`` and its ``params``.
@@ -35,6 +36,13 @@ def load(source: Any, **options: Any) -> Model:
       >>> m = jaxinfer.load("model.onnx")                  # doctest: +SKIP
       >>> m.run({"x": np.ones((1, 3), np.float32)})        # doctest: +SKIP
     """
+    tune = bool(options.pop("tune", False))
+    model = _load(source, options)
+    model.tune = tune
+    return model
+
+
+def _load(source: Any, options: dict[str, Any]) -> Model:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir():

@@ -53,6 +53,8 @@ class CompileStats:
     compile_seconds: float = 0.0
     cache_hits: int = 0
     keys: list[tuple] = field(default_factory=list)
+    #: shape key -> the :data:`TUNE_CANDIDATES` name :attr:`Model.tune` kept for it
+    tuned: dict[tuple, str] = field(default_factory=dict)
 
 
 def _is_value_input(v: ValueInfo, needed: set[str]) -> bool:
@@ -83,6 +85,53 @@ def split_initializers(graph: Graph, registry: Registry) -> tuple[dict[str, np.n
 #: library's on every light CNN and the TFLite conv stacks (benchmarks/profile_ynn_fusion.py).
 YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 YNN_FUSION_TYPES = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+
+
+#: The XLA CPU option sets :attr:`Model.tune` times against each other. Which is fastest
+#: depends on the model and the shape: f32 dots at a few rows (8-32) ran ~1.6x faster in
+#: XLA's own loops than in the library (the d1024 encoder at 1x8 tokens: 22 vs 36 ms), at
+#: 128+ rows ~1.5x slower; small-channel convolutions gain from the library, large ones lose.
+TUNE_CANDIDATES: dict[str, dict[str, str]] = {
+    "dot": {YNN_FUSION_FLAG: YNN_FUSION_TYPES},
+    "none": {YNN_FUSION_FLAG: ""},
+    "dot+conv": {YNN_FUSION_FLAG: YNN_FUSION_TYPES + ",LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"},
+}
+#: Tuning times each candidate at most this many runs (fewer when one run is slow).
+TUNE_RUNS = 5
+
+
+def _seconds(fn: Any, runs: int) -> float:
+    """Fastest of ``runs`` timed calls of ``fn`` after one untimed call (results waited for)."""
+    jax.block_until_ready(fn())
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def fastest_executable(lowered: Any, args: tuple, candidates: Mapping[str, Mapping[str, Any]],
+                       runs: int = TUNE_RUNS, budget_s: float = 2.0) -> tuple[str, Any]:
+    """Compile ``lowered`` with each option set, time each on ``args``, return (name, executable) of the fastest.
+
+    Each candidate gets up to ``runs`` timed runs, fewer when one run is slow (about
+    ``budget_s`` per candidate); a candidate this backend refuses to compile is skipped.
+    """
+    best: tuple[float, str, Any] | None = None
+    for name, options in candidates.items():
+        try:
+            exe = lowered.compile(dict(options) or None)
+        except Exception:  # noqa: BLE001 - an option set this XLA build lacks is not a candidate
+            continue
+        first = _seconds(lambda: exe(*args), 1)
+        n = max(1, min(runs, int(budget_s / max(first, 1e-6))))
+        t = min(first, _seconds(lambda: exe(*args), n))
+        if best is None or t < best[0]:
+            best = (t, name, exe)
+    if best is None:
+        raise RuntimeError("no compiler option candidate compiled")
+    return best[1], best[2]
 
 
 def default_compiler_options() -> dict[str, str]:
@@ -132,6 +181,11 @@ class Model:
         self._output_names = tuple(s.name for s in self.outputs)
         #: passed to ``jax.jit(...).lower(...).compile(compiler_options=...)``; set before the first run to change.
         self.compiler_options: dict[str, Any] = default_compiler_options()
+        #: CPU, stateless models: compile each new input shape with every :data:`TUNE_CANDIDATES`
+        #: option set, time them on that first input and keep the fastest (``stats.tuned`` says
+        #: which). Costs a compile and a few runs per candidate per shape; stored executables
+        #: (aot) are not used while tuning.
+        self.tune: bool = False
 
     # ----------------------------------------------------------------- state
     def reset_state(self) -> None:
@@ -258,7 +312,12 @@ class Model:
                 return split_host(fn(params, {**inputs, **static}))
 
             exe = None
-            if not static and aot.export_dir() is not None:  # a warm process skips tracing (see aot.py)
+            tunable = jax.default_backend() == "cpu" and YNN_FUSION_FLAG not in os.environ.get("XLA_FLAGS", "")
+            if self.tune and tunable:
+                choice, exe = fastest_executable(jax.jit(call).lower(self.params, dynamic), (self.params, dynamic),
+                                                 TUNE_CANDIDATES)
+                self.stats.tuned[key] = choice
+            elif not static and aot.export_dir() is not None:  # a warm process skips tracing (see aot.py)
                 digest = aot.program_digest(self.graph, self._constants, (self.params, dynamic), self.compiler_options)
                 exe = aot.compile_exported(call, (self.params, dynamic), digest, self.compiler_options,
                                            may_save=lambda: not host_outputs)
@@ -363,7 +422,13 @@ class Model:
 
     def with_params(self, params: Mapping[str, Any]) -> Model:
         """A new Model sharing this graph with other params (e.g. quantized)."""
-        return Model(self.graph, self.registry, params=params, source=self.source, check=False)
+        return Model(self.graph, self.registry, params=params, source=self.source, check=False).compiled_like(self)
+
+    def compiled_like(self, other: Model) -> Model:
+        """Take ``other``'s compile settings (:attr:`compiler_options`, :attr:`tune`); returns self."""
+        self.compiler_options = dict(other.compiler_options)
+        self.tune = other.tune
+        return self
 
     def __repr__(self) -> str:
         ins = ", ".join(str(s) for s in self.inputs)

@@ -22,6 +22,10 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA CPU 
 
 
 def dense_chain(dims=(1024, 1024, 1024, 1000)):
+    return jaxinfer.load(_chain_proto(dims))
+
+
+def _chain_proto(dims):
     rng = np.random.default_rng(0)
     inits, nodes, x = [], [], "x"
     for i in range(len(dims) - 1):
@@ -34,7 +38,7 @@ def dense_chain(dims=(1024, 1024, 1024, 1000)):
     nodes.append(helper.make_node("Softmax", [x], ["y"], axis=-1))
     graph = helper.make_graph(nodes, "fc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", dims[0]])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", dims[-1]])], inits)
-    return jaxinfer.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def dots_per_library_fusion(hlo: str) -> list[int]:
@@ -69,3 +73,16 @@ def test_compiler_options_can_be_cleared_before_the_first_run():
     m = dense_chain((16, 8, 4))
     m.compiler_options = {}
     assert m.run({"x": np.ones((2, 16), np.float32)})["y"].shape == (2, 4)
+
+
+def test_tune_keeps_the_fastest_option_set_per_shape_and_answers_the_same():
+    from jaxinfer.model import TUNE_CANDIDATES
+
+    plain = dense_chain((256, 256, 10))
+    tuned = jaxinfer.load(_chain_proto((256, 256, 10)), tune=True)
+    assert tuned.tune and not plain.tune
+    for rows in (1, 8):
+        x = {"x": np.random.default_rng(rows).standard_normal((rows, 256)).astype(np.float32)}
+        np.testing.assert_allclose(tuned.run(x)["y"], plain.run(x)["y"], rtol=1e-5, atol=1e-6)
+    assert len(tuned.stats.tuned) == 2 and set(tuned.stats.tuned.values()) <= set(TUNE_CANDIDATES)
+    assert tuned.stats.compiles == 2  # one executable kept per shape

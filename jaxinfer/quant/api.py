@@ -74,7 +74,7 @@ def _strip(graph: Any, names: Iterable[str]) -> Any:
 
 
 def build(model: Model, graph: Any, params: Mapping[str, Any], report: QuantReport) -> QuantizedModel:
-    q = QuantizedModel(graph, model.registry, params=params, source=model.source, check=False)
+    q = QuantizedModel(graph, model.registry, params=params, source=model.source, check=False).compiled_like(model)
     q.quant_report = report
     return q
 
