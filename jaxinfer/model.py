@@ -80,9 +80,10 @@ def split_initializers(graph: Graph, registry: Registry) -> tuple[dict[str, np.n
 #: with the reduction after them (e.g. fc6 -> fc7 -> fc8 -> softmax) into one
 #: library fusion that runs ~200x slower than the dots run one by one (AlexNet at
 #: batch 8: 4.9 s instead of ~0.1 s). Each dot is offloaded on its own instead: int8
-#: dots need the library (XLA's own s8 dot is ~10x slower), and f32 dots gain at a few
-#: rows and more. Convolutions stay with XLA: its own were 1.1-1.6x faster than the
-#: library's on every light CNN and the TFLite conv stacks (benchmarks/profile_ynn_fusion.py).
+#: dots need the library (XLA's own s8 dot is ~10x slower), and f32 dots gain from it at
+#: 128+ rows (they lose at 8-32 rows: see :data:`TUNE_CANDIDATES`). Convolutions stay with
+#: XLA: its own were faster than the library's on the light CNNs (1.19x in geomean) and the
+#: TFLite conv stacks (benchmarks/profile_ynn_fusion.py).
 YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 YNN_FUSION_TYPES = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
 

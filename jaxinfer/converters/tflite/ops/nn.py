@@ -217,7 +217,8 @@ def _hybrid_conv(x, w, bias, qw: Q.QParams, stride, dil, padding, groups, asymme
     """
     batch = x.shape[0]
     q, sf, off = Q.dynamic_quantize_rows(jnp.reshape(x, (batch, -1)), asymmetric)
-    acc = _conv(jnp.reshape(q.astype(jnp.int32) - off[:, None], x.shape), jnp.asarray(w, jnp.int32), stride, dil, padding, groups,
+    shifted = jnp.reshape(q.astype(jnp.int32) - off[:, None], x.shape)
+    acc = _conv(shifted, jnp.asarray(w, jnp.int32), stride, dil, padding, groups,
                 bound=(255 if asymmetric else 127) * qrange(qw))
     ws = np.broadcast_to(qw.scale.astype(np.float32), (channels,))
     accf = acc.astype(jnp.float32)
