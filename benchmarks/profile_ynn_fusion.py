@@ -28,17 +28,13 @@ import onnx
 from jaxinfer.bench import dummy_inputs, geomean, interleaved, light_models, table
 from jaxinfer.converters.onnx import load_onnx
 from jaxinfer.converters.onnx.restamp import restamp_batch
-from jaxinfer.model import YNN_FUSION_FLAG
+from jaxinfer.model import TUNE_CANDIDATES
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-SETTINGS: dict[str, dict[str, Any]] = {
-    "dot": {YNN_FUSION_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
-    "dot+conv": {YNN_FUSION_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"},
-    "none": {YNN_FUSION_FLAG: ""},
-    "xla": {},
-}
+#: Model.tune's candidates plus XLA's own default (no option passed).
+SETTINGS: dict[str, dict[str, Any]] = {**TUNE_CANDIDATES, "xla": {}}
 FIXTURES = ("bert_legacy", "gpt2_dynamo", "vit_legacy", "cnn", "bert_qdq")
 
 

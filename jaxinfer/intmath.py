@@ -97,18 +97,18 @@ def _static_zero(z: Any) -> bool:
 
 
 def zero_point(z: Any, shape: Sequence[int] | None = None) -> Any:
-    """A zero point as int32 (reshaped to ``shape``), kept a numpy constant when it is one.
+    """A zero point as int32: a scalar when per-tensor, else reshaped to ``shape`` (when given).
 
-    Inside a trace every ``jnp`` op yields a tracer; keeping constants in numpy lets
-    :func:`zp_matmul` see an all-zero zero point and leave its correction out.
+    A numpy constant stays numpy: inside a trace every ``jnp`` op yields a tracer, and
+    :func:`zp_matmul` needs to see an all-zero zero point to leave its correction out.
     """
     if z is None:
         return None
-    if isinstance(z, jax.core.Tracer):
-        z = z.astype(jnp.int32)
-        return z if shape is None else jnp.reshape(z, shape)
-    z = np.asarray(z).astype(np.int32)
-    return z if shape is None else np.reshape(z, shape)
+    xp = jnp if isinstance(z, jax.core.Tracer) else np
+    z = xp.asarray(z).astype(np.int32)
+    if z.size == 1:
+        return xp.reshape(z, ())
+    return z if shape is None else xp.reshape(z, shape)
 
 
 def _shifted_zp(zp: Any, shift: int) -> Any:
@@ -163,17 +163,16 @@ def _rows_dot(a8: jax.Array, za: Any, b8: jax.Array, zb: Any, trans_b: bool) -> 
     n = b8.shape[0] if trans_b else b8.shape[1]
     rows = a8.reshape(-1, k)
     need_colsum = not _static_zero(za)
-    if need_colsum:
-        rows = jnp.concatenate([rows, jnp.ones((1, k), jnp.int8)])
+    lhs = jnp.concatenate([rows, jnp.ones((1, k), jnp.int8)]) if need_colsum else rows
     dims = (((1,), (1 if trans_b else 0,)), ((), ()))
-    out = lax.dot_general(rows, b8, dims, preferred_element_type=jnp.int32)
+    out = lax.dot_general(lhs, b8, dims, preferred_element_type=jnp.int32)
     acc = out[:-1] if need_colsum else out
     if need_colsum:
         za_rows = jnp.broadcast_to(za, lead + (1,)).reshape(-1, 1)
         acc = acc - za_rows * out[-1:]
     if not _static_zero(zb):
         zb_cols = jnp.reshape(zb, (1, n) if jnp.size(zb) > 1 else (1, 1))
-        acc = acc - jnp.sum(rows[:acc.shape[0]], axis=1, keepdims=True, dtype=jnp.int32) * zb_cols
+        acc = acc - jnp.sum(rows, axis=1, keepdims=True, dtype=jnp.int32) * zb_cols
         if need_colsum:
             acc = acc + k * za_rows * zb_cols
     return acc.reshape(lead + (n,))

@@ -80,8 +80,7 @@ def _bound(v: Any, zp: Any) -> int:
 
 def _int_matmul(a: Any, b: Any, a_zp: Any, b_zp: Any) -> Any:
     n = b.shape[-1]
-    bshape = (n,) if b_zp is not None and np.size(b_zp) > 1 else ()
-    return zp_matmul(a, zero_point(a_zp, ()), b, zero_point(b_zp, bshape))
+    return zp_matmul(a, zero_point(a_zp), b, zero_point(b_zp, (n,)))
 
 
 # ---------------------------------------------------------------- matmuls
@@ -308,8 +307,8 @@ def qlinear_matmul_int(a, a_scale, a_zero_point, b, b_scale, b_zero_point, bias_
         return _blocked_matmul_int(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point,
                                    block_size, _float_type(float_type), relu)
     n = b.shape[0] if trans_b else b.shape[-1]
-    bshape = ((n, 1) if trans_b else (n,)) if b_zero_point is not None and np.size(b_zero_point) > 1 else ()
-    acc = zp_matmul(a, zero_point(a_zero_point, ()), b, zero_point(b_zero_point, bshape), trans_b=bool(trans_b))
+    bzp = zero_point(b_zero_point, (n, 1) if trans_b else (n,))
+    acc = zp_matmul(a, zero_point(a_zero_point), b, bzp, trans_b=bool(trans_b))
     if bias_q is not None:
         acc = acc + jnp.asarray(bias_q).astype(jnp.int32)
     mult = _scalar(a_scale) * _col(b_scale, n).astype(F32) * alpha

@@ -9,6 +9,7 @@ arithmetic, not the op.
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from .... import arith
 from ....intmath import zero_point, zp_matmul
@@ -26,19 +27,12 @@ def matmul(a, b):
     return arith.matmul(a, b)
 
 
-def _zero_point(zp, row_axis: bool):
-    """A scalar or per-row (A) / per-column (B) zero point, shaped to broadcast against the operand."""
-    zp = zero_point(zp)
-    if zp is not None and row_axis and zp.ndim >= 1 and zp.size > 1:
-        return zp.reshape(zp.shape + (1,))  # [..., M] -> [..., M, 1]
-    return zp
-
-
 @op("MatMulInteger", (10,))
 def matmul_integer(a, b, a_zero_point=None, b_zero_point=None):
     """https://onnx.ai/onnx/operators/onnx__MatMulInteger.html: (A - a_zp) @ (B - b_zp) in int32."""
     a, b = jnp.asarray(a), jnp.asarray(b)
-    return zp_matmul(a, _zero_point(a_zero_point, row_axis=True), b, _zero_point(b_zero_point, row_axis=False))
+    # A's zero point is per row ([..., M] -> [..., M, 1]); B's per column broadcasts as it is.
+    return zp_matmul(a, zero_point(a_zero_point, np.shape(a_zero_point) + (1,)), b, zero_point(b_zero_point))
 
 
 @op("Gemm", (1, 6, 7, 9, 11, 13))

@@ -87,15 +87,11 @@ def _zp(q: Q.QParams, shape: tuple[int, ...] = ()) -> np.ndarray | None:
 
 
 def _offset(x, q: Q.QParams, axis: int | None = None):
-    """Integer tensor minus its zero point, as int32."""
-    zp = q.zero_point
-    if zp.size > 1 and np.any(zp != zp[0]):
-        if axis is None:
-            raise ValueError("per-axis zero points are not supported here")
-        shape = [1] * x.ndim
-        shape[axis] = zp.size
-        return jnp.asarray(x, jnp.int32) - jnp.asarray(zp.reshape(shape), jnp.int32)
-    return jnp.asarray(x, jnp.int32) - int(zp[0])
+    """Integer tensor minus its zero point (per ``axis`` when per-axis), as int32."""
+    shape = () if axis is None else tuple(q.zero_point.size if i == axis else 1 for i in range(x.ndim))
+    zp = _zp(q, shape)
+    x = jnp.asarray(x, jnp.int32)
+    return x if zp is None else x - zp
 
 
 def _finish(acc, bias, in_q, out_q, w_channels: int, act: str, rule: Requant = Requant(),
