@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -99,43 +100,74 @@ def check_kernel(kernel: str, what: str = "quant_kernel") -> None:
         raise ValueError(f"{what}={kernel!r}: expected one of {QUANT_KERNELS}")
 
 
+def _host_int(v: Any) -> np.ndarray | None:
+    """``v`` as a host int64 array when it is known at trace time (a Python or numpy integer), else None."""
+    if isinstance(v, (int, np.integer, np.ndarray)):
+        return np.asarray(v, np.int64)
+    return None
+
+
 def srdhm(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-    """SaturatingRoundingDoublingHighMul of int32 values held in int64."""
-    ab = a * b
-    nudge = jnp.where(ab >= 0, 1 << 30, 1 - (1 << 30))
-    res = _trunc_div_pow2(ab + nudge, 31)
-    return jnp.where((a == INT32_MIN) & (b == INT32_MIN), INT32_MAX, res)
+    """SaturatingRoundingDoublingHighMul of int32 values held in int64.
+
+    gemmlowp adds a nudge of 2**30 (or 1 - 2**30 below zero) and divides by 2**31 truncating;
+    for either sign that equals ``floor((a*b + 2**30) / 2**31)``: one add and one arithmetic
+    shift. The one saturating case, INT32_MIN * INT32_MIN, is only checked when ``b`` may be it.
+    """
+    hb = _host_int(b)
+    res = (jnp.asarray(a, jnp.int64) * jnp.asarray(b, jnp.int64) + (1 << 30)) >> 31
+    if hb is not None and not np.any(hb == INT32_MIN):
+        return res
+    return jnp.where((jnp.asarray(a, jnp.int64) == INT32_MIN) & (jnp.asarray(b, jnp.int64) == INT32_MIN),
+                     INT32_MAX, res)
 
 
 def rounding_divide_by_pot(x: jnp.ndarray, exponent: jnp.ndarray, ties_away=True) -> jnp.ndarray:
-    """Arithmetic right shift by ``exponent`` rounding to nearest.
+    """Arithmetic right shift by ``exponent`` rounding to nearest, in ``x``'s integer dtype.
 
     Ties go away from zero (gemmlowp's RoundingDivideByPOT) where ``ties_away`` is true, up
     (toward +inf, ``(x + 2**(exponent-1)) >> exponent``: ruy's and the SIMD output stages)
-    where it is false; ``ties_away`` may be an array broadcasting against ``x``.
+    where it is false; ``ties_away`` may be an array broadcasting against ``x``. An int32 ``x``
+    needs ``exponent`` <= 31.
     """
-    exponent = jnp.asarray(exponent, jnp.int64)
-    mask = (jnp.int64(1) << exponent) - 1
-    remainder = x & mask
-    threshold = (mask >> 1) + jnp.where((x < 0) & jnp.asarray(ties_away, bool), 1, 0)
-    return (x >> exponent) + jnp.where(remainder > threshold, 1, 0)
+    x = jnp.asarray(x)
+    dt = x.dtype if jnp.issubdtype(x.dtype, jnp.signedinteger) else jnp.int64
+    x = x.astype(dt)
+    he = _host_int(exponent)
+    if he is not None:  # mask and threshold folded on the host
+        mask = ((np.int64(1) << he) - 1).astype(dt)
+        exponent, half = jnp.asarray(he.astype(dt)), jnp.asarray(mask >> 1)
+        mask = jnp.asarray(mask)
+    else:
+        exponent = jnp.asarray(exponent, dt)
+        mask = (jnp.asarray(1, dt) << exponent) - 1
+        half = mask >> 1
+    threshold = half + ((x < 0) & jnp.asarray(ties_away, bool)).astype(dt)
+    return (x >> exponent) + (x & mask > threshold).astype(dt)
 
 
 def multiply_by_quantized_multiplier(x: jnp.ndarray, mult: np.ndarray | int, shift: np.ndarray | int,
                                      ties_away=True) -> jnp.ndarray:
-    """TFLite's MultiplyByQuantizedMultiplier on int64-held int32 values (broadcasting mult/shift).
+    """TFLite's MultiplyByQuantizedMultiplier on int32 values (held in int32 or int64), broadcasting mult/shift.
 
     Two roundings: SaturatingRoundingDoublingHighMul (ties up), then a rounding right shift
-    whose ties go as ``ties_away`` says (see :func:`rounding_divide_by_pot`).
+    whose ties go as ``ties_away`` says (see :func:`rounding_divide_by_pot`). ``x`` and
+    ``x * 2**left`` wrap to int32 as in the C++ code. Only the product is formed in int64;
+    the shifts run in int32 (XLA CPU vectorizes those, and not int64 ones). The result has
+    ``x``'s dtype (int64 in, int64 out).
     """
-    x = jnp.asarray(x, jnp.int64)
-    mult = jnp.asarray(mult, jnp.int64)
-    shift = jnp.asarray(shift, jnp.int64)
-    left = jnp.maximum(shift, 0)
-    right = jnp.maximum(-shift, 0)
-    # x * 2**left can exceed int32 in TFLite too (wraps there); keep it in int32 range like the C++ code.
-    shifted = wrap32(x << left)
-    return rounding_divide_by_pot(srdhm(shifted, mult), right, ties_away)
+    x = jnp.asarray(x)
+    out = jnp.int64 if x.dtype == jnp.int64 else jnp.int32
+    host = _host_int(shift)
+    if host is None:
+        shift = jnp.asarray(shift, jnp.int32)
+        left, right = jnp.maximum(shift, 0), jnp.maximum(-shift, 0)
+    else:
+        left, right = np.maximum(host, 0).astype(np.int32), np.maximum(-host, 0).astype(np.int32)
+        left = left if np.any(left) else None
+    shifted = x.astype(jnp.int32) if left is None else x.astype(jnp.int32) << left
+    high = srdhm(shifted, mult).astype(jnp.int32)
+    return rounding_divide_by_pot(high, right, ties_away).astype(out)
 
 
 def multiply_by_quantized_multiplier_64(x: jnp.ndarray, mult: np.ndarray | int, shift: np.ndarray | int) -> jnp.ndarray:

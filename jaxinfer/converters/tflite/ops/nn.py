@@ -105,11 +105,10 @@ def _finish(acc, bias, in_q, out_q, w_channels: int, act: str, rule: Requant = R
     """
     qi, qw, qo = in_q[0], in_q[1], out_q[0]
     wide = _is_16x8(qi) and (bias is None or jnp.result_type(bias) == jnp.int64)
-    acc = acc.astype(jnp.int64)
+    acc_t = jnp.int64 if wide else jnp.int32  # int32: C's wrap-around addition, and no int64 lanes
+    acc = acc.astype(acc_t)
     if bias is not None:
-        acc = acc + jnp.asarray(bias, jnp.int64)
-    if not wide:
-        acc = Q.wrap32(acc)
+        acc = acc + jnp.asarray(bias).astype(acc_t)
     mult = _per_channel_multiplier(qi, qw, qo, w_channels, rule.float32_product)
     return Q.requantize(acc, mult, qo, Q.activation_range(act, qo), channel_axis=-1,
                         rounding=wide_rounding if wide else rule.rounding, simd_block=rule.simd_block)
