@@ -34,7 +34,7 @@ import numpy as np
 import qwix
 from jax import lax
 
-from . import intmath
+from . import conv_lowering, intmath
 
 PRECISION = lax.Precision.HIGHEST
 
@@ -250,8 +250,8 @@ def conv(lhs: Any, rhs: Any, window_strides: Sequence[int], padding: Any, *, lhs
         # (a convert + multiply XLA fuses into the conv's operand on accelerators).
         rhs = qwix.dequantize(rhs).astype(_float_dtype(lhs))
     lhs, rhs = _align_float(lhs, rhs)
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, precision=precision,
-                                    preferred_element_type=preferred_element_type, **kw)
+    return conv_lowering.conv_general_dilated(lhs, rhs, window_strides, padding, precision=precision,
+                                              preferred_element_type=preferred_element_type, **kw)
 
 
 def _exact_w8a8_conv(xq: QArray, wq: QArray, window_strides: Sequence[int], padding: Any, out_dtype: Any,

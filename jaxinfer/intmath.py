@@ -31,6 +31,8 @@ import ml_dtypes
 import numpy as np
 from jax import lax
 
+from .conv_lowering import conv_general_dilated
+
 #: float32 holds every integer of magnitude below this exactly.
 F32_EXACT = 1 << 24
 #: Products above this bound (int16 x int8) leave float32 chunks too short to pay off: use float64.
@@ -209,9 +211,8 @@ def exact_conv(x: Any, w: Any, window_strides: Sequence[int], padding: Any, *, b
     cin = w.shape[in_w]
 
     def conv(a: Any, b: Any, ft: Any) -> jax.Array:
-        return lax.conv_general_dilated(a.astype(ft), b.astype(ft), window_strides, padding, rhs_dilation=rhs_dilation,
-                                        dimension_numbers=dn, feature_group_count=feature_group_count,
-                                        precision=_HIGHEST)
+        return conv_general_dilated(a.astype(ft), b.astype(ft), window_strides, padding, rhs_dilation=rhs_dilation,
+                                    dimension_numbers=dn, feature_group_count=feature_group_count, precision=_HIGHEST)
 
     if feature_group_count == 1:
         parts = float_chunks(cin, window, bound)

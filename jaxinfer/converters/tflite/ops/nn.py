@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ....conv_lowering import conv_general_dilated
 from ....intmath import exact_conv, exact_dot, zp_matmul
 from ....registry import OpDef, registrar
 from .. import quant as Q
@@ -141,8 +142,8 @@ def _conv(x, w, stride, dilation, padding, groups, bound: int = 255 * 255, acc_d
     if groups > 1 and groups == x.shape[-1] and w.shape[3] == 1:
         return _depthwise_taps(x, w, stride, dilation, padding, acc_dtype)
     if not jnp.issubdtype(x.dtype, jnp.integer):
-        return lax.conv_general_dilated(x, w.astype(x.dtype), window_strides=stride, padding=padding,
-                                        rhs_dilation=dilation, dimension_numbers=dn, feature_group_count=groups)
+        return conv_general_dilated(x, w.astype(x.dtype), window_strides=stride, padding=padding,
+                                    rhs_dilation=dilation, dimension_numbers=dn, feature_group_count=groups)
     return exact_conv(x, w, stride, padding, bound=bound, dimension_numbers=dn, rhs_dilation=dilation,
                       feature_group_count=groups, acc_dtype=acc_dtype)
 

@@ -1,0 +1,89 @@
+"""How a convolution is lowered for XLA CPU: ``lax.conv_general_dilated``, or patches times the kernel.
+
+XLA CPU's convolution is slow on small layers with very few input channels (an RGB or mono
+stem on a 32x32 image): measured here, a [1, 32, 32, 3] -> 16 channel 3x3 convolution took
+115 us as one convolution and 48-53 us as the 27-column patch matrix times the [27, 16]
+kernel; [1, 32, 32, 1] -> 16 took 113 vs 15-31 us. On large images and wide layers the
+convolution wins (a 224x224 7x7 stem ran 2-4x slower as patches), and at batch 8 the
+whole-model effect was mixed (0.85-1.17x), so only small, narrow-input 2-D layers of at most
+one 32x32 image's worth of output pixels take the patch route (:func:`use_patches`), and only
+on CPU. Whole models at batch 1, A/B in one process: the exported ONNX CNN 1.15-1.30x, the
+TFLite conv fixtures 0.9-1.13x (noise of this 2-core machine included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+#: Patches only for convolutions with at most this many input channels ...
+PATCH_MAX_IN_CHANNELS = 4
+#: ... and at most this many output pixels per image (a 32x32 output) ...
+PATCH_MAX_OUT_PIXELS = 32 * 32
+#: ... and at most this many patch-matrix rows over the whole batch (one such image).
+PATCH_MAX_ROWS = 32 * 32
+
+
+def use_patches(lhs_shape: Sequence[int], rhs_shape: Sequence[int], out_shape: Sequence[int], dn: Any,
+                feature_group_count: int, lhs_dilation: Sequence[int] | None) -> bool:
+    """Whether the patch lowering is the faster one here (see the module docstring)."""
+    if jax.default_backend() != "cpu" or feature_group_count != 1 or len(lhs_shape) != 4:
+        return False
+    if lhs_dilation is not None and any(d != 1 for d in lhs_dilation):
+        return False
+    cin = lhs_shape[dn.lhs_spec[1]]
+    pixels = out_shape[dn.out_spec[2]] * out_shape[dn.out_spec[3]]
+    return cin <= PATCH_MAX_IN_CHANNELS and pixels <= PATCH_MAX_OUT_PIXELS and \
+        pixels * out_shape[dn.out_spec[0]] <= PATCH_MAX_ROWS
+
+
+def conv_general_dilated(lhs: Any, rhs: Any, window_strides: Sequence[int], padding: Any, *,
+                         lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
+                         dimension_numbers: Any = None, feature_group_count: int = 1, batch_group_count: int = 1,
+                         precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
+    """``lax.conv_general_dilated`` (same arguments and result), lowered as :func:`use_patches` says."""
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    kw = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dn,
+              feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+              precision=precision, preferred_element_type=preferred_element_type)
+    if batch_group_count == 1 and len(lhs.shape) == 4:
+        out = jax.eval_shape(lambda a, b: lax.conv_general_dilated(a, b, window_strides, padding, **kw), lhs, rhs)
+        if use_patches(lhs.shape, rhs.shape, out.shape, dn, feature_group_count, lhs_dilation):
+            return _patch_conv(lhs, rhs, tuple(window_strides), padding, tuple(rhs_dilation or (1, 1)), dn,
+                               precision, preferred_element_type)
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kw)
+
+
+def _patch_conv(lhs: jax.Array, rhs: jax.Array, strides: tuple[int, ...], padding: Any,
+                dilation: tuple[int, ...], dn: Any, precision: Any, pet: Any) -> jax.Array:
+    """A 2-D ungrouped convolution as [N*OH*OW, KH*KW*C] patches times the [KH*KW*C, O] kernel."""
+    x = jnp.transpose(lhs, dn.lhs_spec)  # N, C, H, W
+    w = jnp.transpose(rhs, dn.rhs_spec)  # O, I, KH, KW
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    if isinstance(padding, str):
+        eff = ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1)
+        padding = lax.padtype_to_pads((h, wd), eff, strides, padding)
+    (pt, pb), (pl, pr) = padding
+    x = jnp.transpose(x, (0, 2, 3, 1))  # NHWC: a patch row is contiguous channels per tap
+    x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+    oh = (x.shape[1] - (kh - 1) * dilation[0] - 1) // strides[0] + 1
+    ow = (x.shape[2] - (kw - 1) * dilation[1] - 1) // strides[1] + 1
+    taps = [lax.slice(x, (0, i * dilation[0], j * dilation[1], 0),
+                      (n, i * dilation[0] + (oh - 1) * strides[0] + 1, j * dilation[1] + (ow - 1) * strides[1] + 1, c),
+                      (1, strides[0], strides[1], 1))
+            for i in range(kh) for j in range(kw)]
+    patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)  # N, OH, OW, KH*KW*C
+    kmat = jnp.transpose(w, (2, 3, 1, 0)).reshape(kh * kw * c, o)  # rows in the patches' (i, j, c) order
+    y = lax.dot_general(patches, kmat, (((3,), (0,)), ((), ())), precision=precision, preferred_element_type=pet)
+    # y is N, OH, OW, O: put its axes where dn.out_spec says
+    y_nchw = jnp.transpose(y, (0, 3, 1, 2))
+    inverse = [0] * 4
+    for pos, axis in enumerate(dn.out_spec):
+        inverse[axis] = pos
+    return jnp.transpose(y_nchw, inverse)
