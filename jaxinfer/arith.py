@@ -25,7 +25,7 @@ graph of ONNX ops does not go through; :class:`W8A8` is that one missing piece.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -50,14 +50,19 @@ class W8A8:
       w: the int8 weight (values + per-output-channel scales).
       act_scale: ``None`` for dynamic quantization (per-row absmax at run time), else the
         calibrated per-tensor activation scale (a float32 scalar array): static.
+      transposed: a 2-D ``[K, N]`` weight stored as ``[N, K]`` (``w`` holds the transpose, its
+        scales on axis 0). Few-row products stream such a weight 1.3-1.4x faster on XLA CPU
+        (each output's K values contiguous; 8 rows x 1024 x 4096, weights from DRAM);
+        :attr:`shape` and the products still speak of the ``[K, N]`` weight.
     """
 
     w: QArray
     act_scale: jax.Array | None = None
+    transposed: bool = field(default=False, metadata={"static": True})
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.w.shape
+        return tuple(reversed(self.w.shape)) if self.transposed else self.w.shape
 
     @property
     def ndim(self) -> int:
@@ -70,6 +75,14 @@ class W8A8:
     @property
     def mode(self) -> str:
         return "int8-dynamic" if self.act_scale is None else "int8-static"
+
+
+def untransposed(w: W8A8) -> QArray:
+    """The ``[K, N]`` QArray a :class:`W8A8` stands for, whatever its storage."""
+    if not w.transposed:
+        return w.w
+    q = w.w
+    return QArray(q.qvalue.T, q.scale.T, None if q.zero_point is None else q.zero_point.T, q.qtype)
 
 
 def is_quantized(x: Any) -> bool:
@@ -168,7 +181,9 @@ def _weight_only_dot(lhs: Any, w: QArray, dims: Any, precision: Any, pet: Any) -
 
 
 def _w8a8_dot(lhs: Any, w: W8A8, dims: Any, pet: Any) -> jax.Array:
-    (lc, _), _ = dims
+    (lc, rc), (lb, rb) = dims
+    if w.transposed:  # the caller's axes are the [K, N] weight's; w.w holds [N, K]
+        dims = ((lc, tuple(1 - a for a in rc)), (lb, tuple(1 - a for a in rb)))
     lhs = jnp.asarray(lhs)
     out_dtype = pet or _float_dtype(lhs)
     if w.act_scale is None:
@@ -207,7 +222,7 @@ def einsum(equation: str, *operands: Any) -> jax.Array:
     w8a8 = next((o for o in operands if isinstance(o, W8A8)), None)
     for o in operands:
         if isinstance(o, W8A8):
-            ops.append(o.w)
+            ops.append(untransposed(o))
         elif isinstance(o, QArray):
             ops.append(o)
         elif w8a8 is not None:
@@ -241,10 +256,11 @@ def conv(lhs: Any, rhs: Any, window_strides: Sequence[int], padding: Any, *, lhs
         else:
             xq = quantize_static(x, rhs.act_scale)
         if jax.default_backend() == "cpu":
-            y = _exact_w8a8_conv(xq, rhs.w, window_strides, padding, out_dtype, kw)
+            y = _exact_w8a8_conv(xq, untransposed(rhs), window_strides, padding, out_dtype, kw)
             if y is not None:
                 return y
-        return qwix.conv_general_dilated(xq, rhs.w, window_strides, padding, preferred_element_type=out_dtype, **kw)
+        return qwix.conv_general_dilated(xq, untransposed(rhs), window_strides, padding, preferred_element_type=out_dtype,
+                                         **kw)
     if isinstance(rhs, QArray):
         # qwix's conv takes int8 only on both sides; a float input dequantizes the kernel
         # (a convert + multiply XLA fuses into the conv's operand on accelerators).
@@ -296,5 +312,5 @@ def _batch_axis(dimension_numbers: Any, ndim: int) -> int:
     return 0
 
 
-__all__ = ["PRECISION", "QArray", "W8A8", "conv", "dot_general", "einsum", "is_quantized", "kind",
+__all__ = ["PRECISION", "QArray", "W8A8", "conv", "dot_general", "einsum", "is_quantized", "kind", "untransposed",
            "matmul", "nbytes", "quantize_rows", "quantize_static"]

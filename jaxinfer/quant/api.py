@@ -51,15 +51,21 @@ def _int8(w: Any, axes: Sequence[int], granularity: str) -> arith.QArray:
     return qwix.quantize(jnp.asarray(w, jnp.float32), jnp.int8, channelwise_axes=keep)
 
 
+def _store_transposed(layer: Layer, w: Any) -> bool:
+    """A ``[K, N]`` MatMul/Gemm weight is stored ``[N, K]`` for w8a8 (see :class:`~jaxinfer.arith.W8A8`)."""
+    return layer.op_type in ("MatMul", "Gemm") and jnp.ndim(w) == 2 and tuple(layer.channel_axes) == (1,)
+
+
 def layer_param(layer: Layer, w: Any, how: str, granularity: str = "per_channel",
                 act_scale: float | None = None) -> Any:
     """The param a layer's weight becomes under ``how``."""
     if how == "int8-weight":
         return _int8(w, layer.channel_axes, granularity)
-    if how == "int8-dynamic":
-        return arith.W8A8(_int8(w, layer.channel_axes, granularity))
-    if how == "int8-static":
-        return arith.W8A8(_int8(w, layer.channel_axes, granularity), jnp.asarray(act_scale, jnp.float32))
+    if how in ("int8-dynamic", "int8-static"):
+        scale = None if how == "int8-dynamic" else jnp.asarray(act_scale, jnp.float32)
+        if _store_transposed(layer, w):
+            return arith.W8A8(_int8(jnp.asarray(w).T, (0,), granularity), scale, transposed=True)
+        return arith.W8A8(_int8(w, layer.channel_axes, granularity), scale)
     if how in ("bf16", "fp16"):
         return jnp.asarray(w).astype(precision.low_dtype(how))
     if how == "f32":

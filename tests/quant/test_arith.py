@@ -48,6 +48,25 @@ def test_gemm_trans_b_layout():
     assert cosine(y, X[0] @ W) > 0.999
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_w8a8_transposed_storage_gives_the_same_products(static):
+    """A [K, N] weight stored [N, K] (scales on axis 0): same int8 values, same results, logical shape."""
+    act = jnp.float32(np.abs(X).max() / 127) if static else None
+    plain = arith.W8A8(q8(W), act)
+    stored = arith.W8A8(q8(W.T.copy(), axes=(0,)), act, transposed=True)
+    assert stored.shape == (64, 48) and stored.w.shape == (48, 64)
+    np.testing.assert_array_equal(np.asarray(stored.w.qvalue).T, np.asarray(plain.w.qvalue))
+    np.testing.assert_array_equal(np.asarray(arith.matmul(X, stored)), np.asarray(arith.matmul(X, plain)))
+    gemm = (((1,), (0,)), ((), ()))
+    np.testing.assert_array_equal(np.asarray(jax.jit(arith.dot_general, static_argnums=2)(X[0], stored, gemm)),
+                                  np.asarray(arith.dot_general(X[0], plain, gemm)))
+    np.testing.assert_array_equal(np.asarray(arith.einsum("bsd,dh->bsh", X, stored)),
+                                  np.asarray(arith.einsum("bsd,dh->bsh", X, plain)))
+    jaxpr = jax.make_jaxpr(lambda x, w: arith.matmul(x, w))(X, stored)
+    dot = next(e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general")
+    assert dot.params["dimension_numbers"][0][1] == (1,)  # contracts the stored weight's last axis
+
+
 def test_bf16_weight_widened_for_f32_activation():
     y = arith.matmul(X, jnp.asarray(W, jnp.bfloat16))
     assert y.dtype == jnp.float32 and cosine(y, X @ W) > 0.9999

@@ -6,7 +6,7 @@ from jaxinfer import saving
 from jaxinfer.quant import QuantizedModel, quantize
 
 
-@pytest.mark.parametrize("method", [None, "int8-static", "int8-weight", "bf16"])
+@pytest.mark.parametrize("method", [None, "int8-static", "int8-dynamic", "int8-weight", "bf16"])
 def test_round_trip_bit_identical(encoder, calib, method, tmp_path):
     m = encoder if method is None else quantize(encoder, method, calibration=calib)
     saving.save(m, tmp_path / "saved")
@@ -19,6 +19,10 @@ def test_round_trip_bit_identical(encoder, calib, method, tmp_path):
             assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
     if method:
         assert isinstance(r, QuantizedModel) and r.report().method == method
+    if method and method.startswith("int8-") and method != "int8-weight":  # MatMul weights stored [N, K]
+        stored = [v for v in m.params.values() if getattr(v, "transposed", False)]
+        assert stored and all(getattr(r.params[k], "transposed", False) == getattr(v, "transposed", False)
+                              for k, v in m.params.items())
 
 
 def test_not_a_saved_dir(tmp_path):
