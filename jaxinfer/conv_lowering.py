@@ -7,8 +7,8 @@ kernel; [1, 32, 32, 1] -> 16 took 113 vs 15-31 us. On large images and wide laye
 convolution wins (a 224x224 7x7 stem ran 2-4x slower as patches), and at batch 8 the
 whole-model effect was mixed (0.85-1.17x), so only small, narrow-input 2-D layers of at most
 one 32x32 image's worth of output pixels take the patch route (:func:`use_patches`), and only
-on CPU. Whole models at batch 1, A/B in one process: the exported ONNX CNN 1.15-1.30x, the
-TFLite conv fixtures 0.9-1.13x (noise of this 2-core machine included).
+on CPU. Whole models at batch 1, three A/B runs in one process: the exported ONNX CNN 1.12-1.30x,
+the TFLite conv fixtures 0.9-1.13x (noise of this 2-core machine included).
 """
 
 from __future__ import annotations

@@ -84,11 +84,6 @@ def quantize_multipliers(ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.array([p[0] for p in pairs], np.int64), np.array([p[1] for p in pairs], np.int64)
 
 
-def _trunc_div_pow2(x: jnp.ndarray, bits: int) -> jnp.ndarray:
-    """Integer division by 2**bits rounding toward zero (C semantics)."""
-    return jnp.where(x >= 0, x >> bits, -((-x) >> bits))
-
-
 #: The LiteRT CPU kernel sets whose integer arithmetic the quantized ops can follow, picked by
 #: ``load_tflite(requant=...)`` and passed to the ops that differ as ``quant_kernel``.
 QUANT_KERNELS = ("reference", "builtin", "xnnpack")
