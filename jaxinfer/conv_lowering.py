@@ -48,9 +48,9 @@ def conv_general_dilated(lhs: Any, rhs: Any, window_strides: Sequence[int], padd
     """``lax.conv_general_dilated`` (same arguments and result), lowered as :func:`use_patches` says."""
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    kw = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dn,
-              feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-              precision=precision, preferred_element_type=preferred_element_type)
+    kw = {"lhs_dilation": lhs_dilation, "rhs_dilation": rhs_dilation, "dimension_numbers": dn,
+          "feature_group_count": feature_group_count, "batch_group_count": batch_group_count,
+          "precision": precision, "preferred_element_type": preferred_element_type}
     if batch_group_count == 1 and len(lhs.shape) == 4:
         out = jax.eval_shape(lambda a, b: lax.conv_general_dilated(a, b, window_strides, padding, **kw), lhs, rhs)
         if use_patches(lhs.shape, rhs.shape, out.shape, dn, feature_group_count, lhs_dilation):

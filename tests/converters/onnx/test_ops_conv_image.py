@@ -229,3 +229,24 @@ def test_center_crop_pad_mixed():
     x = _randn(5, 6, 3)
     _check(_model("CenterCropPad", {"x": x}, {"shape": np.array([4, 9], np.int64)}, axes=[1, 0], opset=18),
            {"x": x})
+
+
+def _conv_pool_lrn_model() -> onnx.ModelProto:
+    n = helper.make_node
+    nodes = [n("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), n("Relu", ["c"], ["r"]),
+             n("LRN", ["r"], ["l"], size=3), n("MaxPool", ["l"], ["m"], kernel_shape=[3, 3], strides=[2, 2],
+                                                   ceil_mode=1),
+             n("AveragePool", ["m"], ["y0"], kernel_shape=[2, 2], pads=[0, 0, 1, 1], count_include_pad=0)]
+    g = helper.make_graph(nodes, "conv_pool", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8, 15, 13])],
+                          [helper.make_value_info("y0", onnx.TypeProto())],
+                          [numpy_helper.from_array(_randn(6, 8, 3, 3), "w")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 22)])
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_pools_and_lrn_channels_last_or_not(monkeypatch, channels_last):
+    """Pools (and LRN) run channels-last by default so XLA keeps the conv layout; both forms match onnxruntime."""
+    from jaxinfer.converters.onnx.ops import pool
+
+    monkeypatch.setattr(pool, "CHANNELS_LAST", channels_last)
+    _check(_conv_pool_lrn_model(), {"x": _randn(2, 8, 15, 13)})

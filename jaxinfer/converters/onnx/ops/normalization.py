@@ -164,10 +164,12 @@ def lp_normalization(x, *, axis: int = -1, p: int = 2):
 @op("LRN", (1, 13))
 def lrn(x, *, alpha: float = 1e-4, beta: float = 0.75, bias: float = 1.0, size: int):
     """https://onnx.ai/onnx/operators/onnx__LRN.html: across channels."""
-    sq = x * x
     lo = (size - 1) // 2
     hi = size - 1 - lo
-    window = (1, size) + (1,) * (x.ndim - 2)
-    s = lax.reduce_window(sq, jnp.asarray(0, x.dtype), lax.add, window, (1,) * x.ndim,
-                          [(0, 0), (lo, hi)] + [(0, 0)] * (x.ndim - 2))
-    return x / (bias + (alpha / size) * s) ** beta
+    # the channel window runs channels-last, as the pools do (ops/pool.py), so that a conv -> LRN ->
+    # pool chain keeps XLA CPU's channels-last convolution layout instead of copying to NCHW and back
+    xt = jnp.moveaxis(x, 1, -1)
+    window = (1,) * (x.ndim - 1) + (size,)
+    s = lax.reduce_window(xt * xt, jnp.asarray(0, x.dtype), lax.add, window, (1,) * x.ndim,
+                          [(0, 0)] * (x.ndim - 1) + [(lo, hi)])
+    return jnp.moveaxis(xt / (bias + (alpha / size) * s) ** beta, -1, 1)

@@ -20,6 +20,9 @@ op = registrar(OPS)
 
 Pads = list[tuple[int, int]]
 
+#: Windowed pools over (N, C, *S) run channels-last (see :meth:`Window.reduce`).
+CHANNELS_LAST = True
+
 
 @dataclass(frozen=True)
 class Window:
@@ -32,9 +35,21 @@ class Window:
     padding: Pads  # explicit + what ceil_mode adds at the end
 
     def reduce(self, x, init, reducer: Callable, padding: Pads | None = None):
-        """``reducer`` over every window of the spatial axes of ``x`` (N, C, *S)."""
+        """``reducer`` over every window of the spatial axes of ``x`` (N, C, *S).
+
+        With ``CHANNELS_LAST`` the window runs over ``x`` moved to N, *S, C and the result moves
+        back. XLA CPU keeps convolution outputs channels-last; a pool over the NCHW array made it
+        materialize NCHW copies around every pool (SqueezeNet b8: its largest copy cost more than
+        its first convolution), while these transposes meet the convolutions' and cancel.
+        """
         lead = x.ndim - len(self.kernel)
         pads = self.padding if padding is None else padding
+        if CHANNELS_LAST and lead == 2:
+            spatial = tuple(range(2, x.ndim))
+            y = lax.reduce_window(jnp.transpose(x, (0, *spatial, 1)), init, reducer, (1, *self.kernel, 1),
+                                  (1, *self.strides, 1), [(0, 0), *pads, (0, 0)],
+                                  window_dilation=(1, *self.dilations, 1))
+            return jnp.transpose(y, (0, x.ndim - 1, *range(1, x.ndim - 1)))
         return lax.reduce_window(x, init, reducer, (1,) * lead + self.kernel, (1,) * lead + self.strides,
                                  [(0, 0)] * lead + list(pads), window_dilation=(1,) * lead + self.dilations)
 
