@@ -63,6 +63,14 @@ def test_conv_3d_groups_strides_dilations(auto_pad):
                   auto_pad=auto_pad, **pads), {"x": x})
 
 
+@pytest.mark.parametrize("attrs", [{"strides": [2, 1], "dilations": [1, 2], "pads": [1, 0, 2, 1]},
+                                   {"strides": [1, 1], "pads": [1, 1, 1, 1]}])
+def test_conv_2d_depthwise_with_multiplier(attrs):
+    """2-D depthwise convs run as shifted taps (channels-last), not XLA's grouped convolution."""
+    x, w, b = _randn(2, 3, 9, 10), _randn(6, 1, 3, 3), _randn(6)
+    _check(_model("Conv", {"x": x}, {"w": w, "b": b}, group=3, **attrs), {"x": x})
+
+
 def test_conv_1d_depthwise():
     x, w = _randn(1, 3, 20), _randn(3, 1, 5)
     _check(_model("Conv", {"x": x}, {"w": w}, group=3, pads=[2, 1], strides=[3]), {"x": x})

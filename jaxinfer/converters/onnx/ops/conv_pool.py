@@ -45,19 +45,21 @@ def _depthwise_2d(x, w_hwio, strides, padding, dilations):
     mult = out_c // x.shape[1]
     if mult > 1:
         x = jnp.repeat(x, mult, axis=1)
-    xp = jnp.pad(x, [(0, 0), (0, 0)] + [tuple(p) for p in padding])
+    # channels-last (as the pools are, ops/pool.py): the neighbouring convolutions' layout, so XLA
+    # cancels these transposes instead of copying the activations to NCHW and back
+    xp = jnp.pad(jnp.transpose(x, (0, 2, 3, 1)), [(0, 0)] + [tuple(p) for p in padding] + [(0, 0)])
     (sh, sw), (dh, dw) = strides, dilations
-    out_h = (xp.shape[2] - (kh - 1) * dh - 1) // sh + 1
-    out_w = (xp.shape[3] - (kw - 1) * dw - 1) // sw + 1
+    out_h = (xp.shape[1] - (kh - 1) * dh - 1) // sh + 1
+    out_w = (xp.shape[2] - (kw - 1) * dw - 1) // sw + 1
     acc = None
     for i in range(kh):
         for j in range(kw):
-            tap = lax.slice(xp, (0, 0, i * dh, j * dw),
-                            (xp.shape[0], out_c, i * dh + (out_h - 1) * sh + 1, j * dw + (out_w - 1) * sw + 1),
-                            (1, 1, sh, sw))
-            term = tap * w_hwio[i, j, 0].reshape(1, -1, 1, 1)
+            tap = lax.slice(xp, (0, i * dh, j * dw, 0),
+                            (xp.shape[0], i * dh + (out_h - 1) * sh + 1, j * dw + (out_w - 1) * sw + 1, out_c),
+                            (1, sh, sw, 1))
+            term = tap * w_hwio[i, j, 0]
             acc = term if acc is None else acc + term
-    return acc
+    return jnp.transpose(acc, (0, 3, 1, 2))
 
 
 def grouped_conv(x, w, strides, padding, dilations, dims: tuple[str, str, str], group: int):
