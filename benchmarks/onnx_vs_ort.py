@@ -3,7 +3,8 @@
 Both run in one process on the same inputs, in rotating blocks of back-to-back
 calls (jaxinfer.bench.blocked: onnxruntime's spinning threads would otherwise slow
 whichever engine runs right after it); each figure is the median of --runs
-calls. ``--tune`` sets Model.tune. A model whose batch dim is fixed at 1 is re-stamped (jaxinfer.converters.onnx.restamp) so both engines run the same
+calls. ``--tune`` sets Model.tune. A model whose batch dim is fixed at 1 is
+re-stamped (jaxinfer.converters.onnx.restamp) so both engines run the same
 batch-8 graph. The exported fixtures (tests/fixtures/onnx/*.onnx: BERT, GPT-2,
 ViT, a CNN, their onnxruntime-optimized and quantized variants) are picked up
 when present; their text inputs get token ids, an all-ones attention mask and

@@ -31,14 +31,19 @@ PATCH_MAX_ROWS = 32 * 32
 def use_patches(lhs_shape: Sequence[int], rhs_shape: Sequence[int], out_shape: Sequence[int], dn: Any,
                 feature_group_count: int, lhs_dilation: Sequence[int] | None) -> bool:
     """Whether the patch lowering is the faster one here (see the module docstring)."""
+    if not _narrow(lhs_shape, dn, feature_group_count, lhs_dilation):
+        return False
+    pixels = out_shape[dn.out_spec[2]] * out_shape[dn.out_spec[3]]
+    return pixels <= PATCH_MAX_OUT_PIXELS and pixels * out_shape[dn.out_spec[0]] <= PATCH_MAX_ROWS
+
+
+def _narrow(lhs_shape: Sequence[int], dn: Any, feature_group_count: int, lhs_dilation: Sequence[int] | None) -> bool:
+    """The shape-independent half of :func:`use_patches`: CPU, 2-D, ungrouped, few input channels."""
     if jax.default_backend() != "cpu" or feature_group_count != 1 or len(lhs_shape) != 4:
         return False
     if lhs_dilation is not None and any(d != 1 for d in lhs_dilation):
         return False
-    cin = lhs_shape[dn.lhs_spec[1]]
-    pixels = out_shape[dn.out_spec[2]] * out_shape[dn.out_spec[3]]
-    return cin <= PATCH_MAX_IN_CHANNELS and pixels <= PATCH_MAX_OUT_PIXELS and \
-        pixels * out_shape[dn.out_spec[0]] <= PATCH_MAX_ROWS
+    return lhs_shape[dn.lhs_spec[1]] <= PATCH_MAX_IN_CHANNELS
 
 
 def conv_general_dilated(lhs: Any, rhs: Any, window_strides: Sequence[int], padding: Any, *,
@@ -51,7 +56,8 @@ def conv_general_dilated(lhs: Any, rhs: Any, window_strides: Sequence[int], padd
     kw = {"lhs_dilation": lhs_dilation, "rhs_dilation": rhs_dilation, "dimension_numbers": dn,
           "feature_group_count": feature_group_count, "batch_group_count": batch_group_count,
           "precision": precision, "preferred_element_type": preferred_element_type}
-    if batch_group_count == 1 and len(lhs.shape) == 4:
+    if batch_group_count == 1 and _narrow(lhs.shape, dn, feature_group_count, lhs_dilation):
+        # the output shape only for the few convolutions that may qualify (abstract evaluation costs ~1 ms)
         out = jax.eval_shape(lambda a, b: lax.conv_general_dilated(a, b, window_strides, padding, **kw), lhs, rhs)
         if use_patches(lhs.shape, rhs.shape, out.shape, dn, feature_group_count, lhs_dilation):
             return _patch_conv(lhs, rhs, tuple(window_strides), padding, tuple(rhs_dilation or (1, 1)), dn,

@@ -4,6 +4,8 @@ compiled-executable cache keyed by input shapes/dtypes, and ``run``.
 
 from __future__ import annotations
 
+import functools
+
 import os
 import threading
 import time
@@ -101,9 +103,10 @@ TUNE_CANDIDATES: dict[str, dict[str, str]] = {
 TUNE_RUNS = 5
 
 
-def _seconds(fn: Any, runs: int) -> float:
-    """Fastest of ``runs`` timed calls of ``fn`` after one untimed call (results waited for)."""
-    jax.block_until_ready(fn())
+def _seconds(fn: Any, runs: int, warmup: bool = True) -> float:
+    """Fastest of ``runs`` timed calls of ``fn``, after one untimed call unless ``warmup`` is off (results waited for)."""
+    if warmup:
+        jax.block_until_ready(fn())
     best = float("inf")
     for _ in range(runs):
         start = time.perf_counter()
@@ -123,11 +126,12 @@ def fastest_executable(lowered: Any, args: tuple, candidates: Mapping[str, Mappi
     for name, options in candidates.items():
         try:
             exe = lowered.compile(dict(options) or None)
-        except Exception:  # noqa: BLE001 - an option set this XLA build lacks is not a candidate
+        except Exception:  # noqa: BLE001, S112 - an option set this XLA build lacks is not a candidate
             continue
-        first = _seconds(lambda: exe(*args), 1)
+        call = functools.partial(exe, *args)
+        first = _seconds(call, 1)
         n = max(1, min(runs, int(budget_s / max(first, 1e-6))))
-        t = min(first, _seconds(lambda: exe(*args), n))
+        t = min(first, _seconds(call, n - 1, warmup=False))
         if best is None or t < best[0]:
             best = (t, name, exe)
     if best is None:
@@ -135,11 +139,14 @@ def fastest_executable(lowered: Any, args: tuple, candidates: Mapping[str, Mappi
     return best[1], best[2]
 
 
+def _options_apply() -> bool:
+    """Whether our XLA CPU option sets apply: on CPU, unless ``XLA_FLAGS`` names the flag itself."""
+    return jax.default_backend() == "cpu" and YNN_FUSION_FLAG not in os.environ.get("XLA_FLAGS", "")
+
+
 def default_compiler_options() -> dict[str, str]:
     """XLA options each :class:`Model` compile passes (CPU only; ``XLA_FLAGS`` naming the flag wins)."""
-    if jax.default_backend() != "cpu" or YNN_FUSION_FLAG in os.environ.get("XLA_FLAGS", ""):
-        return {}
-    return {YNN_FUSION_FLAG: YNN_FUSION_TYPES}
+    return {YNN_FUSION_FLAG: YNN_FUSION_TYPES} if _options_apply() else {}
 
 
 class Model:
@@ -313,8 +320,7 @@ class Model:
                 return split_host(fn(params, {**inputs, **static}))
 
             exe = None
-            tunable = jax.default_backend() == "cpu" and YNN_FUSION_FLAG not in os.environ.get("XLA_FLAGS", "")
-            if self.tune and tunable:
+            if self.tune and _options_apply():
                 choice, exe = fastest_executable(jax.jit(call).lower(self.params, dynamic), (self.params, dynamic),
                                                  TUNE_CANDIDATES)
                 self.stats.tuned[key] = choice

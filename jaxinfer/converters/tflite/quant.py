@@ -110,11 +110,11 @@ def srdhm(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     shift. The one saturating case, INT32_MIN * INT32_MIN, is only checked when ``b`` may be it.
     """
     hb = _host_int(b)
-    res = (jnp.asarray(a, jnp.int64) * jnp.asarray(b, jnp.int64) + (1 << 30)) >> 31
+    a, b = jnp.asarray(a, jnp.int64), jnp.asarray(b, jnp.int64)
+    res = (a * b + (1 << 30)) >> 31
     if hb is not None and not np.any(hb == INT32_MIN):
         return res
-    return jnp.where((jnp.asarray(a, jnp.int64) == INT32_MIN) & (jnp.asarray(b, jnp.int64) == INT32_MIN),
-                     INT32_MAX, res)
+    return jnp.where((a == INT32_MIN) & (b == INT32_MIN), INT32_MAX, res)
 
 
 def rounding_divide_by_pot(x: jnp.ndarray, exponent: jnp.ndarray, ties_away=True) -> jnp.ndarray:
@@ -130,9 +130,8 @@ def rounding_divide_by_pot(x: jnp.ndarray, exponent: jnp.ndarray, ties_away=True
     x = x.astype(dt)
     he = _host_int(exponent)
     if he is not None:  # mask and threshold folded on the host
-        mask = ((np.int64(1) << he) - 1).astype(dt)
-        exponent, half = jnp.asarray(he.astype(dt)), jnp.asarray(mask >> 1)
-        mask = jnp.asarray(mask)
+        exponent, mask = he.astype(dt), ((np.int64(1) << he) - 1).astype(dt)
+        half = mask >> 1
     else:
         exponent = jnp.asarray(exponent, dt)
         mask = (jnp.asarray(1, dt) << exponent) - 1

@@ -350,8 +350,8 @@ def fully_connected(x, w, bias=None, *, fused_activation_function: str = "NONE",
             acc = zp_matmul(x2, _zp(in_q[0]), w, _zp(in_q[1], (w.shape[0], 1)), trans_b=True)
         rule = Requant(rounding="float64") if _is_16x8(in_q[0]) else _rule("FULLY_CONNECTED", quant_kernel, in_q)
         # LiteRT's builtin int16 FC without a bias runs ruy (int32 accumulator, final shift ties up)
-        wide = "ties_up" if quant_kernel == "builtin" and bias is None else "float64"
-        y = _finish(acc, bias, in_q, out_q, w.shape[0], fused_activation_function, rule, wide_rounding=wide)
+        wide_rounding = "ties_up" if quant_kernel == "builtin" and bias is None else "float64"
+        y = _finish(acc, bias, in_q, out_q, w.shape[0], fused_activation_function, rule, wide_rounding=wide_rounding)
     elif _is_hybrid(x, w, qat(in_q, 1)):
         qw = in_q[1]
         asym = bool(asymmetric_quantize_inputs or hybrid_asymmetric)
