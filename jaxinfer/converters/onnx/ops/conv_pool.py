@@ -80,10 +80,16 @@ def grouped_conv(x, w, strides, padding, dilations, dims: tuple[str, str, str], 
     if group > 16:
         return arith.conv(x, w, strides, padding, rhs_dilation=dilations, dimension_numbers=dims,
                           feature_group_count=group)
-    xs = jnp.split(x, group, axis=1)
+    # the groups are split and joined channels-last, as XLA CPU keeps convolution activations:
+    # over NCHW, XLA copied every group to NCHW and back (ShuffleNet at batch 8: 131 copies, 44 %
+    # of its time; channels-last 1.13-1.32x faster at batch 8, 1.05-1.26x at batch 1)
+    to_last = (0,) + tuple(range(2, x.ndim)) + (1,)
+    last = ("N" + dims[0][2:] + "C", dims[1], "N" + dims[2][2:] + "C")
+    xs = jnp.split(jnp.transpose(x, to_last), group, axis=-1)
     ws = jnp.split(w, group, axis=o_axis)
-    return jnp.concatenate([arith.conv(a, k, strides, padding, rhs_dilation=dilations, dimension_numbers=dims)
-                            for a, k in zip(xs, ws)], axis=1)
+    y = jnp.concatenate([arith.conv(a, k, strides, padding, rhs_dilation=dilations, dimension_numbers=last)
+                         for a, k in zip(xs, ws)], axis=-1)
+    return jnp.transpose(y, (0, x.ndim - 1) + tuple(range(1, x.ndim - 1)))
 
 
 @op("Conv", (1, 11, 22))
