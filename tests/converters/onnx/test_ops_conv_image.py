@@ -240,21 +240,47 @@ def test_center_crop_pad_mixed():
 
 
 def _conv_pool_lrn_model() -> onnx.ModelProto:
+    """Conv -> LRN -> pools (3x3 ceil, 2x2 padded average, 2x2 dilated), a 2-group conv, a channel Concat."""
     n = helper.make_node
     nodes = [n("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), n("Relu", ["c"], ["r"]),
              n("LRN", ["r"], ["l"], size=3), n("MaxPool", ["l"], ["m"], kernel_shape=[3, 3], strides=[2, 2],
                                                    ceil_mode=1),
-             n("AveragePool", ["m"], ["y0"], kernel_shape=[2, 2], pads=[0, 0, 1, 1], count_include_pad=0)]
+             n("AveragePool", ["m"], ["a"], kernel_shape=[2, 2], pads=[0, 0, 1, 1], count_include_pad=0),
+             n("MaxPool", ["a"], ["d"], kernel_shape=[2, 2], dilations=[2, 1], pads=[1, 0, 1, 1]),
+             n("Conv", ["a", "wg"], ["g"], group=2, pads=[1, 1, 1, 1]),
+             n("Concat", ["g", "a", "g"], ["y1"], axis=1), n("Identity", ["d"], ["y0"])]
     g = helper.make_graph(nodes, "conv_pool", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8, 15, 13])],
-                          [helper.make_value_info("y0", onnx.TypeProto())],
-                          [numpy_helper.from_array(_randn(6, 8, 3, 3), "w")])
+                          [helper.make_value_info("y0", onnx.TypeProto()), helper.make_value_info("y1", onnx.TypeProto())],
+                          [numpy_helper.from_array(_randn(6, 8, 3, 3), "w"), numpy_helper.from_array(_randn(4, 3, 3, 3), "wg")])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 22)])
 
 
-@pytest.mark.parametrize("channels_last", [True, False])
-def test_pools_and_lrn_channels_last_or_not(monkeypatch, channels_last):
-    """Pools (and LRN) run channels-last by default so XLA keeps the conv layout; both forms match onnxruntime."""
-    from jaxinfer.converters.onnx.ops import pool
+@pytest.mark.parametrize(("channels_last", "taps"), [(True, True), (True, False), (False, False)])
+def test_pools_and_lrn_channels_last_or_not(monkeypatch, channels_last, taps):
+    """Pools (and LRN, grouped convs, channel Concat) run channels-last by default so XLA keeps the conv
+    layout, max/sum pools as shifted slices; every form matches onnxruntime."""
+    from jaxinfer.converters.onnx.ops import pool, shape
 
     monkeypatch.setattr(pool, "CHANNELS_LAST", channels_last)
-    _check(_conv_pool_lrn_model(), {"x": _randn(2, 8, 15, 13)})
+    monkeypatch.setattr(pool, "TAPS", taps)
+    monkeypatch.setattr(shape, "CONCAT_CHANNELS_LAST", channels_last)
+    _check(_conv_pool_lrn_model(), {"x": _randn(2, 8, 15, 13)}, n_out=2)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.float32])
+def test_window_taps_equal_reduce_window(dtype):
+    """The tap form of a pool gives reduce_window's answer: strides, dilations, uneven pads, max and sum."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    from jaxinfer.converters.onnx.ops.pool import Window, window_taps
+
+    x = (RNG.integers(-50, 50, (2, 11, 9, 3)) if dtype == np.int32 else _randn(2, 11, 9, 3)).astype(dtype)
+    for kernel, strides, dil, pads in [((3, 3), (2, 2), (1, 1), [(0, 1), (1, 2)]), ((2, 3), (1, 2), (2, 1), [(1, 1), (0, 0)]),
+                                       ((1, 1), (3, 1), (1, 1), [(0, 0), (0, 0)])]:
+        win = Window(kernel, strides, dil, pads, pads)
+        for init, reducer in [(jnp.iinfo(dtype).min if dtype == np.int32 else -np.inf, lax.max), (0, lax.add)]:
+            want = lax.reduce_window(x, jnp.asarray(init, dtype), reducer, (1, *kernel, 1), (1, *strides, 1),
+                                     [(0, 0), *pads, (0, 0)], window_dilation=(1, *dil, 1))
+            got = window_taps(jnp.asarray(x), init, reducer, win, pads)
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)

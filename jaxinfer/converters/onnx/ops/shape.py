@@ -79,10 +79,23 @@ def transpose(data, *, perm=None):
     return jnp.transpose(data, None if perm is None else tuple(perm))
 
 
+#: Concat over the channels of NCHW activations joins them channels-last (see :func:`concat`).
+#: A/B with the tap pools (ops/pool.py), batch 1 / 8: SqueezeNet 1.17 / 1.31x, Inception v2
+#: 1.29 / 1.01x, DenseNet 1.07 / 1.10x, ShuffleNet 0.98 / 1.09x, ResNet-50 (no Concat) 1.04 / 0.99x.
+CONCAT_CHANNELS_LAST = True
+
+
 @op("Concat", (1, 4, 11, 13))
 def concat(*inputs, axis: int = 1):
     """https://onnx.ai/onnx/operators/onnx__Concat.html"""
-    return jnp.concatenate(inputs, axis=norm_axis(axis, jnp.ndim(inputs[0])))
+    rank = jnp.ndim(inputs[0])
+    axis = norm_axis(axis, rank)
+    if CONCAT_CHANNELS_LAST and axis == 1 and rank == 4:
+        # channels-last, as XLA CPU keeps convolution activations (and ops/pool.py its pools):
+        # joined over NCHW, XLA copied every branch to NCHW and back (DenseNet's concatenations)
+        y = jnp.concatenate([jnp.transpose(v, (0, 2, 3, 1)) for v in inputs], axis=-1)
+        return jnp.transpose(y, (0, 3, 1, 2))
+    return jnp.concatenate(inputs, axis=axis)
 
 
 @op("Unsqueeze", (1, 11))
