@@ -1,4 +1,7 @@
-"""How a convolution is lowered for XLA CPU: ``lax.conv_general_dilated``, or patches times the kernel.
+"""How convolutions and pooling windows are lowered for XLA CPU.
+
+A convolution is ``lax.conv_general_dilated`` or patches times the kernel (below); a max or sum
+window is ``lax.reduce_window`` or a chain of shifted slices (:func:`reduce_window`).
 
 XLA CPU's convolution is slow on small layers with very few input channels (an RGB or mono
 stem on a 32x32 image): measured here, a [1, 32, 32, 3] -> 16 channel 3x3 convolution took
@@ -13,11 +16,13 @@ the TFLite conv fixtures 0.9-1.13x (noise of this 2-core machine included).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 #: Patches only for convolutions with at most this many input channels ...
@@ -93,3 +98,36 @@ def _patch_conv(lhs: jax.Array, rhs: jax.Array, strides: tuple[int, ...], paddin
     for pos, axis in enumerate(dn.out_spec):
         inverse[axis] = pos
     return jnp.transpose(y_nchw, inverse)
+
+
+#: Max and sum windows of at most this many elements reduce as shifted slices (:func:`reduce_window`).
+MAX_TAPS = 64
+#: Off: every window is one ``lax.reduce_window`` (for A/B runs and tests).
+WINDOW_TAPS = True
+
+
+def reduce_window(x: Any, init: Any, reducer: Callable, window: Sequence[int], strides: Sequence[int],
+                  padding: Sequence[tuple[int, int]], dilation: Sequence[int] | None = None) -> jax.Array:
+    """``lax.reduce_window`` (same result); max and sum windows of up to ``MAX_TAPS`` elements as taps.
+
+    XLA CPU's reduce-window loops are slow: a 3x3 max pool over [1, 111, 111, 64] took 760 us as
+    ``lax.reduce_window`` and 196 us as the maximum of its nine strided slices, which XLA fuses
+    into one loop (3-6x over the pools of SqueezeNet and Inception, at batch 1 and 8). A sum's
+    terms are added in tap order, which may round differently from XLA's own loop. XLA may also
+    recompute the slices inside each consumer's fusion instead of storing the result: DenseNet
+    lost 7-16 % that way until its channel concatenations went channels-last (onnx ops/shape.py).
+    """
+    x = jnp.asarray(x)
+    dilation = tuple(dilation) if dilation is not None else (1,) * x.ndim
+    init = jnp.asarray(init, x.dtype)
+    if not (WINDOW_TAPS and reducer in (lax.max, lax.add) and math.prod(window) <= MAX_TAPS):
+        return lax.reduce_window(x, init, reducer, tuple(window), tuple(strides), list(padding),
+                                 window_dilation=dilation)
+    xp = lax.pad(x, init, [(lo, hi, 0) for lo, hi in padding])
+    out = [(n - (k - 1) * d - 1) // st + 1 for n, k, d, st in zip(xp.shape, window, dilation, strides)]
+    acc = None
+    for offs in np.ndindex(*window):
+        start = [o * d for o, d in zip(offs, dilation)]
+        tap = lax.slice(xp, start, [b + (n - 1) * st + 1 for b, n, st in zip(start, out, strides)], tuple(strides))
+        acc = tap if acc is None else reducer(acc, tap)
+    return acc

@@ -259,28 +259,32 @@ def _conv_pool_lrn_model() -> onnx.ModelProto:
 def test_pools_and_lrn_channels_last_or_not(monkeypatch, channels_last, taps):
     """Pools (and LRN, grouped convs, channel Concat) run channels-last by default so XLA keeps the conv
     layout, max/sum pools as shifted slices; every form matches onnxruntime."""
+    from jaxinfer import conv_lowering
     from jaxinfer.converters.onnx.ops import pool, shape
 
     monkeypatch.setattr(pool, "CHANNELS_LAST", channels_last)
-    monkeypatch.setattr(pool, "TAPS", taps)
+    monkeypatch.setattr(conv_lowering, "WINDOW_TAPS", taps)
     monkeypatch.setattr(shape, "CONCAT_CHANNELS_LAST", channels_last)
     _check(_conv_pool_lrn_model(), {"x": _randn(2, 8, 15, 13)}, n_out=2)
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.float32])
-def test_window_taps_equal_reduce_window(dtype):
-    """The tap form of a pool gives reduce_window's answer: strides, dilations, uneven pads, max and sum."""
+def test_tap_windows_equal_reduce_window(dtype):
+    """conv_lowering.reduce_window's taps give lax.reduce_window's answer: strides, dilations, uneven pads."""
     import jax.numpy as jnp
     from jax import lax
 
-    from jaxinfer.converters.onnx.ops.pool import Window, window_taps
+    from jaxinfer.conv_lowering import reduce_window
 
     x = (RNG.integers(-50, 50, (2, 11, 9, 3)) if dtype == np.int32 else _randn(2, 11, 9, 3)).astype(dtype)
     for kernel, strides, dil, pads in [((3, 3), (2, 2), (1, 1), [(0, 1), (1, 2)]), ((2, 3), (1, 2), (2, 1), [(1, 1), (0, 0)]),
                                        ((1, 1), (3, 1), (1, 1), [(0, 0), (0, 0)])]:
-        win = Window(kernel, strides, dil, pads, pads)
+        args = ((1, *kernel, 1), (1, *strides, 1), [(0, 0), *pads, (0, 0)])
         for init, reducer in [(jnp.iinfo(dtype).min if dtype == np.int32 else -np.inf, lax.max), (0, lax.add)]:
-            want = lax.reduce_window(x, jnp.asarray(init, dtype), reducer, (1, *kernel, 1), (1, *strides, 1),
-                                     [(0, 0), *pads, (0, 0)], window_dilation=(1, *dil, 1))
-            got = window_taps(jnp.asarray(x), init, reducer, win, pads)
+            want = lax.reduce_window(x, jnp.asarray(init, dtype), reducer, *args, window_dilation=(1, *dil, 1))
+            got = reduce_window(x, init, reducer, *args, (1, *dil, 1))
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    channel_sum = lax.reduce_window(x, jnp.asarray(0, dtype), lax.add, (1, 1, 1, 3), (1, 1, 1, 1),
+                                    [(0, 0)] * 3 + [(1, 1)])  # LRN's window: along the channels
+    np.testing.assert_allclose(np.asarray(reduce_window(x, 0, lax.add, (1, 1, 1, 3), (1, 1, 1, 1),
+                                                        [(0, 0)] * 3 + [(1, 1)])), np.asarray(channel_sum), rtol=1e-6)

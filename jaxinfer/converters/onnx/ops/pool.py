@@ -1,13 +1,11 @@
 """Pooling (ai.onnx), NCHW: MaxPool, AveragePool, LpPool, their Global forms, MaxUnpool, MaxRoiPool.
 
-Windowed max and sum pools run channels-last as an elementwise max/sum of the window's shifted,
-strided slices (:func:`window_taps`); other reducers and very large windows are one
-``lax.reduce_window``.
+Windowed pools run channels-last through ``conv_lowering.reduce_window`` (max and sum windows as
+a chain of shifted slices, others as one ``lax.reduce_window``).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -15,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ....conv_lowering import reduce_window
 from ....registry import OpDef, registrar
 from ._util import auto_pads, ints, spatial_pads
 
@@ -25,10 +24,6 @@ Pads = list[tuple[int, int]]
 
 #: Windowed pools over (N, C, *S) run channels-last (see :meth:`Window.reduce`).
 CHANNELS_LAST = True
-#: Channels-last max and sum windows of at most ``MAX_TAPS`` elements reduce as shifted slices
-#: (:func:`window_taps`); others, and every other reducer, as ``lax.reduce_window``.
-TAPS = True
-MAX_TAPS = 64
 
 
 @dataclass(frozen=True)
@@ -53,40 +48,11 @@ class Window:
         pads = self.padding if padding is None else padding
         if CHANNELS_LAST and lead == 2:
             spatial = tuple(range(2, x.ndim))
-            xl = jnp.transpose(x, (0, *spatial, 1))
-            if TAPS and reducer in (lax.max, lax.add) and math.prod(self.kernel) <= MAX_TAPS:
-                y = window_taps(xl, init, reducer, self, pads)
-            else:
-                y = lax.reduce_window(xl, init, reducer, (1, *self.kernel, 1), (1, *self.strides, 1),
-                                      [(0, 0), *pads, (0, 0)], window_dilation=(1, *self.dilations, 1))
+            y = reduce_window(jnp.transpose(x, (0, *spatial, 1)), init, reducer, (1, *self.kernel, 1),
+                              (1, *self.strides, 1), [(0, 0), *pads, (0, 0)], (1, *self.dilations, 1))
             return jnp.transpose(y, (0, x.ndim - 1, *range(1, x.ndim - 1)))
-        return lax.reduce_window(x, init, reducer, (1,) * lead + self.kernel, (1,) * lead + self.strides,
-                                 [(0, 0)] * lead + list(pads), window_dilation=(1,) * lead + self.dilations)
-
-
-def window_taps(x, init, reducer: Callable, win: Window, pads: Pads):
-    """``reducer`` (max or add) over every window of ``x`` (N, *S, C), as one elementwise chain of slices.
-
-    XLA CPU's reduce-window loops are slow: a 3x3 max pool over [1, 111, 111, 64] took 760 us as
-    ``lax.reduce_window`` and 196 us as the maximum of its nine strided slices, which XLA fuses
-    into one loop (3-6x over the pools of SqueezeNet and Inception, at batch 1 and 8). XLA may
-    recompute the slices inside each consumer's fusion instead of storing the pool: DenseNet lost
-    7-16 % that way until its concatenations went channels-last too (ops/shape.py).
-    """
-    xp = lax.pad(x, jnp.asarray(init, x.dtype), [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)])
-    spatial = xp.shape[1:-1]
-    out = [(n - (k - 1) * d - 1) // st + 1 for n, k, d, st in zip(spatial, win.kernel, win.dilations, win.strides)]
-    taps = []
-    for offs in np.ndindex(*win.kernel):
-        start = [o * d for o, d in zip(offs, win.dilations)]
-        taps.append(lax.slice(xp, (0, *start, 0),
-                              (xp.shape[0], *(b + (n - 1) * st + 1 for b, n, st in zip(start, out, win.strides)),
-                               xp.shape[-1]),
-                              (1, *win.strides, 1)))
-    acc = taps[0]
-    for tap in taps[1:]:
-        acc = reducer(acc, tap)
-    return acc
+        return reduce_window(x, init, reducer, (1,) * lead + self.kernel, (1,) * lead + self.strides,
+                             [(0, 0)] * lead + list(pads), (1,) * lead + self.dilations)
 
 
 def _ceil_pads(in_shape: Sequence[int], w_kernel, strides, dilations, padding: Pads) -> Pads:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ....conv_lowering import conv_general_dilated
+from ....conv_lowering import conv_general_dilated, reduce_window
 from ....intmath import exact_conv, exact_dot, zp_matmul
 from ....registry import OpDef, registrar
 from .. import quant as Q
@@ -402,7 +402,7 @@ def _pool_pads(shape, fh, fw, sh, sw, padding):
 
 
 def _window(x, init, fn, fh, fw, sh, sw, padding):
-    return lax.reduce_window(x, init, fn, (1, fh, fw, 1), (1, sh, sw, 1), _pool_pads(x.shape, fh, fw, sh, sw, padding))
+    return reduce_window(x, init, fn, (1, fh, fw, 1), (1, sh, sw, 1), _pool_pads(x.shape, fh, fw, sh, sw, padding))
 
 
 @op("MAX_POOL_2D")
