@@ -113,9 +113,13 @@ def reduce_window(x: Any, init: Any, reducer: Callable, window: Sequence[int], s
     XLA CPU's reduce-window loops are slow: a 3x3 max pool over [1, 111, 111, 64] took 760 us as
     ``lax.reduce_window`` and 196 us as the maximum of its nine strided slices, which XLA fuses
     into one loop (3-6x over the pools of SqueezeNet and Inception, at batch 1 and 8). A sum's
-    terms are added in tap order, which may round differently from XLA's own loop. XLA may also
-    recompute the slices inside each consumer's fusion instead of storing the result: DenseNet
-    lost 7-16 % that way until its channel concatenations went channels-last (onnx ops/shape.py).
+    terms are added in tap order, which may round differently from XLA's own loop.
+
+    XLA fuses freely around the taps, which can cost: it may recompute the slices inside each
+    consumer's fusion (DenseNet lost 7-16 % until its channel concatenations went channels-last,
+    onnx ops/shape.py), or recompute an expensive producer once per tap (ZFNet's LRN, with its
+    power, ahead of a 3x3 max pool: 0.81-0.87x). Forcing the input into its own buffer fixed ZFNet
+    but cost SqueezeNet 0.6-0.76x at batch 8, so it is not done.
     """
     x = jnp.asarray(x)
     dilation = tuple(dilation) if dilation is not None else (1,) * x.ndim

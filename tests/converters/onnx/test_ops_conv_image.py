@@ -285,6 +285,6 @@ def test_tap_windows_equal_reduce_window(dtype):
             got = reduce_window(x, init, reducer, *args, (1, *dil, 1))
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
     channel_sum = lax.reduce_window(x, jnp.asarray(0, dtype), lax.add, (1, 1, 1, 3), (1, 1, 1, 1),
-                                    [(0, 0)] * 3 + [(1, 1)])  # LRN's window: along the channels
+                                    [(0, 0)] * 3 + [(1, 1)])  # a window along the channels
     np.testing.assert_allclose(np.asarray(reduce_window(x, 0, lax.add, (1, 1, 1, 3), (1, 1, 1, 1),
                                                         [(0, 0)] * 3 + [(1, 1)])), np.asarray(channel_sum), rtol=1e-6)

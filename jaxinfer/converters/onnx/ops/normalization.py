@@ -11,7 +11,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from ....conv_lowering import reduce_window
 from ....registry import OpDef, registrar
 from ._util import axis as norm_axis
 from ._util import dtype_of
@@ -171,5 +170,6 @@ def lrn(x, *, alpha: float = 1e-4, beta: float = 0.75, bias: float = 1.0, size: 
     # pool chain keeps XLA CPU's channels-last convolution layout instead of copying to NCHW and back
     xt = jnp.moveaxis(x, 1, -1)
     window = (1,) * (x.ndim - 1) + (size,)
-    s = reduce_window(xt * xt, 0, lax.add, window, (1,) * x.ndim, [(0, 0)] * (x.ndim - 1) + [(lo, hi)])
+    s = lax.reduce_window(xt * xt, jnp.asarray(0, x.dtype), lax.add, window, (1,) * x.ndim,
+                          [(0, 0)] * (x.ndim - 1) + [(lo, hi)])
     return jnp.moveaxis(xt / (bias + (alpha / size) * s) ** beta, -1, 1)
