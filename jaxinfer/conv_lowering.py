@@ -107,8 +107,11 @@ WINDOW_TAPS = True
 
 
 def reduce_window(x: Any, init: Any, reducer: Callable, window: Sequence[int], strides: Sequence[int],
-                  padding: Sequence[tuple[int, int]], dilation: Sequence[int] | None = None) -> jax.Array:
+                  padding: Sequence[tuple[int, int]], dilation: Sequence[int] | None = None,
+                  taps: bool = True) -> jax.Array:
     """``lax.reduce_window`` (same result); max and sum windows of up to ``MAX_TAPS`` elements as taps.
+
+    ``taps=False`` asks for the single ``lax.reduce_window`` (see below for when that is better).
 
     XLA CPU's reduce-window loops are slow: a 3x3 max pool over [1, 111, 111, 64] took 760 us as
     ``lax.reduce_window`` and 196 us as the maximum of its nine strided slices, which XLA fuses
@@ -118,13 +121,14 @@ def reduce_window(x: Any, init: Any, reducer: Callable, window: Sequence[int], s
     XLA fuses freely around the taps, which can cost: it may recompute the slices inside each
     consumer's fusion (DenseNet lost 7-16 % until its channel concatenations went channels-last,
     onnx ops/shape.py), or recompute an expensive producer once per tap (ZFNet's LRN, with its
-    power, ahead of a 3x3 max pool: 0.81-0.87x). Forcing the input into its own buffer fixed ZFNet
-    but cost SqueezeNet 0.6-0.76x at batch 8, so it is not done.
+    power, ahead of a 3x3 max pool: 0.81-0.87x; passes.layout.pools_after_costly_ops marks such ONNX
+    pools, which then pass ``taps=False``). Forcing every input into its own buffer instead fixed
+    ZFNet but cost SqueezeNet 0.6-0.76x at batch 8.
     """
     x = jnp.asarray(x)
     dilation = tuple(dilation) if dilation is not None else (1,) * x.ndim
     init = jnp.asarray(init, x.dtype)
-    if not (WINDOW_TAPS and reducer in (lax.max, lax.add) and math.prod(window) <= MAX_TAPS):
+    if not (taps and WINDOW_TAPS and reducer in (lax.max, lax.add) and math.prod(window) <= MAX_TAPS):
         return lax.reduce_window(x, init, reducer, tuple(window), tuple(strides), list(padding),
                                  window_dilation=dilation)
     xp = lax.pad(x, init, [(lo, hi, 0) for lo, hi in padding])

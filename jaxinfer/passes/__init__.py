@@ -15,7 +15,7 @@ from .constant_fold import constant_folder, fold_constants
 from .dedupe import merge_identical_initializers
 from .fold_bn import fold_conv_batchnorm
 from .fuse import fuse_matmul_add
-from .layout import conv_weights_spatial_first
+from .layout import conv_weights_spatial_first, pools_after_costly_ops
 from .qdq import rewrite_qdq
 
 Pass = Callable[[Graph], Graph]
@@ -27,6 +27,7 @@ DEFAULT_PASSES: tuple[Pass, ...] = (
     fold_conv_batchnorm,
     fuse_matmul_add,
     conv_weights_spatial_first,
+    pools_after_costly_ops,
     eliminate_dead_nodes,
 )
 
@@ -56,6 +57,7 @@ __all__ = [
     "eliminate_identities",
     "fold_constants",
     "pipeline",
+    "pools_after_costly_ops",
     "rewrite_qdq",
     "fold_conv_batchnorm",
     "fuse_matmul_add",

@@ -239,7 +239,7 @@ def _follow(graph: Graph, node: Node, idx: int, followed: list[tuple[int, Layout
 
     slots = [s for s, _ in followed]
     first = followed[0][1]
-    if op in CHANNELWISE and node.domain in ("", "ai.onnx") and slots == [0]:
+    if op in CHANNELWISE and node.domain in ("", "ai.onnx", "jaxinfer") and slots == [0]:
         extra = [i for i in node.inputs[1:] if i]
         if all(i in const and const[i].size == 1 for i in extra) and all(not o for o in node.outputs[1:2]
                                                                           if op == "MaxPool"):

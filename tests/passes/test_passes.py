@@ -168,3 +168,29 @@ def test_constant_of_shape_weights_fold_to_numpy_at_load():
     x = RNG.standard_normal((2, 3)).astype(np.float32)
     np.testing.assert_allclose(Model(folded, REGISTRY).run({"x": x})["y"], x @ w, rtol=1e-6)
     _same_outputs(g, folded, {"x": x})
+
+
+def test_pools_after_costly_ops_run_as_one_reduce_window():
+    """LRN -> MaxPool / AveragePool become jaxinfer:: pools (one reduce-window); Relu -> MaxPool stays taps."""
+    from jaxinfer.passes import pools_after_costly_ops
+
+    nodes = [helper.make_node("LRN", ["x"], ["l"], size=3),
+             helper.make_node("MaxPool", ["l"], ["m"], kernel_shape=[3, 3], strides=[2, 2]),
+             helper.make_node("AveragePool", ["l"], ["a"], kernel_shape=[2, 2], pads=[0, 0, 1, 1]),
+             helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[3, 3], strides=[2, 2])]
+    vi = helper.make_tensor_value_info
+    proto = _model(nodes, [vi("x", TensorProto.FLOAT, [2, 4, 9, 9])],
+                   [vi(o, TensorProto.FLOAT, None) for o in ("m", "a", "p")], {})
+    g = read_model(proto)
+    g2 = pools_after_costly_ops(g)
+    domains = {n.outputs[0]: n.domain for n in g2.nodes}
+    assert domains["m"] == domains["a"] == "jaxinfer" and domains["p"] == ""
+    feeds = {"x": RNG.standard_normal((2, 4, 9, 9)).astype(np.float32)}
+    _same_outputs(g, g2, feeds)
+
+    def reduce_windows(graph):
+        model = Model(graph, REGISTRY)
+        return model.compiled(model._check_inputs(feeds)).as_text().count("reduce-window(")
+
+    assert reduce_windows(g2) == reduce_windows(g) + 2  # the two marked pools; unmarked pools are slices

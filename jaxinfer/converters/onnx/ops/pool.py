@@ -35,6 +35,7 @@ class Window:
     dilations: tuple[int, ...]
     explicit: Pads  # the pads the attributes ask for
     padding: Pads  # explicit + what ceil_mode adds at the end
+    taps: bool = True  # max/sum as shifted slices where conv_lowering.reduce_window would
 
     def reduce(self, x, init, reducer: Callable, padding: Pads | None = None):
         """``reducer`` over every window of the spatial axes of ``x`` (N, C, *S).
@@ -49,10 +50,10 @@ class Window:
         if CHANNELS_LAST and lead == 2:
             spatial = tuple(range(2, x.ndim))
             y = reduce_window(jnp.transpose(x, (0, *spatial, 1)), init, reducer, (1, *self.kernel, 1),
-                              (1, *self.strides, 1), [(0, 0), *pads, (0, 0)], (1, *self.dilations, 1))
+                              (1, *self.strides, 1), [(0, 0), *pads, (0, 0)], (1, *self.dilations, 1), self.taps)
             return jnp.transpose(y, (0, x.ndim - 1, *range(1, x.ndim - 1)))
         return reduce_window(x, init, reducer, (1,) * lead + self.kernel, (1,) * lead + self.strides,
-                             [(0, 0)] * lead + list(pads), (1,) * lead + self.dilations)
+                             [(0, 0)] * lead + list(pads), (1,) * lead + self.dilations, self.taps)
 
 
 def _ceil_pads(in_shape: Sequence[int], w_kernel, strides, dilations, padding: Pads) -> Pads:
@@ -69,7 +70,7 @@ def _ceil_pads(in_shape: Sequence[int], w_kernel, strides, dilations, padding: P
 
 
 def window(x, kernel_shape, strides=None, pads=None, auto_pad: str = "NOTSET", dilations=None,
-           ceil_mode: int = 0) -> Window:
+           ceil_mode: int = 0, taps: bool = True) -> Window:
     n = x.ndim - 2
     kernel = tuple(int(k) for k in kernel_shape)
     if len(kernel) != n:
@@ -78,7 +79,7 @@ def window(x, kernel_shape, strides=None, pads=None, auto_pad: str = "NOTSET", d
     dilations = tuple(int(d) for d in dilations) if dilations else (1,) * n
     explicit = auto_pads(auto_pad, x.shape[2:], kernel, strides, dilations, pads)
     padding = _ceil_pads(x.shape[2:], kernel, strides, dilations, explicit) if ceil_mode else explicit
-    return Window(kernel, strides, dilations, explicit, padding)
+    return Window(kernel, strides, dilations, explicit, padding, taps)
 
 
 def _lowest(dtype):
@@ -106,8 +107,20 @@ def max_pool(x, *, auto_pad: str = "NOTSET", ceil_mode: int = 0, dilations=None,
              storage_order: int = 0, strides=None, _num_outputs: int = 1):
     """https://onnx.ai/onnx/operators/onnx__MaxPool.html (second output: flat argmax indices)."""
     win = window(x, kernel_shape, strides, pads, auto_pad, dilations, ceil_mode)
+    return _max_pool(x, win, storage_order, _num_outputs)
+
+
+@op("MaxPool", 1, domain="jaxinfer")
+def max_pool_whole(x, *, auto_pad: str = "NOTSET", ceil_mode: int = 0, dilations=None, kernel_shape, pads=None,
+                   storage_order: int = 0, strides=None, _num_outputs: int = 1):
+    """MaxPool as one reduce-window, for an input XLA would recompute per tap (passes.layout.pools_after_costly_ops)."""
+    win = window(x, kernel_shape, strides, pads, auto_pad, dilations, ceil_mode, taps=False)
+    return _max_pool(x, win, storage_order, _num_outputs)
+
+
+def _max_pool(x, win: Window, storage_order: int, num_outputs: int):
     low = jnp.asarray(_lowest(x.dtype), x.dtype)
-    if _num_outputs < 2:
+    if num_outputs < 2:
         return win.reduce(x, low, lax.max)
     idx = _flat_indices(x.shape, storage_order)
     lead = x.ndim - len(win.kernel)
@@ -134,7 +147,18 @@ def average_pool(x, *, auto_pad: str = "NOTSET", ceil_mode: int = 0, count_inclu
     The divisor counts input elements under the window, plus the explicit pads when
     ``count_include_pad``; the extra tail that ``ceil_mode`` adds is never counted.
     """
-    win = window(x, kernel_shape, strides, pads, auto_pad, dilations, ceil_mode)
+    return _average_pool(x, window(x, kernel_shape, strides, pads, auto_pad, dilations, ceil_mode), count_include_pad)
+
+
+@op("AveragePool", 1, domain="jaxinfer")
+def average_pool_whole(x, *, auto_pad: str = "NOTSET", ceil_mode: int = 0, count_include_pad: int = 0,
+                       dilations=None, kernel_shape, pads=None, strides=None):
+    """AveragePool as one reduce-window, for an input XLA would recompute per tap (passes.layout)."""
+    win = window(x, kernel_shape, strides, pads, auto_pad, dilations, ceil_mode, taps=False)
+    return _average_pool(x, win, count_include_pad)
+
+
+def _average_pool(x, win: Window, count_include_pad: int):
     zero = jnp.asarray(0, x.dtype)
     total = win.reduce(x, zero, lax.add)
     mask = np.ones(x.shape[2:], np.float64)
@@ -153,7 +177,8 @@ def average_pool(x, *, auto_pad: str = "NOTSET", ceil_mode: int = 0, count_inclu
 def lp_pool(x, *, auto_pad: str = "NOTSET", ceil_mode: int = 0, dilations=None, kernel_shape, p: float = 2,
             pads=None, strides=None):
     """https://onnx.ai/onnx/operators/onnx__LpPool.html: (sum |x|^p)^(1/p) per window."""
-    win = window(x, kernel_shape, strides, pads, auto_pad, dilations, ceil_mode)
+    # |x| ** p (p != 2) is a power per element: as taps XLA would compute it once per tap
+    win = window(x, kernel_shape, strides, pads, auto_pad, dilations, ceil_mode, taps=p == 2)
     s = win.reduce(_pow_abs(x, p), jnp.asarray(0, x.dtype), lax.add)
     return _root(s, p)
 
