@@ -1,7 +1,9 @@
 """Pooling (ai.onnx), NCHW: MaxPool, AveragePool, LpPool, their Global forms, MaxUnpool, MaxRoiPool.
 
 Windowed pools run channels-last through ``conv_lowering.reduce_window`` (max and sum windows as
-a chain of shifted slices, others as one ``lax.reduce_window``).
+a chain of shifted slices, others as one ``lax.reduce_window``). ``jaxinfer::MaxPool`` and
+``jaxinfer::AveragePool`` are the same ops kept as one reduce-window: passes.layout puts them after
+ops that XLA would otherwise recompute in every slice.
 """
 
 from __future__ import annotations
