@@ -75,7 +75,7 @@ def _patch_conv(lhs: jax.Array, rhs: jax.Array, strides: tuple[int, ...], paddin
     """A 2-D ungrouped convolution as [N*OH*OW, KH*KW*C] patches times the [KH*KW*C, O] kernel."""
     x = jnp.transpose(lhs, dn.lhs_spec)  # N, C, H, W
     w = jnp.transpose(rhs, dn.rhs_spec)  # O, I, KH, KW
-    n, c, h, wd = x.shape
+    _, c, h, wd = x.shape
     o, _, kh, kw = w.shape
     if isinstance(padding, str):
         eff = ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1)
@@ -83,12 +83,7 @@ def _patch_conv(lhs: jax.Array, rhs: jax.Array, strides: tuple[int, ...], paddin
     (pt, pb), (pl, pr) = padding
     x = jnp.transpose(x, (0, 2, 3, 1))  # NHWC: a patch row is contiguous channels per tap
     x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
-    oh = (x.shape[1] - (kh - 1) * dilation[0] - 1) // strides[0] + 1
-    ow = (x.shape[2] - (kw - 1) * dilation[1] - 1) // strides[1] + 1
-    taps = [lax.slice(x, (0, i * dilation[0], j * dilation[1], 0),
-                      (n, i * dilation[0] + (oh - 1) * strides[0] + 1, j * dilation[1] + (ow - 1) * strides[1] + 1, c),
-                      (1, strides[0], strides[1], 1))
-            for i in range(kh) for j in range(kw)]
+    taps = window_slices(x, (1, kh, kw, 1), (1, *strides, 1), (1, *dilation, 1))
     patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)  # N, OH, OW, KH*KW*C
     kmat = jnp.transpose(w, (2, 3, 1, 0)).reshape(kh * kw * c, o)  # rows in the patches' (i, j, c) order
     y = lax.dot_general(patches, kmat, (((3,), (0,)), ((), ())), precision=precision, preferred_element_type=pet)
@@ -131,11 +126,26 @@ def reduce_window(x: Any, init: Any, reducer: Callable, window: Sequence[int], s
     if not (taps and WINDOW_TAPS and reducer in (lax.max, lax.add) and math.prod(window) <= MAX_TAPS):
         return lax.reduce_window(x, init, reducer, tuple(window), tuple(strides), list(padding),
                                  window_dilation=dilation)
-    xp = lax.pad(x, init, [(lo, hi, 0) for lo, hi in padding])
-    out = [(n - (k - 1) * d - 1) // st + 1 for n, k, d, st in zip(xp.shape, window, dilation, strides)]
-    acc = None
+    taps = window_slices(lax.pad(x, init, [(lo, hi, 0) for lo, hi in padding]), window, strides, dilation)
+    acc = taps[0]
+    for tap in taps[1:]:
+        acc = reducer(acc, tap)
+    return acc
+
+
+def window_slices(x: jax.Array, window: Sequence[int], strides: Sequence[int],
+                  dilation: Sequence[int] | None = None) -> list[jax.Array]:
+    """One strided slice of ``x`` (already padded) per offset of the window, offsets in row-major order.
+
+    Each slice has the windowed op's output shape: its element ``o`` is the window at ``o`` read
+    at that offset. Pools (:func:`reduce_window`), patch matrices and depthwise taps are sums or
+    maxima of these.
+    """
+    dilation = tuple(dilation) if dilation is not None else (1,) * x.ndim
+    out = [(n - (k - 1) * d - 1) // st + 1 for n, k, d, st in zip(x.shape, window, dilation, strides)]
+    slices = []
     for offs in np.ndindex(*window):
         start = [o * d for o, d in zip(offs, dilation)]
-        tap = lax.slice(xp, start, [b + (n - 1) * st + 1 for b, n, st in zip(start, out, strides)], tuple(strides))
-        acc = tap if acc is None else reducer(acc, tap)
-    return acc
+        slices.append(lax.slice(x, start, [b + (n - 1) * st + 1 for b, n, st in zip(start, out, strides)],
+                                tuple(strides)))
+    return slices

@@ -5,7 +5,6 @@ compiled-executable cache keyed by input shapes/dtypes, and ``run``.
 from __future__ import annotations
 
 import functools
-
 import os
 import threading
 import time

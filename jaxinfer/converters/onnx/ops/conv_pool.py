@@ -14,6 +14,7 @@ import numpy as np
 from jax import lax
 
 from .... import arith
+from ....conv_lowering import window_slices
 from ....intmath import abs_bound, exact_conv
 from ....registry import OpDef, registrar
 from ._util import auto_pads, ints, spatial_pads
@@ -48,17 +49,11 @@ def _depthwise_2d(x, w_hwio, strides, padding, dilations):
     # channels-last (as the pools are, ops/pool.py): the neighbouring convolutions' layout, so XLA
     # cancels these transposes instead of copying the activations to NCHW and back
     xp = jnp.pad(jnp.transpose(x, (0, 2, 3, 1)), [(0, 0)] + [tuple(p) for p in padding] + [(0, 0)])
-    (sh, sw), (dh, dw) = strides, dilations
-    out_h = (xp.shape[1] - (kh - 1) * dh - 1) // sh + 1
-    out_w = (xp.shape[2] - (kw - 1) * dw - 1) // sw + 1
+    taps = window_slices(xp, (1, kh, kw, 1), (1, *strides, 1), (1, *dilations, 1))
     acc = None
-    for i in range(kh):
-        for j in range(kw):
-            tap = lax.slice(xp, (0, i * dh, j * dw, 0),
-                            (xp.shape[0], i * dh + (out_h - 1) * sh + 1, j * dw + (out_w - 1) * sw + 1, out_c),
-                            (1, sh, sw, 1))
-            term = tap * w_hwio[i, j, 0]
-            acc = term if acc is None else acc + term
+    for tap, w_tap in zip(taps, jnp.reshape(w_hwio, (kh * kw, out_c))):
+        term = tap * w_tap
+        acc = term if acc is None else acc + term
     return jnp.transpose(acc, (0, 3, 1, 2))
 
 

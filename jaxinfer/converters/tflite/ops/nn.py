@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ....conv_lowering import conv_general_dilated, reduce_window
+from ....conv_lowering import conv_general_dilated, reduce_window, window_slices
 from ....intmath import exact_conv, exact_dot, zp_matmul
 from ....registry import OpDef, registrar
 from .. import quant as Q
@@ -175,16 +175,11 @@ def _depthwise_taps(x, w, stride, dilation, padding, int_acc=jnp.int32):
     pw = _same_pads(x.shape[2], kw, sw, dw, padding)
     acc_t = int_acc if jnp.issubdtype(x.dtype, jnp.integer) else x.dtype
     x = jnp.pad(x.astype(acc_t), ((0, 0), ph[:2], pw[:2], (0, 0)))
-    taps = jnp.transpose(w[..., 0], (1, 2, 0)).astype(acc_t)  # [kh, kw, C*M]
-    oh, ow = ph[2], pw[2]
-    n, ch = x.shape[0], x.shape[3]
+    taps = jnp.transpose(w[..., 0], (1, 2, 0)).astype(acc_t).reshape(kh * kw, -1)  # [kh*kw, C*M]
     acc = None
-    for i in range(kh):
-        for j in range(kw):
-            start = (0, i * dh, j * dw, 0)
-            limit = (n, i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, ch)
-            term = lax.slice(x, start, limit, (1, sh, sw, 1)) * taps[i, j]
-            acc = term if acc is None else acc + term
+    for tap, w_tap in zip(window_slices(x, (1, kh, kw, 1), (1, sh, sw, 1), (1, dh, dw, 1)), taps):
+        term = tap * w_tap
+        acc = term if acc is None else acc + term
     return acc
 
 
