@@ -14,6 +14,7 @@ import re
 import time
 import zlib
 from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import Future
 from typing import Any
 
 import anyio
@@ -26,7 +27,7 @@ from ..batching import BatcherStoppedError, QueueFullError, RequestTimeoutError
 from ..errors import InputError, JaxinferError
 from .generate import generate_routes
 from .metrics import Metrics
-from .protocol import HEADER, ProtocolError, decode_infer, encode_infer
+from .protocol import HEADER, InferRequest, ProtocolError, decode_infer, encode_infer
 from .repository import ModelLoadFailed, ModelNotFoundError, ModelRepository
 
 log = logging.getLogger("jaxinfer.serve")
@@ -77,20 +78,30 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def read_stream(headers: Mapping[str, str], chunks: AsyncIterator[bytes], limit: int) -> bytes:
     """A body from its (lower-case) ``headers`` and ``chunks``, refusing more than ``limit`` bytes (413)
     and decoding gzip/deflate."""
-    declared = headers.get("content-length")
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise ProtocolError(f"request body of {declared} bytes exceeds the limit of {limit} bytes", 413)
-        except ValueError:
-            raise ProtocolError(f"bad Content-Length {declared!r}") from None
+    check_declared_length(headers, limit)
     parts, total = [], 0
     async for chunk in chunks:
         total += len(chunk)
         if total > limit:
             raise ProtocolError(f"request body exceeds the limit of {limit} bytes", 413)
         parts.append(chunk)
-    body = parts[0] if len(parts) == 1 else b"".join(parts)
+    return decode_body(headers, parts[0] if len(parts) == 1 else b"".join(parts), limit)
+
+
+def check_declared_length(headers: Mapping[str, str], limit: int) -> None:
+    """Refuse (413) a Content-Length above ``limit`` before reading the body; 400 for a bad one."""
+    declared = headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise ProtocolError(f"bad Content-Length {declared!r}") from None
+        if size > limit:
+            raise ProtocolError(f"request body of {declared} bytes exceeds the limit of {limit} bytes", 413)
+
+
+def decode_body(headers: Mapping[str, str], body: bytes, limit: int) -> bytes:
+    """``body`` with its Content-Encoding (gzip/deflate/identity) undone, at most ``limit`` bytes decoded."""
     encoding = headers.get("content-encoding", "").lower()
     if encoding in ("gzip", "deflate"):
         d = zlib.decompressobj(zlib.MAX_WBITS | 16 if encoding == "gzip" else zlib.MAX_WBITS)
@@ -105,83 +116,179 @@ async def read_stream(headers: Mapping[str, str], chunks: AsyncIterator[bytes], 
     return body
 
 
+class InferCall:
+    """One infer request from its body to its answer; filled in as it goes (the version label for metrics
+    is known once the model version is)."""
+
+    __slots__ = ("future", "label_version", "mv", "name", "out_names", "pinned", "req", "start", "wait")
+
+    def __init__(self, name: str, pinned: str | None):
+        self.name, self.pinned, self.start = name, pinned, time.perf_counter()
+        self.label_version = pinned or ""
+        self.mv: Any = None
+        self.req: InferRequest | None = None
+        self.future: Future | None = None
+        self.wait: float | None = None  # seconds the caller waits for the result; None: no limit
+        self.out_names: list[str] = []
+
+
+def begin_infer(state: ServerState, call: InferCall, headers: Mapping[str, str], body: bytes) -> None:
+    """Decode, check and queue ``call``'s request (its decoded ``body``): sets ``call.future``.
+
+    Raises what the request did wrong (:func:`status_of` maps it to a status).
+    """
+    if state.stopping:
+        raise BatcherStoppedError("server is shutting down")
+    raw_len = headers.get(HEADER_KEY)
+    try:
+        header_len = int(raw_len) if raw_len is not None else None
+    except ValueError:
+        raise ProtocolError(f"{HEADER} must be an integer, got {raw_len!r}") from None
+    repo, name = state.repo, call.name
+    mv = call.mv = repo.get(name, call.pinned)
+    call.label_version = str(mv.version)
+    req = call.req = decode_infer(body, header_len)
+    prepared = mv.prepare(req.inputs)
+    call.out_names = [s.name for s in mv.bucketed.outputs]
+    if req.outputs is not None:
+        unknown = [o.name for o in req.outputs if o.name not in call.out_names]
+        if unknown:
+            raise ProtocolError(f"unknown requested output(s) {unknown}; model '{name}' has {call.out_names}")
+    timeout_s = _timeout_of(req.parameters)
+    for attempt in range(3):
+        try:
+            fut, hit = mv.submit(prepared, timeout_s=timeout_s)
+            break
+        except BatcherStoppedError:
+            # the version was retired between lookup and submit (a reload): use the new one
+            if call.pinned or state.stopping or attempt == 2:
+                raise
+            mv = call.mv = repo.get(name)
+            call.label_version = str(mv.version)
+            prepared = mv.prepare(req.inputs)
+    if hit:
+        state.metrics.cache_hits.labels(name, call.label_version).inc()
+    elif mv.cache is not None:
+        state.metrics.cache_misses.labels(name, call.label_version).inc()
+    call.future = fut
+    call.wait = timeout_s
+    if call.wait is None and mv.config.timeout_ms is not None:
+        call.wait = mv.config.timeout_ms / 1000.0
+
+
+def chosen_outputs(call: InferCall, result: Mapping[str, Any]) -> list[tuple[str, Any, bool]]:
+    """(name, array, binary) for each output the request asked for (all of them when it named none)."""
+    req = call.req
+    assert req is not None
+    if req.outputs is None:
+        return [(n, result[n], req.binary_default) for n in call.out_names]
+    return [(o.name, result[o.name], o.binary) for o in req.outputs]
+
+
+def big_reply(chosen: list[tuple[str, Any, bool]]) -> bool:
+    """Whether encoding ``chosen`` as JSON is worth a worker thread (off the event loop)."""
+    return sum(a.nbytes for _, a, b in chosen if not b) > OFFLOAD_BYTES
+
+
+def finish_infer(state: ServerState, call: InferCall,
+                 chosen: list[tuple[str, Any, bool]]) -> tuple[int, bytes, dict[str, str]]:
+    """The 200 answer to ``call`` from its ``chosen`` outputs, counted in the metrics."""
+    payload, out_headers = encode_infer(call.name, str(call.mv.version), call.req.id, chosen)  # type: ignore[union-attr]
+    state.metrics.observe_request(call.name, call.label_version, 200, time.perf_counter() - call.start)
+    return 200, payload, out_headers
+
+
+def failure_reply(state: ServerState, call: InferCall, exc: BaseException) -> tuple[int, bytes, dict[str, str]]:
+    """The ``{"error": ...}`` answer to ``call`` for ``exc``, counted in the metrics (5xx surprises logged)."""
+    code = status_of(exc)
+    if code >= 500 and not isinstance(exc, (JaxinferError, TimeoutError, asyncio.TimeoutError)):
+        log.error("infer on '%s' failed", call.name, exc_info=exc)
+    if isinstance(exc, asyncio.TimeoutError) and not str(exc):
+        exc = RequestTimeoutError(f"request to '{call.name}' timed out")
+    state.metrics.observe_request(call.name, call.label_version, code, time.perf_counter() - call.start)
+    return code, json.dumps({"error": str(exc) or type(exc).__name__}).encode(), {"content-type": "application/json"}
+
+
+def timed_out(call: InferCall) -> RequestTimeoutError:
+    return RequestTimeoutError(f"request to '{call.name}' timed out after {call.wait:.3f}s")
+
+
+async def await_result(call: InferCall) -> Any:
+    """``call.future``'s result on this event loop, raising :func:`timed_out` after ``call.wait`` seconds.
+
+    One cross-thread wake-up and one timer: lighter than ``asyncio.wait_for(asyncio.wrap_future(f))``,
+    which adds a task and two futures per request. A timed-out or cancelled wait cancels the request
+    (the batcher drops it from its queue).
+    """
+    fut = call.future
+    assert fut is not None
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+
+    def settle() -> None:
+        if not waiter.done():
+            exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
+            if exc is None:
+                waiter.set_result(fut.result())
+            else:
+                waiter.set_exception(exc)
+
+    def wake(_: Future) -> None:  # on the batcher's completion thread
+        if not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(settle)
+            except RuntimeError:  # the loop closed meanwhile: nobody waits any more
+                pass
+
+    def expire() -> None:
+        if not waiter.done():
+            waiter.set_exception(timed_out(call))
+
+    fut.add_done_callback(wake)
+    timer = loop.call_later(call.wait, expire) if call.wait is not None else None
+    try:
+        return await waiter
+    except BaseException:
+        fut.cancel()
+        raise
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
 async def infer_reply(state: ServerState, name: str, pinned: str | None, headers: Mapping[str, str],
                       chunks: AsyncIterator[bytes]) -> tuple[int, bytes, dict[str, str]]:
     """One KServe v2 infer request, independent of the HTTP layer: (status, payload, response headers).
 
     ``headers`` are the request's, keyed in lower case; ``chunks`` its body. Every failure is an
-    ``{"error": ...}`` answer with the status :func:`status_of` gives.
+    ``{"error": ...}`` answer with the status :func:`status_of` gives. Bodies and JSON replies above
+    ``OFFLOAD_BYTES`` are decoded and encoded in a worker thread, off the event loop.
     """
-    repo, metrics = state.repo, state.metrics
     state.in_progress += 1
-    start = time.perf_counter()
-    label_version = pinned or ""
+    call = InferCall(name, pinned)
     try:
-        if state.stopping:
-            raise BatcherStoppedError("server is shutting down")
         body = await read_stream(headers, chunks, state.max_body_bytes)
-        raw_len = headers.get(HEADER_KEY)
-        try:
-            header_len = int(raw_len) if raw_len is not None else None
-        except ValueError:
-            raise ProtocolError(f"{HEADER} must be an integer, got {raw_len!r}") from None
-        mv = repo.get(name, pinned)
-        label_version = str(mv.version)
-        if len(body) > OFFLOAD_BYTES:
-            req = await anyio.to_thread.run_sync(decode_infer, body, header_len)
-            prepared = await anyio.to_thread.run_sync(mv.prepare, req.inputs)
-        else:
-            req = decode_infer(body, header_len)
-            prepared = mv.prepare(req.inputs)
-        out_names = [s.name for s in mv.bucketed.outputs]
-        if req.outputs is not None:
-            unknown = [o.name for o in req.outputs if o.name not in out_names]
-            if unknown:
-                raise ProtocolError(f"unknown requested output(s) {unknown}; model '{name}' has {out_names}")
-        timeout_s = _timeout_of(req.parameters)
-        for attempt in range(3):
-            try:
-                fut, hit = mv.submit(prepared, timeout_s=timeout_s)
-                break
-            except BatcherStoppedError:
-                # the version was retired between lookup and submit (a reload): use the new one
-                if pinned or state.stopping or attempt == 2:
-                    raise
-                mv = repo.get(name)
-                label_version = str(mv.version)
-                prepared = mv.prepare(req.inputs)
-        if hit:
-            metrics.cache_hits.labels(name, label_version).inc()
-        elif mv.cache is not None:
-            metrics.cache_misses.labels(name, label_version).inc()
-        wait = timeout_s
-        if wait is None and mv.config.timeout_ms is not None:
-            wait = mv.config.timeout_ms / 1000.0
-        waiter = asyncio.wrap_future(fut)
-        result = await (waiter if wait is None else asyncio.wait_for(waiter, wait))
-        if req.outputs is None:
-            chosen = [(n, result[n], req.binary_default) for n in out_names]
-        else:
-            chosen = [(o.name, result[o.name], o.binary) for o in req.outputs]
-        big = sum(a.nbytes for _, a, b in chosen if not b) > OFFLOAD_BYTES
-        if big:
-            payload, out_headers = await anyio.to_thread.run_sync(
-                encode_infer, name, str(mv.version), req.id, chosen)
-        else:
-            payload, out_headers = encode_infer(name, str(mv.version), req.id, chosen)
+        return await answer(state, call, headers, body)
     except Exception as exc:  # noqa: BLE001  (every failure answers {"error": ...})
-        code = status_of(exc)
-        if code >= 500 and not isinstance(exc, (JaxinferError, TimeoutError, asyncio.TimeoutError)):
-            log.exception("infer on '%s' failed", name)
-        if isinstance(exc, asyncio.TimeoutError) and not str(exc):
-            exc = RequestTimeoutError(f"request to '{name}' timed out")
-        metrics.observe_request(name, label_version, code, time.perf_counter() - start)
-        return code, json.dumps({"error": str(exc) or type(exc).__name__}).encode(), \
-            {"content-type": "application/json"}
+        return failure_reply(state, call, exc)
     finally:
         state.in_progress -= 1
-    metrics.observe_request(name, label_version, 200, time.perf_counter() - start)
-    return 200, payload, out_headers
+
+
+async def answer(state: ServerState, call: InferCall, headers: Mapping[str, str],
+                 body: bytes) -> tuple[int, bytes, dict[str, str]]:
+    """``call``'s answer once its body is read: begin, wait, finish (big ones in a worker thread)."""
+    try:
+        if len(body) > OFFLOAD_BYTES:
+            await anyio.to_thread.run_sync(begin_infer, state, call, headers, body)
+        else:
+            begin_infer(state, call, headers, body)
+        chosen = chosen_outputs(call, await await_result(call))
+        if big_reply(chosen):
+            return await anyio.to_thread.run_sync(finish_infer, state, call, chosen)
+        return finish_infer(state, call, chosen)
+    except Exception as exc:  # noqa: BLE001  (every failure answers {"error": ...})
+        return failure_reply(state, call, exc)
 
 
 #: ``POST /v2/models/{model}[/versions/{version}]/infer``: the path the fast path serves.

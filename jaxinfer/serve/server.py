@@ -20,6 +20,7 @@ from .._config import enable_compilation_cache
 from ..errors import JaxinferError
 from ..model import Model
 from .app import InferFastPath, ServerState, build_app
+from .http_fast import protocol_for, supported
 from .metrics import Metrics
 from .repository import ModelLoadFailed, ModelRepository
 
@@ -38,7 +39,7 @@ class Server:
 
     def __init__(self, repo: ModelRepository, *, host: str = "127.0.0.1", port: int = 8000,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, poll_s: float | None = None,
-                 metrics: Metrics | None = None, graceful_timeout_s: float = 30.0):
+                 metrics: Metrics | None = None, graceful_timeout_s: float = 30.0, fast_http: bool = True):
         from .. import __version__
 
         self.repo = repo
@@ -59,9 +60,10 @@ class Server:
         self._sock.listen(2048)
         self.port = self._sock.getsockname()[1]
         # proxy_headers off: nothing reads the client address, so X-Forwarded-* parsing is pure per-request cost
+        # infer requests are answered from the HTTP parser's callbacks where this uvicorn allows (http_fast)
         config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off", proxy_headers=False,
                                 timeout_graceful_shutdown=graceful_timeout_s, timeout_keep_alive=30,
-                                backlog=2048)
+                                backlog=2048, http=protocol_for(self.state) if fast_http and supported() else "auto")
         self._uvicorn = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name="jaxinfer-http", daemon=True)
         self._poll_s = poll_s
@@ -148,7 +150,7 @@ class Server:
 def serve(target: str | os.PathLike[str] | Model | Mapping[str, Model], *, host: str = "127.0.0.1",
           port: int = 8000, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, poll_s: float | None = None,
           progress: bool = False, compilation_cache: bool | str = True, name: str = "model",
-          **config: Any) -> Server:
+          fast_http: bool = True, **config: Any) -> Server:
     """Serve a model repository, a Model, or ``{name: Model}`` over KServe v2 HTTP; returns at once.
 
     Args:
@@ -161,6 +163,8 @@ def serve(target: str | os.PathLike[str] | Model | Mapping[str, Model], *, host:
       progress: show a warm-up progress bar on stderr.
       compilation_cache: keep compiled buckets on disk between runs (a path, or True for the default).
       name: the model name when ``target`` is one Model or file.
+      fast_http: answer infer requests straight from the HTTP parser (:mod:`~jaxinfer.serve.http_fast`;
+        less CPU per request); False sends them through ASGI like every other route. Same answers.
       **config: options of :class:`~jaxinfer.serve.config.ModelConfig` applied to every model
         (``max_batch``, ``batch_buckets``, ``dim_buckets``, ``sla_ms``, ``max_queue_delay_ms``,
         ``queue_size``, ``timeout_ms``, ``response_cache``, ``version_policy``).
@@ -207,7 +211,7 @@ def serve(target: str | os.PathLike[str] | Model | Mapping[str, Model], *, host:
             holder["server"].metrics.on_batch(model, version, report)
 
     repo = ModelRepository(root, models, overrides=config, progress=progress, on_batch=on_batch)
-    server = Server(repo, host=host, port=port, max_body_bytes=max_body_bytes, poll_s=poll_s)
+    server = Server(repo, host=host, port=port, max_body_bytes=max_body_bytes, poll_s=poll_s, fast_http=fast_http)
     holder["server"] = server
     try:
         failed = repo.load_all()
