@@ -199,3 +199,30 @@ def test_load_passes_format_options_and_rejects_unknown_ones(tmp_path):
     assert jaxinfer.load(path, optimize=False).graph.nodes == raw.graph.nodes
     with pytest.raises(TypeError, match="not to a saved directory"):
         jaxinfer.load(tmp_path, optimize=False)
+
+
+def test_arithmetic_scalars_are_constants_and_quantizer_scales_params():
+    """pow(x, 3.0) sees its exponent at compile time (XLA makes it x*x*x, as in GPT-2's tanh GELU);
+    a QuantizeLinear scale and a Div's divisor stay params (folded, XLA would multiply by a reciprocal)."""
+    scalar = {n: numpy_helper.from_array(np.asarray(v, np.float32), n)
+              for n, v in (("three", 3.0), ("half", 0.5), ("scale", 0.37), ("d", 7.0))}
+    nodes = [
+        helper.make_node("Pow", ["x", "three"], ["p"]),
+        helper.make_node("Mul", ["p", "half"], ["y"]),
+        helper.make_node("QuantizeLinear", ["x", "scale"], ["q"]),
+        helper.make_node("Div", ["x", "d"], ["z"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "scalars", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64]),
+         helper.make_tensor_value_info("q", TensorProto.UINT8, [64]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [64])], list(scalar.values()))
+    m = jaxinfer.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert {"three", "half"} <= set(m._constants) and {"scale", "d"} <= set(m.params)
+    x = np.linspace(-4, 4, 64, dtype=np.float32)
+    out = m.run({"x": x})
+    np.testing.assert_allclose(out["y"], 0.5 * x ** 3, rtol=1e-6)
+    np.testing.assert_array_equal(out["q"], np.clip(np.round(x / np.float32(0.37)), 0, 255).astype(np.uint8))
+    np.testing.assert_allclose(out["z"], x / np.float32(7.0), rtol=1e-6)
+    hlo = m._fast_exe({"x": x}).as_text()
+    assert " power(" not in hlo and " divide(" in hlo
