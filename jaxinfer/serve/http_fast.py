@@ -84,6 +84,7 @@ class _FastCycle:
         self.message_event = _NO_EVENT
         self.timer: asyncio.TimerHandle | None = None
         self.counted = False  # in ServerState.in_progress
+        self.task: asyncio.Task | None = None  # a worker-thread step in flight (held: the loop keeps weak refs)
         self.headers: dict[str, str] = {}
 
 
@@ -135,7 +136,7 @@ class InferProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
         try:
             body = decode_body(cycle.headers, bytes(cycle.body), state.max_body_bytes)
             if len(body) > OFFLOAD_BYTES:  # decode it in a worker thread: the coroutine path
-                self.loop.create_task(self._answer_later(cycle, body))
+                cycle.task = self.loop.create_task(self._answer_later(cycle, body))
                 return
             begin_infer(state, call, cycle.headers, body)
         except Exception as exc:  # noqa: BLE001  (every failure answers {"error": ...})
@@ -190,7 +191,7 @@ class InferProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
                 raise ProtocolError("request was cancelled", 503)
             chosen = chosen_outputs(call, fut.result())
             if big_reply(chosen):  # encode it in a worker thread
-                self.loop.create_task(self._encode_later(cycle, chosen))
+                cycle.task = self.loop.create_task(self._encode_later(cycle, chosen))
                 return
             reply = finish_infer(state, call, chosen)
         except Exception as exc:  # noqa: BLE001

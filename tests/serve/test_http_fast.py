@@ -137,3 +137,25 @@ def test_client_gone_mid_request_leaves_the_server_healthy(server):
     r = httpx.post(f"{server.url}/v2/models/mlp/infer", json=_json(id="after"))
     assert r.status_code == 200 and r.json()["id"] == "after"
     assert server.state.in_progress == 0
+
+
+def test_big_bodies_and_replies_leave_the_event_loop(server, asgi_server, monkeypatch):
+    """Bodies above OFFLOAD_BYTES are decoded, and JSON replies above it encoded, in a worker thread."""
+    from jaxinfer.serve import app
+
+    from ..batching.models import mlp_proto, mlp_reference
+
+    x = np.random.default_rng(3).standard_normal((3000, 8)).astype(np.float32)  # ~0.5 MB of JSON
+    body = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]}).encode()
+    assert len(body) > app.OFFLOAD_BYTES
+    fast = httpx.post(f"{server.url}/v2/models/mlp/infer", content=body, timeout=60)
+    slow = httpx.post(f"{asgi_server.url}/v2/models/mlp/infer", content=body, timeout=60)
+    assert fast.status_code == 200 and fast.json() == slow.json()
+    got = {o["name"]: np.asarray(o["data"], np.float32).reshape(o["shape"]) for o in fast.json()["outputs"]}
+    np.testing.assert_allclose(got["z"], mlp_reference(mlp_proto(seed=1), x)["z"], rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(app, "OFFLOAD_BYTES", 16)  # a small body whose JSON reply counts as big
+    small = json.dumps(_json(id="enc")).encode()
+    r = httpx.post(f"{server.url}/v2/models/mlp/infer", content=small)
+    assert r.status_code == 200 and r.json() == httpx.post(f"{asgi_server.url}/v2/models/mlp/infer",
+                                                           content=small).json()
