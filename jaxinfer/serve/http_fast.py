@@ -80,7 +80,6 @@ class _FastCycle:
         self.disconnected = False
         self.response_complete = False
         self.body = bytearray()
-        self.more_body = True
         self.message_event = _NO_EVENT
         self.timer: asyncio.TimerHandle | None = None
         self.counted = False  # in ServerState.in_progress
@@ -129,7 +128,6 @@ class InferProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
             return
         if cycle.response_complete:
             return
-        cycle.more_body = False
         state, call = self.jx_state, cycle.call
         state.in_progress += 1
         cycle.counted = True

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ....conv_lowering import conv_general_dilated, reduce_window, window_slices
+from ....conv_lowering import conv_general_dilated, depthwise_taps, reduce_window
 from ....intmath import exact_conv, exact_dot, zp_matmul
 from ....registry import OpDef, registrar
 from .. import quant as Q
@@ -176,11 +176,7 @@ def _depthwise_taps(x, w, stride, dilation, padding, int_acc=jnp.int32):
     acc_t = int_acc if jnp.issubdtype(x.dtype, jnp.integer) else x.dtype
     x = jnp.pad(x.astype(acc_t), ((0, 0), ph[:2], pw[:2], (0, 0)))
     taps = jnp.transpose(w[..., 0], (1, 2, 0)).astype(acc_t).reshape(kh * kw, -1)  # [kh*kw, C*M]
-    acc = None
-    for tap, w_tap in zip(window_slices(x, (1, kh, kw, 1), (1, sh, sw, 1), (1, dh, dw, 1)), taps):
-        term = tap * w_tap
-        acc = term if acc is None else acc + term
-    return acc
+    return depthwise_taps(x, taps, (kh, kw), (sh, sw), (dh, dw))
 
 
 def _hybrid_weight(w, qw: Q.QParams | None, x):
