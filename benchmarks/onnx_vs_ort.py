@@ -72,7 +72,8 @@ def max_abs(ours: dict[str, Any], theirs: list[Any]) -> float:
     return max(diffs)
 
 
-def compare_fixture(path: Path, batches: list[int], runs: int, seq: int, tune: bool = False) -> list[BenchRow]:
+def compare_fixture(path: Path, batches: list[int], runs: int, seq: int, tune: bool = False,
+                    min_block_s: float = 0.0) -> list[BenchRow]:
     """Like jaxinfer.bench.compare, with inputs the exported models take (token ids, masks)."""
     from jaxinfer.converters.onnx import load_onnx
 
@@ -88,7 +89,7 @@ def compare_fixture(path: Path, batches: list[int], runs: int, seq: int, tune: b
         compile_s = time.perf_counter() - t0
         diff = max_abs(ours, sess.run(None, feeds))
         fns: list[Callable[[], Any]] = [lambda: model.run(feeds), lambda: sess.run(None, feeds)]
-        ms = blocked(fns, runs)
+        ms = blocked(fns, runs, min_block_s=min_block_s)
         rows.append(BenchRow(path.stem, batch, ms[0], ms[1], ms[0] / ms[1], diff, compile_s))
     return rows
 
@@ -114,6 +115,8 @@ def main() -> None:
     p.add_argument("--no-fixtures", action="store_true", help="only the light CNNs")
     p.add_argument("--tune", action="store_true",
                    help="Model.tune: time XLA CPU option sets per shape, keep the fastest")
+    p.add_argument("--min-block-s", type=float, default=0.25,
+                   help="each timing block runs for at least this long (more calls for fast models)")
     p.add_argument("--json", default="benchmarks/results/onnx_vs_ort.json")
     args = p.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
@@ -124,10 +127,11 @@ def main() -> None:
     jobs: list[tuple[str, Path, Callable[[Path], list[BenchRow]]]] = []
     if not args.no_light:
         jobs += [("light", m, lambda m: compare(m, batches, runs=args.runs, label=m.stem.replace("light_", ""),
-                                                tune=args.tune))
+                                                tune=args.tune, min_block_s=args.min_block_s))
                  for m in light_models() if wanted(m)]
     if not args.no_fixtures:
-        jobs += [("fixture", m, lambda m: compare_fixture(m, batches, args.runs, args.seq, args.tune))
+        jobs += [("fixture", m, lambda m: compare_fixture(m, batches, args.runs, args.seq, args.tune,
+                                                                    args.min_block_s))
                  for m in fixture_models() if wanted(m)]
     rows, failed = [], []
     for kind, path, run in jobs:

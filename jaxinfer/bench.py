@@ -87,14 +87,16 @@ def interleaved(fns: Sequence[Callable[[], Any]], runs: int, warmup: int = 3) ->
     return [_median_ms(s) for s in samples]
 
 
-def blocked(fns: Sequence[Callable[[], Any]], runs: int, rounds: int = 3) -> list[float]:
+def blocked(fns: Sequence[Callable[[], Any]], runs: int, rounds: int = 3, min_block_s: float = 0.0) -> list[float]:
     """Median milliseconds of each callable, timed in blocks of back-to-back calls, blocks rotated ``rounds`` times.
 
     onnxruntime's intra-op threads spin-wait for a while after each run; with calls in turn
     that spin eats into whichever engine runs next on a small machine (our ResNet-50 at batch 1:
     ~79 ms alone, ~124 ms right after onnxruntime calls). Blocks give every engine its own
     steady state (onnxruntime keeps the benefit of its spinning); a pause and one untimed call
-    start each block.
+    start each block. A block times ``runs / rounds`` calls, and more while it has run for
+    less than ``min_block_s`` (a few sub-millisecond calls right after the pause measure
+    sleeping threads and cold caches, not the steady state).
     """
     samples: list[list[float]] = [[] for _ in fns]
     per = max(1, -(-runs // rounds))
@@ -102,10 +104,13 @@ def blocked(fns: Sequence[Callable[[], Any]], runs: int, rounds: int = 3) -> lis
         for i, f in enumerate(fns):
             time.sleep(0.05)
             f()
-            for _ in range(per):
+            start = time.perf_counter()
+            n = 0
+            while n < per or time.perf_counter() - start < min_block_s:
                 t = time.perf_counter()
                 f()
                 samples[i].append(time.perf_counter() - t)
+                n += 1
     return [_median_ms(s) for s in samples]
 
 
@@ -120,9 +125,11 @@ def ort_session(model_bytes: bytes, threads: int | None = None) -> Any:
 
 
 def compare(model_path: str | Path, batches: Sequence[int] = (1, 8), runs: int = 20,
-            against: str | None = "onnxruntime", label: str | None = None, tune: bool = False) -> list[BenchRow]:
+            against: str | None = "onnxruntime", label: str | None = None, tune: bool = False,
+            min_block_s: float = 0.0) -> list[BenchRow]:
     """Time ``model_path`` at each batch size (re-stamping a fixed batch dim when needed).
 
+    ``runs`` and ``min_block_s``: as :func:`blocked` takes them.
     ``tune``: set :attr:`Model.tune` (time XLA CPU option sets per shape, keep the fastest).
     """
     import onnx
@@ -147,7 +154,7 @@ def compare(model_path: str | Path, batches: Sequence[int] = (1, 8), runs: int =
             theirs = sess.run(None, feeds)
             diff = max(_max_abs(a, b) for a, b in zip(ours.values(), theirs))
             fns.append(lambda: sess.run(None, feeds))
-        times = blocked(fns, runs)
+        times = blocked(fns, runs, min_block_s=min_block_s)
         ort_ms = times[1] if len(times) > 1 else None
         rows.append(BenchRow(label or Path(model_path).stem, batch, times[0], ort_ms,
                              times[0] / ort_ms if ort_ms else None, diff, compile_s))

@@ -13,6 +13,20 @@ def test_blocked_times_each_callable_in_rotated_blocks():
     assert "".join(order) == "aaabbb" * 2
 
 
+def test_blocked_keeps_calling_until_the_block_lasted_min_block_s():
+    import time
+
+    calls: list[str] = []
+
+    def slow() -> None:
+        calls.append("s")
+        time.sleep(0.002)
+
+    bench.blocked([slow], runs=1, rounds=1, min_block_s=0.03)
+    # one untimed call, then timed calls until 30 ms passed: well over the one call runs=1 asks for
+    assert 10 <= len(calls) - 1 <= 20
+
+
 def test_interleaved_alternates_calls():
     order: list[str] = []
     bench.interleaved([lambda: order.append("a"), lambda: order.append("b")], runs=2, warmup=1)
