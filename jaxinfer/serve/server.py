@@ -233,6 +233,22 @@ def default_model_path() -> Path:
     return path
 
 
+def wait_for_stop_signal(poll_s: float = 0.2) -> int:
+    """Block the main thread until SIGINT or SIGTERM arrives; returns the signal's number.
+
+    The handler only appends to a list. It must not take a lock: a process-directed signal
+    can land on another thread, and Python then runs the handler in the main thread at its next
+    bytecode, which may be inside ``threading.Event.wait`` with the event's lock held (setting
+    the event there deadlocked ``jaxinfer serve`` on SIGTERM).
+    """
+    received: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
+    while not received:
+        time.sleep(poll_s)
+    return received[0]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``jaxinfer serve [REPO] [--host H] [--port P] ...``: serve until Ctrl-C."""
     p = argparse.ArgumentParser(prog="jaxinfer serve", description="Serve models over KServe v2 HTTP.")
@@ -265,11 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(f"serving {[r['name'] for r in server.repo.index(ready_only=True)]} at {server.url} "
           f"(KServe v2; metrics at {server.url}/metrics); Ctrl-C stops")
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    while not done.wait(0.5):
-        pass
+    wait_for_stop_signal()
     print("draining and stopping...")
     server.stop()
     return 0

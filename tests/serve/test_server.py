@@ -121,3 +121,32 @@ def test_unknown_model_via_client(server):
     inp.set_data_from_numpy(np.ones((1, 8), np.float32))
     with pytest.raises(InferenceServerException, match="not loaded"):
         c.infer("missing", [inp])
+
+
+_STOP_SIGNALS = """
+import os, signal, threading, time
+from jaxinfer.serve.server import wait_for_stop_signal
+
+def send():
+    time.sleep(0.5)
+    for _ in range(50):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=send).start()  # started before the mask below, so SIGTERM is delivered to it
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+print(wait_for_stop_signal(poll_s=0.1))
+"""
+
+
+def test_cli_wait_stops_on_a_burst_of_signals_delivered_to_another_thread():
+    # A process-directed signal may land on any thread that does not block it; Python then runs the handler in
+    # the main thread at its next bytecode, and a second signal can run it again inside the first. `jaxinfer
+    # serve` used to set a threading.Event from the handler and was once found hung on SIGTERM, the handler
+    # nested five deep inside that Event's (non-reentrant) lock; the handler now takes no lock.
+    import signal
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _STOP_SIGNALS], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(int(signal.SIGTERM))]
