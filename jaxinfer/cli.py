@@ -153,7 +153,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import compare, geomean, table
 
     batches = [int(b) for b in str(args.batch).split(",")]
-    rows = compare(resolve_model(args.model), batches, runs=args.runs, against=args.against)
+    rows = compare(resolve_model(args.model), batches, runs=args.runs, against=args.against,
+                   min_block_s=args.min_block_s)
     dicts = [r.as_dict() for r in rows]
     print(table(dicts, ["model", "batch", "jaxinfer_ms", "onnxruntime_ms", "ratio", "max_abs_diff", "compile_s"]))
     ratios = [r.ratio for r in rows if r.ratio]
@@ -257,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("model")
     bench.add_argument("--batch", default="1")
     bench.add_argument("--runs", type=int, default=20)
+    bench.add_argument("--min-block-s", type=float, default=0.25,
+                       help="each engine's timing block lasts at least this long (more calls for fast models)")
     bench.add_argument("--against", choices=["onnxruntime", "none"], default="onnxruntime")
     bench.add_argument("--json", metavar="FILE")
     bench.set_defaults(func=cmd_bench)
