@@ -14,9 +14,11 @@ then looks at the queue and dispatches a batch when
 
 While a batch runs, requests gather; when it completes the next batch takes them all.
 
-Dispatch is asynchronous: the loop starts the device run and hands the batch to
-a completion thread that copies results to the host and resolves each caller's
-future (a result, or the exception). The queue is bounded: a full queue raises
+The loop starts the device run and hands the batch to a completion thread that
+copies results to the host and resolves each caller's future (a result, or the
+exception). On accelerators the run is asynchronous; on CPU, where jaxinfer runs
+computations inline (``_config.py``), the loop's thread computes the batch while the
+completion thread answers the previous one. The queue is bounded: a full queue raises
 :class:`QueueFullError` at once instead of growing.
 """
 

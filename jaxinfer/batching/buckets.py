@@ -352,7 +352,7 @@ class BucketedModel:
                          prepared.key, prepared.sizes) for i in range(0, prepared.rows, step)]
 
     def dispatch(self, parts: Sequence[Prepared]) -> Batch:
-        """Concatenate, pad to the bucket and start the device run (asynchronous); see :meth:`collect`."""
+        """Concatenate, pad to the bucket and start the device run (inline on CPU); see :meth:`collect`."""
         rows = sum(p.rows for p in parts)
         if self.layout == "none":
             if len(parts) != 1:

@@ -16,8 +16,11 @@ Running. Each stage is a :class:`ShardedModel` of its sub-graph with its own
 jitted executable. The batch is split into ``micro_batches``; stage
 executables are dispatched in GPipe order (clock ``t`` runs micro-batch
 ``t - s`` on stage ``s``) and activations move between sub-meshes with
-``jax.device_put``; dispatch is asynchronous, so stage ``s`` works on
-micro-batch ``m`` while stage ``s+1`` works on ``m-1``. :meth:`PipelineModel.profile`
+``jax.device_put``; on accelerators dispatch is asynchronous, so stage ``s`` works
+on micro-batch ``m`` while stage ``s+1`` works on ``m-1``. (On CPU jaxinfer runs
+one-device computations inline, ``_config.py``, so one-device stages run in turn;
+there they share the host's cores anyway: an 8-layer d512 GPT-2 on 8 simulated
+devices took the same time at 2, 4 and 8 stages either way, within 6 %.) :meth:`PipelineModel.profile`
 runs one thread per stage and records each micro-batch's start/end (blocking
 on its outputs) to measure the bubble against GPipe's (S-1)/(M+S-1).
 """
