@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 import jaxinfer  # noqa: F401
-from jaxinfer.bench import BenchRow, blocked, compare, geomean, light_models, ort_session, table
+from jaxinfer.bench import MIN_BLOCK_S, BenchRow, blocked, compare, geomean, light_models, ort_session, table
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "onnx"
 VOCAB = 256  # the fixtures' vocabulary (tests/fixtures/onnx/README.md)
@@ -115,7 +115,7 @@ def main() -> None:
     p.add_argument("--no-fixtures", action="store_true", help="only the light CNNs")
     p.add_argument("--tune", action="store_true",
                    help="Model.tune: time XLA CPU option sets per shape, keep the fastest")
-    p.add_argument("--min-block-s", type=float, default=0.25,
+    p.add_argument("--min-block-s", type=float, default=MIN_BLOCK_S,
                    help="each timing block runs for at least this long (more calls for fast models)")
     p.add_argument("--json", default="benchmarks/results/onnx_vs_ort.json")
     args = p.parse_args()

@@ -87,6 +87,10 @@ def interleaved(fns: Sequence[Callable[[], Any]], runs: int, warmup: int = 3) ->
     return [_median_ms(s) for s in samples]
 
 
+#: The benchmarks' and ``jaxinfer bench``'s default for :func:`blocked`'s ``min_block_s``.
+MIN_BLOCK_S = 0.25
+
+
 def blocked(fns: Sequence[Callable[[], Any]], runs: int, rounds: int = 3, min_block_s: float = 0.0) -> list[float]:
     """Median milliseconds of each callable, timed in blocks of back-to-back calls, blocks rotated ``rounds`` times.
 

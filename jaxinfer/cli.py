@@ -254,11 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save", metavar="DIR", help="write each output as DIR/<name>.npy")
     run.set_defaults(func=cmd_run)
 
+    from .bench import MIN_BLOCK_S
+
     bench = sub.add_parser("bench", help="median latency vs onnxruntime, interleaved in one process")
     bench.add_argument("model")
     bench.add_argument("--batch", default="1")
     bench.add_argument("--runs", type=int, default=20)
-    bench.add_argument("--min-block-s", type=float, default=0.25,
+    bench.add_argument("--min-block-s", type=float, default=MIN_BLOCK_S,
                        help="each engine's timing block lasts at least this long (more calls for fast models)")
     bench.add_argument("--against", choices=["onnxruntime", "none"], default="onnxruntime")
     bench.add_argument("--json", metavar="FILE")

@@ -28,6 +28,4 @@ def test_cpu_computations_run_inline_unless_asked_not_to(setting: str | None, as
 
 
 def test_a_backend_started_before_import_is_left_alone():
-    code = ("import jax; jax.devices(); import jaxinfer; from jax._src import xla_bridge as xb; "
-            "print(xb._CPU_ENABLE_ASYNC_DISPATCH.value)")
-    assert _probe(None, code) == "True"
+    assert _probe(None, "import jax; jax.devices(); " + _PROBE) == "True"
