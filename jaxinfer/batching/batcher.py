@@ -208,6 +208,7 @@ class DynamicBatcher:
         self.name = name
         self.on_batch = on_batch
         self._pending: deque[_Item] = deque()
+        self._next_deadline = math.inf  # <= the earliest deadline in _pending (stale-low after takes)
         self._cond = threading.Condition()
         self._slots = threading.Semaphore(self.config.max_in_flight)
         self._done_q: queue.Queue = queue.Queue()
@@ -287,6 +288,7 @@ class DynamicBatcher:
             self._last_arrival = now
             for i, part in enumerate(parts):
                 self._pending.append(_Item(part, ticket, i, now, deadline))
+            self._next_deadline = min(self._next_deadline, deadline)
             self._cond.notify()
         return ticket.future
 
@@ -296,8 +298,13 @@ class DynamicBatcher:
 
     # ------------------------------------------------------------------ loop
     def _expire(self, now: float) -> None:
-        """Drop items whose caller timed out or gave up (caller holds the lock)."""
+        """Drop items whose caller timed out or gave up (caller holds the lock).
+
+        A whole-queue pass, so the loop calls it only when a deadline is due (or every 20 ms while
+        the device is busy); :meth:`_take` skips the items of callers that gave up in between.
+        """
         keep: deque[_Item] = deque()
+        earliest = math.inf
         for item in self._pending:
             if item.ticket.future.done():
                 continue
@@ -306,7 +313,9 @@ class DynamicBatcher:
                     f"request to '{self.name}' timed out after {now - item.arrival:.3f}s in the queue"))
                 continue
             keep.append(item)
+            earliest = min(earliest, item.deadline)
         self._pending = keep
+        self._next_deadline = earliest
 
     def _cap(self) -> int:
         """Rows per batch: max_batch, or less where the latency model says bigger buckets gain nothing."""
@@ -320,16 +329,21 @@ class DynamicBatcher:
 
     def _take(self, now: float) -> tuple[list[_Item], float | None]:
         """Items to dispatch now, or ([], the time to look again). Caller holds the lock."""
-        if not self._pending:
+        pending = self._pending
+        while pending and pending[0].ticket.future.done():  # its caller gave up
+            pending.popleft()
+        if not pending:
             return [], None
-        oldest = self._pending[0]
+        oldest = pending[0]
         key = oldest.part.key
         cap = self._cap() if self.model.layout != "none" else 1
         group: list[_Item] = []
         rows = 0
         full = False
-        for item in self._pending:
-            if item.part.key != key:
+        prefix = True  # the group is the queue's head (the common case: one shape, no gaps)
+        for item in pending:
+            if item.part.key != key or item.ticket.future.done():
+                prefix = False
                 continue
             if group and rows + item.part.rows > cap:  # the oldest always goes, even when above the cap
                 full = True
@@ -351,11 +365,15 @@ class DynamicBatcher:
             start_by = sla_at - self.latency.estimate(nxt) - gap
             due = now >= start_by
             wake = min(wake, start_by)
-        wake = min(wake, min(i.deadline for i in self._pending))
+        wake = min(wake, self._next_deadline)
         if not due:
             return [], wake
-        taken = set(map(id, group))
-        self._pending = deque(i for i in self._pending if id(i) not in taken)
+        if prefix:
+            for _ in group:
+                pending.popleft()
+        else:
+            taken = set(map(id, group))
+            self._pending = deque(i for i in pending if id(i) not in taken and not i.ticket.future.done())
         return group, None
 
     def _loop(self) -> None:
@@ -368,11 +386,10 @@ class DynamicBatcher:
             with self._cond:
                 while True:
                     now = time.monotonic()
-                    self._expire(now)
-                    if self._stopping and not self._pending:
-                        break
+                    if now >= self._next_deadline:
+                        self._expire(now)
                     group, wake = self._take(now)
-                    if group:
+                    if group or (self._stopping and not self._pending):
                         break
                     self._cond.wait(None if wake is None else max(wake - now, 0.0))
             if not group:

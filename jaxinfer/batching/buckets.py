@@ -307,7 +307,7 @@ class BucketedModel:
 
     @staticmethod
     def _shape_key(feeds: Mapping[str, np.ndarray]) -> tuple:
-        return tuple((k, tuple(np.shape(v)), str(np.asarray(v).dtype)) for k, v in feeds.items())
+        return tuple((k, np.shape(v), np.asarray(v).dtype) for k, v in feeds.items())
 
     # --------------------------------------------------------------- requests
     def prepare(self, feeds: Mapping[str, Any]) -> Prepared:

@@ -138,6 +138,49 @@ def test_timeout_and_errors_reach_callers(bucketed):
         b.stop()
 
 
+def test_cancelled_requests_are_skipped_not_run(bucketed):
+    """Callers that gave up (a dropped connection cancels its future) leave the queue without running,
+    wherever they sit in it; the others still get their own rows; a stop with only those left ends."""
+    _, bm, timings = bucketed
+    b = DynamicBatcher(bm, LatencyModel(timings), BatcherConfig(max_in_flight=1, max_queue_delay_ms=1))
+    b.start()
+    gate = threading.Event()
+    real = bm.dispatch
+    seen: list[int] = []
+    xs = [np.full((1, 8), i, np.float32) for i in range(6)]
+    want = [bm.run({"x": x})["y"] for x in xs]
+    try:
+        def held(parts):
+            gate.wait(5)
+            seen.append(sum(p.rows for p in parts))
+            return real(parts)
+        bm.dispatch = held
+        first = b.submit({"x": np.ones((8, 8), np.float32)})  # holds the device
+        time.sleep(0.05)
+        futs = [b.submit({"x": x}) for x in xs]
+        for i in (0, 3):  # the head of the queue and one in the middle
+            assert futs[i].cancel()
+        gate.set()
+        first.result(5)
+        for i in (1, 2, 4, 5):
+            np.testing.assert_allclose(futs[i].result(5)["y"], want[i], rtol=1e-6)
+        assert sum(seen) == 8 + 4  # the two cancelled rows never reached the device
+        assert b.queued() == 0
+        gate.clear()
+        more = [b.submit({"x": xs[0]}) for _ in range(3)]  # queued behind a held batch, then cancelled
+        time.sleep(0.05)
+        for f in more[1:]:
+            f.cancel()
+        gate.set()
+    finally:
+        bm.dispatch = real
+        gate.set()
+    t = time.perf_counter()
+    b.stop(drain=True, timeout=5)
+    assert time.perf_counter() - t < 5 and not b._loop_thread.is_alive()
+    assert more[0].result(0)["y"].shape == (1, 4)
+
+
 def test_sla_dispatches_early(bucketed):
     """With a slow bucket-4 latency estimate, waiting for more would miss the SLA: send 1 at once."""
     _, bm, _ = bucketed
