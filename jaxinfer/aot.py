@@ -166,7 +166,7 @@ def machine_digest(args: tuple) -> str:
     return h.hexdigest()[:32]
 
 
-def compile_exported(fn: Callable[..., Any], args: tuple, digest: str, options: Mapping[str, Any],
+def compile_exported(fn: Callable[..., Any], args: tuple, digest: str, compile_lowered: Callable[[Any], Any],
                      may_save: Callable[[], bool]) -> Any | None:
     """The compiled program for ``fn(*args)`` from what is stored, or None to compile the usual way.
 
@@ -174,6 +174,7 @@ def compile_exported(fn: Callable[..., Any], args: tuple, digest: str, options: 
     compiled); the stored export named ``digest`` (compiled without calling ``fn``); else ``fn`` is
     exported (traced once), the export saved when ``may_save()`` says so after tracing, and its
     ``call`` compiled. A program compiled here is stored as an executable too (same ``may_save()``).
+    ``compile_lowered`` compiles a lowered program with the model's options.
     """
     folder = export_dir()
     if folder is None:
@@ -182,18 +183,19 @@ def compile_exported(fn: Callable[..., Any], args: tuple, digest: str, options: 
     exe_path = folder / f"{key}.jaxexec"
 
     def from_export() -> Any | None:
-        return _compile_exported(fn, args, folder / f"{digest}.jaxexport", options, may_save, exe_path, key)
+        return _compile_exported(fn, args, folder / f"{digest}.jaxexport", compile_lowered, may_save, exe_path,
+                                 key)
 
     compiled = load_executable(exe_path, key, args)
     if compiled is not None:
         def fallback() -> Any:
-            return from_export() or jax.jit(fn).lower(*args).compile(dict(options) or None)
+            return from_export() or compile_lowered(jax.jit(fn).lower(*args))
 
         return FirstCallChecked(compiled, fallback, exe_path)
     return from_export()
 
 
-def _compile_exported(fn: Callable[..., Any], args: tuple, path: Path, options: Mapping[str, Any],
+def _compile_exported(fn: Callable[..., Any], args: tuple, path: Path, compile_lowered: Callable[[Any], Any],
                       may_save: Callable[[], bool], exe_path: Path, key: str) -> Any | None:
     """Compile through the export at ``path`` (made from ``fn`` if need be); keep the executable at ``exe_path``."""
     exported = None
@@ -214,7 +216,7 @@ def _compile_exported(fn: Callable[..., Any], args: tuple, path: Path, options: 
             _write(path, exported.serialize, "exported program")
     _watch_cache_hits()
     hits = _cache_hits()
-    compiled = jax.jit(exported.call).lower(*args).compile(dict(options) or None)
+    compiled = compile_lowered(jax.jit(exported.call).lower(*args))
     if _cache_hits() != hits:
         # An executable JAX loaded from its persistent cache serializes without its kernels (XLA CPU:
         # "Function ... not found" on the first run after loading it), so only fresh compiles are kept.

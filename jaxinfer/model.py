@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import aot
+from . import aot, xla_dots
 from .errors import InputError, UnsupportedOpsError
 from .graph import Dim, Graph, ValueInfo
 from .registry import Registry
@@ -165,6 +165,14 @@ def _options_apply() -> bool:
 def default_compiler_options() -> dict[str, str]:
     """XLA options each :class:`Model` compile passes (CPU only; ``XLA_FLAGS`` naming the flag wins)."""
     return {YNN_FUSION_FLAG: YNN_FUSION_TYPES} if _options_apply() else {}
+
+
+def options_for(lowered: Any, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` for this program: the default's library dots are turned off where every dot has
+    few rows and one streams a big weight (:func:`jaxinfer.xla_dots.prefers_xla_loops`)."""
+    if options.get(YNN_FUSION_FLAG) == YNN_FUSION_TYPES and xla_dots.prefers_xla_loops(lowered.as_text()):
+        return {**options, YNN_FUSION_FLAG: TUNE_CANDIDATES["none"][YNN_FUSION_FLAG]}
+    return dict(options)
 
 
 class Model:
@@ -331,7 +339,7 @@ class Model:
                 outs, new_state = fn(params, state, {**inputs, **static})
                 return split_host(outs), new_state
 
-            exe = jax.jit(call).lower(self.params, self.state, dynamic).compile(self.compiler_options or None)
+            exe = self._compile_lowered(jax.jit(call).lower(self.params, self.state, dynamic))
         else:
             def call(params: Any, inputs: Any) -> Any:  # type: ignore[misc]
                 stats.traces += 1
@@ -344,10 +352,10 @@ class Model:
                 self.stats.tuned[key] = choice
             elif not static and aot.export_dir() is not None:  # a warm process skips tracing (see aot.py)
                 digest = aot.program_digest(self.graph, self._constants, (self.params, dynamic), self.compiler_options)
-                exe = aot.compile_exported(call, (self.params, dynamic), digest, self.compiler_options,
+                exe = aot.compile_exported(call, (self.params, dynamic), digest, self._compile_lowered,
                                            may_save=lambda: not host_outputs)
             if exe is None:
-                exe = jax.jit(call).lower(self.params, dynamic).compile(self.compiler_options or None)
+                exe = self._compile_lowered(jax.jit(call).lower(self.params, dynamic))
         if host_outputs:
             exe = _WithHostOutputs(exe, host_outputs, self.stateful)
         with self._lock:
@@ -355,6 +363,10 @@ class Model:
         self.stats.compile_seconds += time.perf_counter() - start
         self.stats.keys.append(key)
         return exe
+
+    def _compile_lowered(self, lowered: Any) -> Any:
+        """Compile a lowered program with :attr:`compiler_options` as :func:`options_for` adapts them."""
+        return lowered.compile(options_for(lowered, self.compiler_options) or None)
 
     def warmup(self, feeds: Mapping[str, Any]) -> None:
         """Compile for these inputs' shapes without running."""

@@ -62,7 +62,7 @@ def dots_per_library_fusion(hlo: str) -> list[int]:
 def test_each_dense_layer_is_its_own_library_call():
     m = dense_chain()
     assert YNN_FUSION_FLAG in m.compiler_options
-    feeds = {"x": np.ones((8, 1024), np.float32)}
+    feeds = {"x": np.ones((128, 1024), np.float32)}  # many rows: the library's dots (jaxinfer.xla_dots)
     counts = dots_per_library_fusion(m.compiled(m._check_inputs(feeds)).as_text())
     assert counts and max(counts) <= 1, counts
     out = m.run(feeds)["y"]
