@@ -4,7 +4,8 @@ XLA CPU runs a float32 dot either through its kernel library (YNNPACK) or in loo
 itself. Measured here: when every dot of a program has few rows and one of them streams a
 large weight, XLA's loops are faster (a 512-2048-2048-512 MLP: batch 8 4.5 -> 2.1 ms, batch 32
 9.5 -> 6.0 ms; the d1024 encoder at 1x8 tokens 36 -> 22 ms); at 128+ rows the library wins
-(~1.5x), integer dots need it (XLA's own s8 dot is ~10x slower) and tiny dots do not care.
+(~1.5x), integer dots need it (XLA's own s8 dot is ~10x slower), so do the dots XLA makes of
+convolutions, and tiny dots do not care.
 :func:`prefers_xla_loops` encodes that rule; :meth:`jaxinfer.Model` applies it to its default options.
 """
 
@@ -66,7 +67,11 @@ def dot_shapes(text: str) -> Iterator[DotShape | None]:
 
 
 def prefers_xla_loops(text: str) -> bool:
-    """Whether every dot is floating with at most :data:`FEW_ROWS` rows and one streams a big weight."""
+    """Whether every dot is floating with at most :data:`FEW_ROWS` rows and one streams a big weight,
+    in a program without convolutions (XLA rewrites some into dots, which need the library: with
+    the loops ResNet-50 at batch 8 ran 613 -> 920 ms, AlexNet 125 -> 228 ms)."""
+    if "stablehlo.convolution" in text:
+        return False
     big = False
     for d in dot_shapes(text):
         if d is None or d.dtype not in _FLOATS or d.rows > FEW_ROWS:

@@ -76,3 +76,13 @@ def test_model_applies_the_rule_to_its_default_options_only(monkeypatch):
                                "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"} if model_mod._options_apply() else {}
     custom.run({"x": x})
     assert chosen[-1] == custom.compiler_options  # options a user set are used as set
+
+
+def test_a_program_with_convolutions_keeps_the_library():
+    def conv_then_fc(x, k, w):
+        y = lax.conv_general_dilated(x, k, (1, 1), "SAME")
+        return y.reshape(y.shape[0], -1) @ w
+    text = _text(conv_then_fc, ((8, 4, 16, 16), jnp.float32), ((8, 4, 1, 1), jnp.float32),
+                 ((8 * 16 * 16, 1024), jnp.float32))
+    assert [d.rows for d in dot_shapes(text)] == [8]
+    assert not prefers_xla_loops(text)
