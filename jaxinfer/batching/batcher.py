@@ -9,7 +9,8 @@ then looks at the queue and dispatches a batch when
   bucket > the oldest's arrival + ``sla_ms`` (so it sends 2 at 80 ms rather than
   wait for a 4th and finish at 120 ms), or
 * the oldest has waited ``max_queue_delay_ms``, or
-* the device is idle (no batch in flight): waiting would only add latency, or
+* the device is idle (no batch in flight) and as many rows wait as the batch that just
+  finished had (its callers tend to send again at once; a lone request runs at once), or
 * the batcher is draining on stop.
 
 While a batch runs, requests gather; when it completes the next batch takes them all.
@@ -209,6 +210,7 @@ class DynamicBatcher:
         self.on_batch = on_batch
         self._pending: deque[_Item] = deque()
         self._next_deadline = math.inf  # <= the earliest deadline in _pending (stale-low after takes)
+        self._last_rows, self._last_done_at = 0, -math.inf  # the last completed batch (see _expected)
         self._cond = threading.Condition()
         self._slots = threading.Semaphore(self.config.max_in_flight)
         self._done_q: queue.Queue = queue.Queue()
@@ -327,6 +329,13 @@ class DynamicBatcher:
             self._cap_value, self._cap_at = self.latency.useful_batch(buckets), now
         return self._cap_value
 
+    def _expected(self, oldest: _Item, cap: int) -> int:
+        """Rows worth waiting for on an idle device: the last batch's, when the oldest request came
+        within max_queue_delay of that batch's completion (1 otherwise: run at once)."""
+        if oldest.arrival - self._last_done_at > self.config.max_queue_delay_ms / 1000.0:
+            return 1
+        return max(1, min(self._last_rows, cap))
+
     def _take(self, now: float) -> tuple[list[_Item], float | None]:
         """Items to dispatch now, or ([], the time to look again). Caller holds the lock."""
         pending = self._pending
@@ -354,9 +363,12 @@ class DynamicBatcher:
         cfg = self.config
         delay_at = oldest.arrival + cfg.max_queue_delay_ms / 1000.0
         wake = delay_at
-        # an idle device runs at once (waiting only adds latency); while a batch is in flight,
-        # requests gather for up to max_queue_delay, or until it completes and the device is idle
-        due = full or self._stopping or now >= delay_at or self.in_flight == 0
+        # an idle device runs at once (waiting only adds latency) unless the batch that just finished
+        # says more requests are on their way: its callers, answered, tend to send again (a closed
+        # loop), so up to that many rows gather for at most max_queue_delay. While a batch is in
+        # flight, requests gather for up to max_queue_delay, or until it completes.
+        idle_due = self.in_flight == 0 and rows >= self._expected(oldest, cap)
+        due = full or self._stopping or now >= delay_at or idle_due
         if not due and cfg.sla_ms is not None:
             policy = self.model.policy
             nxt = policy.batch_bucket(min(rows + 1, policy.max_batch))
@@ -435,6 +447,8 @@ class DynamicBatcher:
             last_done = done
             with self._cond:
                 self.in_flight -= 1
+                if error is None:
+                    self._last_rows, self._last_done_at = batch.rows, time.monotonic()
                 self._cond.notify()  # an idle device: the loop may dispatch what is waiting
             self._slots.release()
             if error is None:

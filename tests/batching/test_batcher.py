@@ -181,6 +181,31 @@ def test_cancelled_requests_are_skipped_not_run(bucketed):
     assert more[0].result(0)["y"].shape == (1, 4)
 
 
+def test_idle_device_waits_for_as_many_rows_as_the_last_batch(bucketed):
+    """Callers of a batch that just finished tend to send again at once: an idle device gathers up to
+    that many rows for at most max_queue_delay; a lone request after a quiet spell runs at once."""
+    _, bm, timings = bucketed
+    reports = []
+    b = DynamicBatcher(bm, LatencyModel(timings), BatcherConfig(max_queue_delay_ms=300, max_in_flight=1),
+                       on_batch=reports.append)
+    with b:
+        t = time.perf_counter()
+        b.submit({"x": np.ones((4, 8), np.float32)}).result(5)  # nothing ran before: at once
+        assert time.perf_counter() - t < 0.25
+        futs = []
+        for _ in range(3):  # the last batch had 4 rows: these gather into one batch
+            futs.append(b.submit({"x": np.ones((1, 8), np.float32)}))
+            time.sleep(0.03)
+        for f in futs:
+            assert f.result(5)["y"].shape == (1, 4)
+        assert [r.rows for r in reports] == [4, 3]
+        time.sleep(0.4)  # a quiet spell longer than max_queue_delay
+        t = time.perf_counter()
+        b.submit({"x": np.ones((1, 8), np.float32)}).result(5)
+        assert time.perf_counter() - t < 0.25
+        assert [r.rows for r in reports] == [4, 3, 1]
+
+
 def test_sla_dispatches_early(bucketed):
     """With a slow bucket-4 latency estimate, waiting for more would miss the SLA: send 1 at once."""
     _, bm, _ = bucketed
