@@ -168,8 +168,8 @@ def default_compiler_options() -> dict[str, str]:
 
 
 def options_for(lowered: Any, options: Mapping[str, Any]) -> dict[str, Any]:
-    """``options`` for this program: the default's library dots are turned off where every dot has
-    few rows and one streams a big weight (:func:`jaxinfer.xla_dots.prefers_xla_loops`)."""
+    """``options`` for this program: the default's library dots are turned off in a program without
+    convolutions whose dots all have few rows, one streaming a big weight (:func:`jaxinfer.xla_dots.prefers_xla_loops`)."""
     if options.get(YNN_FUSION_FLAG) == YNN_FUSION_TYPES and xla_dots.prefers_xla_loops(lowered.as_text()):
         return {**options, YNN_FUSION_FLAG: TUNE_CANDIDATES["none"][YNN_FUSION_FLAG]}
     return dict(options)
