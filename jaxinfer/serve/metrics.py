@@ -109,8 +109,9 @@ class Metrics:
         self.batch_size.labels(model, version).observe(report.rows)
         self.batch_size_current.labels(model, version).set(report.rows)
         self.padding_ratio.labels(model, version).observe(report.padding_ratio)
+        queue = self.queue_duration.labels(model, version)  # one lookup per batch, not per request
         for q in report.queue_s:
-            self.queue_duration.labels(model, version).observe(q)
+            queue.observe(q)
 
     def quantiles(self) -> dict[tuple[str, str], dict[float, float]]:
         with self._lock:
