@@ -118,3 +118,51 @@ def test_generate_builds_and_closes_its_own_decoder(decoders):
 def test_generate_from_a_path():
     path = fixture_path("llama_tiny.onnx")
     assert jaxinfer.generate(path, PROMPTS[0], 12) == ort_greedy(path, PROMPTS[0], 12)
+
+
+def _wide_gqa_decoder() -> onnx.ModelProto:
+    """A one-layer Llama-style decoder whose MLP weights (2048 x 512) are big enough for the few-row rule."""
+    from tests.fixtures.decoders.make_decoders import VOCAB, gqa_graph
+
+    hidden, heads, kv_heads, inter = 512, 8, 2, 2048
+    head_dim = hidden // heads
+    rng = np.random.default_rng(0)
+
+    def r(*shape):
+        return (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+
+    p = "model.layers.0."
+    w = {"model.embed_tokens.weight": r(VOCAB, hidden), "model.norm.weight": np.ones(hidden, np.float32),
+         "lm_head.weight": r(VOCAB, hidden), p + "input_layernorm.weight": np.ones(hidden, np.float32),
+         p + "post_attention_layernorm.weight": np.ones(hidden, np.float32),
+         p + "self_attn.q_proj.weight": r(hidden, hidden), p + "self_attn.k_proj.weight": r(kv_heads * head_dim, hidden),
+         p + "self_attn.v_proj.weight": r(kv_heads * head_dim, hidden), p + "self_attn.o_proj.weight": r(hidden, hidden),
+         p + "mlp.gate_proj.weight": r(inter, hidden), p + "mlp.up_proj.weight": r(inter, hidden),
+         p + "mlp.down_proj.weight": r(hidden, inter)}
+    return gqa_graph(w, n_layers=1, num_heads=heads, kv_heads=kv_heads, eps=1e-5, theta=10000.0)
+
+
+def test_decode_steps_take_the_few_row_rule(monkeypatch):
+    """Decode steps and short prefills (few rows through 1M-element weights) compile their dots in XLA's
+    own loops, long prefills keep the library (jaxinfer.xla_dots); the tokens are the same either way."""
+    from jaxinfer import model as model_mod
+    from jaxinfer.generation import decoder as decoder_mod
+
+    proto = _wide_gqa_decoder()
+    real = model_mod.options_for
+    chosen: list[dict] = []
+    monkeypatch.setattr(decoder_mod, "options_for", lambda low, opts: chosen.append(real(low, opts)) or chosen[-1])
+    dec = Decoder(jaxinfer.load(proto), slots=4, max_len=64, prefill_buckets=[8, 64])
+    dec.warmup()
+    if model_mod._options_apply():
+        flag = model_mod.YNN_FUSION_FLAG
+        assert [c[flag] for c in chosen] == ["", model_mod.YNN_FUSION_TYPES, ""]  # prefill 8, prefill 64, decode
+    monkeypatch.setattr(decoder_mod, "options_for", lambda low, opts: dict(opts))  # the library everywhere
+    plain = Decoder(jaxinfer.load(proto), slots=4, max_len=64, prefill_buckets=[8, 64])
+    params = SamplingParams()
+    for d in (dec, plain):
+        for slot, prompt in enumerate(([5, 17, 300], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10])):
+            d.prefill(slot, prompt, params)
+    tokens, lens = np.array([7, 9, 0, 0], np.int32), np.array([3, 10, 0, 0], np.int32)
+    sampling = SlotSampling.empty(4)
+    np.testing.assert_array_equal(dec.decode(tokens, lens, sampling), plain.decode(tokens, lens, sampling))
