@@ -3,10 +3,10 @@
 XLA CPU runs a float32 dot either through its kernel library (YNNPACK) or in loops it emits
 itself. Measured here: when every dot of a program has few rows and one of them streams a
 large weight, XLA's loops are faster (a 512-2048-2048-512 MLP: batch 8 4.5 -> 2.1 ms, batch 32
-9.5 -> 6.0 ms; the d1024 encoder at 1x8 tokens 36 -> 22 ms); at 128+ rows the library wins
-(~1.5x), integer dots need it (XLA's own s8 dot is ~10x slower), so do the dots XLA makes of
-convolutions, and tiny dots do not care.
-:func:`prefers_xla_loops` encodes that rule; :meth:`jaxinfer.Model` applies it to its default options.
+9.5 -> 6.0 ms; the d1024 encoder at 1x8 tokens 36 -> 22 ms); from ~64 rows the two tie or the
+library wins, integer dots need it (XLA's own s8 dot is ~10x slower), so do the dots XLA makes of
+convolutions, and tiny dots do not care. :func:`prefers_xla_loops` encodes that rule;
+``jaxinfer.model.options_for`` applies it to the default options of a Model's and a Decoder's programs.
 """
 
 from __future__ import annotations
@@ -74,8 +74,11 @@ def prefers_xla_loops(text: str) -> bool:
     the loops ResNet-50 at batch 8 ran 613 -> 920 ms, AlexNet 125 -> 228 ms)."""
     if "stablehlo.convolution" in text:
         return False
+    dots = list(dot_shapes(text))
+    if len(dots) != text.count("stablehlo.dot"):  # a dot whose types the pattern does not read
+        return False
     big = False
-    for d in dot_shapes(text):
+    for d in dots:
         if d is None or d.dtype not in _FLOATS or d.rows > FEW_ROWS:
             return False
         big = big or d.weight >= BIG_WEIGHT

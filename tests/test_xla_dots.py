@@ -86,3 +86,10 @@ def test_a_program_with_convolutions_keeps_the_library():
                  ((8 * 16 * 16, 1024), jnp.float32))
     assert [d.rows for d in dot_shapes(text)] == [8]
     assert not prefers_xla_loops(text)
+
+
+def test_a_dot_it_cannot_read_keeps_the_library():
+    text = _text(lambda x, w: x @ w, ((8, 1024), jnp.float32), ((1024, 1024), jnp.float32))
+    assert prefers_xla_loops(text)
+    odd = text + "\n    %9 = stablehlo.dot_general %a, %b : (tensor<8x4xcomplex<f32>>, tensor<4x4xcomplex<f32>>) -> x\n"
+    assert not prefers_xla_loops(odd)
