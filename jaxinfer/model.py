@@ -339,7 +339,7 @@ class Model:
                 outs, new_state = fn(params, state, {**inputs, **static})
                 return split_host(outs), new_state
 
-            exe = self._compile_lowered(jax.jit(call).lower(self.params, self.state, dynamic))
+            exe = self.compile_lowered(jax.jit(call).lower(self.params, self.state, dynamic))
         else:
             def call(params: Any, inputs: Any) -> Any:  # type: ignore[misc]
                 stats.traces += 1
@@ -352,10 +352,10 @@ class Model:
                 self.stats.tuned[key] = choice
             elif not static and aot.export_dir() is not None:  # a warm process skips tracing (see aot.py)
                 digest = aot.program_digest(self.graph, self._constants, (self.params, dynamic), self.compiler_options)
-                exe = aot.compile_exported(call, (self.params, dynamic), digest, self._compile_lowered,
+                exe = aot.compile_exported(call, (self.params, dynamic), digest, self.compile_lowered,
                                            may_save=lambda: not host_outputs)
             if exe is None:
-                exe = self._compile_lowered(jax.jit(call).lower(self.params, dynamic))
+                exe = self.compile_lowered(jax.jit(call).lower(self.params, dynamic))
         if host_outputs:
             exe = _WithHostOutputs(exe, host_outputs, self.stateful)
         with self._lock:
@@ -364,8 +364,9 @@ class Model:
         self.stats.keys.append(key)
         return exe
 
-    def _compile_lowered(self, lowered: Any) -> Any:
-        """Compile a lowered program with :attr:`compiler_options` as :func:`options_for` adapts them."""
+    def compile_lowered(self, lowered: Any) -> Any:
+        """Compile a lowered program with :attr:`compiler_options` as :func:`options_for` adapts them
+        (the Decoder compiles its prefill and decode programs of this model through it too)."""
         return lowered.compile(options_for(lowered, self.compiler_options) or None)
 
     def warmup(self, feeds: Mapping[str, Any]) -> None:

@@ -6,7 +6,8 @@ large weight, XLA's loops are faster (a 512-2048-2048-512 MLP: batch 8 4.5 -> 2.
 9.5 -> 6.0 ms; the d1024 encoder at 1x8 tokens 36 -> 22 ms); from ~64 rows the two tie or the
 library wins, integer dots need it (XLA's own s8 dot is ~10x slower), so do the dots XLA makes of
 convolutions, and tiny dots do not care. :func:`prefers_xla_loops` encodes that rule;
-``jaxinfer.model.options_for`` applies it to the default options of a Model's and a Decoder's programs.
+``Model.compile_lowered`` applies it (through ``options_for``) to the default options of a Model's and a
+Decoder's programs.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import numpy as np
 from jax import lax
 
 from ..errors import InputError
-from ..model import Model, options_for
+from ..model import Model
 from . import cache as kv
 from .layout import DecoderLayout, recognise_layout
 from .sampling import SamplingParams, request_key, sample
@@ -256,9 +256,9 @@ class Decoder:
             fn, args, counter = self._prefill_fn(key[1]), self._prefill_abstract_args(key[1]), "prefill_compiles"
         else:
             fn, args, counter = self._decode_fn(), self._decode_abstract_args(), "decode_compiles"
+        # the model's options and its few-row rule (a decode step is few rows through every weight)
         lowered = jax.jit(fn, donate_argnums=(1,)).lower(self.model.params, abstract_cache, *args)
-        # a decode step is few rows through every weight: the model's few-row rule applies (xla_dots)
-        exe = lowered.compile(options_for(lowered, getattr(self.model, "compiler_options", None) or {}) or None)
+        exe = self.model.compile_lowered(lowered)
         self._exes[key] = exe
         self.stats[counter] += 1
         self.stats["compile_seconds"] += time.perf_counter() - start

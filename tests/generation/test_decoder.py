@@ -146,18 +146,17 @@ def test_decode_steps_take_the_few_row_rule(monkeypatch):
     """Decode steps and short prefills (few rows through 1M-element weights) compile their dots in XLA's
     own loops, long prefills keep the library (jaxinfer.xla_dots); the tokens are the same either way."""
     from jaxinfer import model as model_mod
-    from jaxinfer.generation import decoder as decoder_mod
 
     proto = _wide_gqa_decoder()
     real = model_mod.options_for
     chosen: list[dict] = []
-    monkeypatch.setattr(decoder_mod, "options_for", lambda low, opts: chosen.append(real(low, opts)) or chosen[-1])
+    monkeypatch.setattr(model_mod, "options_for", lambda low, opts: chosen.append(real(low, opts)) or chosen[-1])
     dec = Decoder(jaxinfer.load(proto), slots=4, max_len=64, prefill_buckets=[8, 64])
     dec.warmup()
     if model_mod._options_apply():
         flag = model_mod.YNN_FUSION_FLAG
         assert [c[flag] for c in chosen] == ["", model_mod.YNN_FUSION_TYPES, ""]  # prefill 8, prefill 64, decode
-    monkeypatch.setattr(decoder_mod, "options_for", lambda low, opts: dict(opts))  # the library everywhere
+    monkeypatch.setattr(model_mod, "options_for", lambda low, opts: dict(opts))  # the library everywhere
     plain = Decoder(jaxinfer.load(proto), slots=4, max_len=64, prefill_buckets=[8, 64])
     params = SamplingParams()
     for d in (dec, plain):
