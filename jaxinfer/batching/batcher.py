@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import JaxinferError
+from ..errors import InputError, JaxinferError
 from .buckets import Batch, BucketedModel, Prepared, merge_rows
 
 log = logging.getLogger("jaxinfer.batching")
@@ -273,6 +273,11 @@ class DynamicBatcher:
         """
         prepared = feeds if isinstance(feeds, Prepared) else self.model.prepare(feeds)
         parts = self.model.split(prepared)
+        if len(parts) > self.config.queue_size:  # could never be queued: retrying would not help
+            raise InputError(f"request to '{self.name}' splits into {len(parts)} batches of at most "
+                             f"{self.model.policy.max_batch} rows, more than the queue holds ({self.config.queue_size}); "
+                             f"send at most {self.config.queue_size * self.model.policy.max_batch} rows per request "
+                             "or raise queue_size")
         ticket = _Ticket(len(parts), self.model.batched_outputs)
         now = time.monotonic()
         if timeout_s is None and self.config.timeout_ms is not None:

@@ -327,6 +327,9 @@ class BucketedModel:
                     raise InputError(f"input '{s.name}' has batch {arr.shape[0]} but another input has {rows}")
             for axis, d in enumerate(s.shape or ()):
                 if axis > 0 and isinstance(d, str) and d in self.policy.dims:
+                    if arr.shape[axis] == 0:  # padding it would make up a whole bucket of padding
+                        raise InputError(f"input '{s.name}': dim '{d}' (axis {axis}) is 0; a bucketed dim "
+                                         "needs at least 1 element")
                     sizes[d] = arr.shape[axis]
             ordered[s.name] = arr
         if rows == 0:

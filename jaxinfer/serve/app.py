@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import time
 import zlib
@@ -19,7 +20,7 @@ from typing import Any
 
 import anyio
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -36,6 +37,13 @@ HEADER_KEY = HEADER.lower()
 
 #: Bodies above this many bytes are decoded/encoded in a worker thread, off the event loop.
 OFFLOAD_BYTES = 64 * 1024
+
+
+class ClientGone(ProtocolError):
+    """The client closed its connection before its answer was ready; counted as nginx's 499."""
+
+    def __init__(self) -> None:
+        super().__init__("client closed the connection before the answer was ready", 499)
 
 
 def status_of(exc: BaseException) -> int:
@@ -307,6 +315,12 @@ class InferFastPath:
         self.app, self.state = app, state
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        raw_path = (scope.get("raw_path") or b"") if scope["type"] == "http" else b""
+        if b"%2f" in raw_path.lower():  # an encoded '/' would split a model name into path segments
+            name = raw_path.decode("latin-1")
+            await JSONResponse({"error": f"no route {scope['method']} {name}: a model name or version cannot "
+                                         "contain '/'"}, status_code=404)(scope, receive, send)
+            return
         if scope["type"] == "http" and scope["method"] == "POST":
             match = _INFER_PATH.fullmatch(scope["path"])
             if match is not None:
@@ -382,13 +396,20 @@ def build_app(state: ServerState) -> Starlette:
         return Response(payload, status_code=status, media_type=media, headers=headers)
 
     async def repo_index(request: Request) -> Response:
-        body = await request.body()
+        try:
+            body = await read_body(request, state.max_body_bytes)
+        except ProtocolError as e:
+            return error(e)
+        except ClientDisconnect:
+            return Response(status_code=400)  # nobody is left to read it
         ready_only = False
         if body.strip():
             try:
-                ready_only = bool(json.loads(body).get("ready", False))
-            except (json.JSONDecodeError, AttributeError):
+                ready_only = json.loads(body).get("ready", False)
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, AttributeError):
                 return error("repository index body must be a JSON object like {\"ready\": true}", 400)
+            if not isinstance(ready_only, bool):
+                return error(f"repository index 'ready' must be true or false, got {ready_only!r}", 400)
         return JSONResponse(repo.index(ready_only))
 
     async def repo_load(request: Request) -> Response:
@@ -445,6 +466,6 @@ def _timeout_of(params: dict[str, Any]) -> float | None:
         value, scale = params["timeout"], 1e-6
     else:
         return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise ProtocolError(f"timeout parameter must be a positive number, got {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ProtocolError(f"timeout parameter must be a positive finite number, got {value!r}")
     return float(value) * scale

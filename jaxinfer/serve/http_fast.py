@@ -27,6 +27,7 @@ from typing import Any
 from .app import (
     _INFER_PATH,
     OFFLOAD_BYTES,
+    ClientGone,
     InferCall,
     ServerState,
     answer,
@@ -135,6 +136,7 @@ class InferProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
             body = decode_body(cycle.headers, bytes(cycle.body), state.max_body_bytes)
             if len(body) > OFFLOAD_BYTES:  # decode it in a worker thread: the coroutine path
                 cycle.task = self.loop.create_task(self._answer_later(cycle, body))
+                cycle.task.add_done_callback(lambda t: self._after_decode(cycle, t))
                 return
             begin_infer(state, call, cycle.headers, body)
         except Exception as exc:  # noqa: BLE001  (every failure answers {"error": ...})
@@ -146,8 +148,11 @@ class InferProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
 
     def connection_lost(self, exc: Exception | None) -> None:
         cycle = self.cycle
-        if isinstance(cycle, _FastCycle) and not cycle.response_complete and cycle.call.future is not None:
-            cycle.call.future.cancel()  # nobody will read the answer: the batcher drops it if still queued
+        if isinstance(cycle, _FastCycle) and not cycle.response_complete:
+            if cycle.call.future is not None:
+                cycle.call.future.cancel()  # nobody will read the answer: the batcher drops it if still queued
+            elif cycle.task is not None:
+                cycle.task.cancel()  # still decoding in a worker thread: _after_decode drops it after
         super().connection_lost(exc)
 
     # ------------------------------------------------------------------ the fast path
@@ -160,13 +165,12 @@ class InferProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
         if self.parser.should_upgrade():
             return None
         path = httptools.parse_url(self.url).path.decode("latin-1")
-        if "%" in path:
-            path = urllib.parse.unquote(path)
-        match = _INFER_PATH.fullmatch(path)
+        match = _INFER_PATH.fullmatch(path)  # on the encoded path: an encoded '/' stays inside its segment
         if match is None:
             return None
+        model, version = (None if g is None else urllib.parse.unquote(g) for g in match.groups())
         keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
-        cycle = _FastCycle(InferCall(match[1], match[2]), keep_alive)
+        cycle = _FastCycle(InferCall(model, version), keep_alive)
         cycle.headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.headers}
         return cycle
 
@@ -186,7 +190,7 @@ class InferProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
         fut: Future = call.future  # type: ignore[assignment]
         try:
             if fut.cancelled():
-                raise ProtocolError("request was cancelled", 503)
+                raise ClientGone() if cycle.disconnected else ProtocolError("request was cancelled", 503)
             chosen = chosen_outputs(call, fut.result())
             if big_reply(chosen):  # encode it in a worker thread
                 cycle.task = self.loop.create_task(self._encode_later(cycle, chosen))
@@ -203,6 +207,14 @@ class InferProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
 
     async def _answer_later(self, cycle: _FastCycle, body: bytes) -> None:
         self._answer(cycle, *await answer(self.jx_state, cycle.call, cycle.headers, body))
+
+    def _after_decode(self, cycle: _FastCycle, task: asyncio.Task) -> None:
+        """A decode task cancelled because the client went away (:meth:`connection_lost`), maybe before it
+        started: drop the request if it got queued, and count it (the answer is not written)."""
+        if task.cancelled():
+            if cycle.call.future is not None:
+                cycle.call.future.cancel()
+            self._answer(cycle, *failure_reply(self.jx_state, cycle.call, ClientGone()))
 
     async def _encode_later(self, cycle: _FastCycle, chosen: list[tuple[str, Any, bool]]) -> None:
         try:

@@ -82,14 +82,33 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
+#: Largest rank and dim a request may declare (numpy holds at most 64 dims; no model here has more than a few).
+MAX_RANK = 32
+MAX_ELEMENTS = 2**31 - 1
+
+
 def _shape(value: Any, where: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in value):
         raise ProtocolError(f"{where}: 'shape' must be a list of non-negative integers, got {value!r}")
+    if len(value) > MAX_RANK:
+        raise ProtocolError(f"{where}: 'shape' has {len(value)} dims; at most {MAX_RANK} are accepted")
+    if math.prod(d for d in value if d) > MAX_ELEMENTS:
+        raise ProtocolError(f"{where}: 'shape' {value} is too large; a tensor holds at most {MAX_ELEMENTS} elements")
     return tuple(value)
 
 
+def _flag(value: Any, where: str) -> bool:
+    """A boolean parameter, which must be JSON true/false (``"false"`` would read as true)."""
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{where} must be true or false, got {value!r}")
+    return value
+
+
 def _decode_bytes_elements(raw: bytes, count: int, where: str) -> np.ndarray:
+    if 4 * count > len(raw):  # checked before allocating: each element has a 4-byte length
+        raise ProtocolError(f"{where}: {count} BYTES elements need at least {4 * count} bytes "
+                            f"(a 4-byte length each), binary_data_size is {len(raw)}")
     out = np.empty(count, dtype=object)
     pos = 0
     for i in range(count):
@@ -109,20 +128,29 @@ def _decode_bytes_elements(raw: bytes, count: int, where: str) -> np.ndarray:
 def _json_tensor(data: Any, shape: tuple[int, ...], dtype: np.dtype, where: str) -> np.ndarray:
     count = math.prod(shape)
     if dtype == np.dtype(object):
-        flat = np.asarray(data, dtype=object).reshape(-1)
+        try:
+            flat = np.asarray(data, dtype=object).reshape(-1)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise ProtocolError(f"{where}: BYTES 'data' must be a (nested) list of strings: {e}") from None
         if flat.size != count:
             raise ProtocolError(f"{where}: shape {list(shape)} needs {count} elements, 'data' has {flat.size}")
         return np.array([s.encode() if isinstance(s, str) else s for s in flat], dtype=object).reshape(shape)
     try:
-        arr = np.asarray(data, dtype=dtype if dtype.kind != "b" else None)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise ProtocolError(f"{where}: 'data' does not hold {datatype_of(dtype)} values: {e}") from None
-    if arr.dtype == np.dtype(object) or arr.dtype.kind in "SU":
-        raise ProtocolError(f"{where}: 'data' must be a (nested) list of numbers, got ragged or string values")
-    if dtype.kind == "b":
-        if arr.size and arr.dtype.kind != "b":
-            raise ProtocolError(f"{where}: BOOL data must be true/false, got {arr.dtype.name} values")
-        arr = arr.astype(np.bool_)
+        raw = np.asarray(data)
+    except (TypeError, ValueError, OverflowError, RecursionError) as e:
+        raise ProtocolError(f"{where}: 'data' must be a (nested) list of numbers: {e}") from None
+    if raw.dtype == np.dtype(object) or raw.dtype.kind not in "biuf":
+        raise ProtocolError(f"{where}: 'data' must be a (nested) list of {datatype_of(dtype)} numbers; got "
+                            "ragged, string, null or out-of-range values")
+    want = {"b": "b", "i": "iu", "u": "iu"}.get(dtype.kind, "iuf")
+    if raw.size and raw.dtype.kind not in want:
+        kind = {"b": "true/false", "f": "fractional numbers"}.get(raw.dtype.kind, "integers")
+        raise ProtocolError(f"{where}: {datatype_of(dtype)} data cannot hold {kind} ({raw.dtype.name} values)")
+    if dtype.kind in "iu" and raw.size:
+        info = np.iinfo(dtype)
+        if raw.min() < info.min or raw.max() > info.max:
+            raise ProtocolError(f"{where}: values outside {datatype_of(dtype)}'s range [{info.min}, {info.max}]")
+    arr = raw.astype(dtype, copy=False)
     if arr.size != count:
         raise ProtocolError(f"{where}: shape {list(shape)} needs {count} elements, 'data' has {arr.size}")
     return arr.reshape(shape)
@@ -138,7 +166,7 @@ def decode_infer(body: bytes, header_length: int | None) -> InferRequest:
         head, rest = body, memoryview(b"")
     try:
         req = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ProtocolError(f"request body is not valid JSON: {e}") from None
     if not isinstance(req, dict):
         raise ProtocolError(f"request must be a JSON object, got {type(req).__name__}")
@@ -191,7 +219,7 @@ def decode_infer(body: bytes, header_length: int | None) -> InferRequest:
         inputs[name] = arr
     if offset != len(rest):
         raise ProtocolError(f"body has {len(rest) - offset} bytes of binary data no input claims")
-    binary_default = bool(params.get("binary_data_output", False))
+    binary_default = _flag(params.get("binary_data_output", False), "parameters.binary_data_output")
     outputs = None
     if req.get("outputs") is not None:
         if not isinstance(req["outputs"], list):
@@ -201,7 +229,10 @@ def decode_infer(body: bytes, header_length: int | None) -> InferRequest:
             if not isinstance(o, dict) or not isinstance(o.get("name"), str):
                 raise ProtocolError(f"outputs[{i}] must be an object with a string 'name'")
             op = o.get("parameters") or {}
-            outputs.append(RequestedOutput(o["name"], bool(op.get("binary_data", binary_default))))
+            if not isinstance(op, dict):
+                raise ProtocolError(f"outputs[{i}]: 'parameters' must be an object, got {op!r}")
+            binary = _flag(op.get("binary_data", binary_default), f"outputs[{i}].parameters.binary_data")
+            outputs.append(RequestedOutput(o["name"], binary))
     return InferRequest(req_id, inputs, outputs, binary_default, params)
 
 

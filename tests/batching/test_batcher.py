@@ -83,6 +83,16 @@ def test_oversize_request_is_split(bucketed):
     np.testing.assert_allclose(out["z"], mlp_reference(proto, x)["z"], rtol=1e-5, atol=1e-5)
 
 
+def test_request_that_can_never_fit_the_queue_is_a_400_not_a_429(bucketed):
+    """Split into more parts than queue_size, a request could never be queued: retrying would not help."""
+    _, bm, timings = bucketed
+    with DynamicBatcher(bm, LatencyModel(timings), BatcherConfig(queue_size=2)) as b:
+        x = np.ones((24, 8), np.float32)  # 3 parts of max_batch 8
+        with pytest.raises(jaxinfer.InputError, match="splits into 3 batches .* at most 16 rows"):
+            b.submit({"x": x})
+        assert b.submit({"x": x[:16]}).result(10)["z"].shape[0] == 16
+
+
 def test_full_queue_refuses_at_once(bucketed):
     _, bm, timings = bucketed
     b = DynamicBatcher(bm, LatencyModel(timings), BatcherConfig(queue_size=2, max_queue_delay_ms=200,

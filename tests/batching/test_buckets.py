@@ -57,6 +57,8 @@ def test_dim_buckets_pad_and_slice_back():
     assert bm.compiles == 4
     with pytest.raises(jaxinfer.InputError, match="exceeds the largest configured bucket"):
         bm.prepare({"x": np.ones((1, 9, 4), np.float32)})
+    with pytest.raises(jaxinfer.InputError, match="dim 'seq' .* is 0"):  # not a made-up bucket of padding
+        bm.prepare({"x": np.ones((1, 0, 4), np.float32)})
 
 
 def test_dynamic_dim_without_bucket_is_a_clear_error():

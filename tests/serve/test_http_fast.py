@@ -139,6 +139,39 @@ def test_client_gone_mid_request_leaves_the_server_healthy(server):
     assert server.state.in_progress == 0
 
 
+def _status_count(server, status: str) -> float:
+    """``jaxinfer_requests_total`` of the mlp model for one status, summed over versions."""
+    total = 0.0
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith("jaxinfer_requests_total{") and 'model="mlp"' in line and f'status="{status}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_client_gone_during_a_big_decode_is_dropped_and_counted_499(server, monkeypatch):
+    """A body decoded in a worker thread whose client leaves: the request is dropped, counted as 499
+    (not 200), and nothing is left in progress."""
+    from jaxinfer.serve import app
+
+    begin = app.begin_infer
+    monkeypatch.setattr(app, "begin_infer", lambda *a: (time.sleep(0.3), begin(*a))[1])  # a slow decode
+    x = np.zeros((3000, 8), np.float32)
+    body = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]}).encode()
+    assert len(body) > app.OFFLOAD_BYTES
+    host, port = server.url.split("//", 1)[1].rsplit(":", 1)
+    gone, ok = _status_count(server, "499"), _status_count(server, "200")
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(_post("/v2/models/mlp/infer", body))
+    deadline = time.monotonic() + 10
+    while _status_count(server, "499") < gone + 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _status_count(server, "499") == gone + 3
+    assert _status_count(server, "200") == ok
+    assert server.state.in_progress == 0
+
+
 def test_big_bodies_and_replies_leave_the_event_loop(server, asgi_server, monkeypatch):
     """Bodies above OFFLOAD_BYTES are decoded, and JSON replies above it encoded, in a worker thread."""
     from jaxinfer.serve import app

@@ -25,6 +25,13 @@ def _binary(arr: np.ndarray, size: int | None = None, cut: int = 0, datatype: st
     return body, {HEADER: str(len(head)), "content-type": "application/octet-stream"}
 
 
+def _bytes_claim(count: int):
+    """A BYTES input whose shape claims ``count`` elements with 4 bytes of data."""
+    head = json.dumps({"inputs": [{"name": "x", "shape": [count], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": 4}}]}).encode()
+    return head + b"\0\0\0\0", {HEADER: str(len(head))}
+
+
 CASES = {
     "bad json": (b"{not json", {}, 400, "not valid JSON"),
     "not an object": (b"[1, 2]", {}, 400, "JSON object"),
@@ -35,7 +42,19 @@ CASES = {
     "wrong dtype": (json.dumps(_json(datatype="FP64")).encode(), {}, 400, "dtype"),
     "unknown datatype": (json.dumps(_json(datatype="FP128")).encode(), {}, 400, "unknown datatype"),
     "data count": (json.dumps(_json(data=[1.0, 2.0])).encode(), {}, 400, "needs 8 elements"),
-    "string data": (json.dumps(_json(data=["a"] * 8)).encode(), {}, 400, "does not hold FP32"),
+    "string data": (json.dumps(_json(data=["a"] * 8)).encode(), {}, 400, "list of FP32 numbers"),
+    "numbers as strings": (json.dumps(_json(data=["1.5"] * 8)).encode(), {}, 400, "list of FP32 numbers"),
+    "bool data": (json.dumps(_json(data=[True] * 8)).encode(), {}, 400, "cannot hold true/false"),
+    "deep nesting": (b'{"inputs": ' + b"[" * 100_000, {}, 400, "not valid JSON"),
+    "huge shape with a zero": (json.dumps(_json(shape=(0, 10**30), data=[])).encode(), {}, 400, "too large"),
+    "too many dims": (json.dumps(_json(shape=(1,) * 40, data=[0.5])).encode(), {}, 400, "at most 32"),
+    "BYTES count past the data": (*_bytes_claim(300_000_000), 400, "need at least 1200000000 bytes"),
+    "nan timeout": (json.dumps(_json(parameters={"timeout_ms": float("nan")})).encode(), {}, 400, "finite"),
+    "infinite timeout": (json.dumps(_json(parameters={"timeout": float("inf")})).encode(), {}, 400, "finite"),
+    "binary flag as string": (json.dumps(_json(parameters={"binary_data_output": "false"})).encode(), {}, 400,
+                              "true or false"),
+    "output parameters not an object": (json.dumps(_json(outputs=[{"name": "y", "parameters": [1]}])).encode(),
+                                        {}, 400, "must be an object"),
     "negative shape": (json.dumps(_json(shape=(-1, 8))).encode(), {}, 400, "non-negative"),
     "unknown output": (json.dumps(_json(outputs=[{"name": "nope"}])).encode(), {}, 400, "unknown requested output"),
     "byte size": (*_binary(np.ones((1, 8), np.float32), size=16), 400, "needs 32 bytes"),
@@ -103,3 +122,28 @@ def test_infer_path_with_other_methods(server):
     assert r.status_code == 405 and "no route GET" in r.json()["error"]
     r = httpx.post(f"{server.url}/v2/models/mlp/infer/extra", content=b"{}")
     assert r.status_code == 404 and "error" in r.json()
+
+
+def test_encoded_slash_is_not_a_path_separator(server):
+    """``cnn%2Fversions%2F1`` names a model with '/' in it (none exists), not version 1 of mlp."""
+    body = json.dumps(_json()).encode()
+    for path in ("/v2/models/mlp%2Fversions%2F1/infer", "/v2/models/mlp%2fversions%2f1"):
+        r = httpx.post(server.url + path, content=body) if path.endswith("infer") else httpx.get(server.url + path)
+        assert r.status_code == 404, (path, r.text)
+        assert "/" in r.json()["error"]
+
+
+def test_repository_index_body_is_checked(server):
+    url = f"{server.url}/v2/repository/index"
+    for body, message in ((b"\xff", "JSON object"), (b"[" * 100_000, "JSON object"),
+                          (b'{"ready": "no"}', "true or false")):
+        r = httpx.post(url, content=body)
+        assert r.status_code == 400 and message in r.json()["error"], r.text
+    limit = server.state.max_body_bytes
+    server.state.max_body_bytes = 1024
+    try:
+        r = httpx.post(url, content=b" " * 4096)
+        assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]
+    finally:
+        server.state.max_body_bytes = limit
+    assert httpx.post(url, json={"ready": True}).status_code == 200
