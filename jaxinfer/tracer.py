@@ -12,6 +12,7 @@ node, the slot and where the value came from.
 from __future__ import annotations
 
 import keyword
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +28,9 @@ Env = dict[str, Any]
 #: Outputs larger than this (elements) are not embedded as folded constants
 #: unless a later op needs their value at trace time.
 FOLD_LIMIT = 1 << 16
+#: No value may have more elements than this (4 TiB of float32): more is a corrupt or hostile shape,
+#: and XLA aborts the process on shapes whose element count overflows int64.
+MAX_ELEMENTS = 1 << 40
 
 
 def is_concrete(value: Any) -> bool:
@@ -188,6 +192,9 @@ def run_node(node: Node, env: Env, registry: Registry, opsets: Mapping[str, int]
 
     concrete = not opdef.random and all(is_concrete(a) for a in args)
     try:
+        if concrete and not opdef.host and any(opdef.is_static_slot(i) for i in range(len(args))):
+            # its output shape comes from input values: check it before anything is allocated
+            _check_sizes(node, _abstract(lambda: opdef.fn(*args, **kwargs)))
         if concrete:
             with jax.ensure_compile_time_eval():
                 result = opdef.fn(*args, **kwargs)
@@ -210,6 +217,7 @@ def run_node(node: Node, env: Env, registry: Registry, opsets: Mapping[str, int]
     except Exception as e:  # noqa: BLE001 - re-raised with the node named
         raise OpError(f"{node.op_type} node '{node.label}' failed: {type(e).__name__}: {e}") from e
 
+    _check_sizes(node, result)
     outputs = result if isinstance(result, tuple) else (result,)
     for i, name in enumerate(node.outputs):
         if not name:
@@ -217,6 +225,29 @@ def run_node(node: Node, env: Env, registry: Registry, opsets: Mapping[str, int]
         if i >= len(outputs):
             raise OpError(f"{node.op_type} node '{node.label}' produced {len(outputs)} outputs, graph wants output #{i} '{name}'")
         env[name] = outputs[i]
+
+
+def _abstract(fn: Callable[[], Any]) -> Any:
+    """``fn``'s output shapes without running it; None where it cannot be traced abstractly (an op that
+    reads values on the host), which the real evaluation then checks."""
+    try:
+        return jax.eval_shape(fn)
+    except Exception:  # noqa: BLE001 - the op itself runs next and reports its own errors
+        return None
+
+
+def _check_sizes(node: Node, result: Any) -> None:
+    """Raise OpError when an output of ``node`` (arrays or shape structs) has more than MAX_ELEMENTS."""
+    outputs = result if isinstance(result, tuple) else (result,)
+    for i, out in enumerate(outputs):
+        shape = getattr(out, "shape", None)
+        if shape is None or not all(isinstance(d, int) for d in shape):
+            continue
+        n = math.prod(shape)
+        if n > MAX_ELEMENTS:
+            name = node.outputs[i] if i < len(node.outputs) else f"#{i}"
+            raise OpError(f"{node.op_type} node '{node.label}': output '{name}' would have shape {list(shape)} "
+                          f"({n} elements); at most {MAX_ELEMENTS} are supported")
 
 
 def evaluate(graph: Graph, registry: Registry, env: Env, opsets: Mapping[str, int] | None = None,
