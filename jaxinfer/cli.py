@@ -20,6 +20,80 @@ from typing import Any
 
 import numpy as np
 
+from .errors import JaxinferError
+
+
+class CliError(JaxinferError):
+    """A command-line argument or a file it names cannot be used; ``main`` prints it and exits 2."""
+
+
+# --------------------------------------------------------------------------- argument types
+def positive_int(text: str) -> int:
+    """argparse ``type=``: an int >= 1 (batch sizes, device counts, run counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}; expected a positive integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive; expected an integer >= 1")
+    return value
+
+
+def batch_list(text: str) -> list[int]:
+    """argparse ``type=``: comma-separated positive batch sizes (``1,8``)."""
+    sizes = []
+    for item in str(text).split(","):
+        try:
+            sizes.append(positive_int(item.strip()))
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"invalid batch size {item!r} in {text!r}; expected comma-separated "
+                                             "positive integers like 1,8") from None
+    return sizes
+
+
+def non_negative_float(text: str) -> float:
+    """argparse ``type=``: a float >= 0 (seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; expected a number >= 0")
+    return value
+
+
+def _check_out_dir(path: str, flag: str) -> None:
+    """CliError when output directory ``path`` (given as ``flag``) is an existing non-directory."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise CliError(f"{flag} ({path}): an existing file, not a directory; expected a directory "
+                       "(created if missing)")
+
+
+def _read_npy(path: str | Path, what: str) -> np.ndarray:
+    """The array in .npy file ``path``; CliError naming ``what`` and the path when it is not one."""
+    from numpy.lib import format as npy_format
+
+    expected = "expected a numeric or bool array written by numpy.save"
+    try:
+        with open(path, "rb") as f:
+            try:
+                version = npy_format.read_magic(f)
+                readers = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
+                header = readers[version](f) if version in readers else None
+            except ValueError:
+                raise CliError(f"{what} ({path}): not a .npy file (no \\x93NUMPY header); {expected}") from None
+            if header is not None and header[2].hasobject:
+                raise CliError(f"{what} ({path}): holds a Python object array (dtype {header[2]}), which is never "
+                               f"unpickled; {expected}")
+            f.seek(0)
+            return np.load(f, allow_pickle=False)
+    except IsADirectoryError:
+        raise CliError(f"{what} ({path}): a directory; {expected}") from None
+    except OSError as e:
+        raise CliError(f"{what} ({path}): {e.strerror or e}; {expected}") from None
+    except ValueError as e:  # a valid header but truncated or inconsistent data
+        raise CliError(f"{what} ({path}): corrupt .npy file ({e}); {expected}") from None
+
 
 def resolve_model(path: str) -> str:
     """A path, or the name of a real model a dependency ships (``squeezenet``, ``resnet50``, ...)."""
@@ -41,6 +115,9 @@ def _load(path: str) -> Any:
 
 def _read_graph(path: Path) -> tuple[Any, Any]:
     """(graph, registry) of a model file, without building the Model."""
+    if not path.is_file():
+        state = "a directory" if path.is_dir() else "not found"
+        raise CliError(f"model file ({path}): {state}; expected an .onnx or .tflite file")
     with open(path, "rb") as f:
         head = f.read(8)
     if path.suffix.lower() == ".tflite" or head[4:8] == b"TFL3":
@@ -114,20 +191,23 @@ def _print_info(info: dict[str, Any], as_json: bool) -> None:
 
 
 def _parse_inputs(items: Sequence[str]) -> dict[str, np.ndarray]:
+    """``--input NAME=FILE.npy`` items as {name: array}; CliError naming the item or file that is wrong."""
     feeds = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"--input expects name=file.npy, got {item!r}")
+            raise CliError(f"--input expects NAME=FILE.npy, got {item!r}")
         name, file = item.split("=", 1)
-        feeds[name] = np.load(file, allow_pickle=False)
+        feeds[name] = _read_npy(file, f"--input {name}")
     return feeds
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .bench import dummy_inputs
 
-    model = _load(args.model)
+    if args.save:
+        _check_out_dir(args.save, "--save")
     feeds = _parse_inputs(args.input or [])
+    model = _load(args.model)
     given = set(feeds)
     missing = [s for s in model.inputs if s.name not in given]
     if missing:
@@ -149,12 +229,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_model(model: Any, label: str, batches: Sequence[int], runs: int, min_block_s: float) -> list[Any]:
+    """jaxinfer-only timing rows of a loaded ``model`` (TFLite, saved directories: no onnxruntime twin)."""
+    import time
+
+    from .bench import BenchRow, blocked, dummy_inputs
+
+    rows = []
+    for batch in batches:
+        feeds = dummy_inputs(model.inputs, batch)
+        t0 = time.perf_counter()
+        model.run(feeds)
+        compile_s = time.perf_counter() - t0
+        (ms,) = blocked([lambda: model.run(feeds)], runs, min_block_s=min_block_s)
+        rows.append(BenchRow(label, batch, ms, None, None, None, compile_s))
+    return rows
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    """Time the model at each ``--batch``: ONNX files against onnxruntime, other models jaxinfer alone."""
     from .bench import compare, geomean, table
 
-    batches = [int(b) for b in str(args.batch).split(",")]
-    rows = compare(resolve_model(args.model), batches, runs=args.runs, against=args.against,
-                   min_block_s=args.min_block_s)
+    batches = args.batch
+    path = resolve_model(args.model)
+    model = _load(args.model)  # a clean ModelLoadError for a missing or corrupt model, whatever its format
+    if model.graph.fmt == "onnx" and Path(path).is_file():
+        del model  # compare re-reads the proto, re-stamping a fixed batch dim per batch size
+        rows = compare(path, batches, runs=args.runs, against=args.against, min_block_s=args.min_block_s)
+    else:
+        if args.against:
+            print(f"note: --against {args.against} applies to .onnx files; timing jaxinfer alone on {path}",
+                  file=sys.stderr)
+        rows = _bench_model(model, Path(path).stem, batches, args.runs, args.min_block_s)
     dicts = [r.as_dict() for r in rows]
     print(table(dicts, ["model", "batch", "jaxinfer_ms", "onnxruntime_ms", "ratio", "max_abs_diff", "compile_s"]))
     ratios = [r.ratio for r in rows if r.ratio]
@@ -188,8 +294,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(f"jaxinfer: error: --method {args.method} needs --calibration DIR (activation scales / the accuracy "
               "budget are measured on it); see 'jaxinfer quantize --help' for the layout", file=sys.stderr)
         return 2
+    _check_out_dir(args.output, "-o/--output")
     model = _load(args.model)
-    data = read_npy_dir(args.calibration, [s.name for s in model.inputs]) if args.calibration else None
+    data = _read_calibration(args.calibration, [s.name for s in model.inputs]) if args.calibration else None
     budget = dict(_parse_budget(b) for b in args.budget or []) or None
     try:
         if args.prune:
@@ -215,6 +322,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_calibration(directory: str, input_names: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    """``read_npy_dir``, with a file that is not a numeric .npy array named in a CliError."""
+    from .quant.calibrate import CalibrationError, read_npy_dir
+
+    try:
+        return read_npy_dir(directory, input_names)
+    except CalibrationError:
+        raise
+    except (OSError, ValueError) as e:
+        root = Path(directory)
+        for file in sorted(root.glob("*.npy")) + sorted(root.glob("*/*.npy")):
+            _read_npy(file, "--calibration file")  # raises the CliError naming the bad file
+        raise CliError(f"--calibration ({directory}): cannot read the .npy files ({e})") from e
+
+
 def _parse_budget(item: str) -> tuple[str, float]:
     key, _, value = item.partition("=")
     try:
@@ -228,7 +350,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     import jax
 
-    devices = args.devices or len(jax.devices())
+    devices = args.devices if args.devices is not None else len(jax.devices())
     p = plan(_load(args.model), devices=devices, batch=args.batch, memory_limit=args.memory_limit)
     print(p.table())
     print(f"best: {p.best}")
@@ -250,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a model on .npy inputs (random ones where none are given)")
     run.add_argument("model", help="a model file, or a model a dependency ships: squeezenet, resnet50, ...")
     run.add_argument("--input", action="append", metavar="NAME=FILE.npy")
-    run.add_argument("--batch", type=int, default=None, help="batch size for random inputs with a symbolic batch dim")
+    run.add_argument("--batch", type=positive_int, default=None,
+                     help="batch size for random inputs with a symbolic batch dim")
     run.add_argument("--save", metavar="DIR", help="write each output as DIR/<name>.npy")
     run.set_defaults(func=cmd_run)
 
@@ -258,9 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="median latency vs onnxruntime, interleaved in one process")
     bench.add_argument("model")
-    bench.add_argument("--batch", default="1")
-    bench.add_argument("--runs", type=int, default=20)
-    bench.add_argument("--min-block-s", type=float, default=MIN_BLOCK_S,
+    bench.add_argument("--batch", type=batch_list, default=[1], metavar="N[,N...]",
+                       help="comma-separated batch sizes (default 1)")
+    bench.add_argument("--runs", type=positive_int, default=20)
+    bench.add_argument("--min-block-s", type=non_negative_float, default=MIN_BLOCK_S,
                        help="each engine's timing block lasts at least this long (more calls for fast models)")
     bench.add_argument("--against", choices=["onnxruntime", "none"], default="onnxruntime")
     bench.add_argument("--json", metavar="FILE")
@@ -296,9 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="rank data x tensor meshes for this model (compile, memory, timed run)")
     pl.add_argument("model")
-    pl.add_argument("--devices", type=int, default=None)
-    pl.add_argument("--batch", type=int, default=1)
-    pl.add_argument("--memory-limit", type=int, default=None, metavar="BYTES")
+    pl.add_argument("--devices", type=positive_int, default=None, help="default: every visible device")
+    pl.add_argument("--batch", type=positive_int, default=1)
+    pl.add_argument("--memory-limit", type=positive_int, default=None, metavar="BYTES")
     pl.add_argument("--json", metavar="FILE")
     pl.set_defaults(func=cmd_plan)
 
@@ -309,8 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .errors import JaxinferError
-
+    """Run the command ``argv`` names; a jaxinfer or file-system error prints ``jaxinfer: error: ...`` (exit 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:  # the serving command parses its own options
         try:
@@ -325,6 +448,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except JaxinferError as e:
         print(f"jaxinfer: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file the command reads or writes (--json FILE, an output directory, ...)
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"jaxinfer: error: {args.cmd}{where}: {e.strerror or e}", file=sys.stderr)
         return 2
 
 

@@ -8,6 +8,11 @@ A saved directory holds:
   quantization report if the model has one.
 * ``params/``: an orbax-checkpoint of the param leaves (int8 values, scales, bf16 ...),
   restored bit-identically, so a quantized or pruned model reloads without recalibration.
+  The manifest records each leaf's shape and dtype (``"leaves"``); loading checks the
+  restored leaves against it, so a ``params/`` that belongs to another model is refused.
+
+Loading a damaged directory raises :class:`ModelLoadError` naming the directory, what is
+missing or invalid, and what was expected (the original error is kept as context).
 """
 
 from __future__ import annotations
@@ -166,7 +171,74 @@ def _param_from(spec: Mapping[str, Any], leaves: Mapping[str, Any]) -> Any:
     return leaves[spec["leaf"]]
 
 
+def _spec_leaves(name: str, spec: Any) -> list[str]:
+    """The leaf names param ``name``'s spec reads; ModelLoadError when the spec is malformed."""
+    expected = ("expected {'kind': 'array', 'leaf': ...}, {'kind': 'qarray', 'qvalue': ..., 'scale': ...} "
+                "or {'kind': 'w8a8', 'w': {...}}")
+    if not isinstance(spec, Mapping):
+        raise ModelLoadError(f"param '{name}' spec is {type(spec).__name__}; {expected}")
+    kind = spec.get("kind")
+    if kind == "array":
+        keys: list[Any] = [spec.get("leaf")]
+    elif kind == "qarray":
+        keys = [spec.get("qvalue"), spec.get("scale")] + ([spec["zero_point"]] if spec.get("zero_point") else [])
+    elif kind == "w8a8":
+        keys = _spec_leaves(name, {"kind": "qarray", **spec["w"]}) if isinstance(spec.get("w"), Mapping) else [None]
+        keys += [spec["act_scale"]] if spec.get("act_scale") else []
+    else:
+        raise ModelLoadError(f"param '{name}' spec has kind {kind!r}; {expected}")
+    if not all(isinstance(k, str) for k in keys):
+        raise ModelLoadError(f"param '{name}' spec {dict(spec)} lacks a leaf name; {expected}")
+    return keys
+
+
+def _leaf_record(value: Any) -> dict[str, Any]:
+    """What the manifest records of one leaf: its shape and dtype."""
+    arr = np.asarray(value)
+    return {"shape": list(arr.shape), "dtype": _dtype_name(arr.dtype)}
+
+
+def _check_leaves(specs: Mapping[str, Any], leaves: Mapping[str, np.ndarray],
+                  recorded: Mapping[str, Any] | None) -> None:
+    """Every leaf a param spec reads is restored, with the shape and dtype the manifest recorded.
+
+    ``recorded`` is the manifest's ``"leaves"`` (absent in directories saved before it existed:
+    then only presence is checked).
+    """
+    for name, spec in specs.items():
+        for leaf in _spec_leaves(name, spec):
+            if leaf not in leaves:
+                raise ModelLoadError(f"param '{name}' needs leaf '{leaf}', which params/ lacks (it holds "
+                                     f"{sorted(leaves)[:10]}); expected the params/ saved with this {MANIFEST}")
+            if recorded is None:
+                continue
+            want = recorded.get(leaf)
+            if not isinstance(want, Mapping) or "shape" not in want or "dtype" not in want:
+                raise ModelLoadError(f"{MANIFEST} 'leaves' has no shape/dtype record for leaf '{leaf}' of param "
+                                     f"'{name}'; expected {{'shape': [...], 'dtype': ...}}")
+            got = leaves[leaf]
+            if list(got.shape) != list(want["shape"]) or _dtype_name(got.dtype) != want["dtype"]:
+                raise ModelLoadError(
+                    f"param '{name}' (leaf '{leaf}'): params/ holds {_dtype_name(got.dtype)}{list(got.shape)}, but "
+                    f"{MANIFEST} expects {want['dtype']}{list(want['shape'])}; params/ belongs to another model?")
+    if recorded is not None and set(leaves) != set(recorded):
+        extra = sorted(set(leaves) - set(recorded))
+        missing = sorted(set(recorded) - set(leaves))
+        raise ModelLoadError(f"params/ leaves {sorted(leaves)[:10]} differ from the {MANIFEST} record "
+                             f"(extra {extra[:10]}, missing {missing[:10]}); params/ belongs to another model?")
+
+
 # ------------------------------------------------------------------------- public
+def _check_save_args(model: Any, path: Path) -> None:
+    """TypeError/ValueError naming the argument when ``save``'s model or directory cannot be used."""
+    if not isinstance(getattr(model, "graph", None), Graph) or not isinstance(getattr(model, "params", None), Mapping):
+        raise TypeError(f"save(): model must be a jaxinfer Model (from jaxinfer.load or jaxinfer.quantize), "
+                        f"got {type(model).__name__}")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"save(): directory {path} is an existing file; expected a directory (new or existing) "
+                         f"to write {MANIFEST} and params/ into")
+
+
 def save(model: Any, directory: str | os.PathLike[str]) -> Path:
     """Write ``model`` (graph + params, quantized or not) to ``directory``.
 
@@ -177,6 +249,7 @@ def save(model: Any, directory: str | os.PathLike[str]) -> Path:
     import orbax.checkpoint as ocp
 
     path = Path(directory).resolve()
+    _check_save_args(model, path)
     path.mkdir(parents=True, exist_ok=True)
     leaves: dict[str, Any] = {}
     specs: dict[str, Any] = {}
@@ -187,15 +260,17 @@ def save(model: Any, directory: str | os.PathLike[str]) -> Path:
         "source": getattr(model, "source", ""),
         "graph": graph_to_json(model.graph, drop=set(model.params)),
         "params": specs,
+        "leaves": {k: _leaf_record(v) for k, v in leaves.items()},
     }
     rep = getattr(model, "quant_report", None)
     if rep is not None:
         manifest["quant_report"] = rep.to_dict()
     ckpt = path / "params"
     host = {k: np.asarray(v) for k, v in leaves.items()}
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(ckpt, host, force=True)
-        ckptr.wait_until_finished()
+    if host:  # orbax refuses an empty tree; a model without params has no params/ (load skips it)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(ckpt, host, force=True)
+            ckptr.wait_until_finished()
     (path / MANIFEST).write_text(json.dumps(manifest, default=_json_default))
     return path
 
@@ -231,31 +306,100 @@ def _registry(fmt: str) -> Any:
     raise ModelLoadError(f"saved model has unknown format '{fmt}'")
 
 
-def load_saved(directory: str | os.PathLike[str]) -> Any:
-    """The Model saved in ``directory`` (params restored bit-identically)."""
-    import orbax.checkpoint as ocp
+def _why(e: BaseException) -> str:
+    """An exception as ``Type: message`` (a KeyError says which key is missing)."""
+    if isinstance(e, KeyError):
+        return f"missing key {e}"
+    return f"{type(e).__name__}: {e}"
 
-    from .model import Model
 
-    path = Path(directory).resolve()
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of saved directory ``path``, checked to be an object with format, graph and params."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: cannot read {MANIFEST}: {e}") from e
+    if not isinstance(manifest, dict):
+        raise ModelLoadError(f"{path}: {MANIFEST} holds a JSON {type(manifest).__name__}; expected an object with "
+                             "'format', 'graph' and 'params' as jaxinfer.save writes it")
     if manifest.get("format") != FORMAT:
         raise ModelLoadError(f"{path}: saved format {manifest.get('format')!r} is not {FORMAT!r}")
-    graph = graph_from_json(manifest["graph"])
-    with ocp.StandardCheckpointer() as ckptr:
-        leaves = ckptr.restore(path / "params")
-    leaves = {k: jax.device_put(np.asarray(v)) for k, v in leaves.items()}
-    params = {name: _param_from(spec, leaves) for name, spec in manifest["params"].items()}
-    registry = _registry(graph.fmt)
+    for key in ("graph", "params"):
+        if not isinstance(manifest.get(key), dict):
+            found = "missing" if key not in manifest else f"a JSON {type(manifest[key]).__name__}"
+            raise ModelLoadError(f"{path}: {MANIFEST} '{key}' is {found}; expected an object as jaxinfer.save "
+                                 "writes it")
+    if "leaves" in manifest and not isinstance(manifest["leaves"], dict):
+        raise ModelLoadError(f"{path}: {MANIFEST} 'leaves' is a JSON {type(manifest['leaves']).__name__}; expected "
+                             "an object {leaf: {'shape': [...], 'dtype': ...}}")
+    return manifest
+
+
+def _graph_of(path: Path, manifest: Mapping[str, Any]) -> tuple[Graph, Any]:
+    """(graph, op registry) from the manifest's ``graph``; ModelLoadError naming ``path`` when malformed."""
+    try:
+        graph = graph_from_json(manifest["graph"])
+        return graph, _registry(graph.fmt)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{path}: {MANIFEST} 'graph': {e}") from e
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ModelLoadError(f"{path}: {MANIFEST} 'graph' is malformed ({_why(e)}); expected the graph object "
+                             "jaxinfer.save writes") from e
+
+
+def _restore_leaves(path: Path) -> dict[str, np.ndarray]:
+    """The param leaves in ``path/params`` (an orbax checkpoint); ModelLoadError when missing or corrupt."""
+    import orbax.checkpoint as ocp
+
+    ckpt = path / "params"
+    if not ckpt.is_dir():
+        raise ModelLoadError(f"{path}: params/ is missing; expected the orbax checkpoint of the params that "
+                             f"jaxinfer.save writes next to {MANIFEST}")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            leaves = ckptr.restore(ckpt)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{path}: cannot restore params/ ({_why(e)}); expected the intact orbax checkpoint "
+                             "jaxinfer.save writes") from e
+    if not isinstance(leaves, Mapping):
+        raise ModelLoadError(f"{path}: params/ holds a {type(leaves).__name__}; expected a dict of param leaves")
+    return {str(k): np.asarray(v) for k, v in leaves.items()}
+
+
+def load_saved(directory: str | os.PathLike[str]) -> Any:
+    """The Model saved in ``directory`` (params restored bit-identically).
+
+    Raises:
+      ModelLoadError: the manifest or ``params/`` is missing, malformed, or does not match
+        (a param whose restored shape/dtype differs from the recorded one).
+    """
+    from .model import Model
+
+    path = Path(directory).resolve()
+    manifest = _read_manifest(path)
+    graph, registry = _graph_of(path, manifest)
+    specs = manifest["params"]
+    host = _restore_leaves(path) if specs else {}
+    try:
+        _check_leaves(specs, host, manifest.get("leaves"))
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{path}: {e}") from e
+    leaves = {k: jax.device_put(v) for k, v in host.items()}
+    try:
+        params = {name: _param_from(spec, leaves) for name, spec in specs.items()}
+    except (KeyError, TypeError, ValueError) as e:  # e.g. a qarray spec without a valid 'qtype'
+        raise ModelLoadError(f"{path}: {MANIFEST} 'params' has a malformed spec ({_why(e)}); expected the "
+                             "param specs jaxinfer.save writes") from e
     if "quant_report" in manifest:
         from .quant.api import QuantizedModel
         from .quant.report import QuantReport
 
         m = QuantizedModel(graph, registry, params=params, source=manifest.get("source", ""), check=False)
-        m.quant_report = QuantReport.from_dict(manifest["quant_report"])
+        try:
+            m.quant_report = QuantReport.from_dict(manifest["quant_report"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ModelLoadError(f"{path}: {MANIFEST} 'quant_report' is malformed ({_why(e)}); expected the "
+                                 "report jaxinfer.save writes") from e
         return m
     return Model(graph, registry, params=params, source=manifest.get("source", ""), check=False)
 
