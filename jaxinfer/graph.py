@@ -186,3 +186,38 @@ def topological_order(nodes: tuple[Node, ...], available: set[str]) -> tuple[Nod
             raise ValueError(f"graph has a cycle or dangling inputs among nodes: {names}")
         pending = rest
     return tuple(ordered)
+
+
+def structure_problems(graph: Graph, *, outputs_required: bool = True) -> list[str]:
+    """What breaks single assignment in ``graph`` and its subgraphs: a value written twice (by two
+    nodes, or by a node and as a graph input or initializer), an input named twice, and, when
+    ``outputs_required`` (ONNX: every op has an output), a node without outputs. Empty when sound."""
+    problems: list[str] = []
+    for g in _graphs(graph):
+        where = f"graph '{g.name}'"
+        seen: dict[str, str] = {}
+        for v in g.inputs:
+            if v.name in seen:
+                problems.append(f"{where}: input '{v.name}' is declared twice")
+            seen[v.name] = "a graph input"
+        for name in g.initializers:
+            seen.setdefault(name, "an initializer")
+        for node in g.nodes:
+            if outputs_required and not any(node.outputs):
+                problems.append(f"{where}: {node.op_type} node '{node.label}' has no outputs")
+            for out in node.outputs:
+                if not out:
+                    continue
+                if out in seen:
+                    problems.append(f"{where}: value '{out}' is written by {node.op_type} node '{node.label}' "
+                                    f"and already by {seen[out]}; each value must have one producer")
+                seen[out] = f"{node.op_type} node '{node.label}'"
+    return problems
+
+
+def _graphs(graph: Graph) -> Iterator[Graph]:
+    yield graph
+    for node in graph.nodes:
+        for sub in node.subgraphs():
+            yield from _graphs(sub)
+

@@ -232,6 +232,9 @@ class Model:
         return self._check_inputs(feeds)
 
     def _check_inputs(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(feeds, Mapping):
+            raise InputError(f"inputs must be a dict {{input name: array}}, got {type(feeds).__name__}; "
+                             f"this model takes {[s.name for s in self.inputs]}")
         known = {s.name: s for s in self.inputs}
         unknown = [k for k in feeds if k not in known]
         if unknown:
@@ -281,17 +284,44 @@ class Model:
 
     @staticmethod
     def _as_array(name: str, value: Any, sig: Signature) -> np.ndarray:
+        """``value`` as the array input ``name`` takes; InputError where that would lose or invent data.
+
+        Arrays must have the input's dtype (a byte-swapped one is converted: no value changes). Lists
+        and scalars take numpy's type and then convert only within a kind or upwards (ints to floats,
+        floats to a narrower float), integers within the target's range: ``[1.7]`` for an int64 input
+        or ``["False"]`` for a bool one is refused rather than truncated or read as true.
+        """
+        if value is None:
+            raise InputError(f"input '{name}' is None; expected an array ({sig})")
         if isinstance(value, jax.Array):
             value = np.asarray(value)
         if isinstance(value, np.ndarray) or isinstance(value, np.generic):
             arr = np.asarray(value)
             if sig.dtype is not None and arr.dtype != sig.dtype:
+                if arr.dtype.newbyteorder("=") == sig.dtype:
+                    return arr.astype(sig.dtype)
                 raise InputError(f"input '{name}': expected dtype {sig.dtype.name}, got {arr.dtype.name} ({sig})")
+            if arr.dtype.kind in "OV":
+                raise InputError(f"input '{name}': {arr.dtype} arrays are not supported; expected numbers ({sig})")
             return arr
         try:
-            return np.asarray(value, dtype=sig.dtype)
-        except (TypeError, ValueError) as e:
+            raw = np.asarray(value)
+        except (TypeError, ValueError, OverflowError) as e:
             raise InputError(f"input '{name}': cannot convert {type(value).__name__} to {sig}: {e}") from e
+        if sig.dtype is None or raw.dtype == sig.dtype:
+            if raw.dtype.kind in "OV":
+                raise InputError(f"input '{name}': cannot convert {type(value).__name__} to {sig}: ragged, "
+                                 "None or non-numeric values")
+            return raw
+        ints = raw.dtype.kind in "iu" and sig.dtype.kind in "iu"  # checked by range below
+        if raw.size and not ints and not np.can_cast(raw.dtype, sig.dtype, casting="same_kind"):
+            raise InputError(f"input '{name}': {type(value).__name__} of {raw.dtype.name} values cannot become "
+                             f"{sig.dtype.name} without changing them ({sig})")
+        if raw.size and ints:
+            info = np.iinfo(sig.dtype)
+            if raw.min() < info.min or raw.max() > info.max:
+                raise InputError(f"input '{name}': values outside {sig.dtype.name}'s range [{info.min}, {info.max}]")
+        return raw.astype(sig.dtype)
 
     # ----------------------------------------------------------- compilation
     def _key(self, feeds: Mapping[str, Any]) -> tuple:

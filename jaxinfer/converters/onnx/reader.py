@@ -17,7 +17,7 @@ import onnx
 from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, TypeProto, numpy_helper
 
 from ...errors import ModelLoadError
-from ...graph import Graph, Node, ValueInfo
+from ...graph import Graph, Node, ValueInfo, structure_problems
 
 #: Constant nodes holding more float elements than this become params (weights
 #: are arguments, never closure constants).
@@ -182,6 +182,8 @@ def read_graph(g: GraphProto, opsets: dict[str, int], base: Path | None) -> Grap
 def load_proto(source: str | os.PathLike[str] | bytes | ModelProto) -> tuple[ModelProto, Path | None]:
     """Parse a model from a path, raw bytes or a proto, without external data yet."""
     if isinstance(source, ModelProto):
+        if not source.HasField("graph"):
+            raise ModelLoadError("not a valid ONNX model: the ModelProto has no graph")
         return source, None
     if isinstance(source, (bytes, bytearray, memoryview)):
         data, base = bytes(source), None
@@ -220,6 +222,9 @@ def read_model(source: str | os.PathLike[str] | bytes | ModelProto) -> Graph:
     opsets = {("" if o.domain in ("", "ai.onnx") else o.domain): int(o.version) for o in proto.opset_import}
     opsets.setdefault("", 1)
     graph = read_graph(proto.graph, opsets, base)
+    problems = structure_problems(graph)
+    if problems:
+        raise ModelLoadError("invalid ONNX graph: " + "; ".join(problems[:5]))
     meta = {p.key: p.value for p in proto.metadata_props}
     meta.update(producer=f"{proto.producer_name} {proto.producer_version}".strip(), ir_version=str(proto.ir_version))
     return graph.replace(opsets=opsets, metadata=meta, name=proto.graph.name or "model")

@@ -24,7 +24,7 @@ from tflite.BuiltinOptions import BuiltinOptions
 from tflite.BuiltinOptions2 import BuiltinOptions2
 
 from ...errors import ModelLoadError
-from ...graph import Graph, Node, ValueInfo
+from ...graph import Graph, Node, ValueInfo, structure_problems
 from .quant import QParams, check_kernel
 
 DOMAIN = "tflite"
@@ -228,6 +228,8 @@ class _SubgraphBuilder:
         names = _unique_names(tensors, sg_name, {**(rename or {}), **(out_rename or {})})
         inputs_idx = [int(i) for i in sg.InputsAsNumpy()] if sg.InputsLength() else []
         outputs_idx = [int(i) for i in sg.OutputsAsNumpy()] if sg.OutputsLength() else []
+        _check_indices(inputs_idx, len(tensors), f"{sg_name} inputs")
+        _check_indices(outputs_idx, len(tensors), f"{sg_name} outputs")
 
         state_slots = _variable_state_slots(self.r, sg, tensors)
         initializers: dict[str, np.ndarray] = {}
@@ -250,6 +252,8 @@ class _SubgraphBuilder:
             domain, op_type = self.r.op_name(op.OpcodeIndex())
             ins = [int(i) for i in op.InputsAsNumpy()] if op.InputsLength() else []
             outs = [int(i) for i in op.OutputsAsNumpy()] if op.OutputsLength() else []
+            _check_indices(ins, len(tensors), f"{sg_name} operator {k} ({op_type}) inputs", absent_ok=True)
+            _check_indices(outs, len(tensors), f"{sg_name} operator {k} ({op_type}) outputs")
             attrs: dict[str, Any] = {} if domain == CUSTOM_DOMAIN else self.r.options(op)
             for field, attr in _SUBGRAPH_FIELDS.items():
                 if field in attrs and op_type in ("WHILE", "IF", "CALL_ONCE", "CALL", "STABLEHLO_COMPOSITE"):
@@ -422,6 +426,14 @@ def _signature(model: Any) -> tuple[int, dict[int, str], dict[int, str], str] | 
     return sig.SubgraphIndex(), ins, outs, (sig.SignatureKey() or b"").decode()
 
 
+def _check_indices(indices: list[int], n: int, where: str, absent_ok: bool = False) -> None:
+    """ModelLoadError for a tensor index outside ``[0, n)`` (``-1`` allowed where it means "absent")."""
+    for i in indices:
+        if not (0 <= i < n or (absent_ok and i == -1)):
+            raise ModelLoadError(f"corrupt TFLite model: {where} name tensor index {i}; the subgraph has {n} "
+                                 f"tensors (valid 0..{n - 1}{', or -1 for an absent optional input' if absent_ok else ''})")
+
+
 def read_model(source: str | os.PathLike[str] | bytes, *, hybrid: str = "xnnpack",
                requant: str = "reference") -> Graph:
     """Read a ``.tflite`` file (path or bytes) into a :class:`Graph`.
@@ -449,6 +461,9 @@ def read_model(source: str | os.PathLike[str] | bytes, *, hybrid: str = "xnnpack
         raise
     except Exception as e:  # noqa: BLE001 - corrupt flatbuffers fail anywhere inside the generated code
         raise ModelLoadError(f"corrupt or unreadable TFLite model: {type(e).__name__}: {e}") from e
+    problems = structure_problems(graph, outputs_required=False)  # ASSIGN_VARIABLE has no outputs
+    if problems:
+        raise ModelLoadError("corrupt TFLite model: " + "; ".join(problems[:5]))
     from .state import run_call_once
 
     return run_call_once(graph)
