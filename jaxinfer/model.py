@@ -301,7 +301,7 @@ class Model:
                 if arr.dtype.newbyteorder("=") == sig.dtype:
                     return arr.astype(sig.dtype)
                 raise InputError(f"input '{name}': expected dtype {sig.dtype.name}, got {arr.dtype.name} ({sig})")
-            if arr.dtype.kind in "OV":
+            if sig.dtype is None and arr.dtype.kind in "OV":  # an untyped input: numbers only
                 raise InputError(f"input '{name}': {arr.dtype} arrays are not supported; expected numbers ({sig})")
             return arr
         try:
@@ -309,7 +309,7 @@ class Model:
         except (TypeError, ValueError, OverflowError) as e:
             raise InputError(f"input '{name}': cannot convert {type(value).__name__} to {sig}: {e}") from e
         if sig.dtype is None or raw.dtype == sig.dtype:
-            if raw.dtype.kind in "OV":
+            if raw.dtype.kind in "OV" and sig.dtype is None:
                 raise InputError(f"input '{name}': cannot convert {type(value).__name__} to {sig}: ragged, "
                                  "None or non-numeric values")
             return raw

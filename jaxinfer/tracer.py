@@ -172,7 +172,9 @@ def run_node(node: Node, env: Env, registry: Registry, opsets: Mapping[str, int]
             args.append(None)
             continue
         if name not in env:
-            raise OpError(f"{node.op_type} node '{node.label}': input '{name}' is not defined before use")
+            raise OpError(f"{node.op_type} node '{node.label}': input '{name}' is not defined before use (no graph "
+                          "input, initializer or earlier node gives it: a missing value, a cycle, or nodes out "
+                          "of topological order)")
         value = env[name]
         args.append(_static_value(value, node, slot) if opdef.is_static_slot(slot) else value)
     while args and args[-1] is None:

@@ -78,6 +78,8 @@ def _safe_external_path(base: Path | None, location: str, tensor: str) -> Path:
 
 
 def _tensor_to_numpy(t: TensorProto, base: Path | None) -> np.ndarray:
+    if any(d < 0 for d in t.dims):
+        raise ModelLoadError(f"tensor '{t.name}' has negative dims {list(t.dims)}; expected sizes >= 0")
     if t.data_location == TensorProto.EXTERNAL:
         info = {e.key: e.value for e in t.external_data}
         path = _safe_external_path(base, info.get("location", ""), t.name)
@@ -190,7 +192,8 @@ def load_proto(source: str | os.PathLike[str] | bytes | ModelProto) -> tuple[Mod
     else:
         path = Path(source)
         if not path.is_file():
-            raise ModelLoadError(f"model file not found: {path}")
+            raise ModelLoadError(f"model file not found: {path}" if not path.exists() else
+                                 f"{path} is not a regular file; expected an .onnx model file")
         data, base = path.read_bytes(), path.parent
     if not data:
         raise ModelLoadError("model is empty (0 bytes)")
