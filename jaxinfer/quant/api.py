@@ -111,9 +111,11 @@ def quantize(model: Model, method: str, *, exclude: Sequence[str] = (), calibrat
     method = canonical(method)
     if granularity not in ("per_channel", "per_tensor"):
         raise ValueError(f"granularity must be 'per_channel' or 'per_tensor', got '{granularity}'")
+    _check_model(model)
+    exclude = _patterns(exclude)
+    _check_budget(budget)
     data = cal.batches(calibration)
     shown = data if measure else []
-    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     layers, skipped = find_layers(model.graph, model.params, model.registry, exclude)
     if method == "auto":
         from .auto import auto
@@ -153,6 +155,38 @@ def quantize(model: Model, method: str, *, exclude: Sequence[str] = (), calibrat
     q = build(model, graph, params, QuantReport(method, []))
     q.quant_report = _report(model, q, method, layers, skipped, how, shown, observer if method == "int8-static" else None)
     return q
+
+
+def _check_model(model: Any) -> None:
+    """TypeError for what is not a Model; ValueError for a model quantized already (its weights are int8)."""
+    if not isinstance(model, Model):
+        raise TypeError(f"quantize() takes a jaxinfer Model (e.g. jaxinfer.load(path)), got {type(model).__name__}")
+    done = sorted({arith.kind(v) for v in model.params.values() if arith.is_quantized(v)})
+    if done:
+        raise ValueError(f"this model is quantized already ({', '.join(done)} weights); quantize the float model "
+                         "it came from instead")
+
+
+def _patterns(exclude: Any) -> tuple[str, ...]:
+    """``exclude`` as a tuple of glob strings (None: nothing excluded); TypeError naming a non-string."""
+    if exclude is None:
+        return ()
+    items = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    wrong = [p for p in items if not isinstance(p, str)]
+    if wrong:
+        raise TypeError(f"exclude must hold glob strings (node names, 'op:Type', initializer names), got {wrong!r}")
+    return items
+
+
+def _check_budget(budget: Any) -> None:
+    """ValueError unless ``budget`` is None or maps metric names to numbers in (0, 1]."""
+    if budget is None:
+        return
+    if not isinstance(budget, Mapping):
+        raise TypeError(f"budget must be a dict like {{'cosine': 0.999}}, got {type(budget).__name__}")
+    for key, value in budget.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError(f"budget {key!r} must be a number in (0, 1], got {value!r}")
 
 
 def layer_input(model: Model, layer: Layer) -> str:

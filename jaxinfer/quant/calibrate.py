@@ -78,11 +78,28 @@ def read_npy_dir(directory: str | os.PathLike[str], input_names: Sequence[str]) 
 
 
 def batches(calibration: Iterable[Mapping[str, Any]] | None) -> list[dict[str, np.ndarray]]:
+    """Calibration batches as ``[{input name: array}]``; CalibrationError for another layout or
+    non-finite values (one Inf or NaN would set an activation scale to inf or to a fallback)."""
     if calibration is None:
         return []
+    if isinstance(calibration, (str, os.PathLike)):
+        raise CalibrationError(f"calibration={str(calibration)!r} is a path; pass batches (an iterable of "
+                               "{input name: array} dicts), e.g. read_npy_dir(path, input_names)")
     if isinstance(calibration, Mapping):
         calibration = [calibration]
-    return [{k: np.asarray(v) for k, v in b.items()} for b in calibration]
+    out = []
+    for i, b in enumerate(calibration):
+        if not isinstance(b, Mapping):
+            raise CalibrationError(f"calibration batch {i} is a {type(b).__name__}; expected a dict "
+                                   "{input name: array}")
+        arrays = {k: np.asarray(v) for k, v in b.items()}
+        for name, a in arrays.items():
+            bad = int(np.size(a) - np.count_nonzero(np.isfinite(a))) if a.dtype.kind in "fc" else 0
+            if bad:
+                raise CalibrationError(f"calibration batch {i}, input '{name}': {bad} non-finite value(s) "
+                                       "(inf/nan); calibration data must be finite")
+        out.append(arrays)
+    return out
 
 
 class Observer:
@@ -141,9 +158,12 @@ def observe(model: Any, names: Sequence[str], data: Sequence[Mapping[str, Any]],
     if not names:
         return obs
     p = probe(model, names)
-    for feeds in data:
+    for i, feeds in enumerate(data):
         outs = p.run(feeds)
         for n in names:
+            if np.asarray(outs[n]).dtype.kind == "f" and not np.all(np.isfinite(outs[n])):
+                raise CalibrationError(f"calibration batch {i}: the model's value '{n}' holds inf/nan (an "
+                                       "overflow inside the model?); its int8 scale cannot be measured")
             obs[n].update(outs[n])
     return obs
 
