@@ -342,7 +342,7 @@ def _parse_budget(item: str) -> tuple[str, float]:
     try:
         return key, float(value)
     except ValueError:
-        raise SystemExit(f"--budget expects KEY=NUMBER (cosine=0.999, top1_agreement=0.99), got {item!r}") from None
+        raise CliError(f"--budget expects KEY=NUMBER (cosine=0.999, top1_agreement=0.99), got {item!r}") from None
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -129,3 +129,9 @@ def test_quantize_calibration_file_not_npy(files, capsys, tmp_path):
                           str(calib), "-o", str(tmp_path / "q")])
     assert f"--calibration file ({calib / 'x.npy'}): not a .npy file" in err
     assert not (tmp_path / "q").exists()
+
+
+def test_quantize_budget_needs_key_equals_number(files, capsys, tmp_path):
+    err = _error(capsys, ["quantize", str(files["good.onnx"]), "--method", "int8-dynamic", "--budget", "cosine",
+                          "-o", str(tmp_path / "q")])
+    assert "--budget expects KEY=NUMBER" in err
