@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ from .. import arith
 from ..model import Model
 from . import calibrate as cal
 from . import precision
-from .layers import Layer, find_layers
+from .layers import Layer, exclude_patterns, find_layers
 from .report import QuantReport, compare, end_to_end
 
 METHODS = ("bf16", "fp16", "mixed", "int8-weight", "int8-dynamic", "int8-static", "auto")
@@ -26,6 +27,9 @@ ALIASES = {
 
 
 def canonical(method: str) -> str:
+    """The method name behind ``method`` (an alias or a name); TypeError/ValueError naming it otherwise."""
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a string, one of {list(METHODS)}; got {type(method).__name__} {method!r}")
     m = ALIASES.get(method, method)
     if m not in METHODS:
         raise ValueError(f"unknown quantization method '{method}'; choose one of {list(METHODS)} "
@@ -112,8 +116,9 @@ def quantize(model: Model, method: str, *, exclude: Sequence[str] = (), calibrat
     if granularity not in ("per_channel", "per_tensor"):
         raise ValueError(f"granularity must be 'per_channel' or 'per_tensor', got '{granularity}'")
     _check_model(model)
-    exclude = _patterns(exclude)
+    exclude = exclude_patterns(exclude)
     _check_budget(budget)
+    _check_observer(observer, percentile)
     data = cal.batches(calibration)
     shown = data if measure else []
     layers, skipped = find_layers(model.graph, model.params, model.registry, exclude)
@@ -145,8 +150,11 @@ def quantize(model: Model, method: str, *, exclude: Sequence[str] = (), calibrat
     scales: dict[str, float] = {}
     if method == "int8-static":
         acts = {layer.weight: layer_input(model, layer) for layer in layers}
-        obs = cal.observe(model, list(set(acts.values())), data)
-        per_value = cal.act_scales(obs, observer, percentile)
+        readers: dict[str, list[str]] = {}
+        for layer in layers:
+            readers.setdefault(acts[layer.weight], []).append(layer.node)
+        obs = cal.observe(model, list(readers), data, readers=readers)
+        per_value = cal.act_scales(obs, observer, percentile, readers)
         scales = {w: per_value[a] for w, a in acts.items()}
     for layer in layers:
         params[layer.weight] = layer_param(layer, model.params[layer.weight], method, granularity, scales.get(layer.weight))
@@ -167,15 +175,12 @@ def _check_model(model: Any) -> None:
                          "it came from instead")
 
 
-def _patterns(exclude: Any) -> tuple[str, ...]:
-    """``exclude`` as a tuple of glob strings (None: nothing excluded); TypeError naming a non-string."""
-    if exclude is None:
-        return ()
-    items = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-    wrong = [p for p in items if not isinstance(p, str)]
-    if wrong:
-        raise TypeError(f"exclude must hold glob strings (node names, 'op:Type', initializer names), got {wrong!r}")
-    return items
+def _check_observer(observer: Any, percentile: Any) -> None:
+    """ValueError for an unknown ``observer`` or a ``percentile`` outside (0, 100], before any calibration run."""
+    if observer not in cal.OBSERVERS:
+        raise ValueError(f"unknown observer {observer!r}; choose one of {list(cal.OBSERVERS)}")
+    if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real) or not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be a number in (0, 100] (e.g. 99.99), got {percentile!r}")
 
 
 def _check_budget(budget: Any) -> None:
@@ -185,7 +190,7 @@ def _check_budget(budget: Any) -> None:
     if not isinstance(budget, Mapping):
         raise TypeError(f"budget must be a dict like {{'cosine': 0.999}}, got {type(budget).__name__}")
     for key, value in budget.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
             raise ValueError(f"budget {key!r} must be a number in (0, 1], got {value!r}")
 
 

@@ -87,6 +87,9 @@ def batches(calibration: Iterable[Mapping[str, Any]] | None) -> list[dict[str, n
                                "{input name: array} dicts), e.g. read_npy_dir(path, input_names)")
     if isinstance(calibration, Mapping):
         calibration = [calibration]
+    if not isinstance(calibration, Iterable) or isinstance(calibration, bytes):
+        raise CalibrationError(f"calibration must be an iterable of {{input name: array}} dicts, got "
+                               f"{type(calibration).__name__}")
     out = []
     for i, b in enumerate(calibration):
         if not isinstance(b, Mapping):
@@ -150,8 +153,24 @@ def _mse_threshold(values: np.ndarray, absmax: float) -> float:
     return best
 
 
-def observe(model: Any, names: Sequence[str], data: Sequence[Mapping[str, Any]], seed: int = 0) -> dict[str, Observer]:
-    """Run ``model`` on every calibration batch and observe the values ``names``."""
+def _value(name: str, readers: Mapping[str, Sequence[str]] | None) -> str:
+    """``value 'h'`` and, when known, the layers that read it: ``value 'h' (input of layer 'fc1')``."""
+    layers = list((readers or {}).get(name, ()))
+    if not layers:
+        return f"value '{name}'"
+    shown = ", ".join(f"'{n}'" for n in layers[:3]) + (", ..." if len(layers) > 3 else "")
+    return f"value '{name}' (input of layer {shown})"
+
+
+def observe(model: Any, names: Sequence[str], data: Sequence[Mapping[str, Any]], seed: int = 0,
+            readers: Mapping[str, Sequence[str]] | None = None) -> dict[str, Observer]:
+    """Run ``model`` on every calibration batch and observe the values ``names``.
+
+    ``readers`` (value -> the layers reading it) only makes error messages name those layers.
+
+    Raises:
+      CalibrationError: a watched value holds inf/nan on some batch, naming the batch and value.
+    """
     names = list(dict.fromkeys(names))
     rng = np.random.default_rng(seed)
     obs = {n: Observer(rng) for n in names}
@@ -162,12 +181,22 @@ def observe(model: Any, names: Sequence[str], data: Sequence[Mapping[str, Any]],
         outs = p.run(feeds)
         for n in names:
             if np.asarray(outs[n]).dtype.kind == "f" and not np.all(np.isfinite(outs[n])):
-                raise CalibrationError(f"calibration batch {i}: the model's value '{n}' holds inf/nan (an "
-                                       "overflow inside the model?); its int8 scale cannot be measured")
+                raise CalibrationError(f"calibration batch {i}: the model's {_value(n, readers)} holds inf/nan "
+                                       "(an overflow inside the model?); its int8 scale cannot be measured")
             obs[n].update(outs[n])
     return obs
 
 
-def act_scales(obs: Mapping[str, Observer], method: str = "minmax", percentile: float = 99.99) -> dict[str, float]:
-    """name -> per-tensor int8 scale."""
-    return {n: o.threshold(method, percentile) / 127.0 for n, o in obs.items()}
+def act_scales(obs: Mapping[str, Observer], method: str = "minmax", percentile: float = 99.99,
+               readers: Mapping[str, Sequence[str]] | None = None) -> dict[str, float]:
+    """name -> per-tensor int8 scale.
+
+    Raises:
+      CalibrationError: a scale came out non-finite or not positive (a range too wide for float32).
+    """
+    scales = {n: o.threshold(method, percentile) / 127.0 for n, o in obs.items()}
+    for n, s in scales.items():
+        if not np.isfinite(s) or s <= 0:
+            raise CalibrationError(f"calibration: {_value(n, readers)} gave int8 activation scale {s} (observed |x| up to "
+                                   f"{obs[n].absmax}); calibration must give each value a finite, nonzero range")
+    return scales

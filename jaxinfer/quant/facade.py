@@ -112,6 +112,17 @@ def _as_feeds(model: Any, inputs: Mapping[str, Any] | Any) -> dict[str, Any]:
     return {names[0]: inputs}
 
 
+def _calibration_feeds(model: Any, dataset: Any) -> Any:
+    """``calibration_dataset`` as input dicts (bare arrays wrapped for a one-input model).
+
+    A path, a single dict or a non-iterable goes through unchanged, so that ``quantize``/``prune``
+    refuse it by name (CalibrationError) rather than this wrapper iterating a string's characters.
+    """
+    if dataset is None or isinstance(dataset, (str, bytes, Path, Mapping)) or not isinstance(dataset, Iterable):
+        return dataset
+    return [b if isinstance(b, Mapping) else _as_feeds(model, b) for b in dataset]
+
+
 def run_batched(model: Any, feeds: Mapping[str, Any], batch_size: int | None) -> tuple[dict[str, np.ndarray], int]:
     """``model.run`` over ``batch_size``-row chunks of the leading axis (last chunk padded)."""
     arrays = {k: np.asarray(v) for k, v in feeds.items()}
@@ -167,9 +178,9 @@ class ManagedModel:
         ``dynamic_fp16``); ``calibration_dataset`` holds input dicts or, for one-input models, arrays."""
         from .api import quantize
 
-        data = None if calibration_dataset is None else [_as_feeds(self.float_model, b) for b in calibration_dataset]
-        excl = [exclude_layers] if isinstance(exclude_layers, str) else list(exclude_layers)
-        self.model = _placed(quantize(self.float_model, method, exclude=excl, calibration=data, **options), self.device)
+        data = _calibration_feeds(self.float_model, calibration_dataset)
+        q = quantize(self.float_model, method, exclude=exclude_layers, calibration=data, **options)
+        self.model = _placed(q, self.device)
         self.history.append(method)
         return self
 
@@ -178,7 +189,7 @@ class ManagedModel:
         """``jaxinfer.prune`` of the current float model (prune before quantizing)."""
         from .prune import prune
 
-        data = None if calibration_dataset is None else [_as_feeds(self.float_model, b) for b in calibration_dataset]
+        data = _calibration_feeds(self.float_model, calibration_dataset)
         pruned = prune(self.float_model, sparsity, exclude=exclude_layers, calibration=data, **options)
         self.float_model = pruned
         self.model = _placed(pruned, self.device)

@@ -90,10 +90,30 @@ def matches(patterns: Sequence[str], node: Node, weight: str) -> bool:
     return False
 
 
+def exclude_patterns(exclude: Any) -> tuple[str, ...]:
+    """``exclude`` as a tuple of glob strings (None: nothing excluded; one string: one glob).
+
+    Raises:
+      TypeError: ``exclude`` is not a string or an iterable of strings, naming what was given.
+    """
+    if exclude is None:
+        return ()
+    if isinstance(exclude, str):
+        return (exclude,)
+    if not isinstance(exclude, Iterable) or isinstance(exclude, (bytes, Mapping)):
+        raise TypeError(f"exclude must be a glob string or a list of them (node names, 'op:Type', "
+                        f"initializer names), got {type(exclude).__name__} {exclude!r}")
+    items = tuple(exclude)
+    wrong = [p for p in items if not isinstance(p, str)]
+    if wrong:
+        raise TypeError(f"exclude must hold glob strings (node names, 'op:Type', initializer names), got {wrong!r}")
+    return items
+
+
 def find_layers(graph: Graph, params: Mapping[str, Any], registry: Any = None,
                 exclude: Iterable[str] = ()) -> tuple[list[Layer], list[tuple[str, str]]]:
     """(layers to quantize, [(node or weight, why skipped)]) for the top-level graph."""
-    exclude = tuple(exclude)
+    exclude = exclude_patterns(exclude)
     readers: dict[str, list[tuple[Node, int]]] = {}
     for node, _ in graph.walk():
         for i, name in enumerate(node.inputs):

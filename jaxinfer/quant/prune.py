@@ -29,6 +29,7 @@ moves the next layer least).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +40,7 @@ from .. import arith
 from ..graph import Graph, Node
 from ..model import Model
 from . import calibrate as cal
-from .layers import matches
+from .layers import exclude_patterns, matches
 from .report import QuantReport, cosine, end_to_end
 
 CRITERIA = ("l1", "l2", "sensitivity")
@@ -471,10 +472,13 @@ def prune(model: Model, sparsity: float = 0.3, *, exclude: Sequence[str] | str =
     """
     from .api import build
 
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if not isinstance(model, Model):
+        raise TypeError(f"prune() takes a jaxinfer Model (e.g. jaxinfer.load(path)), got {type(model).__name__}")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1) (the fraction of channels removed), got {sparsity!r}")
     if criterion not in CRITERIA:
         raise ValueError(f"unknown pruning criterion '{criterion}'; choose one of {list(CRITERIA)}")
+    exclude = exclude_patterns(exclude)
     quantized = [k for k, v in model.params.items() if arith.is_quantized(v)]
     if quantized or getattr(model, "quant_report", None) is not None:
         raise ValueError(f"prune a float model, then quantize it: this one holds quantized params "
@@ -482,7 +486,6 @@ def prune(model: Model, sparsity: float = 0.3, *, exclude: Sequence[str] | str =
     data = cal.batches(calibration)
     if criterion == "sensitivity" and not data:
         raise ValueError("criterion='sensitivity' needs calibration: an iterable of input dicts")
-    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     graph = model.graph
     const = {k: np.asarray(v) for k, v in graph.initializers.items()}
     const.update({k: np.asarray(v) for k, v in model.params.items()})
