@@ -12,14 +12,25 @@ import jaxinfer
 from jaxinfer.batching import (BatcherConfig, BatcherStoppedError, BucketedModel, BucketPolicy, DynamicBatcher,
                                LatencyModel, QueueFullError, RequestTimeoutError)
 
+from jaxinfer.batching import batcher as batcher_module
+
 from .models import mlp_proto, mlp_reference
 
 
 @pytest.fixture(scope="module")
-def bucketed():
+def warm_model():
     proto = mlp_proto(seed=3)
     bm = BucketedModel(jaxinfer.load(proto), BucketPolicy.for_max_batch(8))
     return proto, bm, bm.warmup()
+
+
+@pytest.fixture(params=["inline", "completion-thread"])
+def bucketed(request, warm_model, monkeypatch):
+    """Each batcher test twice: CPU batches answered on the loop thread (they are computed when their
+    run returns), and as on an accelerator, where a completion thread waits for them."""
+    if request.param == "completion-thread":
+        monkeypatch.setattr(batcher_module, "_ready", lambda outputs: False)
+    return warm_model
 
 
 def test_latency_model_interpolates_and_updates():
@@ -236,3 +247,16 @@ def test_drain_on_stop_and_refuse_after(bucketed):
     assert all(f.result(0)["y"].shape == (1, 4) for f in futs)
     with pytest.raises(BatcherStoppedError):
         b.submit({"x": np.ones((1, 8), np.float32)})
+
+
+def test_a_computed_cpu_batch_is_answered_on_the_loop_thread(warm_model, monkeypatch):
+    """No hand-off when the run is done on return (CPU); a pending one goes to the completion thread."""
+    _, bm, timings = warm_model
+    x = np.ones((1, 8), np.float32)
+    for ready, thread in ((True, "batcher-m"), (False, "batcher-m-done")):
+        monkeypatch.setattr(batcher_module, "_ready", lambda outputs, r=ready: r)
+        seen: list[str] = []
+        with DynamicBatcher(bm, LatencyModel(timings), BatcherConfig(max_queue_delay_ms=0), name="m",
+                            on_batch=lambda r: seen.append(threading.current_thread().name)) as b:
+            assert b.submit({"x": x}).result(10)["y"].shape[0] == 1
+        assert seen == [thread]
