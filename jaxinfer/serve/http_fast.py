@@ -10,8 +10,9 @@ request pipelined behind another on the same connection, goes through ASGI as be
 are the same: both paths call :func:`~jaxinfer.serve.app.begin_infer` and
 :func:`~jaxinfer.serve.app.finish_infer`.
 
-Bodies and JSON replies above ``OFFLOAD_BYTES`` take the coroutine path (:func:`~jaxinfer.serve.app.answer`),
-which decodes and encodes them in a worker thread. The subclass leans on uvicorn's protocol internals
+Bodies with much JSON or many binary bytes (:func:`~jaxinfer.serve.app.worth_offloading`) and JSON replies
+above ``OFFLOAD_BYTES`` take the coroutine path (:func:`~jaxinfer.serve.app.answer`), which decodes and
+encodes them in a worker thread. The subclass leans on uvicorn's protocol internals
 (``cycle``, ``pipeline``, ``on_response_complete``); :func:`supported` checks that they are there, and
 the server falls back to plain uvicorn where they are not.
 """
@@ -26,7 +27,7 @@ from typing import Any
 
 from .app import (
     _INFER_PATH,
-    OFFLOAD_BYTES,
+    worth_offloading,
     ClientGone,
     InferCall,
     ServerState,
@@ -134,7 +135,7 @@ class InferProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
         cycle.counted = True
         try:
             body = decode_body(cycle.headers, bytes(cycle.body), state.max_body_bytes)
-            if len(body) > OFFLOAD_BYTES:  # decode it in a worker thread: the coroutine path
+            if worth_offloading(cycle.headers, body):  # decode it in a worker thread: the coroutine path
                 cycle.task = self.loop.create_task(self._answer_later(cycle, body))
                 cycle.task.add_done_callback(lambda t: self._after_decode(cycle, t))
                 return

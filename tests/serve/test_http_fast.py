@@ -192,3 +192,18 @@ def test_big_bodies_and_replies_leave_the_event_loop(server, asgi_server, monkey
     r = httpx.post(f"{server.url}/v2/models/mlp/infer", content=small)
     assert r.status_code == 200 and r.json() == httpx.post(f"{asgi_server.url}/v2/models/mlp/infer",
                                                            content=small).json()
+
+
+def test_only_much_json_or_many_binary_bytes_leave_the_event_loop():
+    """Binary tensors cost the loop a frombuffer: a 128 KB binary request stays on it (a worker thread
+    would cost two hand-offs); a big JSON body, or megabytes of binary data, go to a worker thread."""
+    from jaxinfer.serve.app import HEADER_KEY, OFFLOAD_BINARY_BYTES, OFFLOAD_BYTES, worth_offloading
+
+    head = b'{"inputs": []}'
+    binary = head + bytes(128 * 1024)
+    assert not worth_offloading({HEADER_KEY: str(len(head))}, binary)
+    assert worth_offloading({HEADER_KEY: str(len(head))}, head + bytes(OFFLOAD_BINARY_BYTES))
+    assert worth_offloading({}, binary)  # no binary header: all of it is JSON
+    assert worth_offloading({HEADER_KEY: "not a number"}, binary)  # begin_infer refuses it; decoding is cheap either way
+    assert worth_offloading({HEADER_KEY: str(len(binary) + 1)}, binary)
+    assert not worth_offloading({}, bytes(OFFLOAD_BYTES))
