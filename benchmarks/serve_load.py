@@ -4,7 +4,9 @@ For each fixture (a CNN: the onnx wheel's light SqueezeNet; a transformer
 block and a ranking-style MLP built with onnx.helper) and each concurrency, ``C`` async clients send
 binary KServe v2 requests back-to-back for ``--seconds`` to a ``jaxinfer
 serve`` subprocess on 127.0.0.1, once with ``max_batch: 1`` and once with
-dynamic batching. Raw ``Model.run`` at the same batch sizes gives the ceiling.
+dynamic batching. Raw ``Model.run`` at the same batch sizes gives the ceiling. The dynamic
+server also takes full-batch requests (``--max-batch`` rows each, at ``--full-concurrency``):
+their rows/s against raw ``Model.run`` at that batch is the serving overhead at the same batch size.
 Prints a table, writes JSON and a PNG beside it (throughput and p50/p99 latency
 against concurrency; ``--plot-only results.json`` redraws it).
 
@@ -166,9 +168,9 @@ def point(concurrency: int, lat: list[float], errors: int, wall: float) -> dict[
             "p50_ms": float(np.percentile(arr, 50) * 1e3), "p99_ms": float(np.percentile(arr, 99) * 1e3)}
 
 
-def infer_body(name: str, shape: tuple[int, ...]) -> tuple[bytes, bytes]:
-    """One request of one row: (the JSON header, the whole binary-extension body)."""
-    x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
+def infer_body(name: str, shape: tuple[int, ...], rows: int = 1) -> tuple[bytes, bytes]:
+    """One request of ``rows`` rows: (the JSON header, the whole binary-extension body)."""
+    x = np.random.default_rng(0).standard_normal((rows, *shape)).astype(np.float32)
     data = x.tobytes()
     head = json.dumps({"inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32",
                                    "parameters": {"binary_data_size": len(data)}}],
@@ -177,10 +179,10 @@ def infer_body(name: str, shape: tuple[int, ...]) -> tuple[bytes, bytes]:
 
 
 async def closed_loop(url: str, model: str, name: str, shape: tuple[int, ...], concurrency: int,
-                      seconds: float) -> dict[str, float]:
+                      seconds: float, rows: int = 1) -> dict[str, float]:
     import aiohttp  # lighter per request than httpx's pool at 32-64 connections on 2 shared cores
 
-    head, body = infer_body(name, shape)
+    head, body = infer_body(name, shape, rows)
     headers = {HEADER: str(len(head)), "content-type": "application/octet-stream"}
     lat: list[float] = []
     errors = 0
@@ -245,7 +247,7 @@ class _HttpConn(asyncio.Protocol):
 
 
 async def closed_loop_raw(url: str, model: str, name: str, shape: tuple[int, ...], concurrency: int,
-                          seconds: float) -> dict[str, float]:
+                          seconds: float, rows: int = 1) -> dict[str, float]:
     """The same closed loop with a lean HTTP/1.1 client (pre-built request bytes, one socket per client).
 
     On this 2-core machine the load generator shares the CPU with the server; like wrk or h2load it
@@ -253,7 +255,7 @@ async def closed_loop_raw(url: str, model: str, name: str, shape: tuple[int, ...
     of CPU per request here (``--client aiohttp`` keeps it for comparison).
     """
     host, port = url.split("//", 1)[1].rsplit(":", 1)
-    head, body = infer_body(name, shape)
+    head, body = infer_body(name, shape, rows)
     raw = (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {host}:{port}\r\n{HEADER}: {len(head)}\r\n"
            f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
     loop = asyncio.get_running_loop()
@@ -357,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=5.0, help="per (mode, concurrency) point")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+    p.add_argument("--full-concurrency", nargs="+", type=int, default=[1, 2, 4],
+                   help="concurrency of the full-batch points: requests of --max-batch rows each, against "
+                        "raw Model.run at that batch (serving overhead at the same batch size)")
     p.add_argument("--client", choices=("raw", "aiohttp"), default="raw",
                    help="load client: a lean HTTP/1.1 socket client (default) or aiohttp")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load.json"))
@@ -391,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
                     points = [run_client(args.client, url, fname, input_name, shape, c, args.seconds)
                               for c in args.concurrency]
                     after = scrape(url)
+                    full = [] if mode == "batch1" else [
+                        {**run_client(args.client, url, fname, input_name, shape, c, args.seconds, args.max_batch),
+                         "rows": args.max_batch} for c in args.full_concurrency]
                 finally:
                     stop_server(proc)
             results[fname][mode] = {
@@ -398,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                 "compiles_after_warmup": after.get("jaxinfer_compiles_total", 0) - before.get("jaxinfer_compiles_total", 0),
                 "batch_sizes": batch_histogram(after),
             }
+            if full:
+                results[fname][mode]["full_batch_points"] = full
             print(f"[{fname}/{mode}] ready in {warm:.1f}s; compiles during load: "
                   f"{results[fname][mode]['compiles_after_warmup']:.0f}; batch sizes {results[fname][mode]['batch_sizes']}",
                   flush=True)
@@ -430,7 +440,17 @@ def report(results: dict, args: argparse.Namespace) -> None:
         if raw1:
             print(f"raw batching ceiling (best rows/s over batch-1 rows/s): {best_raw / raw1:.2f}x")
         best_dyn = max(x["throughput"] for x in r["dynamic"]["points"])
-        print(f"saturation: dynamic {best_dyn:.1f}/s vs raw best {best_raw:.1f}/s = {best_dyn / best_raw:.0%}")
+        print(f"saturation, 1-row requests: dynamic {best_dyn:.1f}/s vs raw best {best_raw:.1f}/s = "
+              f"{best_dyn / best_raw:.0%}")
+        full = r["dynamic"].get("full_batch_points") or []
+        if full:
+            rows = full[0]["rows"]
+            raw_b = next((x["throughput"] for x in r["raw"] if x["batch"] == rows), None)
+            best = max(full, key=lambda x: x["throughput"])
+            got = best["throughput"] * rows
+            print(f"saturation, {rows}-row requests: " + ", ".join(
+                f"c{x['concurrency']} {x['throughput'] * rows:.1f} rows/s" for x in full)
+                + (f"; best {got:.1f} rows/s vs raw b{rows} {raw_b:.1f} rows/s = {got / raw_b:.0%}" if raw_b else ""))
 
 
 #: (result key, label, line style) of each curve in the plot.
