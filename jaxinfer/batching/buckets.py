@@ -367,6 +367,9 @@ class BucketedModel:
             feeds = {}
             for s in self.inputs:
                 first = parts[0].feeds[s.name]
+                if len(parts) == 1 and first.shape[0] == bucket:  # fills its bucket: no copy needed
+                    feeds[s.name] = first
+                    continue
                 buf = np.zeros((bucket,) + first.shape[1:], first.dtype)
                 off = 0
                 for p in parts:

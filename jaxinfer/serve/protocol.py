@@ -202,16 +202,17 @@ def decode_infer(body: bytes, header_length: int | None) -> InferRequest:
             if offset + size > len(rest):
                 raise ProtocolError(f"{where}: binary_data_size {size} runs past the end of the body "
                                     f"({len(rest) - offset} bytes left): truncated binary data")
-            chunk = bytes(rest[offset:offset + size])
-            offset += size
+            start, offset = offset, offset + size
             count = math.prod(shape)
             if dtype == np.dtype(object):
-                arr = _decode_bytes_elements(chunk, count, where).reshape(shape)
+                arr = _decode_bytes_elements(bytes(rest[start:offset]), count, where).reshape(shape)
             else:
                 if size != count * dtype.itemsize:
                     raise ProtocolError(f"{where}: shape {list(shape)} of {datatype_of(dtype)} needs "
                                         f"{count * dtype.itemsize} bytes, binary_data_size is {size}")
-                arr = np.frombuffer(chunk, dtype=dtype).reshape(shape)
+                # a read-only view of the body (no copy); an odd offset gives an unaligned array, which
+                # numpy and device_put handle
+                arr = np.frombuffer(rest, dtype=dtype, count=count, offset=start).reshape(shape)
         else:
             if "data" not in t:
                 raise ProtocolError(f"{where}: needs 'data' or parameters.binary_data_size")
