@@ -58,14 +58,41 @@ class Metrics:
         self._tokens: dict[tuple[str, str], int] = {}
         self._token_samples: dict[tuple[str, str], deque[tuple[float, float]]] = {}
         self._lock = threading.Lock()
+        self._versions = versions
+        self._series: dict[tuple[str, str, int], tuple[Any, Any, deque[float] | None]] = {}
         self.registry.register(_Live(self, versions, compiles_retired))
 
     def observe_request(self, model: str, version: str, status: int, seconds: float) -> None:
-        self.requests.labels(model, version, str(status)).inc()
-        if status == 200:
-            self.request_duration.labels(model, version).observe(seconds)
+        """Count one answered request. Its series are looked up once per (model, version, status), and
+        only loaded models and versions get their own: a request naming another is counted under
+        ``model=""`` (unknown model) or ``version=""`` (unknown version), so clients cannot grow
+        ``/metrics`` without bound by inventing names."""
+        key = (model, version, status)
+        series = self._series.get(key)
+        if series is None:
+            series = self._new_series(model, version, status)
+        count, duration, recent = series
+        count.inc()
+        if duration is not None:
+            duration.observe(seconds)
             with self._lock:
-                self._recent.setdefault((model, version), deque(maxlen=WINDOW)).append(seconds)
+                recent.append(seconds)
+
+    def _new_series(self, model: str, version: str, status: int) -> tuple[Any, Any, deque[float] | None]:
+        live = {(v.name, str(v.version)) for v in self._versions()}
+        known = (model, version) in live
+        if not known:  # counted, but not remembered under the caller's names
+            model = model if any(model == m for m, _ in live) else ""
+            version = ""
+        duration = recent = None
+        if status == 200:
+            duration = self.request_duration.labels(model, version)
+            with self._lock:
+                recent = self._recent.setdefault((model, version), deque(maxlen=WINDOW))
+        series = (self.requests.labels(model, version, str(status)), duration, recent)
+        if known:
+            self._series[(model, version, status)] = series
+        return series
 
     def observe_generation(self, model: str, version: str, stream: Any, n_tokens: int, *,
                            count_tokens: bool = True) -> None:

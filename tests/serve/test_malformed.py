@@ -147,3 +147,24 @@ def test_repository_index_body_is_checked(server):
     finally:
         server.state.max_body_bytes = limit
     assert httpx.post(url, json={"ready": True}).status_code == 200
+
+
+def test_invented_model_and_version_names_do_not_grow_metrics(server):
+    """404s are counted, but under model="" / version="": a client inventing names cannot add series."""
+    def series() -> list[str]:
+        return [ln for ln in httpx.get(f"{server.url}/metrics").text.splitlines()
+                if ln.startswith("jaxinfer_requests_total{")]
+
+    with httpx.Client() as c:
+        c.post(f"{server.url}/v2/models/nosuch-warmup/infer", content=b"{}")
+        c.post(f"{server.url}/v2/models/mlp/versions/977/infer", content=b"{}")
+        before = series()
+        for i in range(40):
+            assert c.post(f"{server.url}/v2/models/nosuch{i}/infer", content=b"{}").status_code == 404
+            assert c.post(f"{server.url}/v2/models/mlp/versions/{1000 + i}/infer", content=b"{}").status_code == 404
+    after = series()
+    assert len(after) == len(before)
+    assert not any("nosuch" in ln or '"10' in ln for ln in after)
+    count = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in after}
+    assert count['jaxinfer_requests_total{model="",status="404",version=""}'] >= 41
+    assert count['jaxinfer_requests_total{model="mlp",status="404",version=""}'] >= 41
