@@ -9,7 +9,7 @@ Example:
 from __future__ import annotations
 
 from . import _config  # noqa: F401  (enables 64-bit types before anything traces)
-from .errors import InputError, JaxinferError, ModelLoadError, OpError, UnsupportedOpsError
+from .errors import InputError, JaxinferError, ModelLoadError, OpError, OutOfMemoryError, UnsupportedOpsError
 from .generation import Decoder, SamplingParams, generate, generate_stream
 from .graph import Graph, Node, ValueInfo
 from .loading import load
@@ -33,6 +33,7 @@ __all__ = [
     "ModelManager",
     "Node",
     "OpError",
+    "OutOfMemoryError",
     "QuantReport",
     "QuantizedModel",
     "SamplingParams",

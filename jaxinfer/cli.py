@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import JaxinferError
+from .errors import JaxinferError, NewerOpsetWarning, newer_opset_message
 
 
 class CliError(JaxinferError):
@@ -145,11 +146,14 @@ def cmd_info(args: argparse.Namespace) -> int:
                 "source": str(path), "format": graph.fmt, "inputs": [str(v.name) for v in graph.inputs],
                 "outputs": [str(v.name) for v in graph.outputs], "opsets": dict(graph.opsets),
                 "ops": graph.op_histogram(), "params_bytes": graph.params_bytes(),
+                "notes": [newer_opset_message(*found) for found in registry.newer_opsets(graph.opsets)],
                 "unsupported": [str(m) for m in missing],
             }
             _print_info(info, args.json)
             return 1
-    model = _load(str(path))
+    with warnings.catch_warnings():  # info lists them as notes
+        warnings.simplefilter("ignore", NewerOpsetWarning)
+        model = _load(str(path))
     info = model.info()
     info["unsupported"] = []
     _print_info(info, args.json)

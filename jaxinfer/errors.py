@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from dataclasses import dataclass
 
 
@@ -19,6 +22,23 @@ class InputError(JaxinferError, ValueError):
 
 class OpError(JaxinferError):
     """An op failed while tracing; names the node, its op type and what went wrong."""
+
+
+class OutOfMemoryError(JaxinferError, MemoryError):
+    """The model needs more memory than this machine has.
+
+    Raised at trace time for one value larger than any memory here holds (naming the node, op, shape,
+    dtype and bytes against the limit), and when XLA runs out of memory compiling or running the
+    model (naming the inputs whose shapes asked for it). The process stays usable: smaller inputs run.
+    """
+
+
+class NewerOpsetWarning(UserWarning):
+    """A model declares an opset newer than the newest jaxinfer implements for that domain."""
+
+
+class UnmatchedExcludeWarning(UserWarning):
+    """An ``exclude`` glob given to quantize/prune matched no node, op type or initializer of the model."""
 
 
 @dataclass(frozen=True)
@@ -43,3 +63,20 @@ class UnsupportedOpsError(JaxinferError):
         self.ops = ops
         lines = "\n  ".join(str(o) for o in ops)
         super().__init__(f"{len(ops)} unsupported op(s):\n  {lines}")
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` pointing at the first caller outside the jaxinfer package (the user's line), or at
+    the outermost frame when every caller is inside it (the ``jaxinfer`` command)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(0), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+def newer_opset_message(domain: str, declared: int, newest: int) -> str:
+    """What :class:`NewerOpsetWarning` and ``jaxinfer info`` say about one domain's opset."""
+    return (f"the model declares opset {declared} of domain '{domain or 'ai.onnx'}', newer than the newest "
+            f"jaxinfer implements ({newest}): its ops run as their newest definitions jaxinfer knows (opset "
+            f"{newest} or older), which opset {declared} may have changed (onnxruntime refuses such a model)")

@@ -16,10 +16,10 @@ import jax
 import numpy as np
 
 from . import aot, xla_dots
-from .errors import InputError, UnsupportedOpsError
+from .errors import InputError, OutOfMemoryError, UnsupportedOpsError, newer_opset_message
 from .graph import Dim, Graph, ValueInfo
 from .registry import Registry
-from .tracer import make_fn, static_names, unsupported_ops
+from .tracer import is_out_of_memory, make_fn, static_names, unsupported_ops
 
 #: Integer/bool initializers up to this many elements stay trace-time constants
 #: (shape-like); everything else is a param (a traced argument) ...
@@ -345,7 +345,11 @@ class Model:
         with key_lock:
             exe = self._cache.get(key)
             if exe is None:
-                exe = self._compile(key, feeds)
+                try:
+                    exe = self._compile(key, feeds)
+                except jax.errors.JaxRuntimeError as e:
+                    self._raise_if_out_of_memory(e, "compiling", feeds)
+                    raise
                 self._cache[key] = exe
         return exe
 
@@ -439,27 +443,56 @@ class Model:
     def run_device(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """Like :meth:`run` but returns device arrays (no host copy), for pipelines."""
         exe = self._fast_exe(feeds)
+        given = feeds
         if exe is None:
             checked = self._check_inputs(feeds)
             exe = self.compiled(checked)
             self._remember_fast(feeds, checked, exe)
             feeds = {k: v for k, v in checked.items() if k not in self.value_inputs}
-        if self.stateful:
-            outs, self.state = exe(self.params, self.state, feeds)
-            return outs
-        return exe(self.params, feeds)
+        try:  # free until something is raised (Python 3.11+): the fast path's cost is unchanged
+            if self.stateful:
+                outs, self.state = exe(self.params, self.state, feeds)
+                return outs
+            return exe(self.params, feeds)
+        except jax.errors.JaxRuntimeError as e:
+            self._raise_if_out_of_memory(e, "running", given)
+            raise
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
-        """Run on a dict of inputs; returns ``{output name: np.ndarray}`` in graph output order."""
+        """Run on a dict of inputs; returns ``{output name: np.ndarray}`` in graph output order.
+
+        Raises:
+          InputError: a feed does not fit the signature.
+          OutOfMemoryError: these inputs need more memory than the device has (smaller ones may run).
+        """
         outs = self.run_device(feeds)
-        return {name: _to_host(outs[name]) for name in self._output_names}
+        try:  # a device reports a failed asynchronous run when its outputs are read
+            return {name: _to_host(outs[name]) for name in self._output_names}
+        except jax.errors.JaxRuntimeError as e:
+            self._raise_if_out_of_memory(e, "running", feeds)
+            raise
+
+    def _raise_if_out_of_memory(self, error: jax.errors.JaxRuntimeError, doing: str, feeds: Mapping[str, Any]) -> None:
+        """Raise :class:`OutOfMemoryError` from ``error`` when it is XLA's out-of-memory status, naming the
+        model, the inputs' shapes and the device; return otherwise (the caller re-raises ``error``)."""
+        if not is_out_of_memory(error):
+            return
+        shown = ", ".join(f"{k}: {_describe(v, k in self.value_inputs)}" for k, v in feeds.items()) or "none"
+        device = next((d for v in jax.tree_util.tree_leaves(self.params) if isinstance(v, jax.Array)
+                       for d in v.devices()), None) or jax.devices()[0]
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+        raise OutOfMemoryError(
+            f"model '{self.source or self.graph.name}' needs more memory than the device has ({device}) "
+            f"{doing} it for inputs {{{shown}}}: {first}. Smaller inputs (a smaller batch, shorter "
+            "sequences) may fit; this model and other input shapes stay usable.") from error
 
     def __call__(self, **feeds: Any) -> dict[str, Any]:
         return self.run(feeds)
 
     # ------------------------------------------------------------ reporting
     def info(self) -> dict[str, Any]:
-        """A summary: signature, opsets, op histogram, params bytes, host-evaluated inputs."""
+        """A summary: signature, opsets, op histogram, params bytes, notes (host-evaluated inputs, opsets
+        newer than jaxinfer implements)."""
         params_bytes = int(sum(np.asarray(v).nbytes if not hasattr(v, "nbytes") else v.nbytes
                                for v in jax.tree_util.tree_leaves(self.params)))
         notes = []
@@ -467,6 +500,7 @@ class Model:
             notes.append(
                 f"inputs {list(self.value_inputs)} set shapes or are strings: their values are read on the host "
                 "at trace time and each distinct value compiles once")
+        notes.extend(newer_opset_message(*found) for found in self.registry.newer_opsets(self.graph.opsets))
         return {
             "source": self.source,
             "format": self.graph.fmt,
@@ -533,6 +567,22 @@ def _value_digest(v: Any) -> Any:
         return tuple(_value_digest(x) for x in v)
     arr = np.asarray(v)
     return (arr.shape, str(arr.dtype), aot.array_digest(arr))
+
+
+def _describe(v: Any, value: bool = False) -> str:
+    """``float32[8, 3]`` for an array (``value``: with its values when it has at most 8), the same per item
+    for a sequence, ``None``, or the type's name."""
+    if v is None:
+        return "None"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_describe(x, value) for x in v) + "]"
+    if not (hasattr(v, "shape") and hasattr(v, "dtype")):
+        try:
+            v = np.asarray(v)
+        except Exception:  # noqa: BLE001 - described by its type alone
+            return type(v).__name__
+    shown = f"{np.dtype(v.dtype).name}{list(v.shape)}"
+    return f"{shown} = {np.asarray(v).tolist()}" if value and np.size(v) <= 8 else shown
 
 
 def _to_host(v: Any) -> Any:

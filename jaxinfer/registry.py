@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import inspect
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -114,6 +114,10 @@ class Registry:
                 raise ValueError(f"op {key} since {d.since} registered twice")
             versions[d.since] = d
         self._table = {k: (sorted(v), [v[s] for s in sorted(v)]) for k, v in table.items()}
+        newest: dict[str, int] = {}
+        for (domain, _), versions in table.items():
+            newest[domain] = max(newest.get(domain, 0), *versions)
+        self._newest = newest
 
     def resolve(self, domain: str, op_type: str, opset: int) -> OpDef | None:
         """The op def with the highest ``since`` not above ``opset``, or None."""
@@ -123,6 +127,22 @@ class Registry:
         sinces, defs = entry
         i = bisect.bisect_right(sinces, opset)
         return defs[i - 1] if i else None
+
+    def newest_opset(self, domain: str) -> int | None:
+        """The newest opset of ``domain`` this registry implements (its ops' highest ``since``); None
+        for a domain it has no ops of."""
+        return self._newest.get(_norm_domain(domain))
+
+    def newer_opsets(self, opsets: Mapping[str, int]) -> list[tuple[str, int, int]]:
+        """``(domain, declared, newest implemented)`` for each domain of ``opsets`` declared newer than
+        :meth:`newest_opset` (its ops then resolve to their newest definition here, which that opset
+        may have changed); domains this registry has no ops of are left out."""
+        found = []
+        for domain, declared in sorted(opsets.items()):
+            newest = self.newest_opset(domain)
+            if newest is not None and int(declared) > newest:
+                found.append((domain, int(declared), newest))
+        return found
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         return (_norm_domain(key[0]), key[1]) in self._table

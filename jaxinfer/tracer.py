@@ -11,15 +11,17 @@ node, the slot and where the value came from.
 
 from __future__ import annotations
 
+import functools
 import keyword
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from .errors import JaxinferError, OpError, UnsupportedOp, UnsupportedOpsError
+from .errors import JaxinferError, OpError, OutOfMemoryError, UnsupportedOp, UnsupportedOpsError
 from .graph import Graph, Node
 from .registry import OpDef, Registry
 
@@ -217,6 +219,9 @@ def run_node(node: Node, env: Env, registry: Registry, opsets: Mapping[str, int]
             raise OpError(f"{node.op_type} node '{node.label}': unsupported attribute: {e}") from e
         raise OpError(f"{node.op_type} node '{node.label}' failed: {e}") from e
     except Exception as e:  # noqa: BLE001 - re-raised with the node named
+        if is_out_of_memory(e):  # evaluated eagerly at trace time (its inputs are constants): too big to allocate
+            raise OutOfMemoryError(f"{node.op_type} node '{node.label}': evaluating it at trace time ran out of "
+                                   f"memory: {e}") from e
         raise OpError(f"{node.op_type} node '{node.label}' failed: {type(e).__name__}: {e}") from e
 
     _check_sizes(node, result)
@@ -239,17 +244,104 @@ def _abstract(fn: Callable[[], Any]) -> Any:
 
 
 def _check_sizes(node: Node, result: Any) -> None:
-    """Raise OpError when an output of ``node`` (arrays or shape structs) has more than MAX_ELEMENTS."""
+    """Refuse an output of ``node`` (arrays or shape structs) too large to exist.
+
+    Raises:
+      OpError: it has more than :data:`MAX_ELEMENTS` elements.
+      OutOfMemoryError: its bytes exceed :func:`memory_limit` (no memory of this machine could hold it).
+    """
     outputs = result if isinstance(result, tuple) else (result,)
     for i, out in enumerate(outputs):
         shape = getattr(out, "shape", None)
         if shape is None or not all(isinstance(d, int) for d in shape):
             continue
         n = math.prod(shape)
+        name = node.outputs[i] if i < len(node.outputs) else f"#{i}"
         if n > MAX_ELEMENTS:
-            name = node.outputs[i] if i < len(node.outputs) else f"#{i}"
             raise OpError(f"{node.op_type} node '{node.label}': output '{name}' would have shape {list(shape)} "
                           f"({n} elements); at most {MAX_ELEMENTS} are supported")
+        limit = memory_limit()
+        dtype = _dtype_or_none(getattr(out, "dtype", None))
+        if limit is None or dtype is None or n * dtype.itemsize <= limit[0]:
+            continue
+        raise OutOfMemoryError(
+            f"{node.op_type} node '{node.label}': output '{name}' would have shape {list(shape)} of {dtype.name}, "
+            f"{_gib(n * dtype.itemsize)} ({n * dtype.itemsize} bytes), more than this machine can hold: "
+            f"{_gib(limit[0])} ({limit[1]}). The inputs' shapes (a smaller batch or shorter inputs) or the "
+            "model's own constants set this size.")
+
+
+def _dtype_or_none(dtype: Any) -> np.dtype | None:
+    try:
+        return np.dtype(dtype) if dtype is not None else None
+    except TypeError:
+        return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is XLA's out-of-memory status (compiling, allocating or running)."""
+    return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+
+
+@functools.cache
+def memory_limit() -> tuple[int, str] | None:
+    """(bytes, what they are): the most memory any one value on this machine could occupy; None if unknown.
+
+    The larger of the host's (physical memory, capped by this process's cgroup limit, plus swap)
+    and the default backend's devices' together (``memory_stats()['bytes_limit']`` summed, for a
+    value sharded over all of them), times the number of processes (hosts) JAX runs on. A value
+    above it cannot be allocated anywhere, whatever XLA fuses; one below it may still not fit on
+    one device, which :class:`~jaxinfer.model.Model` reports when XLA runs out of memory.
+    """
+    host = _host_bytes()
+    devices, count, kind = 0, 0, ""
+    try:
+        for d in jax.local_devices():
+            stats = d.memory_stats() or {}
+            if stats.get("bytes_limit"):
+                devices += int(stats["bytes_limit"])
+                count, kind = count + 1, d.platform
+        hosts = max(1, jax.process_count())
+    except Exception:  # noqa: BLE001 - a backend without memory stats: the host's memory decides
+        hosts = 1
+    where = f" on each of {hosts} hosts" if hosts > 1 else ""
+    if devices > host:
+        return devices * hosts, f"the memory of {count} {kind} device(s) together{where}"
+    return (host * hosts, f"host memory plus swap{where}") if host else None
+
+
+def _host_bytes() -> int:
+    """Physical memory (capped by a cgroup memory limit) plus swap; 0 where the OS does not say."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 0
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        cap = _read_int(path)
+        if cap:
+            ram = min(ram, cap)
+    swap = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("SwapTotal:"):
+                    swap = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return max(ram, 0) + swap
+
+
+def _read_int(path: str) -> int | None:
+    """The integer in the file at ``path``; None when it is missing or holds something else ("max")."""
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def evaluate(graph: Graph, registry: Registry, env: Env, opsets: Mapping[str, int] | None = None,

@@ -13,7 +13,7 @@ from .. import arith
 from ..model import Model
 from . import calibrate as cal
 from . import precision
-from .layers import Layer, exclude_patterns, find_layers
+from .layers import Layer, exclude_patterns, find_layers, warn_unmatched
 from .report import QuantReport, compare, end_to_end
 
 METHODS = ("bf16", "fp16", "mixed", "int8-weight", "int8-dynamic", "int8-static", "auto")
@@ -99,7 +99,8 @@ def quantize(model: Model, method: str, *, exclude: Sequence[str] = (), calibrat
       method: ``bf16``, ``fp16``, ``mixed``, ``int8-weight``, ``int8-dynamic``,
         ``int8-static``, ``auto`` (or an alias: ``dynamic_int8``, ``static_int8``,
         ``dynamic_fp16``).
-      exclude: globs over node names, ``"op:Type"`` and initializer names.
+      exclude: globs over node names, ``"op:Type"`` and initializer names; one matching nothing
+        in this model is warned about (:class:`~jaxinfer.errors.UnmatchedExcludeWarning`).
       calibration: an iterable of input dicts: required by ``int8-static`` and ``auto``;
         when given, ``report()`` also measures each layer's error against float.
       budget: for ``auto``: ``{"cosine": 0.999}`` or ``{"top1_agreement": 0.99}``.
@@ -119,6 +120,7 @@ def quantize(model: Model, method: str, *, exclude: Sequence[str] = (), calibrat
     exclude = exclude_patterns(exclude)
     _check_budget(budget)
     _check_observer(observer, percentile)
+    warn_unmatched(exclude, model.graph, model.params)
     data = cal.batches(calibration)
     shown = data if measure else []
     layers, skipped = find_layers(model.graph, model.params, model.registry, exclude)

@@ -8,6 +8,7 @@ would receive an int8 array it does not understand.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import UnmatchedExcludeWarning, warn
 from ..graph import Graph, Node
 
 #: op type -> the input slots that may hold a weight. Conv routes through ``arith.conv``
@@ -108,6 +110,42 @@ def exclude_patterns(exclude: Any) -> tuple[str, ...]:
     if wrong:
         raise TypeError(f"exclude must hold glob strings (node names, 'op:Type', initializer names), got {wrong!r}")
     return items
+
+
+def unmatched_patterns(patterns: Sequence[str], graph: Graph, params: Iterable[str] = ()) -> dict[str, list[str]]:
+    """``{pattern: a few names it may have meant}`` for each ``exclude`` glob matching nothing in ``graph``.
+
+    ``"op:Type"`` globs are tried on the op types of every node (subgraphs included), the others on
+    every node name and initializer name (``params``: the model's weight names, which may not be
+    initializers of ``graph``). The suggestions are the closest names (ignoring case) of the kind the
+    glob is tried on, or the first few of them when none is close.
+    """
+    nodes = [node for node, _ in graph.walk()]
+    op_types = sorted({n.op_type for n in nodes})
+    names = sorted({n.name for n in nodes if n.name} | set(graph.initializers) | set(params))
+    found: dict[str, list[str]] = {}
+    for p in patterns:
+        kind, pool = (p[3:], op_types) if p.startswith("op:") else (p, names)
+        if any(fnmatch.fnmatchcase(name, kind) for name in pool):
+            continue
+        folded = {name.lower(): name for name in pool}  # a wrong case is a likely typo too
+        bare = kind.translate(str.maketrans("", "", "*?[]")).lower()
+        close = [folded[c] for c in difflib.get_close_matches(bare, list(folded), n=3, cutoff=0.5)] or pool[:3]
+        found[p] = [("op:" if p.startswith("op:") else "") + c for c in close]
+    return found
+
+
+def warn_unmatched(patterns: Sequence[str], graph: Graph, params: Iterable[str] = ()) -> None:
+    """Warn (:class:`~jaxinfer.errors.UnmatchedExcludeWarning`) naming each ``exclude`` glob that matches
+    nothing in ``graph``: a typo would otherwise quantize or prune the layer it meant to keep. A warning,
+    not an error, since one exclude list may serve several models."""
+    found = unmatched_patterns(patterns, graph, params)
+    if not found:
+        return
+    shown = "; ".join(f"{p!r} (names here like {', '.join(repr(c) for c in close) or 'none'})"
+                      for p, close in found.items())
+    warn(f"{len(found)} exclude pattern(s) matched no node name, 'op:' type or initializer name of model "
+         f"'{graph.name}', so they exclude nothing: {shown}", UnmatchedExcludeWarning)
 
 
 def find_layers(graph: Graph, params: Mapping[str, Any], registry: Any = None,

@@ -40,7 +40,7 @@ from .. import arith
 from ..graph import Graph, Node
 from ..model import Model
 from . import calibrate as cal
-from .layers import exclude_patterns, matches
+from .layers import exclude_patterns, matches, warn_unmatched
 from .report import QuantReport, cosine, end_to_end
 
 CRITERIA = ("l1", "l2", "sensitivity")
@@ -457,7 +457,8 @@ def prune(model: Model, sparsity: float = 0.3, *, exclude: Sequence[str] | str =
       model: a loaded float :class:`Model` (prune first, then quantize).
       sparsity: the fraction of output channels removed from each prunable group (0 <= s < 1).
       exclude: globs over node names, ``"op:Type"`` and weight names: those products keep
-        all their channels (and so does every product joined with them by a residual add).
+        all their channels (and so does every product joined with them by a residual add); one
+        matching nothing in this model is warned about (:class:`~jaxinfer.errors.UnmatchedExcludeWarning`).
       calibration: input dicts; required by ``criterion="sensitivity"``; when given, the
         report measures each layer's (kept channels') and the model's output error.
       criterion: ``l1`` or ``l2`` (weight norms) or ``sensitivity`` (calibration activations).
@@ -483,6 +484,7 @@ def prune(model: Model, sparsity: float = 0.3, *, exclude: Sequence[str] | str =
     if quantized or getattr(model, "quant_report", None) is not None:
         raise ValueError(f"prune a float model, then quantize it: this one holds quantized params "
                          f"({quantized[:3] or 'a quantization report'})")
+    warn_unmatched(exclude, model.graph, model.params)
     data = cal.batches(calibration)
     if criterion == "sensitivity" and not data:
         raise ValueError("criterion='sensitivity' needs calibration: an iterable of input dicts")

@@ -7,6 +7,7 @@ import os
 from onnx import ModelProto
 
 from ... import passes
+from ...errors import NewerOpsetWarning, newer_opset_message, warn
 from ...model import Model
 from .ops import REGISTRY
 from .reader import read_model
@@ -17,8 +18,13 @@ def load_onnx(source: str | os.PathLike[str] | bytes | ModelProto, *, optimize: 
 
     ``optimize`` runs the default graph passes (identity elimination, constant folding, weight
     dedupe, Conv+BatchNorm folding, MatMul+Add fusion, dead-node removal).
+
+    Warns (:class:`~jaxinfer.errors.NewerOpsetWarning`) for each domain whose declared opset is
+    newer than the newest jaxinfer implements: its ops run as their newest known definitions.
     """
     graph = read_model(source)
+    for domain, declared, newest in REGISTRY.newer_opsets(graph.opsets):
+        warn(newer_opset_message(domain, declared, newest), NewerOpsetWarning)
     if optimize:
         graph = passes.optimize(graph, passes.pipeline(REGISTRY))
     label = str(source) if isinstance(source, (str, os.PathLike)) else graph.name
