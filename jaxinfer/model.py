@@ -168,10 +168,17 @@ def default_compiler_options() -> dict[str, str]:
 
 
 def options_for(lowered: Any, options: Mapping[str, Any]) -> dict[str, Any]:
-    """``options`` for this program: the default's library dots are turned off in a program without
-    convolutions whose dots all have few rows, one streaming a big weight (:func:`jaxinfer.xla_dots.prefers_xla_loops`)."""
-    if options.get(YNN_FUSION_FLAG) == YNN_FUSION_TYPES and xla_dots.prefers_xla_loops(lowered.as_text()):
+    """``options`` for this program. Only the default options are adjusted: the library's dots are turned
+    off in a program without convolutions whose dots all have few rows, one streaming a big weight
+    (:func:`jaxinfer.xla_dots.prefers_xla_loops`), and its convolutions turned on in a program whose
+    convolutions are all small (:func:`jaxinfer.xla_dots.prefers_library_convs`)."""
+    if options.get(YNN_FUSION_FLAG) != YNN_FUSION_TYPES:
+        return dict(options)
+    text = lowered.as_text()
+    if xla_dots.prefers_xla_loops(text):
         return {**options, YNN_FUSION_FLAG: TUNE_CANDIDATES["none"][YNN_FUSION_FLAG]}
+    if xla_dots.prefers_library_convs(text):
+        return {**options, YNN_FUSION_FLAG: TUNE_CANDIDATES["dot+conv"][YNN_FUSION_FLAG]}
     return dict(options)
 
 

@@ -8,6 +8,12 @@ library wins, integer dots need it (XLA's own s8 dot is ~10x slower), so do the 
 convolutions, and tiny dots do not care. :func:`prefers_xla_loops` encodes that rule;
 ``Model.compile_lowered`` applies it (through ``options_for``) to the default options of a Model's and a
 Decoder's programs.
+
+Convolutions are the other way round: XLA's own convolution is faster than the library's from a few
+million multiply-adds up (ResNet-50, the TFLite conv fixtures: the library 0.5-0.8x), but it splits
+even small ones across its thread pool, whose wake-ups on a 2-core machine cost more than the work.
+A program whose convolutions total at most :data:`SMALL_CONV_MACS` runs them in the library
+(:func:`prefers_library_convs`), on the calling thread.
 """
 
 from __future__ import annotations
@@ -25,9 +31,17 @@ FEW_ROWS = 48
 #: streaming the weight pays; under it both ways cost the same few microseconds.
 BIG_WEIGHT = 1 << 20
 
+#: Total multiply-adds of a program's convolutions at or under which the library's convolutions win.
+#: Measured library / XLA, same process: the fixture CNN at batch 1 (0.9 M) 1.58-1.72x, its dynamic-axes
+#: twin 1.14-1.40x; at 7 M (the TFLite conv fixture, batch 1) f32 1.05x but int8-valued 0.77x; at 10 M
+#: (the fixture CNN at batch 8) 0.95-1.09x; at 28 M 0.55-0.74x.
+SMALL_CONV_MACS = 2_000_000
+
 _FLOATS = frozenset({"f16", "bf16", "f32", "f64"})
 _DOT = re.compile(r"stablehlo\.dot(?:_general)? (?P<attrs>[^\n]*?): \(tensor<(?P<lhs>[^<>]*)>, "
                   r"tensor<(?P<rhs>[^<>]*)>\) ->")
+_CONV = re.compile(r"stablehlo\.convolution\([^\n]*?dim_numbers = \[[^\]]*\]x\[(?P<kernel>[^\]]*)\]->[^\n]*?: "
+                   r"\(tensor<[^<>]*>, tensor<(?P<rhs>[^<>]*)>\) -> tensor<(?P<out>[^<>]*)>")
 _DIMS = re.compile(r"(batching|contracting)_dims = \[([\d, ]*)\] x \[([\d, ]*)\]")
 
 
@@ -84,3 +98,24 @@ def prefers_xla_loops(text: str) -> bool:
             return False
         big = big or d.weight >= BIG_WEIGHT
     return big
+
+
+def conv_macs(text: str) -> int | None:
+    """Multiply-adds of every ``stablehlo.convolution`` in ``text`` (output elements x kernel taps per
+    output); None when one of them cannot be read."""
+    total = 0
+    for m in _CONV.finditer(text):
+        kernel, out = _tensor(m["rhs"]), _tensor(m["out"])
+        letters = [d.strip() for d in m["kernel"].split(",")]
+        if kernel is None or out is None or "o" not in letters or len(letters) != len(kernel[0]):
+            return None
+        total += math.prod(out[0]) * math.prod(kernel[0]) // max(kernel[0][letters.index("o")], 1)
+    return total if text.count("stablehlo.convolution") == len(_CONV.findall(text)) else None
+
+
+def prefers_library_convs(text: str) -> bool:
+    """Whether ``text`` has convolutions, all readable, totalling at most :data:`SMALL_CONV_MACS`."""
+    if "stablehlo.convolution" not in text:
+        return False
+    macs = conv_macs(text)
+    return macs is not None and macs <= SMALL_CONV_MACS

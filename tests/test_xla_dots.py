@@ -11,7 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import jaxinfer
 from jaxinfer import model as model_mod
-from jaxinfer.xla_dots import BIG_WEIGHT, FEW_ROWS, DotShape, dot_shapes, prefers_xla_loops
+from jaxinfer.xla_dots import (BIG_WEIGHT, FEW_ROWS, SMALL_CONV_MACS, DotShape, conv_macs, dot_shapes,
+                                prefers_library_convs, prefers_xla_loops)
 
 
 def _text(fn, *shapes_dtypes):
@@ -93,3 +94,46 @@ def test_a_dot_it_cannot_read_keeps_the_library():
     assert prefers_xla_loops(text)
     odd = text + "\n    %9 = stablehlo.dot_general %a, %b : (tensor<8x4xcomplex<f32>>, tensor<4x4xcomplex<f32>>) -> x\n"
     assert not prefers_xla_loops(odd)
+
+
+def _conv_text(x_shape, w_shape, groups=1):
+    conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", feature_group_count=groups)  # noqa: E731
+    return _text(conv, (x_shape, jnp.float32), (w_shape, jnp.float32))
+
+
+def test_conv_macs_counts_output_elements_times_taps():
+    assert conv_macs(_conv_text((1, 3, 32, 32), (16, 3, 3, 3))) == 32 * 32 * 16 * 3 * 3 * 3
+    assert conv_macs(_conv_text((2, 8, 16, 16), (12, 2, 3, 3), groups=4)) == 2 * 12 * 16 * 16 * 2 * 3 * 3
+    assert conv_macs("no convolutions") == 0
+
+
+@pytest.mark.parametrize(("x_shape", "w_shape", "want"), [
+    ((1, 3, 32, 32), (16, 3, 3, 3), True),      # 0.4 M multiply-adds: the library, on the calling thread
+    ((8, 32, 32, 32), (32, 32, 3, 3), False),   # 75 M: XLA's own convolution
+])
+def test_prefers_library_convs(x_shape, w_shape, want):
+    assert (conv_macs(_conv_text(x_shape, w_shape)) <= SMALL_CONV_MACS) is want
+    assert prefers_library_convs(_conv_text(x_shape, w_shape)) is want
+    assert not prefers_library_convs(_text(lambda x, w: x @ w, ((8, 64), jnp.float32), ((64, 64), jnp.float32)))
+
+
+def test_model_runs_small_convolutions_in_the_library(monkeypatch):
+    chosen = []
+    real = model_mod.options_for
+    monkeypatch.setattr(model_mod, "options_for", lambda low, opts: chosen.append(real(low, opts)) or chosen[-1])
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 8, 3, 3)).astype(np.float32), "W")  # 8 channels in: a
+    # real convolution (a first layer of <= 4 channels becomes a patch-matrix dot, jaxinfer/conv_lowering.py)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1])], "conv",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8, "h", "h"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8, "h", "h"])], [w])
+    m = jaxinfer.load(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    small = rng.standard_normal((1, 8, 16, 16)).astype(np.float32)  # 0.15 M multiply-adds
+    big = rng.standard_normal((4, 8, 64, 64)).astype(np.float32)  # 9.4 M
+    w_np = numpy_helper.to_array(w)
+    ref = jax.jit(lambda x: lax.conv_general_dilated(x, jnp.asarray(w_np), (1, 1), "SAME"))
+    for x, library in ((small, True), (big, False)):
+        np.testing.assert_allclose(m.run({"x": x})["y"], ref(x), rtol=1e-4, atol=1e-4)
+        if model_mod._options_apply():
+            assert (chosen[-1][model_mod.YNN_FUSION_FLAG] == model_mod.TUNE_CANDIDATES["dot+conv"][
+                model_mod.YNN_FUSION_FLAG]) is library
