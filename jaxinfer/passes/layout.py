@@ -16,6 +16,15 @@ from ..graph import Graph, Node
 from .cleanup import eliminate_dead_nodes
 
 
+#: Suffix of the spatial-first copy of a Conv weight (``w`` -> ``w__hwio``).
+HWIO_SUFFIX = "__hwio"
+
+
+def source_weight_name(name: str) -> str:
+    """The model's own name of a weight this pass renamed (``w__hwio`` -> ``w``); others as they are."""
+    return name[: -len(HWIO_SUFFIX)] if name.endswith(HWIO_SUFFIX) else name
+
+
 def conv_weights_spatial_first(graph: Graph) -> Graph:
     """See the module docstring."""
     if graph.fmt != "onnx":
@@ -30,7 +39,7 @@ def conv_weights_spatial_first(graph: Graph) -> Graph:
                 and np.asarray(w).ndim >= 3 and np.asarray(w).dtype.kind == "f"):
             w = np.asarray(w)
             n = w.ndim - 2
-            new_name = f"{w_name}__hwio"
+            new_name = f"{w_name}{HWIO_SUFFIX}"
             if new_name not in inits:
                 inits[new_name] = np.ascontiguousarray(np.transpose(w, tuple(range(2, 2 + n)) + (1, 0)))
             inputs = (node.inputs[0], new_name) + tuple(node.inputs[2:])

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import UnmatchedExcludeWarning, warn
 from ..graph import Graph, Node
+from ..passes.layout import source_weight_name
 
 #: op type -> the input slots that may hold a weight. Conv routes through ``arith.conv``
 #: once conv_pool.py calls it (see ``CONV_VIA_ARITH``); until then it is not quantized.
@@ -82,12 +83,14 @@ def _channel_axes(node: Node, slot: int, w: np.ndarray) -> tuple[int, ...] | Non
 
 
 def matches(patterns: Sequence[str], node: Node, weight: str) -> bool:
-    """``exclude`` globs: node names, ``"op:Type"`` and initializer (weight) names."""
+    """``exclude`` globs: node names, ``"op:Type"`` and initializer (weight) names, a weight also by the
+    name the model file gave it (a load pass may have renamed it: ``w1`` -> ``w1__hwio``)."""
+    source = source_weight_name(weight)
     for p in patterns:
         if p.startswith("op:"):
             if fnmatch.fnmatchcase(node.op_type, p[3:]):
                 return True
-        elif fnmatch.fnmatchcase(node.name, p) or fnmatch.fnmatchcase(weight, p):
+        elif fnmatch.fnmatchcase(node.name, p) or fnmatch.fnmatchcase(weight, p) or fnmatch.fnmatchcase(source, p):
             return True
     return False
 
@@ -122,7 +125,8 @@ def unmatched_patterns(patterns: Sequence[str], graph: Graph, params: Iterable[s
     """
     nodes = [node for node, _ in graph.walk()]
     op_types = sorted({n.op_type for n in nodes})
-    names = sorted({n.name for n in nodes if n.name} | set(graph.initializers) | set(params))
+    weights = set(graph.initializers) | set(params)
+    names = sorted({n.name for n in nodes if n.name} | weights | {source_weight_name(w) for w in weights})
     found: dict[str, list[str]] = {}
     for p in patterns:
         kind, pool = (p[3:], op_types) if p.startswith("op:") else (p, names)

@@ -66,3 +66,16 @@ def test_suggestions_fall_back_to_example_names(encoder):
     assert list(found) == ["zzzz", "op:Qqqq"]
     assert len(found["zzzz"]) == 3 and all(isinstance(n, str) for n in found["zzzz"])
     assert all(n.startswith("op:") for n in found["op:Qqqq"])
+
+
+def test_a_conv_weight_is_excluded_by_the_name_the_model_file_gave_it(cnn):
+    """The load passes store Conv weights spatial-first under a new name (w1 -> w1__hwio); a glob naming
+    the ONNX initializer still excludes that conv, and is not warned about."""
+    assert "w1__hwio" in cnn.params and "w1" not in cnn.params
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnmatchedExcludeWarning)
+        q = jaxinfer.quantize(cnn, "int8-weight", exclude=["w1", "w3*"])
+        pruned = jaxinfer.prune(cnn, 0.25, exclude=["w2"])
+    rows = {r["layer"]: r["method"] for r in q.report().rows}
+    assert "c1" not in rows and "c3" not in rows and rows["c2"] == "int8-weight", rows  # excluded: left float
+    assert pruned.params["w2__hwio"].shape[-1] == cnn.params["w2__hwio"].shape[-1]  # c2 kept every channel
