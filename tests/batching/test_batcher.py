@@ -250,7 +250,8 @@ def test_drain_on_stop_and_refuse_after(bucketed):
 
 
 def test_a_computed_cpu_batch_is_answered_on_the_loop_thread(warm_model, monkeypatch):
-    """No hand-off when the run is done on return (CPU); a pending one goes to the completion thread."""
+    """No hand-off when the run is done on return (CPU) and nothing waits; a pending run goes to the
+    completion thread."""
     _, bm, timings = warm_model
     x = np.ones((1, 8), np.float32)
     for ready, thread in ((True, "batcher-m"), (False, "batcher-m-done")):
@@ -260,3 +261,24 @@ def test_a_computed_cpu_batch_is_answered_on_the_loop_thread(warm_model, monkeyp
                             on_batch=lambda r: seen.append(threading.current_thread().name)) as b:
             assert b.submit({"x": x}).result(10)["y"].shape[0] == 1
         assert seen == [thread]
+
+
+def test_with_requests_waiting_the_completion_thread_answers_while_the_loop_dispatches(warm_model):
+    """Answering a batch while others wait would hold back their dispatch: then the completion thread
+    answers it; the last batch, with nothing left waiting, is answered on the loop thread."""
+    proto, bm, timings = warm_model
+    seen: list[str] = []
+    real, gate = bm.dispatch, threading.Event()
+    xs = [np.full((1, 8), i, np.float32) for i in range(20)]
+    with DynamicBatcher(bm, LatencyModel(timings), BatcherConfig(max_queue_delay_ms=0, adaptive_cap=False), name="m",
+                        on_batch=lambda r: seen.append(threading.current_thread().name)) as b:
+        try:
+            bm.dispatch = lambda parts: (gate.wait(5), real(parts))[1]  # a busy device: requests gather
+            futures = [b.submit({"x": x}) for x in xs]
+            gate.set()
+            results = [f.result(10) for f in futures]
+        finally:
+            bm.dispatch = real
+    for x, r in zip(xs, results):
+        np.testing.assert_allclose(r["y"], mlp_reference(proto, x)["y"], rtol=1e-5, atol=1e-5)
+    assert "batcher-m-done" in seen and seen[-1] == "batcher-m", seen
