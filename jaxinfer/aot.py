@@ -48,6 +48,7 @@ from jax import export
 from jax.experimental import serialize_executable
 
 from .graph import Graph
+from .tracer import is_out_of_memory
 
 log = logging.getLogger("jaxinfer.aot")
 
@@ -232,7 +233,8 @@ class FirstCallChecked:
 
     Some damage only shows when a deserialized executable first runs (a kernel missing from it),
     so the first call waits for its results; on an error the stored file is dropped, ``fallback()``
-    compiles the program anew and the call is repeated. Later calls go straight to the executable;
+    compiles the program anew and the call is repeated. Running out of memory is the inputs' doing,
+    not the file's: it is raised as it is and the next call is checked again. Later calls go straight to the executable;
     any other attribute is the executable's.
     """
 
@@ -251,6 +253,8 @@ class FirstCallChecked:
             try:
                 out = jax.block_until_ready(self._exe(*args))
             except jax.errors.JaxRuntimeError as e:  # the stored executable is broken: compile instead
+                if is_out_of_memory(e):  # these inputs are too big, not the file broken: keep it, check again
+                    raise
                 COUNTS["executable_failed"] += 1
                 log.warning("stored executable %s failed its first run (%s); compiling the program anew",
                             self._path, e)

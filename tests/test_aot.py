@@ -240,6 +240,26 @@ def test_first_call_failure_of_a_loaded_executable_compiles_anew(tmp_path):
     np.testing.assert_array_equal(np.asarray(checked(*args)["y"]), np.asarray(compiled(*args)["y"]))
 
 
+def test_out_of_memory_on_the_first_call_keeps_the_stored_executable(tmp_path):
+    """Too-big inputs are not a broken file: the error is raised, the file kept, the next call checked."""
+    state = {"oom": True}
+
+    def exe(*args):
+        if state["oom"]:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 274877906944 bytes")
+        return sum(args)
+
+    path = tmp_path / "p.jaxexec"
+    path.write_bytes(b"stored")
+    before = aot.COUNTS["executable_failed"]
+    checked = aot.FirstCallChecked(exe, lambda: pytest.fail("no recompile for an out-of-memory"), path)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+        checked(1, 2)
+    assert path.exists() and aot.COUNTS["executable_failed"] == before
+    state["oom"] = False
+    assert checked(1, 2) == 3
+
+
 def _reseal(path: Path, **changes: object) -> None:
     """Rewrite a stored executable with ``changes`` to its contents and a valid checksum."""
     data = path.read_bytes()
