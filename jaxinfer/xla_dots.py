@@ -103,14 +103,15 @@ def prefers_xla_loops(text: str) -> bool:
 def conv_macs(text: str) -> int | None:
     """Multiply-adds of every ``stablehlo.convolution`` in ``text`` (output elements x kernel taps per
     output); None when one of them cannot be read."""
-    total = 0
+    total = read = 0
     for m in _CONV.finditer(text):
+        read += 1
         kernel, out = _tensor(m["rhs"]), _tensor(m["out"])
         letters = [d.strip() for d in m["kernel"].split(",")]
         if kernel is None or out is None or "o" not in letters or len(letters) != len(kernel[0]):
             return None
         total += math.prod(out[0]) * math.prod(kernel[0]) // max(kernel[0][letters.index("o")], 1)
-    return total if text.count("stablehlo.convolution") == len(_CONV.findall(text)) else None
+    return total if read == text.count("stablehlo.convolution") else None
 
 
 def prefers_library_convs(text: str) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -13,7 +12,7 @@ from .. import arith
 from ..model import Model
 from . import calibrate as cal
 from . import precision
-from .layers import Layer, exclude_patterns, find_layers, warn_unmatched
+from .layers import Layer, exclude_patterns, find_layers, is_real, require_model, warn_unmatched
 from .report import QuantReport, compare, end_to_end
 
 METHODS = ("bf16", "fp16", "mixed", "int8-weight", "int8-dynamic", "int8-static", "auto")
@@ -169,8 +168,7 @@ def quantize(model: Model, method: str, *, exclude: Sequence[str] = (), calibrat
 
 def _check_model(model: Any) -> None:
     """TypeError for what is not a Model; ValueError for a model quantized already (its weights are int8)."""
-    if not isinstance(model, Model):
-        raise TypeError(f"quantize() takes a jaxinfer Model (e.g. jaxinfer.load(path)), got {type(model).__name__}")
+    require_model(model, "quantize")
     done = sorted({arith.kind(v) for v in model.params.values() if arith.is_quantized(v)})
     if done:
         raise ValueError(f"this model is quantized already ({', '.join(done)} weights); quantize the float model "
@@ -181,7 +179,7 @@ def _check_observer(observer: Any, percentile: Any) -> None:
     """ValueError for an unknown ``observer`` or a ``percentile`` outside (0, 100], before any calibration run."""
     if observer not in cal.OBSERVERS:
         raise ValueError(f"unknown observer {observer!r}; choose one of {list(cal.OBSERVERS)}")
-    if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real) or not 0 < percentile <= 100:
+    if not is_real(percentile) or not 0 < percentile <= 100:
         raise ValueError(f"percentile must be a number in (0, 100] (e.g. 99.99), got {percentile!r}")
 
 
@@ -192,7 +190,7 @@ def _check_budget(budget: Any) -> None:
     if not isinstance(budget, Mapping):
         raise TypeError(f"budget must be a dict like {{'cosine': 0.999}}, got {type(budget).__name__}")
     for key, value in budget.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
+        if not is_real(value) or not 0 < value <= 1:
             raise ValueError(f"budget {key!r} must be a number in (0, 1], got {value!r}")
 
 

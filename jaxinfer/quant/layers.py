@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ import numpy as np
 
 from ..errors import UnmatchedExcludeWarning, warn
 from ..graph import Graph, Node
+from ..model import Model
 from ..passes.layout import source_weight_name
 
 #: op type -> the input slots that may hold a weight. Conv routes through ``arith.conv``
@@ -93,6 +95,17 @@ def matches(patterns: Sequence[str], node: Node, weight: str) -> bool:
         elif fnmatch.fnmatchcase(node.name, p) or fnmatch.fnmatchcase(weight, p) or fnmatch.fnmatchcase(source, p):
             return True
     return False
+
+
+def is_real(value: Any) -> bool:
+    """A real number, not a bool (``True`` would read as 1): the quantize/prune numeric arguments."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def require_model(model: Any, fn: str) -> None:
+    """TypeError naming ``fn`` for what is not a jaxinfer Model (quantize and prune take one)."""
+    if not isinstance(model, Model):
+        raise TypeError(f"{fn}() takes a jaxinfer Model (e.g. jaxinfer.load(path)), got {type(model).__name__}")
 
 
 def exclude_patterns(exclude: Any) -> tuple[str, ...]:

@@ -29,7 +29,6 @@ moves the next layer least).
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +39,7 @@ from .. import arith
 from ..graph import Graph, Node
 from ..model import Model
 from . import calibrate as cal
-from .layers import exclude_patterns, matches, warn_unmatched
+from .layers import exclude_patterns, is_real, matches, require_model, warn_unmatched
 from .report import QuantReport, cosine, end_to_end
 
 CRITERIA = ("l1", "l2", "sensitivity")
@@ -473,9 +472,8 @@ def prune(model: Model, sparsity: float = 0.3, *, exclude: Sequence[str] | str =
     """
     from .api import build
 
-    if not isinstance(model, Model):
-        raise TypeError(f"prune() takes a jaxinfer Model (e.g. jaxinfer.load(path)), got {type(model).__name__}")
-    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0.0 <= sparsity < 1.0:
+    require_model(model, "prune")
+    if not is_real(sparsity) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be a number in [0, 1) (the fraction of channels removed), got {sparsity!r}")
     if criterion not in CRITERIA:
         raise ValueError(f"unknown pruning criterion '{criterion}'; choose one of {list(CRITERIA)}")
