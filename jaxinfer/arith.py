@@ -16,6 +16,9 @@ weight it receives is:
   activation is quantized to int8 at run time, per row (``act_scale is None``: dynamic) or
   with the calibrated per-tensor scale (static), and the product runs int8 x int8 -> int32
   (qwix's ``dot_general`` fast path: ``preferred_element_type=int32``), then both scales.
+  Where int8 dots are not trusted (GPU, :func:`jaxinfer.intmath.native_int8_dots`) the int8
+  activation values and the int8 weight go into a float32 dot instead: the same numbers up to
+  float32 rounding, and the weight still stays int8 in memory.
 
 qwix has the int8 array and the quantized dot, but no place to say "quantize the other
 operand too, with this calibrated scale" outside its Flax interception providers, which a
@@ -190,6 +193,8 @@ def _w8a8_dot(lhs: Any, w: W8A8, dims: Any, pet: Any) -> jax.Array:
         xq = quantize_rows(lhs, lc)
     else:
         xq = quantize_static(lhs, w.act_scale)
+    if not intmath.native_int8_dots():  # the int8 activation's values, the int8 weight into a float dot
+        return _weight_only_dot(qwix.dequantize(xq).astype(out_dtype), w.w, dims, PRECISION, out_dtype)
     return qwix.dot_general(xq, w.w, dims, preferred_element_type=out_dtype)
 
 
@@ -227,8 +232,10 @@ def einsum(equation: str, *operands: Any) -> jax.Array:
             ops.append(o)
         elif w8a8 is not None:
             x = jnp.asarray(o)
-            ops.append(quantize_static(x, w8a8.act_scale) if w8a8.act_scale is not None
-                       else qwix.quantize(x, jnp.int8))
+            xq = (quantize_static(x, w8a8.act_scale) if w8a8.act_scale is not None
+                  else qwix.quantize(x, jnp.int8))
+            # no int8 x int8 einsum where int8 dots are not trusted: the quantized values, in float
+            ops.append(xq if intmath.native_int8_dots() else qwix.dequantize(xq).astype(x.dtype))
         else:
             ops.append(o)
     return qwix.einsum(equation, *ops, preferred_element_type=jnp.float32)
@@ -243,8 +250,8 @@ def conv(lhs: Any, rhs: Any, window_strides: Sequence[int], padding: Any, *, lhs
     int8-weight: the kernel is dequantized into the conv (XLA fuses the convert on
     accelerators; on CPU it is a small per-call copy of the kernel). w8a8: the input is
     quantized per sample (dynamic) or with the calibrated scale (static), then the conv runs
-    int8 x int8 -> int32: on CPU through :func:`jaxinfer.intmath.exact_conv` (XLA CPU's integer
-    convolution is ~10x slower than the exact float32 route), elsewhere through qwix.
+    int8 x int8 -> int32 through :func:`jaxinfer.intmath.exact_conv` (XLA CPU's integer convolution
+    is ~10x slower than the exact float32 route, XLA GPU has none), on TPU through qwix.
     """
     kw = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
               feature_group_count=feature_group_count, batch_group_count=batch_group_count)
@@ -255,10 +262,14 @@ def conv(lhs: Any, rhs: Any, window_strides: Sequence[int], padding: Any, *, lhs
             xq = qwix.quantize(x, jnp.int8, channelwise_axes=(_batch_axis(dimension_numbers, x.ndim),))
         else:
             xq = quantize_static(x, rhs.act_scale)
-        if jax.default_backend() == "cpu":
+        if jax.default_backend() != "tpu":
             y = _exact_w8a8_conv(xq, untransposed(rhs), window_strides, padding, out_dtype, kw)
             if y is not None:
                 return y
+        if not intmath.native_int8_dots():  # XLA GPU: no integer convolutions
+            return conv_lowering.conv_general_dilated(
+                qwix.dequantize(xq).astype(out_dtype), qwix.dequantize(untransposed(rhs)).astype(out_dtype),
+                window_strides, padding, precision=PRECISION, preferred_element_type=out_dtype, **kw)
         return qwix.conv_general_dilated(xq, untransposed(rhs), window_strides, padding, preferred_element_type=out_dtype,
                                          **kw)
     if isinstance(rhs, QArray):

@@ -18,6 +18,8 @@ Matmuls of 8-bit operands go another way (:func:`zp_matmul`): a true int8 x int8
 (``sum (a - za)(b - zb) = a.b - za*colsum(b) - zb*rowsum(a) + K*za*zb``). XLA CPU hands
 those dots to its int8 library kernels, which read a quarter of the float32 route's bytes
 (8x1024 x 1024x4096: ~0.7 ms against ~2.5 ms for converting both sides and a float dot).
+That route is taken where int8 dots are trusted (:func:`native_int8_dots`: XLA CPU, TPU); on
+GPU the exact float route is used instead (see there why).
 """
 
 from __future__ import annotations
@@ -38,6 +40,18 @@ F32_EXACT = 1 << 24
 #: Products above this bound (int16 x int8) leave float32 chunks too short to pay off: use float64.
 CHUNK_BOUND_MAX = 1 << 16
 _HIGHEST = lax.Precision.HIGHEST
+
+
+def native_int8_dots() -> bool:
+    """Whether int8 x int8 -> int32 ``dot_general`` is used as such: on XLA CPU (its int8 library
+    kernels; every quantized test checks it) and TPU (int8 matrix units; not run here).
+
+    On GPU the exact float sums are used instead. On an H200 (jax 0.11.2, CUDA 13) XLA's int8 dots
+    returned wrong sums: ONNX MatMulInteger of a 4x3 by 3x2 uint8 product gave 1844 where -38 is
+    right, and QLinearMatMul, TFLite hybrid LSTM/RNN/SVDF and w8a8 products were off the same way.
+    XLA GPU has no integer convolutions at all (``UNIMPLEMENTED``: cuDNN lowers only narrow idioms).
+    """
+    return jax.default_backend() in ("cpu", "tpu")
 
 
 def abs_bound(dtype: Any, shifted: bool) -> int:
@@ -128,11 +142,12 @@ def zp_matmul(a: Any, a_zp: Any, b: Any, b_zp: Any, *, trans_b: bool = False) ->
     (broadcasting against ``a`` with size 1 on K), ``b_zp`` None, a scalar or per column
     (broadcasting against ``b`` with size 1 on K; [N, 1] when ``trans_b``). Two 8-bit operands
     take one int8 dot with the zero points applied after it; int32 wraps, so the result is exact
-    whenever the true sum fits int32. Other dtypes go through :func:`exact_matmul`.
+    whenever the true sum fits int32. Other dtypes, and every dtype where int8 dots are not
+    trusted (:func:`native_int8_dots`), go through :func:`exact_matmul`.
     """
     a, b = jnp.asarray(a), jnp.asarray(b)
     a8, b8 = _int8(a), _int8(b)
-    if a8 is None or b8 is None or a.ndim < 2 or b.ndim < 2:
+    if a8 is None or b8 is None or a.ndim < 2 or b.ndim < 2 or not native_int8_dots():
         bound = abs_bound(a.dtype, a_zp is not None) * abs_bound(b.dtype, b_zp is not None)
         ai = a.astype(jnp.int32) - (0 if a_zp is None else jnp.asarray(a_zp).astype(jnp.int32))
         bi = b.astype(jnp.int32) - (0 if b_zp is None else jnp.asarray(b_zp).astype(jnp.int32))

@@ -7,6 +7,12 @@ evaluated eagerly at trace time (``jax.ensure_compile_time_eval``), so shape
 arithmetic folds to Python/numpy values and XLA sees static shapes. Inputs an
 op declares static must be concrete; a tracer there is a clear error naming the
 node, the slot and where the value came from.
+
+Every dot and convolution in the function asks for full float32 products
+(:data:`FLOAT_PRECISION`, a ``jax.default_matmul_precision`` scope around the graph's
+evaluation), as ONNX and TFLite define them: XLA GPU otherwise runs precision-less float32
+dots in TF32 (an H200 run: ONNX LSTM/GRU/RNN 2e-4..1e-3 off onnxruntime, a TFLite float conv
+fixture 8e-3 off LiteRT). The scope is inside ``fn``, so ``jax.jit(model.fn)`` gets it too.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ FOLD_LIMIT = 1 << 16
 #: No value may have more elements than this (4 TiB of float32): more is a corrupt or hostile shape,
 #: and XLA aborts the process on shapes whose element count overflows int64.
 MAX_ELEMENTS = 1 << 40
+#: The matmul/conv precision every model function traces under (see the module docstring).
+FLOAT_PRECISION = "highest"
 
 
 def is_concrete(value: Any) -> bool:
@@ -383,7 +391,8 @@ def make_fn(graph: Graph, registry: Registry, constants: Mapping[str, Any],
         env.update(params)
         env.update(state)
         env.update(inputs)
-        vals = evaluate(graph, registry, env, graph.opsets, keep, out_names + next_names)
+        with jax.default_matmul_precision(FLOAT_PRECISION):
+            vals = evaluate(graph, registry, env, graph.opsets, keep, out_names + next_names)
         outs = dict(zip(out_names, vals[: len(out_names)]))
         return outs, dict(zip(state_names, vals[len(out_names):]))
 
