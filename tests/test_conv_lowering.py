@@ -12,6 +12,7 @@ from jaxinfer import conv_lowering
 from jaxinfer.conv_lowering import conv_general_dilated, use_patches
 
 HIGHEST = lax.Precision.HIGHEST
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the patch lowering is for XLA CPU only")
 
 
 def _both(x, w, strides, padding, **kw):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -41,7 +42,8 @@ def test_exact_conv_equals_int32_conv(dn, groups, cin):
     x = ints((2, cin, 9, 9) if nchw else (2, 9, 9, cin), -255, 255)
     w = ints((6, cin // groups, 3, 3) if nchw else (3, 3, cin // groups, 6), -128, 127)
     kw = dict(dimension_numbers=dn, feature_group_count=groups, rhs_dilation=(2, 1))
-    want = lax.conv_general_dilated(x, w, (2, 1), [(1, 2), (0, 1)], preferred_element_type=jnp.int32, **kw)
+    with jax.default_device(jax.devices("cpu")[0]):  # the reference is an integer convolution, which XLA GPU does not have
+        want = lax.conv_general_dilated(x, w, (2, 1), [(1, 2), (0, 1)], preferred_element_type=jnp.int32, **kw)
     got = intmath.exact_conv(x, w, (2, 1), [(1, 2), (0, 1)], bound=255 * 128, **kw)
     assert got.dtype == jnp.int32 and np.array_equal(np.asarray(got), np.asarray(want))
 
@@ -60,7 +62,8 @@ def test_w8a8_conv_matches_qwix():
         got = arith.conv(x, arith.W8A8(wq, act_scale), (1, 1), "SAME")
         xq = (qwix.quantize(x, jnp.int8, channelwise_axes=(0,)) if act_scale is None
               else arith.quantize_static(x, act_scale))
-        want = qwix.conv_general_dilated(xq, wq, (1, 1), "SAME", preferred_element_type=jnp.float32)
+        with jax.default_device(jax.devices("cpu")[0]):  # qwix's int8 convolution: XLA GPU has no integer convolutions
+            want = qwix.conv_general_dilated(xq, wq, (1, 1), "SAME", preferred_element_type=jnp.float32)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 

@@ -106,7 +106,9 @@ def test_xla_running_out_of_memory_is_an_out_of_memory_error(monkeypatch):
     an OutOfMemoryError naming the model and the inputs; the next, smaller input runs."""
     monkeypatch.setattr(tracer, "memory_limit", lambda: None)
     n = max(2**36, tracer._host_bytes() // 2 + 1)
-    if jax.default_backend() == "cpu" and not (n <= tracer.MAX_ELEMENTS and _overcommit_refuses(n * 4)):
+    if jax.default_backend() != "cpu":  # seen on an H200: XLA GPU aborted the process (the trace-time limit is off)
+        pytest.skip("XLA GPU aborts on this allocation instead of answering RESOURCE_EXHAUSTED")
+    if not (n <= tracer.MAX_ELEMENTS and _overcommit_refuses(n * 4)):
         pytest.skip("this OS might grant the allocation and then kill the process for it")
     m = _sized_by_input("Expand")
     with pytest.raises(OutOfMemoryError) as info:

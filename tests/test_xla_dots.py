@@ -131,7 +131,7 @@ def test_model_runs_small_convolutions_in_the_library(monkeypatch):
     small = rng.standard_normal((1, 8, 16, 16)).astype(np.float32)  # 0.15 M multiply-adds
     big = rng.standard_normal((4, 8, 64, 64)).astype(np.float32)  # 9.4 M
     w_np = numpy_helper.to_array(w)
-    ref = jax.jit(lambda x: lax.conv_general_dilated(x, jnp.asarray(w_np), (1, 1), "SAME"))
+    ref = jax.jit(lambda x: lax.conv_general_dilated(x, jnp.asarray(w_np), (1, 1), "SAME", precision=lax.Precision.HIGHEST))
     for x, library in ((small, True), (big, False)):
         np.testing.assert_allclose(m.run({"x": x})["y"], ref(x), rtol=1e-4, atol=1e-4)
         if model_mod._options_apply():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -281,4 +282,6 @@ def test_with_requests_waiting_the_completion_thread_answers_while_the_loop_disp
             bm.dispatch = real
     for x, r in zip(xs, results):
         np.testing.assert_allclose(r["y"], mlp_reference(proto, x)["y"], rtol=1e-5, atol=1e-5)
-    assert "batcher-m-done" in seen and seen[-1] == "batcher-m", seen
+    assert "batcher-m-done" in seen, seen
+    if jax.default_backend() == "cpu":  # elsewhere a batch is still running when dispatch returns
+        assert seen[-1] == "batcher-m", seen

@@ -5,7 +5,7 @@ import pytest
 import qwix
 from jax import lax
 
-from jaxinfer import arith
+from jaxinfer import arith, intmath
 from jaxinfer.quant.report import cosine
 
 rng = np.random.default_rng(0)
@@ -31,6 +31,7 @@ def test_quantized_matmul_close_to_float(weight):
     assert cosine(y, X @ W) > 0.999
 
 
+@pytest.mark.skipif(not intmath.native_int8_dots(), reason="int8 dots are not used on this backend")
 def test_w8a8_runs_int8_dot_with_int32_accumulation():
     jaxpr = str(jax.make_jaxpr(lambda x, w: arith.matmul(x, w))(X, arith.W8A8(q8(W))))
     assert "preferred_element_type=int32" in jaxpr and "i8[" in jaxpr

@@ -30,7 +30,8 @@ def test_load_infer_fp32_matches_run(encoder_file, calib):
     mm = jaxinfer.ModelManager(device="cpu", precision="fp32")
     model = mm.load_model(encoder_file)
     res = mm.infer(jaxinfer.InferenceRequest(inputs=calib[0]))
-    want = jaxinfer.load(encoder_file).run(calib[0])["y"]
+    with jax.default_device(jax.devices("cpu")[0]):  # the same device as the manager's, so the same program
+        want = jaxinfer.load(encoder_file).run(calib[0])["y"]
     np.testing.assert_array_equal(res.output_logits, want)
     assert res.latency_ms > 0 and model.report() is None
     assert all(d.platform == "cpu" for v in jax.tree_util.tree_leaves(model.model.params) for d in v.devices())
