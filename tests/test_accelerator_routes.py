@@ -148,3 +148,36 @@ def test_w8a8_conv_without_integer_convolutions(float_int8_route, monkeypatch, e
     conv = jax.jit(lambda x, w: arith.conv(x, w, (1, 1), "SAME", dimension_numbers=dn))
     np.testing.assert_allclose(np.asarray(conv(x, w)), want, rtol=1e-5, atol=1e-5)
     assert not _integer_products(conv.lower(x, w).as_text())
+
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
+
+
+def _feeds(m: jaxinfer.Model, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for s in m.inputs:
+        shape = [d if isinstance(d, int) and d > 0 else (2 if k == 0 else 8) for k, d in enumerate(s.shape)]
+        dt = np.dtype(s.dtype)
+        if dt.kind in "iu":
+            feeds[s.name] = (rng.integers(0, 100, shape) if "mask" not in s.name else np.ones(shape)).astype(dt)
+        else:
+            feeds[s.name] = rng.standard_normal(shape).astype(dt)
+    return feeds
+
+
+@pytest.mark.parametrize("path", ["onnx/cnn_qdq.onnx", "onnx/cnn_qoperator.onnx", "onnx/cnn_dynamic.onnx",
+                                  "onnx/bert_qoperator.onnx", "tflite/hybrid_mlp.tflite"])
+def test_quantized_fixtures_are_bit_identical_on_the_float_route(monkeypatch, path):
+    """Whole pre-quantized models: the integer products the GPU route computes in float are the same
+    integers, so every output is the same bits as on the int8-dot route."""
+    native = jaxinfer.load(FIXTURES / path)
+    feeds = _feeds(native, 0)
+    want = native.run(feeds)
+    assert _integer_products(_program(native, native.check_inputs(feeds)))  # traced before the patch
+    monkeypatch.setattr(intmath, "native_int8_dots", lambda: False)
+    m = jaxinfer.load(FIXTURES / path)
+    got = m.run(feeds)
+    assert not _integer_products(_program(m, m.check_inputs(feeds)))
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=f"{path}: {name}")
