@@ -54,6 +54,23 @@ def native_int8_dots() -> bool:
     return jax.default_backend() in ("cpu", "tpu")
 
 
+def ieee_division() -> bool:
+    """Whether XLA divides float32 as written here: not on GPU, where an H200 run rounded
+    ``x / scale`` like ``x * (1 / scale)`` (ONNX DynamicQuantizeLinear of -2.5 with scale 5/255 came
+    out -127.5, a tie that rounds to -128, where the float32 division gives -127.49999 and -127)."""
+    return jax.default_backend() != "gpu"
+
+
+def divide(x: Any, s: Any) -> jax.Array:
+    """``x / s`` rounded as one float32 (or wider) division on every backend: where XLA may not divide
+    as written (:func:`ieee_division`) a float32 quotient is taken in float64 and rounded back, which
+    gives the float32 quotient (53 >= 2 * 24 + 2 bits: double rounding of a quotient is harmless)."""
+    x, s = jnp.asarray(x), jnp.asarray(s)
+    if ieee_division() or jnp.result_type(x, s) != jnp.float32:
+        return x / s
+    return (x.astype(jnp.float64) / s.astype(jnp.float64)).astype(jnp.float32)
+
+
 def abs_bound(dtype: Any, shifted: bool) -> int:
     """Largest |v| of an integer tensor of ``dtype``; ``shifted``: of ``v - zero_point`` (zp in range)."""
     info = ml_dtypes.iinfo(np.dtype(dtype))  # numpy's iinfo does not know int4/uint4

@@ -181,3 +181,51 @@ def test_quantized_fixtures_are_bit_identical_on_the_float_route(monkeypatch, pa
     assert not _integer_products(_program(m, m.check_inputs(feeds)))
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], value, err_msg=f"{path}: {name}")
+
+
+def _dynamic_quantize_model() -> jaxinfer.Model:
+    return jaxinfer.load(_model([helper.make_node("DynamicQuantizeLinear", ["x"], ["y", "s", "z"])],
+                                [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                                [helper.make_tensor_value_info(n, t, None) for n, t in
+                                 (("y", TensorProto.UINT8), ("s", TensorProto.FLOAT), ("z", TensorProto.UINT8))],
+                                opset=11))
+
+
+def _dynamic_quantize(x):
+    return _dynamic_quantize_model().run({"x": x})
+
+
+def _quantize_linear(x, scale):
+    m = _model([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"])],
+               [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+               [helper.make_tensor_value_info("y", TensorProto.INT8, None)],
+               [numpy_helper.from_array(np.float32(scale), "s"), numpy_helper.from_array(np.int8(3), "z")], opset=13)
+    return jaxinfer.load(m).run({"x": x})["y"]
+
+
+def test_quantizers_divide_as_float32_on_the_gpu_route(monkeypatch):
+    """Where XLA may turn ``x / scale`` into ``x * (1 / scale)`` (GPU) quantizers divide in float64:
+    forced here, the same bits as float32 division, the H200's tie case included."""
+    tie = np.array([0, 2, -3, -2.5, 1.34, 0.5], np.float32)  # the ONNX backend case: -2.5 / (5/255)
+    x = (RNG.standard_normal(4096) * 3).astype(np.float32)
+    scale = np.float32(5) / np.float32(255)
+
+    def run():
+        return [_dynamic_quantize(tie), _dynamic_quantize(x), {"y": _quantize_linear(x, scale)}]
+
+    want = run()
+    assert list(want[0]["y"]) == [153, 255, 0, 26, 221, 179]
+    monkeypatch.setattr(intmath, "ieee_division", lambda: False)
+    assert any("xf64>" in line for line in _ops(_program(_dynamic_quantize_model(), {"x": tie}), "divide"))
+    for got, ref in zip(run(), want):
+        for name in ref:
+            np.testing.assert_array_equal(got[name], ref[name])
+    reciprocal = np.clip(np.round(tie * (np.float32(1) / scale)) + 153, 0, 255)
+    assert reciprocal[3] == 25  # what the GPU gave: the rounding this route avoids
+
+
+def test_divide_matches_float32_division():
+    x = RNG.standard_normal(100_000).astype(np.float32) * np.float32(1e3)
+    s = np.abs(RNG.standard_normal(100_000)).astype(np.float32) + np.float32(1e-3)
+    f64 = (x.astype(np.float64) / s.astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(f64, x / s)  # the identity the GPU route rests on

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ....intmath import abs_bound, exact_conv, exact_float, zero_point, zp_matmul
+from ....intmath import abs_bound, divide, exact_conv, exact_float, zero_point, zp_matmul
 from ....registry import OpDef, registrar
 from ._util import auto_pads, dtype_of
 from ._util import axis as norm_axis
@@ -57,7 +57,7 @@ def _deq(x: Any, scale: Any, zp: Any) -> Any:
 def _quant(v: Any, scale: Any, zp: Any, dtype: Any) -> Any:
     """float32 -> ``dtype``: divide by scale, round half to even, add the zero point, saturate."""
     lo, hi = _range(dtype)
-    q = jnp.round(v / _scalar(scale)) + _zp(zp).astype(F32)
+    q = jnp.round(divide(v, _scalar(scale))) + _zp(zp).astype(F32)
     return jnp.clip(q, lo, hi).astype(dtype)
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ....intmath import abs_bound, exact_conv, zero_point, zp_matmul
+from ....intmath import abs_bound, divide, exact_conv, zero_point, zp_matmul
 from ....registry import OpDef, registrar
 from ._util import auto_pads, axis as norm_axis, dtype_of
 
@@ -83,7 +83,7 @@ def _quantize(x: Any, y_scale: Any, zero_point: Any, *, axis: int, saturate: int
         compute = scale.dtype  # the scale's type sets the division's precision
     else:
         compute = jnp.result_type(x, scale)
-    v = jnp.asarray(x).astype(compute) / scale.astype(compute)
+    v = divide(jnp.asarray(x).astype(compute), scale.astype(compute))
     zp = None if zero_point is None else _per_axis(zero_point, shape, axis, block_size)
     if _is_int_target(target):
         # Round in the compute type, then add the zero point in integers (no float rounding of zp).
@@ -141,8 +141,8 @@ def dynamic_quantize_linear(x):
     hi = jnp.maximum(jnp.max(x), 0.0).astype(jnp.float32)
     lo = jnp.minimum(jnp.min(x), 0.0).astype(jnp.float32)
     scale = jnp.where(hi == lo, jnp.float32(1.0), hi - lo) / jnp.float32(255.0)
-    zp = jnp.round(jnp.clip(-lo / scale, 0.0, 255.0))
-    y = jnp.clip(jnp.round(x.astype(jnp.float32) / scale) + zp, 0.0, 255.0).astype(jnp.uint8)
+    zp = jnp.round(jnp.clip(divide(-lo, scale), 0.0, 255.0))
+    y = jnp.clip(jnp.round(divide(x.astype(jnp.float32), scale)) + zp, 0.0, 255.0).astype(jnp.uint8)
     return y, scale.astype(x.dtype), zp.astype(jnp.uint8)
 
 
