@@ -155,7 +155,9 @@ def test_cast_to_float8_saturates_from_any_type() -> None:
     x = {"x": np.array([1e6, -np.inf, np.nan, 0.3], np.float64)}
     (out,) = _run(_model("Cast", x, opset=21, to=TensorProto.FLOAT8E5M2), x)
     ref = np.clip(x["x"], -57344, 57344).astype(ml_dtypes.float8_e5m2)
-    np.testing.assert_array_equal(out.view(np.uint8), ref.view(np.uint8))
+    nan = np.isnan(ref.astype(np.float32))  # e5m2 has several NaN encodings; XLA GPU picks another one
+    np.testing.assert_array_equal(out.view(np.uint8)[~nan], ref.view(np.uint8)[~nan])
+    assert np.isnan(out.astype(np.float32)[nan]).all()
     (out,) = _run(_model("Cast", x, opset=21, to=TensorProto.FLOAT8E5M2, saturate=0), x)
     assert np.isinf(out.astype(np.float32)[:2]).all()
 
