@@ -12,6 +12,14 @@ whole-model effect was mixed (0.85-1.17x), so only small, narrow-input 2-D layer
 one 32x32 image's worth of output pixels take the patch route (:func:`use_patches`), and only
 on CPU. Whole models at batch 1, three A/B runs in one process: the exported ONNX CNN 1.12-1.30x,
 the TFLite conv fixtures 0.9-1.13x (noise of this 2-core machine included).
+
+Tried and dropped (session 13): the sum of ``kh * kw * C`` shifted input channels times kernel rows,
+one fused elementwise loop. Alone it beat both routes at every size measured ([8, 32, 32, 3] -> 16:
+732 us convolution, 428 patches, 258 multiply-adds; [1, 224, 224, 3] -> 24 stride 2: 1105 vs 481),
+but in whole models XLA fused that sum into consumers that read it at several offsets (a depthwise
+layer, pooling taps) and redid it there: the ONNX CNN gained (batch 8 1.05 -> 0.83 ms) while the
+TFLite conv fixtures lost 1.4x and the dynamic-quantized CNN 2x (``lax.optimization_barrier`` does
+not survive XLA CPU's pipeline; a stacked ``reduce`` instead of the chain lost everywhere).
 """
 
 from __future__ import annotations
