@@ -10,7 +10,10 @@ ViT, a CNN, their onnxruntime-optimized and quantized variants) are picked up
 when present; their text inputs get token ids, an all-ones attention mask and
 --seq tokens. Prints a table, writes JSON, and the geometric mean of the
 jaxinfer/onnxruntime latency ratio per batch size (all models, light CNNs,
-fixtures). A model that fails to load or run is reported and skipped.
+fixtures). A model that fails to load or run is reported and skipped. jaxinfer runs
+on JAX's default device; on a GPU host onnxruntime takes its CUDA provider when its
+build has one (the lent GPU machines' onnxruntime is CPU-only), and the report
+names both (``devices`` in the JSON).
 
     python benchmarks/onnx_vs_ort.py --runs 20 --json benchmarks/results/onnx_vs_ort.json
 """
@@ -30,7 +33,8 @@ from typing import Any
 import numpy as np
 
 import jaxinfer  # noqa: F401
-from jaxinfer.bench import MIN_BLOCK_S, BenchRow, blocked, compare, geomean, light_models, ort_session, table
+from jaxinfer.bench import (MIN_BLOCK_S, BenchRow, blocked, compare, devices, geomean, light_models, ort_session,
+                             table)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "onnx"
 VOCAB = 256  # the fixtures' vocabulary (tests/fixtures/onnx/README.md)
@@ -120,6 +124,8 @@ def main() -> None:
     p.add_argument("--json", default="benchmarks/results/onnx_vs_ort.json")
     args = p.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
+    where = devices()
+    print(f"jaxinfer on {where['jaxinfer']}, onnxruntime on {where['onnxruntime']}")
 
     def wanted(path: Path) -> bool:
         return not args.models or any(s in path.name for s in args.models.split(","))
@@ -155,7 +161,7 @@ def main() -> None:
     for f in failed:
         print(f"failed: {f['model']}: {f['error']}")
     out = {"rows": rows, "summary": summary, "failed": failed, "seq": args.seq, "tune": args.tune,
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "devices": devices()}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.json}")

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from .model import Model, Signature
@@ -118,6 +119,22 @@ def blocked(fns: Sequence[Callable[[], Any]], runs: int, rounds: int = 3, min_bl
     return [_median_ms(s) for s in samples]
 
 
+def ort_providers() -> list[str]:
+    """onnxruntime's execution providers for a comparison on the device JAX runs on: its CUDA provider
+    when JAX's backend is a GPU and this onnxruntime build has one, else its CPU provider."""
+    import onnxruntime as ort
+
+    if jax.default_backend() == "gpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def devices() -> dict[str, str]:
+    """Where each engine runs, for a benchmark's report: a GPU run next to onnxruntime on the CPU says so."""
+    d = jax.devices()[0]
+    return {"jaxinfer": f"{d.platform}: {d.device_kind}", "onnxruntime": ort_providers()[0]}
+
+
 def ort_session(model_bytes: bytes, threads: int | None = None) -> Any:
     import onnxruntime as ort
 
@@ -125,7 +142,7 @@ def ort_session(model_bytes: bytes, threads: int | None = None) -> Any:
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model_bytes, opts, providers=ort_providers())
 
 
 def compare(model_path: str | Path, batches: Sequence[int] = (1, 8), runs: int = 20,

@@ -31,3 +31,17 @@ def test_interleaved_alternates_calls():
     order: list[str] = []
     bench.interleaved([lambda: order.append("a"), lambda: order.append("b")], runs=2, warmup=1)
     assert "".join(order) == "ababab"
+
+
+def test_onnxruntime_runs_where_jax_runs(monkeypatch):
+    """On a GPU run onnxruntime takes its CUDA provider when it has one, and the report names both."""
+    import jax
+    import onnxruntime as ort
+
+    assert bench.ort_providers() == ["CPUExecutionProvider"]
+    assert bench.devices() == {"jaxinfer": f"cpu: {jax.devices()[0].device_kind}", "onnxruntime": "CPUExecutionProvider"}
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert bench.ort_providers()[0] == "CUDAExecutionProvider"
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert bench.ort_providers() == ["CPUExecutionProvider"]  # the image's CPU-only build: CPU, and said so
