@@ -8,7 +8,8 @@ decoded and queued from ``on_message_complete``, and its answer is written in on
 from the batcher's completion (a loop callback, no coroutine). Everything else, including an infer
 request pipelined behind another on the same connection, goes through ASGI as before, and the answers
 are the same: both paths call :func:`~jaxinfer.serve.app.begin_infer` and
-:func:`~jaxinfer.serve.app.finish_infer`.
+:func:`~jaxinfer.serve.app.finish_infer`. Bytes that are not HTTP/1.1 at all get uvicorn's 400 with a
+``{"error": ...}`` body instead of its plain text.
 
 Bodies with much JSON or many binary bytes (:func:`~jaxinfer.serve.app.worth_offloading`) and JSON replies
 above ``OFFLOAD_BYTES`` take the coroutine path (:func:`~jaxinfer.serve.app.answer`), which decodes and
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+import json
 import urllib.parse
 from concurrent.futures import Future
 from typing import Any
@@ -54,7 +56,7 @@ _STATUS = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in http.
 
 #: What :class:`InferProtocol` uses of uvicorn's protocol; checked by :func:`supported`.
 _NEEDED = ("on_headers_complete", "on_body", "on_message_complete", "on_response_complete", "connection_lost",
-           "shutdown", "data_received")
+           "shutdown", "data_received", "send_400_response")
 
 
 def supported() -> bool:
@@ -155,6 +157,21 @@ class InferProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
             elif cycle.task is not None:
                 cycle.task.cancel()  # still decoding in a worker thread: _after_decode drops it after
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes its parser refused (``msg`` names no detail): the same 400, as
+        ``{"error": ...}`` like every other refusal, and the connection closed (its framing is lost)."""
+        error = (f"malformed HTTP request ({msg.rstrip('.')}): expected HTTP/1.1, e.g. 'POST "
+                 "/v2/models/<model>/infer HTTP/1.1', header lines 'Name: value', and a body of "
+                 "Content-Length bytes or valid chunked encoding")
+        parts = [_STATUS[400]]
+        for name, value in self.server_state.default_headers:
+            parts += [name, b": ", value, b"\r\n"]
+        payload = json.dumps({"error": error}).encode()
+        parts += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(payload),
+                  b"connection: close\r\n\r\n", payload]
+        self.transport.write(b"".join(parts))
+        self.transport.close()
 
     # ------------------------------------------------------------------ the fast path
     def _fast_cycle(self) -> _FastCycle | None:

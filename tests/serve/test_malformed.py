@@ -168,3 +168,45 @@ def test_invented_model_and_version_names_do_not_grow_metrics(server):
     count = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in after}
     assert count['jaxinfer_requests_total{model="",status="404",version=""}'] >= 41
     assert count['jaxinfer_requests_total{model="mlp",status="404",version=""}'] >= 41
+
+
+def _raw_exchange(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send ``request`` as raw bytes on a fresh socket; (status, headers, body) of the answer."""
+    import socket
+
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            assert chunk, f"connection closed without an answer: {data!r}"
+            data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
+        while len(body) < int(headers["content-length"]):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+    return int(lines[0].split(" ", 2)[1]), headers, body
+
+
+FRAMING = {
+    "not http": b"HELLO THERE\r\n\r\n",
+    "bad content-length": b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}",
+    "bad chunk size": b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+    "space in header name": b"GET /v2 HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(FRAMING))
+def test_malformed_http_framing_answers_json(server, case):
+    """Bytes that are not HTTP/1.1 get a 400 whose body is {"error": ...} like every other refusal,
+    then the connection closes (its framing is lost); the server goes on serving."""
+    status, headers, body = _raw_exchange(server.url, FRAMING[case])
+    assert status == 400
+    assert headers["content-type"].startswith("application/json")
+    assert "malformed HTTP request" in json.loads(body)["error"]
+    assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
