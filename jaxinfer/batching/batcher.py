@@ -433,7 +433,10 @@ class DynamicBatcher:
         try:
             batch = self.model.dispatch([i.part for i in group])
         except Exception as exc:  # noqa: BLE001  (delivered to every caller)
-            log.exception("batch for '%s' failed to start", self.name)
+            if isinstance(exc, JaxinferError):  # says what was wrong itself: no traceback needed
+                log.warning("batch for '%s' failed to start: %s", self.name, exc)
+            else:
+                log.exception("batch for '%s' failed to start", self.name)
             for item in group:
                 item.ticket.fail(exc)
             self._report(BatchReport(0, sum(i.part.rows for i in group), len(group), 0.0,

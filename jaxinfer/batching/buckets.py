@@ -226,8 +226,14 @@ class BucketedModel:
         self.late_compiles = 0
 
     # ---------------------------------------------------------------- shapes
+    def _dim_symbols(self) -> set[str]:
+        """The inputs' symbolic dims that take dim buckets: all but the batch dim (dim 0 too when the
+        model has no batch dim, e.g. one with an input read on the host)."""
+        first = 1 if self.layout != "none" else 0
+        return {d for s in self.inputs if s.shape for d in s.shape[first:] if not isinstance(d, int)}
+
     def _check_dim_symbols(self) -> None:
-        present = {d for s in self.inputs if s.shape for d in s.shape[1:] if isinstance(d, str)}
+        present = self._dim_symbols()
         unknown = sorted(set(self.policy.dims) - present)
         if unknown:
             raise BucketError(f"dim buckets {unknown} name no symbolic dim of the inputs; "
@@ -238,8 +244,7 @@ class BucketedModel:
         combos: list[dict[str, int]] = [{}]
         for sym, sizes in self.policy.dims.items():
             combos = [{**c, sym: s} for c in combos for s in sizes]
-        unresolved = sorted({d for s in self.inputs if s.shape for d in s.shape[1:]
-                             if not isinstance(d, int) and d not in self.policy.dims})
+        unresolved = sorted(self._dim_symbols() - set(self.policy.dims))
         if unresolved:
             raise BucketError(f"inputs have dynamic dims {unresolved} without buckets; add them to the "
                               f"policy's dims (config 'dim_buckets'), e.g. {{{unresolved[0]!r}: [16, 32, 64]}}")
@@ -270,6 +275,12 @@ class BucketedModel:
         """Compile every bucket and time it; returns {batch bucket: seconds} (the slowest dim combo)."""
         shapes = self._bucket_shapes()
         timings: dict[int, float] = {}
+        if self.model.value_inputs:  # zeros are no stand-in for a value that picks the program's shapes
+            log.warning("model %s reads inputs %s on the host: each distinct value compiles on its first "
+                        "request, so it is not warmed up", self.model.source or self.model.graph.name,
+                        list(self.model.value_inputs))
+            self.compiles_at_warmup = self.model.stats.compiles
+            return timings
         for i, shape in enumerate(shapes):
             feeds = self.example_feeds(shape)
             outs = self.model.run(feeds)  # compiles

@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..batching import BatcherStoppedError, QueueFullError, RequestTimeoutError
-from ..errors import InputError, JaxinferError
+from ..errors import InputError, JaxinferError, OutOfMemoryError
 from .generate import generate_routes
 from .metrics import Metrics
 from .protocol import HEADER, InferRequest, ProtocolError, decode_infer, encode_infer
@@ -63,6 +63,8 @@ def status_of(exc: BaseException) -> int:
         return 503
     if isinstance(exc, (RequestTimeoutError, asyncio.TimeoutError, TimeoutError)):
         return 504
+    if isinstance(exc, OutOfMemoryError):  # the message names the inputs and the sizes; smaller ones run
+        return 507
     return 500
 
 
