@@ -21,6 +21,8 @@ false`` turns that off.
 
 from __future__ import annotations
 
+import math
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -34,6 +36,24 @@ from ..errors import JaxinferError
 
 class ConfigError(JaxinferError):
     """A config.yaml or serve() option that is malformed; names the key and what was expected."""
+
+
+#: A config.yaml larger than this is refused unread (a real one is a few hundred bytes; YAML parsing runs
+#: in pure Python at about 1.6 MB/s here, so a 50 MB file would hold a load for half a minute).
+MAX_CONFIG_BYTES = 1 << 20
+
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxtuple, _SHOW.maxdict, _SHOW.maxstring, _SHOW.maxother = 3, 10, 10, 6, 60, 60
+
+
+def _show(value: Any, limit: int = 300) -> str:
+    """A bounded repr for error messages: a YAML alias bomb is a tiny object graph but a huge repr."""
+    text = _SHOW.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -54,15 +74,16 @@ class VersionPolicy:
             (key, arg), = value.items()
             if key == "latest":
                 n = arg.get("num_versions", 1) if isinstance(arg, Mapping) else arg
-                if not isinstance(n, int) or n < 1:
-                    raise ConfigError(f"version_policy latest needs a positive count, got {arg!r}")
+                if not _is_int(n) or n < 1:
+                    raise ConfigError(f"version_policy latest needs a positive count, got {_show(arg)}")
                 return cls("latest", n)
             if key == "specific":
                 vs = arg.get("versions", []) if isinstance(arg, Mapping) else arg
-                if not isinstance(vs, (list, tuple)) or not vs or not all(isinstance(v, int) for v in vs):
-                    raise ConfigError(f"version_policy specific needs a list of version numbers, got {arg!r}")
+                if not isinstance(vs, (list, tuple)) or not vs or not all(_is_int(v) for v in vs):
+                    raise ConfigError(f"version_policy specific needs a list of version numbers, got {_show(arg)}")
                 return cls("specific", versions=tuple(sorted(vs)))
-        raise ConfigError(f"version_policy must be 'all', {{latest: N}} or {{specific: [versions]}}, got {value!r}")
+        raise ConfigError(f"version_policy must be 'all', {{latest: N}} or {{specific: [versions]}}, "
+                          f"got {_show(value)}")
 
     def select(self, available: list[int]) -> list[int]:
         """The versions to serve out of those on disk."""
@@ -93,14 +114,14 @@ class GenerationConfig:
         for key in ("slots", "max_len", "max_waiting", "max_new_tokens"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"generation.{key} must be a positive integer, got {value!r}")
+                raise ConfigError(f"generation.{key} must be a positive integer, got {_show(value)}")
         if not all(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= self.max_len
                    for b in self.prefill_buckets):
             raise ConfigError(f"generation.prefill_buckets must be positive integers <= max_len {self.max_len}, "
-                              f"got {list(self.prefill_buckets)}")
+                              f"got {_show(list(self.prefill_buckets))}")
         object.__setattr__(self, "prefill_buckets", tuple(sorted(set(self.prefill_buckets))))
         if self.policy not in ("continuous", "static"):
-            raise ConfigError(f"generation.policy must be 'continuous' or 'static', got {self.policy!r}")
+            raise ConfigError(f"generation.policy must be 'continuous' or 'static', got {_show(self.policy)}")
         if self.max_new_tokens >= self.max_len:
             raise ConfigError(f"generation.max_new_tokens ({self.max_new_tokens}) must be below max_len "
                               f"({self.max_len}) to leave room for a prompt")
@@ -116,16 +137,16 @@ class GenerationConfig:
             return cls(enabled=False)
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: generation must be true/false or a mapping like "
-                              f"{{slots: 8, max_len: 256}}, got {value!r}")
+                              f"{{slots: 8, max_len: 256}}, got {_show(value)}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
-            raise ConfigError(f"{where}: unknown generation key(s) {unknown}; known keys are {sorted(known)}")
+            raise ConfigError(f"{where}: unknown generation key(s) {_show(unknown)}; known keys are {sorted(known)}")
         kw = dict(value)
         if "prefill_buckets" in kw:
             kw["prefill_buckets"] = tuple(_ints(kw["prefill_buckets"], f"{where}: generation.prefill_buckets"))
         if kw.get("tokenizer") is not None and not isinstance(kw["tokenizer"], str):
-            raise ConfigError(f"{where}: generation.tokenizer must be a path string, got {kw['tokenizer']!r}")
+            raise ConfigError(f"{where}: generation.tokenizer must be a path string, got {_show(kw['tokenizer'])}")
         try:
             return cls(**kw)
         except ConfigError as e:
@@ -153,11 +174,21 @@ class ModelConfig:
     generation: GenerationConfig | None = None  # None: a recognised past-KV decoder gets the defaults
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_batch, int) or self.max_batch < 1:
+        for key in ("max_batch", "queue_size", "max_in_flight", "response_cache"):
+            if not _is_int(getattr(self, key)):
+                raise ConfigError(f"{key} must be an integer, got {_show(getattr(self, key))}")
+        if self.max_batch < 1:
             raise ConfigError(f"max_batch must be a positive integer, got {self.max_batch!r}")
+        for key in ("sla_ms", "max_queue_delay_ms", "timeout_ms"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise ConfigError(f"{key} must be a finite number of milliseconds (or null), got {_show(value)}")
+        if not isinstance(self.adaptive_cap, bool):
+            raise ConfigError(f"adaptive_cap must be true or false, got {_show(self.adaptive_cap)}")
         if self.batch_buckets:
-            if not all(isinstance(b, int) and b > 0 for b in self.batch_buckets):
-                raise ConfigError(f"batch_buckets must be positive integers, got {list(self.batch_buckets)}")
+            if not all(_is_int(b) and b > 0 for b in self.batch_buckets):
+                raise ConfigError(f"batch_buckets must be positive integers, got {_show(list(self.batch_buckets))}")
             object.__setattr__(self, "batch_buckets", tuple(sorted(set(self.batch_buckets))))
             object.__setattr__(self, "max_batch", self.batch_buckets[-1])
         if self.response_cache < 0:
@@ -182,7 +213,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+            raise ConfigError(f"{where}: unknown key(s) {_show(unknown)}; known keys are {sorted(known)}")
         kw: dict[str, Any] = {}
         for key, value in raw.items():
             if key == "version_policy":
@@ -191,15 +222,15 @@ class ModelConfig:
                 kw[key] = tuple(_ints(value, f"{where}: batch_buckets"))
             elif key == "dim_buckets":
                 if not isinstance(value, Mapping):
-                    raise ConfigError(f"{where}: dim_buckets must map a dim name to sizes, got {value!r}")
+                    raise ConfigError(f"{where}: dim_buckets must map a dim name to sizes, got {_show(value)}")
                 kw[key] = {str(k): tuple(_ints(v, f"{where}: dim_buckets.{k}")) for k, v in value.items()}
             elif key == "response_cache":
                 kw[key] = _cache_size(value, where)
             elif key == "generation":
                 kw[key] = GenerationConfig.parse(value, where)
             elif key in ("sla_ms", "max_queue_delay_ms", "timeout_ms"):
-                if value is not None and not isinstance(value, (int, float)):
-                    raise ConfigError(f"{where}: {key} must be a number of milliseconds, got {value!r}")
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                    raise ConfigError(f"{where}: {key} must be a number of milliseconds, got {_show(value)}")
                 kw[key] = None if value is None else float(value)
             else:
                 kw[key] = value
@@ -208,15 +239,24 @@ class ModelConfig:
                               "quantize or shard the Model in Python and pass it to jaxinfer.serve")
         try:
             return cls(**kw)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
         except TypeError as e:
             raise ConfigError(f"{where}: {e}") from e
 
     @classmethod
     def load(cls, path: Path) -> ModelConfig:
+        if path.exists() and path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size} bytes is over the {MAX_CONFIG_BYTES}-byte limit "
+                              "for a config.yaml")
         try:
             raw = yaml.safe_load(path.read_text()) if path.exists() else {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        except RecursionError:
+            raise ConfigError(f"{path}: YAML nested too deeply to be a config") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text: {e}") from None
         if raw is not None and not isinstance(raw, Mapping):
             raise ConfigError(f"{path}: expected a mapping of options, got {type(raw).__name__}")
         return cls.from_dict(raw, where=str(path))
@@ -241,7 +281,7 @@ class ModelConfig:
 
 def _ints(value: Any, where: str) -> list[int]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise ConfigError(f"{where} must be a list of integers, got {value!r}")
+        raise ConfigError(f"{where} must be a list of integers, got {_show(value)}")
     return list(value)
 
 
@@ -250,8 +290,8 @@ def _cache_size(value: Any, where: str) -> int:
         return 1024
     if value in (False, None):
         return 0
-    if isinstance(value, int):
+    if _is_int(value):
         return value
-    if isinstance(value, Mapping) and isinstance(value.get("size", 1024), int):
+    if isinstance(value, Mapping) and _is_int(value.get("size", 1024)):
         return int(value.get("size", 1024)) if value.get("enabled", True) else 0
-    raise ConfigError(f"{where}: response_cache must be true/false, a size or {{size: N}}, got {value!r}")
+    raise ConfigError(f"{where}: response_cache must be true/false, a size or {{size: N}}, got {_show(value)}")

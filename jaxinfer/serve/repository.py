@@ -290,7 +290,8 @@ class ModelRepository:
             return {}
         found = {}
         for d in (self.root / name).iterdir():
-            if d.is_dir() and d.name.isdigit():
+            # ASCII digits only: str.isdigit() also passes '²' or '١', which int() refuses or reads as another version
+            if d.is_dir() and d.name.isascii() and d.name.isdigit():
                 path = _model_path(d)
                 if path is not None:
                     found[int(d.name)] = path
@@ -337,7 +338,8 @@ class ModelRepository:
                 for v, path in sorted(wanted.items()):
                     old = current.get(v)
                     stamp = path.stat().st_mtime if path is not None else 0.0
-                    if old is not None and old.stamp == stamp and old.config == config:
+                    # reuse only a live version: an unload racing this load may have stopped it
+                    if old is not None and old.state == "READY" and old.stamp == stamp and old.config == config:
                         fresh[v] = old
                     else:
                         fresh[v] = self._load_one(name, v, path, config)  # warm before publishing
@@ -364,15 +366,17 @@ class ModelRepository:
         self.retired_compiles += mv.compiles
 
     def unload(self, name: str) -> None:
-        with self._lock:
-            gone = self._live.pop(name, None)
-        if gone is None:
-            if name not in self.names():
-                raise ModelNotFoundError(f"no model '{name}' in the repository; models: {self.names()}")
-            return
-        self._errors[name] = "unloaded"
-        for mv in gone.values():
-            self._retire(mv)
+        """Stop serving ``name``: after a load of it in progress (which would publish afterwards), drain it."""
+        if name not in self.names():  # checked first: a client's invented names get no lock
+            raise ModelNotFoundError(f"no model '{name}' in the repository; models: {self.names()}")
+        with self._load_locks.setdefault(name, threading.Lock()):
+            with self._lock:
+                gone = self._live.pop(name, None)
+            if gone is None:
+                return
+            self._errors[name] = "unloaded"
+            for mv in gone.values():
+                self._retire(mv)
 
     def load_all(self) -> dict[str, str]:
         """Load every model; returns {name: error} for those that failed (the rest serve)."""
