@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -350,7 +350,10 @@ def parse_generate(body: bytes, mv: DecoderVersion) -> GenerateRequest:
     """A generate request body -> prompt ids and sampling params; ProtocolError (400) names the problem."""
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise ProtocolError("generate body is nested too deeply; expected a JSON object like "
+                            "{\"input_ids\": [1, 2, 3]}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, or an integer of over 4300 digits
         raise ProtocolError(f"generate body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ProtocolError(f"generate body must be a JSON object like {{\"text_input\": \"...\"}} or "
@@ -367,6 +370,10 @@ def parse_generate(body: bytes, mv: DecoderVersion) -> GenerateRequest:
         text = data["text_input"]
         if not isinstance(text, str):
             raise ProtocolError(f"'text_input' must be a string, got {_short(text)}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate escape such as "\ud800": the tokenizer refuses it
+            raise ProtocolError(f"'text_input' is not valid Unicode text: {e}") from None
         if mv.tokenizer is None:
             why = mv.tokenizer_error or f"model '{mv.name}' has no {TOKENIZER_FILE} in its model or version folder"
             raise ProtocolError(f"'text_input' needs a tokenizer: {why}; send 'input_ids' instead")
@@ -384,7 +391,7 @@ def parse_generate(body: bytes, mv: DecoderVersion) -> GenerateRequest:
         if kw["temperature"] < 0:
             raise ProtocolError(f"parameter 'temperature' must be >= 0 (0 is greedy), got {kw['temperature']}")
     if "top_k" in f:
-        kw["top_k"] = _int(f["top_k"][1], "top_k", lo=0)
+        kw["top_k"] = min(_int(f["top_k"][1], "top_k", lo=0), vocab)  # top_k >= vocab keeps every token
     if "top_p" in f:
         kw["top_p"] = _number(f["top_p"][1], "top_p")
         if not 0 < kw["top_p"] <= 1:
@@ -408,7 +415,7 @@ def _sse(obj: Mapping[str, Any]) -> bytes:
 
 def generate_routes(state: ServerState) -> list[Route]:
     """The generate and generate_stream routes, with and without a version."""
-    from .app import error, read_body, status_of  # app mounts these routes, so it is imported by now
+    from .app import ClientGone, error, read_body, status_of  # app mounts these routes, so it is imported by now
 
     repo, metrics = state.repo, state.metrics
 
@@ -426,7 +433,10 @@ def generate_routes(state: ServerState) -> list[Route]:
         if state.stopping:
             raise BatcherStoppedError("server is shutting down")
         name, pinned = request.path_params["model"], request.path_params.get("version")
-        body = await read_body(request, state.max_body_bytes)
+        try:
+            body = await read_body(request, state.max_body_bytes)
+        except ClientDisconnect:
+            raise ClientGone() from None  # 499, not a logged 500: nobody is left to answer
         for attempt in range(3):
             mv = lookup(name, pinned)
             req = parse_generate(body, mv)
