@@ -36,15 +36,20 @@ class SamplingParams:
         out = []
         if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
             out.append(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        if not np.isfinite(self.temperature) or self.temperature < 0:
-            out.append(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
-            out.append(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not np.isfinite(self.temperature) or not 0 <= self.temperature <= _F32_MAX:
+            out.append(f"temperature must be in [0, {_F32_MAX:.4g}] (0 = greedy; float32 on the device), "
+                       f"got {self.temperature!r}")
+        if not isinstance(self.top_k, (int, np.integer)) or not 0 <= self.top_k < 2**31:
+            out.append(f"top_k must be an int in [0, 2**31) (0 = off; int32 on the device), got {self.top_k!r}")
         if not (0.0 < self.top_p <= 1.0):
             out.append(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
         if not isinstance(self.seed, (int, np.integer)) or not (0 <= self.seed < 2**63):
             out.append(f"seed must be an int in [0, 2**63), got {self.seed!r}")
         return out
+
+
+#: The largest float32: a temperature above it would reach the device as inf.
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def request_key(seed: int) -> np.ndarray:

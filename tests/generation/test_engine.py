@@ -42,6 +42,8 @@ def test_stop_ids_and_max_new_tokens_end_a_request(gpt2):
     (list(range(17)), SamplingParams(max_new_tokens=4), "largest prefill bucket"),
     ([1] * 16, SamplingParams(max_new_tokens=113), "exceeds max_len=128"),
     ([1], SamplingParams(temperature=-0.5), "temperature"),
+    ([1], SamplingParams(temperature=1e308), "temperature"),  # inf once float32 on the device
+    ([1], SamplingParams(top_k=2**31), "top_k"),  # overflowed the engine's int32 top_k array
 ])
 def test_bad_requests_raise_at_submit(gpt2, prompt, params, match):
     with Engine(gpt2) as engine:
