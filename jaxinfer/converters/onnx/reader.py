@@ -8,6 +8,8 @@ CVE-2024-27318 and CVE-2024-5187 here). Corrupt or truncated files raise
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,18 @@ from ...graph import Graph, Node, ValueInfo, structure_problems
 #: Constant nodes holding more float elements than this become params (weights
 #: are arguments, never closure constants).
 CONSTANT_PARAM_LIMIT = 1024
+
+
+def _text(value: str | bytes, what: str) -> str:
+    """``value`` as ``str``: protobuf hands back ``bytes`` for a string field that is not valid UTF-8."""
+    if isinstance(value, bytes):
+        raise ModelLoadError(f"{what} is not valid UTF-8 ({value[:60]!r}); ONNX names and strings are UTF-8 text "
+                             "(a corrupt or damaged file?)")
+    return value
+
+
+def _texts(values: Any, what: str) -> tuple[str, ...]:
+    return tuple(_text(v, what) for v in values)
 
 
 def onnx_dtype(elem_type: int) -> np.dtype:
@@ -44,7 +58,7 @@ def _type_info(name: str, tp: TypeProto) -> ValueInfo:
                 if d.HasField("dim_value"):
                     dims.append(int(d.dim_value))
                 elif d.HasField("dim_param"):
-                    dims.append(d.dim_param)
+                    dims.append(_text(d.dim_param, f"a symbolic dim of '{name}'"))
                 else:
                     dims.append(None)
             shape = tuple(dims)
@@ -77,33 +91,75 @@ def _safe_external_path(base: Path | None, location: str, tensor: str) -> Path:
     return target
 
 
+def _external_int(info: dict[str, str], key: str, tensor: str) -> int | None:
+    """The ``offset``/``length`` entry of a tensor's external data, a non-negative integer (None when absent)."""
+    text = info.get(key)
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ModelLoadError(f"initializer '{tensor}': external data {key} '{text}' is not a non-negative integer")
+    return value
+
+
+#: Element types stored several to a byte in raw_data.
+_PACKED_DTYPES = frozenset({"int4", "uint4", "float4_e2m1fn", "int2", "uint2"})
+
+
+def _raw_size_problem(t: TensorProto) -> str | None:
+    """Why ``t.raw_data`` cannot hold ``t.dims`` of ``t.data_type`` (None when it can, or for packed 4-bit types)."""
+    dtype = onnx_dtype(t.data_type)
+    if dtype.kind == "O" or dtype.name in _PACKED_DTYPES:
+        return None
+    count = math.prod(t.dims)
+    if len(t.raw_data) == count * dtype.itemsize:
+        return None
+    return (f"{len(t.raw_data)} bytes of raw_data; expected {count} x {dtype.itemsize} = {count * dtype.itemsize} "
+            f"bytes for dims {list(t.dims)} of {dtype.name}")
+
+
 def _tensor_to_numpy(t: TensorProto, base: Path | None) -> np.ndarray:
     if any(d < 0 for d in t.dims):
         raise ModelLoadError(f"tensor '{t.name}' has negative dims {list(t.dims)}; expected sizes >= 0")
     if t.data_location == TensorProto.EXTERNAL:
         info = {e.key: e.value for e in t.external_data}
         path = _safe_external_path(base, info.get("location", ""), t.name)
-        offset = int(info.get("offset", 0) or 0)
-        length = info.get("length")
+        offset = _external_int(info, "offset", t.name) or 0
+        length = _external_int(info, "length", t.name)
         with open(path, "rb") as f:
             f.seek(offset)
-            raw = f.read(int(length)) if length else f.read()
+            raw = f.read(length) if length is not None else f.read()
         copy = TensorProto()
         copy.CopyFrom(t)
         del copy.external_data[:]
         copy.data_location = TensorProto.DEFAULT
         copy.raw_data = raw
         t = copy
+    onnx_dtype(t.data_type)  # names an unknown element type
+    problem = _raw_size_problem(t) if t.HasField("raw_data") else None
+    if problem:
+        raise ModelLoadError(f"tensor '{t.name}' has {problem}")
     try:
         return numpy_helper.to_array(t)
     except Exception as e:
-        raise ModelLoadError(f"tensor '{t.name}' cannot be decoded: {e}") from e
+        raise ModelLoadError(f"tensor '{t.name}' ({onnx_dtype(t.data_type).name}, dims {list(t.dims)}) cannot be "
+                             f"decoded: {type(e).__name__}: {e}; expected data holding {math.prod(t.dims)} values of "
+                             "its element type") from e
 
 
 def _sparse_to_numpy(sp: onnx.SparseTensorProto, base: Path | None) -> np.ndarray:
     values = _tensor_to_numpy(sp.values, base)
     indices = _tensor_to_numpy(sp.indices, base).astype(np.int64)
-    dense = np.zeros(tuple(sp.dims), dtype=values.dtype)
+    dims = tuple(int(d) for d in sp.dims)
+    _check_sparse(sp.values.name, dims, values, indices)
+    try:
+        dense = np.zeros(dims, dtype=values.dtype)
+    except (MemoryError, ValueError) as e:
+        raise ModelLoadError(f"sparse tensor '{sp.values.name}': its dense shape {list(dims)} of {values.dtype} cannot "
+                             f"be allocated ({type(e).__name__}: {e}); expected a shape that fits in memory") from e
     if indices.ndim == 1:
         dense.reshape(-1)[indices] = values
     else:
@@ -111,7 +167,38 @@ def _sparse_to_numpy(sp: onnx.SparseTensorProto, base: Path | None) -> np.ndarra
     return dense
 
 
-def _attr_value(a: AttributeProto, base: Path | None) -> Any:
+def _check_sparse(name: str, dims: tuple[int, ...], values: np.ndarray, indices: np.ndarray) -> None:
+    """ModelLoadError unless ``values``/``indices`` fit a sparse tensor of shape ``dims`` (the ONNX spec's layout:
+    ``values`` [NNZ]; ``indices`` [NNZ] linear or [NNZ, rank] per-dim)."""
+    where = f"sparse tensor '{name}' (dims {list(dims)})"
+    if any(d < 0 for d in dims):
+        raise ModelLoadError(f"{where} has negative dims; expected sizes >= 0")
+    if values.ndim != 1:
+        raise ModelLoadError(f"{where}: values have shape {list(values.shape)}; expected one dimension [NNZ]")
+    nnz = values.shape[0]
+    if indices.ndim == 1:
+        size = math.prod(dims)
+        if size > np.iinfo(np.int64).max:
+            raise ModelLoadError(f"{where} has {size} elements, more than int64 indices can address")
+        bounds = np.array([size], np.int64)
+        column_bounds = np.broadcast_to(bounds, (nnz, 1))
+        expected = f"[{nnz}] linear indices"
+    elif indices.ndim == 2 and indices.shape[1] == len(dims):
+        column_bounds = np.broadcast_to(np.array(dims, np.int64), indices.shape)
+        expected = f"[{nnz}, {len(dims)}] per-dim indices"
+    else:
+        raise ModelLoadError(f"{where}: indices have shape {list(indices.shape)}; expected [{nnz}] or [{nnz}, {len(dims)}]")
+    if indices.shape[0] != nnz:
+        raise ModelLoadError(f"{where}: {indices.shape[0]} indices for {nnz} values; expected {expected}")
+    flat = indices.reshape(nnz, -1)
+    bad = (flat < 0) | (flat >= column_bounds)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise ModelLoadError(f"{where}: index {flat[row].tolist()} (entry {row}) is out of range; expected each index "
+                             f"in [0, dim) of its dimension (linear indices in [0, {math.prod(dims)}))")
+
+
+def _attr_value(a: AttributeProto, base: Path | None, opsets: dict[str, int]) -> Any:
     t = a.type
     if t == AttributeProto.FLOAT:
         return float(a.f)
@@ -124,7 +211,7 @@ def _attr_value(a: AttributeProto, base: Path | None) -> Any:
     if t == AttributeProto.SPARSE_TENSOR:
         return _sparse_to_numpy(a.sparse_tensor, base)
     if t == AttributeProto.GRAPH:
-        return read_graph(a.g, {}, base)
+        return read_graph(a.g, opsets, base)
     if t == AttributeProto.FLOATS:
         return tuple(float(x) for x in a.floats)
     if t == AttributeProto.INTS:
@@ -134,7 +221,7 @@ def _attr_value(a: AttributeProto, base: Path | None) -> Any:
     if t == AttributeProto.TENSORS:
         return tuple(_tensor_to_numpy(x, base) for x in a.tensors)
     if t == AttributeProto.GRAPHS:
-        return tuple(read_graph(g, {}, base) for g in a.graphs)
+        return tuple(read_graph(g, opsets, base) for g in a.graphs)
     if t == AttributeProto.TYPE_PROTO:
         return _type_info(a.name, a.tp)
     raise ModelLoadError(f"attribute '{a.name}' has unsupported type {t}")
@@ -155,30 +242,76 @@ def _constant_value(attrs: dict[str, Any]) -> np.ndarray | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _schema(op_type: str, domain: str, opset: int) -> onnx.defs.OpSchema | None:
+    """The ONNX schema of this op at this opset (None: onnx knows none, e.g. contrib domains)."""
+    if not 0 < opset < 2**31:  # get_schema takes a C int; an opset out of that range has no schema anyway
+        return None
+    try:
+        return onnx.defs.get_schema(op_type, opset, domain)
+    except onnx.defs.SchemaError:
+        return None
+
+
+def _attr_type_name(code: int) -> str:
+    return AttributeProto.AttributeType.Name(code) if code in AttributeProto.AttributeType.values() else str(code)
+
+
+def _check_against_schema(n: onnx.NodeProto, op_type: str, domain: str, label: str, opsets: dict[str, int]) -> None:
+    """ModelLoadError for a node the op's ONNX schema rules out: an attribute of another type than declared (an
+    ``axis`` holding a graph would reach the ops and passes, which read it as an int) or a required input left
+    empty (``""``, which the ops would receive as None)."""
+    domain = "" if domain in ("", "ai.onnx") else domain
+    opset = opsets.get(domain)
+    schema = _schema(op_type, domain, opset) if opset is not None else None
+    if schema is None:
+        return
+    for a in n.attribute:
+        declared = schema.attributes.get(a.name)
+        if declared is not None and a.type != int(declared.type.value):
+            raise ModelLoadError(f"{op_type} node '{label}': attribute '{a.name}' has type {_attr_type_name(a.type)}; "
+                                 f"the ONNX schema of {op_type} (opset {opset}) declares "
+                                 f"{_attr_type_name(int(declared.type.value))}")
+    formal = schema.inputs
+    for slot, name in enumerate(n.input):
+        param = formal[min(slot, len(formal) - 1)] if formal else None
+        if not name and param is not None and param.option == onnx.defs.OpSchema.FormalParameterOption.Single:
+            raise ModelLoadError(f"{op_type} node '{label}': input #{slot} ('{param.name}') is empty, but the ONNX "
+                                 f"schema of {op_type} (opset {opset}) requires it; expected a value name")
+
+
 def read_graph(g: GraphProto, opsets: dict[str, int], base: Path | None) -> Graph:
     """Convert one ``GraphProto`` (top level or a subgraph)."""
     inits: dict[str, np.ndarray] = {}
+    graph_name = _text(g.name, "a graph name")
     for t in g.initializer:
-        inits[t.name] = _tensor_to_numpy(t, base)
+        inits[_text(t.name, f"an initializer name in graph '{graph_name}'")] = _tensor_to_numpy(t, base)
     for sp in g.sparse_initializer:
-        inits[sp.values.name] = _sparse_to_numpy(sp, base)
+        inits[_text(sp.values.name, f"a sparse initializer name in graph '{graph_name}'")] = _sparse_to_numpy(sp, base)
     nodes: list[Node] = []
     for i, n in enumerate(g.node):
-        attrs = {a.name: _attr_value(a, base) for a in n.attribute}
+        where = f"node #{i} of graph '{graph_name}'"
+        op_type, domain = _text(n.op_type, f"the op type of {where}"), _text(n.domain, f"the domain of {where}")
+        name = _text(n.name, f"the name of {where}")
+        ins, outs = _texts(n.input, f"an input name of {where}"), _texts(n.output, f"an output name of {where}")
+        _check_against_schema(n, op_type, domain, name or f"{op_type}_{i}", opsets)
+        attrs = {_text(a.name, f"an attribute name of {where}"): _attr_value(a, base, opsets) for a in n.attribute}
         for a in n.attribute:
             if a.ref_attr_name:
                 raise ModelLoadError(f"node '{n.name}': attribute references ('{a.ref_attr_name}') only occur inside functions")
-        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.output) == 1:
+        if op_type == "Constant" and domain in ("", "ai.onnx") and len(outs) == 1:
             value = _constant_value(attrs)
             if value is not None and value.dtype.kind in "fc" and value.size > CONSTANT_PARAM_LIMIT:
-                inits[n.output[0]] = value  # a weight stored as a Constant node: make it a param
+                inits[outs[0]] = value  # a weight stored as a Constant node: make it a param
                 continue
-        nodes.append(Node(n.op_type, tuple(n.input), tuple(n.output), attrs, n.name or f"{n.op_type}_{i}", n.domain))
+        nodes.append(Node(op_type, ins, outs, attrs, name or f"{op_type}_{i}", domain))
     init_names = set(inits)
-    inputs = tuple(_type_info(v.name, v.type) for v in g.input if v.name not in init_names)
-    outputs = tuple(_type_info(v.name, v.type) for v in g.output)
-    value_info = {v.name: _type_info(v.name, v.type) for v in g.value_info}
-    return Graph(tuple(nodes), inputs, outputs, inits, opsets, g.name or "graph", value_info)
+    inputs = tuple(_type_info(_text(v.name, f"an input name of graph '{graph_name}'"), v.type)
+                   for v in g.input if v.name not in init_names)
+    outputs = tuple(_type_info(_text(v.name, f"an output name of graph '{graph_name}'"), v.type) for v in g.output)
+    value_info = {v.name: _type_info(_text(v.name, f"a value_info name of graph '{graph_name}'"), v.type)
+                  for v in g.value_info}
+    return Graph(tuple(nodes), inputs, outputs, inits, opsets, graph_name or "graph", value_info)
 
 
 def load_proto(source: str | os.PathLike[str] | bytes | ModelProto) -> tuple[ModelProto, Path | None]:
@@ -222,12 +355,14 @@ def read_model(source: str | os.PathLike[str] | bytes | ModelProto) -> Graph:
     """Read an ONNX model into a :class:`Graph` (opsets per domain, metadata kept)."""
     proto, base = load_proto(source)
     proto = _inline_functions(proto)
-    opsets = {("" if o.domain in ("", "ai.onnx") else o.domain): int(o.version) for o in proto.opset_import}
+    domains = [_text(o.domain, "an opset_import domain") for o in proto.opset_import]
+    opsets = {("" if d in ("", "ai.onnx") else d): int(o.version) for d, o in zip(domains, proto.opset_import)}
     opsets.setdefault("", 1)
     graph = read_graph(proto.graph, opsets, base)
     problems = structure_problems(graph)
     if problems:
         raise ModelLoadError("invalid ONNX graph: " + "; ".join(problems[:5]))
-    meta = {p.key: p.value for p in proto.metadata_props}
-    meta.update(producer=f"{proto.producer_name} {proto.producer_version}".strip(), ir_version=str(proto.ir_version))
+    meta = {_text(p.key, "a metadata_props key"): _text(p.value, f"metadata_props '{p.key}'") for p in proto.metadata_props}
+    producer = f"{_text(proto.producer_name, 'producer_name')} {_text(proto.producer_version, 'producer_version')}"
+    meta.update(producer=producer.strip(), ir_version=str(proto.ir_version))
     return graph.replace(opsets=opsets, metadata=meta, name=proto.graph.name or "model")

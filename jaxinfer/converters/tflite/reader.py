@@ -123,11 +123,14 @@ class _Reader:
             raise ModelLoadError("not a TFLite model: the flatbuffer identifier 'TFL3' is missing at bytes 4..8")
         self.model = tflite.Model.GetRootAs(data, 0)
         self._buffers: dict[int, np.ndarray | None] = {}
+        #: What is being read now, for the error when a corrupt offset or length makes the read fail.
+        self.where = "the model table"
 
     # ----------------------------------------------------------- buffers
     def buffer_bytes(self, index: int) -> bytes | None:
         if index <= 0 or index >= self.model.BuffersLength():
             return None
+        self.where = f"buffer {index}"
         buf = self.model.Buffers(index)
         offset, size = buf.Offset(), buf.Size()
         if offset > 1:
@@ -139,9 +142,10 @@ class _Reader:
         return buf.DataAsNumpy().tobytes()
 
     # ----------------------------------------------------------- tensors
-    def tensors(self, sg: Any) -> list[_Tensor]:
+    def tensors(self, sg: Any, label: str = "subgraph") -> list[_Tensor]:
         out = []
         for i in range(sg.TensorsLength()):
+            self.where = f"{label} tensor {i}"
             t = sg.Tensors(i)
             code = t.Type()
             dtype = None if _DTYPES.get(code) is None else np.dtype(_DTYPES[code])
@@ -171,6 +175,7 @@ class _Reader:
 
     # ----------------------------------------------------------- operators
     def op_name(self, index: int) -> tuple[str, str]:
+        self.where = f"operator code {index}"
         code = self.model.OperatorCodes(index)
         builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
         if builtin == BuiltinOperator.CUSTOM:
@@ -222,8 +227,10 @@ class _SubgraphBuilder:
             return self.cache[key]
         if index < 0 or index >= self.r.model.SubgraphsLength():
             raise ModelLoadError(f"subgraph index {index} out of range (the model has {self.r.model.SubgraphsLength()})")
+        self.r.where = f"subgraph {index}"
         sg = self.r.model.Subgraphs(index)
-        tensors = self.r.tensors(sg)
+        tensors = self.r.tensors(sg, f"subgraph {index}")
+        self.r.where = f"subgraph {index}"
         sg_name = (sg.Name() or b"").decode() or f"subgraph{index}"
         names = _unique_names(tensors, sg_name, {**(rename or {}), **(out_rename or {})})
         inputs_idx = [int(i) for i in sg.InputsAsNumpy()] if sg.InputsLength() else []
@@ -248,8 +255,10 @@ class _SubgraphBuilder:
         nodes: list[Node] = []
         current: dict[str, str] = {}  # variable tensor -> its latest version
         for k in range(sg.OperatorsLength()):
+            self.r.where = f"subgraph {index} operator {k}"
             op = sg.Operators(k)
             domain, op_type = self.r.op_name(op.OpcodeIndex())
+            self.r.where = f"subgraph {index} operator {k} ({op_type})"
             ins = [int(i) for i in op.InputsAsNumpy()] if op.InputsLength() else []
             outs = [int(i) for i in op.OutputsAsNumpy()] if op.OutputsLength() else []
             _check_indices(ins, len(tensors), f"{sg_name} operator {k} ({op_type}) inputs", absent_ok=True)
@@ -447,8 +456,10 @@ def read_model(source: str | os.PathLike[str] | bytes, *, hybrid: str = "xnnpack
         raise ValueError(f"hybrid={hybrid!r}: expected one of {HYBRID_MODES}")
     check_kernel(requant, "requant")
     data = read_bytes(source)
+    reader: _Reader | None = None
     try:
         reader = _Reader(data)
+        reader.where = "signature def 0"
         sig = _signature(reader.model)
         builder = _SubgraphBuilder(reader, {}, hybrid, requant)
         if sig is None:
@@ -460,7 +471,11 @@ def read_model(source: str | os.PathLike[str] | bytes, *, hybrid: str = "xnnpack
     except ModelLoadError:
         raise
     except Exception as e:  # noqa: BLE001 - corrupt flatbuffers fail anywhere inside the generated code
-        raise ModelLoadError(f"corrupt or unreadable TFLite model: {type(e).__name__}: {e}") from e
+        where = reader.where if reader is not None else "the model table"
+        raise ModelLoadError(
+            f"corrupt TFLite model ({len(data)} bytes): reading {where} failed ({type(e).__name__}: {e}): a "
+            "flatbuffer offset, length or value there is out of range for the file; expected an intact .tflite "
+            "file (is it truncated or damaged?)") from e
     problems = structure_problems(graph, outputs_required=False)  # ASSIGN_VARIABLE has no outputs
     if problems:
         raise ModelLoadError("corrupt TFLite model: " + "; ".join(problems[:5]))
