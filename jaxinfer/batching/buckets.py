@@ -28,6 +28,7 @@ import numpy as np
 from ..errors import InputError, JaxinferError
 from ..graph import Graph, Node, ValueInfo, values_flowing_from
 from ..model import Model, Signature
+from ..tracer import memory_limit
 
 log = logging.getLogger("jaxinfer.batching")
 
@@ -266,6 +267,21 @@ class BucketedModel:
                 out.append(shapes)
         return out
 
+    def _check_fits(self, shapes: Sequence[Mapping[str, tuple[int, ...]]]) -> None:
+        """BucketError for a bucket whose inputs alone exceed the machine's memory (e.g. ``max_batch: 2**40``),
+        before warm-up allocates its way up to it."""
+        limit = memory_limit()
+        if limit is None:
+            return
+        dtypes = {s.name: np.dtype(s.dtype if s.dtype is not None else np.float32) for s in self.inputs}
+        for shape in shapes:
+            need = sum(int(np.prod(dims, dtype=object)) * dtypes[name].itemsize for name, dims in shape.items())
+            if need > limit[0]:
+                raise BucketError(
+                    f"bucket {dict(shape)} needs {need / 2**30:.1f} GiB for its inputs alone, more than "
+                    f"{limit[0] / 2**30:.1f} GiB ({limit[1]}); lower max_batch (largest batch bucket "
+                    f"{self.policy.max_batch}) or the dim buckets")
+
     def example_feeds(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
         return {s.name: np.zeros(shapes[s.name], s.dtype) for s in self.inputs}
 
@@ -274,6 +290,7 @@ class BucketedModel:
                label: str = "") -> dict[int, float]:
         """Compile every bucket and time it; returns {batch bucket: seconds} (the slowest dim combo)."""
         shapes = self._bucket_shapes()
+        self._check_fits(shapes)
         timings: dict[int, float] = {}
         if self.model.value_inputs:  # zeros are no stand-in for a value that picks the program's shapes
             log.warning("model %s reads inputs %s on the host: each distinct value compiles on its first "

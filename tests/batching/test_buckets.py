@@ -77,3 +77,16 @@ def test_bad_inputs_raise_input_error():
         bm.prepare({"q": np.ones((1, 8), np.float32)})
     with pytest.raises(jaxinfer.InputError, match="dim 1"):
         bm.prepare({"x": np.ones((1, 7), np.float32)})
+
+
+def test_buckets_larger_than_memory_are_refused_before_warm_up():
+    """max_batch 2**40 once allocated its way up through every bucket until memory ran out (minutes)."""
+    from jaxinfer.tracer import memory_limit
+
+    limit = memory_limit()
+    if limit is None or limit[0] >= 2**40 * 8 * 4:
+        pytest.skip("this machine's memory limit is unknown or holds the test's largest bucket")
+    bm = BucketedModel(jaxinfer.load(mlp_proto()), BucketPolicy.for_max_batch(2**40))
+    with pytest.raises(BucketError, match=r"for its inputs alone, more than .*lower max_batch"):
+        bm.warmup()
+    assert bm.model.stats.compiles == 0  # refused before compiling any bucket
