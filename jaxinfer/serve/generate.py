@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -415,7 +416,7 @@ def _sse(obj: Mapping[str, Any]) -> bytes:
 
 def generate_routes(state: ServerState) -> list[Route]:
     """The generate and generate_stream routes, with and without a version."""
-    from .app import ClientGone, error, read_body, status_of  # app mounts these routes, so it is imported by now
+    from .app import OFFLOAD_BYTES, ClientGone, error, read_body, status_of  # app mounts these routes: imported by now
 
     repo, metrics = state.repo, state.metrics
 
@@ -439,7 +440,10 @@ def generate_routes(state: ServerState) -> list[Route]:
             raise ClientGone() from None  # 499, not a logged 500: nobody is left to answer
         for attempt in range(3):
             mv = lookup(name, pinned)
-            req = parse_generate(body, mv)
+            if len(body) > OFFLOAD_BYTES:  # a long text_input takes ~1 s per MB to tokenize: not on the event loop
+                req = await anyio.to_thread.run_sync(parse_generate, body, mv)
+            else:
+                req = parse_generate(body, mv)
             try:
                 return mv, req, mv.submit(req.prompt_ids, req.params)
             except BatcherStoppedError:
