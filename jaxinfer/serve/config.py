@@ -113,9 +113,9 @@ class GenerationConfig:
             object.__setattr__(self, "max_new_tokens", max(1, min(64, self.max_len // 2)))
         for key in ("slots", "max_len", "max_waiting", "max_new_tokens"):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ConfigError(f"generation.{key} must be a positive integer, got {_show(value)}")
-        if not all(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= self.max_len
+        if not all(_is_int(b) and 0 < b <= self.max_len
                    for b in self.prefill_buckets):
             raise ConfigError(f"generation.prefill_buckets must be positive integers <= max_len {self.max_len}, "
                               f"got {_show(list(self.prefill_buckets))}")
@@ -280,7 +280,7 @@ class ModelConfig:
 
 
 def _ints(value: Any, where: str) -> list[int]:
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value):
         raise ConfigError(f"{where} must be a list of integers, got {_show(value)}")
     return list(value)
 

@@ -164,14 +164,22 @@ class InferProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
         error = (f"malformed HTTP request ({msg.rstrip('.')}): expected HTTP/1.1, e.g. 'POST "
                  "/v2/models/<model>/infer HTTP/1.1', header lines 'Name: value', and a body of "
                  "Content-Length bytes or valid chunked encoding")
-        parts = [_STATUS[400]]
+        payload = json.dumps({"error": error}).encode()
+        self.transport.write(self._response(400, payload, {"content-type": "application/json"}, keep_alive=False))
+        self.transport.close()
+
+    def _response(self, status: int, payload: bytes, headers: dict[str, str], keep_alive: bool) -> bytes:
+        """One whole HTTP/1.1 response: status line, uvicorn's default headers, ``headers``, the body."""
+        parts = [_STATUS.get(status) or f"HTTP/1.1 {status} \r\n".encode()]
         for name, value in self.server_state.default_headers:
             parts += [name, b": ", value, b"\r\n"]
-        payload = json.dumps({"error": error}).encode()
-        parts += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(payload),
-                  b"connection: close\r\n\r\n", payload]
-        self.transport.write(b"".join(parts))
-        self.transport.close()
+        for name, value in headers.items():
+            parts.append(f"{name}: {value}\r\n".encode("latin-1"))
+        parts.append(b"content-length: %d\r\n" % len(payload))
+        if not keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts += [b"\r\n", payload]
+        return b"".join(parts)
 
     # ------------------------------------------------------------------ the fast path
     def _fast_cycle(self) -> _FastCycle | None:
@@ -252,16 +260,7 @@ class InferProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
             self.jx_state.in_progress -= 1
         if cycle.disconnected or self.transport.is_closing():
             return
-        parts = [_STATUS.get(status) or f"HTTP/1.1 {status} \r\n".encode()]
-        for name, value in self.server_state.default_headers:
-            parts += [name, b": ", value, b"\r\n"]
-        for name, value in headers.items():
-            parts.append(f"{name}: {value}\r\n".encode("latin-1"))
-        parts.append(b"content-length: %d\r\n" % len(payload))
-        if not cycle.keep_alive:
-            parts.append(b"connection: close\r\n")
-        parts += [b"\r\n", payload]
-        self.transport.write(b"".join(parts))
+        self.transport.write(self._response(status, payload, headers, cycle.keep_alive))
         if not cycle.keep_alive:
             self.transport.close()
         self.on_response_complete()

@@ -109,9 +109,8 @@ def _external_int(info: dict[str, str], key: str, tensor: str) -> int | None:
 _PACKED_DTYPES = frozenset({"int4", "uint4", "float4_e2m1fn", "int2", "uint2"})
 
 
-def _raw_size_problem(t: TensorProto) -> str | None:
-    """Why ``t.raw_data`` cannot hold ``t.dims`` of ``t.data_type`` (None when it can, or for packed 4-bit types)."""
-    dtype = onnx_dtype(t.data_type)
+def _raw_size_problem(t: TensorProto, dtype: np.dtype) -> str | None:
+    """Why ``t.raw_data`` cannot hold ``t.dims`` of ``dtype`` (None when it can, or for packed 4-bit types)."""
     if dtype.kind == "O" or dtype.name in _PACKED_DTYPES:
         return None
     count = math.prod(t.dims)
@@ -138,14 +137,14 @@ def _tensor_to_numpy(t: TensorProto, base: Path | None) -> np.ndarray:
         copy.data_location = TensorProto.DEFAULT
         copy.raw_data = raw
         t = copy
-    onnx_dtype(t.data_type)  # names an unknown element type
-    problem = _raw_size_problem(t) if t.HasField("raw_data") else None
+    dtype = onnx_dtype(t.data_type)  # names an unknown element type
+    problem = _raw_size_problem(t, dtype) if t.HasField("raw_data") else None
     if problem:
         raise ModelLoadError(f"tensor '{t.name}' has {problem}")
     try:
         return numpy_helper.to_array(t)
     except Exception as e:
-        raise ModelLoadError(f"tensor '{t.name}' ({onnx_dtype(t.data_type).name}, dims {list(t.dims)}) cannot be "
+        raise ModelLoadError(f"tensor '{t.name}' ({dtype.name}, dims {list(t.dims)}) cannot be "
                              f"decoded: {type(e).__name__}: {e}; expected data holding {math.prod(t.dims)} values of "
                              "its element type") from e
 
