@@ -13,6 +13,8 @@ from .batcher import (BatcherConfig, BatcherStoppedError, BatchReport, DynamicBa
                       QueueFullError, RequestTimeoutError)
 from .buckets import (BucketedModel, BucketError, BucketPolicy, Prepared, batch_layout, default_batch_sizes,
                       restamp_graph_batch, stderr_progress)
+from .sequences import (SequenceError, SequenceLimitError, SequencePolicy, SequenceTable, StreamRef, stateless_view,
+                        stream_of)
 
 __all__ = [
     "BatchReport",
@@ -26,8 +28,15 @@ __all__ = [
     "Prepared",
     "QueueFullError",
     "RequestTimeoutError",
+    "SequenceError",
+    "SequenceLimitError",
+    "SequencePolicy",
+    "SequenceTable",
+    "StreamRef",
     "batch_layout",
     "default_batch_sizes",
     "restamp_graph_batch",
+    "stateless_view",
     "stderr_progress",
+    "stream_of",
 ]

@@ -46,6 +46,7 @@ import numpy as np
 
 from ..errors import InputError, JaxinferError
 from .buckets import Batch, BucketedModel, Prepared, merge_rows
+from .sequences import StreamRef
 
 log = logging.getLogger("jaxinfer.batching")
 
@@ -235,6 +236,8 @@ class DynamicBatcher:
         self.created = time.monotonic()
         self.in_flight = 0
         self._last_done = 0.0  # perf_counter when the last batch completed (its successor's compute starts after)
+        #: a stateful model's streams with a request dispatched and not yet answered (see :meth:`_take`)
+        self._busy: set[Any] | None = set() if model.sequences is not None else None
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> DynamicBatcher:
@@ -276,13 +279,17 @@ class DynamicBatcher:
             return len(self._pending)
 
     # ---------------------------------------------------------------- submit
-    def submit(self, feeds: Mapping[str, Any] | Prepared, *, timeout_s: float | None = None) -> Future:
+    def submit(self, feeds: Mapping[str, Any] | Prepared, *, timeout_s: float | None = None,
+               sequence: StreamRef | None = None) -> Future:
         """Queue one request; its future gets ``{output: np.ndarray}`` or the exception.
 
-        Raises at once: ``InputError`` (bad input), :class:`QueueFullError`,
-        :class:`BatcherStoppedError`.
+        A stateful model's request names its stream (``sequence``, or the Prepared's); a stream's
+        requests run in the order they were submitted.
+
+        Raises at once: ``InputError`` (bad input; :class:`SequenceError` for a stream that does not
+        fit), :class:`QueueFullError`, :class:`SequenceLimitError`, :class:`BatcherStoppedError`.
         """
-        prepared = feeds if isinstance(feeds, Prepared) else self.model.prepare(feeds)
+        prepared = feeds if isinstance(feeds, Prepared) else self.model.prepare(feeds, sequence)
         parts = self.model.split(prepared)
         if len(parts) > self.config.queue_size:  # could never be queued: retrying would not help
             raise InputError(f"request to '{self.name}' splits into {len(parts)} batches of at most "
@@ -300,6 +307,8 @@ class DynamicBatcher:
             if len(self._pending) + len(parts) > self.config.queue_size:
                 raise QueueFullError(f"model '{self.name}' queue is full ({self.config.queue_size} requests); "
                                      "retry later")
+            if self.model.sequences is not None and prepared.sequence is not None:
+                self.model.sequences.admit(prepared.sequence)
             if self._last_arrival is not None:
                 gap = now - self._last_arrival
                 self._gap = gap if self._gap == 0.0 else 0.8 * self._gap + 0.2 * gap
@@ -310,9 +319,10 @@ class DynamicBatcher:
             self._cond.notify()
         return ticket.future
 
-    def run(self, feeds: Mapping[str, Any], *, timeout_s: float | None = None) -> dict[str, np.ndarray]:
+    def run(self, feeds: Mapping[str, Any], *, timeout_s: float | None = None,
+            sequence: StreamRef | None = None) -> dict[str, np.ndarray]:
         """Submit and wait (a convenience for synchronous callers)."""
-        return self.submit(feeds, timeout_s=timeout_s).result()
+        return self.submit(feeds, timeout_s=timeout_s, sequence=sequence).result()
 
     # ------------------------------------------------------------------ loop
     def _expire(self, now: float) -> None:
@@ -360,6 +370,14 @@ class DynamicBatcher:
         if not pending:
             return [], None
         oldest = pending[0]
+        waiting = self._busy is not None and set(self._busy)  # streams that may not join this batch
+        if waiting is not False:
+            # a stateful model: the oldest request whose stream is not running goes first, and each
+            # stream's first waiting request is the only one of it that may join (arrival order)
+            oldest = next((i for i in pending if i.part.sequence.id not in waiting  # type: ignore[union-attr]
+                           and not i.ticket.future.done()), None)  # type: ignore[assignment]
+            if oldest is None:  # every waiting stream is running: look again when a batch completes
+                return [], self._next_deadline if self._next_deadline < math.inf else None
         key = oldest.part.key
         cap = self._cap() if self.model.layout != "none" else 1
         group: list[_Item] = []
@@ -367,7 +385,16 @@ class DynamicBatcher:
         full = False
         prefix = True  # the group is the queue's head (the common case: one shape, no gaps)
         for item in pending:
-            if item.part.key != key or item.ticket.future.done():
+            if item.ticket.future.done():
+                prefix = False
+                continue
+            if waiting is not False:
+                sid = item.part.sequence.id  # type: ignore[union-attr]
+                if sid in waiting:
+                    prefix = False
+                    continue
+                waiting.add(sid)
+            if item.part.key != key:
                 prefix = False
                 continue
             if group and rows + item.part.rows > cap:  # the oldest always goes, even when above the cap
@@ -402,6 +429,8 @@ class DynamicBatcher:
         else:
             taken = set(map(id, group))
             self._pending = deque(i for i in pending if id(i) not in taken and not i.ticket.future.done())
+        if self._busy is not None:
+            self._busy.update(i.part.sequence.id for i in group)  # type: ignore[union-attr]
         return group, None
 
     def _loop(self) -> None:
@@ -430,6 +459,11 @@ class DynamicBatcher:
         now = time.monotonic()
         for item in group:
             item.dispatched = now
+        if self._busy is not None:
+            group = self._drop_stale(group)
+            if not group:
+                self._slots.release()
+                return
         try:
             batch = self.model.dispatch([i.part for i in group])
         except Exception as exc:  # noqa: BLE001  (delivered to every caller)
@@ -437,6 +471,7 @@ class DynamicBatcher:
                 log.warning("batch for '%s' failed to start: %s", self.name, exc)
             else:
                 log.exception("batch for '%s' failed to start", self.name)
+            self._release_streams(group)
             for item in group:
                 item.ticket.fail(exc)
             self._report(BatchReport(0, sum(i.part.rows for i in group), len(group), 0.0,
@@ -450,6 +485,29 @@ class DynamicBatcher:
             self._complete(group, batch)
         else:
             self._done_q.put((group, batch))
+
+    def _drop_stale(self, group: list[_Item]) -> list[_Item]:
+        """Fail the requests whose stream has no state any more (ended or dropped while they waited)."""
+        sequences = self.model.sequences
+        assert sequences is not None
+        keep = []
+        for item in group:
+            problem = sequences.missing(item.part.sequence)  # type: ignore[arg-type]
+            if problem is None:
+                keep.append(item)
+            else:
+                item.ticket.fail(problem)
+        if len(keep) < len(group):
+            kept = set(map(id, keep))
+            self._release_streams([i for i in group if id(i) not in kept])
+        return keep
+
+    def _release_streams(self, group: list[_Item]) -> None:
+        """Mark ``group``'s streams as no longer running (their requests failed before running)."""
+        if self._busy is not None:
+            with self._cond:
+                self._busy.difference_update(i.part.sequence.id for i in group)  # type: ignore[union-attr]
+                self._cond.notify()
 
     def _completions(self) -> None:
         while True:
@@ -473,6 +531,8 @@ class DynamicBatcher:
             self.in_flight -= 1
             if error is None:
                 self._last_rows, self._last_done_at = batch.rows, time.monotonic()
+            if self._busy is not None:  # their next requests may run now (on the state just stored)
+                self._busy.difference_update(i.part.sequence.id for i in group)  # type: ignore[union-attr]
             self._cond.notify()  # an idle device: the loop may dispatch what is waiting
         self._slots.release()
         if error is None:

@@ -29,6 +29,7 @@ from ..errors import InputError, JaxinferError
 from ..graph import Graph, Node, ValueInfo, values_flowing_from
 from ..model import Model, Signature
 from ..tracer import memory_limit
+from .sequences import SequencePolicy, SequenceTable, SequenceError, StreamRef, stateless_view
 
 log = logging.getLogger("jaxinfer.batching")
 
@@ -174,6 +175,7 @@ class Prepared:
     rows: int
     key: tuple  # (dim symbol, bucket size) pairs: requests batch together only with equal keys
     sizes: Mapping[str, int]  # original sizes of bucketed symbols, to slice outputs back
+    sequence: StreamRef | None = None  # a stateful model's stream (see :mod:`.sequences`)
 
 
 @dataclass
@@ -209,19 +211,29 @@ class BucketedModel:
         >>> out = bm.run({"x": np.ones((3, 16), np.float32)})   # runs bucket 4, returns 3 rows  # doctest: +SKIP
     """
 
-    def __init__(self, model: Model, policy: BucketPolicy | None = None):
+    def __init__(self, model: Model, policy: BucketPolicy | None = None,
+                 sequences: SequencePolicy | None = None):
         policy = policy or BucketPolicy()
         self.source_model = model
+        #: a stateful model's streams (one state each); None for a stateless model
+        self.sequences: SequenceTable | None = None
+        self._next_state: dict[str, str] = {}  # state value -> the output holding its next contents
+        if model.stateful:
+            self.sequences = SequenceTable(model.graph.state_init, sequences, name=model.source or model.graph.name)
+            model, self._next_state = stateless_view(model)
         self.layout = batch_layout(model)
         if self.layout == "none" and policy.max_batch > 1:
             log.warning("model %s has no batch dim; serving it unbatched (max_batch 1)", model.source)
             policy = BucketPolicy((1,), policy.dims)
         self.policy = policy
         self.model = batchable(model, policy.max_batch)
-        self.inputs = list(self.model.inputs)
-        self.outputs = list(self.model.outputs)
+        #: every input of the program run: the request's, then a stateful model's state values
+        self.run_inputs = list(self.model.inputs)
+        self.inputs = [s for s in self.run_inputs if s.name not in self._next_state]
+        self.outputs = list(self.model.outputs[:len(self.source_model.outputs)])  # the state's come after
         self._check_dim_symbols()
-        self.batched_outputs: set[str] = {s.name for s in self.outputs if s.shape and isinstance(s.shape[0], str)}
+        self.batched_outputs: set[str] = {s.name for s in self.model.outputs
+                                          if s.shape and isinstance(s.shape[0], str)}
         self.warm_keys: set[tuple] = set()
         self.compiles_at_warmup: int | None = None
         self.late_compiles = 0
@@ -254,7 +266,7 @@ class BucketedModel:
         for b in batch_sizes:
             for combo in combos:
                 shapes = {}
-                for s in self.inputs:
+                for s in self.run_inputs:
                     dims = []
                     for axis, d in enumerate(s.shape or ()):
                         if axis == 0 and b is not None:
@@ -273,7 +285,7 @@ class BucketedModel:
         limit = memory_limit()
         if limit is None:
             return
-        dtypes = {s.name: np.dtype(s.dtype if s.dtype is not None else np.float32) for s in self.inputs}
+        dtypes = {s.name: np.dtype(s.dtype if s.dtype is not None else np.float32) for s in self.run_inputs}
         for shape in shapes:
             need = sum(int(np.prod(dims, dtype=object)) * dtypes[name].itemsize for name, dims in shape.items())
             if need > limit[0]:
@@ -283,7 +295,7 @@ class BucketedModel:
                     f"{self.policy.max_batch}) or the dim buckets")
 
     def example_feeds(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-        return {s.name: np.zeros(shapes[s.name], s.dtype) for s in self.inputs}
+        return {s.name: np.zeros(shapes[s.name], s.dtype) for s in self.run_inputs}
 
     # ---------------------------------------------------------------- warm-up
     def warmup(self, progress: ProgressFn | None = None, *, timing_runs: int = 2,
@@ -324,7 +336,7 @@ class BucketedModel:
         if self.layout == "none":
             return
         rows = self._rows_of(shapes)
-        for s in self.outputs:
+        for s in self.model.outputs:  # a stateful model's next states too: a row per stream
             arr = outs[s.name]
             lead = np.shape(arr)[0] if np.ndim(arr) else None
             if s.name in self.batched_outputs and lead != rows:
@@ -338,8 +350,13 @@ class BucketedModel:
         return tuple((k, np.shape(v), np.asarray(v).dtype) for k, v in feeds.items())
 
     # --------------------------------------------------------------- requests
-    def prepare(self, feeds: Mapping[str, Any]) -> Prepared:
-        """Validate one request against the signature and pad its bucketed dims; raises InputError."""
+    def prepare(self, feeds: Mapping[str, Any], sequence: StreamRef | None = None) -> Prepared:
+        """Validate one request against the signature and pad its bucketed dims; raises InputError.
+
+        A stateful model's request names its stream (``sequence``); it carries one row, the stream's.
+        """
+        if self.sequences is not None:
+            feeds = self._with_state_stand_in(feeds)
         checked = self.model._check_inputs(feeds)  # names, dtypes, ranks, fixed dims
         ordered: dict[str, np.ndarray] = {}
         rows = None
@@ -372,7 +389,34 @@ class BucketedModel:
                         pads[axis] = (0, target[d] - ordered[s.name].shape[axis])
                 if any(p[1] for p in pads):
                     ordered[s.name] = np.pad(ordered[s.name], pads)
-        return Prepared(ordered, rows if rows is not None else 1, key, sizes)
+        if self.sequences is None:
+            return Prepared(ordered, rows if rows is not None else 1, key, sizes)
+        if sequence is None:
+            raise SequenceError(
+                f"model '{self.sequences.name}' is stateful: each request needs a sequence_id parameter naming its "
+                "stream (sequence_start=true on the stream's first request, sequence_end=true on its last)")
+        return Prepared(ordered, 1, key, sizes, sequence)
+
+    def _with_state_stand_in(self, feeds: Mapping[str, Any]) -> Any:
+        """``feeds`` plus the initial state, so the program's signature check sees every input it takes."""
+        assert self.sequences is not None
+        if not isinstance(feeds, Mapping):
+            return feeds  # the signature check says what inputs are
+        takes = [s.name for s in self.inputs]
+        clash = sorted(k for k in feeds if k in self._next_state)
+        if clash:
+            raise InputError(f"{clash} are the model's state, kept by the server for each sequence; send only "
+                             f"the inputs {takes}")
+        unknown = [k for k in feeds if k not in takes]
+        if unknown:  # before the state joins in, so the message lists only what a caller sends
+            raise InputError(f"unknown input name(s) {unknown}; this model takes {takes}")
+        if self.layout != "none":
+            for name, value in feeds.items():
+                if np.ndim(value) and np.shape(value)[0] != 1:
+                    raise InputError(f"input '{name}' has {np.shape(value)[0]} rows; a request of a stateful "
+                                     "model's sequence carries one row (the stream's state is one row): send "
+                                     "each stream as its own sequence_id")
+        return {**feeds, **self.sequences.init}
 
     def split(self, prepared: Prepared) -> list[Prepared]:
         """Chunks of at most ``max_batch`` rows (a request larger than the largest bucket)."""
@@ -404,6 +448,8 @@ class BucketedModel:
                     buf[off:off + p.rows] = p.feeds[s.name]
                     off += p.rows
                 feeds[s.name] = buf
+        if self.sequences is not None:
+            feeds.update(self._state_feeds(parts, bucket))
         key = self._shape_key(feeds)
         if key not in self.warm_keys:
             self.late_compiles += 1
@@ -413,8 +459,36 @@ class BucketedModel:
         outs = self.model.run_device(feeds)
         return Batch(list(parts), bucket, rows, outs, started)
 
+    def _state_feeds(self, parts: Sequence[Prepared], bucket: int) -> dict[str, np.ndarray]:
+        """Each part's stream state, stacked a row per part (the initial state in the padding rows)."""
+        assert self.sequences is not None
+        states = [self.sequences.state(p.sequence) for p in parts]  # type: ignore[arg-type]
+        if self.layout == "none":
+            return dict(states[0])
+        feeds = {}
+        for name, init in self.sequences.init.items():
+            buf = np.empty((bucket,) + init.shape[1:], init.dtype)
+            for i, state in enumerate(states):
+                buf[i] = state[name][0]
+            buf[len(states):] = init[0]
+            feeds[name] = buf
+        return feeds
+
+    def _store_states(self, batch: Batch) -> None:
+        """Keep each stream's next state (a copied row: the batch's arrays are not held on to)."""
+        assert self.sequences is not None
+        host = {var: np.asarray(batch.outputs[out]) for var, out in self._next_state.items()}
+        for i, p in enumerate(batch.parts):
+            if self.layout == "none":
+                state = {var: arr.copy() for var, arr in host.items()}
+            else:
+                state = {var: arr[i:i + 1].copy() for var, arr in host.items()}
+            self.sequences.store(p.sequence, state)  # type: ignore[arg-type]
+
     def collect(self, batch: Batch) -> list[dict[str, np.ndarray]]:
         """Wait for the device, copy to host and slice each part's rows (and dims) back."""
+        if self.sequences is not None:
+            self._store_states(batch)
         host = {s.name: np.asarray(batch.outputs[s.name]) for s in self.outputs}
         results = []
         off = 0
@@ -435,9 +509,13 @@ class BucketedModel:
             off += p.rows
         return results
 
-    def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Run one request synchronously through the buckets (split when oversize)."""
-        chunks = self.split(self.prepare(feeds))
+    def run(self, feeds: Mapping[str, Any], sequence: StreamRef | None = None) -> dict[str, np.ndarray]:
+        """Run one request synchronously through the buckets (split when oversize); a stateful model's
+        request names its stream."""
+        prepared = self.prepare(feeds, sequence)
+        if self.sequences is not None and prepared.sequence is not None:
+            self.sequences.admit(prepared.sequence)
+        chunks = self.split(prepared)
         outs = [self.collect(self.dispatch([c]))[0] for c in chunks]
         return merge_rows(outs, self.batched_outputs)
 

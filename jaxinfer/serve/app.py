@@ -24,7 +24,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..batching import BatcherStoppedError, QueueFullError, RequestTimeoutError
+from ..batching import BatcherStoppedError, QueueFullError, RequestTimeoutError, SequenceLimitError, stream_of
 from ..errors import InputError, JaxinferError, OutOfMemoryError
 from .generate import generate_routes
 from .metrics import Metrics
@@ -57,7 +57,7 @@ def status_of(exc: BaseException) -> int:
         return 400
     if isinstance(exc, ModelNotFoundError):
         return 404
-    if isinstance(exc, QueueFullError):
+    if isinstance(exc, (QueueFullError, SequenceLimitError)):
         return 429
     if isinstance(exc, BatcherStoppedError):
         return 503
@@ -172,7 +172,8 @@ def begin_infer(state: ServerState, call: InferCall, headers: Mapping[str, str],
     mv = call.mv = repo.get(name, call.pinned)
     call.label_version = str(mv.version)
     req = call.req = decode_infer(body, header_len)
-    prepared = mv.prepare(req.inputs)
+    sequence = stream_of(req.parameters)
+    prepared = mv.prepare(req.inputs, sequence)
     call.out_names = [s.name for s in mv.bucketed.outputs]
     if req.outputs is not None:
         unknown = [o.name for o in req.outputs if o.name not in call.out_names]
@@ -189,7 +190,7 @@ def begin_infer(state: ServerState, call: InferCall, headers: Mapping[str, str],
                 raise
             mv = call.mv = repo.get(name)
             call.label_version = str(mv.version)
-            prepared = mv.prepare(req.inputs)
+            prepared = mv.prepare(req.inputs, sequence)
     if hit:
         state.metrics.cache_hits.labels(name, call.label_version).inc()
     elif mv.cache is not None:

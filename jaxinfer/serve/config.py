@@ -11,6 +11,8 @@ Example ``config.yaml``::
     timeout_ms: 30000              # a request waiting longer answers 504
     version_policy: {latest: 1}    # or {specific: [1, 3]} or all
     response_cache: {size: 1024}   # or true / false
+    max_sequences: 1024            # a stateful model: streams kept at once (sequence_id parameter)
+    sequence_idle_ms: 60000        # ... a stream quiet this long may be dropped for a new one
     generation: {slots: 8, max_len: 256, prefill_buckets: [16, 64, 256]}   # a decoder: generate endpoints
 
 A model whose inputs are a past-KV decoder's (``input_ids`` + ``past_*``) is
@@ -30,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from ..batching import BatcherConfig, BucketPolicy, default_batch_sizes
+from ..batching import BatcherConfig, BucketPolicy, SequencePolicy, default_batch_sizes
 from ..errors import JaxinferError
 
 
@@ -168,18 +170,20 @@ class ModelConfig:
     adaptive_cap: bool = True
     version_policy: VersionPolicy = VersionPolicy()
     response_cache: int = 0  # entries; 0 = off
+    max_sequences: int = 1024  # a stateful model's streams kept at once
+    sequence_idle_ms: float = 60_000.0  # a stream quiet this long may be dropped to make room
     precision: str | None = None
     quantize: str | None = None
     shard: Any = None
     generation: GenerationConfig | None = None  # None: a recognised past-KV decoder gets the defaults
 
     def __post_init__(self) -> None:
-        for key in ("max_batch", "queue_size", "max_in_flight", "response_cache"):
+        for key in ("max_batch", "queue_size", "max_in_flight", "response_cache", "max_sequences"):
             if not _is_int(getattr(self, key)):
                 raise ConfigError(f"{key} must be an integer, got {_show(getattr(self, key))}")
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be a positive integer, got {self.max_batch!r}")
-        for key in ("sla_ms", "max_queue_delay_ms", "timeout_ms"):
+        for key in ("sla_ms", "max_queue_delay_ms", "timeout_ms", "sequence_idle_ms"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value)):
@@ -195,12 +199,16 @@ class ModelConfig:
             raise ConfigError(f"response_cache size must be >= 0, got {self.response_cache}")
         try:
             self.batcher()
+            self.sequences()
         except ValueError as e:
             raise ConfigError(str(e)) from e
 
     def buckets(self) -> BucketPolicy:
         sizes = self.batch_buckets or default_batch_sizes(self.max_batch)
         return BucketPolicy(sizes, dict(self.dim_buckets))
+
+    def sequences(self) -> SequencePolicy:
+        return SequencePolicy(self.max_sequences, self.sequence_idle_ms / 1000.0)
 
     def batcher(self) -> BatcherConfig:
         return BatcherConfig(max_queue_delay_ms=self.max_queue_delay_ms, sla_ms=self.sla_ms,
@@ -228,7 +236,7 @@ class ModelConfig:
                 kw[key] = _cache_size(value, where)
             elif key == "generation":
                 kw[key] = GenerationConfig.parse(value, where)
-            elif key in ("sla_ms", "max_queue_delay_ms", "timeout_ms"):
+            elif key in ("sla_ms", "max_queue_delay_ms", "timeout_ms", "sequence_idle_ms"):
                 if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                     raise ConfigError(f"{where}: {key} must be a number of milliseconds, got {_show(value)}")
                 kw[key] = None if value is None else float(value)

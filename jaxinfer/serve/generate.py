@@ -218,7 +218,7 @@ class DecoderVersion:
         with self._lock:
             self._in_flight += delta
 
-    def prepare(self, feeds: Mapping[str, Any]) -> Any:
+    def prepare(self, feeds: Mapping[str, Any], sequence: Any = None) -> Any:
         raise InputError(f"model '{self.name}' is a generative decoder served through Triton's generate "
                          f"extension: POST /v2/models/{self.name}/generate (or /generate_stream) with "
                          f"{{\"input_ids\": [...]}}" + (" or {\"text_input\": \"...\"}" if self.tokenizer else "")

@@ -175,13 +175,18 @@ class _Live:
         depth = GaugeMetricFamily("jaxinfer_queue_size", "Requests waiting", labels=["model", "version"])
         util = GaugeMetricFamily("jaxinfer_device_utilization", "Busy-time fraction of the device per model",
                                  labels=["model", "version"])
+        streams = GaugeMetricFamily("jaxinfer_sequences_active", "Streams a stateful model keeps a state for",
+                                    labels=["model", "version"])
         for v in live:
             late.add_metric([v.name, str(v.version)], v.late_compiles)
             depth.add_metric([v.name, str(v.version)], v.queued())
             util.add_metric([v.name, str(v.version)], v.utilization())
+            if getattr(v, "bucketed", None) is not None and v.bucketed.sequences is not None:
+                streams.add_metric([v.name, str(v.version)], v.sequences())
         yield late
         yield depth
         yield util
+        yield streams
         yield from self._generation(live)
         mem = GaugeMetricFamily("jaxinfer_device_memory_bytes_in_use", "Device memory in use",
                                 labels=["device"])

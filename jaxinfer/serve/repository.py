@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from ..batching import (BatchReport, BucketedModel, DynamicBatcher, LatencyModel, Prepared, stderr_progress)
+from ..batching import (BatchReport, BucketedModel, DynamicBatcher, LatencyModel, Prepared, StreamRef,
+                        stderr_progress)
 from ..errors import JaxinferError
 from ..model import Model
 from .cache import ResponseCache, tensors_key
@@ -101,7 +102,12 @@ class ModelVersion:
                  on_batch: Callable[[str, str, BatchReport], None] | None = None, stamp: float = 0.0):
         self.name, self.version, self.config, self.stamp = name, version, config, stamp
         self.source = model
-        self.bucketed = BucketedModel(model, config.buckets())
+        if model.stateful and config.response_cache:
+            raise ConfigError(f"model '{name}' is stateful: a cached answer would skip its state update, so "
+                              "response_cache must be off for it")
+        self.bucketed = BucketedModel(model, config.buckets(), config.sequences())
+        if self.bucketed.sequences is not None:
+            self.bucketed.sequences.name = name  # errors name the served model
         self.latency = LatencyModel()
         cb = (lambda r: on_batch(name, str(version), r)) if on_batch else None
         self.batcher = DynamicBatcher(self.bucketed, self.latency, config.batcher(), name=f"{name}/{version}",
@@ -136,8 +142,12 @@ class ModelVersion:
     def late_compiles(self) -> int:
         return self.bucketed.late_compiles
 
-    def prepare(self, feeds: Mapping[str, Any]) -> Prepared:
-        return self.bucketed.prepare(feeds)
+    def prepare(self, feeds: Mapping[str, Any], sequence: StreamRef | None = None) -> Prepared:
+        return self.bucketed.prepare(feeds, sequence)
+
+    def sequences(self) -> int:
+        """Streams a stateful model keeps now (0 for a stateless one)."""
+        return len(self.bucketed.sequences) if self.bucketed.sequences is not None else 0
 
     def queued(self) -> int:
         return self.batcher.queued()
@@ -188,6 +198,10 @@ class ModelVersion:
             "sla_ms": cfg.sla_ms,
             "dim_buckets": {k: list(v) for k, v in bm.policy.dims.items()},
             "response_cache": {"enable": cfg.response_cache > 0, "size": cfg.response_cache},
+            **({"sequence_batching": {"max_sequences": cfg.max_sequences,
+                                      "max_sequence_idle_microseconds": int(cfg.sequence_idle_ms * 1000),
+                                      "state": [str(s) for s in bm.model.inputs if s not in bm.inputs]}}
+               if bm.sequences is not None else {}),
             "latency_model_s": {str(k): v for k, v in self.latency.snapshot().items()},
         }
 
