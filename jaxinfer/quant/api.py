@@ -12,7 +12,7 @@ from .. import arith
 from ..model import Model
 from . import calibrate as cal
 from . import precision
-from .layers import Layer, exclude_patterns, find_layers, is_real, require_model, warn_unmatched
+from .layers import Layer, exclude_patterns, find_layers, is_real, keeps_model_state, require_model, warn_unmatched
 from .report import QuantReport, compare, end_to_end
 
 METHODS = ("bf16", "fp16", "mixed", "int8-weight", "int8-dynamic", "int8-static", "auto")
@@ -88,6 +88,7 @@ def build(model: Model, graph: Any, params: Mapping[str, Any], report: QuantRepo
     return q
 
 
+@keeps_model_state
 def quantize(model: Model, method: str, *, exclude: Sequence[str] = (), calibration: Any = None,
              budget: Mapping[str, float] | None = None, granularity: str = "per_channel",
              observer: str = "minmax", percentile: float = 99.99, measure: bool = True) -> QuantizedModel:
@@ -140,7 +141,8 @@ def quantize(model: Model, method: str, *, exclude: Sequence[str] = (), calibrat
         if mode == "full":
             params = precision.cast_params(params, kind)
         else:
-            prod_params = {i for n in model.graph.nodes if n.op_type in precision.PRODUCTS and n.name not in skip_nodes
+            prod_params = {i for n in model.graph.nodes
+                           if (n.op_type in precision.PRODUCTS or precision.is_product(n)) and n.name not in skip_nodes
                            for i in n.inputs if i in params}
             params = precision.cast_params(params, kind, prod_params)
         for layer in layers:

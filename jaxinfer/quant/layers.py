@@ -1,7 +1,7 @@
 """Which weights a quantization method may touch: the quantizable layers of a Graph.
 
-A layer is a MatMul/Gemm/Conv/Einsum node whose weight input is a param (a float
-initializer that ``Model.params`` holds). A weight read anywhere else (a Transpose in
+A layer is a MatMul/Gemm/Conv/Einsum node (TFLite: FULLY_CONNECTED/CONV_2D/BATCH_MATMUL) whose
+weight input is a param (a float initializer that ``Model.params`` holds). A weight read anywhere else (a Transpose in
 front of the MatMul, an embedding Gather sharing it) is left in float: the other reader
 would receive an int8 array it does not understand.
 """
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import numbers
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,20 @@ from ..passes.layout import source_weight_name
 #: op type -> the input slots that may hold a weight. Conv routes through ``arith.conv``
 #: once conv_pool.py calls it (see ``CONV_VIA_ARITH``); until then it is not quantized.
 WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {"MatMul": (1,), "Gemm": (1,), "Conv": (1,), "Einsum": (0, 1)}
+
+#: The same for TFLite float graphs: FULLY_CONNECTED ([N, K] weights), CONV_2D (OHWI) and a
+#: BATCH_MATMUL by a constant 2-D matrix, whose float kernels call ``arith`` for a quantized weight.
+#: (DEPTHWISE_CONV_2D weights are tiny and its kernel reads them as taps: left in float.)
+TFLITE_WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {"FULLY_CONNECTED": (1,), "CONV_2D": (1,), "BATCH_MATMUL": (1,)}
+
+
+def weight_slots(node: Node) -> tuple[int, ...] | None:
+    """The input slots of ``node`` that may hold a quantizable weight (None: not a product we quantize)."""
+    if node.domain in ("", "ai.onnx") or (node.domain, node.op_type) == ("jaxinfer", "Conv"):
+        return WEIGHT_SLOTS.get(node.op_type)
+    if node.domain == "tflite":
+        return TFLITE_WEIGHT_SLOTS.get(node.op_type)
+    return None
 
 #: The ONNX Conv ops (``Conv`` and the spatial-first ``jaxinfer::Conv``) call ``arith.conv``.
 CONV_VIA_ARITH = True
@@ -66,7 +81,19 @@ def _einsum_axes(equation: str, slot: int) -> tuple[int, ...] | None:
     return tuple(i for i, c in enumerate(term) if c in out)
 
 
+def _tflite_channel_axes(node: Node, w: np.ndarray) -> tuple[int, ...] | None:
+    if node.op_type == "FULLY_CONNECTED":
+        return (0,) if w.ndim == 2 and not node.attrs.get("weights_format", 0) else None
+    if node.op_type == "CONV_2D":
+        return (0,) if w.ndim == 4 else None
+    if node.op_type == "BATCH_MATMUL":  # x @ w, or x @ w.T with adj_y
+        return ((0,) if node.attrs.get("adj_y") else (1,)) if w.ndim == 2 else None
+    return None
+
+
 def _channel_axes(node: Node, slot: int, w: np.ndarray) -> tuple[int, ...] | None:
+    if node.domain == "tflite":
+        return _tflite_channel_axes(node, w)
     if node.op_type == "MatMul":
         return (1,) if w.ndim == 2 else None
     if node.op_type == "Gemm":
@@ -100,6 +127,29 @@ def matches(patterns: Sequence[str], node: Node, weight: str) -> bool:
 def is_real(value: Any) -> bool:
     """A real number, not a bool (``True`` would read as 1): the quantize/prune numeric arguments."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def keeps_model_state(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``quantize``/``prune`` on a stateful model: calibrate and compare from its initial state, leave the
+    model's own state as it was, and return the new model at its initial state.
+
+    Their calibration and report runs step a stateful model (a streaming LSTM's state moves on with
+    every call); without this the model passed in would come back advanced, and so would the result.
+    """
+    @functools.wraps(fn)
+    def wrapper(model: Any, *args: Any, **kwargs: Any) -> Any:
+        if not (isinstance(model, Model) and model.stateful):
+            return fn(model, *args, **kwargs)
+        saved = dict(model.state)
+        model.reset_state()
+        try:
+            result = fn(model, *args, **kwargs)
+        finally:
+            model.state = saved
+        result.reset_state()
+        return result
+
+    return wrapper
 
 
 def require_model(model: Any, fn: str) -> None:
@@ -179,8 +229,8 @@ def find_layers(graph: Graph, params: Mapping[str, Any], registry: Any = None,
     skipped: list[tuple[str, str]] = []
     taken: set[str] = set()
     for node in graph.nodes:
-        slots = WEIGHT_SLOTS.get(node.op_type)
-        if slots is None or not (node.domain in ("", "ai.onnx") or (node.domain, node.op_type) == ("jaxinfer", "Conv")):
+        slots = weight_slots(node)
+        if slots is None:
             continue
         for slot in slots:
             if slot >= len(node.inputs):

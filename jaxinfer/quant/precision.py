@@ -5,11 +5,13 @@
   activations flow in the low precision. The numerically sensitive ops (softmax, the
   normalizations, mean-like reductions) get their inputs cast up to float32 and their
   first output cast back down: float32 accumulation where it matters.
-* ``mixed``: only the products (MatMul/Gemm/Conv/Einsum) run in the low precision: their
+* ``mixed``: only the products (MatMul/Gemm/Conv/Einsum; TFLite FULLY_CONNECTED, CONV_2D, ...)
+  run in the low precision: their
   weights are stored low, their activation inputs cast down at the op and the result cast
   back to float32; everything else stays float32.
 
-The casts are ONNX ``Cast`` nodes, so the same tracer and ops run the result.
+The casts are ONNX ``Cast`` nodes (TFLite ``CAST`` in a TFLite graph), so the same tracer and ops run
+the result.
 """
 
 from __future__ import annotations
@@ -30,6 +32,30 @@ SENSITIVE = frozenset({"Softmax", "LogSoftmax", "LayerNormalization", "InstanceN
                        "SimplifiedLayerNormalization", "SkipLayerNormalization", "ReduceMean",
                        "ReduceL2", "ReduceLogSumExp", "ReduceSumSquare"})
 PRODUCTS = frozenset({"MatMul", "Gemm", "Conv", "Einsum", "ConvTranspose"})
+#: The same for TFLite graphs (their float kernels widen a narrower weight to the activation's dtype).
+TFLITE_SENSITIVE = frozenset({"SOFTMAX", "LOG_SOFTMAX", "L2_NORMALIZATION", "LOCAL_RESPONSE_NORMALIZATION", "MEAN",
+                              "SUM"})
+TFLITE_PRODUCTS = frozenset({"FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "BATCH_MATMUL", "TRANSPOSE_CONV",
+                             "CONV_3D"})
+
+
+def _tflite_float(node: Node) -> bool:
+    """A TFLite node without quantized tensors (an int8 or hybrid kernel keeps its own arithmetic)."""
+    return all(q is None for key in ("in_q", "out_q") for q in (node.attrs.get(key) or ()))
+
+
+def is_sensitive(node: Node) -> bool:
+    """An op computed in float32 inside a bf16/fp16 graph."""
+    if node.domain == "tflite":
+        return node.op_type in TFLITE_SENSITIVE and _tflite_float(node)
+    return node.domain in ("", "ai.onnx") and node.op_type in SENSITIVE
+
+
+def is_product(node: Node) -> bool:
+    """A float matmul/conv: what ``mixed`` runs in the low precision."""
+    if node.domain == "tflite":
+        return node.op_type in TFLITE_PRODUCTS and _tflite_float(node)
+    return node.domain in ("", "ai.onnx") and node.op_type in PRODUCTS
 
 _ONNX = {"bf16": TensorProto.BFLOAT16, "fp16": TensorProto.FLOAT16}
 _NP = {"bf16": jnp.bfloat16, "fp16": np.float16}
@@ -39,7 +65,14 @@ def low_dtype(kind: str) -> Any:
     return np.dtype(_NP[kind])
 
 
-def _cast(src: str, dst: str, to: int, tag: str) -> Node:
+_NP_OF_ONNX = {TensorProto.FLOAT: np.dtype(np.float32), TensorProto.BFLOAT16: np.dtype(jnp.bfloat16),
+               TensorProto.FLOAT16: np.dtype(np.float16)}
+
+
+def _cast(src: str, dst: str, to: int, tag: str, fmt: str = "onnx") -> Node:
+    """A cast node in the graph's own op set: ONNX ``Cast``, or TFLite ``CAST`` in a TFLite graph."""
+    if fmt == "tflite":
+        return Node("CAST", (src,), (dst,), {"out_dtype": _NP_OF_ONNX[to]}, f"{tag}/cast:{src}->{dst}", "tflite")
     return Node("Cast", (src,), (dst,), {"to": to}, f"{tag}/cast:{src}->{dst}", "")
 
 
@@ -59,28 +92,28 @@ def rewrite(graph: Graph, registry: Any, kind: str, mode: str, skip: Iterable[st
         for v in graph.inputs:
             if v.dtype is not None and v.dtype == np.float32 and v.name not in static:
                 renames[v.name] = f"{v.name}__{kind}"
-                nodes.append(_cast(v.name, renames[v.name], lo, tag))
+                nodes.append(_cast(v.name, renames[v.name], lo, tag, graph.fmt))
         tail: list[Node] = []
         out_renames: dict[str, str] = {}
         for v in graph.outputs:
             if v.dtype is not None and v.dtype == np.float32:
                 out_renames[v.name] = f"{v.name}__{kind}"
-                tail.append(_cast(out_renames[v.name], v.name, f32, tag))
+                tail.append(_cast(out_renames[v.name], v.name, f32, tag, graph.fmt))
         for node in graph.nodes:
             ins = tuple(renames.get(i, i) for i in node.inputs)
             outs = tuple(out_renames.get(o, o) for o in node.outputs)
-            if node.op_type in SENSITIVE and node.domain in ("", "ai.onnx") and node.name not in skip:
-                opdef = registry.resolve(node.domain, node.op_type, graph.opsets.get("", 1))
+            if is_sensitive(node) and node.name not in skip:
+                opdef = registry.resolve(node.domain, node.op_type, graph.opsets.get(node.domain, 1))
                 new_ins = list(ins)
                 for i, name in enumerate(ins):
                     if name and not (opdef is not None and opdef.is_static_slot(i)) and name not in static:
                         up = f"{name}__f32@{node.name}"
-                        nodes.append(_cast(name, up, f32, tag))
+                        nodes.append(_cast(name, up, f32, tag, graph.fmt))
                         new_ins[i] = up
                 first = outs[0]
                 hi = f"{first}__f32"
                 nodes.append(Node(node.op_type, tuple(new_ins), (hi,) + outs[1:], node.attrs, node.name, node.domain))
-                nodes.append(_cast(hi, first, lo, tag))
+                nodes.append(_cast(hi, first, lo, tag, graph.fmt))
             elif node.op_type == "Constant" and "value" in node.attrs and _is_float(node.attrs["value"]) \
                     and node.outputs[0] not in static and np.asarray(node.attrs["value"]).dtype == np.float32:
                 attrs = dict(node.attrs)
@@ -93,24 +126,24 @@ def rewrite(graph: Graph, registry: Any, kind: str, mode: str, skip: Iterable[st
         for v in graph.outputs:
             if v.name in out_renames and out_renames[v.name] not in produced:
                 src = renames.get(v.name, v.name)
-                nodes.append(Node("Identity", (src,), (out_renames[v.name],), {}, f"{tag}/id:{v.name}", ""))
+                nodes.append(_cast(src, out_renames[v.name], lo, f"{tag}/id", graph.fmt))
         nodes.extend(tail)
         inits = {k: (np.asarray(v).astype(low_dtype(kind)) if np.asarray(v).dtype == np.float32 and k not in static
                      else v) for k, v in graph.initializers.items()}
         return graph.replace(nodes=tuple(nodes), initializers=inits)
     # mixed: low precision inside the products only
     for node in graph.nodes:
-        if node.op_type in PRODUCTS and node.domain in ("", "ai.onnx") and node.name not in skip:
+        if is_product(node) and node.name not in skip:
             new_ins = list(node.inputs)
             for i, name in enumerate(node.inputs):
                 if name and name not in graph.initializers and name not in static:
                     down = f"{name}__{kind}@{node.name}"
-                    nodes.append(_cast(name, down, lo, tag))
+                    nodes.append(_cast(name, down, lo, tag, graph.fmt))
                     new_ins[i] = down
             first = node.outputs[0]
             low = f"{first}__{kind}"
             nodes.append(Node(node.op_type, tuple(new_ins), (low,) + node.outputs[1:], node.attrs, node.name, node.domain))
-            nodes.append(_cast(low, first, f32, tag))
+            nodes.append(_cast(low, first, f32, tag, graph.fmt))
         else:
             nodes.append(node)
     return graph.replace(nodes=tuple(nodes))

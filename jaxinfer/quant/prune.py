@@ -39,7 +39,7 @@ from .. import arith
 from ..graph import Graph, Node
 from ..model import Model
 from . import calibrate as cal
-from .layers import exclude_patterns, is_real, matches, require_model, warn_unmatched
+from .layers import exclude_patterns, is_real, keeps_model_state, matches, require_model, warn_unmatched
 from .report import QuantReport, cosine, end_to_end
 
 CRITERIA = ("l1", "l2", "sensitivity")
@@ -448,6 +448,7 @@ def _with_input(node: Node, slot: int, name: str) -> Node:
 
 
 # ---------------------------------------------------------------------------- public
+@keeps_model_state
 def prune(model: Model, sparsity: float = 0.3, *, exclude: Sequence[str] | str = (),
           calibration: Iterable[Mapping[str, Any]] | None = None, criterion: str = "l1") -> Any:
     """A new, smaller Model with ``sparsity`` of each prunable layer's output channels removed.

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .... import arith
 from ....conv_lowering import conv_general_dilated, depthwise_taps, reduce_window
 from ....intmath import exact_conv, exact_dot, zp_matmul
 from ....registry import OpDef, registrar
@@ -238,6 +239,10 @@ def conv_2d(x, w, bias=None, *, padding: str = "SAME", stride_w: int = 1, stride
                     bound=qrange(in_q[0]) * qrange(in_q[1]), acc_dtype=_acc_dtype(in_q[0]))
         return _finish(acc, bias, in_q, out_q, w.shape[0], fused_activation_function,
                        _rule("CONV_2D", quant_kernel, in_q))
+    if arith.is_quantized(w):  # jaxinfer.quantize's int8 weight (per output channel)
+        y = arith.conv(x, w, stride, padding, rhs_dilation=dil, dimension_numbers=("NHWC", "OHWI", "NHWC"),
+                       feature_group_count=groups)
+        return fused(y + bias if bias is not None else y, fused_activation_function)
     qw = qat(in_q, 1)
     if _is_hybrid(x, w, qw):
         return _hybrid_conv(x, w, bias, qw, stride, dil, padding, groups, hybrid_asymmetric or _distinct_scales(qw),
@@ -343,6 +348,11 @@ def fully_connected(x, w, bias=None, *, fused_activation_function: str = "NONE",
         # LiteRT's builtin int16 FC without a bias runs ruy (int32 accumulator, final shift ties up)
         wide_rounding = "ties_up" if quant_kernel == "builtin" and bias is None else "float64"
         y = _finish(acc, bias, in_q, out_q, w.shape[0], fused_activation_function, rule, wide_rounding=wide_rounding)
+    elif arith.is_quantized(w):  # jaxinfer.quantize's int8 weight: [N, K], a scale per output
+        y = arith.dot_general(x2, w, dims)
+        if bias is not None:
+            y = y + jnp.asarray(bias).astype(y.dtype)
+        y = fused(y, fused_activation_function)
     elif _is_hybrid(x, w, qat(in_q, 1)):
         qw = in_q[1]
         asym = bool(asymmetric_quantize_inputs or hybrid_asymmetric)
@@ -373,12 +383,14 @@ def batch_matmul(x, y, *, adj_x: bool = False, adj_y: bool = False, asymmetric_q
             a = jnp.swapaxes(a, -1, -2)
         acc = zp_matmul(a, _zp(qa), b, _zp(qb), trans_b=adj_y)
         return Q.requantize(acc.astype(jnp.int64), float(qa.s) * float(qb.s) / float(qo.s), qo, (qo.qmin, qo.qmax))
-    y = _hybrid_weight(y, qat(in_q, 1), x)
     if adj_x:
         x = jnp.swapaxes(x, -1, -2)
+    if arith.is_quantized(y):  # jaxinfer.quantize's int8 2-D matrix
+        return arith.dot_general(x, y, (((jnp.ndim(x) - 1,), (1 if adj_y else 0,)), ((), ())))
+    y = _hybrid_weight(y, qat(in_q, 1), x)
     if adj_y:
         y = jnp.swapaxes(y, -1, -2)
-    return jnp.matmul(x, y)
+    return arith.matmul(x, y)
 
 
 def _pool_pads(shape, fh, fw, sh, sw, padding):
