@@ -44,6 +44,7 @@ _ALIASES = {
     "expert": "expert", "expert_parallel": "expert", "ep": "expert",
 }
 _STRATEGIES = ("auto", "hybrid", "data", "tensor", "pipeline", "expert")
+_SCHEDULES = ("auto", "stacked", "stages")
 
 
 @dataclass(frozen=True)
@@ -81,13 +82,31 @@ class MeshConfig:
     replicate_outputs: bool = False
     devices: int | None = field(default=None, compare=False)
 
+    def __post_init__(self) -> None:
+        """Check every field's type and range (a config that passes here only fails on these devices/model)."""
+        data = _optional_int(self.data, "data", zero_is_none=True)
+        object.__setattr__(self, "data", data)
+        for name in ("stage", "expert", "tensor", "micro_batches"):
+            object.__setattr__(self, name, _positive_int(getattr(self, name), name))
+        object.__setattr__(self, "chunk_size", _optional_int(self.chunk_size, "chunk_size", zero_is_none=False))
+        if self.schedule not in _SCHEDULES:
+            raise ShardingConfigError(f"schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
+        if self.strategy not in _STRATEGIES:
+            raise ShardingConfigError(f"unknown strategy {self.strategy!r}; one of {_STRATEGIES}")
+        for name in ("strict", "replicate_outputs"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ShardingConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        object.__setattr__(self, "devices", _optional_int(self.devices, "devices", zero_is_none=False))
+        if self.rules is not None:
+            from .rules import coerce_rules
+
+            object.__setattr__(self, "rules", coerce_rules(self.rules))
+
     def resolved(self, n_devices: int) -> MeshConfig:
         """This config with ``data`` filled in for ``n_devices`` (checked)."""
+        if isinstance(n_devices, bool) or not isinstance(n_devices, (int, np.integer)) or n_devices < 1:
+            raise ShardingConfigError(f"a mesh needs at least one device, got {n_devices!r} devices")
         fixed = self.stage * self.expert * self.tensor
-        for name in ("stage", "expert", "tensor"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ShardingConfigError(f"{name} must be a positive integer, got {v!r}")
         if self.data is None:
             if n_devices % fixed:
                 raise ShardingConfigError(
@@ -124,6 +143,24 @@ class MeshConfig:
         return "MeshConfig(" + ", ".join(parts) + ")"
 
 
+def _positive_int(value: Any, name: str) -> int:
+    """``value`` as an int >= 1 (numpy integers accepted; bools, floats and strings refused)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ShardingConfigError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _optional_int(value: Any, name: str, *, zero_is_none: bool) -> int | None:
+    """``value`` as None (unset) or an int >= 1; 0 means unset where ``zero_is_none``."""
+    if value is None or (zero_is_none and not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
+                         and value == 0):
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        unset = "None or 0" if zero_is_none else "None"
+        raise ShardingConfigError(f"{name} must be a positive integer ({unset} to leave it unset), got {value!r}")
+    return int(value)
+
+
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -152,6 +189,29 @@ def _size(value: Any, key: str) -> tuple[int | None, dict[str, Any]]:
     raise ShardingConfigError(f"'{key}': expected an integer or a mapping with world_size, got {type(value).__name__}")
 
 
+def _is_file(text: str) -> bool:
+    """Whether ``text`` names an existing file (False for strings no path can be: too long, NUL bytes)."""
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _config_text(config: str | os.PathLike) -> str:
+    """The YAML a config path names, or ``config`` itself when it is YAML text rather than a path."""
+    if isinstance(config, os.PathLike) or _is_file(str(config)):
+        path = Path(config)
+        try:
+            return path.read_text()
+        except FileNotFoundError:
+            raise ShardingConfigError(f"config file not found: {config}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ShardingConfigError(f"cannot read the config file {config}: {e}") from e
+    if not str(config).strip():
+        raise ShardingConfigError("config is an empty string; pass a YAML path, YAML text, a dict or a MeshConfig")
+    return str(config)
+
+
 def parse_config(config: Any) -> MeshConfig:
     """A ``MeshConfig`` from a MeshConfig, another dataclass, a dict, a YAML path or YAML text."""
     if isinstance(config, MeshConfig):
@@ -161,9 +221,7 @@ def parse_config(config: Any) -> MeshConfig:
     elif isinstance(config, (str, os.PathLike)):
         import yaml
 
-        text = Path(config).read_text() if Path(str(config)).exists() else str(config)
-        if isinstance(config, os.PathLike) and not Path(config).exists():
-            raise ShardingConfigError(f"config file not found: {config}")
+        text = _config_text(config)
         try:
             config = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -193,9 +251,10 @@ def parse_config(config: Any) -> MeshConfig:
             out[axis] = size
             for k, v in extras.items():
                 if k in ("micro_batches", "chunk_size"):
-                    out[k] = None if v is None else int(v)
+                    if v is not None:  # None: the default; anything else is checked by MeshConfig
+                        out[k] = v
                 elif k == "schedule":
-                    if v not in ("auto", "stacked", "stages"):
+                    if v not in _SCHEDULES:
                         raise ShardingConfigError(f"'{key}': schedule must be auto, stacked or stages, got {v!r}")
                     out[k] = v
                 elif k in ("num_experts",):
@@ -218,6 +277,33 @@ def parse_config(config: Any) -> MeshConfig:
                 f"unknown config key '{key}'; expected data_parallel/tensor_parallel/pipeline_parallel/"
                 f"expert_parallel (or data/tensor/stage/expert), strategy, micro_batches, chunk_size, rules")
     return MeshConfig(**out)
+
+
+def pick_devices(devices: int | Sequence[Any] | None) -> list[Any]:
+    """The devices a mesh is laid over: all (None), the first ``n`` of ``jax.devices()`` (an int), or a list.
+
+    Raises:
+      ShardingConfigError: no devices, more than exist, an entry that is not a JAX device, or one twice.
+    """
+    every = jax.devices()
+    if devices is None:
+        return list(every)
+    if isinstance(devices, (int, np.integer)) and not isinstance(devices, (bool, np.bool_)):
+        if not 1 <= devices <= len(every):
+            raise ShardingConfigError(f"asked for {devices} devices; between 1 and the {len(every)} that exist")
+        return list(every[:int(devices)])
+    if isinstance(devices, (str, bytes)) or not isinstance(devices, (Sequence, np.ndarray)):
+        raise ShardingConfigError(f"devices must be a device count or a list of JAX devices, got "
+                                  f"{type(devices).__name__}")
+    devs = list(np.asarray(devices, dtype=object).ravel()) if isinstance(devices, np.ndarray) else list(devices)
+    if not devs:
+        raise ShardingConfigError("devices is empty; pass None for every device, a count, or a list of devices")
+    bad = [d for d in devs if not isinstance(d, jax.Device)]
+    if bad:
+        raise ShardingConfigError(f"devices must be JAX devices (from jax.devices()), got {bad[0]!r}")
+    if len(set(devs)) != len(devs):
+        raise ShardingConfigError(f"devices lists a device more than once: {[str(d) for d in devs]}")
+    return devs
 
 
 def build_mesh(config: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:

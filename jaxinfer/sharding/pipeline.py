@@ -174,6 +174,25 @@ def _batch_dims(a: Mapping[str, Abstract], b: Mapping[str, Abstract]) -> dict[st
             for k, v in a.items() if k in b and len(v.shape) == len(b[k].shape)}
 
 
+def batch_coupled(graph: Graph, values: Mapping[str, Abstract], dims: Mapping[str, tuple]) -> list[tuple[str, str]]:
+    """(value, node label) of each traced value computed from batched inputs that has no batch dim itself:
+    it depends on every row of the batch (a whole-tensor reduction such as DynamicQuantizeLinear's
+    scale), so running micro-batches one by one would change it."""
+    batched = {v.name for v in graph.inputs if "batch" in dims.get(v.name, ())}
+    found = []
+    for node in graph.nodes:
+        reads = {v for v in node.inputs if v} | {v for s in node.subgraphs() for v in outer_names(s)}
+        if not reads & batched:
+            continue
+        for o in (o for o in node.outputs if o and o in values):
+            if "batch" in dims.get(o, ()):
+                batched.add(o)
+            elif values[o].traced:
+                batched.add(o)
+                found.append((o, f"{node.label} ({node.op_type})"))
+    return found
+
+
 def stage_graphs(graph: Graph, split: StageSplit, values: Mapping[str, Abstract],
                  shapes: Mapping[str, tuple]) -> list[Graph]:
     """One sub-graph per stage: boundary values in, values later stages (or the graph) read out."""
@@ -188,7 +207,7 @@ def stage_graphs(graph: Graph, split: StageSplit, values: Mapping[str, Abstract]
     for s, (a, b) in enumerate(zip(split.bounds, split.bounds[1:])):
         made = {o for node in nodes[a:b] for o in node.outputs if o}
         later = set(graph.output_names).union(*reads_from[s + 1:])
-        ins = sorted(v for v in reads_from[s] - made if v not in graph.initializers)
+        ins = sorted(v for v in reads_from[s] - made if v not in graph.initializers and not _is_param(values, v))
         outs = [o for node in nodes[a:b] for o in node.outputs if o and o in later]
         inits = {k: graph.initializers[k] for k in reads_from[s] if k in graph.initializers}
         for v in [v for v in ins if not values[v].traced and v not in graph.input_names]:
@@ -204,6 +223,17 @@ def stage_graphs(graph: Graph, split: StageSplit, values: Mapping[str, Abstract]
         out.append(Graph(nodes[a:b], tuple(info(v) for v in ins), tuple(info(v) for v in outs), inits,
                          graph.opsets, f"{graph.name}.stage{s}", {}, graph.fmt))
     return out
+
+
+def _is_param(values: Mapping[str, Abstract], name: str) -> bool:
+    """A param the graph does not hold as an initializer (a quantized weight lives only in the params)."""
+    return name in values and values[name].param
+
+
+def _reads(graph: Graph) -> set[str]:
+    """Every value ``graph``'s nodes (and their subgraphs) read."""
+    return {v for node in graph.nodes for v in node.inputs if v} | \
+        {v for node in graph.nodes for s in node.subgraphs() for v in outer_names(s)}
 
 
 def _stage_mesh(mesh: Mesh, s: int) -> Mesh:
@@ -462,10 +492,17 @@ def pipeline(base: Model, cfg: MeshConfig, devices: Sequence[Any], *, example: M
         raise ShardingConfigError("pipeline parallelism does not support models with state variables")
     if cfg.micro_batches < 1:
         raise ShardingConfigError(f"micro_batches must be a positive integer, got {cfg.micro_batches}")
-    src = base.params if params is None else {k: np.asarray(v) for k, v in params.items()}
+    src = base.params if params is None else {k: jax.tree.map(np.asarray, v) for k, v in params.items()}
     probe = base if params is None else base.with_params(src)
     values = abstract_values(probe, abstract_inputs(probe, 2))
     dims = _batch_dims(values, abstract_values(probe, abstract_inputs(probe, 3)))
+    coupled = batch_coupled(base.graph, values, dims) if cfg.micro_batches > 1 else []
+    if coupled:
+        value, node = coupled[0]
+        raise ShardingConfigError(
+            f"micro_batches={cfg.micro_batches}: value '{value}' of node {node} depends on every row of the batch "
+            f"(+{len(coupled) - 1} more such values), so running micro-batches one at a time would change the "
+            f"results; use micro_batches=1 for this model")
     mesh = build_mesh(cfg, devices)
     if cfg.schedule in ("auto", "stacked"):
         from .stacked import stacked_pipeline
@@ -479,8 +516,9 @@ def pipeline(base: Model, cfg: MeshConfig, devices: Sequence[Any], *, example: M
     stage_cfg = replace(cfg, stage=1)
     models = []
     for s, g in enumerate(stage_graphs(base.graph, split, values, dims)):
-        sub = Model(g, base.registry, params={k: src[k] for k in g.initializers if k in src}, source=base.source,
-                    check=False)
+        reads = _reads(g)
+        sub = Model(g, base.registry, params={k: v for k, v in src.items() if k in g.initializers or k in reads},
+                    source=base.source, check=False)
         sub_mesh = _stage_mesh(mesh, s)
         ex = None if example is None else {k: v for k, v in example.items() if k in sub.value_inputs}
         specs, analysis = tensor_specs(sub, stage_cfg, len(devices) // cfg.stage, example=ex)

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from .config import MeshConfig, enumerate_configs
+from .config import MeshConfig, ShardingConfigError, enumerate_configs, parse_config, pick_devices
 from .hlo import collectives
 
 #: Rough per-device figures used only when a candidate is not timed.
@@ -110,6 +110,11 @@ def _cost(exe: Any) -> tuple[float, float]:
     return float(ca.get("flops", 0.0)), float(ca.get("bytes accessed", 0.0))
 
 
+def _call(sm: Any, exe: Any, placed: Mapping[str, Any]) -> Any:
+    """One run of ``sm``'s executable (a stateful model's takes and returns its state; the state is kept)."""
+    return exe(sm.params, sm.state, placed) if sm.stateful else exe(sm.params, placed)
+
+
 def measure(sm: Any, feeds: Mapping[str, Any], *, timed: bool = True, repeats: int = 3) -> dict[str, Any]:
     """Compile ``sm`` for ``feeds`` and collect its figures (used by plan and the benchmark)."""
     if hasattr(sm, "measure"):  # a pipelined model measures its stages itself
@@ -133,11 +138,11 @@ def measure(sm: Any, feeds: Mapping[str, Any], *, timed: bool = True, repeats: i
                          + coll.total * COLLECTIVE_LATENCY)
     if timed:
         placed = sm.place_inputs(checked)
-        jax.block_until_ready(exe(sm.params, placed))  # warm
+        jax.block_until_ready(_call(sm, exe, placed))  # warm
         times = []
         for _ in range(max(1, repeats)):
             t = time.perf_counter()
-            jax.block_until_ready(exe(sm.params, placed))
+            jax.block_until_ready(_call(sm, exe, placed))
             times.append(time.perf_counter() - t)
         out["latency_s"] = statistics.median(times)
     return out
@@ -169,11 +174,13 @@ def plan(model: Any, devices: int | Sequence[Any] = 8, *, batch: int = 8, memory
     Returns:
       A :class:`Plan`; ``plan.best`` is a config dict for ``shard``.
     """
+    from ..model import Model
     from .sharded import shard
 
-    devs = list(jax.devices()[:devices]) if isinstance(devices, int) else list(devices)
-    if isinstance(devices, int) and len(devs) < devices:
-        raise ValueError(f"asked for {devices} devices, only {len(devs)} exist")
+    if not isinstance(model, Model):
+        raise ShardingConfigError(f"plan() takes a jaxinfer.Model (from jaxinfer.load), got {type(model).__name__}")
+    devs = pick_devices(devices)
+    _check_plan_args(batch, memory_limit, timed, repeats, micro_batches, finalists)
     feeds = dict(feeds) if feeds is not None else example_feeds(model, batch)
     if configs is None:
         from .expert import has_experts
@@ -181,9 +188,13 @@ def plan(model: Any, devices: int | Sequence[Any] = 8, *, batch: int = 8, memory
         configs = enumerate_configs(len(devs), allow_stage=allow_stage, allow_expert=has_experts(model))
         configs = [replace(c, micro_batches=micro_batches or max(1, batch // c.data)) if c.stage > 1 else c
                    for c in configs]
-    configs = list(configs)
+    configs = [parse_config(c) for c in configs]
     rows: list[PlanRow] = []
     for cfg in configs:
+        try:
+            cfg = cfg.resolved(len(devs))
+        except ShardingConfigError:
+            pass  # shard() raises it again below: a row with its reason
         d = {"data": cfg.data, "stage": cfg.stage, "expert": cfg.expert, "tensor": cfg.tensor}
         if cfg.stage > 1:
             d["micro_batches"] = cfg.micro_batches
@@ -213,6 +224,24 @@ def plan(model: Any, devices: int | Sequence[Any] = 8, *, batch: int = 8, memory
     return Plan(rows, len(devs), batch)
 
 
+def _check_plan_args(batch: Any, memory_limit: Any, timed: Any, repeats: Any, micro_batches: Any,
+                     finalists: Any) -> None:
+    """Refuse plan() arguments of the wrong type or range, naming what was expected."""
+    def whole(v: Any) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+    for name, value, low in (("batch", batch, 1), ("repeats", repeats, 1), ("finalists", finalists, 0)):
+        if not whole(value) or value < low:
+            raise ShardingConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+    if memory_limit is not None and (not whole(memory_limit) or memory_limit < 0):
+        raise ShardingConfigError(f"memory_limit must be a whole number of bytes per device (or None), "
+                                  f"got {memory_limit!r}")
+    if micro_batches is not None and (not whole(micro_batches) or micro_batches < 1):
+        raise ShardingConfigError(f"micro_batches must be a positive integer (or None), got {micro_batches!r}")
+    if not isinstance(timed, (bool, np.bool_)) and (not whole(timed) or timed < 0):
+        raise ShardingConfigError(f"timed must be True, False or a count of candidates to time, got {timed!r}")
+
+
 def _time_interleaved(model: Any, rows: Sequence[PlanRow], feeds: Mapping[str, Any], devs: list[Any],
                       runs: int) -> None:
     """Set each row's latency to the median of ``runs`` calls, the rows' calls interleaved round-robin."""
@@ -229,6 +258,6 @@ def _time_interleaved(model: Any, rows: Sequence[PlanRow], feeds: Mapping[str, A
         else:
             checked = sm._check_inputs(feeds)
             exe, placed = sm.compiled(checked), sm.place_inputs(checked)
-            calls.append(lambda exe=exe, sm=sm, placed=placed: jax.block_until_ready(exe(sm.params, placed)))
+            calls.append(lambda exe=exe, sm=sm, placed=placed: jax.block_until_ready(_call(sm, exe, placed)))
     for row, ms in zip(rows, interleaved(calls, max(1, runs), warmup=1)):
         row.latency_s = ms / 1e3

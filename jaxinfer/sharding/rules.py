@@ -39,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from ..graph import Node
 from ..tracer import is_concrete, run_node, static_names
+from .config import AXES, ShardingConfigError
 
 Rules = list[tuple[str, P]]
 
@@ -102,6 +103,8 @@ def _shapes(model: Any, example: Mapping[str, Any] | None, batch: int) -> tuple[
             raise ValueError(f"input '{sig.name}' is read at trace time; pass example feeds to the analysis")
         shape = tuple(d if isinstance(d, int) and d > 0 else batch for d in (sig.shape or ()))
         dyn[sig.name] = jax.ShapeDtypeStruct(shape, sig.dtype or np.float32)
+    for name, init in graph.state_init.items():  # state variables are read like inputs
+        dyn[name] = jax.ShapeDtypeStruct(np.shape(init), np.asarray(init).dtype)
     shapes: dict[str, tuple] = {}
     traced: set[str] = set()
 
@@ -494,19 +497,48 @@ def compress_rules(param_dims: Mapping[str, int], ranks: Mapping[str, int]) -> R
 
 
 def coerce_rules(rules: Iterable[Any]) -> tuple[tuple[str, P], ...]:
-    """Rules from user data: ``(pattern, PartitionSpec | tuple | list | None)`` pairs or a mapping."""
+    """Rules from user data: ``(pattern, PartitionSpec | tuple | list | None)`` pairs or a mapping.
+
+    Raises:
+      ShardingConfigError: a rule that is not a (regex, spec) pair, a regex that does not compile, or a
+        spec naming an axis that is not a mesh axis (or one axis twice).
+    """
     if isinstance(rules, Mapping):
         rules = list(rules.items())
-    out = []
-    for item in rules:
-        pattern, spec = item
+    if isinstance(rules, (str, bytes)) or not isinstance(rules, Iterable):
+        raise ShardingConfigError(f"rules must be a list of (regex, spec) pairs or a mapping regex -> spec, "
+                                  f"got {type(rules).__name__}")
+    return tuple(_coerce_rule(item) for item in rules)
+
+
+def _coerce_rule(item: Any) -> tuple[str, P]:
+    """One ``(pattern, spec)`` rule, checked."""
+    if isinstance(item, (str, bytes)) or not isinstance(item, Sequence) or len(item) != 2:
+        raise ShardingConfigError(f"rule {item!r}: expected a (regex, spec) pair such as "
+                                  f"('.*mlp.up.weight', (None, 'tensor'))")
+    pattern, spec = item
+    if not isinstance(pattern, str):
+        raise ShardingConfigError(f"rule {item!r}: the pattern must be a regex string, got {type(pattern).__name__}")
+    try:
         re.compile(pattern)
-        if spec is None:
-            spec = P()
-        elif not isinstance(spec, P):
-            spec = P(*[None if s in (None, "None", "null") else (tuple(s) if isinstance(s, list) else s) for s in spec])
-        out.append((str(pattern), spec))
-    return tuple(out)
+    except re.error as e:
+        raise ShardingConfigError(f"rule {item!r}: pattern {pattern!r} is not a valid regex ({e})") from None
+    if spec is None:
+        return pattern, P()
+    if isinstance(spec, (str, bytes)) or not isinstance(spec, (P, Sequence)):
+        raise ShardingConfigError(f"rule {item!r}: the spec must list one entry per dim (an axis name, a list of "
+                                  f"axis names or None), e.g. (None, 'tensor'); got {spec!r}")
+    entries = [None if s in (None, "None", "null") else (tuple(s) if isinstance(s, list) else s) for s in spec]
+    seen: list[str] = []
+    for entry in entries:
+        names = entry if isinstance(entry, tuple) else (() if entry is None else (entry,))
+        for a in names:
+            if a not in AXES:
+                raise ShardingConfigError(f"rule {item!r}: spec names axis {a!r}; mesh axes are {AXES}")
+            if a in seen:
+                raise ShardingConfigError(f"rule {item!r}: spec uses axis {a!r} for more than one dim")
+            seen.append(a)
+    return pattern, P(*entries)
 
 
 def specs_from_rules(rules: Sequence[tuple[str, P]], params: Mapping[str, Any]) -> dict[str, P]:

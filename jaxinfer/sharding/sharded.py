@@ -18,18 +18,53 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from .. import arith
 from ..graph import Node
 from ..model import Model
-from .config import AXES, MeshConfig, ShardingConfigError, build_mesh, divisors, parse_config
+from .config import AXES, MeshConfig, ShardingConfigError, build_mesh, divisors, parse_config, pick_devices
 from .rules import Analysis, analyze, specs_from_rules
 
 
-def place(value: Any, sharding: NamedSharding) -> jax.Array:
-    """Put a host/device array on ``sharding`` (multi-process safe: every process holds the same value)."""
+def place(value: Any, sharding: Any) -> Any:
+    """Put a host/device array on ``sharding`` (multi-process safe: every process holds the same value).
+
+    A quantized param (QArray, W8A8) takes the pytree of shardings :func:`param_sharding` gives for it.
+    """
+    if not isinstance(sharding, NamedSharding):
+        return jax.tree.map(place, value, sharding)
     if sharding.is_fully_addressable:
         return jax.device_put(value, sharding)
     arr = np.asarray(value)
     return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
+
+
+def _leaf_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """``spec`` for an array of ``shape`` that goes with the weight (a scale or zero point, broadcast along
+    some dims): a dim keeps its axes only where the mesh splits it evenly."""
+    out = []
+    for dim, axes in enumerate(tuple(spec)[:len(shape)]):
+        names = axes if isinstance(axes, tuple) else ((axes,) if axes is not None else ())
+        n = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        out.append(axes if names and shape[dim] % n == 0 else None)
+    return P(*out)
+
+
+def param_sharding(value: Any, spec: P, mesh: Mesh) -> Any:
+    """The sharding that lays ``value`` out as ``spec`` says (``spec`` speaks of the logical weight).
+
+    A plain array gets one ``NamedSharding``; a quantized weight a pytree of them like its own: the int8
+    values take ``spec`` (reversed for a W8A8 stored transposed), its scales and zero points the dims of
+    ``spec`` they are not broadcast along, a static activation scale is replicated.
+    """
+    if isinstance(value, arith.W8A8):
+        stored = P(*reversed(tuple(spec) + (None,) * (2 - len(spec)))) if value.transposed else spec
+        act = None if value.act_scale is None else NamedSharding(mesh, P())
+        return arith.W8A8(param_sharding(value.w, stored, mesh), act, value.transposed)
+    if isinstance(value, arith.QArray):
+        zero = None if value.zero_point is None else NamedSharding(mesh, _leaf_spec(spec, value.zero_point.shape, mesh))
+        return value.replace(qvalue=NamedSharding(mesh, spec),
+                             scale=NamedSharding(mesh, _leaf_spec(spec, value.scale.shape, mesh)), zero_point=zero)
+    return NamedSharding(mesh, spec)
 
 
 def _host(v: Any) -> Any:
@@ -67,7 +102,7 @@ def _spec_ok(name: str, shape: tuple, spec: P, mesh: Mesh) -> None:
 def params_bytes_per_device(params: Mapping[str, Any]) -> dict[int, int]:
     """Bytes of ``params`` each addressable device holds (device id -> bytes)."""
     out: dict[int, int] = {}
-    for v in params.values():
+    for v in jax.tree.leaves(params):
         for s in v.addressable_shards:
             out[s.device.id] = out.get(s.device.id, 0) + s.data.nbytes
     return out
@@ -87,7 +122,7 @@ class ShardedModel(Model):
         self.chunk_segments: dict[tuple, list] = {}
         self.replicated_inputs: frozenset[str] = frozenset()  # inputs with no batch dim (pipeline stages)
         src = base.params if params is None else params
-        placed = {k: place(v, NamedSharding(mesh, self.param_specs.get(k, P()))) for k, v in src.items()}
+        placed = {k: place(v, param_sharding(v, self.param_specs.get(k, P()), mesh)) for k, v in src.items()}
         super().__init__(base.graph, base.registry if registry is None else registry, params=placed,
                          source=base.source, check=False)
 
@@ -116,7 +151,7 @@ class ShardedModel(Model):
         dynamic = {k: v for k, v in feeds.items() if k not in self.value_inputs}
         fn = self._chunked_fn(key, feeds) if self.config.chunk_size else self.fn
         stats = self.stats
-        pshard = {k: v.sharding for k, v in self.params.items()}
+        pshard = jax.tree.map(lambda v: v.sharding, self.params)
         ishard = self._input_shardings(dynamic)
         abstract = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype if not hasattr(v, "dtype") else v.dtype,
                                             sharding=ishard[k]) for k, v in dynamic.items()}
@@ -195,7 +230,7 @@ class ShardedModel(Model):
         return f"ShardedModel({self.source or self.graph.name!r}, mesh={dict(self.mesh.shape)})"
 
 
-def shard(model: Model, config: Any = None, *, devices: Sequence[Any] | None = None,
+def shard(model: Model, config: Any = None, *, devices: int | Sequence[Any] | None = None,
           example: Mapping[str, Any] | None = None, **overrides: Any) -> Model:
     """Lay ``model`` over a device mesh.
 
@@ -203,19 +238,21 @@ def shard(model: Model, config: Any = None, *, devices: Sequence[Any] | None = N
       model: a loaded :class:`~jaxinfer.Model` (or a ShardedModel, resharded).
       config: a MeshConfig, dict (long or short form), YAML path/text, or any
         frozen dataclass with the same fields; None means ``overrides`` only.
-      devices: the devices to use (default ``jax.devices()``: all processes').
+      devices: the devices to use (default ``jax.devices()``: all processes'), or a count of them.
       example: feeds for inputs read at trace time (shape inputs), if any.
       overrides: MeshConfig fields, e.g. ``tensor=4``.
 
     Returns:
       A :class:`ShardedModel` (or a pipelined model when ``stage > 1``).
     """
+    if not isinstance(model, Model):
+        raise ShardingConfigError(f"shard() takes a jaxinfer.Model (from jaxinfer.load), got {type(model).__name__}")
     cfg = parse_config(config if config is not None else {})
     if overrides:
         cfg = parse_config({**cfg.to_dict(), **({"rules": cfg.rules} if cfg.rules else {}), **overrides})
     base = model.base if isinstance(model, ShardedModel) else model
     params = model.params if isinstance(model, ShardedModel) else None
-    devs = list(jax.devices() if devices is None else devices)
+    devs = pick_devices(devices)
     cfg = cfg.resolved(len(devs))
     if cfg.expert > 1:
         from .expert import expert_specs, experts_model

@@ -27,6 +27,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from .. import arith
 from ..graph import Graph, Node, ValueInfo
 from ..model import Model, split_initializers
 from .config import MeshConfig, ShardingConfigError, divisors
@@ -248,6 +249,10 @@ def stacked_pipeline(base: Model, cfg: MeshConfig, mesh: Mesh, values: Mapping[s
     if cfg.tensor > 1 or cfg.expert > 1 or cfg.data > 1:
         return None, (f"the stacked schedule runs stage-only meshes (data={cfg.data}, tensor={cfg.tensor}, "
                       f"expert={cfg.expert} given); the per-stage schedule combines stages with data/tensor/expert")
+    quantized = sorted(k for k, v in params.items() if arith.is_quantized(v))
+    if quantized:
+        return None, (f"the stacked schedule stacks float params only; {len(quantized)} are quantized "
+                      f"(e.g. '{quantized[0]}')")
     run = find_layers(base.graph, values, cuts)
     if run is None:
         return None, "the graph has no run of identical layers with one activation between them"
