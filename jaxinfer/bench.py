@@ -1,4 +1,5 @@
-"""Side-by-side timing of jaxinfer and onnxruntime on the same model and inputs.
+"""Side-by-side timing of jaxinfer and onnxruntime (ONNX files) or LiteRT (TFLite files) on the same
+model and inputs.
 
 Both run in one process, each in blocks of back-to-back calls with the blocks
 rotated (:func:`blocked`), so slow drifts of the machine hit both alike and
@@ -19,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from .errors import InputError
 from .model import Model, Signature
 
 
@@ -29,13 +31,17 @@ class BenchRow:
     model: str
     batch: int
     jaxinfer_ms: float
-    onnxruntime_ms: float | None
-    ratio: float | None  # jaxinfer / onnxruntime: < 1 means jaxinfer is faster
+    onnxruntime_ms: float | None  # the reference engine's time: onnxruntime's, or LiteRT's (``reference``)
+    ratio: float | None  # jaxinfer / the reference: < 1 means jaxinfer is faster
     max_abs_diff: float | None
     compile_s: float
+    reference: str = "onnxruntime"
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The row as a dict; the reference engine's time is keyed ``<reference>_ms``."""
+        d = asdict(self)
+        d[f"{self.reference}_ms"] = d.pop("onnxruntime_ms")
+        return d
 
 
 def dummy_inputs(signatures: Sequence[Signature], batch: int | None = None, seed: int = 0,
@@ -180,6 +186,74 @@ def compare(model_path: str | Path, batches: Sequence[int] = (1, 8), runs: int =
         rows.append(BenchRow(label or Path(model_path).stem, batch, times[0], ort_ms,
                              times[0] / ort_ms if ort_ms else None, diff, compile_s))
     return rows
+
+
+def compare_tflite(model_path: str | Path, batches: Sequence[int] = (1,), runs: int = 20, label: str | None = None,
+                   min_block_s: float = 0.0) -> list[BenchRow]:
+    """Time a TFLite file against LiteRT's interpreter on the same inputs.
+
+    The time is LiteRT's default interpreter's (its XNNPACK delegate on CPU); ``max_abs_diff`` is against
+    LiteRT's own builtin kernels, which define TFLite's arithmetic: the XNNPACK delegate's int8 results
+    can differ from them (on the committed int8 conv fixture by up to 120 steps on 13 % of the
+    elements, where jaxinfer and LiteRT's builtin and reference kernels agree exactly).
+    A batch other than the file's own re-stamps a fixed batch of 1 on our side and resizes LiteRT's
+    inputs; a stateful model, or one whose batch is not a plain leading 1, runs at its own batch only.
+    Outputs are compared in the subgraph's output order.
+    """
+    from ai_edge_litert.interpreter import OpResolverType
+
+    from .converters.tflite import load_tflite
+
+    data = Path(model_path).read_bytes()
+    base = load_tflite(str(model_path))
+    rows = []
+    for batch in batches:
+        model = _tflite_at_batch(base, batch)
+        feeds = dummy_inputs(model.inputs, batch)
+        values = [feeds[s.name] for s in model.inputs]
+        litert = _litert_runner(data, values)
+        kernels = _litert_runner(data, values, OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        t0 = time.perf_counter()
+        ours = model.run(feeds)
+        compile_s = time.perf_counter() - t0
+        diff = max(_max_abs(a, b) for a, b in zip(ours.values(), kernels()))
+        model.reset_state()
+        times = blocked([lambda model=model, feeds=feeds: model.run(feeds), litert], runs, min_block_s=min_block_s)
+        rows.append(BenchRow(label or Path(model_path).stem, batch, times[0], times[1], times[0] / times[1], diff,
+                             compile_s, reference="litert"))
+    return rows
+
+
+def _litert_runner(data: bytes, values: Sequence[np.ndarray], resolver: Any = None) -> Callable[[], list[np.ndarray]]:
+    """A call running LiteRT's interpreter (``resolver``: its op resolver, default its default) on ``values``."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=data, **({} if resolver is None else {"experimental_op_resolver_type": resolver}))
+    ins, outs = interp.get_input_details(), interp.get_output_details()
+    if any(tuple(d["shape"]) != v.shape for d, v in zip(ins, values)):
+        for d, v in zip(ins, values):
+            interp.resize_tensor_input(d["index"], list(v.shape))
+    interp.allocate_tensors()
+
+    def run() -> list[np.ndarray]:
+        for d, v in zip(ins, values):
+            interp.set_tensor(d["index"], v)
+        interp.invoke()
+        return [interp.get_tensor(o["index"]) for o in outs]
+
+    return run
+
+
+def _tflite_at_batch(model: Model, batch: int) -> Model:
+    """``model`` run at ``batch`` rows: itself when that is its batch, else its fixed batch of 1 re-stamped."""
+    from .batching.buckets import batch_layout, batchable
+
+    if {s.shape[0] for s in model.inputs if s.shape} == {batch}:
+        return model
+    if model.stateful or batch_layout(model) != "fixed1":
+        raise InputError(f"{model.source}: inputs {[str(s) for s in model.inputs]} fix the batch"
+                         f"{' and it keeps state' if model.stateful else ''}; it cannot run at batch {batch}")
+    return batchable(model, batch)
 
 
 def _needs_restamp(proto: Any, batch: int) -> bool:

@@ -4,7 +4,7 @@ Examples::
 
     jaxinfer info model.onnx
     jaxinfer run model.onnx --input x=x.npy
-    jaxinfer bench model.onnx --batch 1,8 --against onnxruntime --json out.json
+    jaxinfer bench model.onnx --batch 1,8 --json out.json      # against onnxruntime (LiteRT for .tflite)
     jaxinfer quantize model.onnx --method int8-static --calibration calib/ --exclude 'lm_head*' -o out/
     jaxinfer serve [REPO] --port 8000
 """
@@ -250,26 +250,43 @@ def _bench_model(model: Any, label: str, batches: Sequence[int], runs: int, min_
     return rows
 
 
+#: The engine each model file is compared against by default (``--against auto``).
+REFERENCE_OF = {"onnx": "onnxruntime", "tflite": "litert"}
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Time the model at each ``--batch``: ONNX files against onnxruntime, other models jaxinfer alone."""
-    from .bench import compare, geomean, table
+    """Time the model at each ``--batch``: ONNX files against onnxruntime, TFLite files against LiteRT,
+    saved directories (and ``--against none``) jaxinfer alone."""
+    from .bench import compare, compare_tflite, geomean, table
 
     batches = args.batch
     path = resolve_model(args.model)
     model = _load(args.model)  # a clean ModelLoadError for a missing or corrupt model, whatever its format
-    if model.graph.fmt == "onnx" and Path(path).is_file():
+    fmt, is_file = model.graph.fmt, Path(path).is_file()
+    against = REFERENCE_OF.get(fmt) if args.against == "auto" and is_file else args.against
+    if against == "auto":
+        against = None
+    if fmt == "onnx" and is_file and against in ("onnxruntime", None):
         del model  # compare re-reads the proto, re-stamping a fixed batch dim per batch size
-        rows = compare(path, batches, runs=args.runs, against=args.against, min_block_s=args.min_block_s)
+        rows = compare(path, batches, runs=args.runs, against=against, min_block_s=args.min_block_s)
+    elif fmt == "tflite" and is_file and against == "litert":
+        del model
+        try:
+            rows = compare_tflite(path, batches, runs=args.runs, min_block_s=args.min_block_s)
+        except ImportError as e:
+            raise JaxinferError(f"--against litert needs LiteRT (pip install ai-edge-litert, or the [bench] "
+                                f"extra); or pass --against none: {e}") from None
     else:
-        if args.against:
-            print(f"note: --against {args.against} applies to .onnx files; timing jaxinfer alone on {path}",
-                  file=sys.stderr)
+        if against:
+            print(f"note: --against {against} compares .{'tflite' if against == 'litert' else 'onnx'} files; "
+                  f"timing jaxinfer alone on {path}", file=sys.stderr)
         rows = _bench_model(model, Path(path).stem, batches, args.runs, args.min_block_s)
+    reference = rows[0].reference if rows and rows[0].onnxruntime_ms is not None else "onnxruntime"
     dicts = [r.as_dict() for r in rows]
-    print(table(dicts, ["model", "batch", "jaxinfer_ms", "onnxruntime_ms", "ratio", "max_abs_diff", "compile_s"]))
+    print(table(dicts, ["model", "batch", "jaxinfer_ms", f"{reference}_ms", "ratio", "max_abs_diff", "compile_s"]))
     ratios = [r.ratio for r in rows if r.ratio]
     if ratios:
-        print(f"geomean ratio jaxinfer/onnxruntime: {geomean(ratios):.3f}")
+        print(f"geomean ratio jaxinfer/{reference}: {geomean(ratios):.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(dicts, indent=2))
     return 0
@@ -383,14 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench import MIN_BLOCK_S
 
-    bench = sub.add_parser("bench", help="median latency vs onnxruntime, interleaved in one process")
+    bench = sub.add_parser("bench", help="median latency vs onnxruntime (.onnx) or LiteRT (.tflite), in one process")
     bench.add_argument("model")
     bench.add_argument("--batch", type=batch_list, default=[1], metavar="N[,N...]",
                        help="comma-separated batch sizes (default 1)")
     bench.add_argument("--runs", type=positive_int, default=20)
     bench.add_argument("--min-block-s", type=non_negative_float, default=MIN_BLOCK_S,
                        help="each engine's timing block lasts at least this long (more calls for fast models)")
-    bench.add_argument("--against", choices=["onnxruntime", "none"], default="onnxruntime")
+    bench.add_argument("--against", choices=["auto", "onnxruntime", "litert", "none"], default="auto",
+                       help="the engine to compare with: auto = onnxruntime for .onnx, LiteRT for .tflite files")
     bench.add_argument("--json", metavar="FILE")
     bench.set_defaults(func=cmd_bench)
 

@@ -98,13 +98,26 @@ def test_bench_bad_model(files, capsys, name, expected):
     assert expected in _error(capsys, ["bench", str(path), "--against", "none", "--runs", "1"])
 
 
-def test_bench_tflite_and_saved_dir_time_jaxinfer_alone(files, capsys, tmp_path):
+def test_bench_tflite_against_litert_and_saved_dir_alone(files, capsys, tmp_path):
+    """A .tflite file is timed against LiteRT by default (outputs against LiteRT's builtin kernels: the int8
+    fixture matches exactly); onnxruntime cannot run it, so ``--against onnxruntime`` times jaxinfer alone;
+    a stateful model runs at its own batch only; a saved directory has no twin."""
     out = tmp_path / "b.json"
-    assert main(["bench", str(TFLITE), "--runs", "1", "--min-block-s", "0", "--json", str(out)]) == 0
-    captured = capsys.readouterr()
-    assert "timing jaxinfer alone" in captured.err
+    assert main(["bench", str(TFLITE), "--batch", "1,2", "--runs", "1", "--min-block-s", "0", "--json", str(out)]) == 0
+    assert "jaxinfer/litert" in capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert all(r["reference"] == "litert" and r["litert_ms"] > 0 and r["max_abs_diff"] < 1e-4 for r in rows)
+    assert main(["bench", str(TFLITE.with_name("conv_int8.tflite")), "--runs", "1", "--min-block-s", "0",
+                 "--json", str(out)]) == 0
+    assert json.loads(out.read_text())[0]["max_abs_diff"] == 0
+    assert main(["bench", str(TFLITE), "--against", "onnxruntime", "--runs", "1", "--min-block-s", "0",
+                 "--json", str(out)]) == 0
+    assert "timing jaxinfer alone" in capsys.readouterr().err
     (row,) = json.loads(out.read_text())
     assert row["model"] == "conv_f32" and row["jaxinfer_ms"] > 0 and row["onnxruntime_ms"] is None
+    err = _error(capsys, ["bench", str(TFLITE.with_name("lstm_stream.tflite")), "--batch", "2", "--runs", "1"])
+    assert "keeps state; it cannot run at batch 2" in err
     saved = jaxinfer.save(jaxinfer.load(files["good.onnx"]), tmp_path / "saved")
     assert main(["bench", str(saved), "--batch", "1,2", "--against", "none", "--runs", "1", "--min-block-s", "0"]) == 0
     assert "saved" in capsys.readouterr().out
