@@ -18,6 +18,7 @@ fixture 8e-3 off LiteRT). The scope is inside ``fn``, so ``jax.jit(model.fn)`` g
 from __future__ import annotations
 
 import functools
+import inspect
 import keyword
 import math
 import os
@@ -154,6 +155,22 @@ def _kwarg_name(attr: str) -> str:
     return attr + "_" if keyword.iskeyword(attr) else attr
 
 
+@functools.lru_cache(maxsize=None)
+def _required_attrs(fn: Callable[..., Any]) -> tuple[str, ...]:
+    """The attributes ``fn`` cannot do without: its keyword-only parameters without a default."""
+    params = inspect.signature(fn).parameters.values()
+    return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is p.empty)
+
+
+def _check_required_attrs(node: Node, opdef: OpDef, kwargs: Mapping[str, Any]) -> None:
+    """OpError naming the attributes a node lacks that its op requires (a contrib op has no ONNX schema to
+    catch it at load, and Python's own message would not say which node)."""
+    missing = [name.rstrip("_") for name in _required_attrs(opdef.fn) if name not in kwargs]
+    if missing:
+        raise OpError(f"{node.op_type} node '{node.label}': required attribute(s) {missing} missing; "
+                      f"{node.op_type} needs {list(a.rstrip('_') for a in _required_attrs(opdef.fn))}")
+
+
 def _static_value(value: Any, node: Node, slot: int) -> Any:
     if value is None:
         return None
@@ -202,6 +219,7 @@ def run_node(node: Node, env: Env, registry: Registry, opsets: Mapping[str, int]
     }
     kwargs.update({k: context[k] for k in opdef.context if k in context})
 
+    _check_required_attrs(node, opdef, kwargs)
     concrete = not opdef.random and all(is_concrete(a) for a in args)
     try:
         if concrete and not opdef.host and any(opdef.is_static_slot(i) for i in range(len(args))):

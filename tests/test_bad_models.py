@@ -45,6 +45,28 @@ def test_a_node_without_outputs_is_refused():
         jaxinfer.load(proto)
 
 
+def test_missing_required_attributes_and_inputs_are_refused_at_load():
+    """What the ONNX schema requires: a Loop without its body, an Add with one input."""
+    loop = _model([helper.make_node("Loop", ["m", "", "x"], ["y"], name="loop")],
+                  [_vi("m", TensorProto.INT64, ()), _vi("x")], [_vi("y")])
+    with pytest.raises(ModelLoadError, match=r"Loop node 'loop': required attribute\(s\) \['body'\] missing"):
+        jaxinfer.load(loop)
+    add = _model([helper.make_node("Add", ["x"], ["y"], name="add")], [_vi("x")], [_vi("y")])
+    with pytest.raises(ModelLoadError, match=r"Add node 'add' has 1 input\(s\); .* requires at least 2"):
+        jaxinfer.load(add)
+
+
+def test_contrib_op_without_a_required_attribute_names_it():
+    """Contrib ops have no ONNX schema: the op's own signature says what it requires."""
+    w = numpy_helper.from_array(np.zeros((8, 24), np.float32), "w")
+    b = numpy_helper.from_array(np.zeros(24, np.float32), "b")
+    graph = helper.make_graph([helper.make_node("Attention", ["x", "w", "b"], ["y"], name="att", domain="com.microsoft")],
+                              "g", [_vi("x", shape=(1, 4, 8))], [_vi("y", shape=(1, 4, 8))], [w, b])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    with pytest.raises(OpError, match=r"Attention node 'att': required attribute\(s\) \['num_heads'\] missing"):
+        jaxinfer.load(proto).run({"x": np.ones((1, 4, 8), np.float32)})
+
+
 def test_model_proto_without_a_graph_is_refused():
     with pytest.raises(ModelLoadError, match="no graph"):
         jaxinfer.load(helper.make_model(helper.make_graph([], "g", [], [])).__class__())

@@ -258,8 +258,9 @@ def _attr_type_name(code: int) -> str:
 
 def _check_against_schema(n: onnx.NodeProto, op_type: str, domain: str, label: str, opsets: dict[str, int]) -> None:
     """ModelLoadError for a node the op's ONNX schema rules out: an attribute of another type than declared (an
-    ``axis`` holding a graph would reach the ops and passes, which read it as an int) or a required input left
-    empty (``""``, which the ops would receive as None)."""
+    ``axis`` holding a graph would reach the ops and passes, which read it as an int), a required attribute
+    missing (a Loop without its ``body``), fewer inputs than required, or a required input left empty (``""``,
+    which the ops would receive as None)."""
     domain = "" if domain in ("", "ai.onnx") else domain
     opset = opsets.get(domain)
     schema = _schema(op_type, domain, opset) if opset is not None else None
@@ -271,6 +272,14 @@ def _check_against_schema(n: onnx.NodeProto, op_type: str, domain: str, label: s
             raise ModelLoadError(f"{op_type} node '{label}': attribute '{a.name}' has type {_attr_type_name(a.type)}; "
                                  f"the ONNX schema of {op_type} (opset {opset}) declares "
                                  f"{_attr_type_name(int(declared.type.value))}")
+    given = {a.name for a in n.attribute}
+    missing = sorted(name for name, declared in schema.attributes.items() if declared.required and name not in given)
+    if missing:
+        raise ModelLoadError(f"{op_type} node '{label}': required attribute(s) {missing} missing; the ONNX schema "
+                             f"of {op_type} (opset {opset}) requires them")
+    if len(n.input) < schema.min_input:
+        raise ModelLoadError(f"{op_type} node '{label}' has {len(n.input)} input(s); the ONNX schema of {op_type} "
+                             f"(opset {opset}) requires at least {schema.min_input}")
     formal = schema.inputs
     for slot, name in enumerate(n.input):
         param = formal[min(slot, len(formal) - 1)] if formal else None
