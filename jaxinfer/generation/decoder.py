@@ -23,11 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ..errors import InputError
+from ..errors import InputError, OutOfMemoryError
 from ..model import Model
+from ..tracer import is_out_of_memory, memory_limit
 from . import cache as kv
 from .layout import DecoderLayout, recognise_layout
-from .sampling import SamplingParams, request_key, sample
+from .sampling import SamplingParams, _is_int, request_key, sample
 
 #: The smallest default prefill bucket (prompts shorter than this are padded up to it).
 MIN_BUCKET = 16
@@ -119,8 +120,9 @@ class Decoder:
     def __init__(self, model: Model | str | os.PathLike, *, slots: int = 8, max_len: int = 256,
                  prefill_buckets: Sequence[int] | None = None, layout: DecoderLayout | None = None):
         self.model = _as_model(model)
-        if slots < 1 or max_len < 2:
-            raise InputError(f"Decoder: slots must be >= 1 and max_len >= 2, got slots={slots}, max_len={max_len}")
+        if not _is_int(slots) or not _is_int(max_len) or slots < 1 or max_len < 2:
+            raise InputError(f"Decoder: slots must be an int >= 1 and max_len an int >= 2, got slots={slots!r}, "
+                             f"max_len={max_len!r}")
         self.layout = layout if layout is not None else recognise_layout(self.model)
         self.layout.check(self.model)
         if self.layout.kv_write == "append" and (self.layout.attention_mask is None or
@@ -137,7 +139,7 @@ class Decoder:
                              "they are data")
         self.slots, self.max_len = int(slots), int(max_len)
         buckets = default_buckets(self.max_len) if prefill_buckets is None else tuple(sorted(set(prefill_buckets)))
-        bad = [b for b in buckets if not (isinstance(b, (int, np.integer)) and 1 <= b <= self.max_len)]
+        bad = [b for b in buckets if not (_is_int(b) and 1 <= b <= self.max_len)]
         if not buckets or bad:
             raise InputError(f"prefill_buckets must be ints in [1, max_len={self.max_len}], got {list(buckets)}")
         self.prefill_buckets: tuple[int, ...] = tuple(int(b) for b in buckets)
@@ -147,9 +149,27 @@ class Decoder:
                                       "prefills": 0, "decode_steps": 0, "compiles_at_warmup": 0}
         with _EXECUTABLES_LOCK:
             self._exes: dict[tuple, Any] = _EXECUTABLES.setdefault(self.model, {})
-        self.cache = kv.allocate(self.layout, self.slots, self.max_len)
+        self.cache = self._allocate()
 
     # ------------------------------------------------------------ geometry
+    def _allocate(self) -> kv.KVCache:
+        """A zeroed cache; :class:`OutOfMemoryError` naming the geometry when it cannot exist here."""
+        lay = self.layout
+        nbytes = 2 * lay.n_layers * int(np.prod(kv.cache_shape(lay, self.slots, self.max_len))) * lay.kv_dtype.itemsize
+        why = (f"the KV cache of slots={self.slots} x max_len={self.max_len} ({lay.n_layers} layers, kv_heads="
+               f"{lay.kv_heads}, head_dim={lay.head_dim}, {lay.kv_dtype.name}) needs {nbytes} bytes")
+        limit = memory_limit()
+        if limit is not None and nbytes > limit[0]:
+            raise OutOfMemoryError(f"{why}, more than this machine can hold ({limit[0]} bytes, {limit[1]}); use "
+                                   "fewer slots or a smaller max_len")
+        try:
+            return kv.allocate(lay, self.slots, self.max_len)
+        except jax.errors.JaxRuntimeError as e:
+            if is_out_of_memory(e):
+                raise OutOfMemoryError(f"{why}, more than the device has: {str(e).strip().splitlines()[0]}; use "
+                                       "fewer slots or a smaller max_len") from e
+            raise
+
     def _vocab_size(self) -> int:
         """The logits' last dim: from the signature, else from an abstract one-token prefill (no compile)."""
         sig = next(s for s in self.model.outputs if s.name == self.layout.logits)
@@ -179,7 +199,8 @@ class Decoder:
 
     def request_problems(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[str]:
         """Why this request cannot run here, as sentences (empty when it can)."""
-        out = list(params.problems())
+        invalid = params.problems()
+        out = list(invalid)
         n = len(prompt_ids)
         if n == 0:
             out.append("prompt_ids is empty; expected at least one token id")
@@ -188,6 +209,10 @@ class Decoder:
         if bad:
             out.append(f"prompt_ids holds {len(bad)} id(s) outside [0, vocab_size={self.vocab_size}) or not ints, "
                        f"e.g. {bad[:5]}")
+        stop = [] if invalid else [t for t in params.stop_ids if t >= self.vocab_size]
+        if stop:
+            out.append(f"stop_ids {stop[:5]} are outside [0, vocab_size={self.vocab_size}): they could never stop "
+                       "a request")
         if n > self.prefill_buckets[-1]:
             out.append(f"prompt of {n} tokens is longer than the largest prefill bucket {self.prefill_buckets[-1]}")
         if isinstance(params.max_new_tokens, (int, np.integer)) and n + params.max_new_tokens > self.max_len:
@@ -274,11 +299,17 @@ class Decoder:
     # ------------------------------------------------------------ running
     def reset(self) -> None:
         """A fresh zeroed cache (after a failed call may have consumed the donated one)."""
-        self.cache = kv.allocate(self.layout, self.slots, self.max_len)
+        self.cache = self._allocate()
 
     def prefill(self, slot: int, prompt_ids: Sequence[int], params: SamplingParams) -> int:
         """Run ``prompt_ids`` into ``slot``'s cache row; returns the first new token (sampled with ``params``)."""
         n = len(prompt_ids)
+        if not _is_int(slot) or not 0 <= slot < self.slots:
+            raise InputError(f"slot must be an int in [0, slots={self.slots}), got {slot!r}")
+        bad = [t for t in prompt_ids if not _is_int(t) or not 0 <= t < self.vocab_size]
+        if n == 0 or bad:
+            raise InputError(f"prompt_ids must be 1 or more token ids in [0, vocab_size={self.vocab_size}), got "
+                             f"{n} ids" + (f", e.g. bad {bad[:5]}" if bad else ""))
         bucket = self.bucket_for(n)
         exe = self._compiled(("prefill", bucket))
         ids = np.zeros((1, bucket), np.int32)

@@ -9,7 +9,9 @@ batch is admitted only when every slot of the previous one is free (the baseline
 
 from __future__ import annotations
 
+import atexit
 import threading
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +26,19 @@ from .sampling import SamplingParams
 from .stream import Stream
 
 POLICIES = ("continuous", "static")
+
+#: Guards "a Decoder has at most one live Engine" (the owner check and the claim are one step).
+_OWNER_LOCK = threading.Lock()
+
+#: Engines not closed yet: closed at interpreter exit, so no engine thread is inside XLA when the
+#: interpreter stops its daemon threads (which aborted the process: "FATAL: exception not rethrown").
+_LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_engines() -> None:
+    for engine in list(_LIVE):
+        engine.close()
 
 
 @dataclass
@@ -55,24 +70,29 @@ class Engine:
     """
 
     def __init__(self, decoder: Decoder, *, policy: str = "continuous", max_waiting: int = 1024):
+        if not isinstance(decoder, Decoder):
+            raise InputError(f"Engine needs a Decoder, got {type(decoder).__name__}")
         if policy not in POLICIES:
             raise InputError(f"Engine policy must be one of {POLICIES}, got {policy!r}")
-        if max_waiting < 1:
-            raise InputError(f"Engine max_waiting must be >= 1, got {max_waiting}")
-        owner = getattr(decoder, "_engine", None)
-        if owner is not None and not owner._closed:
-            raise JaxinferError("this Decoder already has a running Engine (its KV cache has one owner); close that "
-                                "Engine first or build another Decoder")
-        decoder._engine = self  # type: ignore[attr-defined]
+        if not isinstance(max_waiting, (int, np.integer)) or isinstance(max_waiting, bool) or max_waiting < 1:
+            raise InputError(f"Engine max_waiting must be an int >= 1, got {max_waiting!r}")
+        self._closed = False
+        with _OWNER_LOCK:
+            owner = getattr(decoder, "_engine", None)
+            if owner is not None and not owner._closed:
+                raise JaxinferError("this Decoder already has a running Engine (its KV cache has one owner); close "
+                                    "that Engine first or build another Decoder")
+            decoder._engine = self  # type: ignore[attr-defined]
         self.decoder, self.policy, self.max_waiting = decoder, policy, int(max_waiting)
         self._waiting: deque[_Request] = deque()
         self._slots: list[_Active | None] = [None] * decoder.slots
         self._sampling = SlotSampling.empty(decoder.slots)
         self._cond = threading.Condition()
-        self._closed = False
         self._counters = {"tokens_generated": 0, "steps": 0, "prefills": 0, "errors": 0, "cancelled": 0}
+        self._api_users = 0  # generate calls sharing this engine (api.py); 0: the caller's own, never closed there
         self._thread = threading.Thread(target=self._run, name="jaxinfer-generation-engine", daemon=True)
         self._thread.start()
+        _LIVE.add(self)
 
     # --------------------------------------------------------------- public
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams()) -> Stream:
@@ -127,6 +147,7 @@ class Engine:
             req.stream._finish("error", closed)
         if getattr(self.decoder, "_engine", None) is self:
             self.decoder._engine = None  # type: ignore[attr-defined]
+        _LIVE.discard(self)
 
     def __enter__(self) -> Engine:
         return self
@@ -142,14 +163,16 @@ class Engine:
                 if self._closed:
                     return
                 admitted = self._admissions()
-            self._drop_cancelled()
             try:
+                self._drop_cancelled()
                 for slot, req in admitted:
                     self._prefill(slot, req)
                 if self._any_active():
                     self._step()
             except Exception as e:  # a bug in the bookkeeping itself: fail what runs, keep serving
                 self._fail_active(e)
+                for _, req in admitted:  # taken from the queue but not placed yet: they would wait forever
+                    req.stream._finish("error", e)
 
     def _any_active(self) -> bool:
         return any(a is not None for a in self._slots)
