@@ -46,7 +46,7 @@ import numpy as np
 
 from ..errors import InputError, JaxinferError
 from .buckets import Batch, BucketedModel, Prepared, merge_rows
-from .sequences import StreamRef
+from .sequences import SequenceTable, StreamRef
 
 log = logging.getLogger("jaxinfer.batching")
 
@@ -183,6 +183,12 @@ class _Ticket:
                     pass
 
 
+def _releaser(sequences: SequenceTable, ref: StreamRef) -> Callable[[Future], None]:
+    """A done-callback releasing ``ref``'s admitted request however its future ends (answer, error,
+    timeout, cancel), so an ended stream goes and a stream with callers waiting is never dropped."""
+    return lambda _: sequences.release(ref)
+
+
 @dataclass
 class _Item:
     part: Prepared
@@ -309,6 +315,7 @@ class DynamicBatcher:
                                      "retry later")
             if self.model.sequences is not None and prepared.sequence is not None:
                 self.model.sequences.admit(prepared.sequence)
+                ticket.future.add_done_callback(_releaser(self.model.sequences, prepared.sequence))
             if self._last_arrival is not None:
                 gap = now - self._last_arrival
                 self._gap = gap if self._gap == 0.0 else 0.8 * self._gap + 0.2 * gap

@@ -29,7 +29,7 @@ from ..errors import InputError, JaxinferError
 from ..graph import Graph, Node, ValueInfo, values_flowing_from
 from ..model import Model, Signature
 from ..tracer import memory_limit
-from .sequences import SequencePolicy, SequenceTable, SequenceError, StreamRef, stateless_view
+from .sequences import SequenceError, SequencePolicy, SequenceTable, StreamRef, stateless_view
 
 log = logging.getLogger("jaxinfer.batching")
 
@@ -462,7 +462,7 @@ class BucketedModel:
     def _state_feeds(self, parts: Sequence[Prepared], bucket: int) -> dict[str, np.ndarray]:
         """Each part's stream state, stacked a row per part (the initial state in the padding rows)."""
         assert self.sequences is not None
-        states = [self.sequences.state(p.sequence) for p in parts]  # type: ignore[arg-type]
+        states = [self._run_state(p.sequence) for p in parts]  # type: ignore[arg-type]
         if self.layout == "none":
             return dict(states[0])
         feeds = {}
@@ -473,6 +473,18 @@ class BucketedModel:
             buf[len(states):] = init[0]
             feeds[name] = buf
         return feeds
+
+    def _run_state(self, ref: StreamRef) -> dict[str, np.ndarray]:
+        """The state ``ref``'s request runs on. A stream gone since the batcher checked it is one whose
+        callers all gave up (a stream with one waiting is never dropped): its row runs on the initial
+        state and is not stored, rather than failing the other streams of the batch."""
+        assert self.sequences is not None
+        try:
+            return self.sequences.state(ref)
+        except SequenceError:
+            if self.sequences.waiting(ref):
+                raise
+            return self.sequences.init
 
     def _store_states(self, batch: Batch) -> None:
         """Keep each stream's next state (a copied row: the batch's arrays are not held on to)."""
@@ -513,10 +525,16 @@ class BucketedModel:
         """Run one request synchronously through the buckets (split when oversize); a stateful model's
         request names its stream."""
         prepared = self.prepare(feeds, sequence)
-        if self.sequences is not None and prepared.sequence is not None:
-            self.sequences.admit(prepared.sequence)
-        chunks = self.split(prepared)
-        outs = [self.collect(self.dispatch([c]))[0] for c in chunks]
+        if self.sequences is None or prepared.sequence is None:
+            return self._run_chunks(prepared)
+        self.sequences.admit(prepared.sequence)
+        try:
+            return self._run_chunks(prepared)
+        finally:
+            self.sequences.release(prepared.sequence)
+
+    def _run_chunks(self, prepared: Prepared) -> dict[str, np.ndarray]:
+        outs = [self.collect(self.dispatch([c]))[0] for c in self.split(prepared)]
         return merge_rows(outs, self.batched_outputs)
 
     @property

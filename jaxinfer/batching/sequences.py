@@ -63,11 +63,17 @@ def stream_of(parameters: Mapping[str, object]) -> StreamRef | None:
     """The stream named by a request's ``parameters`` (None when it names none)."""
     sid = parameters.get("sequence_id")
     start, end = parameters.get("sequence_start", False), parameters.get("sequence_end", False)
-    if sid is None or sid == 0 or sid == "":  # 0 is tritonclient's "no sequence"
+    if _names_no_stream(sid):
         if start or end:
             raise SequenceError("sequence_start/sequence_end need a sequence_id naming the stream")
         return None
     return StreamRef(sid, start, end)  # type: ignore[arg-type]
+
+
+def _names_no_stream(sid: object) -> bool:
+    """Whether ``sid`` says "no sequence": absent, tritonclient's integer 0, or ""; not false or 0.0,
+    which are refused as ids rather than taken for none."""
+    return sid is None or sid == "" or (type(sid) is int and sid == 0)
 
 
 @dataclass(frozen=True)
@@ -110,8 +116,10 @@ def stateless_view(model: Model) -> tuple[Model, dict[str, str]]:
 
 @dataclass
 class _Stream:
-    state: dict[str, np.ndarray] | None  # None until the stream's first request has run
-    used: float  # monotonic time of its last request
+    state: dict[str, np.ndarray] | None  # None until the stream's first request has run (and after its end)
+    used: float  # monotonic time of its last request (admitted or answered)
+    waiting: int = 0  # requests admitted and not answered yet: a stream with any is never dropped
+    open: bool = True  # False once its end request is admitted (until a new start): later steps are refused
 
 
 class SequenceTable:
@@ -132,15 +140,22 @@ class SequenceTable:
             return len(self._streams)
 
     def admit(self, ref: StreamRef) -> None:
-        """Register a request of ``ref``'s stream as it is queued; raises what does not fit."""
+        """Register a request of ``ref``'s stream as it is queued; raises what does not fit.
+
+        Requests are admitted in the order they run, so the stream is judged as it will be when this
+        one runs: after an admitted end only a start may follow. Each admitted request is released
+        (:meth:`release`) once answered, failed, timed out or cancelled.
+        """
         now = time.monotonic()
         with self._lock:
             stream = self._streams.get(ref.id)
-            if stream is None:
+            if stream is None or not stream.open:
                 if not ref.start:
                     raise SequenceError(
-                        f"sequence {ref.id!r:.80} of model '{self.name}' is not active (never started, ended, or "
-                        f"dropped after {self.policy.idle_s:g} s idle); its first request needs sequence_start=true")
+                        f"sequence {ref.id!r:.80} of model '{self.name}' is not active (never started, ended, "
+                        f"dropped after {self.policy.idle_s:g} s idle, or kept by a version since reloaded); its "
+                        "first request needs sequence_start=true")
+            if stream is None:
                 if len(self._streams) >= self.policy.max_sequences:
                     self._drop_idle(now)
                 if len(self._streams) >= self.policy.max_sequences:
@@ -148,12 +163,30 @@ class SequenceTable:
                         f"model '{self.name}' already keeps {self.policy.max_sequences} active sequences "
                         f"(max_sequences) and none has been idle for {self.policy.idle_s:g} s; end finished "
                         "sequences with sequence_end=true, or retry later")
-                self._streams[ref.id] = _Stream(None, now)
-            else:
-                stream.used = now
+                stream = self._streams[ref.id] = _Stream(None, now)
+            stream.open = not ref.end
+            stream.waiting += 1
+            stream.used = now
+
+    def release(self, ref: StreamRef) -> None:
+        """One admitted request of ``ref`` is answered: an ended stream goes once none is left waiting."""
+        with self._lock:
+            stream = self._streams.get(ref.id)
+            if stream is None:
+                return
+            stream.waiting = max(0, stream.waiting - 1)
+            stream.used = time.monotonic()
+            if stream.waiting == 0 and not stream.open:
+                del self._streams[ref.id]
+
+    def waiting(self, ref: StreamRef) -> int:
+        """Requests of ``ref``'s stream admitted and not answered yet."""
+        with self._lock:
+            stream = self._streams.get(ref.id)
+            return 0 if stream is None else stream.waiting
 
     def _drop_idle(self, now: float) -> None:
-        idle = [k for k, s in self._streams.items() if now - s.used > self.policy.idle_s]
+        idle = [k for k, s in self._streams.items() if s.waiting == 0 and now - s.used > self.policy.idle_s]
         for k in idle:
             del self._streams[k]
 
@@ -179,16 +212,12 @@ class SequenceTable:
         return None
 
     def store(self, ref: StreamRef, state: dict[str, np.ndarray]) -> None:
-        """Keep ``state`` as the stream's state after its request ran (or drop the stream at its end)."""
+        """Keep ``state`` as the stream's state after its request ran (an end drops it; the stream itself
+        goes at :meth:`release`). A stream dropped meanwhile (every caller of it gave up) stays dropped."""
         with self._lock:
-            if ref.end:
-                self._streams.pop(ref.id, None)
-                return
             stream = self._streams.get(ref.id)
-            if stream is None:
-                self._streams[ref.id] = _Stream(state, time.monotonic())
-            else:
-                stream.state = state
+            if stream is not None:
+                stream.state = None if ref.end else state
 
     def active(self) -> list[int | str]:
         with self._lock:

@@ -166,7 +166,7 @@ def decode_infer(body: bytes, header_length: int | None) -> InferRequest:
         head, rest = body, memoryview(b"")
     try:
         req = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, an int of > 4300 digits
         raise ProtocolError(f"request body is not valid JSON: {e}") from None
     if not isinstance(req, dict):
         raise ProtocolError(f"request must be a JSON object, got {type(req).__name__}")
