@@ -423,7 +423,7 @@ def build_app(state: ServerState) -> Starlette:
         if body.strip():
             try:
                 ready_only = json.loads(body).get("ready", False)
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, AttributeError):
+            except (ValueError, RecursionError, AttributeError):  # bad JSON or UTF-8, ints of > 4300 digits
                 return error("repository index body must be a JSON object like {\"ready\": true}", 400)
             if not isinstance(ready_only, bool):
                 return error(f"repository index 'ready' must be true or false, got {ready_only!r}", 400)

@@ -136,7 +136,7 @@ def test_encoded_slash_is_not_a_path_separator(server):
 def test_repository_index_body_is_checked(server):
     url = f"{server.url}/v2/repository/index"
     for body, message in ((b"\xff", "JSON object"), (b"[" * 100_000, "JSON object"),
-                          (b'{"ready": "no"}', "true or false")):
+                          (b'{"ready": "no"}', "true or false"), (b'{"ready": 1' + b"0" * 5000 + b"}", "JSON object")):
         r = httpx.post(url, content=body)
         assert r.status_code == 400 and message in r.json()["error"], r.text
     limit = server.state.max_body_bytes
