@@ -263,9 +263,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     path = resolve_model(args.model)
     model = _load(args.model)  # a clean ModelLoadError for a missing or corrupt model, whatever its format
     fmt, is_file = model.graph.fmt, Path(path).is_file()
-    against = REFERENCE_OF.get(fmt) if args.against == "auto" and is_file else args.against
+    against = args.against
     if against == "auto":
-        against = None
+        against = REFERENCE_OF.get(fmt) if is_file else None
     if fmt == "onnx" and is_file and against in ("onnxruntime", None):
         del model  # compare re-reads the proto, re-stamping a fixed batch dim per batch size
         rows = compare(path, batches, runs=args.runs, against=against, min_block_s=args.min_block_s)

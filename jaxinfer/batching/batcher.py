@@ -377,11 +377,11 @@ class DynamicBatcher:
         if not pending:
             return [], None
         oldest = pending[0]
-        waiting = self._busy is not None and set(self._busy)  # streams that may not join this batch
-        if waiting is not False:
+        blocked = set(self._busy) if self._busy is not None else None  # streams that may not join this batch
+        if blocked is not None:
             # a stateful model: the oldest request whose stream is not running goes first, and each
             # stream's first waiting request is the only one of it that may join (arrival order)
-            oldest = next((i for i in pending if i.part.sequence.id not in waiting  # type: ignore[union-attr]
+            oldest = next((i for i in pending if i.part.sequence.id not in blocked  # type: ignore[union-attr]
                            and not i.ticket.future.done()), None)  # type: ignore[assignment]
             if oldest is None:  # every waiting stream is running: look again when a batch completes
                 return [], self._next_deadline if self._next_deadline < math.inf else None
@@ -395,12 +395,12 @@ class DynamicBatcher:
             if item.ticket.future.done():
                 prefix = False
                 continue
-            if waiting is not False:
+            if blocked is not None:
                 sid = item.part.sequence.id  # type: ignore[union-attr]
-                if sid in waiting:
+                if sid in blocked:
                     prefix = False
                     continue
-                waiting.add(sid)
+                blocked.add(sid)
             if item.part.key != key:
                 prefix = False
                 continue

@@ -1,9 +1,9 @@
 """Which weights a quantization method may touch: the quantizable layers of a Graph.
 
 A layer is a MatMul/Gemm/Conv/Einsum node (TFLite: FULLY_CONNECTED/CONV_2D/BATCH_MATMUL) whose
-weight input is a param (a float initializer that ``Model.params`` holds). A weight read anywhere else (a Transpose in
-front of the MatMul, an embedding Gather sharing it) is left in float: the other reader
-would receive an int8 array it does not understand.
+weight input is a param (a float initializer that ``Model.params`` holds). A weight read anywhere
+else (a Transpose in front of the MatMul, an embedding Gather sharing it) is left in float: the
+other reader would receive an int8 array it does not understand.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def weight_slots(node: Node) -> tuple[int, ...] | None:
     if node.domain == "tflite":
         return TFLITE_WEIGHT_SLOTS.get(node.op_type)
     return None
+
 
 #: The ONNX Conv ops (``Conv`` and the spatial-first ``jaxinfer::Conv``) call ``arith.conv``.
 CONV_VIA_ARITH = True

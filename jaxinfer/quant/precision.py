@@ -6,9 +6,8 @@
   normalizations, mean-like reductions) get their inputs cast up to float32 and their
   first output cast back down: float32 accumulation where it matters.
 * ``mixed``: only the products (MatMul/Gemm/Conv/Einsum; TFLite FULLY_CONNECTED, CONV_2D, ...)
-  run in the low precision: their
-  weights are stored low, their activation inputs cast down at the op and the result cast
-  back to float32; everything else stays float32.
+  run in the low precision: their weights are stored low, their activation inputs cast down at
+  the op and the result cast back to float32; everything else stays float32.
 
 The casts are ONNX ``Cast`` nodes (TFLite ``CAST`` in a TFLite graph), so the same tracer and ops run
 the result.
@@ -121,12 +120,13 @@ def rewrite(graph: Graph, registry: Any, kind: str, mode: str, skip: Iterable[st
                 nodes.append(Node(node.op_type, ins, outs, attrs, node.name, node.domain))
             else:
                 nodes.append(Node(node.op_type, ins, outs, node.attrs, node.name, node.domain))
-        # Outputs that are graph inputs or initializers directly: route through an Identity.
+        # Outputs that are graph inputs or initializers directly: route through an Identity (a CAST in TFLite).
         produced = {o for n in nodes for o in n.outputs}
         for v in graph.outputs:
             if v.name in out_renames and out_renames[v.name] not in produced:
                 src = renames.get(v.name, v.name)
-                nodes.append(_cast(src, out_renames[v.name], lo, f"{tag}/id", graph.fmt))
+                nodes.append(Node("Identity", (src,), (out_renames[v.name],), {}, f"{tag}/id:{v.name}", "")
+                             if graph.fmt != "tflite" else _cast(src, out_renames[v.name], lo, f"{tag}/id", graph.fmt))
         nodes.extend(tail)
         inits = {k: (np.asarray(v).astype(low_dtype(kind)) if np.asarray(v).dtype == np.float32 and k not in static
                      else v) for k, v in graph.initializers.items()}
