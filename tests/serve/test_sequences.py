@@ -23,30 +23,14 @@ from jaxinfer.converters.tflite import load_tflite
 from jaxinfer.serve.config import ConfigError, ModelConfig
 from jaxinfer.serve.repository import ModelVersion
 
-from ..converters.tflite.builder import RESOURCE, ModelBuilder
+from ..converters.tflite.builder import accumulator_model
 
 LSTM = Path(__file__).parents[1] / "fixtures" / "tflite" / "lstm_stream.tflite"
 START = 0.5  # the accumulator's initial value
 
 
 def _accumulator(state_shape: tuple[int, ...] = (1, 4)) -> bytes:
-    """``acc += x; y = acc`` with ``acc`` a resource variable set to 0.5 by a CALL_ONCE init subgraph."""
-    b = ModelBuilder()
-    x = b.input("x", state_shape)
-    h = b.tensor("h", (), type_code=RESOURCE)
-    v, s = b.tensor("v", state_shape), b.tensor("s", state_shape)
-    b.op("CALL_ONCE", [], [], "CallOnceOptions", init_subgraph_index=1)
-    b.op("VAR_HANDLE", [], [h], "VarHandleOptions", shared_name="acc")
-    b.op("READ_VARIABLE", [h], [v])
-    b.op("ADD", [v, x], [s], "AddOptions", fused_activation_function=0)
-    b.op("ASSIGN_VARIABLE", [h, s], [])
-    b.outputs(s)
-    b.subgraph("init")
-    h2 = b.tensor("h", (), type_code=RESOURCE)
-    start = b.const("start", np.full(state_shape, START, np.float32))
-    b.op("VAR_HANDLE", [], [h2], "VarHandleOptions", shared_name="acc")
-    b.op("ASSIGN_VARIABLE", [h2, start], [])
-    return b.finish()
+    return accumulator_model(state_shape, START)
 
 
 def _steps(streams: int, steps: int, shape: tuple[int, ...], seed: int = 0) -> dict[int, list[np.ndarray]]:

@@ -354,3 +354,24 @@ class ModelBuilder:
                 tflite.OperatorAddBuiltinOptionsType(b, opt_type)
                 tflite.OperatorAddBuiltinOptions(b, opt_off)
         return tflite.OperatorEnd(b)
+
+
+def accumulator_model(state_shape: tuple[int, ...] = (1, 4), start: float = 0.5) -> bytes:
+    """A streaming model with a resource variable: ``acc += x; return acc``, ``acc`` set to ``start`` by a
+    CALL_ONCE init subgraph (its output says which state a call ran on)."""
+    b = ModelBuilder()
+    x = b.input("x", state_shape)
+    h = b.tensor("h", (), type_code=RESOURCE)
+    v, s = b.tensor("v", state_shape), b.tensor("s", state_shape)
+    b.op("CALL_ONCE", [], [], "CallOnceOptions", init_subgraph_index=1)
+    b.op("VAR_HANDLE", [], [h], "VarHandleOptions", shared_name="acc")
+    b.op("READ_VARIABLE", [h], [v])
+    b.op("ADD", [v, x], [s], "AddOptions", fused_activation_function=0)
+    b.op("ASSIGN_VARIABLE", [h, s], [])
+    b.outputs(s)
+    b.subgraph("init")
+    h2 = b.tensor("h", (), type_code=RESOURCE)
+    first = b.const("start", np.full(state_shape, start, np.float32))
+    b.op("VAR_HANDLE", [], [h2], "VarHandleOptions", shared_name="acc")
+    b.op("ASSIGN_VARIABLE", [h2, first], [])
+    return b.finish()

@@ -8,35 +8,14 @@ import pytest
 import jaxinfer
 from jaxinfer.converters.tflite import load_tflite
 
-from .builder import RESOURCE, ModelBuilder
+from .builder import ModelBuilder, accumulator_model
 from .harness import compare
 
 RNG = np.random.default_rng(2)
 
 
-def _streaming_model() -> bytes:
-    b = ModelBuilder()
-    x = b.input("x", (1, 4))
-    h = b.tensor("h", (), type_code=RESOURCE)
-    v = b.tensor("v", (1, 4))
-    s = b.tensor("s", (1, 4))
-    init = 1
-    b.op("CALL_ONCE", [], [], "CallOnceOptions", init_subgraph_index=init)
-    b.op("VAR_HANDLE", [], [h], "VarHandleOptions", shared_name="acc")
-    b.op("READ_VARIABLE", [h], [v])
-    b.op("ADD", [v, x], [s], "AddOptions", fused_activation_function=0)
-    b.op("ASSIGN_VARIABLE", [h, s], [])
-    b.outputs(s)
-    b.subgraph("init")
-    h2 = b.tensor("h", (), type_code=RESOURCE)
-    zero = b.const("start", np.full((1, 4), 0.5, np.float32))
-    b.op("VAR_HANDLE", [], [h2], "VarHandleOptions", shared_name="acc")
-    b.op("ASSIGN_VARIABLE", [h2, zero], [])
-    return b.finish()
-
-
 def test_resource_variables_are_state_step_by_step():
-    data = _streaming_model()
+    data = accumulator_model((1, 4), 0.5)
     steps = [{"x": RNG.standard_normal((1, 4)).astype(np.float32)} for _ in range(4)]
     compare(data, steps)
     m = load_tflite(data)
