@@ -110,6 +110,8 @@ def _open_decoder(decoder: Decoder) -> tuple[Engine, list[Any]]:
 def _open(model: ModelLike, prompts: Sequence[Sequence[int]], max_new_tokens: int, slots: int | None,
           max_len: int | None) -> tuple[Engine, list[Any]]:
     """An Engine for ``model`` and the objects this call made (to close afterwards)."""
+    if isinstance(model, (Engine, Decoder)):
+        _check_geometry(model.decoder if isinstance(model, Engine) else model, slots, max_len)
     if isinstance(model, Engine):
         return model, []
     if isinstance(model, Decoder):
@@ -121,6 +123,17 @@ def _open(model: ModelLike, prompts: Sequence[Sequence[int]], max_new_tokens: in
                       max_len=_default_max_len(longest + max_new_tokens) if max_len is None else max_len)
     engine = Engine(decoder)
     return engine, [engine]
+
+
+def _check_geometry(decoder: Decoder, slots: int | None, max_len: int | None) -> None:
+    """InputError when ``slots``/``max_len`` ask for another geometry than the given Decoder's: they only
+    shape a Decoder that generate builds, and would otherwise be ignored without a word."""
+    asked = {"slots": slots, "max_len": max_len}
+    differ = {k: v for k, v in asked.items() if v is not None and v != getattr(decoder, k)}
+    if differ:
+        raise InputError(f"{differ} would set the geometry of a Decoder generate builds; the Decoder given has "
+                         f"slots={decoder.slots}, max_len={decoder.max_len} (build another Decoder for another "
+                         "geometry)")
 
 
 def _close(made: list[Any]) -> None:
@@ -183,7 +196,7 @@ def generate_stream(model: ModelLike, prompt_ids: Sequence[int], max_new_tokens:
     if _is_batch(prompt_ids):
         raise InputError("generate_stream takes one prompt (a flat list of ids); use generate for many")
     prompt = _prompt_lists([prompt_ids])[0]
-    engine, made = _open(model, [prompt], max_new_tokens, geometry.get("slots", 1), geometry.get("max_len"))
+    engine, made = _open(model, [prompt], max_new_tokens, geometry.get("slots"), geometry.get("max_len"))
     try:
         stream = engine.submit(prompt, params)
     except BaseException:

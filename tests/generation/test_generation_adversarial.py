@@ -114,6 +114,18 @@ def test_geometry_is_validated_not_replaced(gpt2):
         Engine(gpt2, max_waiting="big")  # before: TypeError
 
 
+def test_geometry_for_a_given_decoder_is_refused_not_ignored(gpt2):
+    """slots/max_len shape a Decoder that generate builds; asking a given Decoder for another geometry was
+    silently ignored. Its own values are fine."""
+    for call in (lambda **kw: generate(gpt2, PROMPT, 2, **kw), lambda **kw: generate_stream(gpt2, PROMPT, 2, **kw)):
+        with pytest.raises(InputError, match=r"the Decoder given has slots=.*build another Decoder"):
+            call(max_len=gpt2.max_len * 2)
+        with pytest.raises(InputError, match="would set the geometry"):
+            call(slots=gpt2.slots + 1)
+    assert len(generate(gpt2, PROMPT, 2, slots=gpt2.slots, max_len=gpt2.max_len)) == 2
+    assert len(list(generate_stream(gpt2, PROMPT, 2))) == 2
+
+
 def test_decoder_prefill_checks_slot_and_ids(gpt2):
     # before: slot 99 / -1 were clamped by dynamic_update_slice into another slot's cache row; an id past the
     # vocabulary was clamped by the embedding gather; both returned a token
