@@ -263,6 +263,7 @@ def shard(model: Model, config: Any = None, *, devices: int | Sequence[Any] | No
         from .pipeline import pipeline
 
         return pipeline(base, cfg, devs, example=example, params=params)
+    _check_fixed_batch(base, cfg.data)
     mesh = build_mesh(cfg, devs)
     specs, analysis = tensor_specs(base, cfg, len(devs), example=example)
     registry = None
@@ -274,6 +275,19 @@ def shard(model: Model, config: Any = None, *, devices: int | Sequence[Any] | No
     for name, spec in specs.items():
         _spec_ok(name, tuple(np.shape(base.params[name])), spec, mesh)
     return ShardedModel(base, mesh, cfg, specs, analysis, params=params, registry=registry)
+
+
+def _check_fixed_batch(model: Model, data: int) -> None:
+    """ShardingConfigError at shard time for an input whose fixed dim 0 ``data`` cannot split: every run
+    would fail (a batch-1 TFLite model under the default config takes every device as ``data``)."""
+    if data == 1:
+        return
+    for s in model.inputs:
+        lead = s.shape[0] if s.kind == "tensor" and s.shape else None
+        if isinstance(lead, int) and lead % data and s.name not in model.value_inputs:
+            raise ShardingConfigError(
+                f"input '{s.name}' has a fixed batch of {lead} ({s}), which data={data} cannot split; shard with "
+                f"data in {divisors(lead)} (e.g. data=1 with tensor=N to use the devices)")
 
 
 def tensor_specs(base: Model, cfg: MeshConfig, n_devices: int, *,

@@ -121,6 +121,8 @@ def test_stateful_tflite_tensor_and_plan():
     t = jaxinfer.load(FIXTURES / "tflite" / "lstm_stream.tflite")
     with pytest.raises(ShardingConfigError, match="found nothing in this graph to split"):  # was OpError: 'h'
         shard(t, {"tensor": 2}, devices=2)
+    with pytest.raises(ShardingConfigError, match=r"fixed batch of 1 .* data=2 cannot split"):
+        shard(t, devices=2)  # was: shard succeeded and every run failed on the batch
     p = plan(t, devices=1, batch=1, finalists=1)  # was TypeError: a stateful executable takes the state
     assert p.best == {"data": 1, "stage": 1, "expert": 1, "tensor": 1}
     assert p.rows[0].latency_s is not None
