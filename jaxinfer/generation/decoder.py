@@ -23,12 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ..checks import is_int
 from ..errors import InputError, OutOfMemoryError
 from ..model import Model
 from ..tracer import is_out_of_memory, memory_limit
 from . import cache as kv
 from .layout import DecoderLayout, recognise_layout
-from .sampling import SamplingParams, _is_int, request_key, sample
+from .sampling import SamplingParams, request_key, sample
 
 #: The smallest default prefill bucket (prompts shorter than this are padded up to it).
 MIN_BUCKET = 16
@@ -120,7 +121,7 @@ class Decoder:
     def __init__(self, model: Model | str | os.PathLike, *, slots: int = 8, max_len: int = 256,
                  prefill_buckets: Sequence[int] | None = None, layout: DecoderLayout | None = None):
         self.model = _as_model(model)
-        if not _is_int(slots) or not _is_int(max_len) or slots < 1 or max_len < 2:
+        if not is_int(slots) or not is_int(max_len) or slots < 1 or max_len < 2:
             raise InputError(f"Decoder: slots must be an int >= 1 and max_len an int >= 2, got slots={slots!r}, "
                              f"max_len={max_len!r}")
         self.layout = layout if layout is not None else recognise_layout(self.model)
@@ -139,7 +140,7 @@ class Decoder:
                              "they are data")
         self.slots, self.max_len = int(slots), int(max_len)
         buckets = default_buckets(self.max_len) if prefill_buckets is None else tuple(sorted(set(prefill_buckets)))
-        bad = [b for b in buckets if not (_is_int(b) and 1 <= b <= self.max_len)]
+        bad = [b for b in buckets if not (is_int(b) and 1 <= b <= self.max_len)]
         if not buckets or bad:
             raise InputError(f"prefill_buckets must be ints in [1, max_len={self.max_len}], got {list(buckets)}")
         self.prefill_buckets: tuple[int, ...] = tuple(int(b) for b in buckets)
@@ -304,9 +305,9 @@ class Decoder:
     def prefill(self, slot: int, prompt_ids: Sequence[int], params: SamplingParams) -> int:
         """Run ``prompt_ids`` into ``slot``'s cache row; returns the first new token (sampled with ``params``)."""
         n = len(prompt_ids)
-        if not _is_int(slot) or not 0 <= slot < self.slots:
+        if not is_int(slot) or not 0 <= slot < self.slots:
             raise InputError(f"slot must be an int in [0, slots={self.slots}), got {slot!r}")
-        bad = [t for t in prompt_ids if not _is_int(t) or not 0 <= t < self.vocab_size]
+        bad = [t for t in prompt_ids if not is_int(t) or not 0 <= t < self.vocab_size]
         if n == 0 or bad:
             raise InputError(f"prompt_ids must be 1 or more token ids in [0, vocab_size={self.vocab_size}), got "
                              f"{n} ids" + (f", e.g. bad {bad[:5]}" if bad else ""))

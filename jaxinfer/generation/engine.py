@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..batching.batcher import QueueFullError
+from ..checks import is_int
 from ..errors import InputError, JaxinferError
 from .decoder import Decoder, SlotSampling
 from .sampling import SamplingParams
@@ -74,7 +75,7 @@ class Engine:
             raise InputError(f"Engine needs a Decoder, got {type(decoder).__name__}")
         if policy not in POLICIES:
             raise InputError(f"Engine policy must be one of {POLICIES}, got {policy!r}")
-        if not isinstance(max_waiting, (int, np.integer)) or isinstance(max_waiting, bool) or max_waiting < 1:
+        if not is_int(max_waiting) or max_waiting < 1:
             raise InputError(f"Engine max_waiting must be an int >= 1, got {max_waiting!r}")
         self._closed = False
         with _OWNER_LOCK:

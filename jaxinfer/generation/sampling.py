@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..checks import is_int, is_real
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -34,30 +36,20 @@ class SamplingParams:
     def problems(self) -> list[str]:
         """What is out of range, as sentences (empty when valid)."""
         out = []
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             out.append(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        if not _is_real(self.temperature) or not np.isfinite(self.temperature) or \
+        if not is_real(self.temperature) or not np.isfinite(self.temperature) or \
                 not 0 <= self.temperature <= _F32_MAX:
             out.append(f"temperature must be a number in [0, {_F32_MAX:.4g}] (0 = greedy; float32 on the device), "
                        f"got {self.temperature!r}")
-        if not _is_int(self.top_k) or not 0 <= self.top_k < 2**31:
+        if not is_int(self.top_k) or not 0 <= self.top_k < 2**31:
             out.append(f"top_k must be an int in [0, 2**31) (0 = off; int32 on the device), got {self.top_k!r}")
-        if not _is_real(self.top_p) or not (0.0 < self.top_p <= 1.0):
+        if not is_real(self.top_p) or not (0.0 < self.top_p <= 1.0):
             out.append(f"top_p must be a number in (0, 1] (1 = off), got {self.top_p!r}")
-        if not _is_int(self.seed) or not (0 <= self.seed < 2**63):
+        if not is_int(self.seed) or not (0 <= self.seed < 2**63):
             out.append(f"seed must be an int in [0, 2**63), got {self.seed!r}")
         out.extend(_stop_ids_problems(self.stop_ids))
         return out
-
-
-def _is_int(x: Any) -> bool:
-    """A Python or numpy integer, not a bool (``True`` as a count or an id is a mistake, not 1)."""
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _is_real(x: Any) -> bool:
-    """A Python or numpy int or float, not a bool."""
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
 def _stop_ids_problems(stop_ids: Any) -> list[str]:
@@ -65,7 +57,7 @@ def _stop_ids_problems(stop_ids: Any) -> list[str]:
     if isinstance(stop_ids, (str, bytes)) or not (hasattr(stop_ids, "__len__") and hasattr(stop_ids, "__iter__")):
         return [f"stop_ids must be a tuple or list of token ids (ints >= 0), got {type(stop_ids).__name__} "
                 f"{stop_ids!r}"]
-    bad = [t for t in stop_ids if not _is_int(t) or t < 0]
+    bad = [t for t in stop_ids if not is_int(t) or t < 0]
     if bad:
         return [f"stop_ids must be token ids (ints >= 0), got {len(bad)} other value(s), e.g. {bad[:5]}"]
     return []

@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import qwix
 
 from .. import arith
+from ..checks import is_real
 from ..model import Model
 from . import calibrate as cal
 from . import precision
-from .layers import Layer, exclude_patterns, find_layers, is_real, keeps_model_state, require_model, warn_unmatched
+from .layers import Layer, exclude_patterns, find_layers, keeps_model_state, require_model, warn_unmatched
 from .report import QuantReport, compare, end_to_end
 
 METHODS = ("bf16", "fp16", "mixed", "int8-weight", "int8-dynamic", "int8-static", "auto")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import functools
-import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -123,11 +122,6 @@ def matches(patterns: Sequence[str], node: Node, weight: str) -> bool:
         elif fnmatch.fnmatchcase(node.name, p) or fnmatch.fnmatchcase(weight, p) or fnmatch.fnmatchcase(source, p):
             return True
     return False
-
-
-def is_real(value: Any) -> bool:
-    """A real number, not a bool (``True`` would read as 1): the quantize/prune numeric arguments."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def keeps_model_state(fn: Callable[..., Any]) -> Callable[..., Any]:

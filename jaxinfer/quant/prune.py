@@ -36,10 +36,11 @@ from typing import Any
 import numpy as np
 
 from .. import arith
+from ..checks import is_real
 from ..graph import Graph, Node
 from ..model import Model
 from . import calibrate as cal
-from .layers import exclude_patterns, is_real, keeps_model_state, matches, require_model, warn_unmatched
+from .layers import exclude_patterns, keeps_model_state, matches, require_model, warn_unmatched
 from .report import QuantReport, cosine, end_to_end
 
 CRITERIA = ("l1", "l2", "sensitivity")

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from ..checks import is_int
 from ..errors import JaxinferError
 
 #: Mesh axis order: tensor innermost (neighbouring devices), data outermost.
@@ -145,17 +146,16 @@ class MeshConfig:
 
 def _positive_int(value: Any, name: str) -> int:
     """``value`` as an int >= 1 (numpy integers accepted; bools, floats and strings refused)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+    if not is_int(value) or value < 1:
         raise ShardingConfigError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
 def _optional_int(value: Any, name: str, *, zero_is_none: bool) -> int | None:
     """``value`` as None (unset) or an int >= 1; 0 means unset where ``zero_is_none``."""
-    if value is None or (zero_is_none and not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
-                         and value == 0):
+    if value is None or (zero_is_none and is_int(value) and value == 0):
         return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+    if not is_int(value) or value < 1:
         unset = "None or 0" if zero_is_none else "None"
         raise ShardingConfigError(f"{name} must be a positive integer ({unset} to leave it unset), got {value!r}")
     return int(value)
@@ -288,7 +288,7 @@ def pick_devices(devices: int | Sequence[Any] | None) -> list[Any]:
     every = jax.devices()
     if devices is None:
         return list(every)
-    if isinstance(devices, (int, np.integer)) and not isinstance(devices, (bool, np.bool_)):
+    if is_int(devices):
         if not 1 <= devices <= len(every):
             raise ShardingConfigError(f"asked for {devices} devices; between 1 and the {len(every)} that exist")
         return list(every[:int(devices)])

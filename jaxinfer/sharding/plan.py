@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ..checks import is_int
 from .config import MeshConfig, ShardingConfigError, enumerate_configs, parse_config, pick_devices
 from .hlo import collectives
 
@@ -227,18 +228,15 @@ def plan(model: Any, devices: int | Sequence[Any] = 8, *, batch: int = 8, memory
 def _check_plan_args(batch: Any, memory_limit: Any, timed: Any, repeats: Any, micro_batches: Any,
                      finalists: Any) -> None:
     """Refuse plan() arguments of the wrong type or range, naming what was expected."""
-    def whole(v: Any) -> bool:
-        return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
     for name, value, low in (("batch", batch, 1), ("repeats", repeats, 1), ("finalists", finalists, 0)):
-        if not whole(value) or value < low:
+        if not is_int(value) or value < low:
             raise ShardingConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-    if memory_limit is not None and (not whole(memory_limit) or memory_limit < 0):
+    if memory_limit is not None and (not is_int(memory_limit) or memory_limit < 0):
         raise ShardingConfigError(f"memory_limit must be a whole number of bytes per device (or None), "
                                   f"got {memory_limit!r}")
-    if micro_batches is not None and (not whole(micro_batches) or micro_batches < 1):
+    if micro_batches is not None and (not is_int(micro_batches) or micro_batches < 1):
         raise ShardingConfigError(f"micro_batches must be a positive integer (or None), got {micro_batches!r}")
-    if not isinstance(timed, (bool, np.bool_)) and (not whole(timed) or timed < 0):
+    if not isinstance(timed, (bool, np.bool_)) and (not is_int(timed) or timed < 0):
         raise ShardingConfigError(f"timed must be True, False or a count of candidates to time, got {timed!r}")
 
 
