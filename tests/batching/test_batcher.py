@@ -208,7 +208,8 @@ def test_idle_device_waits_for_as_many_rows_as_the_last_batch(bucketed):
     that many rows for at most max_queue_delay; a lone request after a quiet spell runs at once."""
     _, bm, timings = bucketed
     reports = []
-    b = DynamicBatcher(bm, LatencyModel(timings), BatcherConfig(max_queue_delay_ms=300, max_in_flight=1),
+    b = DynamicBatcher(bm, LatencyModel(timings), BatcherConfig(max_queue_delay_ms=300, max_in_flight=1,
+                                                                 adaptive_cap=False),
                        on_batch=reports.append)
     with b:
         t = time.perf_counter()

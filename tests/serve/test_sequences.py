@@ -17,8 +17,8 @@ import pytest
 import tritonclient.http as triton
 
 import jaxinfer
-from jaxinfer.batching import (BucketedModel, BucketPolicy, DynamicBatcher, LatencyModel, SequenceError,
-                               SequenceLimitError, SequencePolicy, StreamRef, stream_of)
+from jaxinfer.batching import (BatcherConfig, BucketedModel, BucketPolicy, DynamicBatcher, LatencyModel,
+                               SequenceError, SequenceLimitError, SequencePolicy, StreamRef, stream_of)
 from jaxinfer.converters.tflite import load_tflite
 from jaxinfer.serve.config import ConfigError, ModelConfig
 from jaxinfer.serve.repository import ModelVersion
@@ -60,9 +60,13 @@ def test_streams_batch_together_each_on_its_own_state(lstm_bucketed, order):
     sizes = []
     keys = [(k, s) for s in range(4) for k in streams] if order == "step-major" else \
         [(k, s) for k in streams for s in range(4)]
-    with DynamicBatcher(bm, lat, on_batch=lambda r: sizes.append(r.requests)) as b:
-        futs = {(k, s): b.submit({"frames": streams[k][s]}, sequence=StreamRef(k, start=s == 0, end=s == 3))
-                for k, s in keys}
+    # the batch cap fixed at max_batch (a noisy one-run latency model may say batching gains nothing on
+    # this CPU, and cap batches at 1), and all 20 requests queued before the loop takes any (on a loaded
+    # machine it could otherwise run each alone as it arrives): so batches must hold several streams
+    with DynamicBatcher(bm, lat, BatcherConfig(adaptive_cap=False), on_batch=lambda r: sizes.append(r.requests)) as b:
+        with b._cond:
+            futs = {(k, s): b.submit({"frames": streams[k][s]}, sequence=StreamRef(k, start=s == 0, end=s == 3))
+                    for k, s in keys}
         for (k, s), f in futs.items():
             np.testing.assert_allclose(f.result(timeout=60)["seq"], want[k][s], rtol=1e-5, atol=1e-6)
     assert max(sizes) > 1, sizes
