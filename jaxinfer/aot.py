@@ -47,10 +47,20 @@ import numpy as np
 from jax import export
 from jax.experimental import serialize_executable
 
+from . import cpu_kernels
 from .graph import Graph
 from .tracer import is_out_of_memory
 
 log = logging.getLogger("jaxinfer.aot")
+
+#: Our XLA CPU kernels (custom calls) may appear in exported programs: jaxinfer registers them itself.
+_OUR_KERNELS = (export.DisabledSafetyCheck.custom_call(cpu_kernels.TARGET),)
+
+
+def _register_kernels() -> None:
+    """A stored program may call our CPU kernels: have them registered before it is loaded."""
+    if jax.default_backend() == "cpu":
+        cpu_kernels.available()
 
 #: What this process did with stored programs (a test or a log line can read it): ``executable_loaded``,
 #: ``executable_saved``, ``executable_rejected`` (present but unusable), ``executable_not_saved`` (compiled
@@ -200,6 +210,7 @@ def _compile_exported(fn: Callable[..., Any], args: tuple, path: Path, compile_l
                       may_save: Callable[[], bool], exe_path: Path, key: str) -> Any | None:
     """Compile through the export at ``path`` (made from ``fn`` if need be); keep the executable at ``exe_path``."""
     exported = None
+    _register_kernels()
     if path.exists():
         try:
             exported = export.deserialize(bytearray(path.read_bytes()))
@@ -208,7 +219,7 @@ def _compile_exported(fn: Callable[..., Any], args: tuple, path: Path, compile_l
             log.warning("ignoring unreadable exported program %s: %s", path, e)
     if exported is None:
         try:
-            exported = export.export(jax.jit(fn))(*abstract(args))
+            exported = export.export(jax.jit(fn), disabled_checks=_OUR_KERNELS)(*abstract(args))
         except Exception as e:  # noqa: BLE001 - not exportable: the caller compiles directly
             log.debug("program not exportable (%s); compiling directly", e)
             return None
@@ -333,6 +344,7 @@ def load_executable(path: Path, key: str, args: tuple) -> Any | None:
     except OSError as e:
         log.warning("cannot read stored executable %s: %s", path, e)
         return None
+    _register_kernels()
     try:
         head = len(EXECUTABLE_MAGIC)
         if not data.startswith(EXECUTABLE_MAGIC):

@@ -37,7 +37,7 @@ import numpy as np
 import qwix
 from jax import lax
 
-from . import conv_lowering, intmath
+from . import conv_lowering, cpu_kernels, intmath
 
 PRECISION = lax.Precision.HIGHEST
 
@@ -195,7 +195,28 @@ def _w8a8_dot(lhs: Any, w: W8A8, dims: Any, pet: Any) -> jax.Array:
         xq = quantize_static(lhs, w.act_scale)
     if not intmath.native_int8_dots():  # the int8 activation's values, the int8 weight into a float dot
         return _weight_only_dot(qwix.dequantize(xq).astype(out_dtype), w.w, dims, PRECISION, out_dtype)
+    if _rows_by_channels(xq, w.w, dims):
+        return _rows_dot(xq, w.w, out_dtype)
     return qwix.dot_general(xq, w.w, dims, preferred_element_type=out_dtype)
+
+
+def _rows_by_channels(xq: QArray, w: QArray, dims: Any) -> bool:
+    """Whether ``xq`` [..., K] (one scale per row or per tensor) meets a ``[N, K]`` int8 weight with one
+    scale per output channel: the product :func:`_rows_dot` computes."""
+    (lc, rc), (lb, rb) = dims
+    return (not lb and not rb and tuple(lc) == (xq.ndim - 1,) and tuple(rc) == (1,) and w.ndim == 2
+            and xq.zero_point is None and w.zero_point is None and xq.qvalue.dtype == jnp.int8
+            and w.qvalue.dtype == jnp.int8 and xq.scale.ndim == xq.ndim and xq.scale.shape[-1] == 1
+            and w.scale.shape[1] == 1)
+
+
+def _rows_dot(xq: QArray, w: QArray, out_dtype: Any) -> jax.Array:
+    """``xq @ w.T`` as qwix's fast path computes it (int32 sums, then the row scales, then the channel
+    scales), the int32 sums from :func:`jaxinfer.cpu_kernels.int8_dot` (few rows on XLA CPU: our kernel)."""
+    acc = cpu_kernels.int8_dot(xq.qvalue, w.qvalue)
+    out = jnp.multiply(acc, xq.scale)
+    out = jnp.multiply(out, jnp.reshape(w.scale, (w.scale.shape[0],)))
+    return out.astype(out_dtype)
 
 
 # ------------------------------------------------------------------------------ matmul

@@ -33,6 +33,7 @@ import ml_dtypes
 import numpy as np
 from jax import lax
 
+from . import cpu_kernels
 from .conv_lowering import conv_general_dilated
 
 #: float32 holds every integer of magnitude below this exactly.
@@ -198,8 +199,10 @@ def _rows_dot(a8: jax.Array, za: Any, b8: jax.Array, zb: Any, trans_b: bool) -> 
     rows = a8.reshape(-1, k)
     need_colsum = not _static_zero(za)
     lhs = jnp.concatenate([rows, jnp.ones((1, k), jnp.int8)]) if need_colsum else rows
-    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
-    out = lax.dot_general(lhs, b8, dims, preferred_element_type=jnp.int32)
+    if trans_b:  # a [N, K] weight: few rows take our CPU kernel (the same sums)
+        out = cpu_kernels.int8_dot(lhs, b8)
+    else:
+        out = lax.dot_general(lhs, b8, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
     acc = out[:-1] if need_colsum else out
     if need_colsum:
         za_rows = jnp.broadcast_to(za, lead + (1,)).reshape(-1, 1)

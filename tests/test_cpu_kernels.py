@@ -1,0 +1,140 @@
+"""Our XLA CPU int8 dot kernel: the same int32 sums as XLA's dot, for every shape; used only where it
+may be (few rows, the CPU program); a machine without it gets XLA's dot and the same answers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export, lax
+
+import jaxinfer
+from jaxinfer import cpu_kernels
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no CPU kernels on this machine "
+                                "(not x86-64 with AVX2, or no C++ compiler)")
+
+
+def _xla(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return np.asarray(lax.dot_general(jnp.asarray(x), jnp.asarray(w), (((x.ndim - 1,), (1,)), ((), ())),
+                                      preferred_element_type=jnp.int32))
+
+
+def _ints(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    return rng.integers(-128, 128, shape, dtype=np.int8)
+
+
+@pytest.mark.parametrize("lead,k,n", [((1,), 1024, 4096), ((8,), 1024, 1024), ((2, 3), 33, 17), ((5,), 1, 1),
+                                      ((7,), 15, 9), ((64,), 100, 300), ((3, 1, 4), 48, 5), ((9,), 17, 65)])
+def test_same_sums_as_xla(lead, k, n):
+    rng = np.random.default_rng(k * n)
+    x, w = _ints(rng, lead + (k,)), _ints(rng, (n, k))
+    got = jax.jit(cpu_kernels.int8_dot)(x, w)
+    assert got.dtype == jnp.int32 and got.shape == lead + (n,)
+    np.testing.assert_array_equal(np.asarray(got), _xla(x, w))
+    want = np.einsum("...k,nk->...n", x.astype(np.int64), w.astype(np.int64))
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_extremes_and_int32_wraparound_match_xla():
+    """-128 x -128 everywhere (the one product vpmaddubsw-style kernels saturate) and a K long enough for
+    the sums to pass 2**31: both wrap like XLA's int32 dot."""
+    x = np.full((3, 140_000), -128, np.int8)
+    w = np.full((2, 140_000), -128, np.int8)
+    w[1, ::2] = 127
+    got = np.asarray(jax.jit(cpu_kernels.int8_dot)(x, w))
+    np.testing.assert_array_equal(got, _xla(x, w))
+    assert got[0, 0] == np.int64(16384 * 140_000).astype(np.int32)  # wrapped
+
+
+def test_taken_for_few_rows_only():
+    rng = np.random.default_rng(0)
+    w = _ints(rng, (8, 32))
+    few = jax.jit(cpu_kernels.int8_dot).lower(_ints(rng, (cpu_kernels.MAX_ROWS, 32)), w).as_text()
+    many = jax.jit(cpu_kernels.int8_dot).lower(_ints(rng, (cpu_kernels.MAX_ROWS + 1, 32)), w).as_text()
+    assert cpu_kernels.TARGET in few and cpu_kernels.TARGET not in many
+    empty = cpu_kernels.int8_dot(np.zeros((0, 32), np.int8), w)
+    assert empty.shape == (0, 8) and empty.dtype == jnp.int32
+
+
+def test_other_backends_lower_to_xla_dot():
+    """A program traced here and exported for a GPU carries XLA's dot, not the CPU custom call."""
+    x, w = jnp.zeros((8, 64), jnp.int8), jnp.zeros((32, 64), jnp.int8)
+    exp = export.export(jax.jit(cpu_kernels.int8_dot), platforms=["cuda"])(x, w)
+    text = exp.mlir_module()
+    assert cpu_kernels.TARGET not in text and "dot_general" in text
+
+
+@pytest.mark.parametrize("x,w,what", [
+    (np.zeros((2, 4), np.float32), np.zeros((3, 4), np.int8), "float32"),
+    (np.zeros((2, 4), np.int8), np.zeros((3, 5), np.int8), r"\[3, 5\]"),
+    (np.zeros((2, 4), np.int8), np.zeros((2, 3, 4), np.int8), r"\[2, 3, 4\]"),
+    (np.zeros((2, 4), np.uint8), np.zeros((3, 4), np.int8), "uint8"),
+])
+def test_wrong_operands_named(x, w, what):
+    with pytest.raises(ValueError, match=what):
+        cpu_kernels.int8_dot(x, w)
+
+
+def test_concurrent_calls_each_get_their_own_sums():
+    rng = np.random.default_rng(1)
+    w = _ints(rng, (2048, 512))
+    xs = [_ints(rng, (8, 512)) for _ in range(6)]
+    f = jax.jit(cpu_kernels.int8_dot)
+    f(xs[0], w).block_until_ready()
+    got: dict[int, np.ndarray] = {}
+
+    def call(i: int) -> None:
+        for _ in range(5):
+            got[i] = np.asarray(f(xs[i], w))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, x in enumerate(xs):
+        np.testing.assert_array_equal(got[i], _xla(x, w))
+
+
+def test_int8_models_take_it():
+    """The TFLite hybrid MLP (int8 weights, [N, K]) runs its products through the kernel."""
+    m = jaxinfer.load(Path(__file__).parent / "fixtures" / "tflite" / "hybrid_mlp.tflite")
+    x = np.ones((1, 256), np.float32)
+    fn = jax.jit(lambda p, x: m.fn(p, {"x": x}))
+    assert cpu_kernels.TARGET in fn.lower(m.params, x).as_text()
+
+
+_WITHOUT = textwrap.dedent("""
+    import logging, sys, numpy as np, jax
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+    from jaxinfer import cpu_kernels
+    x = np.arange(-64, 64, dtype=np.int8).reshape(4, 32)
+    w = np.arange(32 * 5, dtype=np.int64).astype(np.int8).reshape(5, 32)
+    got = np.asarray(jax.jit(cpu_kernels.int8_dot)(x, w))
+    want = x.astype(np.int64) @ w.astype(np.int64).T
+    print("available", cpu_kernels.available(), "exact", bool((got == want).all()))
+""")
+
+
+@pytest.mark.parametrize("env,says", [
+    ({"JAXINFER_CPU_KERNELS": "0"}, None),
+    ({"CXX": "/bin/false"}, "jaxinfer CPU kernels unavailable"),
+    ({"CXX": "/nonexistent/g++", "PATH": "/nonexistent"}, "no C++ compiler"),
+])
+def test_without_the_kernel_the_same_answers(tmp_path, env, says):
+    """Disabled, a failing compiler, no compiler: XLA's dot, the same numbers, and a log line saying why."""
+    full = {**os.environ, "JAXINFER_KERNEL_DIR": str(tmp_path / "kernels"), **env}
+    done = subprocess.run([sys.executable, "-c", _WITHOUT], capture_output=True, text=True, timeout=300, env=full)
+    assert done.returncode == 0, done.stderr
+    assert "available False exact True" in done.stdout, done.stdout + done.stderr
+    if says:
+        assert says in done.stdout + done.stderr
