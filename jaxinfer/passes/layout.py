@@ -1,5 +1,6 @@
 """Layout and lowering choices made on the graph: conv weights stored the way XLA reads them,
-and pools after costly ops marked to run as one reduce-window.
+8-bit matmul weights stored the way our int8 kernel reads them, and pools after costly ops marked
+to run as one reduce-window.
 
 An ONNX Conv weight is OIHW. XLA CPU convolves with the kernel spatial-first
 (HWIO), so an OIHW param is transposed and copied on every call (measured: one
@@ -18,11 +19,16 @@ from .cleanup import eliminate_dead_nodes
 
 #: Suffix of the spatial-first copy of a Conv weight (``w`` -> ``w__hwio``).
 HWIO_SUFFIX = "__hwio"
+#: Suffix of the ``[N, K]`` copy of an 8-bit ``[K, N]`` matmul weight (``w`` -> ``w__nk``).
+NK_SUFFIX = "__nk"
 
 
 def source_weight_name(name: str) -> str:
-    """The model's own name of a weight this pass renamed (``w__hwio`` -> ``w``); others as they are."""
-    return name[: -len(HWIO_SUFFIX)] if name.endswith(HWIO_SUFFIX) else name
+    """The model's own name of a weight these passes renamed (``w__hwio``, ``w__nk`` -> ``w``); others as they are."""
+    for suffix in (HWIO_SUFFIX, NK_SUFFIX):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def conv_weights_spatial_first(graph: Graph) -> Graph:
@@ -47,6 +53,51 @@ def conv_weights_spatial_first(graph: Graph) -> Graph:
             changed = True
         else:
             nodes.append(node)
+    if not changed:
+        return graph
+    return eliminate_dead_nodes(graph.replace(nodes=tuple(nodes), initializers=inits))
+
+
+def _nk_weight(inits: dict, name: str) -> str | None:
+    """The ``[N, K]`` copy of the 2-D 8-bit initializer ``name`` (made once), or None for anything else."""
+    w = inits.get(name)
+    if w is None or np.ndim(w) != 2 or np.asarray(w).dtype not in (np.int8, np.uint8):
+        return None
+    new_name = f"{name}{NK_SUFFIX}"
+    if new_name not in inits:
+        inits[new_name] = np.ascontiguousarray(np.asarray(w).T)
+    return new_name
+
+
+def int8_weights_rows_first(graph: Graph) -> Graph:
+    """8-bit ``[K, N]`` matmul weights stored ``[N, K]``: each output's K values contiguous.
+
+    Our CPU int8 kernel (:mod:`jaxinfer.cpu_kernels`) takes the weight that way, and XLA's int8 dot
+    streams it faster at few rows; an ONNX ``[K, N]`` weight would otherwise be transposed per call
+    or left to XLA's slower dot. ``MatMulInteger`` with a constant 2-D B becomes
+    ``jaxinfer::MatMulIntegerNK``; the QDQ rewrite's ``jaxinfer::QLinearMatMulInt`` takes ``trans_b=1``
+    (not its K-blocked form). Outputs are unchanged, bit for bit.
+    """
+    if graph.fmt != "onnx":
+        return graph
+    inits = dict(graph.initializers)
+    nodes = []
+    changed = False
+    for node in graph.nodes:
+        new = None
+        if node.op_type == "MatMulInteger" and node.domain in ("", "ai.onnx") and len(node.inputs) > 1:
+            w = _nk_weight(inits, node.inputs[1])
+            if w is not None:
+                inputs = (node.inputs[0], w) + tuple(node.inputs[2:])
+                new = Node("MatMulIntegerNK", inputs, node.outputs, dict(node.attrs), node.name, "jaxinfer")
+        elif (node.op_type == "QLinearMatMulInt" and node.domain == "jaxinfer" and len(node.inputs) > 3
+              and not int(node.attrs.get("trans_b", 0)) and not int(node.attrs.get("block_size", 0))):
+            w = _nk_weight(inits, node.inputs[3])
+            if w is not None:
+                inputs = tuple(node.inputs[:3]) + (w,) + tuple(node.inputs[4:])
+                new = Node(node.op_type, inputs, node.outputs, {**node.attrs, "trans_b": 1}, node.name, node.domain)
+        nodes.append(node if new is None else new)
+        changed = changed or new is not None
     if not changed:
         return graph
     return eliminate_dead_nodes(graph.replace(nodes=tuple(nodes), initializers=inits))

@@ -45,7 +45,8 @@ from .config import AXES, MeshConfig, ShardingConfigError, build_mesh, divisors
 from .values import Abstract, abstract_inputs, abstract_values
 
 #: Ops costed as matrix products (2·output·K FLOPs).
-_MATMUL = {"MatMul", "Gemm", "MatMulInteger", "FusedMatMul", "QLinearMatMul", "Einsum"}
+_MATMUL = {"MatMul", "Gemm", "MatMulInteger", "MatMulIntegerNK", "FusedMatMul", "QLinearMatMul",
+           "QLinearMatMulInt", "Einsum"}
 #: Mixture-of-experts ops (com.microsoft MoE, jaxinfer StackedMoE): fc1 weights [experts, inter, hidden] at input 2.
 _MOE = {"MoE", "StackedMoE"}
 

@@ -292,6 +292,15 @@ def _float_type(code: int) -> Any:
     return dtype_of(code)
 
 
+@jx("MatMulIntegerNK", 1)
+def matmul_integer_nk(a, b, a_zero_point=None, b_zero_point=None):
+    """ONNX MatMulInteger with B stored ``[N, K]`` (:func:`jaxinfer.passes.layout.int8_weights_rows_first`):
+    ``(A - a_zp) @ (B - b_zp).T`` in int32; b_zp per tensor or per output column."""
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    return zp_matmul(a, zero_point(a_zero_point, np.shape(a_zero_point) + (1,)), b,
+                     zero_point(b_zero_point, (b.shape[0], 1)), trans_b=True)
+
+
 @jx("QLinearMatMulInt", 1)
 def qlinear_matmul_int(a, a_scale, a_zero_point, b, b_scale, b_zero_point, bias_q=None, bias_f=None, y_scale=None,
                        y_zero_point=None, *, trans_b: int = 0, alpha: float = 1.0, float_type: int = 1,
