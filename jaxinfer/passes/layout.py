@@ -11,6 +11,9 @@ takes HWIO weights; outputs are unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 
 from ..graph import Graph, Node
@@ -31,31 +34,41 @@ def source_weight_name(name: str) -> str:
     return name
 
 
-def conv_weights_spatial_first(graph: Graph) -> Graph:
-    """See the module docstring."""
+def _rewrite_nodes(graph: Graph, rewrite: Callable[[Node, dict[str, Any]], Node | None]) -> Graph:
+    """An ONNX graph with each node that ``rewrite(node, initializers)`` answers replaced by its answer;
+    ``rewrite`` may add initializers (the re-laid-out weights), and the ones no node reads are dropped."""
     if graph.fmt != "onnx":
         return graph
     inits = dict(graph.initializers)
     nodes = []
     changed = False
     for node in graph.nodes:
-        w_name = node.inputs[1] if len(node.inputs) > 1 else ""
-        w = inits.get(w_name)
-        if (node.op_type == "Conv" and node.domain in ("", "ai.onnx") and w is not None
-                and np.asarray(w).ndim >= 3 and np.asarray(w).dtype.kind == "f"):
-            w = np.asarray(w)
-            n = w.ndim - 2
-            new_name = f"{w_name}{HWIO_SUFFIX}"
-            if new_name not in inits:
-                inits[new_name] = np.ascontiguousarray(np.transpose(w, tuple(range(2, 2 + n)) + (1, 0)))
-            inputs = (node.inputs[0], new_name) + tuple(node.inputs[2:])
-            nodes.append(Node("Conv", inputs, node.outputs, node.attrs, node.name, "jaxinfer"))
-            changed = True
-        else:
-            nodes.append(node)
+        new = rewrite(node, inits)
+        nodes.append(node if new is None else new)
+        changed = changed or new is not None
     if not changed:
         return graph
     return eliminate_dead_nodes(graph.replace(nodes=tuple(nodes), initializers=inits))
+
+
+def _conv_hwio(node: Node, inits: dict[str, Any]) -> Node | None:
+    w_name = node.inputs[1] if len(node.inputs) > 1 else ""
+    w = inits.get(w_name)
+    if not (node.op_type == "Conv" and node.domain in ("", "ai.onnx") and w is not None
+            and np.asarray(w).ndim >= 3 and np.asarray(w).dtype.kind == "f"):
+        return None
+    w = np.asarray(w)
+    n = w.ndim - 2
+    new_name = f"{w_name}{HWIO_SUFFIX}"
+    if new_name not in inits:
+        inits[new_name] = np.ascontiguousarray(np.transpose(w, tuple(range(2, 2 + n)) + (1, 0)))
+    inputs = (node.inputs[0], new_name) + tuple(node.inputs[2:])
+    return Node("Conv", inputs, node.outputs, node.attrs, node.name, "jaxinfer")
+
+
+def conv_weights_spatial_first(graph: Graph) -> Graph:
+    """See the module docstring."""
+    return _rewrite_nodes(graph, _conv_hwio)
 
 
 def _nk_weight(inits: dict, name: str) -> str | None:
@@ -69,6 +82,21 @@ def _nk_weight(inits: dict, name: str) -> str | None:
     return new_name
 
 
+def _matmul_nk(node: Node, inits: dict[str, Any]) -> Node | None:
+    if node.op_type == "MatMulInteger" and node.domain in ("", "ai.onnx") and len(node.inputs) > 1:
+        w = _nk_weight(inits, node.inputs[1])
+        if w is not None:
+            inputs = (node.inputs[0], w) + tuple(node.inputs[2:])
+            return Node("MatMulIntegerNK", inputs, node.outputs, dict(node.attrs), node.name, "jaxinfer")
+    elif (node.op_type == "QLinearMatMulInt" and node.domain == "jaxinfer" and len(node.inputs) > 3
+          and not int(node.attrs.get("trans_b", 0)) and not int(node.attrs.get("block_size", 0))):
+        w = _nk_weight(inits, node.inputs[3])
+        if w is not None:
+            inputs = tuple(node.inputs[:3]) + (w,) + tuple(node.inputs[4:])
+            return Node(node.op_type, inputs, node.outputs, {**node.attrs, "trans_b": 1}, node.name, node.domain)
+    return None
+
+
 def int8_weights_rows_first(graph: Graph) -> Graph:
     """8-bit ``[K, N]`` matmul weights stored ``[N, K]``: each output's K values contiguous.
 
@@ -78,29 +106,7 @@ def int8_weights_rows_first(graph: Graph) -> Graph:
     ``jaxinfer::MatMulIntegerNK``; the QDQ rewrite's ``jaxinfer::QLinearMatMulInt`` takes ``trans_b=1``
     (not its K-blocked form). Outputs are unchanged, bit for bit.
     """
-    if graph.fmt != "onnx":
-        return graph
-    inits = dict(graph.initializers)
-    nodes = []
-    changed = False
-    for node in graph.nodes:
-        new = None
-        if node.op_type == "MatMulInteger" and node.domain in ("", "ai.onnx") and len(node.inputs) > 1:
-            w = _nk_weight(inits, node.inputs[1])
-            if w is not None:
-                inputs = (node.inputs[0], w) + tuple(node.inputs[2:])
-                new = Node("MatMulIntegerNK", inputs, node.outputs, dict(node.attrs), node.name, "jaxinfer")
-        elif (node.op_type == "QLinearMatMulInt" and node.domain == "jaxinfer" and len(node.inputs) > 3
-              and not int(node.attrs.get("trans_b", 0)) and not int(node.attrs.get("block_size", 0))):
-            w = _nk_weight(inits, node.inputs[3])
-            if w is not None:
-                inputs = tuple(node.inputs[:3]) + (w,) + tuple(node.inputs[4:])
-                new = Node(node.op_type, inputs, node.outputs, {**node.attrs, "trans_b": 1}, node.name, node.domain)
-        nodes.append(node if new is None else new)
-        changed = changed or new is not None
-    if not changed:
-        return graph
-    return eliminate_dead_nodes(graph.replace(nodes=tuple(nodes), initializers=inits))
+    return _rewrite_nodes(graph, _matmul_nk)
 
 
 #: Ops whose output XLA CPU would recompute in every tap of a following pool (a power, an
