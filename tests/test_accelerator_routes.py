@@ -23,7 +23,7 @@ import qwix
 from onnx import TensorProto, helper, numpy_helper
 
 import jaxinfer
-from jaxinfer import arith, intmath
+from jaxinfer import arith, cpu_kernels, intmath
 
 RNG = np.random.default_rng(7)
 
@@ -78,8 +78,10 @@ def float_int8_route(monkeypatch):
 
 
 def _integer_products(text: str) -> list[str]:
+    """Integer dots and convolutions, and calls of our CPU int8 kernel (jaxinfer.cpu_kernels)."""
     return [line for line in _ops(text, "dot_general") + _ops(text, "convolution")
-            if re.search(r"tensor<[0-9x]*(i8|ui8|i32)>", line.split("->")[0])]
+            if re.search(r"tensor<[0-9x]*(i8|ui8|i32)>", line.split("->")[0])] + \
+        [line for line in _ops(text, "custom_call") if cpu_kernels.TARGET in line]
 
 
 def _matmul_integer(a, b, azp, bzp):
