@@ -5,12 +5,13 @@
 // there XLA CPU's int8 library dot is compute-bound well below the memory's speed (docs/status.md,
 // issue 6), and at one row XLA's own loops take ~30x longer than reading the weight.
 //
-// How: x is widened to int16 once per call; each weight row is read once, 16 values at a time,
-// widened to int16 and multiplied into up to 8 rows' accumulators with vpmaddwd (pairs of int16
-// products summed into int32: exact for any int8 values, unlike vpmaddubsw, which saturates). The
-// weight rows are split into chunks that XLA's intra-op thread pool and the calling thread take
-// from a shared counter; the caller waits only for chunks already taken, so a busy pool never
-// stalls it.
+// How: x is widened to int16 once per call, packed so that one step's rows lie together (aligned
+// loads, no cache-line splits; up to ~10 % faster than row-major here); each weight row is read once,
+// 16 values at a time, widened to int16 and multiplied into up to 8 rows' accumulators with vpmaddwd
+// (pairs of int16 products summed into int32: exact for any int8 values, unlike vpmaddubsw, which
+// saturates). The weight rows are split into chunks that XLA's intra-op thread pool and the calling
+// thread take from a shared counter; the caller waits only for chunks already taken, so a busy pool
+// never stalls it.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -33,7 +34,8 @@ struct Job {
   const int8_t* w = nullptr;
   int32_t* y = nullptr;
   int64_t M = 0, K = 0, N = 0, K16 = 0, chunk = 0, chunks = 0;
-  std::vector<int16_t> x16;
+  std::vector<int16_t> x16_store;
+  int16_t* x16 = nullptr;  // packed: per 8-row block b, [K16 / 16][rows in b][16], 64-byte aligned
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 };
@@ -49,15 +51,16 @@ __attribute__((target("avx2"))) inline int32_t HorizontalSum(__m256i v) {
 template <int MB>
 __attribute__((target("avx2"))) void Rows(const Job& j, int64_t m0, int64_t n0, int64_t n1) {
   const int64_t K = j.K;
-  const int16_t* x16 = j.x16.data() + m0 * K;
+  const int16_t* xb = j.x16 + m0 * j.K16;  // this block: [K16 / 16][MB][16]
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* wr = j.w + n * K;
     __m256i acc[MB];
     for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_si256();
-    for (int64_t k = 0; k < j.K16; k += 16) {
+    const int16_t* xp = xb;
+    for (int64_t k = 0; k < j.K16; k += 16, xp += MB * 16) {
       const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k)));
       for (int i = 0; i < MB; ++i) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + i * K + k));
+        const __m256i xv = _mm256_load_si256(reinterpret_cast<const __m256i*>(xp + i * 16));
         acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(wv, xv));
       }
     }
@@ -109,7 +112,16 @@ ffi::Error Int8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi
   j->N = wd[0];
   j->K16 = j->K / 16 * 16;
   if (j->M == 0 || j->N == 0) return ffi::Error::Success();
-  j->x16.assign(j->x8, j->x8 + j->M * j->K);
+  j->x16_store.resize(j->M * j->K16 + 32);
+  const uintptr_t base = reinterpret_cast<uintptr_t>(j->x16_store.data());
+  j->x16 = reinterpret_cast<int16_t*>((base + 63) & ~uintptr_t{63});
+  for (int64_t m0 = 0; m0 < j->M; m0 += kRowsPerPass) {
+    const int64_t mb = std::min(kRowsPerPass, j->M - m0);
+    int16_t* dst = j->x16 + m0 * j->K16;
+    for (int64_t k = 0; k < j->K16; k += 16)
+      for (int64_t i = 0; i < mb; ++i)
+        for (int64_t t = 0; t < 16; ++t) *dst++ = j->x8[(m0 + i) * j->K + k + t];
+  }
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
   if (j->M * j->K * j->N < kSerialMacs) threads = 1;
   j->chunk = std::max<int64_t>(16, (j->N + threads * 4 - 1) / (threads * 4));
