@@ -17,14 +17,16 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from jaxinfer import aot
+import jaxinfer
+from jaxinfer import aot, cpu_kernels
 from jaxinfer.graph import Graph, Node, ValueInfo
 
 # Counts, after loading, what the first run traced (our tracer), lowered (JAX's MLIR lowering) and
 # compiled (XLA, or a persistent-cache load), and what aot.py did with the stored files.
 CHILD = """
 import json, os, sys, numpy as np, jax, jaxinfer
-from jaxinfer import aot
+import jaxinfer
+from jaxinfer import aot, cpu_kernels
 if os.environ.get("TEST_AOT_STORE_FROM_JAX_CACHE"):  # what aot.py did before it watched JAX's cache hits
     aot._cache_hits = lambda: 0
 m = jaxinfer.load(sys.argv[1])
@@ -171,6 +173,40 @@ def test_quantized_params_warm_start_from_the_executable_alone(tmp_path):
     assert warm["y"] == cold["y"]
     plain = _run(a, cache)  # the float model: another program
     assert plain["traces"] == 1 and _close(plain["y"], _expected(0.1)) and plain["y"] != cold["y"]
+
+
+def _int8_model(path: Path) -> None:
+    """y = float(MatMulInteger(DynamicQuantizeLinear(x), w)): an int8 product our CPU kernel computes."""
+    w = numpy_helper.from_array(np.array([[1, -2, 3], [-4, 5, -6], [7, -8, 9], [-10, 11, -127]], np.int8), "w")
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
+             helper.make_node("MatMulInteger", ["q", "w", "z"], ["acc"]),
+             helper.make_node("Cast", ["acc"], ["y"], to=TensorProto.FLOAT)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), path)
+
+
+def test_programs_calling_our_int8_kernel_are_stored_and_reloaded(tmp_path):
+    """The kernel's custom call goes into the export and the executable; a later process registers the
+    kernel before loading either, and gets the same answer."""
+    if not cpu_kernels.available():
+        pytest.skip("no CPU int8 kernel on this machine")
+    cache = tmp_path / "cache"
+    a = tmp_path / "q.onnx"
+    _int8_model(a)
+    m = jaxinfer.load(a)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    assert cpu_kernels.TARGET in jax.jit(m.fn).lower(m.params, {"x": x}).as_text()
+    want = m.run({"x": x})["y"].tolist()
+    cold = _run(a, cache)
+    assert cold["aot"] == {"exported": 1, "executable_saved": 1} and cold["y"] == want
+    warm = _run(a, cache)
+    assert warm["aot"] == {"executable_loaded": 1} and warm["traces"] == 0 and warm["y"] == want
+    for exe in _stored(cache, ".jaxexec"):
+        exe.unlink()
+    from_export = _run(a, cache)
+    assert from_export["aot"] == {"export_loaded": 1, "executable_saved": 1} and from_export["traces"] == 0
+    assert from_export["y"] == want
 
 
 # ------------------------------------------------------------------ in process
