@@ -7,7 +7,7 @@ int8_dot.py``), and exact: bit-identical int32 sums, so every quantized program 
 with it or without.
 
 The kernel is compiled with the host's C++ compiler (``CXX`` or ``g++``) against the XLA FFI headers
-that jaxlib ships, once per source/jaxlib/compiler, into ``$JAXINFER_KERNEL_DIR`` (default
+that jaxlib ships, once per source/jax/jaxlib/compiler, into ``$JAXINFER_KERNEL_DIR`` (default
 ``~/.cache/jaxinfer/kernels``); later processes load the built library. Where it cannot be had (not
 x86-64 with AVX2, no compiler, a failed build: logged once) or ``JAXINFER_CPU_KERNELS=0``, callers get
 ``lax.dot_general``: the same numbers, XLA's speed. On other backends the program lowers to
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 from jax import lax
 
 __all__ = ["MAX_ROWS", "available", "int8_dot", "kernel_dir"]
@@ -62,8 +63,9 @@ def _build(compiler: str) -> Path:
     """The shared library for this source, jaxlib and compiler: built unless already there."""
     include = jax.ffi.include_dir()
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, jax.__version__.encode(), compiler.encode(),
-                                     " ".join(_FLAGS).encode(), str(include).encode()])).hexdigest()[:16]
+    parts = [source, jax.__version__.encode(), jaxlib.__version__.encode(), compiler.encode(),
+             " ".join(_FLAGS).encode(), str(include).encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     out = kernel_dir() / f"int8_dot-{key}.so"
     if out.exists():
         return out
