@@ -43,6 +43,22 @@ class ConfigError(JaxinferError):
 #: A config.yaml larger than this is refused unread (a real one is a few hundred bytes; YAML parsing runs
 #: in pure Python at about 1.6 MB/s here, so a 50 MB file would hold a load for half a minute).
 MAX_CONFIG_BYTES = 1 << 20
+#: Deepest nesting of flow collections a config.yaml may have (a real one has 2 or 3).
+MAX_CONFIG_NESTING = 64
+
+
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of ``[``/``{`` in ``text`` (brackets inside quoted strings count too: an upper
+    bound, which is all the check needs)."""
+    depth = deepest = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}" and depth:
+            depth -= 1
+    return deepest
+
 
 _SHOW = reprlib.Repr()
 _SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxtuple, _SHOW.maxdict, _SHOW.maxstring, _SHOW.maxother = 3, 10, 10, 6, 60, 60
@@ -257,8 +273,12 @@ class ModelConfig:
         if path.exists() and path.stat().st_size > MAX_CONFIG_BYTES:
             raise ConfigError(f"{path}: {path.stat().st_size} bytes is over the {MAX_CONFIG_BYTES}-byte limit "
                               "for a config.yaml")
+        text = path.read_text() if path.exists() else ""
+        if _flow_depth(text) > MAX_CONFIG_NESTING:  # refused before PyYAML recurses through it (seconds)
+            raise ConfigError(f"{path}: YAML nested too deeply to be a config (over {MAX_CONFIG_NESTING} levels "
+                              "of [ ] / { })")
         try:
-            raw = yaml.safe_load(path.read_text()) if path.exists() else {}
+            raw = yaml.safe_load(text) if text else {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         except RecursionError:
