@@ -183,6 +183,17 @@ class _Ticket:
                     pass
 
 
+def _claim(future: Future) -> bool:
+    """Mark a dispatched request's future running, so that its caller can no longer cancel it; False when
+    it was cancelled (or has failed) already."""
+    if future.running():
+        return True
+    try:
+        return future.set_running_or_notify_cancel()
+    except RuntimeError:  # finished meanwhile (failed)
+        return False
+
+
 def _releaser(sequences: SequenceTable, ref: StreamRef) -> Callable[[Future], None]:
     """A done-callback releasing ``ref``'s admitted request however its future ends (answer, error,
     timeout, cancel), so an ended stream goes and a stream with callers waiting is never dropped."""
@@ -524,9 +535,15 @@ class DynamicBatcher:
             self._complete(*entry)
 
     def _complete(self, group: list[_Item], batch: Batch) -> None:
-        """Copy ``batch``'s outputs to the host and resolve its callers (batches complete in order)."""
+        """Copy ``batch``'s outputs to the host and resolve its callers (batches complete in order).
+
+        A stateful model's requests are claimed first (their futures marked running, so their callers can
+        no longer cancel them): one whose caller already gave up (timed out, went away) does not step its
+        stream, so the stream is where it was when that caller was told the request failed.
+        """
+        gone = [i for i, item in enumerate(group) if not _claim(item.ticket.future)] if self._busy is not None else []
         try:
-            results = self.model.collect(batch)
+            results = self.model.collect(batch, gone)
             error: BaseException | None = None
         except Exception as exc:  # noqa: BLE001
             log.exception("batch for '%s' failed", self.name)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -486,21 +486,25 @@ class BucketedModel:
                 raise
             return self.sequences.init
 
-    def _store_states(self, batch: Batch) -> None:
-        """Keep each stream's next state (a copied row: the batch's arrays are not held on to)."""
+    def _store_states(self, batch: Batch, gone: Collection[int]) -> None:
+        """Keep each stream's next state (a copied row: the batch's arrays are not held on to), except for
+        the parts in ``gone``: their callers gave up, so their streams stay where they were."""
         assert self.sequences is not None
         host = {var: np.asarray(batch.outputs[out]) for var, out in self._next_state.items()}
         for i, p in enumerate(batch.parts):
+            if i in gone:
+                continue
             if self.layout == "none":
                 state = {var: arr.copy() for var, arr in host.items()}
             else:
                 state = {var: arr[i:i + 1].copy() for var, arr in host.items()}
             self.sequences.store(p.sequence, state)  # type: ignore[arg-type]
 
-    def collect(self, batch: Batch) -> list[dict[str, np.ndarray]]:
-        """Wait for the device, copy to host and slice each part's rows (and dims) back."""
+    def collect(self, batch: Batch, gone: Collection[int] = ()) -> list[dict[str, np.ndarray]]:
+        """Wait for the device, copy to host and slice each part's rows (and dims) back. A stateful model
+        stores each part's next stream state, except for the parts (indices) in ``gone``."""
         if self.sequences is not None:
-            self._store_states(batch)
+            self._store_states(batch, gone)
         host = {s.name: np.asarray(batch.outputs[s.name]) for s in self.outputs}
         results = []
         off = 0

@@ -235,7 +235,11 @@ def failure_reply(state: ServerState, call: InferCall, exc: BaseException) -> tu
 
 
 def timed_out(call: InferCall) -> RequestTimeoutError:
-    return RequestTimeoutError(f"request to '{call.name}' timed out after {call.wait:.3f}s")
+    """The 504 of ``call``; a stream's request says that its stream did not move (it may be sent again)."""
+    stream = stream_of(call.req.parameters) if call.req is not None else None
+    note = (f"; stream {stream.id!r} was not stepped by it (its state is as before: send it again)"
+            if stream is not None and call.mv is not None and call.mv.bucketed.sequences is not None else "")
+    return RequestTimeoutError(f"request to '{call.name}' timed out after {call.wait:.3f}s{note}")
 
 
 async def await_result(call: InferCall) -> Any:
@@ -266,7 +270,9 @@ async def await_result(call: InferCall) -> Any:
                 pass
 
     def expire() -> None:
-        if not waiter.done():
+        # a request the batcher has claimed (a stream's step being stored) or answered is not timed out:
+        # its answer is on its way, and a 504 would tell the caller its stream did not move
+        if not waiter.done() and fut.cancel():
             waiter.set_exception(timed_out(call))
 
     fut.add_done_callback(wake)

@@ -227,8 +227,9 @@ class InferProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
         self._answer(cycle, *reply)
 
     def _expire(self, cycle: _FastCycle) -> None:
-        if not cycle.response_complete:
-            cycle.call.future.cancel()  # type: ignore[union-attr]
+        # a request the batcher has claimed (a stream's step being stored) or answered cannot be cancelled:
+        # its answer is on its way (see app.await_result)
+        if not cycle.response_complete and cycle.call.future.cancel():  # type: ignore[union-attr]
             self._answer(cycle, *failure_reply(self.jx_state, cycle.call, timed_out(cycle.call)))
 
     async def _answer_later(self, cycle: _FastCycle, body: bytes) -> None:

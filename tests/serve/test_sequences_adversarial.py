@@ -97,6 +97,46 @@ def test_an_ended_stream_is_freed_even_when_its_end_request_times_out():
         b.stop()
 
 
+def test_a_step_whose_caller_gave_up_while_it_ran_does_not_move_its_stream():
+    """A request cancelled (timed out) while its batch ran stepped its stream all the same, so the caller,
+    told it failed, sent it again and the step counted twice. Now the stream stays where it was."""
+    b = _batcher(slow="a", delay_s=0.4)
+    try:
+        assert _sum(b.submit(ONE, sequence=StreamRef("a", start=True))) == START + 1  # slowed too
+        lost = b.submit(ONE, sequence=StreamRef("a"))
+        time.sleep(0.15)  # taken by the loop: its batch is running (in the slowed dispatch)
+        assert b.queued() == 0 and lost.cancel()  # what the HTTP layer does on a timeout
+        assert _sum(b.submit(ONE, sequence=StreamRef("a"))) == START + 2  # not + 3
+        kept = b.submit(ONE, sequence=StreamRef("a"))
+        assert _sum(kept) == START + 3
+        assert not kept.cancel()  # answered; a claimed request cannot be cancelled either
+    finally:
+        b.stop()
+
+
+def test_http_timeout_of_a_running_step_is_a_504_and_the_stream_does_not_move():
+    server = jaxinfer.serve(load_tflite(_accumulator()), port=0, compilation_cache=False, max_batch=4, name="acc",
+                            timeout_ms=150)
+    try:
+        mv = server.repo.get("acc")
+        real, gate = mv.bucketed.dispatch, __import__("threading").Event()
+        with httpx.Client(timeout=30) as c:
+            r = _post(c, server.url, np.ones((1, 4), np.float32), sequence_id=5, sequence_start=True)
+            assert r.status_code == 200 and r.json()["outputs"][0]["data"][0] == START + 1
+            mv.bucketed.dispatch = lambda parts: (gate.wait(10), real(parts))[1]  # a slow device
+            r = _post(c, server.url, np.ones((1, 4), np.float32), sequence_id=5)
+            assert r.status_code == 504, r.text
+            assert "stream 5 was not stepped by it" in r.json()["error"], r.text
+            gate.set()
+            mv.bucketed.dispatch = real
+            time.sleep(0.2)  # the slowed batch completes (without storing the state)
+            r = _post(c, server.url, np.ones((1, 4), np.float32), sequence_id=5)
+            assert r.status_code == 200 and r.json()["outputs"][0]["data"][0] == START + 2, r.text
+    finally:
+        gate.set()
+        server.stop()
+
+
 def test_false_and_float_zero_are_refused_as_sequence_ids():
     """false and 0.0 were taken for "no sequence" (== 0), answered with 'need a sequence_id'."""
     for sid in (False, 0.0):
