@@ -8,7 +8,9 @@ with it or without.
 
 The kernel is compiled with the host's C++ compiler (``CXX`` or ``g++``) against the XLA FFI headers
 that jaxlib ships, once per source/jax/jaxlib/compiler, into ``$JAXINFER_KERNEL_DIR`` (default
-``~/.cache/jaxinfer/kernels``); later processes load the built library. Where it cannot be had (not
+``~/.cache/jaxinfer/kernels``); later processes load the built library once its sha256 matches the one
+written beside it at build time (a damaged file is rebuilt, never opened). Under ``jax.vmap`` a batch of
+activations is more rows for the kernel; a batch of weights takes XLA's batched dot. Where it cannot be had (not
 x86-64 with AVX2, no compiler, a failed build: logged once) or ``JAXINFER_CPU_KERNELS=0``, callers get
 ``lax.dot_general``: the same numbers, XLA's speed. On other backends the program lowers to
 ``lax.dot_general`` (``lax.platform_dependent``), so a program traced here runs anywhere.
@@ -67,7 +69,8 @@ def _build(compiler: str) -> Path:
              " ".join(_FLAGS).encode(), str(include).encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     out = kernel_dir() / f"int8_dot-{key}.so"
-    if out.exists():
+    digest = out.with_suffix(".sha256")
+    if _intact(out, digest):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
@@ -77,11 +80,25 @@ def _build(compiler: str) -> Path:
                               capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+        sha = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
         os.replace(tmp, out)  # atomic: a concurrent process sees no half-written library
+        fd, tmp_digest = tempfile.mkstemp(suffix=".sha256", dir=out.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(sha)
+        os.replace(tmp_digest, digest)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def _intact(library: Path, digest: Path) -> bool:
+    """Whether ``library`` is there and matches the digest written beside it when it was built. Opening a
+    damaged library (a truncated copy of the cache, say) can kill the process, so it is rebuilt instead."""
+    try:
+        return hashlib.sha256(library.read_bytes()).hexdigest() == digest.read_text().strip()
+    except OSError:
+        return False
 
 
 def _load() -> bool:
@@ -133,7 +150,23 @@ def int8_dot(x: jax.Array, w: jax.Array) -> jax.Array:
         rows *= d
     if rows == 0 or n == 0 or k == 0 or rows > MAX_ROWS or not available():
         return _xla_dot(x, w)
-    x2 = x.reshape(rows, k)
-    kernel = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, n), jnp.int32))
-    y = lax.platform_dependent(x2, w, cpu=kernel, default=_xla_dot)
-    return y.reshape(*lead, n)
+    return _kernel_dot(x.reshape(rows, k), w).reshape(*lead, n)
+
+
+@jax.custom_batching.custom_vmap
+def _kernel_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """[M, K] x [N, K] -> [M, N] through the kernel on CPU, XLA's dot on any other platform."""
+    kernel = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.int32))
+    return lax.platform_dependent(x, w, cpu=kernel, default=_xla_dot)
+
+
+@_kernel_dot.def_vmap
+def _kernel_dot_vmap(axis_size: int, in_batched: list[bool], x: jax.Array, w: jax.Array) -> tuple[jax.Array, bool]:
+    """Under ``jax.vmap``: a batch of x is more rows for the same weight (the kernel while they are few);
+    a batch of weights is XLA's batched dot."""
+    x_batched, w_batched = in_batched
+    if not w_batched:
+        return int8_dot(x, w), True
+    if not x_batched:
+        x = jnp.broadcast_to(x, (axis_size,) + x.shape)
+    return lax.dot_general(x, w, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.int32), True
