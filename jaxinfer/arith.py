@@ -135,10 +135,28 @@ def _float_dtype(a: Any) -> Any:
     return dt if jnp.issubdtype(dt, jnp.floating) else jnp.float32
 
 
+#: The largest magnitude a symmetric int8 row maps to (qwix's convention: -127.5 rounds to -128 and
+#: 127.5 to 128, which the clip makes 127), and its reciprocal as the float32 constant we multiply by.
+_ROW_QMAX = 127.5
+_ROW_INV_QMAX = np.float32(1.0 / _ROW_QMAX)
+
+
 def quantize_rows(x: jax.Array, axes: Sequence[int]) -> QArray:
-    """Dynamic symmetric int8 of an activation: one scale per index of the non-contracted axes."""
-    keep = tuple(a for a in range(x.ndim) if a not in set(axes))
-    return qwix.quantize(x, jnp.int8, channelwise_axes=keep)
+    """Dynamic symmetric int8 of an activation: one scale per index of the non-contracted axes.
+
+    qwix's ``quantize`` divides twice (``absmax / 127.5``, then ``x / scale``), and XLA's simplifier turns
+    ``x / s`` into ``x * (1 / s)`` and back depending on how it fused the program (a data-sharded program
+    and its unsharded twin went opposite ways): a value at a rounding boundary then quantized one step
+    apart. Here the scale is a multiply by ``1 / 127.5`` and each row's reciprocal sits behind an
+    optimization barrier, so every program computes ``x * (1 / scale)`` and the same int8 values.
+    """
+    x = jnp.asarray(x)
+    absmax = jnp.max(jnp.abs(x), axis=tuple(axes), keepdims=True)
+    scale = absmax * jnp.asarray(_ROW_INV_QMAX, x.dtype)
+    scale = jnp.where(scale < jnp.sqrt(jnp.finfo(x.dtype).tiny), jnp.ones_like(scale), scale)  # an all-zero row
+    inv = lax.optimization_barrier(1 / scale)  # not folded back into a division by XLA
+    q = jnp.clip(jnp.round(x * inv), -128, 127).astype(jnp.int8)
+    return QArray(q, scale, None, jnp.int8)
 
 
 def quantize_static(x: jax.Array, scale: jax.Array) -> QArray:
