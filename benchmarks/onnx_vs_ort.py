@@ -151,7 +151,7 @@ def main() -> None:
         for row in result:
             rows.append({"kind": kind, **row.as_dict()})
             print(f"  {row.model:24s} b{row.batch}: jaxinfer {row.jaxinfer_ms:8.2f} ms  "
-                  f"onnxruntime {row.onnxruntime_ms:8.2f} ms  ratio {row.ratio:.2f}", flush=True)
+                  f"onnxruntime {row.reference_ms:8.2f} ms  ratio {row.ratio:.2f}", flush=True)
     print()
     print(table(rows, ["kind", "model", "batch", "jaxinfer_ms", "onnxruntime_ms", "ratio", "max_abs_diff",
                        "compile_s"]))

@@ -31,7 +31,7 @@ class BenchRow:
     model: str
     batch: int
     jaxinfer_ms: float
-    onnxruntime_ms: float | None  # the reference engine's time: onnxruntime's, or LiteRT's (``reference``)
+    reference_ms: float | None  # the reference engine's time: onnxruntime's, or LiteRT's (``reference``)
     ratio: float | None  # jaxinfer / the reference: < 1 means jaxinfer is faster
     max_abs_diff: float | None
     compile_s: float
@@ -40,7 +40,7 @@ class BenchRow:
     def as_dict(self) -> dict[str, Any]:
         """The row as a dict; the reference engine's time is keyed ``<reference>_ms``."""
         d = asdict(self)
-        d[f"{self.reference}_ms"] = d.pop("onnxruntime_ms")
+        d[f"{self.reference}_ms"] = d.pop("reference_ms")
         return d
 
 

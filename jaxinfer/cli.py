@@ -281,7 +281,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"note: --against {against} compares .{'tflite' if against == 'litert' else 'onnx'} files; "
                   f"timing jaxinfer alone on {path}", file=sys.stderr)
         rows = _bench_model(model, Path(path).stem, batches, args.runs, args.min_block_s)
-    reference = rows[0].reference if rows and rows[0].onnxruntime_ms is not None else "onnxruntime"
+    reference = rows[0].reference if rows and rows[0].reference_ms is not None else "onnxruntime"
     dicts = [r.as_dict() for r in rows]
     print(table(dicts, ["model", "batch", "jaxinfer_ms", f"{reference}_ms", "ratio", "max_abs_diff", "compile_s"]))
     ratios = [r.ratio for r in rows if r.ratio]

@@ -84,6 +84,15 @@ def test_wrong_operands_named(x, w, what):
         cpu_kernels.int8_dot(x, w)
 
 
+def in_threads(call, n: int) -> None:
+    """``call(i)`` for i in range(n), each on its own thread, all at once; returns when all are done."""
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def test_concurrent_calls_each_get_their_own_sums():
     rng = np.random.default_rng(1)
     w = _ints(rng, (2048, 512))
@@ -96,11 +105,7 @@ def test_concurrent_calls_each_get_their_own_sums():
         for _ in range(5):
             got[i] = np.asarray(f(xs[i], w))
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(xs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(call, len(xs))
     for i, x in enumerate(xs):
         np.testing.assert_array_equal(got[i], _xla(x, w))
 

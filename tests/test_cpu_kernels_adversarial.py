@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 import jaxinfer
 from jaxinfer import cpu_kernels
 
-from .test_cpu_kernels import _WITHOUT
+from .test_cpu_kernels import _WITHOUT, in_threads
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no CPU kernels on this machine")
 
@@ -101,11 +100,7 @@ def test_many_threads_share_one_program():
             if not np.array_equal(got, _ref(xs[i], w)):
                 errors.append(f"thread {i}")
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(xs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(call, len(xs))
     assert not errors
 
 
@@ -253,11 +248,7 @@ def test_quantized_model_from_many_threads():
             if not np.array_equal(np.asarray(q.run(feeds[i])["y"]), want[i]):
                 bad.append(i)
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(feeds))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(call, len(feeds))
     assert not bad
 
 

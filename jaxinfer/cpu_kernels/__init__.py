@@ -48,7 +48,7 @@ _SOURCE = Path(__file__).with_name("int8_dot.cc")
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 
 _lock = threading.Lock()
-_state: dict[str, bool] = {}
+_available: bool | None = None  # known after the first available()
 
 
 def kernel_dir() -> Path:
@@ -124,10 +124,11 @@ def _load() -> bool:
 
 def available() -> bool:
     """Whether the CPU int8 kernel is built and registered (building it on the first call)."""
+    global _available
     with _lock:
-        if "int8_dot" not in _state:
-            _state["int8_dot"] = _load()
-        return _state["int8_dot"]
+        if _available is None:
+            _available = _load()
+        return _available
 
 
 def _xla_dot(x: jax.Array, w: jax.Array) -> jax.Array:
