@@ -272,7 +272,11 @@ def test_with_requests_waiting_the_completion_thread_answers_while_the_loop_disp
     seen: list[str] = []
     real, gate = bm.dispatch, threading.Event()
     xs = [np.full((1, 8), i, np.float32) for i in range(20)]
-    with DynamicBatcher(bm, LatencyModel(timings), BatcherConfig(max_queue_delay_ms=0, adaptive_cap=False), name="m",
+    # one batch in flight at a time: the last batch is dispatched once the one before it is answered, so
+    # nothing is in flight or waiting then (with two in flight, a loaded runner could still be answering
+    # the one before and send the last to the completion thread too)
+    config = BatcherConfig(max_queue_delay_ms=0, adaptive_cap=False, max_in_flight=1)
+    with DynamicBatcher(bm, LatencyModel(timings), config, name="m",
                         on_batch=lambda r: seen.append(threading.current_thread().name)) as b:
         try:
             bm.dispatch = lambda parts: (gate.wait(5), real(parts))[1]  # a busy device: requests gather

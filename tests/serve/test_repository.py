@@ -115,7 +115,9 @@ def test_overload_timeout_and_stop_while_busy(tmp_path):
     mv = s.repo.get("m")
     real = mv.bucketed.dispatch
     gate = threading.Event()
-    mv.bucketed.dispatch = lambda parts: (gate.wait(10), real(parts))[1]  # a slow device
+    # a slow device, held until the test lets it go (a bounded wait let it go by itself on a loaded runner
+    # before the queue was checked, so the 6th request found room and timed out instead of a 429)
+    mv.bucketed.dispatch = lambda parts: (gate.wait(120), real(parts))[1]
     results: list[int] = []
     lock = threading.Lock()
 
