@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -299,3 +300,73 @@ def test_kernel_dir_that_is_a_file_falls_back(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "available False exact True" in done.stdout
     assert "Not a directory" in done.stdout + done.stderr
+
+
+def _fake_builds(kdir, n: int) -> list:
+    """``n`` stale builds (library + digest) used 1..n days ago, oldest last."""
+    kdir.mkdir(parents=True, exist_ok=True)
+    made = []
+    for i in range(n):
+        lib, digest = kdir / f"int8_dot-old{i:012d}.so", kdir / f"int8_dot-old{i:012d}.sha256"
+        lib.write_bytes(b"stale")
+        digest.write_text("0" * 64)
+        when = time.time() - 86400 * (i + 1)
+        os.utime(digest, (when, when))
+        made.append(lib)
+    return made
+
+
+def test_stale_builds_pruned_keeping_the_most_recently_used(tmp_path):
+    """Every jax/jaxlib/compiler/source change leaves a build behind; a new build keeps the KEEP_BUILDS
+    most recently used (itself included) and removes the rest, library and digest."""
+    kdir = tmp_path / "kernels"
+    stale = _fake_builds(kdir, 6)
+    env = {**os.environ, "JAXINFER_KERNEL_DIR": str(kdir)}
+    done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "available True exact True" in done.stdout
+    libs = sorted(kdir.glob("int8_dot-*.so"))
+    assert len(libs) == cpu_kernels.KEEP_BUILDS
+    assert set(stale[:cpu_kernels.KEEP_BUILDS - 1]) < set(libs)  # the newest stale ones survive
+    assert not any(p.exists() or p.with_suffix(".sha256").exists() for p in stale[cpu_kernels.KEEP_BUILDS - 1:])
+
+
+def test_a_build_in_use_is_kept_by_its_last_use(tmp_path):
+    """Loading an existing build marks it used: an old but current build outlives newer stale ones."""
+    built = cpu_kernels._build(cpu_kernels._compiler())
+    kdir = tmp_path / "kernels"
+    _fake_builds(kdir, 0)
+    (kdir / built.name).write_bytes(built.read_bytes())
+    (kdir / built.name).with_suffix(".sha256").write_text(built.with_suffix(".sha256").read_text())
+    old = time.time() - 86400 * 30
+    os.utime((kdir / built.name).with_suffix(".sha256"), (old, old))
+    env = {**os.environ, "JAXINFER_KERNEL_DIR": str(kdir)}
+    done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=300, env=env)
+    assert "available True exact True" in done.stdout, done.stderr[-2000:]
+    assert (kdir / built.name).with_suffix(".sha256").stat().st_mtime > old + 86400
+    _fake_builds(kdir, 6)  # used 1..6 days ago: all older than the build's last use
+    assert cpu_kernels._prune(kdir, keep=2) and (kdir / built.name).exists()
+
+
+def test_prune_tolerates_files_vanishing_and_a_missing_dir(tmp_path):
+    assert cpu_kernels._prune(tmp_path / "nowhere", keep=1) == []
+    kdir = tmp_path / "kernels"
+    _fake_builds(kdir, 3)
+    (kdir / "int8_dot-old000000000002.so").unlink()  # a library already gone, its digest left
+    gone = cpu_kernels._prune(kdir, keep=1)
+    assert len(gone) == 2 and sorted(p.name for p in kdir.iterdir()) == ["int8_dot-old000000000000.sha256",
+                                                                         "int8_dot-old000000000000.so"]
+
+
+def test_orphan_libraries_pruned_once_an_hour_old(tmp_path):
+    """A library with no digest is never loaded (an older layout, a crashed build): removed once it is an
+    hour old; a fresh one may be a concurrent build about to write its digest, so it stays."""
+    kdir = tmp_path / "kernels"
+    kdir.mkdir()
+    old, fresh = kdir / "int8_dot-orphan00000000.so", kdir / "int8_dot-orphan00000001.so"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    t = time.time() - 7200
+    os.utime(old, (t, t))
+    assert cpu_kernels._prune(kdir, keep=4) == [old]
+    assert fresh.exists() and not old.exists()

@@ -9,7 +9,8 @@ with it or without.
 The kernel is compiled with the host's C++ compiler (``CXX`` or ``g++``) against the XLA FFI headers
 that jaxlib ships, once per source/jax/jaxlib/compiler, into ``$JAXINFER_KERNEL_DIR`` (default
 ``~/.cache/jaxinfer/kernels``); later processes load the built library once its sha256 matches the one
-written beside it at build time (a damaged file is rebuilt, never opened). Under ``jax.vmap`` a batch of
+written beside it at build time (a damaged file is rebuilt, never opened). Only the :data:`KEEP_BUILDS`
+most recently used builds are kept. Under ``jax.vmap`` a batch of
 activations is more rows for the kernel; a batch of weights takes XLA's batched dot. Where it cannot be had (not
 x86-64 with AVX2, no compiler, a failed build: logged once) or ``JAXINFER_CPU_KERNELS=0``, callers get
 ``lax.dot_general``: the same numbers, XLA's speed. On other backends the program lowers to
@@ -27,6 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import jax
@@ -43,6 +45,8 @@ log = logging.getLogger(__name__)
 #: 8.7 ms, 8 rows 0.48 vs 0.81 ms, 32 rows 1.51 vs 2.06 ms, 64 rows 3.76 vs 3.72 ms (from there XLA's
 #: library, which blocks large products better, is as fast or faster).
 MAX_ROWS = 48
+#: Builds kept in :func:`kernel_dir` (the most recently used ones); older ones are removed after a build.
+KEEP_BUILDS = 4
 TARGET = "jaxinfer_int8_dot"
 _SOURCE = Path(__file__).with_name("int8_dot.cc")
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -71,6 +75,7 @@ def _build(compiler: str) -> Path:
     out = kernel_dir() / f"int8_dot-{key}.so"
     digest = out.with_suffix(".sha256")
     if _intact(out, digest):
+        _touch(digest)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
@@ -89,7 +94,43 @@ def _build(compiler: str) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    _prune(out.parent, keep=KEEP_BUILDS)
     return out
+
+
+def _touch(path: Path) -> None:
+    """Mark a build as used now (its digest's mtime), so pruning keeps what is in use."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def _prune(directory: Path, keep: int) -> list[Path]:
+    """Remove all but the ``keep`` most recently used builds (each jax/jaxlib/compiler/source change
+    leaves one behind). Another process still running a removed library keeps its mapping; its next
+    start rebuilds. Returns the libraries removed; files that vanish meanwhile are skipped."""
+    def used(digest: Path) -> float:
+        try:
+            return digest.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    digests = sorted(directory.glob("int8_dot-*.sha256"), key=used, reverse=True)
+    # A library without a digest is never loaded (builds from before digests, or a crashed build); one
+    # written in the last hour may be a concurrent build about to write its digest.
+    orphans = [lib for lib in directory.glob("int8_dot-*.so")
+               if not lib.with_suffix(".sha256").exists() and used(lib) < time.time() - 3600]
+    gone = []
+    for library, digest in [(d.with_suffix(".so"), d) for d in digests[keep:]] + [(o, None) for o in orphans]:
+        for f in (library, digest):
+            try:
+                if f is not None:
+                    f.unlink()
+            except OSError:
+                pass
+        gone.append(library)
+    return gone
 
 
 def _intact(library: Path, digest: Path) -> bool:
