@@ -54,7 +54,7 @@ from .tracer import is_out_of_memory
 log = logging.getLogger("jaxinfer.aot")
 
 #: Our XLA CPU kernels (custom calls) may appear in exported programs: jaxinfer registers them itself.
-_OUR_KERNELS = (export.DisabledSafetyCheck.custom_call(cpu_kernels.TARGET),)
+_OUR_KERNELS = tuple(export.DisabledSafetyCheck.custom_call(t) for t in cpu_kernels.TARGETS)
 
 
 def _register_kernels() -> None:

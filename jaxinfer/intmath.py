@@ -191,22 +191,24 @@ def zp_matmul(a: Any, a_zp: Any, b: Any, b_zp: Any, *, trans_b: bool = False) ->
 def _rows_dot(a8: jax.Array, za: Any, b8: jax.Array, zb: Any, trans_b: bool) -> jax.Array:
     """:func:`zp_matmul` against a 2-D ``b`` (a weight): ``a``'s leading axes flattened into rows.
 
-    ``za * colsum(b)`` needs the column sums of ``b``; a row of ones appended to ``a`` makes the
-    dot compute them in the same pass over ``b`` instead of a second one.
+    ``za * colsum(b)`` needs the column sums of ``b``: an ``[N, K]`` weight takes
+    :func:`cpu_kernels.int8_dot_zp`, which subtracts ``za`` from ``a`` as it widens it; otherwise a
+    row of ones appended to ``a`` makes the dot compute them in the same pass over ``b``.
     """
     lead, k = a8.shape[:-1], a8.shape[-1]
     n = b8.shape[0] if trans_b else b8.shape[1]
     rows = a8.reshape(-1, k)
     need_colsum = not _static_zero(za)
-    lhs = jnp.concatenate([rows, jnp.ones((1, k), jnp.int8)]) if need_colsum else rows
-    if trans_b:  # a [N, K] weight: few rows take our CPU kernel (the same sums)
-        out = cpu_kernels.int8_dot(lhs, b8)
+    za_rows = jnp.broadcast_to(jnp.asarray(za, jnp.int32), lead + (1,)).reshape(-1, 1) if need_colsum else None
+    if need_colsum and trans_b:
+        acc = cpu_kernels.int8_dot_zp(rows, za_rows[:, 0], b8)
     else:
-        out = lax.dot_general(lhs, b8, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-    acc = out[:-1] if need_colsum else out
-    if need_colsum:
-        za_rows = jnp.broadcast_to(za, lead + (1,)).reshape(-1, 1)
-        acc = acc - za_rows * out[-1:]
+        lhs = jnp.concatenate([rows, jnp.ones((1, k), jnp.int8)]) if need_colsum else rows
+        if trans_b:  # a [N, K] weight: few rows take our CPU kernel (the same sums)
+            out = cpu_kernels.int8_dot(lhs, b8)
+        else:
+            out = lax.dot_general(lhs, b8, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+        acc = out[:-1] - za_rows * out[-1:] if need_colsum else out
     if not _static_zero(zb):
         zb_cols = jnp.reshape(zb, (1, n) if jnp.size(zb) > 1 else (1, 1))
         acc = acc - jnp.sum(rows, axis=1, keepdims=True, dtype=jnp.int32) * zb_cols

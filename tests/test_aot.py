@@ -196,7 +196,7 @@ def test_programs_calling_our_int8_kernel_are_stored_and_reloaded(tmp_path):
     _int8_model(a)
     m = jaxinfer.load(a)
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
-    assert cpu_kernels.TARGET in jax.jit(m.fn).lower(m.params, {"x": x}).as_text()
+    assert cpu_kernels.TARGET_ZP in jax.jit(m.fn).lower(m.params, {"x": x}).as_text()  # u8 activations: zp form
     want = m.run({"x": x})["y"].tolist()
     cold = _run(a, cache)
     assert cold["aot"] == {"exported": 1, "executable_saved": 1} and cold["y"] == want

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import jaxlib
 from jax import lax
 
-__all__ = ["MAX_ROWS", "available", "int8_dot", "kernel_dir"]
+__all__ = ["MAX_ROWS", "ZP_RANGE", "available", "int8_dot", "int8_dot_zp", "kernel_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,11 @@ MAX_ROWS = 48
 #: Builds kept in :func:`kernel_dir` (the most recently used ones); older ones are removed after a build.
 KEEP_BUILDS = 4
 TARGET = "jaxinfer_int8_dot"
+TARGET_ZP = "jaxinfer_int8_dot_zp"
+#: Every custom-call target the kernels register (an export must allow each).
+TARGETS = (TARGET, TARGET_ZP)
+#: Zero points :func:`int8_dot_zp`'s kernel folds into ``x`` (``x - zp`` fits int16 for every int8 ``x``).
+ZP_RANGE = (-32768 + 128, 32767 - 128)
 _SOURCE = Path(__file__).with_name("int8_dot.cc")
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -157,6 +162,7 @@ def _load() -> bool:
             log.info("jaxinfer CPU kernels: this CPU lacks AVX2; using XLA's int8 dot")
             return False
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxinferInt8Dot), platform="cpu")
+        jax.ffi.register_ffi_target(TARGET_ZP, jax.ffi.pycapsule(lib.JaxinferInt8DotZp), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
         log.warning("jaxinfer CPU kernels unavailable, using XLA's int8 dot: %s", e)
         return False
@@ -212,3 +218,56 @@ def _kernel_dot_vmap(axis_size: int, in_batched: list[bool], x: jax.Array, w: ja
     if not x_batched:
         x = jnp.broadcast_to(x, (axis_size,) + x.shape)
     return lax.dot_general(x, w, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.int32), True
+
+
+def _xla_dot_zp(x: jax.Array, zp: jax.Array, w: jax.Array) -> jax.Array:
+    """[M, K], [M], [N, K] -> [M, N] with XLA's dot: a row of ones appended to ``x`` gives the column
+    sums of ``w`` in the same pass (int32 wraps alike, so the sums equal the kernel's)."""
+    lhs = jnp.concatenate([x, jnp.ones((1, x.shape[1]), jnp.int8)])
+    out = _xla_dot(lhs, w)
+    return out[:-1] - zp.astype(jnp.int32)[:, None] * out[-1:]
+
+
+def int8_dot_zp(x: jax.Array, zp: jax.Array, w: jax.Array) -> jax.Array:
+    """``sum_k (x[..., k] - zp[...]) * w[n, k]`` as int32 (wrapping): :func:`int8_dot` with a zero point per
+    row of ``x`` (``zp`` integer, ``x``'s leading shape). Rows whose zero point lies outside
+    :data:`ZP_RANGE` (never those of 8-bit tensors) cost the kernel an extra pass over ``w``.
+
+    The kernel subtracts the zero point while it widens ``x``, so this costs one pass over ``w``; XLA's
+    dot (more rows, no kernel) appends a row of ones to ``x`` for the column sums of ``w``. Same sums.
+    """
+    x, zp, w = jnp.asarray(x), jnp.asarray(zp), jnp.asarray(w)
+    if (x.dtype != jnp.int8 or w.dtype != jnp.int8 or w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[1]
+            or not jnp.issubdtype(zp.dtype, jnp.integer) or zp.shape != x.shape[:-1]):
+        raise ValueError(f"int8_dot_zp takes int8 x [..., K], integer zp [...] and int8 w [N, K]; got x "
+                         f"{x.dtype}{list(x.shape)}, zp {zp.dtype}{list(zp.shape)} and w {w.dtype}{list(w.shape)}")
+    lead, k, n = x.shape[:-1], x.shape[-1], w.shape[0]
+    rows = 1
+    for d in lead:
+        rows *= d
+    x2, zp1 = x.reshape(rows, k), zp.reshape(rows).astype(jnp.int32)
+    if rows == 0 or n == 0 or k == 0 or rows > MAX_ROWS or not available():
+        return _xla_dot_zp(x2, zp1, w).reshape(*lead, n)
+    return _kernel_dot_zp(x2, zp1, w).reshape(*lead, n)
+
+
+@jax.custom_batching.custom_vmap
+def _kernel_dot_zp(x: jax.Array, zp: jax.Array, w: jax.Array) -> jax.Array:
+    """[M, K], [M], [N, K] -> [M, N] through the kernel on CPU, XLA's dot on any other platform."""
+    kernel = jax.ffi.ffi_call(TARGET_ZP, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.int32))
+    return lax.platform_dependent(x, zp, w, cpu=kernel, default=_xla_dot_zp)
+
+
+@_kernel_dot_zp.def_vmap
+def _kernel_dot_zp_vmap(axis_size: int, in_batched: list[bool], x: jax.Array, zp: jax.Array,
+                        w: jax.Array) -> tuple[jax.Array, bool]:
+    """Under ``jax.vmap``: batches of x and zp are more rows for the same weight; a batch of weights
+    is XLA's dot per member."""
+    x_batched, zp_batched, w_batched = in_batched
+    if not x_batched:
+        x = jnp.broadcast_to(x, (axis_size,) + x.shape)
+    if not zp_batched:
+        zp = jnp.broadcast_to(zp, (axis_size,) + zp.shape)
+    if not w_batched:
+        return int8_dot_zp(x, zp, w), True
+    return jax.vmap(_xla_dot_zp)(x, zp, w), True

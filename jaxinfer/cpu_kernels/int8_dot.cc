@@ -1,7 +1,10 @@
 // jaxinfer's int8 x int8 -> int32 dot for XLA CPU, registered as the FFI target "jaxinfer_int8_dot".
 //
 // y[m, n] = sum_k x[m, k] * w[n, k], exactly (int32 sums wrap like XLA's). x is [M, K], w is [N, K]
-// (K contiguous: how jaxinfer stores int8 MatMul/Gemm weights), y is [M, N]. Built for few rows:
+// (K contiguous: how jaxinfer stores int8 MatMul/Gemm weights), y is [M, N]. "jaxinfer_int8_dot_zp"
+// takes a zero point per row of x as well, zp [M] int32, and gives
+// sum_k (x[m, k] - zp[m]) * w[n, k]: x is widened to int16 anyway, so x - zp costs nothing, where a row of ones appended to x (for the column sums of w) cost a second pass over w.
+// Built for few rows:
 // there XLA CPU's int8 library dot is compute-bound well below the memory's speed (docs/status.md,
 // issue 6), and at one row XLA's own loops take ~30x longer than reading the weight.
 //
@@ -28,9 +31,11 @@ namespace {
 
 constexpr int64_t kRowsPerPass = 8;       // accumulators held in registers: one per row
 constexpr int64_t kSerialMacs = 1 << 20;  // under this many multiply-adds one thread is quicker
+constexpr int32_t kMinZp = -32768 + 128, kMaxZp = 32767 - 128;  // x - zp fits int16 for any int8 x
 
 struct Job {
   const int8_t* x8 = nullptr;
+  const int32_t* zp = nullptr;  // per row of x, or none
   const int8_t* w = nullptr;
   int32_t* y = nullptr;
   int64_t M = 0, K = 0, N = 0, K16 = 0, chunk = 0, chunks = 0;
@@ -66,8 +71,9 @@ __attribute__((target("avx2"))) void Rows(const Job& j, int64_t m0, int64_t n0, 
     }
     for (int i = 0; i < MB; ++i) {
       uint32_t s = static_cast<uint32_t>(HorizontalSum(acc[i]));
+      const int32_t z = j.zp ? j.zp[m0 + i] : 0;
       for (int64_t k = j.K16; k < K; ++k)  // the last K % 16 terms
-        s += static_cast<uint32_t>(int32_t{j.x8[(m0 + i) * K + k]} * int32_t{wr[k]});
+        s += static_cast<uint32_t>((int32_t{j.x8[(m0 + i) * K + k]} - z) * int32_t{wr[k]});
       j.y[(m0 + i) * j.N + n] = static_cast<int32_t>(s);
     }
   }
@@ -95,16 +101,26 @@ void Work(Job& j) {
   }
 }
 
-ffi::Error Int8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
-                   ffi::ResultBuffer<ffi::S32> y) {
+ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::S8>& x, const int32_t* zp, ffi::Buffer<ffi::S8>& w,
+               ffi::ResultBuffer<ffi::S32>& y) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   const auto yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != wd[1] || yd[0] != xd[0] ||
       yd[1] != wd[0])
     return ffi::Error::InvalidArgument("jaxinfer_int8_dot: expected x [M, K], w [N, K] and y [M, N]");
+  // x - zp must fit int16. A row whose zero point does not (never one of an 8-bit tensor; a NaN row's
+  // computed offset, say) is packed with none, and zp * colsum(w) is taken off afterwards.
+  std::vector<int32_t> packed_zp;
+  bool wide = false;
+  if (zp) {
+    packed_zp.assign(zp, zp + xd[0]);
+    for (int32_t& z : packed_zp)
+      if (z < kMinZp || z > kMaxZp) z = 0, wide = true;
+  }
   auto j = std::make_shared<Job>();
   j->x8 = x.typed_data();
+  j->zp = zp ? packed_zp.data() : nullptr;
   j->w = w.typed_data();
   j->y = y->typed_data();
   j->M = xd[0];
@@ -119,8 +135,10 @@ ffi::Error Int8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi
     const int64_t mb = std::min(kRowsPerPass, j->M - m0);
     int16_t* dst = j->x16 + m0 * j->K16;
     for (int64_t k = 0; k < j->K16; k += 16)
-      for (int64_t i = 0; i < mb; ++i)
-        for (int64_t t = 0; t < 16; ++t) *dst++ = j->x8[(m0 + i) * j->K + k + t];
+      for (int64_t i = 0; i < mb; ++i) {
+        const int32_t z = j->zp ? j->zp[m0 + i] : 0;
+        for (int64_t t = 0; t < 16; ++t) *dst++ = static_cast<int16_t>(j->x8[(m0 + i) * j->K + k + t] - z);
+      }
   }
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
   if (j->M * j->K * j->N < kSerialMacs) threads = 1;
@@ -130,7 +148,30 @@ ffi::Error Int8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi
   for (int64_t t = 1; t < threads; ++t) pool.Schedule([j] { Work(*j); });
   Work(*j);
   while (j->done.load(std::memory_order_acquire) < j->chunks) _mm_pause();
+  if (wide) {
+    std::vector<uint32_t> colsum(j->N, 0);
+    for (int64_t n = 0; n < j->N; ++n)
+      for (int64_t k = 0; k < j->K; ++k) colsum[n] += static_cast<uint32_t>(int32_t{j->w[n * j->K + k]});
+    for (int64_t m = 0; m < j->M; ++m)
+      if (packed_zp[m] != zp[m])
+        for (int64_t n = 0; n < j->N; ++n)
+          j->y[m * j->N + n] = static_cast<int32_t>(static_cast<uint32_t>(j->y[m * j->N + n]) -
+                                                    static_cast<uint32_t>(zp[m]) * colsum[n]);
+  }
   return ffi::Error::Success();
+}
+
+ffi::Error Int8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
+                   ffi::ResultBuffer<ffi::S32> y) {
+  return Run(pool, x, nullptr, w, y);
+}
+
+ffi::Error Int8DotZp(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S32> zp,
+                     ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::S32> y) {
+  const auto zd = zp.dimensions();
+  if (zd.size() != 1 || x.dimensions().size() != 2 || zd[0] != x.dimensions()[0])
+    return ffi::Error::InvalidArgument("jaxinfer_int8_dot_zp: expected zp [M] for x [M, K]");
+  return Run(pool, x, zp.typed_data(), w, y);
 }
 
 }  // namespace
@@ -141,5 +182,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8Dot, Int8Dot,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8DotZp, Int8DotZp,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
