@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -192,13 +193,17 @@ def int8_dot(x: jax.Array, w: jax.Array) -> jax.Array:
     if x.dtype != jnp.int8 or w.dtype != jnp.int8 or w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"int8_dot takes int8 x [..., K] and int8 w [N, K]; got x {x.dtype}{list(x.shape)} "
                          f"and w {w.dtype}{list(w.shape)}")
-    lead, k, n = x.shape[:-1], x.shape[-1], w.shape[0]
-    rows = 1
-    for d in lead:
-        rows *= d
-    if rows == 0 or n == 0 or k == 0 or rows > MAX_ROWS or not available():
+    lead, rows, k, n, kernel = _shape(x, w)
+    if not kernel:
         return _xla_dot(x, w)
     return _kernel_dot(x.reshape(rows, k), w).reshape(*lead, n)
+
+
+def _shape(x: jax.Array, w: jax.Array) -> tuple[tuple[int, ...], int, int, int, bool]:
+    """x's leading dims, their product (rows), K, N, and whether the kernel takes the product."""
+    lead, k, n = x.shape[:-1], x.shape[-1], w.shape[0]
+    rows = math.prod(lead)
+    return lead, rows, k, n, 0 < rows <= MAX_ROWS and n > 0 and k > 0 and available()
 
 
 @jax.custom_batching.custom_vmap
@@ -230,7 +235,7 @@ def _xla_dot_zp(x: jax.Array, zp: jax.Array, w: jax.Array) -> jax.Array:
 
 def int8_dot_zp(x: jax.Array, zp: jax.Array, w: jax.Array) -> jax.Array:
     """``sum_k (x[..., k] - zp[...]) * w[n, k]`` as int32 (wrapping): :func:`int8_dot` with a zero point per
-    row of ``x`` (``zp`` integer, ``x``'s leading shape). Rows whose zero point lies outside
+    row of ``x`` (``zp`` with ``x``'s leading shape, taken as int32). Rows whose zero point lies outside
     :data:`ZP_RANGE` (never those of 8-bit tensors) cost the kernel an extra pass over ``w``.
 
     The kernel subtracts the zero point while it widens ``x``, so this costs one pass over ``w``; XLA's
@@ -241,14 +246,9 @@ def int8_dot_zp(x: jax.Array, zp: jax.Array, w: jax.Array) -> jax.Array:
             or not jnp.issubdtype(zp.dtype, jnp.integer) or zp.shape != x.shape[:-1]):
         raise ValueError(f"int8_dot_zp takes int8 x [..., K], integer zp [...] and int8 w [N, K]; got x "
                          f"{x.dtype}{list(x.shape)}, zp {zp.dtype}{list(zp.shape)} and w {w.dtype}{list(w.shape)}")
-    lead, k, n = x.shape[:-1], x.shape[-1], w.shape[0]
-    rows = 1
-    for d in lead:
-        rows *= d
+    lead, rows, k, n, kernel = _shape(x, w)
     x2, zp1 = x.reshape(rows, k), zp.reshape(rows).astype(jnp.int32)
-    if rows == 0 or n == 0 or k == 0 or rows > MAX_ROWS or not available():
-        return _xla_dot_zp(x2, zp1, w).reshape(*lead, n)
-    return _kernel_dot_zp(x2, zp1, w).reshape(*lead, n)
+    return (_kernel_dot_zp if kernel else _xla_dot_zp)(x2, zp1, w).reshape(*lead, n)
 
 
 @jax.custom_batching.custom_vmap

@@ -2,9 +2,9 @@
 //
 // y[m, n] = sum_k x[m, k] * w[n, k], exactly (int32 sums wrap like XLA's). x is [M, K], w is [N, K]
 // (K contiguous: how jaxinfer stores int8 MatMul/Gemm weights), y is [M, N]. "jaxinfer_int8_dot_zp"
-// takes a zero point per row of x as well, zp [M] int32, and gives
-// sum_k (x[m, k] - zp[m]) * w[n, k]: x is widened to int16 anyway, so x - zp costs nothing, where a row of ones appended to x (for the column sums of w) cost a second pass over w.
-// Built for few rows:
+// takes a zero point per row of x as well, zp [M] int32, and gives sum_k (x[m, k] - zp[m]) * w[n, k]:
+// x is widened to int16 anyway, so x - zp costs nothing, where a row of ones appended to x (for the
+// column sums of w) cost a second pass over w. Built for few rows:
 // there XLA CPU's int8 library dot is compute-bound well below the memory's speed (docs/status.md,
 // issue 6), and at one row XLA's own loops take ~30x longer than reading the weight.
 //
@@ -35,7 +35,8 @@ constexpr int32_t kMinZp = -32768 + 128, kMaxZp = 32767 - 128;  // x - zp fits i
 
 struct Job {
   const int8_t* x8 = nullptr;
-  const int32_t* zp = nullptr;  // per row of x, or none
+  const int32_t* zp = nullptr;  // per row of x (into zp_store), or none
+  std::vector<int32_t> zp_store;
   const int8_t* w = nullptr;
   int32_t* y = nullptr;
   int64_t M = 0, K = 0, N = 0, K16 = 0, chunk = 0, chunks = 0;
@@ -111,16 +112,15 @@ ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::S8>& x, const int32_t* zp
     return ffi::Error::InvalidArgument("jaxinfer_int8_dot: expected x [M, K], w [N, K] and y [M, N]");
   // x - zp must fit int16. A row whose zero point does not (never one of an 8-bit tensor; a NaN row's
   // computed offset, say) is packed with none, and zp * colsum(w) is taken off afterwards.
-  std::vector<int32_t> packed_zp;
+  auto j = std::make_shared<Job>();
   bool wide = false;
   if (zp) {
-    packed_zp.assign(zp, zp + xd[0]);
-    for (int32_t& z : packed_zp)
+    j->zp_store.assign(zp, zp + xd[0]);
+    for (int32_t& z : j->zp_store)
       if (z < kMinZp || z > kMaxZp) z = 0, wide = true;
+    j->zp = j->zp_store.data();
   }
-  auto j = std::make_shared<Job>();
   j->x8 = x.typed_data();
-  j->zp = zp ? packed_zp.data() : nullptr;
   j->w = w.typed_data();
   j->y = y->typed_data();
   j->M = xd[0];
@@ -153,7 +153,7 @@ ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::S8>& x, const int32_t* zp
     for (int64_t n = 0; n < j->N; ++n)
       for (int64_t k = 0; k < j->K; ++k) colsum[n] += static_cast<uint32_t>(int32_t{j->w[n * j->K + k]});
     for (int64_t m = 0; m < j->M; ++m)
-      if (packed_zp[m] != zp[m])
+      if (j->zp_store[m] != zp[m])
         for (int64_t n = 0; n < j->N; ++n)
           j->y[m * j->N + n] = static_cast<int32_t>(static_cast<uint32_t>(j->y[m * j->N + n]) -
                                                     static_cast<uint32_t>(zp[m]) * colsum[n]);
