@@ -200,14 +200,11 @@ def _rows_dot(a8: jax.Array, za: Any, b8: jax.Array, zb: Any, trans_b: bool) -> 
     rows = a8.reshape(-1, k)
     need_colsum = not _static_zero(za)
     za_rows = jnp.broadcast_to(jnp.asarray(za, jnp.int32), lead + (1,)).reshape(-1, 1) if need_colsum else None
-    if need_colsum and trans_b:
-        acc = cpu_kernels.int8_dot_zp(rows, za_rows[:, 0], b8)
+    if trans_b:  # a [N, K] weight: few rows take our CPU kernel (the same sums)
+        acc = cpu_kernels.int8_dot_zp(rows, za_rows[:, 0], b8) if need_colsum else cpu_kernels.int8_dot(rows, b8)
     else:
         lhs = jnp.concatenate([rows, jnp.ones((1, k), jnp.int8)]) if need_colsum else rows
-        if trans_b:  # a [N, K] weight: few rows take our CPU kernel (the same sums)
-            out = cpu_kernels.int8_dot(lhs, b8)
-        else:
-            out = lax.dot_general(lhs, b8, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+        out = lax.dot_general(lhs, b8, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
         acc = out[:-1] - za_rows * out[-1:] if need_colsum else out
     if not _static_zero(zb):
         zb_cols = jnp.reshape(zb, (1, n) if jnp.size(zb) > 1 else (1, 1))
