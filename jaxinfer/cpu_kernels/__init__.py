@@ -14,7 +14,8 @@ most recently used builds are kept. Under ``jax.vmap`` a batch of
 activations is more rows for the kernel; a batch of weights takes XLA's batched dot. Where it cannot be had (not
 x86-64 with AVX2, no compiler, a failed build: logged once) or ``JAXINFER_CPU_KERNELS=0``, callers get
 ``lax.dot_general``: the same numbers, XLA's speed. On other backends the program lowers to
-``lax.dot_general`` (``lax.platform_dependent``), so a program traced here runs anywhere.
+``lax.dot_general`` (``lax.platform_dependent``; on GPU, whose int8 dot gave wrong sums, the exact
+float32 route), so a program traced here runs anywhere.
 """
 
 from __future__ import annotations
@@ -180,7 +181,27 @@ def available() -> bool:
 
 
 def _xla_dot(x: jax.Array, w: jax.Array) -> jax.Array:
-    return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    """XLA's int8 dot where it is right (CPU, TPU); on GPU the exact float32 route (:func:`_batched_dot`)."""
+    return _batched_dot(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+
+
+def _batched_dot(x: jax.Array, w: jax.Array, dims: tuple) -> jax.Array:
+    """int8 x int8 -> int32 ``dot_general`` over one contracted axis, right on every platform.
+
+    XLA GPU's int8 dot is not: on an H200 (jax 0.11.2, CUDA 13) a [2, 3, 33] x [17, 33] product came out
+    exactly twice the right sums (a [1, 1024] x [4096, 1024] one was right). There the sums are taken
+    in float32 chunks that stay exact (:func:`jaxinfer.intmath.exact_dot`), as the rest of jaxinfer does.
+    """
+    def native(x: jax.Array, w: jax.Array) -> jax.Array:
+        return lax.dot_general(x, w, dims, preferred_element_type=jnp.int32)
+
+    def exact(x: jax.Array, w: jax.Array) -> jax.Array:
+        from .. import intmath  # intmath imports this module
+
+        (kx,), (kw,) = dims[0]
+        return intmath.exact_dot(x, w, dims, kx, kw, 128 * 128)
+
+    return lax.platform_dependent(x, w, cuda=exact, rocm=exact, default=native)
 
 
 def int8_dot(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -208,7 +229,7 @@ def _shape(x: jax.Array, w: jax.Array) -> tuple[tuple[int, ...], int, int, int, 
 
 @jax.custom_batching.custom_vmap
 def _kernel_dot(x: jax.Array, w: jax.Array) -> jax.Array:
-    """[M, K] x [N, K] -> [M, N] through the kernel on CPU, XLA's dot on any other platform."""
+    """[M, K] x [N, K] -> [M, N] through the kernel on CPU, :func:`_xla_dot` on any other platform."""
     kernel = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.int32))
     return lax.platform_dependent(x, w, cpu=kernel, default=_xla_dot)
 
@@ -222,7 +243,7 @@ def _kernel_dot_vmap(axis_size: int, in_batched: list[bool], x: jax.Array, w: ja
         return int8_dot(x, w), True
     if not x_batched:
         x = jnp.broadcast_to(x, (axis_size,) + x.shape)
-    return lax.dot_general(x, w, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.int32), True
+    return _batched_dot(x, w, (((2,), (2,)), ((0,), (0,)))), True
 
 
 def _xla_dot_zp(x: jax.Array, zp: jax.Array, w: jax.Array) -> jax.Array:
@@ -253,7 +274,7 @@ def int8_dot_zp(x: jax.Array, zp: jax.Array, w: jax.Array) -> jax.Array:
 
 @jax.custom_batching.custom_vmap
 def _kernel_dot_zp(x: jax.Array, zp: jax.Array, w: jax.Array) -> jax.Array:
-    """[M, K], [M], [N, K] -> [M, N] through the kernel on CPU, XLA's dot on any other platform."""
+    """[M, K], [M], [N, K] -> [M, N] through the kernel on CPU, :func:`_xla_dot_zp` on any other platform."""
     kernel = jax.ffi.ffi_call(TARGET_ZP, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.int32))
     return lax.platform_dependent(x, zp, w, cpu=kernel, default=_xla_dot_zp)
 
