@@ -168,6 +168,7 @@ def _feeds(m: jaxinfer.Model, seed: int) -> dict:
     return feeds
 
 
+@pytest.mark.cpu_program
 @pytest.mark.parametrize("path", ["onnx/cnn_qdq.onnx", "onnx/cnn_qoperator.onnx", "onnx/cnn_dynamic.onnx",
                                   "onnx/bert_qoperator.onnx", "tflite/hybrid_mlp.tflite"])
 def test_quantized_fixtures_are_bit_identical_on_the_float_route(monkeypatch, path):
@@ -224,6 +225,16 @@ def test_quantizers_divide_as_float32_on_the_gpu_route(monkeypatch):
             np.testing.assert_array_equal(got[name], ref[name])
     reciprocal = np.clip(np.round(tie * (np.float32(1) / scale)) + 153, 0, 255)
     assert reciprocal[3] == 25  # what the GPU gave: the rounding this route avoids
+
+
+def test_dynamic_quantize_scale_is_the_float32_quotient():
+    """``(max - min) / 255`` as onnxruntime divides: XLA turned the division by the constant 255 into
+    a multiplication by ``1 / 255``, 1 ulp off the quotient for most inputs, on CPU too."""
+    m = _dynamic_quantize_model()
+    for seed in range(20):
+        x = (np.random.default_rng(seed).standard_normal(64) * 3).astype(np.float32)
+        hi, lo = np.float32(max(x.max(), 0)), np.float32(min(x.min(), 0))
+        assert m.run({"x": x})["s"] == (hi - lo) / np.float32(255), seed
 
 
 def test_divide_matches_float32_division():

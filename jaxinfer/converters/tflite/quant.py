@@ -20,6 +20,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from ...intmath import divide, quotient
+
 INT32_MIN = -(1 << 31)
 INT32_MAX = (1 << 31) - 1
 
@@ -316,7 +318,7 @@ def dequantize(x: jnp.ndarray, q: QParams) -> jnp.ndarray:
 def quantize(x: jnp.ndarray, q: QParams) -> jnp.ndarray:
     """float -> integer: ``round(x / scale) + zero_point`` (ties away from zero), saturated."""
     scale, zp = _broadcast_params(q, x.ndim)
-    v = jnp.asarray(x, jnp.float32) / jnp.asarray(scale, jnp.float32)
+    v = divide(jnp.asarray(x, jnp.float32), jnp.asarray(scale, jnp.float32))
     r = jnp.sign(v) * jnp.floor(jnp.abs(v) + 0.5)
     y = r.astype(jnp.int64) + jnp.asarray(zp, jnp.int64)
     return jnp.clip(y, q.qmin, q.qmax).astype(q.dtype)
@@ -356,8 +358,8 @@ def dynamic_quantize_rows(rows: jnp.ndarray, asymmetric: bool) -> tuple[jnp.ndar
         rng = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
         zero = rng == 0
         safe = jnp.where(zero, jnp.float32(1), rng)
-        scale = jnp.where(zero, jnp.float32(1), safe / jnp.float32(127))
-        inv = jnp.float32(127) / safe
+        scale = jnp.where(zero, jnp.float32(1), quotient(safe, jnp.float32(127)))
+        inv = quotient(jnp.float32(127), safe)
         q = jnp.clip(_round_half_away_j(rows * inv), -127, 127)
         q = jnp.where(zero, 0, q).astype(jnp.int8)
         return q, scale[:, 0], jnp.zeros(rows.shape[:1], jnp.int32)
@@ -373,7 +375,7 @@ def dynamic_quantize_rows(rows: jnp.ndarray, asymmetric: bool) -> tuple[jnp.ndar
     nudged = jnp.where(zpd <= -128.0, -128.0, jnp.where(zpd >= 127.0, 127.0, _round_half_away_j(zpd)))
     offset = jnp.where(zero, 0.0, nudged).astype(jnp.int32)
     scale = jnp.where(zero, 1.0, scale_d).astype(jnp.float32)
-    inv = jnp.float32(1) / scale
+    inv = quotient(jnp.float32(1), scale)
     q = jnp.clip(_round_half_away_j(offset.astype(jnp.float32) + rows * inv), -128, 127)
     q = jnp.where(zero, 0, q).astype(jnp.int8)
     return q, scale[:, 0], offset[:, 0]

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ....intmath import abs_bound, divide, exact_conv, exact_float, zero_point, zp_matmul
+from ....intmath import abs_bound, divide, exact_conv, exact_float, quotient, zero_point, zp_matmul
 from ....registry import OpDef, registrar
 from ._util import auto_pads, dtype_of
 from ._util import axis as norm_axis
@@ -124,7 +124,7 @@ def qgemm(A, a_scale, a_zero_point, B, b_scale, b_zero_point=None, C=None, y_sca
     if y_scale is None:
         return acc.astype(F32) * scale
     out = jnp.result_type(y_zero_point) if y_zero_point is not None else a.dtype
-    return _requant(acc, scale / _scalar(y_scale), y_zero_point, out)
+    return _requant(acc, quotient(scale, _scalar(y_scale)), y_zero_point, out)
 
 
 # ------------------------------------------------------------ elementwise
@@ -184,7 +184,7 @@ def qlinear_global_average_pool(X, x_scale, x_zero_point, y_scale, y_zero_point,
     axes = tuple(range(1, X.ndim - 1)) if channels_last else tuple(range(2, X.ndim))
     count = int(np.prod([X.shape[a] for a in axes]))
     acc = jnp.sum(X.astype(jnp.int32) - _zp(x_zero_point), axis=axes, keepdims=True)
-    mult = _scalar(x_scale) / (_scalar(y_scale) * count)
+    mult = quotient(_scalar(x_scale), _scalar(y_scale) * count)
     return _requant(acc, mult, y_zero_point, X.dtype)
 
 
@@ -253,7 +253,7 @@ def _out(acc: Any, multiplier: Any, bias_f: Any, y_scale: Any, y_zero_point: Any
     if bias_f is not None:
         raise ValueError("a float bias cannot join a requantized integer output")
     out = jnp.result_type(y_zero_point) if y_zero_point is not None else np.dtype(np.uint8)
-    q = _requant(acc, multiplier / _scalar(y_scale), y_zero_point, out)
+    q = _requant(acc, quotient(multiplier, _scalar(y_scale)), y_zero_point, out)
     return jnp.maximum(q, _zp(y_zero_point).astype(out)) if relu else q
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ....intmath import abs_bound, divide, exact_conv, zero_point, zp_matmul
+from ....intmath import abs_bound, divide, exact_conv, quotient, zero_point, zp_matmul
 from ....registry import OpDef, registrar
 from ._util import auto_pads, axis as norm_axis, dtype_of
 
@@ -140,8 +140,8 @@ def dynamic_quantize_linear(x):
     x = jnp.asarray(x)
     hi = jnp.maximum(jnp.max(x), 0.0).astype(jnp.float32)
     lo = jnp.minimum(jnp.min(x), 0.0).astype(jnp.float32)
-    scale = jnp.where(hi == lo, jnp.float32(1.0), hi - lo) / jnp.float32(255.0)
-    zp = jnp.round(jnp.clip(divide(-lo, scale), 0.0, 255.0))
+    scale = quotient(jnp.where(hi == lo, jnp.float32(1.0), hi - lo), jnp.float32(255.0))
+    zp = jnp.round(jnp.clip(quotient(-lo, scale), 0.0, 255.0))
     y = jnp.clip(jnp.round(divide(x.astype(jnp.float32), scale)) + zp, 0.0, 255.0).astype(jnp.uint8)
     return y, scale.astype(x.dtype), zp.astype(jnp.uint8)
 
@@ -168,8 +168,8 @@ def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, 
     a, b = jnp.asarray(a), jnp.asarray(b)
     acc = zp_matmul(a, _row_param(zero_point(a_zero_point), a.ndim), b, zero_point(b_zero_point))
     f32 = jnp.float32
-    multiplier = (_row_param(a_scale, a.ndim).astype(f32) * jnp.asarray(b_scale).astype(f32)
-                  / jnp.asarray(y_scale).astype(f32))
+    multiplier = quotient(_row_param(a_scale, a.ndim).astype(f32) * jnp.asarray(b_scale).astype(f32),
+                        jnp.asarray(y_scale).astype(f32))
     out = np.dtype(jnp.result_type(y_zero_point)) if y_zero_point is not None else np.dtype(a.dtype)
     return _requantize(acc, multiplier, y_zero_point, out)
 
@@ -198,7 +198,7 @@ def qlinear_conv(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_
     f32 = jnp.float32
     ws = jnp.asarray(w_scale).astype(f32)
     ws = ws.reshape((1, -1) + (1,) * n) if ws.size > 1 else ws.reshape(())
-    multiplier = jnp.asarray(x_scale).astype(f32).reshape(()) * ws / jnp.asarray(y_scale).astype(f32).reshape(())
+    multiplier = quotient(jnp.asarray(x_scale).astype(f32).reshape(()) * ws, jnp.asarray(y_scale).astype(f32).reshape(()))
     out = np.dtype(jnp.result_type(y_zero_point)) if y_zero_point is not None else np.dtype(x.dtype)
     zp = None if y_zero_point is None else jnp.asarray(y_zero_point).reshape(())
     return _requantize(acc, multiplier, zp, out)
