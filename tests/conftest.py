@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from collections import Counter
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # A developer's persistent cache would let programs stored by one test skip tracing in another, and the
 # tests count traces: the suite runs without it (tests/test_aot.py turns it on in its own processes).
@@ -43,3 +45,21 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG0
     for kind in ("node", "simple", "pytorch-converted", "pytorch-operator", "light"):
         terminalreporter.write_line(f"  {kind:18s} {passed[kind]:5d} / {total[kind]}")
     terminalreporter.write_line(f"  {'total':18s} {sum(passed.values()):5d} / {sum(total.values())}")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cpu_program: asserts what the XLA CPU program holds (our int8 kernel's "
+                                       "custom call, XLA CPU's own behaviour); skipped where JAX's default "
+                                       "backend is not the CPU")
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ARG001
+    import jax
+
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return
+    skip = pytest.mark.skip(reason=f"asserts the XLA CPU program; JAX's default backend here is {backend}")
+    for item in items:
+        if item.get_closest_marker("cpu_program"):
+            item.add_marker(skip)

@@ -121,6 +121,7 @@ def test_damaged_or_misplaced_executable_falls_back_to_the_export_and_is_rewritt
     assert fresh["traces"] == 1 and fresh["y"] == cold["y"]
 
 
+@pytest.mark.cpu_program
 def test_program_from_jax_cache_is_not_stored_as_an_executable(tmp_path):
     # XLA CPU re-serializes an executable loaded from JAX's cache without its kernels; storing one
     # made the next process fail its first run ("Function bitcast_bitcast_fusion not found").
@@ -186,6 +187,7 @@ def _int8_model(path: Path) -> None:
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), path)
 
 
+@pytest.mark.cpu_program
 def test_programs_calling_our_int8_kernel_are_stored_and_reloaded(tmp_path):
     """The kernel's custom call goes into the export and the executable; a later process registers the
     kernel before loading either, and gets the same answer."""

@@ -221,6 +221,7 @@ def _quantized():
     return jaxinfer.quantize(jaxinfer.load(_ns["mlp"]()), "int8-dynamic")
 
 
+@pytest.mark.cpu_program
 def test_quantized_model_takes_the_kernel_and_jit_matches_run():
     q = _quantized()
     x = _ns["feeds"](1)["x"]

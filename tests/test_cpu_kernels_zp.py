@@ -44,6 +44,7 @@ def test_same_sums_as_int64(lead, k, n):
     np.testing.assert_array_equal(np.asarray(got), _want(x, zp, w))
 
 
+@pytest.mark.cpu_program
 def test_taken_for_few_rows_only():
     rng = np.random.default_rng(0)
     w = _ints(rng, (8, 32))
@@ -116,6 +117,7 @@ def _dynamic_matmul_model(k: int, n: int, seed: int) -> tuple[bytes, np.ndarray]
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(), w
 
 
+@pytest.mark.cpu_program
 def test_dynamic_quantized_matmul_takes_it_exactly():
     """The u8 activation with its zero point: one kernel pass (no row of ones), the exact integer sums."""
     data, w = _dynamic_matmul_model(256, 192, 5)

@@ -106,6 +106,7 @@ def test_zp_matmul_equals_int64_reference(da, db, lead, batched, trans_b, za_kin
     assert np.array_equal(np.asarray(got), _zp_reference(a, za, b, zb, trans_b))
 
 
+@pytest.mark.cpu_program
 def test_zp_matmul_takes_an_int8_dot_and_folds_column_sums_into_it():
     import jax
 

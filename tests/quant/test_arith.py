@@ -49,6 +49,7 @@ def test_gemm_trans_b_layout():
     assert cosine(y, X[0] @ W) > 0.999
 
 
+@pytest.mark.cpu_program
 @pytest.mark.parametrize("static", [False, True])
 def test_w8a8_transposed_storage_gives_the_same_products(static):
     """A [K, N] weight stored [N, K] (scales on axis 0): same int8 values, same results, logical shape."""
