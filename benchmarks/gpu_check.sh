@@ -5,8 +5,9 @@
 #   env     the card, the Python packages, a smoke load+run of a fixture on the GPU
 #   tests   the test suite on the GPU (JAX's default backend there), except the backend conformance
 #   backend the ONNX backend conformance cases on the GPU
-#   ort     benchmarks/onnx_vs_ort.py: jaxinfer on the GPU vs onnxruntime on the host's CPU cores
 #   quant   benchmarks/quantization.py encoder: f32 / bf16 / int8 on the GPU
+#   ort     benchmarks/onnx_vs_ort.py: jaxinfer on the GPU vs onnxruntime on the host's CPU cores
+#           (ORT_ARGS: session 18 ran the exported fixtures only, --no-light; session 13 has the CNNs)
 # Logs and JSON go to $OUT (or ./gpu_out). The lent machines' image (Python 3.12, jax with CUDA) lacks
 # tflite, qwix, starlette, uvicorn, httptools, ai-edge-litert and tritonclient's client stack, and its
 # onnxruntime (1.30) refuses the IR versions our oracle tests write: they travel as cp312 wheels in
@@ -22,10 +23,11 @@
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
-T_TESTS=${T_TESTS:-240}
-T_BACKEND=${T_BACKEND:-90}
-T_ORT=${T_ORT:-80}
-T_QUANT=${T_QUANT:-40}
+T_TESTS=${T_TESTS:-270}
+T_BACKEND=${T_BACKEND:-80}
+T_QUANT=${T_QUANT:-45}
+T_ORT=${T_ORT:-70}
+ORT_ARGS=${ORT_ARGS:-}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 PY=python3
 # a stuck test fails alone where pytest-timeout is installed (the GPU image has it)
@@ -66,13 +68,13 @@ timeout -k 10 "$T_BACKEND" $PY -m pytest -n 14 $PER_TEST -o addopts= -v --tb=sho
 echo "rc=$?"; grep -A8 "ONNX backend conformance" "$OUT/backend.log"; grep -E " FAILED " "$OUT/backend.log" | sed "s/^.*FAILED //" | head -40
 echo "passed: $(grep -cE " PASSED " "$OUT/backend.log")"; tail -1 "$OUT/backend.log"
 
-stage ort
-timeout -k 10 "$T_ORT" $PY benchmarks/onnx_vs_ort.py --runs 10 --min-block-s 0.1 --json "$OUT/onnx_vs_ort_gpu.json" \
-    >"$OUT/ort.log" 2>&1
-echo "rc=$?"; tail -45 "$OUT/ort.log"
-
 stage quant
 timeout -k 10 "$T_QUANT" $PY benchmarks/quantization.py --parts encoder --shapes 1x8,4x32,32x128 --runs 10 \
     --json "$OUT/quant_gpu.json" --plot "$OUT/quant_gpu.png" >"$OUT/quant.log" 2>&1
 echo "rc=$?"; tail -25 "$OUT/quant.log"
+stage ort
+timeout -k 10 "$T_ORT" $PY benchmarks/onnx_vs_ort.py --runs 10 --min-block-s 0.1 $ORT_ARGS --json "$OUT/onnx_vs_ort_gpu.json" \
+    >"$OUT/ort.log" 2>&1
+echo "rc=$?"; tail -45 "$OUT/ort.log"
+
 stage done
