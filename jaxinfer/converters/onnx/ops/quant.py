@@ -169,7 +169,7 @@ def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, 
     acc = zp_matmul(a, _row_param(zero_point(a_zero_point), a.ndim), b, zero_point(b_zero_point))
     f32 = jnp.float32
     multiplier = quotient(_row_param(a_scale, a.ndim).astype(f32) * jnp.asarray(b_scale).astype(f32),
-                        jnp.asarray(y_scale).astype(f32))
+                          jnp.asarray(y_scale).astype(f32))
     out = np.dtype(jnp.result_type(y_zero_point)) if y_zero_point is not None else np.dtype(a.dtype)
     return _requantize(acc, multiplier, y_zero_point, out)
 
