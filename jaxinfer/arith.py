@@ -142,7 +142,7 @@ _ROW_INV_QMAX = np.float32(1.0 / _ROW_QMAX)
 
 
 def quantize_rows(x: jax.Array, axes: Sequence[int]) -> QArray:
-    """Dynamic symmetric int8 of an activation: one scale per index of the non-contracted axes.
+    """Dynamic symmetric int8 of an activation: one scale per index of the axes not in ``axes``.
 
     qwix's ``quantize`` divides twice (``absmax / 127.5``, then ``x / scale``), and XLA's simplifier turns
     ``x / s`` into ``x * (1 / s)`` and back depending on how it fused the program (a data-sharded program
@@ -272,7 +272,7 @@ def einsum(equation: str, *operands: Any) -> jax.Array:
         elif w8a8 is not None:
             x = jnp.asarray(o)
             xq = (quantize_static(x, w8a8.act_scale) if w8a8.act_scale is not None
-                  else qwix.quantize(x, jnp.int8))
+                  else quantize_rows(x, range(x.ndim)))  # one scale for the tensor
             # no int8 x int8 einsum where int8 dots are not trusted: the quantized values, in float
             ops.append(xq if intmath.native_int8_dots() else qwix.dequantize(xq).astype(x.dtype))
         else:
@@ -298,7 +298,8 @@ def conv(lhs: Any, rhs: Any, window_strides: Sequence[int], padding: Any, *, lhs
         x = jnp.asarray(lhs)
         out_dtype = preferred_element_type or _float_dtype(x)
         if rhs.act_scale is None:
-            xq = qwix.quantize(x, jnp.int8, channelwise_axes=(_batch_axis(dimension_numbers, x.ndim),))
+            batch = _batch_axis(dimension_numbers, x.ndim)
+            xq = quantize_rows(x, [a for a in range(x.ndim) if a != batch])  # one scale per sample
         else:
             xq = quantize_static(x, rhs.act_scale)
         if jax.default_backend() != "tpu":
