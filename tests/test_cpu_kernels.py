@@ -23,6 +23,22 @@ pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no CPU kern
                                 "(not x86-64 with AVX2, or no C++ compiler)")
 
 
+#: The kernel's paths this CPU has (AVX2 always; AVX-512 VNNI where the CPU has it).
+ISAS = [i for i in (1, 2) if i <= cpu_kernels.isa()]
+
+
+@pytest.fixture(params=ISAS, ids=[cpu_kernels.ISAS[i] for i in ISAS])
+def kernel_isa(request):
+    """Runs a test on each of the kernel's paths (narrowed for the test, restored after)."""
+    best = cpu_kernels.isa()
+    cpu_kernels.isa(request.param)
+    try:
+        assert cpu_kernels.isa() == request.param
+        yield request.param
+    finally:
+        cpu_kernels.isa(best)
+
+
 def _xla(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.asarray(lax.dot_general(jnp.asarray(x), jnp.asarray(w), (((x.ndim - 1,), (1,)), ((), ())),
                                       preferred_element_type=jnp.int32))
@@ -34,7 +50,7 @@ def _ints(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 
 @pytest.mark.parametrize("lead,k,n", [((1,), 1024, 4096), ((8,), 1024, 1024), ((2, 3), 33, 17), ((5,), 1, 1),
                                       ((7,), 15, 9), ((64,), 100, 300), ((3, 1, 4), 48, 5), ((9,), 17, 65)])
-def test_same_sums_as_xla(lead, k, n):
+def test_same_sums_as_xla(lead, k, n, kernel_isa):
     rng = np.random.default_rng(k * n)
     x, w = _ints(rng, lead + (k,)), _ints(rng, (n, k))
     got = jax.jit(cpu_kernels.int8_dot)(x, w)
@@ -45,7 +61,7 @@ def test_same_sums_as_xla(lead, k, n):
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
-def test_extremes_and_int32_wraparound_match_xla():
+def test_extremes_and_int32_wraparound_match_xla(kernel_isa):
     """-128 x -128 everywhere (the one product vpmaddubsw-style kernels saturate) and a K long enough for
     the sums to pass 2**31: both wrap like XLA's int32 dot."""
     x = np.full((3, 140_000), -128, np.int8)
@@ -65,6 +81,37 @@ def test_taken_for_few_rows_only():
     assert cpu_kernels.TARGET in few and cpu_kernels.TARGET not in many
     empty = cpu_kernels.int8_dot(np.zeros((0, 32), np.int8), w)
     assert empty.shape == (0, 8) and empty.dtype == jnp.int32
+
+
+@pytest.mark.cpu_program
+def test_many_rows_at_long_k_take_the_vnni_path_only():
+    """With AVX-512 VNNI the kernel beats XLA's int8 dot at any number of rows once K >= VNNI_MIN_K
+    (benchmarks/int8_dot.py); on the AVX2 path, and at short K, many rows stay with XLA."""
+    rng = np.random.default_rng(1)
+    rows, k = 4 * cpu_kernels.MAX_ROWS, cpu_kernels.VNNI_MIN_K
+
+    def takes(k: int) -> bool:
+        lowered = jax.jit(lambda x, w: cpu_kernels.int8_dot(x, w)).lower(_ints(rng, (rows, k)), _ints(rng, (8, k)))
+        return cpu_kernels.TARGET in lowered.as_text()
+
+    assert takes(k) == (cpu_kernels.isa() == 2)
+    assert not takes(k // 2)
+    if cpu_kernels.isa() == 2:
+        cpu_kernels.isa(1)
+        try:
+            assert not takes(k)
+        finally:
+            cpu_kernels.isa(2)
+
+
+def test_isa_cannot_be_raised_past_the_cpu():
+    best = cpu_kernels.isa()
+    assert best in (1, 2) and cpu_kernels.ISAS[best]
+    try:
+        assert cpu_kernels.isa(1) == 1
+        assert cpu_kernels.isa(7) == best  # narrowing back up stops at what the CPU has
+    finally:
+        cpu_kernels.isa(best)
 
 
 def test_other_backends_lower_to_xla_dot():

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 import jaxinfer
 from jaxinfer import cpu_kernels
 
-from .test_cpu_kernels import _WITHOUT, in_threads
+from .test_cpu_kernels import _WITHOUT, in_threads, kernel_isa  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no CPU kernels on this machine")
 
@@ -43,7 +43,7 @@ def _ints(rng, shape, dtype=np.int8):
 # ------------------------------------------------------------------ the kernel itself
 @pytest.mark.parametrize("rows,k,n", [(1, 1, 1), (1, 17, 3), (7, 15, 1), (8, 16, 9), (9, 17, 33), (47, 33, 5),
                                       (48, 4097, 3), (49, 31, 7), (1, 4095, 17), (3, 2, 65537), (5, 4096, 1)])
-def test_odd_shapes_exact(rows, k, n):
+def test_odd_shapes_exact(rows, k, n, kernel_isa):
     rng = np.random.default_rng(rows * 1000 + k + n)
     x, w = _ints(rng, (rows, k)), _ints(rng, (n, k))
     got = np.asarray(jax.jit(cpu_kernels.int8_dot)(x, w))

@@ -19,6 +19,8 @@ from onnx import TensorProto, helper, numpy_helper
 import jaxinfer
 from jaxinfer import cpu_kernels
 
+from .test_cpu_kernels import kernel_isa  # noqa: F401 (a fixture)
+
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no CPU kernels on this machine "
                                 "(not x86-64 with AVX2, or no C++ compiler)")
 
@@ -35,7 +37,7 @@ def _ints(rng: np.random.Generator, shape: tuple[int, ...], lo: int = -128, hi: 
 
 @pytest.mark.parametrize("lead,k,n", [((8,), 1024, 4096), ((9,), 100, 33), ((1,), 17, 5), ((2, 3), 33, 17),
                                       ((48,), 64, 64), ((49,), 64, 64), ((3, 1, 4), 48, 5), ((5,), 1, 1)])
-def test_same_sums_as_int64(lead, k, n):
+def test_same_sums_as_int64(lead, k, n, kernel_isa):
     rng = np.random.default_rng(k * n + len(lead))
     x, w = _ints(rng, lead + (k,)), _ints(rng, (n, k))
     zp = rng.integers(-128, 128, lead, dtype=np.int32)
@@ -56,7 +58,7 @@ def test_taken_for_few_rows_only():
 
 @pytest.mark.parametrize("zp", [[-128, 127, 0, -1], [30000, -32640, 32639, 5],
                                 [40000, -2**31, 2**31 - 1, 5], [-32641, 32640, 0, 0]])
-def test_extreme_zero_points(zp):
+def test_extreme_zero_points(zp, kernel_isa):
     """Zero points near and past where x - zp leaves int16: the kernel folds the ones that fit into x
     and takes the others off afterwards (a second pass over w), wrapping like int32 either way."""
     x = np.full((4, 70), -128, np.int8)

@@ -1,10 +1,11 @@
 """Our own XLA CPU kernels (XLA FFI custom calls), built from source on first use.
 
 One kernel so far: :func:`int8_dot`, int8 x int8 -> int32 for few rows against a ``[N, K]`` weight
-(``int8_dot.cc`` says how). XLA CPU's int8 library dot is compute-bound far below the memory's speed
-at few rows; this one is 1.3-1.8x faster at 8 rows and ~30x at one row (measured here, ``benchmarks/
-int8_dot.py``), and exact: bit-identical int32 sums, so every quantized program gives the same answer
-with it or without.
+(``int8_dot.cc`` says how), with an AVX-512 VNNI path and an AVX2 one (:func:`isa`). XLA CPU's int8
+library dot is compute-bound far below the memory's speed at few rows; this one is faster at 1-64 rows
+(~20-50x at one row; with VNNI 1.6-2.5x at 8-64 rows, and still ~1.5x at 512 rows once K >= 1024:
+``benchmarks/int8_dot.py``), and exact: bit-identical int32 sums, so every quantized program gives the
+same answer with it or without.
 
 The kernel is compiled with the host's C++ compiler (``CXX`` or ``g++``) against the XLA FFI headers
 that jaxlib ships, once per source/jax/jaxlib/compiler, into ``$JAXINFER_KERNEL_DIR`` (default
@@ -38,15 +39,21 @@ import jax.numpy as jnp
 import jaxlib
 from jax import lax
 
-__all__ = ["MAX_ROWS", "ZP_RANGE", "available", "int8_dot", "int8_dot_zp", "kernel_dir"]
+__all__ = ["ISAS", "MAX_ROWS", "VNNI_MIN_K", "ZP_RANGE", "available", "int8_dot", "int8_dot_zp", "isa", "kernel_dir"]
 
 log = logging.getLogger(__name__)
 
 #: Rows (the product of ``x``'s leading dims) up to which :func:`int8_dot` takes the kernel. Measured
-#: here against XLA's int8 dot, [rows, 1024] x [1024, 4096] (``benchmarks/int8_dot.py``): 1 row 0.26 vs
-#: 8.7 ms, 8 rows 0.48 vs 0.81 ms, 32 rows 1.51 vs 2.06 ms, 64 rows 3.76 vs 3.72 ms (from there XLA's
-#: library, which blocks large products better, is as fast or faster).
+#: here against XLA's int8 dot, [rows, 1024] x [1024, 4096] (``benchmarks/int8_dot.py``), on the AVX2
+#: path: 1 row 0.26 vs 8.7 ms, 8 rows 0.48 vs 0.81 ms, 32 rows 1.51 vs 2.06 ms, 64 rows 3.76 vs 3.72 ms
+#: (from there XLA's library, which blocks large products better, is as fast or faster).
 MAX_ROWS = 48
+#: On the AVX-512 VNNI path the kernel takes any number of rows once K is at least this: 12 distinct
+#: weights per call, kernel vs XLA's int8 dot (session 19): [512, 1024] x [1024, 4096] 10.4 vs 15.7 ms,
+#: [1024, 1024] x [1024, 1024] 5.1 vs 7.3 ms, [64, 4096] x [4096, 1024] 1.24 vs 2.21 ms; at K = 512 the
+#: two are even and below it XLA is faster ([1024, 256] x [256, 256] 0.96 vs 0.71 ms), where the
+#: kernel's per-sum reduction outweighs its few steps along K.
+VNNI_MIN_K = 1024
 #: Builds kept in :func:`kernel_dir` (the most recently used ones); older ones are removed after a build.
 KEEP_BUILDS = 4
 TARGET = "jaxinfer_int8_dot"
@@ -60,6 +67,7 @@ _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 
 _lock = threading.Lock()
 _available: bool | None = None  # known after the first available()
+_library: ctypes.CDLL | None = None  # the loaded kernels, once available()
 
 
 def kernel_dir() -> Path:
@@ -165,6 +173,8 @@ def _load() -> bool:
             return False
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxinferInt8Dot), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_ZP, jax.ffi.pycapsule(lib.JaxinferInt8DotZp), platform="cpu")
+        global _library
+        _library = lib
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
         log.warning("jaxinfer CPU kernels unavailable, using XLA's int8 dot: %s", e)
         return False
@@ -178,6 +188,19 @@ def available() -> bool:
         if _available is None:
             _available = _load()
         return _available
+
+
+#: The kernel's paths by :func:`isa`'s number.
+ISAS = {1: "avx2", 2: "avx512-vnni"}
+
+
+def isa(want: int | None = None) -> int:
+    """The instruction set the kernel runs on: 2 (AVX-512 VNNI), 1 (AVX2), 0 (no kernel). ``want`` narrows
+    it to a path this CPU has, for calls from then on (compiled programs included): how tests cover both
+    paths on one machine, and how to compare them."""
+    if not available() or _library is None:
+        return 0
+    return int(_library.jaxinfer_int8_dot_isa(-1 if want is None else int(want)))
 
 
 def _xla_dot(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -224,7 +247,8 @@ def _shape(x: jax.Array, w: jax.Array) -> tuple[tuple[int, ...], int, int, int, 
     """x's leading dims, their product (rows), K, N, and whether the kernel takes the product."""
     lead, k, n = x.shape[:-1], x.shape[-1], w.shape[0]
     rows = math.prod(lead)
-    return lead, rows, k, n, 0 < rows <= MAX_ROWS and n > 0 and k > 0 and available()
+    few = rows <= MAX_ROWS or (k >= VNNI_MIN_K and isa() == 2)
+    return lead, rows, k, n, 0 < rows and few and n > 0 and k > 0 and available()
 
 
 @jax.custom_batching.custom_vmap
