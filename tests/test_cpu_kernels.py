@@ -75,31 +75,33 @@ def test_extremes_and_int32_wraparound_match_xla(kernel_isa):
 @pytest.mark.cpu_program
 def test_taken_for_few_rows_only():
     rng = np.random.default_rng(0)
-    w = _ints(rng, (8, 32))
+    w = _ints(rng, (cpu_kernels.VNNI_MAX_N + 1, 32))  # wider than a conv's patch product
     few = jax.jit(cpu_kernels.int8_dot).lower(_ints(rng, (cpu_kernels.MAX_ROWS, 32)), w).as_text()
     many = jax.jit(cpu_kernels.int8_dot).lower(_ints(rng, (cpu_kernels.MAX_ROWS + 1, 32)), w).as_text()
     assert cpu_kernels.TARGET in few and cpu_kernels.TARGET not in many
     empty = cpu_kernels.int8_dot(np.zeros((0, 32), np.int8), w)
-    assert empty.shape == (0, 8) and empty.dtype == jnp.int32
+    assert empty.shape == (0, cpu_kernels.VNNI_MAX_N + 1) and empty.dtype == jnp.int32
 
 
 @pytest.mark.cpu_program
-def test_many_rows_at_long_k_take_the_vnni_path_only():
-    """With AVX-512 VNNI the kernel beats XLA's int8 dot at any number of rows once K >= VNNI_MIN_K
-    (benchmarks/int8_dot.py); on the AVX2 path, and at short K, many rows stay with XLA."""
+def test_many_rows_at_long_k_or_narrow_n_take_the_vnni_path_only():
+    """With AVX-512 VNNI the kernel beats XLA's int8 dot at any number of rows once K >= VNNI_MIN_K or
+    N <= VNNI_MAX_N (benchmarks/int8_dot.py); on the AVX2 path, and at short K with wider N, many rows
+    stay with XLA."""
     rng = np.random.default_rng(1)
     rows, k = 4 * cpu_kernels.MAX_ROWS, cpu_kernels.VNNI_MIN_K
 
-    def takes(k: int) -> bool:
-        lowered = jax.jit(lambda x, w: cpu_kernels.int8_dot(x, w)).lower(_ints(rng, (rows, k)), _ints(rng, (8, k)))
+    def takes(k: int, n: int = 2 * cpu_kernels.VNNI_MAX_N) -> bool:
+        lowered = jax.jit(lambda x, w: cpu_kernels.int8_dot(x, w)).lower(_ints(rng, (rows, k)), _ints(rng, (n, k)))
         return cpu_kernels.TARGET in lowered.as_text()
 
     assert takes(k) == (cpu_kernels.isa() == 2)
     assert not takes(k // 2)
+    assert takes(k // 2, n=cpu_kernels.VNNI_MAX_N) == (cpu_kernels.isa() == 2)  # a convolution's patches
     if cpu_kernels.isa() == 2:
         cpu_kernels.isa(1)
         try:
-            assert not takes(k)
+            assert not takes(k) and not takes(k // 2, n=cpu_kernels.VNNI_MAX_N)
         finally:
             cpu_kernels.isa(2)
 

@@ -49,7 +49,7 @@ def test_same_sums_as_int64(lead, k, n, kernel_isa):
 @pytest.mark.cpu_program
 def test_taken_for_few_rows_only():
     rng = np.random.default_rng(0)
-    w = _ints(rng, (8, 32))
+    w = _ints(rng, (cpu_kernels.VNNI_MAX_N + 1, 32))  # wider than a conv's patch product
     text = {m: jax.jit(cpu_kernels.int8_dot_zp).lower(_ints(rng, (m, 32)), np.zeros(m, np.int32), w).as_text()
             for m in (cpu_kernels.MAX_ROWS, cpu_kernels.MAX_ROWS + 1)}
     assert cpu_kernels.TARGET_ZP in text[cpu_kernels.MAX_ROWS]
@@ -58,11 +58,13 @@ def test_taken_for_few_rows_only():
 
 @pytest.mark.parametrize("zp", [[-128, 127, 0, -1], [30000, -32640, 32639, 5],
                                 [40000, -2**31, 2**31 - 1, 5], [-32641, 32640, 0, 0]])
-def test_extreme_zero_points(zp, kernel_isa):
+@pytest.mark.parametrize("repeat", [1, 10])  # 40 rows: the VNNI path's column panels
+def test_extreme_zero_points(zp, repeat, kernel_isa):
     """Zero points near and past where x - zp leaves int16: the kernel folds the ones that fit into x
     and takes the others off afterwards (a second pass over w), wrapping like int32 either way."""
     x = np.full((4, 70), -128, np.int8)
     x[1] = 127
+    x, zp = np.tile(x, (repeat, 1)), np.tile(np.asarray(zp, np.int32), repeat)
     w = np.full((300, 70), -128, np.int8)
     w[::3] = 127
     zp = np.asarray(zp, np.int32)

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import jaxlib
 from jax import lax
 
-__all__ = ["ISAS", "MAX_ROWS", "VNNI_MIN_K", "ZP_RANGE", "available", "int8_dot", "int8_dot_zp", "isa", "kernel_dir"]
+__all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "available", "int8_dot", "int8_dot_zp", "isa", "kernel_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,14 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 48
 #: On the AVX-512 VNNI path the kernel takes any number of rows once K is at least this: 12 distinct
 #: weights per call, kernel vs XLA's int8 dot (session 19): [512, 1024] x [1024, 4096] 10.4 vs 15.7 ms,
-#: [1024, 1024] x [1024, 1024] 5.1 vs 7.3 ms, [64, 4096] x [4096, 1024] 1.24 vs 2.21 ms; at K = 512 the
-#: two are even and below it XLA is faster ([1024, 256] x [256, 256] 0.96 vs 0.71 ms), where the
-#: kernel's per-sum reduction outweighs its few steps along K.
+#: [1024, 1024] x [1024, 1024] 5.1 vs 7.3 ms, [64, 4096] x [4096, 1024] 1.24 vs 2.21 ms.
 VNNI_MIN_K = 1024
+#: ... or any number of rows against at most this many weight rows (N): the shape of convolutions'
+#: patch products, where the kernel packs the weight into column panels and XLA's dot is slow:
+#: [8192, 288] x [288, 32] 0.38 vs 0.64 ms, [4096, 16] x [16, 32] 0.028 vs 0.068, [4096, 576] x [576, 64]
+#: 0.95 vs 1.04. With more weight rows and K < 1024 the two are even or XLA is faster ([1024, 128] x
+#: [128, 512] 0.76 vs 0.72 ms), so those stay with XLA.
+VNNI_MAX_N = 64
 #: Builds kept in :func:`kernel_dir` (the most recently used ones); older ones are removed after a build.
 KEEP_BUILDS = 4
 TARGET = "jaxinfer_int8_dot"
@@ -247,7 +251,7 @@ def _shape(x: jax.Array, w: jax.Array) -> tuple[tuple[int, ...], int, int, int, 
     """x's leading dims, their product (rows), K, N, and whether the kernel takes the product."""
     lead, k, n = x.shape[:-1], x.shape[-1], w.shape[0]
     rows = math.prod(lead)
-    few = rows <= MAX_ROWS or (k >= VNNI_MIN_K and isa() == 2)
+    few = rows <= MAX_ROWS or ((k >= VNNI_MIN_K or n <= VNNI_MAX_N) and isa() == 2)
     return lead, rows, k, n, 0 < rows and few and n > 0 and k > 0 and available()
 
 

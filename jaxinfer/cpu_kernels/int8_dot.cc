@@ -25,11 +25,18 @@
 // XLA's intra-op thread pool and the calling thread take from a shared counter; the caller waits only
 // for chunks already taken, so a busy pool never stalls it. jaxinfer_int8_dot_isa() reports the path
 // in use and can narrow it (tests run both).
+// From 16 rows of x with K < 1024 the VNNI path packs each group of 64 weight rows into column panels
+// instead (PackPanels) and multiplies every row of x against them: 4 values of one x row broadcast to all
+// lanes times 4 values of 16 columns per vpdpbusd, so each lane sums one output and there are no
+// horizontal sums, which at short K (a convolution's patches: K 27-600, N 16-64) outweighed the dots.
+// Packed x and the panels live in per-thread scratch reused across calls (fresh large buffers cost page
+// faults on every call).
 #include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -44,6 +51,10 @@ constexpr int64_t kSerialMacs = 1 << 20;  // under this many multiply-adds one t
 constexpr int32_t kMinZp = -32768 + 128, kMaxZp = 32767 - 128;  // x - zp fits int16 for any int8 x
 
 constexpr int64_t kPrefetchBytes = 16 << 10;  // how far ahead the VNNI path asks for weights
+constexpr int64_t kPanelMinRows = 16;  // from this many rows of x the VNNI path packs w into column panels,
+constexpr int64_t kPanelMaxK = 1024;   // while K is below this (longer rows amortize the row path's sums)
+constexpr int kPanelRows = 6;          // rows of x per register block: 6 x 4 panels = 24 accumulators
+constexpr int kPanels = 4;             // panels of 16 columns packed and multiplied at a time
 
 enum Isa : int { kAvx2 = 1, kVnni = 2 };
 
@@ -77,6 +88,9 @@ struct Job {
   int64_t K64 = 0;         // VNNI: K rounded up to a multiple of 64
   std::vector<uint8_t> xu_store;
   uint8_t* xu = nullptr;   // VNNI: per 8-row block b, [K64 / 64][rows in b][64] x + 128, 64-byte aligned
+  int64_t Kp = 0, row_chunk = 0, row_chunks = 0;  // panels: K rounded up to 4; rows per work item
+  std::vector<uint8_t> xr_store;
+  uint8_t* xr = nullptr;   // panels: [M][Kp] x + 128, row-major, zero past K
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 };
@@ -204,6 +218,117 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void VnniRows(const Job& 
   for (; n < n1; ++n) VnniBlock<MB, 1>(j, m0, n);
 }
 
+// Columns n0 .. n0 + 16 np of w (zero past N and K) packed as P[K / 4][np][16 columns][4 values]:
+// one 64-byte load then holds 4 values of 16 columns, which vpdpbusd multiplies by 4 values of one row
+// of x broadcast to every lane, so each lane sums one output and no horizontal sums are needed.
+void PackPanels(const Job& j, int64_t n0, int np, uint8_t* P) {
+  const int64_t K = j.K, K4 = j.Kp / 4, full = K / 4, cols = int64_t{np} * 16;
+  const int64_t have = std::max<int64_t>(0, std::min(cols, j.N - n0));  // columns past N stay zero
+  const int8_t* w = j.w + n0 * K;
+  // k4 outer: P is written in order, and the `have` weight rows' current lines stay in L1.
+  for (int64_t k4 = 0; k4 < full; ++k4, P += cols * 4) {
+    for (int64_t c = 0; c < have; ++c) std::memcpy(P + c * 4, w + c * K + 4 * k4, 4);
+    if (have < cols) std::memset(P + have * 4, 0, (cols - have) * 4);
+  }
+  if (full < K4) {  // the last K % 4 values, zero-padded
+    std::memset(P, 0, cols * 4);
+    for (int64_t c = 0; c < have; ++c) std::memcpy(P + c * 4, w + c * K + 4 * full, K - 4 * full);
+  }
+}
+
+// Column sums of the packed panels: vpdpbusd against ones sums each lane's 4 values.
+template <int NP>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void PanelSums(const Job& j, const uint8_t* P, __m512i (&cs)[NP]) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int p = 0; p < NP; ++p) cs[p] = _mm512_setzero_si512();
+  for (int64_t k4 = 0; k4 < j.Kp / 4; ++k4)
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p)
+      cs[p] = _mm512_dpbusd_epi32(cs[p], ones, _mm512_load_si512(P + (k4 * NP + p) * 64));
+}
+
+// Rows m0 .. m0 + MR of y, columns n0 .. n0 + 16 NP (masked past N), from packed panels P. The
+// accumulators are named one by one (GCC kept arrays of them in memory, storing each every step).
+#define JX_ROW_ACC(r) __m512i a##r##0, a##r##1, a##r##2, a##r##3;
+#define JX_ZERO(r) a##r##0 = a##r##1 = a##r##2 = a##r##3 = _mm512_setzero_si512();
+#define JX_STEP(r)                                                       \
+  if constexpr (MR > r) {                                                \
+    int32_t four;                                                        \
+    std::memcpy(&four, xr + r * j.Kp + 4 * k4, 4);                       \
+    const __m512i x = _mm512_set1_epi32(four);                           \
+    a##r##0 = _mm512_dpbusd_epi32(a##r##0, x, b0);                       \
+    if constexpr (NP > 1) a##r##1 = _mm512_dpbusd_epi32(a##r##1, x, b1); \
+    if constexpr (NP > 2) a##r##2 = _mm512_dpbusd_epi32(a##r##2, x, b2); \
+    if constexpr (NP > 3) a##r##3 = _mm512_dpbusd_epi32(a##r##3, x, b3); \
+  }
+#define JX_STORE(r)                                                                   \
+  if constexpr (MR > r) {                                                             \
+    const __m512i acc[4] = {a##r##0, a##r##1, a##r##2, a##r##3};                      \
+    const __m512i off = _mm512_set1_epi32(128 + (j.zp ? j.zp[m0 + r] : 0));           \
+    int32_t* yr = j.y + (m0 + r) * j.N;                                               \
+    for (int p = 0; p < NP; ++p) {                                                    \
+      const int64_t n = n0 + 16 * p, left = j.N - n;                                  \
+      const __m512i v = _mm512_sub_epi32(acc[p], _mm512_mullo_epi32(off, cs[p]));     \
+      if (left >= 16) _mm512_storeu_si512(yr + n, v);                                 \
+      else if (left > 0) _mm512_mask_storeu_epi32(yr + n, (__mmask16)((1u << left) - 1), v); \
+    }                                                                                 \
+  }
+template <int MR, int NP>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void PanelBlock(const Job& j, const uint8_t* P,
+                                                                     const __m512i (&cs)[NP], int64_t m0,
+                                                                     int64_t n0) {
+  static_assert(MR >= 1 && MR <= 6 && NP >= 1 && NP <= 4);
+  JX_ROW_ACC(0) JX_ROW_ACC(1) JX_ROW_ACC(2) JX_ROW_ACC(3) JX_ROW_ACC(4) JX_ROW_ACC(5)
+  JX_ZERO(0) JX_ZERO(1) JX_ZERO(2) JX_ZERO(3) JX_ZERO(4) JX_ZERO(5)
+  const uint8_t* xr = j.xr + m0 * j.Kp;
+  const int64_t K4 = j.Kp / 4;
+  const uint8_t* pp = P;
+  for (int64_t k4 = 0; k4 < K4; ++k4, pp += NP * 64) {
+    const __m512i b0 = _mm512_load_si512(pp);
+    const __m512i b1 = NP > 1 ? _mm512_load_si512(pp + 64) : b0;
+    const __m512i b2 = NP > 2 ? _mm512_load_si512(pp + 128) : b0;
+    const __m512i b3 = NP > 3 ? _mm512_load_si512(pp + 192) : b0;
+    JX_STEP(0) JX_STEP(1) JX_STEP(2) JX_STEP(3) JX_STEP(4) JX_STEP(5)
+  }
+  JX_STORE(0) JX_STORE(1) JX_STORE(2) JX_STORE(3) JX_STORE(4) JX_STORE(5)
+}
+#undef JX_ROW_ACC
+#undef JX_ZERO
+#undef JX_STEP
+#undef JX_STORE
+
+template <int NP>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void PanelRows(const Job& j, const uint8_t* P, int64_t m0,
+                                                                    int64_t m1, int64_t n0) {
+  __m512i cs[NP];
+  PanelSums<NP>(j, P, cs);
+  int64_t m = m0;
+  for (; m + kPanelRows <= m1; m += kPanelRows) PanelBlock<kPanelRows, NP>(j, P, cs, m, n0);
+  switch (m1 - m) {
+    case 5: PanelBlock<5, NP>(j, P, cs, m, n0); break;
+    case 4: PanelBlock<4, NP>(j, P, cs, m, n0); break;
+    case 3: PanelBlock<3, NP>(j, P, cs, m, n0); break;
+    case 2: PanelBlock<2, NP>(j, P, cs, m, n0); break;
+    case 1: PanelBlock<1, NP>(j, P, cs, m, n0); break;
+    default: break;
+  }
+}
+
+// Rows m0 .. m1 and columns n0 .. n1 by panels: each group of up to 4 panels is packed once (into `P`,
+// this thread's buffer) and multiplied by every row of the range.
+void Panels(const Job& j, uint8_t* P, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += 16 * kPanels) {
+    const int np = static_cast<int>(std::min<int64_t>(kPanels, (n1 - n + 15) / 16));
+    PackPanels(j, n, np, P);
+    switch (np) {
+      case 4: PanelRows<4>(j, P, m0, m1, n); break;
+      case 3: PanelRows<3>(j, P, m0, m1, n); break;
+      case 2: PanelRows<2>(j, P, m0, m1, n); break;
+      default: PanelRows<1>(j, P, m0, m1, n); break;
+    }
+  }
+}
+
 void Columns(const Job& j, int64_t n0, int64_t n1) {
   for (int64_t m0 = 0; m0 < j.M; m0 += kRowsPerPass) {
     if (j.xu) {
@@ -232,20 +357,42 @@ void Columns(const Job& j, int64_t n0, int64_t n1) {
   }
 }
 
+// Scratch for packed x, reused by the calling thread across calls: a fresh multi-megabyte buffer per
+// call cost page faults every time (8192 x 288 x 32 ran 2.5x slower). Safe because a call returns only
+// once every chunk is done, and a pool worker that starts late finds no chunk left and reads nothing
+// else. Buffers past kMaxScratch bytes live in the call's Job instead (not kept).
+constexpr size_t kMaxScratch = size_t{32} << 20;
+
+template <typename T>
+T* Scratch(std::vector<T>& kept, std::vector<T>& own, size_t n) {
+  std::vector<T>& v = n * sizeof(T) <= kMaxScratch ? kept : own;
+  if (v.size() < n + 64 / sizeof(T)) v.resize(n + 64 / sizeof(T));
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t{63});
+}
+
+thread_local std::vector<int16_t> t_x16;
+thread_local std::vector<uint8_t> t_xu, t_xr;
+
 void Work(Job& j) {
+  thread_local std::vector<uint8_t> kept;  // panels: this thread's packed columns
+  std::vector<uint8_t> own;
+  uint8_t* P = j.xr ? Scratch(kept, own, j.Kp * 16 * kPanels) : nullptr;
   for (int64_t c; (c = j.next.fetch_add(1, std::memory_order_relaxed)) < j.chunks;) {
-    Columns(j, c * j.chunk, std::min(j.N, (c + 1) * j.chunk));
+    if (j.xr) {  // work items: row chunks within column chunks
+      const int64_t cc = c / j.row_chunks, rc = c % j.row_chunks;
+      Panels(j, P, rc * j.row_chunk, std::min(j.M, (rc + 1) * j.row_chunk), cc * j.chunk,
+             std::min(j.N, (cc + 1) * j.chunk));
+    } else {
+      Columns(j, c * j.chunk, std::min(j.N, (c + 1) * j.chunk));
+    }
     j.done.fetch_add(1, std::memory_order_release);
   }
 }
 
-// x packed for the kernel: per 8-row block, [Kp / S][rows in block][S] values of f(x, zp), 64-byte
-// aligned, zero past K (only the VNNI path pads: Kp >= K there, the AVX2 path stops at K / 16 * 16).
+// x packed for the kernel: per 8-row block, [Kp / S][rows in block][S] values of f(x, zp), zero past K
+// (only the VNNI path pads: Kp >= K there, the AVX2 path stops at K / 16 * 16).
 template <typename T, int S, typename F>
-void Pack(const Job& j, std::vector<T>& store, T*& out, int64_t Kp, F f) {
-  store.assign(j.M * Kp + 64 / sizeof(T), T{0});
-  const uintptr_t base = reinterpret_cast<uintptr_t>(store.data());
-  out = reinterpret_cast<T*>((base + 63) & ~uintptr_t{63});
+void Pack(const Job& j, T* out, int64_t Kp, F f) {
   for (int64_t m0 = 0; m0 < j.M; m0 += kRowsPerPass) {
     const int64_t mb = std::min(kRowsPerPass, j.M - m0);
     T* dst = out + m0 * Kp;
@@ -253,7 +400,7 @@ void Pack(const Job& j, std::vector<T>& store, T*& out, int64_t Kp, F f) {
       for (int64_t i = 0; i < mb; ++i, dst += S) {
         const int32_t z = j.zp ? j.zp[m0 + i] : 0;
         const int8_t* src = j.x8 + (m0 + i) * j.K;
-        for (int64_t t = 0; t < S && k + t < j.K; ++t) dst[t] = f(src[k + t], z);
+        for (int64_t t = 0; t < S; ++t) dst[t] = k + t < j.K ? f(src[k + t], z) : T{0};
       }
   }
 }
@@ -283,19 +430,42 @@ ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::S8>& x, const int32_t* zp
   j->K = xd[1];
   j->N = wd[0];
   if (j->M == 0 || j->N == 0) return ffi::Error::Success();
-  if (CurrentIsa() == kVnni) {
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (j->M * j->K * j->N < kSerialMacs) threads = 1;
+  if (CurrentIsa() == kVnni && j->M >= kPanelMinRows && j->K < kPanelMaxK) {
+    j->Kp = (j->K + 3) / 4 * 4;
+    j->xr = Scratch(t_xr, j->xr_store, j->M * j->Kp);
+    const int8_t* src = j->x8;  // locals: a uint8_t store may alias j's fields, which kept this scalar
+    uint8_t* dst = j->xr;
+    const int64_t M = j->M, K = j->K, Kp = j->Kp;
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t k = 0; k < K; ++k) dst[m * Kp + k] = static_cast<uint8_t>(src[m * K + k] ^ 0x80);
+      for (int64_t k = K; k < Kp; ++k) dst[m * Kp + k] = 0;
+    }
+    // Column chunks of whole panel groups; where there are fewer than 4 per thread, rows split too.
+    const int64_t group = 16 * kPanels;
+    j->chunk = std::max<int64_t>(group, (j->N + threads * 4 - 1) / (threads * 4) / group * group);
+    const int64_t col_chunks = (j->N + j->chunk - 1) / j->chunk;
+    j->row_chunks = std::min<int64_t>((threads * 4 + col_chunks - 1) / col_chunks,
+                                      (j->M + kPanelRows - 1) / kPanelRows);
+    j->row_chunk = ((j->M + j->row_chunks - 1) / j->row_chunks + kPanelRows - 1) / kPanelRows * kPanelRows;
+    j->row_chunks = (j->M + j->row_chunk - 1) / j->row_chunk;
+    j->chunks = col_chunks * j->row_chunks;
+  } else if (CurrentIsa() == kVnni) {
     j->K64 = (j->K + 63) / 64 * 64;
-    Pack<uint8_t, 64>(*j, j->xu_store, j->xu, j->K64,
+    j->xu = Scratch(t_xu, j->xu_store, j->M * j->K64);
+    Pack<uint8_t, 64>(*j, j->xu, j->K64,
                       [](int8_t v, int32_t) { return static_cast<uint8_t>(int32_t{v} + 128); });
   } else {
     j->K16 = j->K / 16 * 16;
-    Pack<int16_t, 16>(*j, j->x16_store, j->x16, j->K16,
+    j->x16 = Scratch(t_x16, j->x16_store, j->M * j->K16);
+    Pack<int16_t, 16>(*j, j->x16, j->K16,
                       [](int8_t v, int32_t z) { return static_cast<int16_t>(int32_t{v} - z); });
   }
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  if (j->M * j->K * j->N < kSerialMacs) threads = 1;
-  j->chunk = std::max<int64_t>(16, (j->N + threads * 4 - 1) / (threads * 4));
-  j->chunks = (j->N + j->chunk - 1) / j->chunk;
+  if (!j->xr) {
+    j->chunk = std::max<int64_t>(16, (j->N + threads * 4 - 1) / (threads * 4));
+    j->chunks = (j->N + j->chunk - 1) / j->chunk;
+  }
   threads = std::min(threads, j->chunks);
   for (int64_t t = 1; t < threads; ++t) pool.Schedule([j] { Work(*j); });
   Work(*j);
