@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import jaxlib
 from jax import lax
 
-__all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "available", "int8_dot", "int8_dot_zp", "isa", "kernel_dir"]
+__all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "available", "int8_dot", "int8_dot_zp", "isa", "kernel_dir", "takes"]
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +251,15 @@ def _shape(x: jax.Array, w: jax.Array) -> tuple[tuple[int, ...], int, int, int, 
     """x's leading dims, their product (rows), K, N, and whether the kernel takes the product."""
     lead, k, n = x.shape[:-1], x.shape[-1], w.shape[0]
     rows = math.prod(lead)
+    return lead, rows, k, n, takes(rows, k, n)
+
+
+def takes(rows: int, k: int, n: int) -> bool:
+    """Whether :func:`int8_dot` / :func:`int8_dot_zp` run a ``[rows, k] x [n, k]`` product in the kernel
+    (else XLA's dot): at most :data:`MAX_ROWS` rows, or on the VNNI path K >= :data:`VNNI_MIN_K` or
+    N <= :data:`VNNI_MAX_N`."""
     few = rows <= MAX_ROWS or ((k >= VNNI_MIN_K or n <= VNNI_MAX_N) and isa() == 2)
-    return lead, rows, k, n, 0 < rows and few and n > 0 and k > 0 and available()
+    return 0 < rows and few and n > 0 and k > 0 and available()
 
 
 @jax.custom_batching.custom_vmap
