@@ -2,8 +2,9 @@
 
 Each case runs 12 distinct weights per call (so they stream from memory, as a model's layers do),
 the programs interleaved in one process; the table gives median ms per product and the speedup. On a
-CPU with AVX-512 VNNI the kernel's AVX2 path is timed too (``cpu_kernels.isa(1)``, same program). A case
-the kernel does not take (too many rows for its rule) reads as XLA's dot in both columns.
+CPU with AVX-512 VNNI the kernel's AVX2 path is timed too (``cpu_kernels.isa(1)``, same program: also
+where the AVX2 rule would leave the product to XLA). A case the kernel does not take at all (its rule on
+this CPU) reads as XLA's dot in the kernel columns.
 
     python benchmarks/int8_dot.py [--runs 20] [--json benchmarks/results/int8_dot.json]
 """
@@ -22,7 +23,8 @@ from jax import lax
 from jaxinfer import cpu_kernels
 
 CASES = [(1, 1024, 4096), (8, 1024, 4096), (8, 4096, 1024), (8, 1024, 1024), (32, 1024, 4096), (64, 1024, 4096),
-         (128, 1024, 4096), (512, 1024, 4096), (1024, 256, 256), (1024, 288, 32), (8192, 288, 32), (4096, 27, 16)]
+         (128, 1024, 4096), (512, 1024, 4096), (1024, 256, 256), (2048, 768, 768), (256, 768, 3072), (1024, 288, 32),
+         (8192, 288, 32), (4096, 27, 16)]
 WEIGHTS = 12
 
 

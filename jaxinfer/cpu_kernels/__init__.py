@@ -48,15 +48,16 @@ log = logging.getLogger(__name__)
 #: path: 1 row 0.26 vs 8.7 ms, 8 rows 0.48 vs 0.81 ms, 32 rows 1.51 vs 2.06 ms, 64 rows 3.76 vs 3.72 ms
 #: (from there XLA's library, which blocks large products better, is as fast or faster).
 MAX_ROWS = 48
-#: On the AVX-512 VNNI path the kernel takes any number of rows once K is at least this: 12 distinct
-#: weights per call, kernel vs XLA's int8 dot (session 19): [512, 1024] x [1024, 4096] 10.4 vs 15.7 ms,
-#: [1024, 1024] x [1024, 1024] 5.1 vs 7.3 ms, [64, 4096] x [4096, 1024] 1.24 vs 2.21 ms.
-VNNI_MIN_K = 1024
-#: ... or any number of rows against at most this many weight rows (N): the shape of convolutions'
-#: patch products, where the kernel packs the weight into column panels and XLA's dot is slow:
-#: [8192, 288] x [288, 32] 0.38 vs 0.64 ms, [4096, 16] x [16, 32] 0.028 vs 0.068, [4096, 576] x [576, 64]
-#: 0.95 vs 1.04. With more weight rows and K < 1024 the two are even or XLA is faster ([1024, 128] x
-#: [128, 512] 0.76 vs 0.72 ms), so those stay with XLA.
+#: On the AVX-512 VNNI path the kernel takes any number of rows once K is at least this (from 16 rows
+#: at K < 1024 it packs the weight into column panels): 12 distinct weights per call, kernel vs XLA's
+#: int8 dot (session 19): [2048, 768] x [768, 768] 3.59 vs 7.93 ms, [256, 768] x [768, 3072] 1.92 vs
+#: 3.90, [128, 512] x [512, 128] 0.052 vs 0.095, [256, 128] x [128, 128] 0.031 vs 0.045,
+#: [512, 1024] x [1024, 4096] 9.1 vs 14.3; even at [1024, 128] x [128, 512] (1.09 vs 1.05) and
+#: slower at [4096, 64] x [64, 1000] (5.5 vs 4.8), where writing the int32 output bounds both.
+VNNI_MIN_K = 128
+#: ... or any number of rows against at most this many weight rows (N), whatever K: the shape of
+#: convolutions' patch products ([4096, 16] x [16, 32] 0.026 vs 0.041 ms, [1024, 64] x [64, 64] 0.026
+#: vs 0.043).
 VNNI_MAX_N = 64
 #: Builds kept in :func:`kernel_dir` (the most recently used ones); older ones are removed after a build.
 KEEP_BUILDS = 4

@@ -28,7 +28,8 @@
 // From 16 rows of x with K < 1024 the VNNI path packs each group of 64 weight rows into column panels
 // instead (PackPanels) and multiplies every row of x against them: 4 values of one x row broadcast to all
 // lanes times 4 values of 16 columns per vpdpbusd, so each lane sums one output and there are no
-// horizontal sums, which at short K (a convolution's patches: K 27-600, N 16-64) outweighed the dots.
+// horizontal sums, which at short K outweighed the dots. 4 rows x 4 panels = 16 accumulators: with 24
+// (6 rows) GCC stored every accumulator to the stack each step and the kernel ran at half the speed.
 // Packed x and the panels live in per-thread scratch reused across calls (fresh large buffers cost page
 // faults on every call).
 #include <immintrin.h>
@@ -53,7 +54,7 @@ constexpr int32_t kMinZp = -32768 + 128, kMaxZp = 32767 - 128;  // x - zp fits i
 constexpr int64_t kPrefetchBytes = 16 << 10;  // how far ahead the VNNI path asks for weights
 constexpr int64_t kPanelMinRows = 16;  // from this many rows of x the VNNI path packs w into column panels,
 constexpr int64_t kPanelMaxK = 1024;   // while K is below this (longer rows amortize the row path's sums)
-constexpr int kPanelRows = 6;          // rows of x per register block: 6 x 4 panels = 24 accumulators
+constexpr int kPanelRows = 4;          // rows of x per register block: 4 x 4 panels = 16 accumulators
 constexpr int kPanels = 4;             // panels of 16 columns packed and multiplied at a time
 
 enum Isa : int { kAvx2 = 1, kVnni = 2 };
@@ -261,18 +262,25 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void PanelSums(const Job&
     if constexpr (NP > 2) a##r##2 = _mm512_dpbusd_epi32(a##r##2, x, b2); \
     if constexpr (NP > 3) a##r##3 = _mm512_dpbusd_epi32(a##r##3, x, b3); \
   }
-#define JX_STORE(r)                                                                   \
-  if constexpr (MR > r) {                                                             \
-    const __m512i acc[4] = {a##r##0, a##r##1, a##r##2, a##r##3};                      \
-    const __m512i off = _mm512_set1_epi32(128 + (j.zp ? j.zp[m0 + r] : 0));           \
-    int32_t* yr = j.y + (m0 + r) * j.N;                                               \
-    for (int p = 0; p < NP; ++p) {                                                    \
-      const int64_t n = n0 + 16 * p, left = j.N - n;                                  \
-      const __m512i v = _mm512_sub_epi32(acc[p], _mm512_mullo_epi32(off, cs[p]));     \
-      if (left >= 16) _mm512_storeu_si512(yr + n, v);                                 \
-      else if (left > 0) _mm512_mask_storeu_epi32(yr + n, (__mmask16)((1u << left) - 1), v); \
-    }                                                                                 \
+#define JX_STORE(r)                                                                  \
+  if constexpr (MR > r) {                                                            \
+    const __m512i off = _mm512_set1_epi32(128 + (j.zp ? j.zp[m0 + r] : 0));          \
+    int32_t* yr = j.y + (m0 + r) * j.N;                                              \
+    StorePanel(j, yr, n0, a##r##0, off, cs[0]);                                      \
+    if constexpr (NP > 1) StorePanel(j, yr, n0 + 16, a##r##1, off, cs[1]);           \
+    if constexpr (NP > 2) StorePanel(j, yr, n0 + 32, a##r##2, off, cs[2]);           \
+    if constexpr (NP > 3) StorePanel(j, yr, n0 + 48, a##r##3, off, cs[3]);           \
   }
+
+// y[n .. n + 16] of one row (masked past N): the sums of (x + 128) w less (128 + zp) colsum(w).
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void StorePanel(const Job& j, int32_t* yr, int64_t n,
+                                                                            __m512i acc, __m512i off, __m512i cs) {
+  const int64_t left = j.N - n;
+  const __m512i v = _mm512_sub_epi32(acc, _mm512_mullo_epi32(off, cs));
+  if (left >= 16) _mm512_storeu_si512(yr + n, v);
+  else if (left > 0) _mm512_mask_storeu_epi32(yr + n, static_cast<__mmask16>((1u << left) - 1), v);
+}
+
 template <int MR, int NP>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void PanelBlock(const Job& j, const uint8_t* P,
                                                                      const __m512i (&cs)[NP], int64_t m0,
