@@ -374,3 +374,15 @@ def test_orphan_libraries_pruned_once_an_hour_old(tmp_path):
     os.utime(old, (t, t))
     assert cpu_kernels._prune(kdir, keep=4) == [old]
     assert fresh.exists() and not old.exists()
+
+
+@pytest.mark.parametrize("rows,k", [(4096, 2100), (16384, 600)])
+def test_packed_x_past_the_kept_scratch_size(rows, k, kernel_isa):
+    """Packed x over the kernel's per-thread scratch limit (8 MB) is allocated per call; a small call after
+    it reuses the kept scratch, whose padding must be zeroed again."""
+    rng = np.random.default_rng(rows)
+    w = _ints(rng, (8, k))
+    for r, kk in ((rows, k), (20, 67), (3, 65)):
+        x = _ints(rng, (r, kk))
+        ww = w if kk == k else _ints(rng, (8, kk))
+        np.testing.assert_array_equal(np.asarray(jax.jit(cpu_kernels.int8_dot)(x, ww)), _ref(x, ww))

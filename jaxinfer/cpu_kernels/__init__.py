@@ -1,11 +1,11 @@
 """Our own XLA CPU kernels (XLA FFI custom calls), built from source on first use.
 
-One kernel so far: :func:`int8_dot`, int8 x int8 -> int32 for few rows against a ``[N, K]`` weight
+One kernel so far: :func:`int8_dot`, int8 x int8 -> int32 against a ``[N, K]`` weight
 (``int8_dot.cc`` says how), with an AVX-512 VNNI path and an AVX2 one (:func:`isa`). XLA CPU's int8
-library dot is compute-bound far below the memory's speed at few rows; this one is faster at 1-64 rows
-(~20-50x at one row; with VNNI 1.6-2.5x at 8-64 rows, and still ~1.5x at 512 rows once K >= 1024:
-``benchmarks/int8_dot.py``), and exact: bit-identical int32 sums, so every quantized program gives the
-same answer with it or without.
+library dot is compute-bound far below the memory's speed at few rows; this one is faster at 1-48 rows
+(~20-50x at one row; with VNNI ~2.5-3x at 8 rows), and with VNNI at any number of rows from K >= 128 or
+N <= 64 (1.4-2.9x at 32-8192 rows: ``benchmarks/int8_dot.py``). It is exact: bit-identical int32 sums, so
+every quantized program gives the same answer with it or without.
 
 The kernel is compiled with the host's C++ compiler (``CXX`` or ``g++``) against the XLA FFI headers
 that jaxlib ships, once per source/jax/jaxlib/compiler, into ``$JAXINFER_KERNEL_DIR`` (default

@@ -369,7 +369,7 @@ void Columns(const Job& j, int64_t n0, int64_t n1) {
 // call cost page faults every time (8192 x 288 x 32 ran 2.5x slower). Safe because a call returns only
 // once every chunk is done, and a pool worker that starts late finds no chunk left and reads nothing
 // else. Buffers past kMaxScratch bytes live in the call's Job instead (not kept).
-constexpr size_t kMaxScratch = size_t{32} << 20;
+constexpr size_t kMaxScratch = size_t{8} << 20;  // per buffer kind and thread: what a server keeps
 
 template <typename T>
 T* Scratch(std::vector<T>& kept, std::vector<T>& own, size_t n) {
