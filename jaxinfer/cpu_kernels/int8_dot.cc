@@ -3,10 +3,11 @@
 // y[m, n] = sum_k x[m, k] * w[n, k], exactly (int32 sums wrap like XLA's). x is [M, K], w is [N, K]
 // (K contiguous: how jaxinfer stores int8 MatMul/Gemm weights), y is [M, N]. "jaxinfer_int8_dot_zp"
 // takes a zero point per row of x as well, zp [M] int32, and gives sum_k (x[m, k] - zp[m]) * w[n, k]:
-// x is widened to int16 anyway, so x - zp costs nothing, where a row of ones appended to x (for the
-// column sums of w) cost a second pass over w. Built for few rows:
-// there XLA CPU's int8 library dot is compute-bound well below the memory's speed (docs/status.md,
-// issue 6), and at one row XLA's own loops take ~30x longer than reading the weight.
+// the zero point is folded into the one pass (AVX2: x - zp as x is widened; VNNI: (128 + zp) times the
+// weight sums it takes anyway), where a row of ones appended to x (for the column sums of w) cost a
+// second pass over w. Built first for few rows, where XLA CPU's int8 library dot is compute-bound well
+// below the memory's speed (docs/status.md, issue 6) and at one row XLA's own loops take ~30x longer
+// than reading the weight; with VNNI it also beats that dot at many rows (the panels below).
 //
 // How (AVX-512 VNNI, where the CPU has it): x is offset to uint8 (x + 128) and packed so that one
 // step's rows lie together, 64 values per row and step, zero-padded to a multiple of 64; each weight
@@ -39,6 +40,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -285,7 +287,7 @@ template <int MR, int NP>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void PanelBlock(const Job& j, const uint8_t* P,
                                                                      const __m512i (&cs)[NP], int64_t m0,
                                                                      int64_t n0) {
-  static_assert(MR >= 1 && MR <= 6 && NP >= 1 && NP <= 4);
+  static_assert(MR >= 1 && MR <= 6 && NP >= 1 && NP <= 4, "accumulators named below: 6 rows x 4 panels");
   JX_ROW_ACC(0) JX_ROW_ACC(1) JX_ROW_ACC(2) JX_ROW_ACC(3) JX_ROW_ACC(4) JX_ROW_ACC(5)
   JX_ZERO(0) JX_ZERO(1) JX_ZERO(2) JX_ZERO(3) JX_ZERO(4) JX_ZERO(5)
   const uint8_t* xr = j.xr + m0 * j.Kp;
@@ -312,9 +314,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void PanelRows(const Job&
   PanelSums<NP>(j, P, cs);
   int64_t m = m0;
   for (; m + kPanelRows <= m1; m += kPanelRows) PanelBlock<kPanelRows, NP>(j, P, cs, m, n0);
+  static_assert(kPanelRows == 4, "the remainder cases below");
   switch (m1 - m) {
-    case 5: PanelBlock<5, NP>(j, P, cs, m, n0); break;
-    case 4: PanelBlock<4, NP>(j, P, cs, m, n0); break;
     case 3: PanelBlock<3, NP>(j, P, cs, m, n0); break;
     case 2: PanelBlock<2, NP>(j, P, cs, m, n0); break;
     case 1: PanelBlock<1, NP>(j, P, cs, m, n0); break;
@@ -337,32 +338,29 @@ void Panels(const Job& j, uint8_t* P, int64_t m0, int64_t m1, int64_t n0, int64_
   }
 }
 
-void Columns(const Job& j, int64_t n0, int64_t n1) {
-  for (int64_t m0 = 0; m0 < j.M; m0 += kRowsPerPass) {
-    if (j.xu) {
-      switch (std::min(kRowsPerPass, j.M - m0)) {
-        case 8: VnniRows<8>(j, m0, n0, n1); break;
-        case 7: VnniRows<7>(j, m0, n0, n1); break;
-        case 6: VnniRows<6>(j, m0, n0, n1); break;
-        case 5: VnniRows<5>(j, m0, n0, n1); break;
-        case 4: VnniRows<4>(j, m0, n0, n1); break;
-        case 3: VnniRows<3>(j, m0, n0, n1); break;
-        case 2: VnniRows<2>(j, m0, n0, n1); break;
-        default: VnniRows<1>(j, m0, n0, n1); break;
-      }
-      continue;
-    }
-    switch (std::min(kRowsPerPass, j.M - m0)) {
-      case 8: Rows<8>(j, m0, n0, n1); break;
-      case 7: Rows<7>(j, m0, n0, n1); break;
-      case 6: Rows<6>(j, m0, n0, n1); break;
-      case 5: Rows<5>(j, m0, n0, n1); break;
-      case 4: Rows<4>(j, m0, n0, n1); break;
-      case 3: Rows<3>(j, m0, n0, n1); break;
-      case 2: Rows<2>(j, m0, n0, n1); break;
-      default: Rows<1>(j, m0, n0, n1); break;
-    }
+// f(std::integral_constant<int, mb>) for a run-time row count mb in 1 .. kRowsPerPass.
+template <typename F>
+void WithRows(int64_t mb, F f) {
+  switch (mb) {
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
   }
+}
+
+void Columns(const Job& j, int64_t n0, int64_t n1) {
+  for (int64_t m0 = 0; m0 < j.M; m0 += kRowsPerPass)
+    WithRows(std::min(kRowsPerPass, j.M - m0), [&](auto mb) {
+      if (j.xu)
+        VnniRows<decltype(mb)::value>(j, m0, n0, n1);
+      else
+        Rows<decltype(mb)::value>(j, m0, n0, n1);
+    });
 }
 
 // Scratch for packed x, reused by the calling thread across calls: a fresh multi-megabyte buffer per
