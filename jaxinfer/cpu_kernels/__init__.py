@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import jaxlib
 from jax import lax
 
-__all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "available", "int8_dot", "int8_dot_zp", "isa", "kernel_dir", "takes"]
+__all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "available", "int8_dot", "int8_dot_zp", "isa",
+           "kernel_dir", "takes"]
 
 log = logging.getLogger(__name__)
 

@@ -241,7 +241,8 @@ void PackPanels(const Job& j, int64_t n0, int np, uint8_t* P) {
 
 // Column sums of the packed panels: vpdpbusd against ones sums each lane's 4 values.
 template <int NP>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void PanelSums(const Job& j, const uint8_t* P, __m512i (&cs)[NP]) {
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void PanelSums(const Job& j, const uint8_t* P,
+                                                                    __m512i (&cs)[NP]) {
   const __m512i ones = _mm512_set1_epi8(1);
   for (int p = 0; p < NP; ++p) cs[p] = _mm512_setzero_si512();
   for (int64_t k4 = 0; k4 < j.Kp / 4; ++k4)
