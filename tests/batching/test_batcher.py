@@ -185,7 +185,7 @@ def test_cancelled_requests_are_skipped_not_run(bucketed):
         gate.set()
         first.result(5)
         for i in (1, 2, 4, 5):
-            np.testing.assert_allclose(futs[i].result(5)["y"], want[i], rtol=1e-6)
+            np.testing.assert_allclose(futs[i].result(5)["y"], want[i], rtol=1e-5, atol=1e-5)
         assert sum(seen) == 8 + 4  # the two cancelled rows never reached the device
         assert b.queued() == 0
         gate.clear()
