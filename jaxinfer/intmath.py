@@ -75,10 +75,7 @@ def divide(x: Any, s: Any) -> jax.Array:
     """``x / s`` for quantizers' tensors: as written where :func:`ieee_division`, else :func:`quotient`
     (a float32 quotient taken in float64 and rounded back is the float32 quotient: 53 >= 2 * 24 + 2
     bits, so double rounding of a quotient is harmless)."""
-    x, s = jnp.asarray(x), jnp.asarray(s)
-    if ieee_division() or jnp.result_type(x, s) != jnp.float32:
-        return x / s
-    return quotient(x, s)
+    return jnp.asarray(x) / jnp.asarray(s) if ieee_division() else quotient(x, s)
 
 
 def quotient(x: Any, s: Any) -> jax.Array:

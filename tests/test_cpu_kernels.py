@@ -3,6 +3,7 @@ may be (few rows, the CPU program); a machine without it gets XLA's dot and the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -27,16 +28,23 @@ pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no CPU kern
 ISAS = [i for i in (1, 2) if i <= cpu_kernels.isa()]
 
 
+@contextlib.contextmanager
+def narrowed(path: int):
+    """The kernel narrowed to ``path`` (an :data:`ISAS` number) inside the block, restored after."""
+    best = cpu_kernels.isa()
+    cpu_kernels.isa(path)
+    try:
+        yield cpu_kernels.isa()
+    finally:
+        cpu_kernels.isa(best)
+
+
 @pytest.fixture(params=ISAS, ids=[cpu_kernels.ISAS[i] for i in ISAS])
 def kernel_isa(request):
     """Runs a test on each of the kernel's paths (narrowed for the test, restored after)."""
-    best = cpu_kernels.isa()
-    cpu_kernels.isa(request.param)
-    try:
-        assert cpu_kernels.isa() == request.param
-        yield request.param
-    finally:
-        cpu_kernels.isa(best)
+    with narrowed(request.param) as path:
+        assert path == request.param
+        yield path
 
 
 def _xla(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -98,22 +106,16 @@ def test_many_rows_at_long_k_or_narrow_n_take_the_vnni_path_only():
     assert takes(k) == (cpu_kernels.isa() == 2)
     assert not takes(k // 2)
     assert takes(k // 2, n=cpu_kernels.VNNI_MAX_N) == (cpu_kernels.isa() == 2)  # a convolution's patches
-    if cpu_kernels.isa() == 2:
-        cpu_kernels.isa(1)
-        try:
-            assert not takes(k) and not takes(k // 2, n=cpu_kernels.VNNI_MAX_N)
-        finally:
-            cpu_kernels.isa(2)
+    with narrowed(1):
+        assert not takes(k) and not takes(k // 2, n=cpu_kernels.VNNI_MAX_N)
 
 
 def test_isa_cannot_be_raised_past_the_cpu():
     best = cpu_kernels.isa()
     assert best in (1, 2) and cpu_kernels.ISAS[best]
-    try:
-        assert cpu_kernels.isa(1) == 1
+    with narrowed(1) as path:
+        assert path == 1
         assert cpu_kernels.isa(7) == best  # narrowing back up stops at what the CPU has
-    finally:
-        cpu_kernels.isa(best)
 
 
 def test_other_backends_lower_to_xla_dot():

@@ -260,8 +260,9 @@ def takes(rows: int, k: int, n: int) -> bool:
     """Whether :func:`int8_dot` / :func:`int8_dot_zp` run a ``[rows, k] x [n, k]`` product in the kernel
     (else XLA's dot): at most :data:`MAX_ROWS` rows, or on the VNNI path K >= :data:`VNNI_MIN_K` or
     N <= :data:`VNNI_MAX_N`."""
-    few = rows <= MAX_ROWS or ((k >= VNNI_MIN_K or n <= VNNI_MAX_N) and isa() == 2)
-    return 0 < rows and few and n > 0 and k > 0 and available()
+    if rows <= 0 or k <= 0 or n <= 0 or not available():
+        return False
+    return rows <= MAX_ROWS or (isa() == 2 and (k >= VNNI_MIN_K or n <= VNNI_MAX_N))
 
 
 @jax.custom_batching.custom_vmap
