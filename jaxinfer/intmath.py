@@ -20,6 +20,10 @@ those dots to its int8 library kernels, which read a quarter of the float32 rout
 (8x1024 x 1024x4096: ~0.7 ms against ~2.5 ms for converting both sides and a float dot).
 That route is taken where int8 dots are trusted (:func:`native_int8_dots`: XLA CPU, TPU); on
 GPU the exact float route is used instead (see there why).
+
+Convolutions of 8-bit operands (:func:`zp_conv`) take our CPU kernel's patch product on AVX-512 VNNI
+hosts (:func:`cpu_kernels.int8_conv`: the zero point pads the image, so it needs no correction),
+and the exact float route elsewhere.
 """
 
 from __future__ import annotations
@@ -278,3 +282,91 @@ def exact_conv(x: Any, w: Any, window_strides: Sequence[int], padding: Any, *, b
         part = conv(xs, ws, jnp.float32).astype(jnp.int32).astype(acc_dtype)
         acc = part if acc is None else acc + part
     return acc
+
+
+def _zp_fits(z: Any, dtype: Any) -> bool:
+    """Whether zero point ``z`` is one value of ``dtype`` (the patches are padded with it in 8 bits): known
+    when ``z`` is a constant, or a traced value of ``dtype`` itself."""
+    if z is None:
+        return True
+    if isinstance(z, jax.core.Tracer):
+        return z.size == 1 and np.dtype(z.dtype) == np.dtype(dtype)
+    v = np.asarray(z)
+    info = np.iinfo(np.dtype(dtype))
+    return v.size == 1 and np.issubdtype(v.dtype, np.integer) and info.min <= int(v.reshape(())) <= info.max
+
+
+def _kernel_conv_takes(x: jax.Array, x_zp: Any, w: jax.Array, dn: Any, feature_group_count: int,
+                       acc_dtype: Any) -> bool:
+    """Whether :func:`zp_conv` runs as our kernel's patch product: 2-D, ungrouped, 8-bit operands, a
+    per-tensor zero point of x's type, int32 sums, on a CPU whose kernel has AVX-512 VNNI (the AVX2 path
+    has no panels: there the float32 convolution stays)."""
+    if x.ndim != 4 or feature_group_count != 1 or np.dtype(acc_dtype) != np.int32:
+        return False
+    if _int8(x) is None or _int8(w) is None or not _zp_fits(x_zp, x.dtype):
+        return False
+    rows = x.shape[dn.lhs_spec[0]] * x.shape[dn.lhs_spec[2]] * x.shape[dn.lhs_spec[3]]
+    k = int(np.prod([w.shape[i] for i in dn.rhs_spec[1:]]))
+    return cpu_kernels.takes(rows, k, w.shape[dn.rhs_spec[0]]) and cpu_kernels.isa() == 2
+
+
+def zp_conv(x: Any, x_zp: Any, w: Any, w_zp: Any, window_strides: Sequence[int], padding: Any, *, bound: int,
+            dimension_numbers: Any = None, rhs_dilation: Sequence[int] | None = None, feature_group_count: int = 1,
+            acc_dtype: Any = jnp.int32) -> jax.Array:
+    """``lax.conv_general_dilated`` of ``x - x_zp`` and ``w - w_zp`` in ``acc_dtype``, exactly (int32 wraps).
+
+    ``x``, ``w`` hold raw integers; ``x_zp`` is None or per tensor, ``w_zp`` None, per tensor or per
+    output channel (broadcasting against ``w``); |(x - x_zp)(w - w_zp)| <= ``bound``. 8-bit operands on
+    an AVX-512 VNNI CPU take :func:`cpu_kernels.int8_conv` (NHWC; other layouts are transposed to it and
+    back), where XLA's exact float32 convolution was 3-8x slower (``benchmarks/int8_dot.py``, conv rows);
+    everything else is :func:`exact_conv` of the shifted values.
+    """
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, dimension_numbers)
+    o_axis = dn.rhs_spec[0]
+
+    def shifted(v: jax.Array, z: Any, axis: int | None) -> jax.Array:
+        vi = v.astype(jnp.int32)
+        if _static_zero(z):
+            return vi
+        z = jnp.asarray(z).astype(jnp.int32)
+        if z.size > 1 and axis is not None:
+            z = z.reshape([z.size if i == axis else 1 for i in range(v.ndim)])
+        return vi - z.reshape(()) if z.size == 1 else vi - z
+
+    def float_route() -> jax.Array:
+        return exact_conv(shifted(x, x_zp, None), shifted(w, w_zp, o_axis), window_strides, padding, bound=bound,
+                          dimension_numbers=dn, rhs_dilation=rhs_dilation, feature_group_count=feature_group_count,
+                          acc_dtype=acc_dtype)
+
+    if not _kernel_conv_takes(x, x_zp, w, dn, feature_group_count, acc_dtype):
+        return float_route()
+    (x8, sx), (w8, sw) = _int8(x), _int8(w)
+    zx = _shifted_zp(x_zp, sx)
+    zw = _shifted_zp(w_zp, sw)
+    nhwc = (dn.lhs_spec[0], dn.lhs_spec[2], dn.lhs_spec[3], dn.lhs_spec[1])
+    ohwi = (dn.rhs_spec[0], dn.rhs_spec[2], dn.rhs_spec[3], dn.rhs_spec[1])
+    xn, wn = jnp.transpose(x8, nhwc), jnp.transpose(w8, ohwi)
+    strides = tuple(window_strides)
+    dilation = tuple(rhs_dilation) if rhs_dilation is not None else (1, 1)
+    if isinstance(padding, str):
+        window = [(k - 1) * d + 1 for k, d in zip(wn.shape[1:3], dilation)]
+        padding = lax.padtype_to_pads(xn.shape[1:3], window, strides, padding)
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    nhwc_dn = ("NHWC", "OHWI", "NHWC")
+
+    def otherwise(a: jax.Array, za: jax.Array, b: jax.Array) -> jax.Array:  # the same sums on other platforms
+        return exact_conv(a.astype(jnp.int32) - za, b.astype(jnp.int32), strides, pads, bound=256 * 128,
+                          dimension_numbers=nhwc_dn, rhs_dilation=dilation)
+
+    acc = cpu_kernels.int8_conv(xn, jnp.asarray(zx, jnp.int32), wn, strides, dilation, pads, otherwise)
+    if not _static_zero(zw):  # sum (x - zx)(w - zw) = sum (x - zx) w - zw * window sums of (x - zx)
+        ones = jnp.ones((1,) + wn.shape[1:], jnp.int32)
+        sums = exact_conv(xn.astype(jnp.int32) - zx, ones, strides, pads, bound=256, dimension_numbers=nhwc_dn,
+                          rhs_dilation=dilation)
+        zw = jnp.asarray(zw, jnp.int32)
+        acc = acc - sums * (zw.reshape(-1) if zw.size > 1 else zw.reshape(()))
+    back = [0] * 4
+    for src, axis in enumerate((dn.out_spec[0], dn.out_spec[2], dn.out_spec[3], dn.out_spec[1])):
+        back[axis] = src
+    return jnp.transpose(acc, back)

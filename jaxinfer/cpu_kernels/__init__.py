@@ -32,15 +32,17 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 from jax import lax
 
-__all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "available", "int8_dot", "int8_dot_zp", "isa",
-           "kernel_dir", "takes"]
+__all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "available", "int8_conv", "int8_dot", "int8_dot_zp",
+           "isa",           "kernel_dir", "takes"]
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +66,9 @@ VNNI_MAX_N = 64
 KEEP_BUILDS = 4
 TARGET = "jaxinfer_int8_dot"
 TARGET_ZP = "jaxinfer_int8_dot_zp"
+TARGET_CONV = "jaxinfer_int8_conv"
 #: Every custom-call target the kernels register (an export must allow each).
-TARGETS = (TARGET, TARGET_ZP)
+TARGETS = (TARGET, TARGET_ZP, TARGET_CONV)
 #: Zero points :func:`int8_dot_zp`'s kernel folds into ``x`` (``x - zp`` fits int16 for every int8 ``x``).
 ZP_RANGE = (-32768 + 128, 32767 - 128)
 _SOURCE = Path(__file__).with_name("int8_dot.cc")
@@ -179,6 +182,7 @@ def _load() -> bool:
             return False
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxinferInt8Dot), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_ZP, jax.ffi.pycapsule(lib.JaxinferInt8DotZp), platform="cpu")
+        jax.ffi.register_ffi_target(TARGET_CONV, jax.ffi.pycapsule(lib.JaxinferInt8Conv), platform="cpu")
         global _library
         _library = lib
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
@@ -330,3 +334,47 @@ def _kernel_dot_zp_vmap(axis_size: int, in_batched: list[bool], x: jax.Array, zp
     if not w_batched:
         return int8_dot_zp(x, zp, w), True
     return jax.vmap(_xla_dot_zp)(x, zp, w), True
+
+
+def int8_conv(x: jax.Array, zp: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Sequence[int],
+              pads: Sequence[tuple[int, int]], otherwise: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+              ) -> jax.Array:
+    """``sum (x - zp) * w`` over each window, as int32: NHWC int8 ``x`` [B, H, W, C], a zero point ``zp``
+    (an int32 scalar in int8's range: the padding holds it, so padding adds nothing), an OHWI int8
+    filter ``w`` [N, KH, KW, C]; ``strides``, ``dilation`` and ``pads`` ((top, bottom), (left, right))
+    of the two spatial dims -> [B, OH, OW, N].
+
+    The kernel multiplies ``x``'s patch matrix by the flattened filter without XLA writing the patches
+    out (it packs them as it widens ``x``). Callers decide when that pays (:func:`takes` says when the
+    kernel takes the product at all); ``otherwise(x, zp, w)`` must give the same sums and runs on other
+    platforms, and under ``jax.vmap`` of ``w`` or ``zp``.
+    """
+    x, zp, w = jnp.asarray(x), jnp.asarray(zp), jnp.asarray(w)
+    if x.dtype != jnp.int8 or w.dtype != jnp.int8 or x.ndim != 4 or w.ndim != 4 or x.shape[3] != w.shape[3]:
+        raise ValueError(f"int8_conv takes int8 x [B, H, W, C] and int8 w [N, KH, KW, C]; got x "
+                         f"{x.dtype}{list(x.shape)} and w {w.dtype}{list(w.shape)}")
+    (sh, sw), (dh, dw), ((pt, pb), (pl, pr)) = strides, dilation, pads
+    n, kh, kw, c = w.shape
+    oh = (x.shape[1] + pt + pb - (kh - 1) * dh - 1) // sh + 1
+    ow = (x.shape[2] + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    if oh <= 0 or ow <= 0 or min(pt, pb, pl, pr) < 0:
+        return otherwise(x, zp, w)
+    attrs = {k: np.int64(v) for k, v in dict(kh=kh, kw=kw, sh=sh, sw=sw, dh=dh, dw=dw, pt=pt, pl=pl).items()}
+
+    def kernel(x: jax.Array, zp: jax.Array, w: jax.Array) -> jax.Array:
+        out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, n), jnp.int32)
+        return jax.ffi.ffi_call(TARGET_CONV, out)(x, zp.reshape(1), w.reshape(n, kh * kw * c), **attrs)
+
+    @jax.custom_batching.custom_vmap
+    def call(x: jax.Array, zp: jax.Array, w: jax.Array) -> jax.Array:
+        return lax.platform_dependent(x, zp, w, cpu=kernel, default=otherwise)
+
+    @call.def_vmap
+    def _vmap(axis_size: int, in_batched: list[bool], x: jax.Array, zp: jax.Array, w: jax.Array):
+        if in_batched[0] and not any(in_batched[1:]):  # more images for the same filter
+            y = call(x.reshape(-1, *x.shape[2:]), zp, w)
+            return y.reshape(axis_size, x.shape[1], *y.shape[1:]), True
+        x, zp, w = (v if b else jnp.broadcast_to(v, (axis_size,) + v.shape) for v, b in zip((x, zp, w), in_batched))
+        return jax.vmap(otherwise)(x, zp, w), True
+
+    return call(x, zp.astype(jnp.int32), w)
