@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ....intmath import abs_bound, divide, exact_conv, exact_float, quotient, zero_point, zp_matmul
+from ....intmath import abs_bound, divide, exact_float, quotient, zero_point, zp_conv, zp_matmul
 from ....registry import OpDef, registrar
 from ._util import auto_pads, dtype_of
 from ._util import axis as norm_axis
@@ -275,11 +275,8 @@ def qlinear_conv_int(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias_q=
     dilations = tuple(dilations) or (1,) * n
     padding = auto_pads(auto_pad, x.shape[2:], w.shape[2:], strides, dilations, pads)
     cout = w.shape[0]
-    wzp = _channel_param(w_zero_point, cout, (cout,) + (1,) * (w.ndim - 1)).astype(jnp.int32)
-    xi = x.astype(jnp.int32) - _zp(x_zero_point)
-    wi = w.astype(jnp.int32) - wzp
-    acc = exact_conv(xi, wi, strides, padding, rhs_dilation=dilations, feature_group_count=group,
-                     bound=_bound(x, x_zero_point) * _bound(w, w_zero_point))
+    acc = zp_conv(x, x_zero_point, w, w_zero_point, strides, padding, rhs_dilation=dilations,
+                  feature_group_count=group, bound=_bound(x, x_zero_point) * _bound(w, w_zero_point))
     chan = (1, cout) + (1,) * n
     if bias_q is not None:
         acc = acc + jnp.asarray(bias_q).astype(jnp.int32).reshape(chan)

@@ -15,7 +15,7 @@ from jax import lax
 
 from .... import arith
 from ....conv_lowering import depthwise_taps
-from ....intmath import abs_bound, exact_conv
+from ....intmath import abs_bound, zp_conv
 from ....registry import OpDef, registrar
 from ._util import auto_pads, ints, spatial_pads
 
@@ -122,19 +122,12 @@ def conv_integer(x, w, x_zero_point=None, w_zero_point=None, *, auto_pad: str = 
                  group: int = 1, kernel_shape=None, pads=None, strides=None):
     """https://onnx.ai/onnx/operators/onnx__ConvInteger.html: int32 accumulation of zero-point-shifted ints."""
     n = x.ndim - 2
-    xi = x.astype(jnp.int32)
-    wi = w.astype(jnp.int32)
-    if x_zero_point is not None:
-        xi = xi - jnp.asarray(x_zero_point).astype(jnp.int32).reshape(())
-    if w_zero_point is not None:
-        wz = jnp.asarray(w_zero_point).astype(jnp.int32)
-        wi = wi - (wz.reshape((-1,) + (1,) * (w.ndim - 1)) if wz.size > 1 else wz.reshape(()))
     kernel = tuple(kernel_shape) if kernel_shape else w.shape[2:]
     strides, dilations = _per_axis(strides, n), _per_axis(dilations, n)
     padding = auto_pads(auto_pad, x.shape[2:], kernel, strides, dilations, pads)
     bound = abs_bound(x.dtype, x_zero_point is not None) * abs_bound(w.dtype, w_zero_point is not None)
-    return exact_conv(xi, wi, strides, padding, rhs_dilation=dilations, dimension_numbers=conv_dims(n),
-                      feature_group_count=group, bound=bound)
+    return zp_conv(x, x_zero_point, w, w_zero_point, strides, padding, rhs_dilation=dilations,
+                   dimension_numbers=conv_dims(n), feature_group_count=group, bound=bound)
 
 
 def _transpose_pads(auto_pad: str, in_shape, kernel, strides, dilations, output_padding, output_shape,

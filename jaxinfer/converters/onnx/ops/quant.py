@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ....intmath import abs_bound, divide, exact_conv, quotient, zero_point, zp_matmul
+from ....intmath import abs_bound, divide, quotient, zero_point, zp_conv, zp_matmul
 from ....registry import OpDef, registrar
 from ._util import auto_pads, axis as norm_axis, dtype_of
 
@@ -186,13 +186,8 @@ def qlinear_conv(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_
     strides = tuple(strides) or (1,) * n
     dilations = tuple(dilations) or (1,) * n
     padding = auto_pads(auto_pad, x.shape[2:], w.shape[2:], strides, dilations, pads)
-    channel = (w.shape[0],) + (1,) * (w.ndim - 1)
-    wzp = jnp.asarray(w_zero_point).astype(jnp.int32)
-    wzp = wzp.reshape(channel) if wzp.size > 1 else wzp.reshape(())
-    xi = x.astype(jnp.int32) - jnp.asarray(x_zero_point).astype(jnp.int32).reshape(())
-    wi = w.astype(jnp.int32) - wzp
-    acc = exact_conv(xi, wi, strides, padding, rhs_dilation=dilations, feature_group_count=group,
-                     bound=abs_bound(x.dtype, True) * abs_bound(w.dtype, True))
+    acc = zp_conv(x, x_zero_point, w, w_zero_point, strides, padding, rhs_dilation=dilations,
+                  feature_group_count=group, bound=abs_bound(x.dtype, True) * abs_bound(w.dtype, True))
     if B is not None:
         acc = acc + jnp.asarray(B).astype(jnp.int32).reshape((1, -1) + (1,) * n)
     f32 = jnp.float32

@@ -10,7 +10,7 @@ from jax import lax
 
 from .... import arith
 from ....conv_lowering import conv_general_dilated, depthwise_taps, reduce_window
-from ....intmath import exact_conv, exact_dot, zp_matmul
+from ....intmath import exact_conv, exact_dot, zp_conv, zp_matmul
 from ....registry import OpDef, registrar
 from .. import quant as Q
 from ._util import QList, fused, is_quantized, qat
@@ -235,8 +235,13 @@ def conv_2d(x, w, bias=None, *, padding: str = "SAME", stride_w: int = 1, stride
     groups = x.shape[-1] // w.shape[-1]
     stride, dil = (stride_h, stride_w), (dilation_h_factor, dilation_w_factor)
     if is_quantized(in_q, out_q):
-        acc = _conv(_offset(x, in_q[0]), _offset(w, in_q[1], axis=0), stride, dil, padding, groups,
-                    bound=qrange(in_q[0]) * qrange(in_q[1]), acc_dtype=_acc_dtype(in_q[0]))
+        bound = qrange(in_q[0]) * qrange(in_q[1])
+        if groups == 1 and not _is_16x8(in_q[0]):  # 8-bit: our CPU kernel's patch product where it pays
+            acc = zp_conv(x, _zp(in_q[0]), w, _zp(in_q[1], (w.shape[0], 1, 1, 1)), stride, padding, bound=bound,
+                          dimension_numbers=("NHWC", "OHWI", "NHWC"), rhs_dilation=dil)
+        else:
+            acc = _conv(_offset(x, in_q[0]), _offset(w, in_q[1], axis=0), stride, dil, padding, groups, bound=bound,
+                        acc_dtype=_acc_dtype(in_q[0]))
         return _finish(acc, bias, in_q, out_q, w.shape[0], fused_activation_function,
                        _rule("CONV_2D", quant_kernel, in_q))
     if arith.is_quantized(w):  # jaxinfer.quantize's int8 weight (per output channel)
