@@ -289,8 +289,9 @@ def conv(lhs: Any, rhs: Any, window_strides: Sequence[int], padding: Any, *, lhs
     int8-weight: the kernel is dequantized into the conv (XLA fuses the convert on
     accelerators; on CPU it is a small per-call copy of the kernel). w8a8: the input is
     quantized per sample (dynamic) or with the calibrated scale (static), then the conv runs
-    int8 x int8 -> int32 through :func:`jaxinfer.intmath.exact_conv` (XLA CPU's integer convolution
-    is ~10x slower than the exact float32 route, XLA GPU has none), on TPU through qwix.
+    int8 x int8 -> int32 through :func:`jaxinfer.intmath.zp_conv` (our CPU kernel's patch product on
+    AVX-512 VNNI, else the exact float32 route: XLA CPU's integer convolution is ~10x slower than
+    that, XLA GPU has none), on TPU through qwix.
     """
     kw = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
               feature_group_count=feature_group_count, batch_group_count=batch_group_count)
@@ -335,8 +336,9 @@ def _exact_w8a8_conv(xq: QArray, wq: QArray, window_strides: Sequence[int], padd
     xs, ws = _scale_along(xq.scale, dn.lhs_spec[0]), _scale_along(wq.scale, dn.rhs_spec[0])
     if xs is None or ws is None:
         return None
-    acc = intmath.exact_conv(xq.qvalue, wq.qvalue, window_strides, padding, bound=128 * 128, dimension_numbers=dn,
-                             rhs_dilation=kw["rhs_dilation"], feature_group_count=kw["feature_group_count"])
+    acc = intmath.zp_conv(xq.qvalue, None, wq.qvalue, None, window_strides, padding, bound=128 * 128,
+                          dimension_numbers=dn, rhs_dilation=kw["rhs_dilation"],
+                          feature_group_count=kw["feature_group_count"])
     ndim = acc.ndim
 
     def along(s: jax.Array, axis: int) -> jax.Array:
