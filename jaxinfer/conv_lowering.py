@@ -33,6 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from . import cpu_kernels
+
+#: Off: float32 convolutions never take our CPU kernel (for A/B runs and tests).
+F32_KERNEL = True
+#: ... and only for filters of at most this many values (see :func:`_f32_kernel_takes`).
+F32_KERNEL_MAX_WEIGHTS = 64 * 1024
 #: Patches only for convolutions with at most this many input channels ...
 PATCH_MAX_IN_CHANNELS = 4
 #: ... and at most this many output pixels per image (a 32x32 output) ...
@@ -69,6 +75,11 @@ def conv_general_dilated(lhs: Any, rhs: Any, window_strides: Sequence[int], padd
     kw = {"lhs_dilation": lhs_dilation, "rhs_dilation": rhs_dilation, "dimension_numbers": dn,
           "feature_group_count": feature_group_count, "batch_group_count": batch_group_count,
           "precision": precision, "preferred_element_type": preferred_element_type}
+    if F32_KERNEL and _f32_kernel_takes(lhs, rhs, feature_group_count, batch_group_count, lhs_dilation,
+                                        preferred_element_type) and rhs.size <= F32_KERNEL_MAX_WEIGHTS:
+        x, w, pads = to_nhwc(lhs, rhs, dn, window_strides, padding, rhs_dilation)
+        y = cpu_kernels.f32_conv(x, w, tuple(window_strides), tuple(rhs_dilation or (1, 1)), pads)
+        return from_nhwc(y, dn)
     if batch_group_count == 1 and _narrow(lhs.shape, dn, feature_group_count, lhs_dilation):
         # the output shape only for the few convolutions that may qualify (abstract evaluation costs ~1 ms)
         out = jax.eval_shape(lambda a, b: lax.conv_general_dilated(a, b, window_strides, padding, **kw), lhs, rhs)
@@ -76,6 +87,42 @@ def conv_general_dilated(lhs: Any, rhs: Any, window_strides: Sequence[int], padd
             return _patch_conv(lhs, rhs, tuple(window_strides), padding, tuple(rhs_dilation or (1, 1)), dn,
                                precision, preferred_element_type)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kw)
+
+
+def _f32_kernel_takes(lhs: jax.Array, rhs: jax.Array, feature_group_count: int, batch_group_count: int,
+                      lhs_dilation: Sequence[int] | None, preferred_element_type: Any) -> bool:
+    """Whether a convolution runs as our CPU kernel's float32 patch product (:func:`cpu_kernels.f32_conv`):
+    2-D, ungrouped, float32 in and out, on a CPU whose kernels have AVX-512 (:func:`cpu_kernels.isa` 2)."""
+    if jax.default_backend() != "cpu" or lhs.ndim != 4 or feature_group_count != 1 or batch_group_count != 1:
+        return False
+    if lhs_dilation is not None and any(d != 1 for d in lhs_dilation):
+        return False
+    if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
+        return False
+    if preferred_element_type is not None and np.dtype(preferred_element_type) != np.float32:
+        return False
+    return cpu_kernels.available() and cpu_kernels.isa() == 2
+
+
+def to_nhwc(lhs: jax.Array, rhs: jax.Array, dn: Any, strides: Sequence[int], padding: Any,
+            dilation: Sequence[int] | None) -> tuple[jax.Array, jax.Array, tuple[tuple[int, int], ...]]:
+    """A 2-D convolution's operands as our kernels take them: ``lhs`` NHWC, ``rhs`` OHWI (transposed
+    from ``dn``'s layouts; no copy when they are those already) and the padding as (lo, hi) pairs."""
+    x = jnp.transpose(lhs, (dn.lhs_spec[0], dn.lhs_spec[2], dn.lhs_spec[3], dn.lhs_spec[1]))
+    w = jnp.transpose(rhs, (dn.rhs_spec[0], dn.rhs_spec[2], dn.rhs_spec[3], dn.rhs_spec[1]))
+    if isinstance(padding, str):
+        dilation = tuple(dilation) if dilation is not None else (1, 1)
+        window = [(k - 1) * d + 1 for k, d in zip(w.shape[1:3], dilation)]
+        padding = lax.padtype_to_pads(x.shape[1:3], window, tuple(strides), padding)
+    return x, w, tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def from_nhwc(y: jax.Array, dn: Any) -> jax.Array:
+    """A kernel's NHWC result with its axes where ``dn.out_spec`` puts them."""
+    back = [0] * 4
+    for src, axis in enumerate((dn.out_spec[0], dn.out_spec[2], dn.out_spec[3], dn.out_spec[1])):
+        back[axis] = src
+    return jnp.transpose(y, back)
 
 
 def _patch_conv(lhs: jax.Array, rhs: jax.Array, strides: tuple[int, ...], padding: Any,

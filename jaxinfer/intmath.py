@@ -38,7 +38,7 @@ import numpy as np
 from jax import lax
 
 from . import cpu_kernels
-from .conv_lowering import conv_general_dilated
+from .conv_lowering import conv_general_dilated, from_nhwc, to_nhwc
 
 #: float32 holds every integer of magnitude below this exactly.
 F32_EXACT = 1 << 24
@@ -344,15 +344,9 @@ def zp_conv(x: Any, x_zp: Any, w: Any, w_zp: Any, window_strides: Sequence[int],
     (x8, sx), (w8, sw) = _int8(x), _int8(w)
     zx = _shifted_zp(x_zp, sx)
     zw = _shifted_zp(w_zp, sw)
-    nhwc = (dn.lhs_spec[0], dn.lhs_spec[2], dn.lhs_spec[3], dn.lhs_spec[1])
-    ohwi = (dn.rhs_spec[0], dn.rhs_spec[2], dn.rhs_spec[3], dn.rhs_spec[1])
-    xn, wn = jnp.transpose(x8, nhwc), jnp.transpose(w8, ohwi)
+    xn, wn, pads = to_nhwc(x8, w8, dn, window_strides, padding, rhs_dilation)
     strides = tuple(window_strides)
     dilation = tuple(rhs_dilation) if rhs_dilation is not None else (1, 1)
-    if isinstance(padding, str):
-        window = [(k - 1) * d + 1 for k, d in zip(wn.shape[1:3], dilation)]
-        padding = lax.padtype_to_pads(xn.shape[1:3], window, strides, padding)
-    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     nhwc_dn = ("NHWC", "OHWI", "NHWC")
 
     def otherwise(a: jax.Array, za: jax.Array, b: jax.Array) -> jax.Array:  # the same sums on other platforms
@@ -366,7 +360,4 @@ def zp_conv(x: Any, x_zp: Any, w: Any, w_zp: Any, window_strides: Sequence[int],
                           rhs_dilation=dilation)
         zw = jnp.asarray(zw, jnp.int32)
         acc = acc - sums * (zw.reshape(-1) if zw.size > 1 else zw.reshape(()))
-    back = [0] * 4
-    for src, axis in enumerate((dn.out_spec[0], dn.out_spec[2], dn.out_spec[3], dn.out_spec[1])):
-        back[axis] = src
-    return jnp.transpose(acc, back)
+    return from_nhwc(acc, dn)

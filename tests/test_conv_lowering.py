@@ -1,4 +1,5 @@
-"""The patch lowering of small narrow-input convolutions gives lax.conv_general_dilated's answer."""
+"""Our lowerings of convolutions give lax.conv_general_dilated's answer: the patch dot of small narrow-input
+convolutions, and on AVX-512 CPUs our kernel's float32 patch product (cpu_kernels.f32_conv)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,26 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxinfer import conv_lowering
+from jaxinfer import conv_lowering, cpu_kernels
 from jaxinfer.conv_lowering import conv_general_dilated, use_patches
 
 HIGHEST = lax.Precision.HIGHEST
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the patch lowering is for XLA CPU only")
+
+
+LOWERINGS = ["xla"] + (["kernel"] if cpu_kernels.isa() == 2 else [])
+
+
+@pytest.fixture(params=LOWERINGS)
+def lowering(request, monkeypatch):
+    """XLA's lowerings (our kernel off), and our float32 kernel where this CPU has it."""
+    monkeypatch.setattr(conv_lowering, "F32_KERNEL", request.param == "kernel")
+    return request.param
+
+
+@pytest.fixture
+def xla_lowerings(monkeypatch):
+    monkeypatch.setattr(conv_lowering, "F32_KERNEL", False)
 
 
 def _both(x, w, strides, padding, **kw):
@@ -26,7 +42,7 @@ def _both(x, w, strides, padding, **kw):
 @pytest.mark.parametrize("strides, padding, dilation", [((1, 1), "SAME", (1, 1)), ((2, 2), "SAME", (1, 1)),
                                                         ((1, 2), "VALID", (1, 1)), ((2, 1), ((2, 0), (1, 3)), (2, 1)),
                                                         ((1, 1), ((0, 0), (0, 0)), (1, 1))])
-def test_patches_match_lax(dims, strides, padding, dilation):
+def test_patches_match_lax(dims, strides, padding, dilation, lowering):
     rng = np.random.default_rng(0)
     n, c, h, w, o, kh, kw = 2, 3, 13, 11, 5, 3, 2  # 2 x 143 output pixels at most: within PATCH_MAX_ROWS
     shapes = {"N": n, "C": c, "H": h, "W": w}
@@ -42,7 +58,7 @@ def test_patches_match_lax(dims, strides, padding, dilation):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_integer_valued_operands_stay_exact():
+def test_integer_valued_operands_stay_exact(lowering):
     rng = np.random.default_rng(1)
     x = rng.integers(-255, 256, (1, 32, 32, 3)).astype(np.float32)
     k = rng.integers(-127, 128, (16, 3, 3, 3)).astype(np.float32)
@@ -57,13 +73,13 @@ def test_integer_valued_operands_stay_exact():
     ((1, 32, 32, 4), 2, None),    # grouped
     ((1, 16, 16, 3), 1, (2, 2)),  # transposed-conv style input dilation
 ])
-def test_other_convolutions_stay_with_xla(x_shape, groups, lhs_dilation):
+def test_other_convolutions_stay_with_xla(x_shape, groups, lhs_dilation, xla_lowerings):
     dn = lax.conv_dimension_numbers(x_shape, (8, 3, 3, x_shape[-1] // groups), ("NHWC", "OHWI", "NHWC"))
     out = (x_shape[0], x_shape[1], x_shape[2], 8)
     assert not use_patches(x_shape, (8, 3, 3, x_shape[-1] // groups), out, dn, groups, lhs_dilation)
 
 
-def test_lowering_is_a_patch_dot_in_the_hlo(monkeypatch):
+def test_lowering_is_a_patch_dot_in_the_hlo(monkeypatch, xla_lowerings):
     x = jnp.ones((1, 32, 32, 3), jnp.float32)
     k = jnp.ones((16, 3, 3, 3), jnp.float32)
 
@@ -74,3 +90,32 @@ def test_lowering_is_a_patch_dot_in_the_hlo(monkeypatch):
     assert "convolution" not in hlo() and "dot_general" in hlo()
     monkeypatch.setattr(conv_lowering, "PATCH_MAX_IN_CHANNELS", 0)
     assert "convolution" in hlo()
+
+
+@pytest.mark.skipif(cpu_kernels.isa() != 2, reason="the float32 kernel runs on AVX-512 CPUs")
+@pytest.mark.parametrize("x_shape, w_shape, strides, padding, dilation", [
+    ((2, 9, 7, 5), (6, 3, 2, 5), (1, 2), ((2, 0), (1, 1)), (2, 1)),
+    ((1, 8, 8, 70), (130, 1, 1, 70), (1, 1), "VALID", (1, 1)),    # N over two panel groups, 2 partial
+    ((3, 20, 20, 3), (17, 5, 5, 3), (2, 2), "SAME", (1, 1)),
+    ((1, 2, 2, 4), (3, 3, 3, 4), (1, 1), ((3, 3), (3, 3)), (1, 1)),  # windows mostly padding
+])
+def test_f32_kernel_matches_lax_and_batches_under_vmap(x_shape, w_shape, strides, padding, dilation):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    k = rng.standard_normal(w_shape).astype(np.float32)
+    dims = ("NHWC", "OHWI", "NHWC")
+    f = jax.jit(lambda a, b: conv_general_dilated(a, b, strides, padding, rhs_dilation=dilation, dimension_numbers=dims))
+    assert cpu_kernels.TARGET_F32_CONV in f.lower(x, k).as_text()
+    want = lax.conv_general_dilated(x, k, strides, padding, rhs_dilation=dilation, dimension_numbers=dims,
+                                    precision=HIGHEST)
+    np.testing.assert_allclose(np.asarray(f(x, k)), np.asarray(want), rtol=1e-5, atol=1e-5)
+    xs = np.stack([x, 2 * x])
+    got = jax.jit(jax.vmap(lambda a: conv_general_dilated(a, k, strides, padding, rhs_dilation=dilation,
+                                                          dimension_numbers=dims)))(xs)
+    np.testing.assert_allclose(np.asarray(got[1]), 2 * np.asarray(want), rtol=1e-5, atol=1e-4)
+
+
+def test_f32_conv_names_what_it_takes():
+    with pytest.raises(ValueError, match=r"float32 x \[B, H, W, C\]"):
+        cpu_kernels.f32_conv(np.zeros((1, 4, 4, 3), np.float16), np.zeros((2, 3, 3, 3), np.float32), (1, 1), (1, 1),
+                             ((1, 1), (1, 1)))

@@ -41,8 +41,8 @@ import jaxlib
 import numpy as np
 from jax import lax
 
-__all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "available", "int8_conv", "int8_dot", "int8_dot_zp",
-           "isa",           "kernel_dir", "takes"]
+__all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "available", "f32_conv", "int8_conv", "int8_dot",
+           "int8_dot_zp", "isa", "kernel_dir", "takes"]
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,14 @@ KEEP_BUILDS = 4
 TARGET = "jaxinfer_int8_dot"
 TARGET_ZP = "jaxinfer_int8_dot_zp"
 TARGET_CONV = "jaxinfer_int8_conv"
+TARGET_F32_CONV = "jaxinfer_f32_conv"
 #: Every custom-call target the kernels register (an export must allow each).
-TARGETS = (TARGET, TARGET_ZP, TARGET_CONV)
+TARGETS = (TARGET, TARGET_ZP, TARGET_CONV, TARGET_F32_CONV)
 #: Zero points :func:`int8_dot_zp`'s kernel folds into ``x`` (``x - zp`` fits int16 for every int8 ``x``).
 ZP_RANGE = (-32768 + 128, 32767 - 128)
-_SOURCE = Path(__file__).with_name("int8_dot.cc")
+#: The kernels' sources, built into one library (``patches.h`` is shared by the convolutions).
+_SOURCES = tuple(Path(__file__).with_name(n) for n in ("int8_dot.cc", "f32_conv.cc"))
+_HEADERS = tuple(Path(__file__).with_name(n) for n in ("patches.h",))
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 
 _lock = threading.Lock()
@@ -92,8 +95,7 @@ def _compiler() -> str | None:
 def _build(compiler: str) -> Path:
     """The shared library for this source, jaxlib and compiler: built unless already there."""
     include = jax.ffi.include_dir()
-    source = _SOURCE.read_bytes()
-    parts = [source, jax.__version__.encode(), jaxlib.__version__.encode(), compiler.encode(),
+    parts = [*(f.read_bytes() for f in _SOURCES + _HEADERS), jax.__version__.encode(), jaxlib.__version__.encode(), compiler.encode(),
              " ".join(_FLAGS).encode(), str(include).encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     out = kernel_dir() / f"int8_dot-{key}.so"
@@ -105,7 +107,7 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *_FLAGS, f"-I{include}", str(_SOURCE), "-o", tmp],
+        done = subprocess.run([compiler, *_FLAGS, f"-I{include}", *map(str, _SOURCES), "-o", tmp],
                               capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
@@ -183,6 +185,7 @@ def _load() -> bool:
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxinferInt8Dot), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_ZP, jax.ffi.pycapsule(lib.JaxinferInt8DotZp), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_CONV, jax.ffi.pycapsule(lib.JaxinferInt8Conv), platform="cpu")
+        jax.ffi.register_ffi_target(TARGET_F32_CONV, jax.ffi.pycapsule(lib.JaxinferF32Conv), platform="cpu")
         global _library
         _library = lib
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
@@ -345,21 +348,19 @@ def int8_conv(x: jax.Array, zp: jax.Array, w: jax.Array, strides: Sequence[int],
     of the two spatial dims -> [B, OH, OW, N].
 
     The kernel multiplies ``x``'s patch matrix by the flattened filter without XLA writing the patches
-    out (it packs them as it widens ``x``). Callers decide when that pays (:func:`takes` says when the
-    kernel takes the product at all); ``otherwise(x, zp, w)`` must give the same sums and runs on other
+    out (it packs them as it widens ``x``); its VNNI panels are what pay, so callers check :func:`isa`
+    first (``intmath.zp_conv``). ``otherwise(x, zp, w)`` must give the same sums and runs on other
     platforms, and under ``jax.vmap`` of ``w`` or ``zp``.
     """
     x, zp, w = jnp.asarray(x), jnp.asarray(zp), jnp.asarray(w)
     if x.dtype != jnp.int8 or w.dtype != jnp.int8 or x.ndim != 4 or w.ndim != 4 or x.shape[3] != w.shape[3]:
         raise ValueError(f"int8_conv takes int8 x [B, H, W, C] and int8 w [N, KH, KW, C]; got x "
                          f"{x.dtype}{list(x.shape)} and w {w.dtype}{list(w.shape)}")
-    (sh, sw), (dh, dw), ((pt, pb), (pl, pr)) = strides, dilation, pads
-    n, kh, kw, c = w.shape
-    oh = (x.shape[1] + pt + pb - (kh - 1) * dh - 1) // sh + 1
-    ow = (x.shape[2] + pl + pr - (kw - 1) * dw - 1) // sw + 1
-    if oh <= 0 or ow <= 0 or min(pt, pb, pl, pr) < 0:
+    geometry = _conv_geometry(x.shape, w.shape, strides, dilation, pads)
+    if geometry is None:
         return otherwise(x, zp, w)
-    attrs = {k: np.int64(v) for k, v in dict(kh=kh, kw=kw, sh=sh, sw=sw, dh=dh, dw=dw, pt=pt, pl=pl).items()}
+    (oh, ow), attrs = geometry
+    n, kh, kw, c = w.shape
 
     def kernel(x: jax.Array, zp: jax.Array, w: jax.Array) -> jax.Array:
         out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, n), jnp.int32)
@@ -378,3 +379,59 @@ def int8_conv(x: jax.Array, zp: jax.Array, w: jax.Array, strides: Sequence[int],
         return jax.vmap(otherwise)(x, zp, w), True
 
     return call(x, zp.astype(jnp.int32), w)
+
+
+def _conv_geometry(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int], dilation: Sequence[int],
+                   pads: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], dict[str, np.int64]] | None:
+    """(OH, OW) and the kernels' attributes for an NHWC x OHWI convolution; None where the output is
+    empty or a pad is negative (callers leave those to XLA)."""
+    (sh, sw), (dh, dw), ((pt, pb), (pl, pr)) = strides, dilation, pads
+    _, kh, kw, _ = w_shape
+    oh = (x_shape[1] + pt + pb - (kh - 1) * dh - 1) // sh + 1
+    ow = (x_shape[2] + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    if oh <= 0 or ow <= 0 or min(pt, pb, pl, pr) < 0 or x_shape[0] == 0:
+        return None
+    attrs = dict(kh=kh, kw=kw, sh=sh, sw=sw, dh=dh, dw=dw, pt=pt, pl=pl)
+    return (oh, ow), {k: np.int64(v) for k, v in attrs.items()}
+
+
+def f32_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Sequence[int],
+             pads: Sequence[tuple[int, int]]) -> jax.Array:
+    """``lax.conv_general_dilated`` of float32 NHWC ``x`` [B, H, W, C] with an OHWI filter ``w`` [N, KH, KW,
+    C] (``strides``, ``dilation``, ``pads`` ((top, bottom), (left, right)) of the two spatial dims, zero
+    padding) -> [B, OH, OW, N] float32, as our AVX-512 kernel's patch product (``f32_conv.cc``): callers
+    check :func:`isa` first (``2``). XLA's convolution on other platforms and under ``jax.vmap`` of ``w``.
+    Float32 sums in another order than XLA's: the last bits may differ.
+    """
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    if x.dtype != jnp.float32 or w.dtype != jnp.float32 or x.ndim != 4 or w.ndim != 4 or x.shape[3] != w.shape[3]:
+        raise ValueError(f"f32_conv takes float32 x [B, H, W, C] and float32 w [N, KH, KW, C]; got x "
+                         f"{x.dtype}{list(x.shape)} and w {w.dtype}{list(w.shape)}")
+
+    def xla(x: jax.Array, w: jax.Array) -> jax.Array:
+        return lax.conv_general_dilated(x, w, tuple(strides), tuple(pads), rhs_dilation=tuple(dilation),
+                                        dimension_numbers=("NHWC", "OHWI", "NHWC"), precision=lax.Precision.HIGHEST)
+
+    geometry = _conv_geometry(x.shape, w.shape, strides, dilation, pads)
+    if geometry is None:
+        return xla(x, w)
+    (oh, ow), attrs = geometry
+    n = w.shape[0]
+
+    def kernel(x: jax.Array, w: jax.Array) -> jax.Array:
+        out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, n), jnp.float32)
+        return jax.ffi.ffi_call(TARGET_F32_CONV, out)(x, w.reshape(n, -1), **attrs)
+
+    @jax.custom_batching.custom_vmap
+    def call(x: jax.Array, w: jax.Array) -> jax.Array:
+        return lax.platform_dependent(x, w, cpu=kernel, default=xla)
+
+    @call.def_vmap
+    def _vmap(axis_size: int, in_batched: list[bool], x: jax.Array, w: jax.Array):
+        if in_batched[0] and not in_batched[1]:  # more images for the same filter
+            y = call(x.reshape(-1, *x.shape[2:]), w)
+            return y.reshape(axis_size, x.shape[1], *y.shape[1:]), True
+        x, w = (v if b else jnp.broadcast_to(v, (axis_size,) + v.shape) for v, b in zip((x, w), in_batched))
+        return jax.vmap(xla)(x, w), True
+
+    return call(x, w)

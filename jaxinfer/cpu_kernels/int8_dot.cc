@@ -48,6 +48,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "patches.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -84,14 +85,7 @@ int CurrentIsa() {
   return isa;
 }
 
-// Where a convolution's rows of x come from: the patches of an NHWC image x [B, H, W, C], one row per
-// output pixel (b, oh, ow) holding its window's KH x KW pixels' C values in that order (the order of an
-// OHWI filter's KH KW C), `pad` (the input's zero point) where the window leaves the image.
-struct Patches {
-  const int8_t* x = nullptr;
-  int64_t H = 0, W = 0, C = 0, KH = 0, KW = 0, SH = 1, SW = 1, DH = 1, DW = 1, PT = 0, PL = 0, OH = 0, OW = 0;
-  int8_t pad = 0;
-};
+using Patches = jaxinfer::Patches<int8_t>;
 
 struct Job {
   const int8_t* x8 = nullptr;
@@ -398,33 +392,6 @@ T* Scratch(std::vector<T>& kept, std::vector<T>& own, size_t n) {
 thread_local std::vector<int16_t> t_x16;
 thread_local std::vector<uint8_t> t_xu, t_xr;
 
-// Row m of the patch matrix into dst (KH KW C bytes): copy(dst, src, n) moves n values of x, `fill` stands
-// for the padding. A window row inside the image is one copy of KW C values when the dilation is 1.
-template <typename Copy>
-inline void PatchRow(const Patches& p, int64_t m, uint8_t* dst, uint8_t fill, Copy copy) {
-  const int64_t ow = m % p.OW, oh = m / p.OW % p.OH, b = m / (p.OW * p.OH), row = p.KW * p.C;
-  const int64_t w0 = ow * p.SW - p.PL;
-  for (int64_t i = 0; i < p.KH; ++i, dst += row) {
-    const int64_t h = oh * p.SH + i * p.DH - p.PT;
-    if (h < 0 || h >= p.H) {
-      std::memset(dst, fill, row);
-      continue;
-    }
-    const int8_t* line = p.x + (b * p.H + h) * p.W * p.C;
-    if (p.DW == 1 && w0 >= 0 && w0 + p.KW <= p.W) {
-      copy(dst, line + w0 * p.C, row);
-      continue;
-    }
-    for (int64_t t = 0; t < p.KW; ++t) {
-      const int64_t w = w0 + t * p.DW;
-      if (w < 0 || w >= p.W)
-        std::memset(dst + t * p.C, fill, p.C);
-      else
-        copy(dst + t * p.C, line + w * p.C, p.C);
-    }
-  }
-}
-
 // dst[0 .. n) = src + 128 as uint8 (the VNNI paths' form of x).
 __attribute__((target("avx512f,avx512bw"))) inline void CopyOffset(uint8_t* dst, const int8_t* src, int64_t n) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
@@ -442,7 +409,7 @@ __attribute__((target("avx512f,avx512bw"))) void PackPanelRows(const Job& j, int
   for (int64_t m = m0; m < m1; ++m) {
     uint8_t* dst = j.xr + m * Kp;
     if (j.patches)
-      PatchRow(*j.patches, m, dst, static_cast<uint8_t>(j.patches->pad ^ 0x80), CopyOffset);
+      jaxinfer::PatchRow(*j.patches, m, dst, static_cast<uint8_t>(j.patches->pad ^ 0x80), CopyOffset);
     else
       CopyOffset(dst, j.x8 + m * K, K);
     std::memset(dst + K, 0, Kp - K);
@@ -519,7 +486,8 @@ ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, c
     int8_t* rows = Scratch(t_patches, own_patches, M * K);
     const auto copy = [](uint8_t* dst, const int8_t* src, int64_t n) { std::memcpy(dst, src, n); };
     for (int64_t m = 0; m < M; ++m)
-      PatchRow(*patches, m, reinterpret_cast<uint8_t*>(rows + m * K), static_cast<uint8_t>(patches->pad), copy);
+      jaxinfer::PatchRow(*patches, m, reinterpret_cast<uint8_t*>(rows + m * K), static_cast<uint8_t>(patches->pad),
+                         copy);
     j->x8 = rows;
   }
   if (panels) {
@@ -594,16 +562,14 @@ ffi::Error Int8Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ff
                     ffi::ResultBuffer<ffi::S32> y, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh,
                     int64_t dw, int64_t pt, int64_t pl) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions(), zd = zp.dimensions();
-  if (xd.size() != 4 || wd.size() != 2 || yd.size() != 4 || zd.size() != 1 || zd[0] != 1 || kh < 1 || kw < 1 ||
-      sh < 1 || sw < 1 || dh < 1 || dw < 1 || wd[1] != kh * kw * xd[3] || yd[0] != xd[0] || yd[3] != wd[0])
+  Patches p;
+  if (wd.size() != 2 || zd.size() != 1 || zd[0] != 1 ||
+      !jaxinfer::Geometry(x.typed_data(), xd, yd, wd[1], wd[0], kh, kw, sh, sw, dh, dw, pt, pl, p))
     return ffi::Error::InvalidArgument(
         "jaxinfer_int8_conv: expected x [B, H, W, C], zp [1], w [N, KH * KW * C], y [B, OH, OW, N]");
   const int32_t z = zp.typed_data()[0];
   if (z < -128 || z > 127) return ffi::Error::InvalidArgument("jaxinfer_int8_conv: zp must be an int8 value");
-  Patches p;
-  p.x = x.typed_data();
-  p.H = xd[1], p.W = xd[2], p.C = xd[3], p.KH = kh, p.KW = kw, p.SH = sh, p.SW = sw, p.DH = dh, p.DW = dw;
-  p.PT = pt, p.PL = pl, p.OH = yd[1], p.OW = yd[2], p.pad = static_cast<int8_t>(z);
+  p.pad = static_cast<int8_t>(z);
   const int64_t M = yd[0] * yd[1] * yd[2];
   const std::vector<int32_t> zps(M, z);
   return Run(pool, nullptr, &p, zps.data(), w.typed_data(), y->typed_data(), M, wd[1], wd[0]);

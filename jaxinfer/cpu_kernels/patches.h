@@ -1,0 +1,65 @@
+// The patch matrix of an NHWC image, as jaxinfer's CPU convolution kernels read it (int8_dot.cc,
+// f32_conv.cc): one row per output pixel (b, oh, ow), holding its window's KH x KW pixels' C values in
+// that order (the order of an OHWI filter's KH KW C), the padding value where the window leaves the
+// image. The kernels pack these rows straight from the image, so no patch matrix is written out.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jaxinfer {
+
+template <typename T>
+struct Patches {
+  const T* x = nullptr;
+  int64_t H = 0, W = 0, C = 0, KH = 0, KW = 0, SH = 1, SW = 1, DH = 1, DW = 1, PT = 0, PL = 0, OH = 0, OW = 0;
+  T pad = 0;
+};
+
+// The geometry of x [B, H, W, C] -> y [B, OH, OW, N] under a KH x KW window with strides (sh, sw),
+// dilations (dh, dw) and pt / pl rows / columns of padding before the image; false when the sizes
+// and attributes do not describe such a convolution (filter columns `k` must be KH KW C).
+template <typename T>
+bool Geometry(const T* x, xla::ffi::Span<const int64_t> xd, xla::ffi::Span<const int64_t> yd, int64_t k, int64_t n,
+              int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pl,
+              Patches<T>& p) {
+  if (xd.size() != 4 || yd.size() != 4 || kh < 1 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || pt < 0 ||
+      pl < 0 || k != kh * kw * xd[3] || yd[0] != xd[0] || yd[3] != n)
+    return false;
+  p.x = x;
+  p.H = xd[1], p.W = xd[2], p.C = xd[3], p.KH = kh, p.KW = kw, p.SH = sh, p.SW = sw, p.DH = dh, p.DW = dw;
+  p.PT = pt, p.PL = pl, p.OH = yd[1], p.OW = yd[2];
+  return true;
+}
+
+// Row m of the patch matrix into dst (KH KW C values): copy(dst, src, n) moves n values of x, `fill`
+// stands for the padding. A window row inside the image is one copy of KW C values when the dilation
+// is 1.
+template <typename T, typename D, typename Copy>
+inline void PatchRow(const Patches<T>& p, int64_t m, D* dst, D fill, Copy copy) {
+  const int64_t ow = m % p.OW, oh = m / p.OW % p.OH, b = m / (p.OW * p.OH), row = p.KW * p.C;
+  const int64_t w0 = ow * p.SW - p.PL;
+  for (int64_t i = 0; i < p.KH; ++i, dst += row) {
+    const int64_t h = oh * p.SH + i * p.DH - p.PT;
+    if (h < 0 || h >= p.H) {
+      std::fill_n(dst, row, fill);
+      continue;
+    }
+    const T* line = p.x + (b * p.H + h) * p.W * p.C;
+    if (p.DW == 1 && w0 >= 0 && w0 + p.KW <= p.W) {
+      copy(dst, line + w0 * p.C, row);
+      continue;
+    }
+    for (int64_t t = 0; t < p.KW; ++t) {
+      const int64_t w = w0 + t * p.DW;
+      if (w < 0 || w >= p.W)
+        std::fill_n(dst + t * p.C, p.C, fill);
+      else
+        copy(dst + t * p.C, line + w * p.C, p.C);
+    }
+  }
+}
+
+}  // namespace jaxinfer
