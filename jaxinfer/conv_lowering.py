@@ -1,7 +1,11 @@
 """How convolutions and pooling windows are lowered for XLA CPU.
 
-A convolution is ``lax.conv_general_dilated`` or patches times the kernel (below); a max or sum
-window is ``lax.reduce_window`` or a chain of shifted slices (:func:`reduce_window`).
+A convolution is ``lax.conv_general_dilated``, patches times the kernel (below), or on AVX-512 CPUs
+our own kernel's float32 patch product (:func:`cpu_kernels.f32_conv`) for 2-D ungrouped float32
+layers with filters of at most :data:`F32_KERNEL_MAX_WEIGHTS` values: XLA CPU's convolution ran those
+1.3-3x slower (session 20); against larger filters the kernel, which packs the whole filter on every
+call and multiplies it by a few rows at a time, lost (resnet50's deep layers: the model 2x slower at
+batch 1). A max or sum window is ``lax.reduce_window`` or a chain of shifted slices (:func:`reduce_window`).
 
 XLA CPU's convolution is slow on small layers with very few input channels (an RGB or mono
 stem on a 32x32 image): measured here, a [1, 32, 32, 3] -> 16 channel 3x3 convolution took
@@ -91,8 +95,9 @@ def conv_general_dilated(lhs: Any, rhs: Any, window_strides: Sequence[int], padd
 
 def _f32_kernel_takes(lhs: jax.Array, rhs: jax.Array, feature_group_count: int, batch_group_count: int,
                       lhs_dilation: Sequence[int] | None, preferred_element_type: Any) -> bool:
-    """Whether a convolution runs as our CPU kernel's float32 patch product (:func:`cpu_kernels.f32_conv`):
-    2-D, ungrouped, float32 in and out, on a CPU whose kernels have AVX-512 (:func:`cpu_kernels.isa` 2)."""
+    """Whether a convolution may run as our CPU kernel's float32 patch product (:func:`cpu_kernels.f32_conv`;
+    the caller checks the filter's size): 2-D, ungrouped, float32 in and out, on a CPU whose kernels
+    have AVX-512 (:func:`cpu_kernels.isa` 2)."""
     if jax.default_backend() != "cpu" or lhs.ndim != 4 or feature_group_count != 1 or batch_group_count != 1:
         return False
     if lhs_dilation is not None and any(d != 1 for d in lhs_dilation):
