@@ -47,6 +47,7 @@ CASES = [  # x shape, w shape, dimension numbers, strides, padding, dilation
     ((1, 2, 20), (4, 2, 3), ("NCH", "OIH", "NCH"), (1,), ((1, 1),), (2,)),  # 1-D
     ((1, 3, 3, 128), (16, 3, 3, 128), ("NHWC", "OHWI", "NHWC"), (1, 1), "SAME", (1, 1)),  # 9 rows, K 1152
     ((1, 8, 8, 130), (20, 3, 3, 130), ("NHWC", "OHWI", "NHWC"), (1, 1), ((2, 0), (0, 2)), (2, 1)),  # K 1170
+    ((2, 30, 30, 64), (130, 3, 3, 64), ("NHWC", "OHWI", "NHWC"), (1, 1), "SAME", (1, 1)),  # row x column items
 ]
 
 

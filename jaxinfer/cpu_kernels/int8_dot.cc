@@ -34,10 +34,11 @@
 // Packed x and the panels live in per-thread scratch reused across calls (fresh large buffers cost page
 // faults on every call); every thread packs a share of x's rows before any multiplies them.
 // "jaxinfer_int8_conv" is a convolution as the same product: x is an NHWC image, and its patch matrix
-// (one row per output pixel, the window's values in an OHWI filter's order, the input's zero point
-// where the window leaves the image) is packed straight from the image, with no patch matrix written
-// in between, against the flattened filter [N, KH KW C]. With VNNI it always takes the panels (from
-// 16 rows): 3x3 convolutions of 32-128 channels ran 3-8x faster than XLA's exact float32 one (session 20).
+// (patches.h: one row per output pixel, the window's values in an OHWI filter's order, the input's
+// zero point where the window leaves the image) is packed straight from the image against the
+// flattened filter [N, KH KW C], each work item packing its own rows (at most kPatchRowBytes), so the
+// patch matrix is never written out whole. With VNNI it always takes the panels (from 16 rows): 8-bit
+// layers ran 2.2-6.3x faster than XLA's exact float32 convolution (benchmarks/int8_dot.py, session 20).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -64,6 +65,7 @@ constexpr int64_t kPanelMinRows = 16;  // from this many rows of x the VNNI path
 constexpr int64_t kPanelMaxK = 1024;   // while K is below this (longer rows amortize the row path's sums)
 constexpr int kPanelRows = 4;          // rows of x per register block: 4 x 4 panels = 16 accumulators
 constexpr int kPanels = 4;             // panels of 16 columns packed and multiplied at a time
+constexpr int64_t kPatchRowBytes = 256 << 10;  // a convolution's work item packs at most this much of x
 
 enum Isa : int { kAvx2 = 1, kVnni = 2 };
 
@@ -263,7 +265,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void PanelSums(const Job&
       cs[p] = _mm512_dpbusd_epi32(cs[p], ones, _mm512_load_si512(P + (k4 * NP + p) * 64));
 }
 
-// Rows m0 .. m0 + MR of y, columns n0 .. n0 + 16 NP (masked past N), from packed panels P. The
+// Rows m0 .. m0 + MR of y (x's packed rows at xr), columns n0 .. n0 + 16 NP (masked past N), from packed panels P. The
 // accumulators are named one by one (GCC kept arrays of them in memory, storing each every step).
 #define JX_ROW_ACC(r) __m512i a##r##0, a##r##1, a##r##2, a##r##3;
 #define JX_ZERO(r) a##r##0 = a##r##1 = a##r##2 = a##r##3 = _mm512_setzero_si512();
@@ -298,12 +300,11 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void StorePanel(co
 
 template <int MR, int NP>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void PanelBlock(const Job& j, const uint8_t* P,
-                                                                     const __m512i (&cs)[NP], int64_t m0,
-                                                                     int64_t n0) {
+                                                                     const __m512i (&cs)[NP], const uint8_t* xr,
+                                                                     int64_t m0, int64_t n0) {
   static_assert(MR >= 1 && MR <= 6 && NP >= 1 && NP <= 4, "accumulators named below: 6 rows x 4 panels");
   JX_ROW_ACC(0) JX_ROW_ACC(1) JX_ROW_ACC(2) JX_ROW_ACC(3) JX_ROW_ACC(4) JX_ROW_ACC(5)
   JX_ZERO(0) JX_ZERO(1) JX_ZERO(2) JX_ZERO(3) JX_ZERO(4) JX_ZERO(5)
-  const uint8_t* xr = j.xr + m0 * j.Kp;
   const int64_t K4 = j.Kp / 4;
   const uint8_t* pp = P;
   for (int64_t k4 = 0; k4 < K4; ++k4, pp += NP * 64) {
@@ -321,32 +322,33 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void PanelBlock(const Job
 #undef JX_STORE
 
 template <int NP>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void PanelRows(const Job& j, const uint8_t* P, int64_t m0,
-                                                                    int64_t m1, int64_t n0) {
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void PanelRows(const Job& j, const uint8_t* P,
+                                                                    const uint8_t* xr, int64_t m0, int64_t m1,
+                                                                    int64_t n0) {
   __m512i cs[NP];
   PanelSums<NP>(j, P, cs);
   int64_t m = m0;
-  for (; m + kPanelRows <= m1; m += kPanelRows) PanelBlock<kPanelRows, NP>(j, P, cs, m, n0);
+  for (; m + kPanelRows <= m1; m += kPanelRows, xr += kPanelRows * j.Kp) PanelBlock<kPanelRows, NP>(j, P, cs, xr, m, n0);
   static_assert(kPanelRows == 4, "the remainder cases below");
   switch (m1 - m) {
-    case 3: PanelBlock<3, NP>(j, P, cs, m, n0); break;
-    case 2: PanelBlock<2, NP>(j, P, cs, m, n0); break;
-    case 1: PanelBlock<1, NP>(j, P, cs, m, n0); break;
+    case 3: PanelBlock<3, NP>(j, P, cs, xr, m, n0); break;
+    case 2: PanelBlock<2, NP>(j, P, cs, xr, m, n0); break;
+    case 1: PanelBlock<1, NP>(j, P, cs, xr, m, n0); break;
     default: break;
   }
 }
 
 // Rows m0 .. m1 and columns n0 .. n1 by panels: each group of up to 4 panels is packed once (into `P`,
 // this thread's buffer) and multiplied by every row of the range.
-void Panels(const Job& j, uint8_t* P, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+void Panels(const Job& j, uint8_t* P, const uint8_t* xr, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; n += 16 * kPanels) {
     const int np = static_cast<int>(std::min<int64_t>(kPanels, (n1 - n + 15) / 16));
     PackPanels(j, n, np, P);
     switch (np) {
-      case 4: PanelRows<4>(j, P, m0, m1, n); break;
-      case 3: PanelRows<3>(j, P, m0, m1, n); break;
-      case 2: PanelRows<2>(j, P, m0, m1, n); break;
-      default: PanelRows<1>(j, P, m0, m1, n); break;
+      case 4: PanelRows<4>(j, P, xr, m0, m1, n); break;
+      case 3: PanelRows<3>(j, P, xr, m0, m1, n); break;
+      case 2: PanelRows<2>(j, P, xr, m0, m1, n); break;
+      default: PanelRows<1>(j, P, xr, m0, m1, n); break;
     }
   }
 }
@@ -404,10 +406,10 @@ __attribute__((target("avx512f,avx512bw"))) inline void CopyOffset(uint8_t* dst,
 }
 
 // Rows m0 .. m1 of the panels' x: [m][Kp] x + 128, zero past K.
-__attribute__((target("avx512f,avx512bw"))) void PackPanelRows(const Job& j, int64_t m0, int64_t m1) {
+__attribute__((target("avx512f,avx512bw"))) void PackPanelRows(const Job& j, int64_t m0, int64_t m1, uint8_t* out) {
   const int64_t K = j.K, Kp = j.Kp;
   for (int64_t m = m0; m < m1; ++m) {
-    uint8_t* dst = j.xr + m * Kp;
+    uint8_t* dst = out + (m - m0) * Kp;
     if (j.patches)
       jaxinfer::PatchRow(*j.patches, m, dst, static_cast<uint8_t>(j.patches->pad ^ 0x80), CopyOffset);
     else
@@ -420,18 +422,25 @@ thread_local std::vector<int8_t> t_patches;
 
 void Work(Job& j) {
   for (int64_t c; (c = j.pack_next.fetch_add(1, std::memory_order_relaxed)) < j.pack_chunks;) {
-    PackPanelRows(j, c * j.pack_rows, std::min(j.M, (c + 1) * j.pack_rows));
+    PackPanelRows(j, c * j.pack_rows, std::min(j.M, (c + 1) * j.pack_rows), j.xr + c * j.pack_rows * j.Kp);
     j.packed.fetch_add(1, std::memory_order_release);
   }
   while (j.packed.load(std::memory_order_acquire) < j.pack_chunks) _mm_pause();  // every row is read below
-  thread_local std::vector<uint8_t> kept;  // panels: this thread's packed columns
-  std::vector<uint8_t> own;
-  uint8_t* P = j.xr ? Scratch(kept, own, j.Kp * 16 * kPanels) : nullptr;
+  thread_local std::vector<uint8_t> kept, kept_rows;  // panels: this thread's packed columns (and patch rows)
+  std::vector<uint8_t> own, own_rows;
+  const bool panels = j.Kp > 0;
+  uint8_t* P = panels ? Scratch(kept, own, j.Kp * 16 * kPanels) : nullptr;
   for (int64_t c; (c = j.next.fetch_add(1, std::memory_order_relaxed)) < j.chunks;) {
-    if (j.xr) {  // work items: row chunks within column chunks
+    if (panels) {  // work items: row chunks within column chunks
       const int64_t cc = c / j.row_chunks, rc = c % j.row_chunks;
-      Panels(j, P, rc * j.row_chunk, std::min(j.M, (rc + 1) * j.row_chunk), cc * j.chunk,
-             std::min(j.N, (cc + 1) * j.chunk));
+      const int64_t m0 = rc * j.row_chunk, m1 = std::min(j.M, m0 + j.row_chunk);
+      const uint8_t* xr = j.xr + m0 * j.Kp;
+      if (j.patches) {  // each item packs its own patch rows: they are never all held at once
+        uint8_t* rows = Scratch(kept_rows, own_rows, (m1 - m0) * j.Kp);
+        PackPanelRows(j, m0, m1, rows);
+        xr = rows;
+      }
+      Panels(j, P, xr, m0, m1, cc * j.chunk, std::min(j.N, (cc + 1) * j.chunk));
     } else {
       Columns(j, c * j.chunk, std::min(j.N, (c + 1) * j.chunk));
     }
@@ -492,9 +501,11 @@ ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, c
   }
   if (panels) {
     j->Kp = (K + 3) / 4 * 4;
-    j->xr = Scratch(t_xr, j->xr_store, M * j->Kp);
-    j->pack_rows = std::max<int64_t>(kPanelRows, (M + threads * 4 - 1) / (threads * 4));
-    j->pack_chunks = (M + j->pack_rows - 1) / j->pack_rows;
+    if (!patches) {  // x packed by every thread first; patches are packed per work item instead
+      j->xr = Scratch(t_xr, j->xr_store, M * j->Kp);
+      j->pack_rows = std::max<int64_t>(kPanelRows, (M + threads * 4 - 1) / (threads * 4));
+      j->pack_chunks = (M + j->pack_rows - 1) / j->pack_rows;
+    }
     // Column chunks of whole panel groups; where there are fewer than 4 per thread, rows split too.
     const int64_t group = 16 * kPanels;
     j->chunk = std::max<int64_t>(group, (j->N + threads * 4 - 1) / (threads * 4) / group * group);
@@ -502,6 +513,10 @@ ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, c
     j->row_chunks = std::min<int64_t>((threads * 4 + col_chunks - 1) / col_chunks,
                                       (j->M + kPanelRows - 1) / kPanelRows);
     j->row_chunk = ((j->M + j->row_chunks - 1) / j->row_chunks + kPanelRows - 1) / kPanelRows * kPanelRows;
+    if (patches) {  // at most kPatchRowBytes of patch rows per item (all of a large image's would not fit)
+      const int64_t fit = kPatchRowBytes / j->Kp / kPanelRows * kPanelRows;
+      j->row_chunk = std::min(j->row_chunk, std::max<int64_t>(4 * kPanelRows, fit));
+    }
     j->row_chunks = (j->M + j->row_chunk - 1) / j->row_chunk;
     j->chunks = col_chunks * j->row_chunks;
   } else if (CurrentIsa() == kVnni) {
@@ -515,7 +530,7 @@ ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, c
     Pack<int16_t, 16>(*j, j->x16, j->K16,
                       [](int8_t v, int32_t z) { return static_cast<int16_t>(int32_t{v} - z); });
   }
-  if (!j->xr) {
+  if (!panels) {
     j->chunk = std::max<int64_t>(16, (j->N + threads * 4 - 1) / (threads * 4));
     j->chunks = (j->N + j->chunk - 1) / j->chunk;
   }
