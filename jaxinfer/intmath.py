@@ -300,7 +300,7 @@ def _kernel_conv_takes(x: jax.Array, x_zp: Any, w: jax.Array, dn: Any, feature_g
                        acc_dtype: Any) -> bool:
     """Whether :func:`zp_conv` runs as our kernel's patch product: 2-D, ungrouped, 8-bit operands, a
     per-tensor zero point of x's type, int32 sums, on a CPU whose kernel has AVX-512 VNNI (the AVX2 path
-    has no panels: there the float32 convolution stays). Whatever the shape: the kernel was 1.2-7x
+    has no panels: there the float32 convolution stays). Whatever the shape: the kernel was 1.3-8x
     faster than the float32 convolution on every layer timed (session 20: 3x3 and 7x7 stems, 1x1 layers
     of 32-512 channels up to 2048 outputs, 3x3 layers of 8-256 channels at batch 1 and 8)."""
     if x.ndim != 4 or feature_group_count != 1 or np.dtype(acc_dtype) != np.int32:
@@ -318,7 +318,7 @@ def zp_conv(x: Any, x_zp: Any, w: Any, w_zp: Any, window_strides: Sequence[int],
     ``x``, ``w`` hold raw integers; ``x_zp`` is None or per tensor, ``w_zp`` None, per tensor or per
     output channel (broadcasting against ``w``); |(x - x_zp)(w - w_zp)| <= ``bound``. 8-bit operands on
     an AVX-512 VNNI CPU take :func:`cpu_kernels.int8_conv` (NHWC; other layouts are transposed to it and
-    back), where XLA's exact float32 convolution was 1.2-7x slower (``benchmarks/int8_dot.py --convs``);
+    back), where the exact float32 convolution was 1.3-8x slower (``benchmarks/int8_dot.py --parts convs``);
     everything else is :func:`exact_conv` of the shifted values.
     """
     x, w = jnp.asarray(x), jnp.asarray(w)
