@@ -81,8 +81,12 @@ def conv_general_dilated(lhs: Any, rhs: Any, window_strides: Sequence[int], padd
           "precision": precision, "preferred_element_type": preferred_element_type}
     if F32_KERNEL and _f32_kernel_takes(lhs, rhs, feature_group_count, batch_group_count, lhs_dilation,
                                         preferred_element_type) and rhs.size <= F32_KERNEL_MAX_WEIGHTS:
+        hwio = tuple(dn.rhs_spec) == (3, 2, 0, 1)  # HWIO in memory (ONNX convs' weights after passes.layout)
         x, w, pads = to_nhwc(lhs, rhs, dn, window_strides, padding, rhs_dilation)
-        y = cpu_kernels.f32_conv(x, w, tuple(window_strides), tuple(rhs_dilation or (1, 1)), pads)
+        if hwio:  # the kernel reads it as it is: no copy of the filter per call
+            w = rhs
+        y = cpu_kernels.f32_conv(x, w, tuple(window_strides), tuple(rhs_dilation or (1, 1)), pads,
+                                 "HWIO" if hwio else "OHWI")
         return from_nhwc(y, dn)
     if batch_group_count == 1 and _narrow(lhs.shape, dn, feature_group_count, lhs_dilation):
         # the output shape only for the few convolutions that may qualify (abstract evaluation costs ~1 ms)

@@ -10,6 +10,7 @@ from jax import lax
 from onnx import TensorProto, helper, numpy_helper
 
 import jaxinfer
+from jaxinfer import conv_lowering
 from jaxinfer import model as model_mod
 from jaxinfer.xla_dots import (BIG_WEIGHT, FEW_ROWS, SMALL_CONV_MACS, DotShape, conv_macs, dot_shapes,
                                 prefers_library_convs, prefers_xla_loops)
@@ -118,6 +119,7 @@ def test_prefers_library_convs(x_shape, w_shape, want):
 
 
 def test_model_runs_small_convolutions_in_the_library(monkeypatch):
+    monkeypatch.setattr(conv_lowering, "F32_KERNEL", False)  # XLA's convolutions (our CPU kernel's are no XLA ops)
     chosen = []
     real = model_mod.options_for
     monkeypatch.setattr(model_mod, "options_for", lambda low, opts: chosen.append(real(low, opts)) or chosen[-1])

@@ -396,31 +396,39 @@ def _conv_geometry(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequ
 
 
 def f32_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Sequence[int],
-             pads: Sequence[tuple[int, int]]) -> jax.Array:
-    """``lax.conv_general_dilated`` of float32 NHWC ``x`` [B, H, W, C] with an OHWI filter ``w`` [N, KH, KW,
-    C] (``strides``, ``dilation``, ``pads`` ((top, bottom), (left, right)) of the two spatial dims, zero
-    padding) -> [B, OH, OW, N] float32, as our AVX-512 kernel's patch product (``f32_conv.cc``): callers
+             pads: Sequence[tuple[int, int]], w_layout: str = "OHWI") -> jax.Array:
+    """``lax.conv_general_dilated`` of float32 NHWC ``x`` [B, H, W, C] with a filter ``w`` laid out as
+    ``w_layout`` says ("OHWI" [N, KH, KW, C] or "HWIO" [KH, KW, C, N]: both read as they are, no copy),
+    ``strides``, ``dilation``, ``pads`` ((top, bottom), (left, right)) of the two spatial dims, zero
+    padding -> [B, OH, OW, N] float32, as our AVX-512 kernel's patch product (``f32_conv.cc``): callers
     check :func:`isa` first (``2``). XLA's convolution on other platforms and under ``jax.vmap`` of ``w``.
     Float32 sums in another order than XLA's: the last bits may differ.
     """
     x, w = jnp.asarray(x), jnp.asarray(w)
-    if x.dtype != jnp.float32 or w.dtype != jnp.float32 or x.ndim != 4 or w.ndim != 4 or x.shape[3] != w.shape[3]:
-        raise ValueError(f"f32_conv takes float32 x [B, H, W, C] and float32 w [N, KH, KW, C]; got x "
-                         f"{x.dtype}{list(x.shape)} and w {w.dtype}{list(w.shape)}")
+    if w_layout not in ("OHWI", "HWIO"):
+        raise ValueError(f"f32_conv takes an OHWI or HWIO filter, not {w_layout!r}")
+    c_axis = 3 if w_layout == "OHWI" else 2
+    if x.dtype != jnp.float32 or w.dtype != jnp.float32 or x.ndim != 4 or w.ndim != 4 or x.shape[3] != w.shape[c_axis]:
+        raise ValueError(f"f32_conv takes float32 x [B, H, W, C] and a float32 {w_layout} filter with C input "
+                         f"channels; got x {x.dtype}{list(x.shape)} and w {w.dtype}{list(w.shape)}")
+    ohwi = tuple(w.shape) if w_layout == "OHWI" else (w.shape[3], w.shape[0], w.shape[1], w.shape[2])
+    dims = ("NHWC", w_layout, "NHWC")
 
     def xla(x: jax.Array, w: jax.Array) -> jax.Array:
         return lax.conv_general_dilated(x, w, tuple(strides), tuple(pads), rhs_dilation=tuple(dilation),
-                                        dimension_numbers=("NHWC", "OHWI", "NHWC"), precision=lax.Precision.HIGHEST)
+                                        dimension_numbers=dims, precision=lax.Precision.HIGHEST)
 
-    geometry = _conv_geometry(x.shape, w.shape, strides, dilation, pads)
+    geometry = _conv_geometry(x.shape, ohwi, strides, dilation, pads)
     if geometry is None:
         return xla(x, w)
     (oh, ow), attrs = geometry
-    n = w.shape[0]
+    n = ohwi[0]
+    kn = w_layout == "HWIO"
 
     def kernel(x: jax.Array, w: jax.Array) -> jax.Array:
         out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, n), jnp.float32)
-        return jax.ffi.ffi_call(TARGET_F32_CONV, out)(x, w.reshape(n, -1), **attrs)
+        w2 = w.reshape(-1, n) if kn else w.reshape(n, -1)
+        return jax.ffi.ffi_call(TARGET_F32_CONV, out)(x, w2, kn=np.int64(kn), **attrs)
 
     @jax.custom_batching.custom_vmap
     def call(x: jax.Array, w: jax.Array) -> jax.Array:

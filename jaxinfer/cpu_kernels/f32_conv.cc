@@ -1,10 +1,10 @@
 // jaxinfer's float32 convolution for XLA CPU, registered as the FFI target "jaxinfer_f32_conv".
 //
 // y [B, OH, OW, N] = the convolution of an NHWC image x [B, H, W, C] with w [N, KH KW C] (an OHWI filter,
-// flattened), zero padding: the product of x's patch matrix (patches.h) and w. XLA CPU's own convolution
-// ran these layers 1.3-3x slower here (small CNNs' 3x3 layers of 3-256 channels, 7x7 stems, 1x1 layers;
-// session 20), most at few input channels and small images, where ORT's and LiteRT's direct kernels are
-// far ahead.
+// flattened; or [KH KW C, N], an HWIO one, with the attribute kn = 1), zero padding: the product of x's
+// patch matrix (patches.h) and w. XLA CPU's own convolution ran these layers 1.3-3x slower here (small
+// CNNs' 3x3 layers of 3-256 channels, 7x7 stems, 1x1 layers; session 20), most at few input channels and
+// small images, where ORT's and LiteRT's direct kernels are far ahead.
 //
 // How (AVX-512): the filter is packed once per call into panels of 16 columns, [K][16] floats per panel,
 // by every thread at once; then each work item takes a chunk of output pixels, writes their patch rows
@@ -38,7 +38,8 @@ constexpr int64_t kSerialMacs = 1 << 20;     // under this many multiply-adds on
 
 struct Job {
   jaxinfer::Patches<float> p;
-  const float* w = nullptr;  // [N][K]
+  const float* w = nullptr;  // [N][K], or [K][N] when kn
+  bool kn = false;
   float* y = nullptr;        // [M][N]
   float* P = nullptr;        // per group of 64 columns: [K][16 np] (np panels, zero past N)
   int64_t M = 0, K = 0, N = 0, groups = 0, rows = 0, chunks = 0;
@@ -61,7 +62,10 @@ void PackGroup(const Job& j, int64_t g) {
   const int64_t n0 = g * kGroup, cols = int64_t{Panels(j, g)} * 16, have = std::min(cols, j.N - n0);
   float* P = j.P + g * j.K * kGroup;
   for (int64_t k = 0; k < j.K; ++k) {
-    for (int64_t c = 0; c < have; ++c) P[k * cols + c] = j.w[(n0 + c) * j.K + k];
+    if (j.kn)
+      std::memcpy(P + k * cols, j.w + k * j.N + n0, have * sizeof(float));
+    else
+      for (int64_t c = 0; c < have; ++c) P[k * cols + c] = j.w[(n0 + c) * j.K + k];
     std::fill(P + k * cols + have, P + (k + 1) * cols, 0.f);
   }
 }
@@ -165,20 +169,22 @@ __attribute__((target("avx512f"))) void Work(Job& j) {
 
 ffi::Error F32Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                    ffi::ResultBuffer<ffi::F32> y, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh,
-                   int64_t dw, int64_t pt, int64_t pl) {
+                   int64_t dw, int64_t pt, int64_t pl, int64_t kn) {
   if (!__builtin_cpu_supports("avx512f"))
     return ffi::Error::InvalidArgument("jaxinfer_f32_conv: this CPU lacks AVX-512");
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   auto j = std::make_shared<Job>();
-  if (wd.size() != 2 ||
-      !jaxinfer::Geometry(x.typed_data(), xd, yd, wd[1], wd[0], kh, kw, sh, sw, dh, dw, pt, pl, j->p))
+  j->kn = kn != 0;
+  if (wd.size() != 2 || !jaxinfer::Geometry(x.typed_data(), xd, yd, wd[j->kn ? 0 : 1], wd[j->kn ? 1 : 0], kh, kw,
+                                            sh, sw, dh, dw, pt, pl, j->p))
     return ffi::Error::InvalidArgument(
-        "jaxinfer_f32_conv: expected x [B, H, W, C], w [N, KH * KW * C], y [B, OH, OW, N]");
+        "jaxinfer_f32_conv: expected x [B, H, W, C], w [N, KH * KW * C] (or [KH * KW * C, N] with kn), "
+        "y [B, OH, OW, N]");
   j->w = w.typed_data();
   j->y = y->typed_data();
   j->M = yd[0] * yd[1] * yd[2];
-  j->K = wd[1];
-  j->N = wd[0];
+  j->K = wd[j->kn ? 0 : 1];
+  j->N = wd[j->kn ? 1 : 0];
   if (j->M == 0 || j->N == 0) return ffi::Error::Success();
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
   if (j->M * j->K * j->N < kSerialMacs) threads = 1;
@@ -212,4 +218,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32Conv, F32Conv,
                                   .Attr<int64_t>("dh")
                                   .Attr<int64_t>("dw")
                                   .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pl"));
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int64_t>("kn"));

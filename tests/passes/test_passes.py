@@ -134,7 +134,8 @@ def test_optimize_keeps_light_resnet_outputs():
     np.testing.assert_allclose(m2.run(feeds)["r174"], want, rtol=1e-4)
 
 
-def test_conv_weights_are_stored_spatial_first():
+def test_conv_weights_are_stored_spatial_first(monkeypatch):
+    from jaxinfer import conv_lowering, cpu_kernels
     from jaxinfer.passes import conv_weights_spatial_first
 
     g = conv_bn_graph()
@@ -145,11 +146,18 @@ def test_conv_weights_are_stored_spatial_first():
     _same_outputs(g, g2, {"x": RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)}, rtol=1e-4, atol=1e-4)
     feeds = {"x": np.zeros((2, 3, 8, 8), np.float32)}
 
-    def weight_relayouts(graph):  # transposes producing an OIHW->HWIO [3,3,3,8] kernel on every call
+    def program(graph) -> str:
         model = Model(graph, REGISTRY)
-        return model.compiled(model._check_inputs(feeds)).as_text().count("f32[3,3,3,8]{1,0,2,3} transpose(")
+        return model.compiled(model._check_inputs(feeds)).as_text()
+
+    def weight_relayouts(graph):  # transposes producing an OIHW->HWIO [3,3,3,8] kernel on every call
+        return program(graph).count("f32[3,3,3,8]{1,0,2,3} transpose(")
 
     if jax.default_backend() == "cpu":  # the transposes XLA CPU leaves in the program
+        if cpu_kernels.isa() == 2:  # our float32 kernel reads the HWIO weight as it is
+            text = program(g2)
+            assert cpu_kernels.TARGET_F32_CONV in text and "f32[8,3,3,3]" not in text and "f32[8,27]" not in text
+        monkeypatch.setattr(conv_lowering, "F32_KERNEL", False)  # XLA's convolution
         assert weight_relayouts(g) == 1 and weight_relayouts(g2) == 0
 
 
