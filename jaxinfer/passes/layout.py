@@ -110,9 +110,11 @@ def int8_weights_rows_first(graph: Graph) -> Graph:
 
 
 #: Ops whose output XLA CPU would recompute in every tap of a following pool (a power, an
-#: exponential, ...): ZFNet's LRN -> 3x3 MaxPool ran 0.81-0.87x with the pool as taps.
+#: exponential, ...): ZFNet's LRN -> 3x3 MaxPool ran 0.81-0.87x with the pool as taps. Requantizing
+#: convolutions too: their int32 -> 8-bit rescale (float multiply, round, clamp) was fused into each of a
+#: 2x2 pool's four taps (the quantized CNN fixtures at batch 1: one 93 us fusion of ~300 us).
 COSTLY_PRODUCERS = frozenset({"LRN", "Pow", "Exp", "Log", "Tanh", "Sigmoid", "Erf", "Softplus", "Mish", "Gelu",
-                              "Elu", "Selu", "Celu"})
+                              "Elu", "Selu", "Celu", "QLinearConv", "jaxinfer::QLinearConvInt"})
 
 
 def pools_after_costly_ops(graph: Graph) -> Graph:
@@ -123,7 +125,8 @@ def pools_after_costly_ops(graph: Graph) -> Graph:
     """
     if graph.fmt != "onnx":
         return graph
-    producer = {out: n.op_type for n in graph.nodes if n.domain in ("", "ai.onnx") for out in n.outputs}
+    producer = {out: n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"
+                for n in graph.nodes for out in n.outputs}
     nodes = []
     changed = False
     for node in graph.nodes:

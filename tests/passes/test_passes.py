@@ -204,3 +204,23 @@ def test_pools_after_costly_ops_run_as_one_reduce_window():
         return model.compiled(model._check_inputs(feeds)).as_text().count("reduce-window(")
 
     assert reduce_windows(g2) == reduce_windows(g) + 2  # the two marked pools; unmarked pools are slices
+
+
+def test_pools_after_requantizing_convolutions_run_as_one_reduce_window():
+    """QLinearConv -> MaxPool (QOperator) and the QDQ rewrite's QLinearConvInt -> MaxPool: the rescale is
+    stored once, not recomputed in every tap; same uint8 outputs."""
+    from jaxinfer import load
+    from jaxinfer.passes import pools_after_costly_ops
+
+    rng = np.random.default_rng(4)
+    init = {"xs": np.float32(0.05), "xz": np.uint8(120), "w": rng.integers(0, 256, (8, 3, 3, 3)).astype(np.uint8),
+            "ws": np.float32(0.01), "wz": np.uint8(128), "ys": np.float32(0.2), "yz": np.uint8(3)}
+    nodes = [helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[2, 2], strides=[2, 2])]
+    vi = helper.make_tensor_value_info
+    proto = _model(nodes, [vi("x", TensorProto.UINT8, [1, 3, 8, 8])], [vi("p", TensorProto.UINT8, None)], init)
+    g = read_model(proto)
+    g2 = pools_after_costly_ops(g)
+    assert {n.outputs[0]: n.domain for n in g2.nodes}["p"] == "jaxinfer"
+    _same_outputs(g, g2, {"x": rng.integers(0, 256, (1, 3, 8, 8)).astype(np.uint8)}, rtol=0, atol=0)
+    assert load(proto).graph.nodes[-1].domain == "jaxinfer"  # in the default passes, after the QDQ rewrite
