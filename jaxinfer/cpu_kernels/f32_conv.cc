@@ -206,17 +206,9 @@ ffi::Error F32Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32Conv, F32Conv,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("kh")
-                                  .Attr<int64_t>("kw")
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("dh")
-                                  .Attr<int64_t>("dw")
-                                  .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pl")
+                              jaxinfer::WithWindowAttrs(ffi::Ffi::Bind()
+                                                            .Ctx<ffi::ThreadPool>()
+                                                            .Arg<ffi::Buffer<ffi::F32>>()
+                                                            .Arg<ffi::Buffer<ffi::F32>>()
+                                                            .Ret<ffi::Buffer<ffi::F32>>())
                                   .Attr<int64_t>("kn"));

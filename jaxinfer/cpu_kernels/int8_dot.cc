@@ -617,17 +617,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8DotZp, Int8DotZp,
                                   .Ret<ffi::Buffer<ffi::S32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8Conv, Int8Conv,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("kh")
-                                  .Attr<int64_t>("kw")
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("dh")
-                                  .Attr<int64_t>("dw")
-                                  .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pl"));
+                              jaxinfer::WithWindowAttrs(ffi::Ffi::Bind()
+                                                            .Ctx<ffi::ThreadPool>()
+                                                            .Arg<ffi::Buffer<ffi::S8>>()
+                                                            .Arg<ffi::Buffer<ffi::S32>>()
+                                                            .Arg<ffi::Buffer<ffi::S8>>()
+                                                            .Ret<ffi::Buffer<ffi::S32>>()));

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -32,6 +33,21 @@ bool Geometry(const T* x, xla::ffi::Span<const int64_t> xd, xla::ffi::Span<const
   p.H = xd[1], p.W = xd[2], p.C = xd[3], p.KH = kh, p.KW = kw, p.SH = sh, p.SW = sw, p.DH = dh, p.DW = dw;
   p.PT = pt, p.PL = pl, p.OH = yd[1], p.OW = yd[2];
   return true;
+}
+
+// The window attributes every convolution handler binds, in its signature's order (kh, kw, sh, sw, dh, dw,
+// pt, pl: what Geometry takes).
+template <typename Binding>
+auto WithWindowAttrs(Binding b) {
+  return std::move(b)
+      .template Attr<int64_t>("kh")
+      .template Attr<int64_t>("kw")
+      .template Attr<int64_t>("sh")
+      .template Attr<int64_t>("sw")
+      .template Attr<int64_t>("dh")
+      .template Attr<int64_t>("dw")
+      .template Attr<int64_t>("pt")
+      .template Attr<int64_t>("pl");
 }
 
 // Row m of the patch matrix into dst (KH KW C values): copy(dst, src, n) moves n values of x, `fill`
