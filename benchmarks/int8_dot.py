@@ -31,8 +31,9 @@ CASES = [(1, 1024, 4096), (8, 1024, 4096), (8, 4096, 1024), (8, 1024, 1024), (32
          (8192, 288, 32), (4096, 27, 16)]
 WEIGHTS = 12
 #: (x [B, H, W, C], w [N, KH, KW, C], stride): stems, 3x3 and 1x1 layers of small CNNs and ResNet-50.
-CONVS = [((1, 32, 32, 3), (32, 3, 3, 3), 1), ((1, 32, 32, 32), (32, 3, 3, 32), 1), ((8, 32, 32, 32), (32, 3, 3, 32), 1),
-         ((8, 16, 16, 64), (128, 1, 1, 64), 1), ((1, 224, 224, 3), (64, 7, 7, 3), 2), ((1, 56, 56, 64), (64, 3, 3, 64), 1),
+CONVS = [((1, 32, 32, 3), (32, 3, 3, 3), 1), ((1, 32, 32, 32), (32, 3, 3, 32), 1),
+         ((8, 32, 32, 32), (32, 3, 3, 32), 1), ((8, 16, 16, 64), (128, 1, 1, 64), 1),
+         ((1, 224, 224, 3), (64, 7, 7, 3), 2), ((1, 56, 56, 64), (64, 3, 3, 64), 1),
          ((1, 56, 56, 64), (256, 1, 1, 64), 1), ((1, 14, 14, 256), (256, 3, 3, 256), 1),
          ((8, 7, 7, 512), (2048, 1, 1, 512), 1)]
 
@@ -90,7 +91,8 @@ def main() -> None:
     paths = {"kernel": best_isa, "kernel_avx2": 1} if best_isa == 2 else {"kernel": best_isa}
     print(f"kernel path: {cpu_kernels.ISAS[best_isa]}")
     if "dots" in parts:
-        print(f"{'rows x K x N':>18} " + " ".join(f"{p + ' ms':>16}" for p in paths) + f" {'XLA ms':>10} {'speedup':>8}")
+        print(f"{'rows x K x N':>18} " + " ".join(f"{p + ' ms':>16}" for p in paths)
+              + f" {'XLA ms':>10} {'speedup':>8}")
     for m, k, n in CASES if "dots" in parts else []:
         x = jnp.asarray(rng.integers(-128, 128, (m, k), dtype=np.int8))
         ws = [jnp.asarray(rng.integers(-128, 128, (n, k), dtype=np.int8)) for _ in range(WEIGHTS)]

@@ -275,6 +275,8 @@ def exact_conv(x: Any, w: Any, window_strides: Sequence[int], padding: Any, *, b
         parts = [(0, cin)] if window * cin * bound < F32_EXACT else None
     if parts is None:
         return conv(x, w, jnp.float64).astype(acc_dtype)
+    if not parts:  # no input channels: every sum is empty
+        return conv(x, w, jnp.float32).astype(acc_dtype)
     acc = None
     for lo, hi in parts:
         xs = x if len(parts) == 1 else lax.slice_in_dim(x, lo, hi, axis=in_x)

@@ -104,7 +104,8 @@ def test_f32_kernel_matches_lax_and_batches_under_vmap(x_shape, w_shape, strides
     x = rng.standard_normal(x_shape).astype(np.float32)
     k = rng.standard_normal(w_shape).astype(np.float32)
     dims = ("NHWC", "OHWI", "NHWC")
-    f = jax.jit(lambda a, b: conv_general_dilated(a, b, strides, padding, rhs_dilation=dilation, dimension_numbers=dims))
+    f = jax.jit(lambda a, b: conv_general_dilated(a, b, strides, padding, rhs_dilation=dilation,
+                                                  dimension_numbers=dims))
     assert cpu_kernels.TARGET_F32_CONV in f.lower(x, k).as_text()
     want = lax.conv_general_dilated(x, k, strides, padding, rhs_dilation=dilation, dimension_numbers=dims,
                                     precision=HIGHEST)
@@ -119,3 +120,11 @@ def test_f32_conv_names_what_it_takes():
     with pytest.raises(ValueError, match=r"float32 x \[B, H, W, C\]"):
         cpu_kernels.f32_conv(np.zeros((1, 4, 4, 3), np.float16), np.zeros((2, 3, 3, 3), np.float32), (1, 1), (1, 1),
                              ((1, 1), (1, 1)))
+
+
+def test_a_convolution_of_no_input_channels_is_zero():
+    x = np.zeros((1, 6, 6, 0), np.float32)
+    k = np.zeros((20, 3, 3, 0), np.float32)
+    dims = ("NHWC", "OHWI", "NHWC")
+    got = jax.jit(lambda a, b: conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=dims))(x, k)
+    np.testing.assert_array_equal(np.asarray(got), np.zeros((1, 6, 6, 20), np.float32))

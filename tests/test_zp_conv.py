@@ -161,3 +161,12 @@ def test_int8_conv_checks_its_operands_and_batches_under_vmap():
         with pytest.raises(Exception, match="zp must be an int8 value"):
             jax.block_until_ready(f(xs[0], jnp.int32(300)))
         np.testing.assert_array_equal(np.asarray(f(xs[0], jnp.int32(-128))), np.asarray(ref(xs[0], -128, w)))
+
+
+def test_a_convolution_of_no_input_channels_sums_to_zero():
+    """C = 0 (K = 0 for the kernel): every sum is empty."""
+    x = np.zeros((1, 6, 6, 0), np.int8)
+    w = np.zeros((20, 3, 3, 0), np.int8)
+    got = jax.jit(lambda x, w: intmath.zp_conv(x, 3, w, None, (1, 1), "SAME", bound=256 * 128,
+                                               dimension_numbers=("NHWC", "OHWI", "NHWC")))(x, w)
+    np.testing.assert_array_equal(np.asarray(got), np.zeros((1, 6, 6, 20), np.int32))

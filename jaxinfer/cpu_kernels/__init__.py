@@ -95,7 +95,8 @@ def _compiler() -> str | None:
 def _build(compiler: str) -> Path:
     """The shared library for this source, jaxlib and compiler: built unless already there."""
     include = jax.ffi.include_dir()
-    parts = [*(f.read_bytes() for f in _SOURCES + _HEADERS), jax.__version__.encode(), jaxlib.__version__.encode(), compiler.encode(),
+    parts = [*(f.read_bytes() for f in _SOURCES + _HEADERS), jax.__version__.encode(), jaxlib.__version__.encode(),
+             compiler.encode(),
              " ".join(_FLAGS).encode(), str(include).encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     out = kernel_dir() / f"int8_dot-{key}.so"

@@ -55,7 +55,10 @@ __attribute__((target("avx512f"))) inline void Copy(float* dst, const float* src
   }
 }
 
-int Panels(const Job& j, int64_t g) { return static_cast<int>(std::min<int64_t>(kPanels, (j.N - g * kGroup + 15) / 16)); }
+// The panels of group g (4, or fewer for the last group).
+int Panels(const Job& j, int64_t g) {
+  return static_cast<int>(std::min<int64_t>(kPanels, (j.N - g * kGroup + 15) / 16));
+}
 
 // Group g's panels: columns 64 g .. 64 g + 16 np of w as [K][16 np], zero past N.
 void PackGroup(const Job& j, int64_t g) {
@@ -186,6 +189,10 @@ ffi::Error F32Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   j->K = wd[j->kn ? 0 : 1];
   j->N = wd[j->kn ? 1 : 0];
   if (j->M == 0 || j->N == 0) return ffi::Error::Success();
+  if (j->K == 0) {  // no input channels: every sum is empty
+    std::fill(j->y, j->y + j->M * j->N, 0.f);
+    return ffi::Error::Success();
+  }
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
   if (j->M * j->K * j->N < kSerialMacs) threads = 1;
   j->groups = (j->N + kGroup - 1) / kGroup;

@@ -38,7 +38,7 @@
 // zero point where the window leaves the image) is packed straight from the image against the
 // flattened filter [N, KH KW C], each work item packing its own rows (at most kPatchRowBytes), so the
 // patch matrix is never written out whole. With VNNI it always takes the panels (from 16 rows): 8-bit
-// layers ran 2.2-6.3x faster than XLA's exact float32 convolution (benchmarks/int8_dot.py, session 20).
+// layers ran 1.3-8x faster than the exact float32 convolution (benchmarks/int8_dot.py, session 20).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -101,6 +101,7 @@ struct Job {
   int64_t K64 = 0;         // VNNI: K rounded up to a multiple of 64
   std::vector<uint8_t> xu_store;
   uint8_t* xu = nullptr;   // VNNI: per 8-row block b, [K64 / 64][rows in b][64] x + 128, 64-byte aligned
+  bool panels = false;     // VNNI column panels (else the row paths)
   int64_t Kp = 0, row_chunk = 0, row_chunks = 0;  // panels: K rounded up to 4; rows per work item
   std::vector<uint8_t> xr_store;
   uint8_t* xr = nullptr;   // panels: [M][Kp] x + 128, row-major, zero past K
@@ -265,8 +266,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void PanelSums(const Job&
       cs[p] = _mm512_dpbusd_epi32(cs[p], ones, _mm512_load_si512(P + (k4 * NP + p) * 64));
 }
 
-// Rows m0 .. m0 + MR of y (x's packed rows at xr), columns n0 .. n0 + 16 NP (masked past N), from packed panels P. The
-// accumulators are named one by one (GCC kept arrays of them in memory, storing each every step).
+// Rows m0 .. m0 + MR of y (x's packed rows at xr), columns n0 .. n0 + 16 NP (masked past N), from packed
+// panels P. The accumulators are named one by one (GCC kept arrays of them in memory, storing each every step).
 #define JX_ROW_ACC(r) __m512i a##r##0, a##r##1, a##r##2, a##r##3;
 #define JX_ZERO(r) a##r##0 = a##r##1 = a##r##2 = a##r##3 = _mm512_setzero_si512();
 #define JX_STEP(r)                                                       \
@@ -328,7 +329,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void PanelRows(const Job&
   __m512i cs[NP];
   PanelSums<NP>(j, P, cs);
   int64_t m = m0;
-  for (; m + kPanelRows <= m1; m += kPanelRows, xr += kPanelRows * j.Kp) PanelBlock<kPanelRows, NP>(j, P, cs, xr, m, n0);
+  for (; m + kPanelRows <= m1; m += kPanelRows, xr += kPanelRows * j.Kp)
+    PanelBlock<kPanelRows, NP>(j, P, cs, xr, m, n0);
   static_assert(kPanelRows == 4, "the remainder cases below");
   switch (m1 - m) {
     case 3: PanelBlock<3, NP>(j, P, cs, xr, m, n0); break;
@@ -428,7 +430,7 @@ void Work(Job& j) {
   while (j.packed.load(std::memory_order_acquire) < j.pack_chunks) _mm_pause();  // every row is read below
   thread_local std::vector<uint8_t> kept, kept_rows;  // panels: this thread's packed columns (and patch rows)
   std::vector<uint8_t> own, own_rows;
-  const bool panels = j.Kp > 0;
+  const bool panels = j.panels;
   uint8_t* P = panels ? Scratch(kept, own, j.Kp * 16 * kPanels) : nullptr;
   for (int64_t c; (c = j.next.fetch_add(1, std::memory_order_relaxed)) < j.chunks;) {
     if (panels) {  // work items: row chunks within column chunks
@@ -464,12 +466,15 @@ void Pack(const Job& j, T* out, int64_t Kp, F f) {
   }
 }
 
-
 // y [M, N] = x [M, K] w [N, K]^T, x less its per-row zero point zp (or none); x is a matrix, or the patch
 // matrix of `patches` (then x is null).
 ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, const int32_t* zp, const int8_t* w,
                int32_t* y, int64_t M, int64_t K, int64_t N) {
   if (M == 0 || N == 0) return ffi::Error::Success();
+  if (K == 0) {  // every sum is empty
+    std::fill(y, y + M * N, 0);
+    return ffi::Error::Success();
+  }
   // x - zp must fit int16. A row whose zero point does not (never one of an 8-bit tensor; a NaN row's
   // computed offset, say) is packed with none, and zp * colsum(w) is taken off afterwards.
   auto j = std::make_shared<Job>();
@@ -500,6 +505,7 @@ ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, c
     j->x8 = rows;
   }
   if (panels) {
+    j->panels = true;
     j->Kp = (K + 3) / 4 * 4;
     if (!patches) {  // x packed by every thread first; patches are packed per work item instead
       j->xr = Scratch(t_xr, j->xr_store, M * j->Kp);
