@@ -81,10 +81,10 @@ def conv_general_dilated(lhs: Any, rhs: Any, window_strides: Sequence[int], padd
           "precision": precision, "preferred_element_type": preferred_element_type}
     if F32_KERNEL and _f32_kernel_takes(lhs, rhs, feature_group_count, batch_group_count, lhs_dilation,
                                         preferred_element_type) and rhs.size <= F32_KERNEL_MAX_WEIGHTS:
-        hwio = tuple(dn.rhs_spec) == (3, 2, 0, 1)  # HWIO in memory (ONNX convs' weights after passes.layout)
-        x, w, pads = to_nhwc(lhs, rhs, dn, window_strides, padding, rhs_dilation)
-        if hwio:  # the kernel reads it as it is: no copy of the filter per call
-            w = rhs
+        x, pads = to_nhwc(lhs, rhs, dn, window_strides, padding, rhs_dilation)
+        # an HWIO filter (ONNX convs' weights after passes.layout) is read as it is: no copy per call
+        hwio = tuple(dn.rhs_spec) == (3, 2, 0, 1)
+        w = rhs if hwio else ohwi(rhs, dn)
         y = cpu_kernels.f32_conv(x, w, tuple(window_strides), tuple(rhs_dilation or (1, 1)), pads,
                                  "HWIO" if hwio else "OHWI")
         return from_nhwc(y, dn)
@@ -114,16 +114,20 @@ def _f32_kernel_takes(lhs: jax.Array, rhs: jax.Array, feature_group_count: int, 
 
 
 def to_nhwc(lhs: jax.Array, rhs: jax.Array, dn: Any, strides: Sequence[int], padding: Any,
-            dilation: Sequence[int] | None) -> tuple[jax.Array, jax.Array, tuple[tuple[int, int], ...]]:
-    """A 2-D convolution's operands as our kernels take them: ``lhs`` NHWC, ``rhs`` OHWI (transposed
-    from ``dn``'s layouts; no copy when they are those already) and the padding as (lo, hi) pairs."""
+            dilation: Sequence[int] | None) -> tuple[jax.Array, tuple[tuple[int, int], ...]]:
+    """A 2-D convolution's input as our kernels take it, NHWC (transposed from ``dn``'s layout; no copy
+    when it is that already), and its padding as (lo, hi) pairs (``rhs`` gives the window's size)."""
     x = jnp.transpose(lhs, (dn.lhs_spec[0], dn.lhs_spec[2], dn.lhs_spec[3], dn.lhs_spec[1]))
-    w = jnp.transpose(rhs, (dn.rhs_spec[0], dn.rhs_spec[2], dn.rhs_spec[3], dn.rhs_spec[1]))
     if isinstance(padding, str):
         dilation = tuple(dilation) if dilation is not None else (1, 1)
-        window = [(k - 1) * d + 1 for k, d in zip(w.shape[1:3], dilation)]
+        window = [(rhs.shape[i] - 1) * d + 1 for i, d in zip(dn.rhs_spec[2:], dilation)]
         padding = lax.padtype_to_pads(x.shape[1:3], window, tuple(strides), padding)
-    return x, w, tuple((int(lo), int(hi)) for lo, hi in padding)
+    return x, tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def ohwi(rhs: jax.Array, dn: Any) -> jax.Array:
+    """A 2-D convolution's filter as OHWI (transposed from ``dn``'s layout; no copy when it is that already)."""
+    return jnp.transpose(rhs, (dn.rhs_spec[0], dn.rhs_spec[2], dn.rhs_spec[3], dn.rhs_spec[1]))
 
 
 def from_nhwc(y: jax.Array, dn: Any) -> jax.Array:

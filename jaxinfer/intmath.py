@@ -38,7 +38,7 @@ import numpy as np
 from jax import lax
 
 from . import cpu_kernels
-from .conv_lowering import conv_general_dilated, from_nhwc, to_nhwc
+from .conv_lowering import conv_general_dilated, from_nhwc, ohwi, to_nhwc
 
 #: float32 holds every integer of magnitude below this exactly.
 F32_EXACT = 1 << 24
@@ -346,7 +346,8 @@ def zp_conv(x: Any, x_zp: Any, w: Any, w_zp: Any, window_strides: Sequence[int],
     (x8, sx), (w8, sw) = _int8(x), _int8(w)
     zx = _shifted_zp(x_zp, sx)
     zw = _shifted_zp(w_zp, sw)
-    xn, wn, pads = to_nhwc(x8, w8, dn, window_strides, padding, rhs_dilation)
+    xn, pads = to_nhwc(x8, w8, dn, window_strides, padding, rhs_dilation)
+    wn = ohwi(w8, dn)
     strides = tuple(window_strides)
     dilation = tuple(rhs_dilation) if rhs_dilation is not None else (1, 1)
     nhwc_dn = ("NHWC", "OHWI", "NHWC")

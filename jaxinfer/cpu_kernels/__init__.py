@@ -367,19 +367,28 @@ def int8_conv(x: jax.Array, zp: jax.Array, w: jax.Array, strides: Sequence[int],
         out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, n), jnp.int32)
         return jax.ffi.ffi_call(TARGET_CONV, out)(x, zp.reshape(1), w.reshape(n, kh * kw * c), **attrs)
 
+    return _per_image(kernel, otherwise, x, zp.astype(jnp.int32), w)
+
+
+def _per_image(kernel: Callable[..., jax.Array], otherwise: Callable[..., jax.Array], x: jax.Array,
+               *rest: jax.Array) -> jax.Array:
+    """``kernel(x, *rest)`` on CPU, ``otherwise(x, *rest)`` on other platforms, for a convolution of the
+    images ``x`` [B, H, W, C] -> [B, OH, OW, N]. Under ``jax.vmap`` a batch of images alone is more images
+    for the same kernel call; a batch of anything else is ``otherwise`` per member."""
+
     @jax.custom_batching.custom_vmap
-    def call(x: jax.Array, zp: jax.Array, w: jax.Array) -> jax.Array:
-        return lax.platform_dependent(x, zp, w, cpu=kernel, default=otherwise)
+    def call(x: jax.Array, *rest: jax.Array) -> jax.Array:
+        return lax.platform_dependent(x, *rest, cpu=kernel, default=otherwise)
 
     @call.def_vmap
-    def _vmap(axis_size: int, in_batched: list[bool], x: jax.Array, zp: jax.Array, w: jax.Array):
-        if in_batched[0] and not any(in_batched[1:]):  # more images for the same filter
-            y = call(x.reshape(-1, *x.shape[2:]), zp, w)
+    def _vmap(axis_size: int, in_batched: list[bool], x: jax.Array, *rest: jax.Array):
+        if in_batched[0] and not any(in_batched[1:]):
+            y = call(x.reshape(-1, *x.shape[2:]), *rest)
             return y.reshape(axis_size, x.shape[1], *y.shape[1:]), True
-        x, zp, w = (v if b else jnp.broadcast_to(v, (axis_size,) + v.shape) for v, b in zip((x, zp, w), in_batched))
-        return jax.vmap(otherwise)(x, zp, w), True
+        args = [v if b else jnp.broadcast_to(v, (axis_size,) + v.shape) for v, b in zip((x, *rest), in_batched)]
+        return jax.vmap(otherwise)(*args), True
 
-    return call(x, zp.astype(jnp.int32), w)
+    return call(x, *rest)
 
 
 def _conv_geometry(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int], dilation: Sequence[int],
@@ -431,16 +440,4 @@ def f32_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Seque
         w2 = w.reshape(-1, n) if kn else w.reshape(n, -1)
         return jax.ffi.ffi_call(TARGET_F32_CONV, out)(x, w2, kn=np.int64(kn), **attrs)
 
-    @jax.custom_batching.custom_vmap
-    def call(x: jax.Array, w: jax.Array) -> jax.Array:
-        return lax.platform_dependent(x, w, cpu=kernel, default=xla)
-
-    @call.def_vmap
-    def _vmap(axis_size: int, in_batched: list[bool], x: jax.Array, w: jax.Array):
-        if in_batched[0] and not in_batched[1]:  # more images for the same filter
-            y = call(x.reshape(-1, *x.shape[2:]), w)
-            return y.reshape(axis_size, x.shape[1], *y.shape[1:]), True
-        x, w = (v if b else jnp.broadcast_to(v, (axis_size,) + v.shape) for v, b in zip((x, w), in_batched))
-        return jax.vmap(xla)(x, w), True
-
-    return call(x, w)
+    return _per_image(kernel, xla, x, w)

@@ -303,9 +303,9 @@ template <int MR, int NP>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void PanelBlock(const Job& j, const uint8_t* P,
                                                                      const __m512i (&cs)[NP], const uint8_t* xr,
                                                                      int64_t m0, int64_t n0) {
-  static_assert(MR >= 1 && MR <= 6 && NP >= 1 && NP <= 4, "accumulators named below: 6 rows x 4 panels");
-  JX_ROW_ACC(0) JX_ROW_ACC(1) JX_ROW_ACC(2) JX_ROW_ACC(3) JX_ROW_ACC(4) JX_ROW_ACC(5)
-  JX_ZERO(0) JX_ZERO(1) JX_ZERO(2) JX_ZERO(3) JX_ZERO(4) JX_ZERO(5)
+  static_assert(MR >= 1 && MR <= kPanelRows && NP >= 1 && NP <= kPanels, "accumulators named below: 4 rows x 4 panels");
+  JX_ROW_ACC(0) JX_ROW_ACC(1) JX_ROW_ACC(2) JX_ROW_ACC(3)
+  JX_ZERO(0) JX_ZERO(1) JX_ZERO(2) JX_ZERO(3)
   const int64_t K4 = j.Kp / 4;
   const uint8_t* pp = P;
   for (int64_t k4 = 0; k4 < K4; ++k4, pp += NP * 64) {
@@ -313,9 +313,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void PanelBlock(const Job
     const __m512i b1 = NP > 1 ? _mm512_load_si512(pp + 64) : b0;
     const __m512i b2 = NP > 2 ? _mm512_load_si512(pp + 128) : b0;
     const __m512i b3 = NP > 3 ? _mm512_load_si512(pp + 192) : b0;
-    JX_STEP(0) JX_STEP(1) JX_STEP(2) JX_STEP(3) JX_STEP(4) JX_STEP(5)
+    JX_STEP(0) JX_STEP(1) JX_STEP(2) JX_STEP(3)
   }
-  JX_STORE(0) JX_STORE(1) JX_STORE(2) JX_STORE(3) JX_STORE(4) JX_STORE(5)
+  JX_STORE(0) JX_STORE(1) JX_STORE(2) JX_STORE(3)
 }
 #undef JX_ROW_ACC
 #undef JX_ZERO
