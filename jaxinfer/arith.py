@@ -207,6 +207,9 @@ def _w8a8_dot(lhs: Any, w: W8A8, dims: Any, pet: Any) -> jax.Array:
         dims = ((lc, tuple(1 - a for a in rc)), (lb, tuple(1 - a for a in rb)))
     lhs = jnp.asarray(lhs)
     out_dtype = pet or _float_dtype(lhs)
+    if w.act_scale is None and intmath.native_int8_dots() and _dynamic_rows(lhs, w.w, dims):
+        out = cpu_kernels.int8_dot_dyn(lhs, w.w.qvalue, _dynamic_rows_dot)  # the row scales applied
+        return jnp.multiply(out, jnp.reshape(w.w.scale, (w.w.scale.shape[0],))).astype(out_dtype)
     if w.act_scale is None:
         xq = quantize_rows(lhs, lc)
     else:
@@ -226,6 +229,22 @@ def _rows_by_channels(xq: QArray, w: QArray, dims: Any) -> bool:
             and xq.zero_point is None and w.zero_point is None and xq.qvalue.dtype == jnp.int8
             and w.qvalue.dtype == jnp.int8 and xq.scale.ndim == xq.ndim and xq.scale.shape[-1] == 1
             and w.scale.shape[1] == 1)
+
+
+def _dynamic_rows(lhs: jax.Array, w: QArray, dims: Any) -> bool:
+    """Whether a float32 ``lhs`` [..., K] quantized per row meets a ``[N, K]`` int8 weight with one scale per
+    output channel: the product :func:`jaxinfer.cpu_kernels.int8_dot_dyn` takes whole."""
+    (lc, rc), (lb, rb) = dims
+    return (not lb and not rb and lhs.dtype == jnp.float32 and lhs.ndim >= 1 and tuple(lc) == (lhs.ndim - 1,)
+            and tuple(rc) == (1,) and w.ndim == 2 and w.zero_point is None and w.qvalue.dtype == jnp.int8
+            and w.scale.shape == (w.shape[0], 1))
+
+
+def _dynamic_rows_dot(x: jax.Array, wq: jax.Array) -> jax.Array:
+    """float32 ``x`` [..., K] quantized per row (:func:`quantize_rows`) times int8 ``wq`` [N, K], the int32
+    sums times the row scales: the first steps of :func:`_rows_dot`, which the kernel's fused call reproduces."""
+    xq = quantize_rows(x, (x.ndim - 1,))
+    return jnp.multiply(cpu_kernels.int8_dot(xq.qvalue, wq), xq.scale)
 
 
 def _rows_dot(xq: QArray, w: QArray, out_dtype: Any) -> jax.Array:

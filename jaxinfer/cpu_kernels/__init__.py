@@ -1,11 +1,13 @@
 """Our own XLA CPU kernels (XLA FFI custom calls), built from source on first use.
 
-One kernel so far: :func:`int8_dot`, int8 x int8 -> int32 against a ``[N, K]`` weight
+The first is :func:`int8_dot`, int8 x int8 -> int32 against a ``[N, K]`` weight
 (``int8_dot.cc`` says how), with an AVX-512 VNNI path and an AVX2 one (:func:`isa`). XLA CPU's int8
 library dot is compute-bound far below the memory's speed at few rows; this one is faster at 1-48 rows
 (~20-50x at one row; with VNNI ~2.5-3x at 8 rows), and with VNNI at any number of rows from K >= 128 or
 N <= 64 (1.4-2.9x at 32-8192 rows: ``benchmarks/int8_dot.py``). It is exact: bit-identical int32 sums, so
-every quantized program gives the same answer with it or without.
+every quantized program gives the same answer with it or without. The same product also serves
+:func:`int8_dot_zp` (a zero point per row), :func:`int8_dot_dyn` (float rows quantized inside the call)
+and :func:`int8_conv` (an image's patches); :func:`f32_conv` is a float32 convolution (``f32_conv.cc``).
 
 The kernel is compiled with the host's C++ compiler (``CXX`` or ``g++``) against the XLA FFI headers
 that jaxlib ships, once per source/jax/jaxlib/compiler, into ``$JAXINFER_KERNEL_DIR`` (default
@@ -42,7 +44,7 @@ import numpy as np
 from jax import lax
 
 __all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "available", "f32_conv", "int8_conv", "int8_dot",
-           "int8_dot_zp", "isa", "kernel_dir", "takes"]
+           "int8_dot_dyn", "int8_dot_zp", "isa", "kernel_dir", "takes"]
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +70,9 @@ TARGET = "jaxinfer_int8_dot"
 TARGET_ZP = "jaxinfer_int8_dot_zp"
 TARGET_CONV = "jaxinfer_int8_conv"
 TARGET_F32_CONV = "jaxinfer_f32_conv"
+TARGET_DYN = "jaxinfer_int8_dot_dyn"
 #: Every custom-call target the kernels register (an export must allow each).
-TARGETS = (TARGET, TARGET_ZP, TARGET_CONV, TARGET_F32_CONV)
+TARGETS = (TARGET, TARGET_ZP, TARGET_DYN, TARGET_CONV, TARGET_F32_CONV)
 #: Zero points :func:`int8_dot_zp`'s kernel folds into ``x`` (``x - zp`` fits int16 for every int8 ``x``).
 ZP_RANGE = (-32768 + 128, 32767 - 128)
 #: The kernels' sources, built into one library (``patches.h`` is shared by the convolutions).
@@ -185,6 +188,7 @@ def _load() -> bool:
             return False
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxinferInt8Dot), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_ZP, jax.ffi.pycapsule(lib.JaxinferInt8DotZp), platform="cpu")
+        jax.ffi.register_ffi_target(TARGET_DYN, jax.ffi.pycapsule(lib.JaxinferInt8DotDyn), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_CONV, jax.ffi.pycapsule(lib.JaxinferInt8Conv), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_F32_CONV, jax.ffi.pycapsule(lib.JaxinferF32Conv), platform="cpu")
         global _library
@@ -340,6 +344,31 @@ def _kernel_dot_zp_vmap(axis_size: int, in_batched: list[bool], x: jax.Array, zp
     return jax.vmap(_xla_dot_zp)(x, zp, w), True
 
 
+def int8_dot_dyn(x: jax.Array, w: jax.Array, otherwise: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+    """float32 ``x`` [..., K] quantized to int8 per row at run time, times an int8 weight ``w`` [N, K] ->
+    float32 [..., N]: ``sum_k q[..., k] w[n, k] * sx[...]``, where ``q`` and ``sx`` are ``x``'s rows and
+    their scales as :func:`jaxinfer.arith.quantize_rows` makes them (the weight's scales are the caller's).
+
+    The kernel quantizes the rows, multiplies and scales in one call, where XLA ran ~5 small fusions per
+    product around :func:`int8_dot` (absmax in two stages, the scale, the int8 values, the row scales).
+    ``otherwise(x, w)`` must give the same numbers (the caller's composition of those steps): it runs where
+    :func:`takes` declines the product, on other platforms and under ``jax.vmap`` of ``w``. A row holding
+    NaN gives NaN here; XLA's max over such a row keeps or drops the NaN depending on how it fused it.
+    """
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    if x.dtype != jnp.float32 or w.dtype != jnp.int8 or w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"int8_dot_dyn takes float32 x [..., K] and int8 w [N, K]; got x {x.dtype}{list(x.shape)} "
+                         f"and w {w.dtype}{list(w.shape)}")
+    lead, rows, k, n, kernel = _shape(x, w)
+    if not kernel:
+        return otherwise(x, w)
+
+    def call(x: jax.Array, w: jax.Array) -> jax.Array:
+        return jax.ffi.ffi_call(TARGET_DYN, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))(x, w)
+
+    return _per_leading(call, otherwise, x.reshape(rows, k), w).reshape(*lead, n)
+
+
 def int8_conv(x: jax.Array, zp: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Sequence[int],
               pads: Sequence[tuple[int, int]], otherwise: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
               ) -> jax.Array:
@@ -367,14 +396,15 @@ def int8_conv(x: jax.Array, zp: jax.Array, w: jax.Array, strides: Sequence[int],
         out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, n), jnp.int32)
         return jax.ffi.ffi_call(TARGET_CONV, out)(x, zp.reshape(1), w.reshape(n, kh * kw * c), **attrs)
 
-    return _per_image(kernel, otherwise, x, zp.astype(jnp.int32), w)
+    return _per_leading(kernel, otherwise, x, zp.astype(jnp.int32), w)
 
 
-def _per_image(kernel: Callable[..., jax.Array], otherwise: Callable[..., jax.Array], x: jax.Array,
+def _per_leading(kernel: Callable[..., jax.Array], otherwise: Callable[..., jax.Array], x: jax.Array,
                *rest: jax.Array) -> jax.Array:
-    """``kernel(x, *rest)`` on CPU, ``otherwise(x, *rest)`` on other platforms, for a convolution of the
-    images ``x`` [B, H, W, C] -> [B, OH, OW, N]. Under ``jax.vmap`` a batch of images alone is more images
-    for the same kernel call; a batch of anything else is ``otherwise`` per member."""
+    """``kernel(x, *rest)`` on CPU, ``otherwise(x, *rest)`` on other platforms, for a kernel whose ``x``
+    holds independent items along its leading axis (a convolution's images [B, H, W, C] -> [B, OH, OW,
+    N], a product's rows [M, K] -> [M, N]). Under ``jax.vmap`` a batch of ``x`` alone is more items for
+    the same kernel call; a batch of anything else is ``otherwise`` per member."""
 
     @jax.custom_batching.custom_vmap
     def call(x: jax.Array, *rest: jax.Array) -> jax.Array:
@@ -440,4 +470,4 @@ def f32_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Seque
         w2 = w.reshape(-1, n) if kn else w.reshape(n, -1)
         return jax.ffi.ffi_call(TARGET_F32_CONV, out)(x, w2, kn=np.int64(kn), **attrs)
 
-    return _per_image(kernel, xla, x, w)
+    return _per_leading(kernel, xla, x, w)

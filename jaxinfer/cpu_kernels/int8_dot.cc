@@ -39,10 +39,17 @@
 // flattened filter [N, KH KW C], each work item packing its own rows (at most kPatchRowBytes), so the
 // patch matrix is never written out whole. With VNNI it always takes the panels (from 16 rows): 8-bit
 // layers ran 1.3-8x faster than the exact float32 convolution (benchmarks/int8_dot.py, session 20).
+// "jaxinfer_int8_dot_dyn" takes float32 x and quantizes each row to int8 itself (QuantizeRow: the numbers
+// of jaxinfer.arith.quantize_rows), then runs the same product and leaves float sums times the row scales
+// (RowScale, per finished work item): where XLA ran ~5 small fusions around each dot of an int8-dynamic
+// model (two-stage absmax, the scale, the int8 values, the row scales), 4.4 -> 3.2 ms on the 4-layer
+// d 1024 encoder at 8 tokens (session 21). The weight's scales stay in XLA's fusion with the bias.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <limits>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -106,6 +113,8 @@ struct Job {
   std::vector<uint8_t> xr_store;
   uint8_t* xr = nullptr;   // panels: [M][Kp] x + 128, row-major, zero past K
   const Patches* patches = nullptr;  // x's rows are these patches (x8 is null where the panels take them)
+  const float* sx = nullptr;  // dynamic quantization: per row of x its scale; each finished chunk of y is
+                              // then rewritten in place as float (RowScale)
   int64_t pack_rows = 0, pack_chunks = 0;  // panels: x is packed in chunks of rows first, by every thread
   std::atomic<int64_t> pack_next{0};
   std::atomic<int64_t> packed{0};
@@ -422,6 +431,26 @@ __attribute__((target("avx512f,avx512bw"))) void PackPanelRows(const Job& j, int
 
 thread_local std::vector<int8_t> t_patches;
 
+// y[m, n] for rows m0 .. m1 and columns n0 .. n1, rewritten in place from int32 sums to float sum * sx[m]
+// (the conversion rounds to nearest even, then one rounded product), as XLA computes it in jaxinfer.arith.
+// The weight's scales are left to XLA, which contracts that product with a following bias add.
+__attribute__((target("avx2"))) void RowScale(const Job& j, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    int32_t* yr = j.y + m * j.N;
+    const float s = j.sx[m];
+    const __m256 vs = _mm256_set1_ps(s);
+    int64_t n = n0;
+    for (; n + 8 <= n1; n += 8) {
+      const __m256 v = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(yr + n)));
+      _mm256_storeu_ps(reinterpret_cast<float*>(yr + n), _mm256_mul_ps(v, vs));
+    }
+    for (; n < n1; ++n) {
+      const float f = static_cast<float>(yr[n]) * s;
+      std::memcpy(yr + n, &f, sizeof f);
+    }
+  }
+}
+
 void Work(Job& j) {
   for (int64_t c; (c = j.pack_next.fetch_add(1, std::memory_order_relaxed)) < j.pack_chunks;) {
     PackPanelRows(j, c * j.pack_rows, std::min(j.M, (c + 1) * j.pack_rows), j.xr + c * j.pack_rows * j.Kp);
@@ -442,9 +471,13 @@ void Work(Job& j) {
         PackPanelRows(j, m0, m1, rows);
         xr = rows;
       }
-      Panels(j, P, xr, m0, m1, cc * j.chunk, std::min(j.N, (cc + 1) * j.chunk));
+      const int64_t n0 = cc * j.chunk, n1 = std::min(j.N, (cc + 1) * j.chunk);
+      Panels(j, P, xr, m0, m1, n0, n1);
+      if (j.sx) RowScale(j, m0, m1, n0, n1);
     } else {
-      Columns(j, c * j.chunk, std::min(j.N, (c + 1) * j.chunk));
+      const int64_t n0 = c * j.chunk, n1 = std::min(j.N, (c + 1) * j.chunk);
+      Columns(j, n0, n1);
+      if (j.sx) RowScale(j, 0, j.M, n0, n1);
     }
     j.done.fetch_add(1, std::memory_order_release);
   }
@@ -467,14 +500,16 @@ void Pack(const Job& j, T* out, int64_t Kp, F f) {
 }
 
 // y [M, N] = x [M, K] w [N, K]^T, x less its per-row zero point zp (or none); x is a matrix, or the patch
-// matrix of `patches` (then x is null).
+// matrix of `patches` (then x is null). With row scales sx [M], y is then float (RowScale).
 ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, const int32_t* zp, const int8_t* w,
-               int32_t* y, int64_t M, int64_t K, int64_t N) {
+               int32_t* y, int64_t M, int64_t K, int64_t N, const float* sx = nullptr) {
   if (M == 0 || N == 0) return ffi::Error::Success();
-  if (K == 0) {  // every sum is empty
+  if (K == 0 && !sx) {  // every sum is empty
     std::fill(y, y + M * N, 0);
     return ffi::Error::Success();
   }
+  if (K == 0)
+    return ffi::Error::InvalidArgument("jaxinfer_int8_dot_dyn: K is 0 (jaxinfer takes XLA's dot there)");
   // x - zp must fit int16. A row whose zero point does not (never one of an 8-bit tensor; a NaN row's
   // computed offset, say) is packed with none, and zp * colsum(w) is taken off afterwards.
   auto j = std::make_shared<Job>();
@@ -488,6 +523,7 @@ ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, c
   j->x8 = x;
   j->w = w;
   j->y = y;
+  j->sx = sx;
   j->M = M;
   j->K = K;
   j->N = N;
@@ -575,6 +611,71 @@ ffi::Error Int8DotZp(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<f
   return Run(pool, x.typed_data(), nullptr, zp.typed_data(), w.typed_data(), y->typed_data(), xd[0], xd[1], wd[0]);
 }
 
+constexpr float kRowInvQmax = static_cast<float>(1.0 / 127.5);  // jaxinfer.arith._ROW_INV_QMAX
+constexpr float kTinyScale = 0x1p-63f;  // sqrt of float32's smallest normal: a row under it has scale 1
+
+// One row of x quantized as jaxinfer.arith.quantize_rows does it: scale = max |x| * (1 / 127.5) (1 where
+// that is below kTinyScale), q = clip(round_half_even(x * (1 / scale)), -128, 127). A row holding NaN
+// has a NaN scale; x * (1 / scale) that is NaN (every value then, or inf * 0 in a row holding inf) gives
+// q = 0, as XLA converts NaN to an integer: so the float sums come out as XLA's do, NaN or inf.
+__attribute__((target("avx2"))) float QuantizeRow(const float* x, int64_t K, int8_t* q) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 vmax = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 v = _mm256_loadu_ps(x + k);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    vmax = _mm256_max_ps(vmax, _mm256_and_ps(v, magnitude));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float absmax = 0.0f;
+  for (float v : lanes) absmax = std::max(absmax, v);
+  bool has_nan = _mm256_movemask_ps(nan) != 0;
+  for (; k < K; ++k) {
+    has_nan |= x[k] != x[k];
+    absmax = std::max(absmax, std::fabs(x[k]));
+  }
+  if (has_nan) absmax = std::numeric_limits<float>::quiet_NaN();
+  float scale = absmax * kRowInvQmax;
+  if (scale < kTinyScale) scale = 1.0f;  // false for NaN, as in XLA
+  const float inv = 1.0f / scale;
+  const __m256 vinv = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
+  for (k = 0; k + 8 <= K; k += 8) {
+    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + k), vinv);
+    const __m256 c = _mm256_and_ps(_mm256_min_ps(_mm256_max_ps(v, lo), hi), _mm256_cmp_ps(v, v, _CMP_ORD_Q));
+    const __m256i i = _mm256_cvtps_epi32(c);  // rounds half to even (the default MXCSR mode)
+    const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packs_epi16(w16, w16));
+  }
+  for (; k < K; ++k) {
+    const float v = x[k] * inv;
+    q[k] = v != v ? int8_t{0} : static_cast<int8_t>(std::nearbyint(std::min(std::max(v, -128.0f), 127.0f)));
+  }
+  return scale;
+}
+
+thread_local std::vector<int8_t> t_q8;
+thread_local std::vector<float> t_sx;
+
+// y [M, N] float = x [M, K] float, quantized per row to int8 (QuantizeRow), times w [N, K] int8:
+// sum_k q[m, k] w[n, k] * sx[m], the numbers of jaxinfer.arith's quantize_rows, int32 dot and row scales in
+// one call (XLA took ~5 small fusions per product around the int32 dot).
+ffi::Error Int8DotDyn(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != wd[1] || yd[0] != xd[0] || yd[1] != wd[0])
+    return ffi::Error::InvalidArgument("jaxinfer_int8_dot_dyn: expected x [M, K], w [N, K] and y [M, N]");
+  const int64_t M = xd[0], K = xd[1];
+  std::vector<int8_t> own_q;
+  std::vector<float> own_s;
+  int8_t* q = Scratch(t_q8, own_q, M * K);
+  float* sx = Scratch(t_sx, own_s, M);
+  const float* xs = x.typed_data();
+  for (int64_t m = 0; m < M; ++m) sx[m] = QuantizeRow(xs + m * K, K, q + m * K);
+  return Run(pool, q, nullptr, nullptr, w.typed_data(), reinterpret_cast<int32_t*>(y->typed_data()), M, K, wd[0], sx);
+}
+
 // y [B, OH, OW, N] = the convolution of x [B, H, W, C] less its zero point zp [1] (in int8's range: the
 // padding holds it) with w [N, KH KW C] (an OHWI filter, flattened): the product of x's patch matrix and
 // w, strides (sh, sw), dilations (dh, dw), pt / pl rows / columns of padding before the image (after it:
@@ -621,6 +722,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8DotZp, Int8DotZp,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8DotDyn, Int8DotDyn,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8Conv, Int8Conv,
                               jaxinfer::WithWindowAttrs(ffi::Ffi::Bind()

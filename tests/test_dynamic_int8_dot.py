@@ -1,0 +1,126 @@
+"""The fused dynamic-quantization product (``cpu_kernels.int8_dot_dyn``): float32 rows quantized to int8
+inside the kernel, multiplied and scaled in one call, with the very numbers of jaxinfer's XLA composition
+(``arith.quantize_rows``, the int32 dot, the row scales), so an int8-dynamic model answers the same to the
+last bit with the kernel or without it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+import jaxinfer
+from jaxinfer import arith, cpu_kernels
+from jaxinfer.quant import fixtures
+
+from .test_cpu_kernels import kernel_isa, narrowed  # noqa: F401 (kernel_isa: a fixture, each of the kernel's paths)
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no CPU kernels on this machine "
+                                "(not x86-64 with AVX2, or no C++ compiler)")
+
+
+def _composition(x: jax.Array, w: jax.Array) -> jax.Array:
+    """The XLA steps the kernel replaces, with XLA's own int8 dot (no kernel anywhere)."""
+    xq = arith.quantize_rows(x, (x.ndim - 1,))
+    acc = jax.lax.dot_general(xq.qvalue, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    return jnp.multiply(acc, xq.scale)
+
+
+def _fused(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return np.asarray(jax.jit(lambda x, w: cpu_kernels.int8_dot_dyn(x, w, _composition))(x, w))
+
+
+def _rows(rng: np.random.Generator, m: int, k: int) -> np.ndarray:
+    """Rows of very different magnitudes, one all zero, one under the smallest scale."""
+    x = rng.standard_normal((m, k)).astype(np.float32) * rng.choice([1e-3, 1.0, 50.0], (m, 1)).astype(np.float32)
+    if m > 2:
+        x[1] = 0.0
+        x[2] *= np.float32(1e-30)
+    return x
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 5, 1), (3, 64, 7), (8, 1024, 4096), (17, 100, 100), (64, 1030, 65),
+                                   (130, 1024, 260), (48, 7, 9), (2, 8, 16)])
+def test_same_numbers_as_the_xla_composition(kernel_isa, m, k, n):
+    rng = np.random.default_rng(m * 1000 + k + n)
+    x, w = _rows(rng, m, k), rng.integers(-128, 128, (n, k), dtype=np.int8)
+    np.testing.assert_array_equal(_fused(x, w), np.asarray(jax.jit(_composition)(x, w)))
+
+
+def test_rounding_boundaries_round_half_to_even(kernel_isa):
+    """x * (1 / scale) landing on .5 (and on the clip edges) rounds as jnp.round does: half to even."""
+    x = np.array([[127.5, 0.5, 1.5, 2.5, -0.5, -1.5, -127.5, 126.5, 3.5, -2.5, 0.25, 64.5]], np.float32)
+    w = np.eye(12, dtype=np.int8)
+    got = _fused(x, w)
+    np.testing.assert_array_equal(got, np.asarray(jax.jit(_composition)(x, w)))
+    np.testing.assert_array_equal(got[0], np.clip(np.round(x[0]), -128, 127))  # scale 1: the int8 values
+
+
+def test_non_finite_rows_stay_in_their_row(kernel_isa):
+    """A row holding inf or NaN comes out non-finite; the other rows are exact."""
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal((6, 40)).astype(np.float32), rng.integers(-128, 128, (24, 40), dtype=np.int8)
+    x[2, 5], x[4, 0] = np.inf, np.nan
+    got, want = _fused(x, w), np.asarray(jax.jit(_composition)(x, w))
+    assert np.isnan(got[4]).all() and not np.isfinite(got[2]).all()
+    keep = [0, 1, 3, 5]
+    np.testing.assert_array_equal(got[keep], want[keep])
+
+
+def test_batched_rows_and_vmap():
+    rng = np.random.default_rng(4)
+    x, w = rng.standard_normal((3, 5, 64)).astype(np.float32), rng.integers(-128, 128, (32, 64), dtype=np.int8)
+    want = np.asarray(jax.jit(_composition)(x, w))
+    np.testing.assert_array_equal(_fused(x, w), want)
+    got = jax.jit(jax.vmap(lambda xi: cpu_kernels.int8_dot_dyn(xi, w, _composition)))(x)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    ws = np.stack([w, w[::-1]])  # a batch of weights: the composition per member
+    got = jax.jit(jax.vmap(lambda xi, wi: cpu_kernels.int8_dot_dyn(xi, wi, _composition)))(x[:2], ws)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.vmap(_composition)(x[:2], ws)))
+
+
+def test_declined_shapes_take_the_composition():
+    """Where :func:`cpu_kernels.takes` declines the product (the AVX2 path past MAX_ROWS), XLA's steps run."""
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal((cpu_kernels.MAX_ROWS + 1, 32)).astype(np.float32), np.ones((8, 32), np.int8)
+    fn = jax.jit(lambda x, w: cpu_kernels.int8_dot_dyn(x, w, _composition))
+    with narrowed(1):
+        assert cpu_kernels.TARGET_DYN not in fn.lower(x, w).as_text()
+        np.testing.assert_array_equal(np.asarray(fn(x, w)), np.asarray(jax.jit(_composition)(x, w)))
+
+
+def test_other_backends_lower_to_the_composition():
+    x, w = jnp.zeros((8, 64), jnp.float32), jnp.zeros((32, 64), jnp.int8)
+    fn = jax.jit(lambda x, w: cpu_kernels.int8_dot_dyn(x, w, _composition))
+    for platform in ("cuda", "tpu"):
+        text = export.export(fn, platforms=[platform])(x, w).mlir_module()
+        assert cpu_kernels.TARGET_DYN not in text and "dot_general" in text
+
+
+@pytest.mark.parametrize("x,w,what", [
+    (np.zeros((2, 4), np.int8), np.zeros((3, 4), np.int8), "float32 x"),
+    (np.zeros((2, 4), np.float32), np.zeros((3, 5), np.int8), r"\[3, 5\]"),
+    (np.zeros((2, 4), np.float32), np.zeros((3, 4), np.float32), "int8 w"),
+])
+def test_bad_operands_are_named(x, w, what):
+    with pytest.raises(ValueError, match=what):
+        cpu_kernels.int8_dot_dyn(x, w, _composition)
+
+
+def test_int8_dynamic_encoder_takes_the_fused_kernel_and_keeps_its_answers(monkeypatch):
+    """Every w8a8 product of an int8-dynamic encoder is one fused call, and its output is bit-identical to
+    the program built without our kernels (the weight scales and bias stay in XLA's fusion in both)."""
+    proto = fixtures.encoder(64, 128, 1)
+    base = jaxinfer.load(proto.SerializeToString())
+    feeds = fixtures.inputs(2, 8, 64, seed=1)
+    fused = jaxinfer.quantize(base, "int8-dynamic")
+    text = fused.compiled(feeds)
+    text = getattr(text, "exe", text).as_text()
+    assert text.count(f'custom_call_target="{cpu_kernels.TARGET_DYN}"') == 6  # q, k, v, o, ffn up, ffn down
+    assert f'custom_call_target="{cpu_kernels.TARGET}"' not in text
+    got = fused.run(feeds)["y"]
+    monkeypatch.setattr(cpu_kernels, "takes", lambda *a: False)  # XLA's dots and fusions only
+    plain = jaxinfer.quantize(base, "int8-dynamic")
+    np.testing.assert_array_equal(got, plain.run(feeds)["y"])
