@@ -6,7 +6,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
-import qwix
 
 from .. import arith
 from ..checks import is_real
@@ -51,8 +50,9 @@ class QuantizedModel(Model):
 
 
 def _int8(w: Any, axes: Sequence[int], granularity: str) -> arith.QArray:
-    keep = tuple(axes) if granularity == "per_channel" else ()
-    return qwix.quantize(jnp.asarray(w, jnp.float32), jnp.int8, channelwise_axes=keep)
+    """qwix's int8 array of ``w``, its per-channel (or per-tensor) scales searched for the least squared
+    error (:func:`~jaxinfer.quant.calibrate.weight_int8`)."""
+    return cal.weight_int8(w, tuple(axes) if granularity == "per_channel" else ())
 
 
 def _store_transposed(layer: Layer, w: Any) -> bool:
