@@ -1,7 +1,7 @@
-"""The fused dynamic-quantization product (``cpu_kernels.int8_dot_dyn``): float32 rows quantized to int8
-inside the kernel, multiplied and scaled in one call, with the very numbers of jaxinfer's XLA composition
-(``arith.quantize_rows``, the int32 dot, the row scales), so an int8-dynamic model answers the same to the
-last bit with the kernel or without it."""
+"""The fused dynamic-quantization products: float32 rows quantized to int8 inside the kernel, then the int8
+product, in one call (``cpu_kernels.int8_dot_dyn`` for jaxinfer's int8-dynamic, ``int8_dot_hybrid`` for
+TFLite dynamic-range models), with the very numbers of the XLA compositions they replace, so a model
+answers the same to the last bit with the kernel or without it."""
 
 from __future__ import annotations
 
@@ -124,3 +124,63 @@ def test_int8_dynamic_encoder_takes_the_fused_kernel_and_keeps_its_answers(monke
     monkeypatch.setattr(cpu_kernels, "takes", lambda *a: False)  # XLA's dots and fusions only
     plain = jaxinfer.quantize(base, "int8-dynamic")
     np.testing.assert_array_equal(got, plain.run(feeds)["y"])
+
+
+# ------------------------------------------------------------------ TFLite dynamic-range (hybrid) rows
+def _hybrid_composition(asymmetric: bool):
+    from jaxinfer.converters.tflite import quant as Q
+    from jaxinfer.intmath import zp_matmul
+
+    def f(x, w):
+        q, sf, off = Q.dynamic_quantize_rows(x, asymmetric)
+        return zp_matmul(q, off[:, None] if asymmetric else None, w, None, trans_b=True), sf
+    return f
+
+
+@pytest.mark.parametrize("asymmetric", [True, False], ids=["asymmetric", "symmetric"])
+@pytest.mark.parametrize("m,k,n", [(1, 256, 512), (8, 512, 512), (3, 13, 7), (17, 100, 33), (2, 8, 10)])
+def test_hybrid_rows_same_numbers_as_the_converter(kernel_isa, asymmetric, m, k, n):
+    """Sums and row scales equal the converter's composition (float64 scale and zero point, round half
+    away from zero, the multiply-add XLA contracts) for rows of one sign, both signs, and all zeros."""
+    rng = np.random.default_rng(m + k + n)
+    fn = _hybrid_composition(asymmetric)
+    for trial in range(4):
+        x = (rng.standard_normal((m, k)) * rng.choice([1e-3, 1.0, 30.0])).astype(np.float32)
+        x = np.abs(x) if trial == 1 else -np.abs(x) if trial == 2 else x
+        if trial == 3:
+            x[0] = 0.0
+        w = rng.integers(-127, 128, (n, k), dtype=np.int8)
+        got = jax.jit(lambda x, w: cpu_kernels.int8_dot_hybrid(x, w, asymmetric, fn))(x, w)
+        want = jax.jit(fn)(x, w)
+        for g, e in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
+
+
+def test_hybrid_lowering_and_vmap():
+    fn = _hybrid_composition(True)
+    x, w = np.ones((4, 16), np.float32), np.ones((8, 16), np.int8)
+    call = jax.jit(lambda x, w: cpu_kernels.int8_dot_hybrid(x, w, True, fn))
+    assert cpu_kernels.TARGET_HYBRID in call.lower(x, w).as_text()
+    text = export.export(call, platforms=["cuda"])(x, w).mlir_module()
+    assert cpu_kernels.TARGET_HYBRID not in text
+    xs = np.random.default_rng(0).standard_normal((3, 4, 16)).astype(np.float32)
+    got = jax.jit(jax.vmap(lambda xi: cpu_kernels.int8_dot_hybrid(xi, w, True, fn)))(xs)
+    want = jax.vmap(lambda xi: fn(xi, w))(xs)
+    for g, e in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
+    with pytest.raises(ValueError, match="float32 x"):
+        cpu_kernels.int8_dot_hybrid(x.astype(np.int8), w, True, fn)
+
+
+def test_hybrid_tflite_model_answers_the_same_without_the_kernel(monkeypatch):
+    from tests.fixtures.tflite.make_fixtures import build_hybrid_mlp
+
+    data = build_hybrid_mlp(4)
+    m = jaxinfer.load(data)
+    feeds = {m.inputs[0].name: np.random.default_rng(2).standard_normal((4, 256)).astype(np.float32)}
+    text = m.compiled(feeds)
+    assert getattr(text, "exe", text).as_text().count(cpu_kernels.TARGET_HYBRID) >= 3
+    got = np.asarray(next(iter(m.run(feeds).values())))
+    monkeypatch.setattr(cpu_kernels, "takes", lambda *a: False)
+    plain = jaxinfer.load(data)
+    np.testing.assert_array_equal(got, np.asarray(next(iter(plain.run(feeds).values()))))

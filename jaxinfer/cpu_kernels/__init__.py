@@ -6,7 +6,8 @@ library dot is compute-bound far below the memory's speed at few rows; this one 
 (~20-50x at one row; with VNNI ~2.5-3x at 8 rows), and with VNNI at any number of rows from K >= 128 or
 N <= 64 (1.4-2.9x at 32-8192 rows: ``benchmarks/int8_dot.py``). It is exact: bit-identical int32 sums, so
 every quantized program gives the same answer with it or without. The same product also serves
-:func:`int8_dot_zp` (a zero point per row), :func:`int8_dot_dyn` (float rows quantized inside the call)
+:func:`int8_dot_zp` (a zero point per row), :func:`int8_dot_dyn` and :func:`int8_dot_hybrid` (float rows
+quantized inside the call)
 and :func:`int8_conv` (an image's patches); :func:`f32_conv` is a float32 convolution (``f32_conv.cc``).
 
 The kernel is compiled with the host's C++ compiler (``CXX`` or ``g++``) against the XLA FFI headers
@@ -44,7 +45,7 @@ import numpy as np
 from jax import lax
 
 __all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "available", "f32_conv", "int8_conv", "int8_dot",
-           "int8_dot_dyn", "int8_dot_zp", "isa", "kernel_dir", "takes"]
+           "int8_dot_dyn", "int8_dot_hybrid", "int8_dot_zp", "isa", "kernel_dir", "takes"]
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,9 @@ TARGET_ZP = "jaxinfer_int8_dot_zp"
 TARGET_CONV = "jaxinfer_int8_conv"
 TARGET_F32_CONV = "jaxinfer_f32_conv"
 TARGET_DYN = "jaxinfer_int8_dot_dyn"
+TARGET_HYBRID = "jaxinfer_int8_dot_hybrid"
 #: Every custom-call target the kernels register (an export must allow each).
-TARGETS = (TARGET, TARGET_ZP, TARGET_DYN, TARGET_CONV, TARGET_F32_CONV)
+TARGETS = (TARGET, TARGET_ZP, TARGET_DYN, TARGET_HYBRID, TARGET_CONV, TARGET_F32_CONV)
 #: Zero points :func:`int8_dot_zp`'s kernel folds into ``x`` (``x - zp`` fits int16 for every int8 ``x``).
 ZP_RANGE = (-32768 + 128, 32767 - 128)
 #: The kernels' sources, built into one library (``patches.h`` is shared by the convolutions).
@@ -189,6 +191,7 @@ def _load() -> bool:
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxinferInt8Dot), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_ZP, jax.ffi.pycapsule(lib.JaxinferInt8DotZp), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_DYN, jax.ffi.pycapsule(lib.JaxinferInt8DotDyn), platform="cpu")
+        jax.ffi.register_ffi_target(TARGET_HYBRID, jax.ffi.pycapsule(lib.JaxinferInt8DotHybrid), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_CONV, jax.ffi.pycapsule(lib.JaxinferInt8Conv), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_F32_CONV, jax.ffi.pycapsule(lib.JaxinferF32Conv), platform="cpu")
         global _library
@@ -367,6 +370,42 @@ def int8_dot_dyn(x: jax.Array, w: jax.Array, otherwise: Callable[[jax.Array, jax
         return jax.ffi.ffi_call(TARGET_DYN, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))(x, w)
 
     return _per_leading(call, otherwise, x.reshape(rows, k), w).reshape(*lead, n)
+
+
+def int8_dot_hybrid(x: jax.Array, w: jax.Array, asymmetric: bool,
+                    otherwise: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+                    ) -> tuple[jax.Array, jax.Array]:
+    """A TFLite dynamic-range product: float32 ``x`` [M, K], each row quantized to int8 on the fly as
+    :func:`jaxinfer.converters.tflite.quant.dynamic_quantize_rows` does (``asymmetric``: a zero point per
+    row), times an int8 weight ``w`` [N, K] with zero point 0 -> (the int32 sums ``sum_k (q - offset) w``
+    [M, N], each row's float32 scale [M]); the caller applies the scales, bias and activation.
+
+    One kernel call where XLA ran ~10 small fusions before each dot (min and max in two stages, the
+    float64 scale and zero point, the int8 values). ``otherwise(x, w)`` gives the same pair: where
+    :func:`takes` declines the product, on other platforms and under ``jax.vmap``.
+    """
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    if x.dtype != jnp.float32 or w.dtype != jnp.int8 or x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"int8_dot_hybrid takes float32 x [M, K] and int8 w [N, K]; got x {x.dtype}{list(x.shape)} "
+                         f"and w {w.dtype}{list(w.shape)}")
+    m, k, n = x.shape[0], x.shape[1], w.shape[0]
+    if not takes(m, k, n):
+        return otherwise(x, w)
+
+    def kernel(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+        out = (jax.ShapeDtypeStruct((m, n), jnp.int32), jax.ShapeDtypeStruct((m,), jnp.float32))
+        return tuple(jax.ffi.ffi_call(TARGET_HYBRID, out)(x, w, asymmetric=np.int64(bool(asymmetric))))
+
+    @jax.custom_batching.custom_vmap
+    def call(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return lax.platform_dependent(x, w, cpu=kernel, default=otherwise)
+
+    @call.def_vmap
+    def _vmap(axis_size: int, in_batched: list[bool], x: jax.Array, w: jax.Array):
+        args = [v if b else jnp.broadcast_to(v, (axis_size,) + v.shape) for v, b in zip((x, w), in_batched)]
+        return jax.vmap(otherwise)(*args), (True, True)
+
+    return call(x, w)
 
 
 def int8_conv(x: jax.Array, zp: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Sequence[int],

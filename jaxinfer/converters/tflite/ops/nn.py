@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .... import arith
+from .... import arith, cpu_kernels
 from ....conv_lowering import conv_general_dilated, depthwise_taps, reduce_window
 from ....intmath import exact_conv, exact_dot, zp_conv, zp_matmul
 from ....registry import OpDef, registrar
@@ -361,8 +361,16 @@ def fully_connected(x, w, bias=None, *, fused_activation_function: str = "NONE",
     elif _is_hybrid(x, w, qat(in_q, 1)):
         qw = in_q[1]
         asym = bool(asymmetric_quantize_inputs or hybrid_asymmetric)
-        q, sf, off = Q.dynamic_quantize_rows(x2, asym)
-        acc = zp_matmul(q, off[:, None] if asym else None, w, _zp(qw, (w.shape[0], 1)), trans_b=True)
+        wzp = _zp(qw, (w.shape[0], 1))
+
+        def quantized_dot(x2, w):
+            q, sf, off = Q.dynamic_quantize_rows(x2, asym)
+            return zp_matmul(q, off[:, None] if asym else None, w, wzp, trans_b=True), sf
+
+        if jnp.result_type(x2) == jnp.float32 and wzp is None:  # our CPU kernel quantizes each row itself
+            acc, sf = cpu_kernels.int8_dot_hybrid(x2, jnp.asarray(w), asym, quantized_dot)
+        else:
+            acc, sf = quantized_dot(x2, w)
         ws = np.broadcast_to(qw.scale.astype(np.float32), (w.shape[0],))
         y = acc.astype(jnp.float32) * (sf[:, None] * jnp.asarray(ws)[None, :])
         if bias is not None:
