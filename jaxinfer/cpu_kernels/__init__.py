@@ -7,8 +7,8 @@ library dot is compute-bound far below the memory's speed at few rows; this one 
 N <= 64 (1.4-2.9x at 32-8192 rows: ``benchmarks/int8_dot.py``). It is exact: bit-identical int32 sums, so
 every quantized program gives the same answer with it or without. The same product also serves
 :func:`int8_dot_zp` (a zero point per row), :func:`int8_dot_dyn` and :func:`int8_dot_hybrid` (float rows
-quantized inside the call)
-and :func:`int8_conv` (an image's patches); :func:`f32_conv` is a float32 convolution (``f32_conv.cc``).
+quantized inside the call) and :func:`int8_conv` (an image's patches); :func:`f32_conv` is a float32
+convolution (``f32_conv.cc``).
 
 The kernel is compiled with the host's C++ compiler (``CXX`` or ``g++``) against the XLA FFI headers
 that jaxlib ships, once per source/jax/jaxlib/compiler, into ``$JAXINFER_KERNEL_DIR`` (default
