@@ -37,6 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -254,14 +255,20 @@ def int8_dot(x: jax.Array, w: jax.Array) -> jax.Array:
     The CPU kernel where it is available and ``x`` has at most :data:`MAX_ROWS` rows; otherwise
     ``lax.dot_general``. Both give the same int32 sums.
     """
-    x, w = jnp.asarray(x), jnp.asarray(w)
-    if x.dtype != jnp.int8 or w.dtype != jnp.int8 or w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[1]:
-        raise ValueError(f"int8_dot takes int8 x [..., K] and int8 w [N, K]; got x {x.dtype}{list(x.shape)} "
-                         f"and w {w.dtype}{list(w.shape)}")
+    x, w = _rows_operands("int8_dot", x, w, jnp.int8)
     lead, rows, k, n, kernel = _shape(x, w)
     if not kernel:
         return _xla_dot(x, w)
     return _kernel_dot(x.reshape(rows, k), w).reshape(*lead, n)
+
+
+def _rows_operands(fn: str, x: jax.Array, w: jax.Array, x_dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """``x`` [..., K] of ``x_dtype`` and an int8 weight ``w`` [N, K] as arrays, or ValueError naming ``fn``."""
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    if x.dtype != x_dtype or w.dtype != jnp.int8 or w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"{fn} takes {jnp.dtype(x_dtype).name} x [..., K] and int8 w [N, K]; got x "
+                         f"{x.dtype}{list(x.shape)} and w {w.dtype}{list(w.shape)}")
+    return x, w
 
 
 def _shape(x: jax.Array, w: jax.Array) -> tuple[tuple[int, ...], int, int, int, bool]:
@@ -358,10 +365,7 @@ def int8_dot_dyn(x: jax.Array, w: jax.Array, otherwise: Callable[[jax.Array, jax
     :func:`takes` declines the product, on other platforms and under ``jax.vmap`` of ``w``. A row holding
     NaN gives NaN here; XLA's max over such a row keeps or drops the NaN depending on how it fused it.
     """
-    x, w = jnp.asarray(x), jnp.asarray(w)
-    if x.dtype != jnp.float32 or w.dtype != jnp.int8 or w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[1]:
-        raise ValueError(f"int8_dot_dyn takes float32 x [..., K] and int8 w [N, K]; got x {x.dtype}{list(x.shape)} "
-                         f"and w {w.dtype}{list(w.shape)}")
+    x, w = _rows_operands("int8_dot_dyn", x, w, jnp.float32)
     lead, rows, k, n, kernel = _shape(x, w)
     if not kernel:
         return otherwise(x, w)
