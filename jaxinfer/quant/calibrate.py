@@ -187,18 +187,18 @@ def weight_int8(w: Any, channel_axes: Sequence[int]) -> Any:
     from .. import arith  # arith imports jax; calibrate stays importable without tracing anything
 
     w = np.asarray(w, np.float32)
-    keep = tuple(a % w.ndim for a in channel_axes) if w.ndim else ()
+    keep = tuple(sorted({a % w.ndim for a in channel_axes})) if w.ndim else ()  # rows in the scale's order
     shape = tuple(w.shape[a] if a in keep else 1 for a in range(w.ndim))
     rows = np.moveaxis(w, keep, tuple(range(len(keep)))).reshape(int(np.prod(shape, dtype=np.int64)), -1)
-    if rows.shape[1] == 0:
-        scale = np.ones(shape, np.float32)
-    else:
+    t = np.full(rows.shape[0], 127.0, np.float32)  # scale 1 where a channel is empty or all zero
+    if rows.shape[1]:
         absmax = np.abs(rows).max(axis=1)
-        live = absmax > 0  # an all-zero channel keeps scale 1 (its values are 0 whatever the scale)
-        t = np.ones(absmax.shape, np.float32) * np.float32(127.0)
-        if live.any():
-            t[live] = mse_thresholds(rows[live], absmax[live], WEIGHT_FRACTIONS)
-        scale = (t / np.float32(127.0)).astype(np.float32).reshape(shape)
+        live = np.flatnonzero(absmax > 0)
+        step = max(1, (1 << 22) // rows.shape[1])  # channels per search: a few temporaries of 16 MB at most
+        for i in range(0, live.size, step):
+            part = live[i:i + step]
+            t[part] = mse_thresholds(rows[part], absmax[part], WEIGHT_FRACTIONS)
+    scale = (t / np.float32(127.0)).astype(np.float32).reshape(shape)
     q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
     return arith.QArray(jnp.asarray(q), jnp.asarray(scale), None, jnp.int8)
 

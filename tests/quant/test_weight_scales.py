@@ -69,3 +69,15 @@ def test_quantized_models_carry_the_searched_scales(method):
     scale = np.asarray(qa.scale).reshape(-1)
     want = cal.weight_int8(w, (1,))
     np.testing.assert_array_equal(scale, np.asarray(want.scale).reshape(-1))
+
+
+def test_several_channel_axes_in_any_order():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((4, 5, 6)).astype(np.float32) * rng.uniform(0.1, 3, (4, 1, 6)).astype(np.float32)
+    a, b = cal.weight_int8(w, (2, 0)), cal.weight_int8(w, (0, -1))
+    assert a.scale.shape == (4, 1, 6)
+    np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale))
+    for i in range(4):
+        for j in range(6):
+            one = cal.weight_int8(w[i, :, j][None, :], (0,))
+            np.testing.assert_array_equal(np.asarray(a.scale)[i, 0, j], np.asarray(one.scale)[0, 0])
