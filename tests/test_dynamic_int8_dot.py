@@ -184,3 +184,16 @@ def test_hybrid_tflite_model_answers_the_same_without_the_kernel(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "takes", lambda *a: False)
     plain = jaxinfer.load(data)
     np.testing.assert_array_equal(got, np.asarray(next(iter(plain.run(feeds).values()))))
+
+
+@pytest.mark.parametrize("asymmetric", [True, False], ids=["asymmetric", "symmetric"])
+def test_hybrid_rows_with_nan_or_inf_leave_the_other_rows_alone(asymmetric):
+    rng = np.random.default_rng(7)
+    x, w = rng.standard_normal((5, 40)).astype(np.float32), rng.integers(-127, 128, (9, 40), dtype=np.int8)
+    x[1, 3], x[3, 0] = np.nan, -np.inf
+    fn = _hybrid_composition(asymmetric)
+    got = jax.jit(lambda x, w: cpu_kernels.int8_dot_hybrid(x, w, asymmetric, fn))(x, w)
+    want = jax.jit(fn)(x, w)
+    keep = [0, 2, 4]
+    for g, e in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g)[keep], np.asarray(e)[keep])

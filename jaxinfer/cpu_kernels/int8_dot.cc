@@ -52,9 +52,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <limits>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -619,8 +619,9 @@ constexpr float kTinyScale = 0x1p-63f;  // sqrt of float32's smallest normal: a 
 
 // One row of x quantized as jaxinfer.arith.quantize_rows does it: scale = max |x| * (1 / 127.5) (1 where
 // that is below kTinyScale), q = clip(round_half_even(x * (1 / scale)), -128, 127). A row holding NaN
-// has a NaN scale; x * (1 / scale) that is NaN (every value then, or inf * 0 in a row holding inf) gives
-// q = 0, as XLA converts NaN to an integer: so the float sums come out as XLA's do, NaN or inf.
+// has a NaN scale, so its outputs are NaN; x * (1 / scale) that is NaN (inf * 0 in a row holding inf)
+// gives q = 0, as XLA converts NaN to an integer. (XLA's own max over a row holding NaN keeps or drops
+// the NaN depending on the fusion; finite rows come out the same either way.)
 __attribute__((target("avx2"))) float QuantizeRow(const float* x, int64_t K, int8_t* q) {
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   __m256 vmax = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
@@ -717,7 +718,7 @@ __attribute__((target("avx2,fma"))) float HybridRow(const float* x, int64_t K, b
     const double zp_min = -128.0 - rmin / sd, zp_max = 127.0 - rmax / sd;
     const double zpd = 128.0 + std::fabs(rmin / sd) < 127.0 + std::fabs(rmax / sd) ? zp_min : zp_max;
     const double nudged = zpd <= -128.0 ? -128.0 : zpd >= 127.0 ? 127.0 : std::copysign(std::floor(std::fabs(zpd) + 0.5), zpd);
-    *offset = zero ? 0 : static_cast<int32_t>(nudged);
+    *offset = zero || !std::isfinite(nudged) ? 0 : static_cast<int32_t>(nudged);  // NaN rows: garbage, not UB
     scale = zero ? 1.0f : static_cast<float>(sd);
     inv = static_cast<float>(1.0 / static_cast<double>(scale));
     qmin = -128.0f;
@@ -741,7 +742,7 @@ __attribute__((target("avx2,fma"))) float HybridRow(const float* x, int64_t K, b
   }
   for (; k < K; ++k) {
     const float v = asymmetric ? std::fma(x[k], inv, off) : x[k] * inv;
-    q[k] = static_cast<int8_t>(std::min(std::max(RoundHalfAway(v), qmin), 127.0f));
+    q[k] = v != v ? int8_t{0} : static_cast<int8_t>(std::min(std::max(RoundHalfAway(v), qmin), 127.0f));
   }
   return scale;
 }
