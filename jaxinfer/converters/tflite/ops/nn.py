@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .... import arith, cpu_kernels
+from .... import arith, cpu_kernels, intmath
 from ....conv_lowering import conv_general_dilated, depthwise_taps, reduce_window
 from ....intmath import exact_conv, exact_dot, zp_conv, zp_matmul
 from ....registry import OpDef, registrar
@@ -367,7 +367,7 @@ def fully_connected(x, w, bias=None, *, fused_activation_function: str = "NONE",
             q, sf, off = Q.dynamic_quantize_rows(x2, asym)
             return zp_matmul(q, off[:, None] if asym else None, w, wzp, trans_b=True), sf
 
-        if jnp.result_type(x2) == jnp.float32 and wzp is None:  # our CPU kernel quantizes each row itself
+        if jnp.result_type(x2) == jnp.float32 and wzp is None and intmath.native_int8_dots():  # kernel quantizes
             acc, sf = cpu_kernels.int8_dot_hybrid(x2, jnp.asarray(w), asym, quantized_dot)
         else:
             acc, sf = quantized_dot(x2, w)
