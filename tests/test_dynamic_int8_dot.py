@@ -197,3 +197,45 @@ def test_hybrid_rows_with_nan_or_inf_leave_the_other_rows_alone(asymmetric):
     keep = [0, 2, 4]
     for g, e in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g)[keep], np.asarray(e)[keep])
+
+
+# ------------------------------------------------------------------ ONNX DynamicQuantizeLinear
+def _dql():
+    from jaxinfer.converters.onnx.ops import quant as onnx_quant
+
+    return onnx_quant._dynamic_quantize
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (8, 16, 128), (2, 64, 33)])
+def test_dynamic_quantize_linear_same_numbers_as_the_converter(shape):
+    """uint8 values, scale and zero point equal the converter's XLA composition (float64 quotients, true
+    division, round half to even) for mixed, one-signed, all-zero and tie-laden tensors."""
+    rng = np.random.default_rng(len(shape) * 100 + shape[-1])
+    fn = _dql()
+    for trial in range(5):
+        x = (rng.standard_normal(shape) * rng.choice([1e-4, 1.0, 100.0])).astype(np.float32)
+        x = np.abs(x) if trial == 1 else -np.abs(x) if trial == 2 else x
+        if trial == 3:
+            x[...] = 0.0
+        if trial == 4:
+            x = np.round(x * 4) / 4  # many values on .5 steps of the scale
+        got = jax.jit(lambda x: cpu_kernels.dynamic_quantize_u8(x, fn))(x)
+        want = jax.jit(fn)(x)
+        for g, e in zip(got, want):
+            assert np.asarray(g).dtype == np.asarray(e).dtype and np.shape(g) == np.shape(e)
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
+
+
+def test_dynamic_quantize_linear_onnx_tie_case_and_routes():
+    fn = _dql()
+    tie = np.array([0, 2, -3, -2.5, 1.34, 0.5], np.float32)  # the ONNX backend case: -2.5 / (5 / 255)
+    call = jax.jit(lambda x: cpu_kernels.dynamic_quantize_u8(x, fn))
+    assert list(np.asarray(call(tie)[0])) == [153, 255, 0, 26, 221, 179]
+    assert cpu_kernels.TARGET_DQL in call.lower(tie).as_text()
+    big = np.ones(cpu_kernels.DQL_MAX_ELEMENTS + 1, np.float32)
+    assert cpu_kernels.TARGET_DQL not in call.lower(big).as_text()  # XLA's parallel loops
+    assert cpu_kernels.TARGET_DQL not in export.export(call, platforms=["cuda"])(tie).mlir_module()
+    xs = np.random.default_rng(1).standard_normal((3, 10)).astype(np.float32)
+    got = jax.jit(jax.vmap(lambda x: cpu_kernels.dynamic_quantize_u8(x, fn)))(xs)
+    for g, e in zip(got, jax.vmap(fn)(xs)):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(e))

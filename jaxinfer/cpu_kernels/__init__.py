@@ -46,7 +46,7 @@ import numpy as np
 from jax import lax
 
 __all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "available", "f32_conv", "int8_conv", "int8_dot",
-           "int8_dot_dyn", "int8_dot_hybrid", "int8_dot_zp", "isa", "kernel_dir", "takes"]
+           "dynamic_quantize_u8", "int8_dot_dyn", "int8_dot_hybrid", "int8_dot_zp", "isa", "kernel_dir", "takes"]
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,9 @@ TARGET_CONV = "jaxinfer_int8_conv"
 TARGET_F32_CONV = "jaxinfer_f32_conv"
 TARGET_DYN = "jaxinfer_int8_dot_dyn"
 TARGET_HYBRID = "jaxinfer_int8_dot_hybrid"
+TARGET_DQL = "jaxinfer_dynamic_quantize"
 #: Every custom-call target the kernels register (an export must allow each).
-TARGETS = (TARGET, TARGET_ZP, TARGET_DYN, TARGET_HYBRID, TARGET_CONV, TARGET_F32_CONV)
+TARGETS = (TARGET, TARGET_ZP, TARGET_DYN, TARGET_HYBRID, TARGET_DQL, TARGET_CONV, TARGET_F32_CONV)
 #: Zero points :func:`int8_dot_zp`'s kernel folds into ``x`` (``x - zp`` fits int16 for every int8 ``x``).
 ZP_RANGE = (-32768 + 128, 32767 - 128)
 #: The kernels' sources, built into one library (``patches.h`` is shared by the convolutions).
@@ -193,6 +194,7 @@ def _load() -> bool:
         jax.ffi.register_ffi_target(TARGET_ZP, jax.ffi.pycapsule(lib.JaxinferInt8DotZp), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_DYN, jax.ffi.pycapsule(lib.JaxinferInt8DotDyn), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_HYBRID, jax.ffi.pycapsule(lib.JaxinferInt8DotHybrid), platform="cpu")
+        jax.ffi.register_ffi_target(TARGET_DQL, jax.ffi.pycapsule(lib.JaxinferDynamicQuantize), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_CONV, jax.ffi.pycapsule(lib.JaxinferInt8Conv), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_F32_CONV, jax.ffi.pycapsule(lib.JaxinferF32Conv), platform="cpu")
         global _library
@@ -410,6 +412,38 @@ def int8_dot_hybrid(x: jax.Array, w: jax.Array, asymmetric: bool,
         return jax.vmap(otherwise)(*args), (True, True)
 
     return call(x, w)
+
+
+#: Largest tensor :func:`dynamic_quantize_u8` quantizes in the kernel (one thread, two passes); XLA's
+#: parallel loops take larger ones.
+DQL_MAX_ELEMENTS = 1 << 18
+
+
+def dynamic_quantize_u8(x: jax.Array, otherwise: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """ONNX ``DynamicQuantizeLinear`` of a float32 tensor -> (uint8 values, float32 scale, uint8 zero point),
+    the numbers of ``otherwise(x)`` (the converter's XLA composition, which runs on other platforms, under
+    ``jax.vmap``, and for tensors past :data:`DQL_MAX_ELEMENTS` or empty): one kernel call where XLA ran the
+    range as two two-stage reductions, the scale and zero point, and the values (~6 thunks)."""
+    x = jnp.asarray(x)
+    if x.dtype != jnp.float32 or not 0 < x.size <= DQL_MAX_ELEMENTS or not available():
+        return otherwise(x)
+
+    def kernel(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        out = (jax.ShapeDtypeStruct((x.size,), jnp.uint8), jax.ShapeDtypeStruct((1,), jnp.float32),
+               jax.ShapeDtypeStruct((1,), jnp.uint8))
+        y, s, z = jax.ffi.ffi_call(TARGET_DQL, out)(x.reshape(-1))
+        return y.reshape(x.shape), s.reshape(()), z.reshape(())
+
+    @jax.custom_batching.custom_vmap
+    def call(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return lax.platform_dependent(x, cpu=kernel, default=otherwise)
+
+    @call.def_vmap
+    def _vmap(axis_size: int, in_batched: list[bool], x: jax.Array):
+        return jax.vmap(otherwise)(x), (True, True, True)
+
+    return call(x)
 
 
 def int8_conv(x: jax.Array, zp: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Sequence[int],

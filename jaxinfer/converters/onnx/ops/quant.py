@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .... import cpu_kernels, intmath
 from ....intmath import abs_bound, divide, quotient, zero_point, zp_conv, zp_matmul
 from ....registry import OpDef, registrar
 from ._util import auto_pads, axis as norm_axis, dtype_of
@@ -136,7 +137,15 @@ def dequantize_linear(x, x_scale, x_zero_point=None, *, axis: int = 1, block_siz
 
 @op("DynamicQuantizeLinear", 11)
 def dynamic_quantize_linear(x):
-    """https://onnx.ai/onnx/operators/onnx__DynamicQuantizeLinear.html (uint8, range always includes 0)."""
+    """https://onnx.ai/onnx/operators/onnx__DynamicQuantizeLinear.html (uint8, range always includes 0); a
+    float32 tensor of moderate size in one call of our CPU kernel, with the same numbers."""
+    x = jnp.asarray(x)
+    if x.dtype == jnp.float32 and intmath.ieee_division():  # the kernel divides as written, like XLA CPU
+        return cpu_kernels.dynamic_quantize_u8(x, _dynamic_quantize)
+    return _dynamic_quantize(x)
+
+
+def _dynamic_quantize(x):
     x = jnp.asarray(x)
     hi = jnp.maximum(jnp.max(x), 0.0).astype(jnp.float32)
     lo = jnp.minimum(jnp.min(x), 0.0).astype(jnp.float32)
