@@ -53,6 +53,9 @@ class W8A8:
       w: the int8 weight (values + per-output-channel scales).
       act_scale: ``None`` for dynamic quantization (per-row absmax at run time), else the
         calibrated per-tensor activation scale (a float32 scalar array): static.
+      act_unsigned: a static activation calibrated non-negative (after a ReLU, say): quantized over
+        ``[0, 255 * act_scale]`` as int8 with zero point -128 (:data:`UNSIGNED_ZP`), 256 steps where
+        symmetric int8 gives such values 128.
       transposed: a 2-D ``[K, N]`` weight stored as ``[N, K]`` (``w`` holds the transpose, its
         scales on axis 0). Few-row products stream such a weight 1.3-1.4x faster on XLA CPU
         (each output's K values contiguous; 8 rows x 1024 x 4096, weights from DRAM);
@@ -62,6 +65,7 @@ class W8A8:
     w: QArray
     act_scale: jax.Array | None = None
     transposed: bool = field(default=False, metadata={"static": True})
+    act_unsigned: bool = field(default=False, metadata={"static": True})
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -159,11 +163,30 @@ def quantize_rows(x: jax.Array, axes: Sequence[int]) -> QArray:
     return QArray(q, scale, None, jnp.int8)
 
 
-def quantize_static(x: jax.Array, scale: jax.Array) -> QArray:
-    """Static symmetric int8 of an activation with a calibrated per-tensor scale (clipped)."""
+#: The zero point of an unsigned static activation (:attr:`W8A8.act_unsigned`): ``x / scale`` in [0, 255]
+#: becomes int8 ``x / scale - 128``.
+UNSIGNED_ZP = -128
+
+
+def quantize_static(x: jax.Array, scale: jax.Array, unsigned: bool = False) -> QArray:
+    """Static int8 of an activation with a calibrated per-tensor scale (clipped): symmetric, or for a
+    non-negative activation (``unsigned``) ``round(x / scale) - 128`` with zero point :data:`UNSIGNED_ZP`
+    (the QArray's ``zero_point``; only jaxinfer's own products read it, see :func:`dequantize_act`)."""
     s = jnp.asarray(scale, x.dtype)
-    q = jnp.clip(jnp.round(x / s), -127, 127).astype(jnp.int8)
-    return QArray(q, jnp.broadcast_to(s, (1,) * x.ndim), None, jnp.int8)
+    ones = (1,) * x.ndim
+    if not unsigned:
+        q = jnp.clip(jnp.round(x / s), -127, 127).astype(jnp.int8)
+        return QArray(q, jnp.broadcast_to(s, ones), None, jnp.int8)
+    q = jnp.clip(jnp.round(x / s) + UNSIGNED_ZP, -128, 127).astype(jnp.int8)
+    return QArray(q, jnp.broadcast_to(s, ones), np.full(ones, UNSIGNED_ZP, np.int32), jnp.int8)  # a constant
+
+
+def dequantize_act(xq: QArray, dtype: Any) -> jax.Array:
+    """An activation's int8 values back as ``dtype``: ``(q - zero_point) * scale``, exact integers times
+    the scale (qwix's own dequantize is not asked about zero points)."""
+    if xq.zero_point is None:
+        return qwix.dequantize(xq).astype(dtype)
+    return ((xq.qvalue.astype(jnp.int32) - xq.zero_point).astype(dtype) * xq.scale.astype(dtype)).astype(dtype)
 
 
 # ------------------------------------------------------------------------ dot_general
@@ -213,11 +236,13 @@ def _w8a8_dot(lhs: Any, w: W8A8, dims: Any, pet: Any) -> jax.Array:
     if w.act_scale is None:
         xq = quantize_rows(lhs, lc)
     else:
-        xq = quantize_static(lhs, w.act_scale)
-    if not intmath.native_int8_dots():  # the int8 activation's values, the int8 weight into a float dot
-        return _weight_only_dot(qwix.dequantize(xq).astype(out_dtype), w.w, dims, PRECISION, out_dtype)
-    if _rows_by_channels(xq, w.w, dims):
+        xq = quantize_static(lhs, w.act_scale, w.act_unsigned)
+    if _rows_by_channels(xq, w.w, dims) and intmath.native_int8_dots():
         return _rows_dot(xq, w.w, out_dtype)
+    if not intmath.native_int8_dots() or xq.zero_point is not None:
+        # the int8 activation's values (exact in float), the int8 weight into a float dot: where int8 dots
+        # are not trusted, and for an unsigned activation outside the rows-by-channels product
+        return _weight_only_dot(dequantize_act(xq, out_dtype), w.w, dims, PRECISION, out_dtype)
     return qwix.dot_general(xq, w.w, dims, preferred_element_type=out_dtype)
 
 
@@ -226,7 +251,8 @@ def _rows_by_channels(xq: QArray, w: QArray, dims: Any) -> bool:
     scale per output channel: the product :func:`_rows_dot` computes."""
     (lc, rc), (lb, rb) = dims
     return (not lb and not rb and tuple(lc) == (xq.ndim - 1,) and tuple(rc) == (1,) and w.ndim == 2
-            and xq.zero_point is None and w.zero_point is None and xq.qvalue.dtype == jnp.int8
+            and (xq.zero_point is None or xq.zero_point.size == 1) and w.zero_point is None
+            and xq.qvalue.dtype == jnp.int8
             and w.qvalue.dtype == jnp.int8 and xq.scale.ndim == xq.ndim and xq.scale.shape[-1] == 1
             and w.scale.shape[1] == 1)
 
@@ -250,7 +276,11 @@ def _dynamic_rows_dot(x: jax.Array, wq: jax.Array) -> jax.Array:
 def _rows_dot(xq: QArray, w: QArray, out_dtype: Any) -> jax.Array:
     """``xq @ w.T`` as qwix's fast path computes it (int32 sums, then the row scales, then the channel
     scales), the int32 sums from :func:`jaxinfer.cpu_kernels.int8_dot` (few rows on XLA CPU: our kernel)."""
-    acc = cpu_kernels.int8_dot(xq.qvalue, w.qvalue)
+    if xq.zero_point is None:
+        acc = cpu_kernels.int8_dot(xq.qvalue, w.qvalue)
+    else:  # one zero point for the tensor (an unsigned static activation), subtracted in the kernel's pass
+        zp = jnp.broadcast_to(jnp.reshape(xq.zero_point, ()).astype(jnp.int32), xq.qvalue.shape[:-1])
+        acc = cpu_kernels.int8_dot_zp(xq.qvalue, zp, w.qvalue)
     out = jnp.multiply(acc, xq.scale)
     out = jnp.multiply(out, jnp.reshape(w.scale, (w.scale.shape[0],)))
     return out.astype(out_dtype)
@@ -290,10 +320,11 @@ def einsum(equation: str, *operands: Any) -> jax.Array:
             ops.append(o)
         elif w8a8 is not None:
             x = jnp.asarray(o)
-            xq = (quantize_static(x, w8a8.act_scale) if w8a8.act_scale is not None
+            xq = (quantize_static(x, w8a8.act_scale, w8a8.act_unsigned) if w8a8.act_scale is not None
                   else quantize_rows(x, range(x.ndim)))  # one scale for the tensor
-            # no int8 x int8 einsum where int8 dots are not trusted: the quantized values, in float
-            ops.append(xq if intmath.native_int8_dots() else qwix.dequantize(xq).astype(x.dtype))
+            # no int8 x int8 einsum where int8 dots are not trusted (nor with a zero point): the values in float
+            native = intmath.native_int8_dots() and xq.zero_point is None
+            ops.append(xq if native else dequantize_act(xq, x.dtype))
         else:
             ops.append(o)
     return qwix.einsum(equation, *ops, preferred_element_type=jnp.float32)
@@ -321,14 +352,14 @@ def conv(lhs: Any, rhs: Any, window_strides: Sequence[int], padding: Any, *, lhs
             batch = _batch_axis(dimension_numbers, x.ndim)
             xq = quantize_rows(x, [a for a in range(x.ndim) if a != batch])  # one scale per sample
         else:
-            xq = quantize_static(x, rhs.act_scale)
+            xq = quantize_static(x, rhs.act_scale, rhs.act_unsigned)
         if jax.default_backend() != "tpu":
             y = _exact_w8a8_conv(xq, untransposed(rhs), window_strides, padding, out_dtype, kw)
             if y is not None:
                 return y
-        if not intmath.native_int8_dots():  # XLA GPU: no integer convolutions
+        if not intmath.native_int8_dots() or xq.zero_point is not None:  # XLA GPU: no integer convolutions
             return conv_lowering.conv_general_dilated(
-                qwix.dequantize(xq).astype(out_dtype), qwix.dequantize(untransposed(rhs)).astype(out_dtype),
+                dequantize_act(xq, out_dtype), qwix.dequantize(untransposed(rhs)).astype(out_dtype),
                 window_strides, padding, precision=PRECISION, preferred_element_type=out_dtype, **kw)
         return qwix.conv_general_dilated(xq, untransposed(rhs), window_strides, padding, preferred_element_type=out_dtype,
                                          **kw)
@@ -343,19 +374,22 @@ def conv(lhs: Any, rhs: Any, window_strides: Sequence[int], padding: Any, *, lhs
 
 def _exact_w8a8_conv(xq: QArray, wq: QArray, window_strides: Sequence[int], padding: Any, out_dtype: Any,
                      kw: dict[str, Any]) -> jax.Array | None:
-    """Symmetric int8 x int8 conv, exact int32 sums, then the per-sample and per-channel scales.
+    """int8 x int8 conv (the activation symmetric, or with one constant zero point), exact int32 sums, then
+    the per-sample and per-channel scales.
 
-    None when the operands are outside what this handles (zero points, scales along other axes,
+    None when the operands are outside what this handles (weight zero points, scales along other axes,
     lhs dilation or batch groups): the caller then uses qwix.
     """
     lhs_dilated = kw["lhs_dilation"] is not None and any(d != 1 for d in kw["lhs_dilation"])
-    if xq.zero_point is not None or wq.zero_point is not None or lhs_dilated or kw["batch_group_count"] != 1:
+    x_zp = None if xq.zero_point is None else xq.zero_point.reshape(())  # a numpy constant: the kernel takes it
+    if ((xq.zero_point is not None and xq.zero_point.size != 1) or wq.zero_point is not None or lhs_dilated
+            or kw["batch_group_count"] != 1):
         return None
     dn = lax.conv_dimension_numbers(xq.qvalue.shape, wq.qvalue.shape, kw["dimension_numbers"])
     xs, ws = _scale_along(xq.scale, dn.lhs_spec[0]), _scale_along(wq.scale, dn.rhs_spec[0])
     if xs is None or ws is None:
         return None
-    acc = intmath.zp_conv(xq.qvalue, None, wq.qvalue, None, window_strides, padding, bound=128 * 128,
+    acc = intmath.zp_conv(xq.qvalue, x_zp, wq.qvalue, None, window_strides, padding, bound=255 * 128,
                           dimension_numbers=dn, rhs_dilation=kw["rhs_dilation"],
                           feature_group_count=kw["feature_group_count"])
     ndim = acc.ndim
@@ -385,4 +419,4 @@ def _batch_axis(dimension_numbers: Any, ndim: int) -> int:
 
 
 __all__ = ["PRECISION", "QArray", "W8A8", "conv", "dot_general", "einsum", "is_quantized", "kind", "untransposed",
-           "matmul", "nbytes", "quantize_rows", "quantize_static"]
+           "matmul", "nbytes", "quantize_rows", "quantize_static", "dequantize_act", "UNSIGNED_ZP"]

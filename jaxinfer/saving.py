@@ -146,7 +146,7 @@ def _qarray_spec(q: arith.QArray, leaves: dict[str, Any], prefix: str) -> dict[s
 def _param_spec(value: Any, leaves: dict[str, Any], key: str) -> dict[str, Any]:
     if isinstance(value, arith.W8A8):
         spec = {"kind": "w8a8", "w": _qarray_spec(value.w, leaves, key + "w"), "act_scale": None,
-                "transposed": value.transposed}
+                "transposed": value.transposed, "act_unsigned": value.act_unsigned}
         if value.act_scale is not None:
             spec["act_scale"] = key + "a"
             leaves[key + "a"] = value.act_scale
@@ -165,7 +165,8 @@ def _qarray_from(spec: Mapping[str, Any], leaves: Mapping[str, Any]) -> arith.QA
 def _param_from(spec: Mapping[str, Any], leaves: Mapping[str, Any]) -> Any:
     if spec["kind"] == "w8a8":
         a = leaves[spec["act_scale"]] if spec.get("act_scale") else None
-        return arith.W8A8(_qarray_from(spec["w"], leaves), a, bool(spec.get("transposed", False)))
+        return arith.W8A8(_qarray_from(spec["w"], leaves), a, bool(spec.get("transposed", False)),
+                          bool(spec.get("act_unsigned", False)))
     if spec["kind"] == "qarray":
         return _qarray_from(spec, leaves)
     return leaves[spec["leaf"]]

@@ -61,15 +61,17 @@ def _store_transposed(layer: Layer, w: Any) -> bool:
 
 
 def layer_param(layer: Layer, w: Any, how: str, granularity: str = "per_channel",
-                act_scale: float | None = None) -> Any:
-    """The param a layer's weight becomes under ``how``."""
+                act_scale: float | None = None, act_unsigned: bool = False) -> Any:
+    """The param a layer's weight becomes under ``how`` (``act_unsigned``: int8-static's activation is
+    non-negative, see :attr:`~jaxinfer.arith.W8A8.act_unsigned`)."""
     if how == "int8-weight":
         return _int8(w, layer.channel_axes, granularity)
     if how in ("int8-dynamic", "int8-static"):
         scale = None if how == "int8-dynamic" else jnp.asarray(act_scale, jnp.float32)
+        unsigned = scale is not None and act_unsigned
         if _store_transposed(layer, w):
-            return arith.W8A8(_int8(jnp.asarray(w).T, (0,), granularity), scale, transposed=True)
-        return arith.W8A8(_int8(w, layer.channel_axes, granularity), scale)
+            return arith.W8A8(_int8(jnp.asarray(w).T, (0,), granularity), scale, transposed=True, act_unsigned=unsigned)
+        return arith.W8A8(_int8(w, layer.channel_axes, granularity), scale, act_unsigned=unsigned)
     if how in ("bf16", "fp16"):
         return jnp.asarray(w).astype(precision.low_dtype(how))
     if how == "f32":
@@ -152,16 +154,20 @@ def quantize(model: Model, method: str, *, exclude: Sequence[str] = (), calibrat
         q.quant_report = _report(model, q, method, layers, skipped, how, shown)
         return q
     scales: dict[str, float] = {}
+    positive: set[str] = set()
     if method == "int8-static":
         acts = {layer.weight: layer_input(model, layer) for layer in layers}
         readers: dict[str, list[str]] = {}
         for layer in layers:
             readers.setdefault(acts[layer.weight], []).append(layer.node)
         obs = cal.observe(model, list(readers), data, readers=readers)
-        per_value = cal.act_scales(obs, observer, percentile, readers)
+        unsigned = cal.nonnegative(obs)
+        per_value = cal.act_scales(obs, observer, percentile, readers, unsigned)
         scales = {w: per_value[a] for w, a in acts.items()}
+        positive = {w for w, a in acts.items() if a in unsigned}
     for layer in layers:
-        params[layer.weight] = layer_param(layer, model.params[layer.weight], method, granularity, scales.get(layer.weight))
+        params[layer.weight] = layer_param(layer, model.params[layer.weight], method, granularity,
+                                           scales.get(layer.weight), layer.weight in positive)
         how[layer.weight] = method
     graph = _strip(graph, how)
     q = build(model, graph, params, QuantReport(method, []))

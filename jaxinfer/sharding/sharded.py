@@ -59,7 +59,7 @@ def param_sharding(value: Any, spec: P, mesh: Mesh) -> Any:
     if isinstance(value, arith.W8A8):
         stored = P(*reversed(tuple(spec) + (None,) * (2 - len(spec)))) if value.transposed else spec
         act = None if value.act_scale is None else NamedSharding(mesh, P())
-        return arith.W8A8(param_sharding(value.w, stored, mesh), act, value.transposed)
+        return arith.W8A8(param_sharding(value.w, stored, mesh), act, value.transposed, value.act_unsigned)
     if isinstance(value, arith.QArray):
         zero = None if value.zero_point is None else NamedSharding(mesh, _leaf_spec(spec, value.zero_point.shape, mesh))
         return value.replace(qvalue=NamedSharding(mesh, spec),
