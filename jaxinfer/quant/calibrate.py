@@ -133,7 +133,9 @@ class Observer:
             allv = self._rng.choice(allv, SAMPLE_LIMIT, replace=False)
             self._samples, self._kept = [allv], allv.size
 
-    def threshold(self, method: str = "minmax", percentile: float = 99.99) -> float:
+    def threshold(self, method: str = "minmax", percentile: float = 99.99, steps: int = 127) -> float:
+        """The clipping threshold of ``method``; ``steps``: how many quantization steps span it (127
+        symmetric, 255 for an unsigned tensor), which only the mse search depends on."""
         if self.absmax == 0.0:
             return 1.0
         if method == "minmax":
@@ -142,12 +144,12 @@ class Observer:
         if method == "percentile":
             return max(float(np.percentile(values, percentile)), 1e-12)
         if method == "mse":
-            return _mse_threshold(values, self.absmax)
+            return _mse_threshold(values, self.absmax, steps)
         raise ValueError(f"unknown observer '{method}'; choose one of {OBSERVERS}")
 
 
-def _mse_threshold(values: np.ndarray, absmax: float) -> float:
-    return float(mse_thresholds(values[None, :], np.array([absmax], np.float32), ACT_FRACTIONS)[0])
+def _mse_threshold(values: np.ndarray, absmax: float, steps: int = 127) -> float:
+    return float(mse_thresholds(values[None, :], np.array([absmax], np.float32), ACT_FRACTIONS, steps)[0])
 
 
 #: Clipping thresholds (fractions of max ``|x|``) the MSE searches try: activations per tensor, weights
@@ -156,17 +158,18 @@ ACT_FRACTIONS = np.linspace(0.2, 1.0, 41)
 WEIGHT_FRACTIONS = np.linspace(0.5, 1.0, 26)
 
 
-def mse_thresholds(rows: np.ndarray, absmax: np.ndarray, fractions: np.ndarray) -> np.ndarray:
+def mse_thresholds(rows: np.ndarray, absmax: np.ndarray, fractions: np.ndarray, steps: int = 127) -> np.ndarray:
     """Per row of ``rows`` [C, R] the clipping threshold ``absmax * f`` (``f`` in ``fractions``) whose
-    symmetric int8 fake quantization (``scale = t / 127``, values in [-127, 127]) has the least squared
-    error; the first (smallest) such threshold on ties. ``absmax`` [C] must be positive."""
+    fake quantization (``scale = t / steps``, values in [-steps, steps]: symmetric int8 at 127, an unsigned
+    tensor's 256 levels at 255) has the least squared error; the first (smallest) such threshold on ties.
+    ``absmax`` [C] must be positive."""
     rows = np.asarray(rows, np.float32)
     best = np.asarray(absmax, np.float32).copy()
     best_err = np.full(best.shape, np.inf)
     for frac in fractions:
         t = (np.asarray(absmax, np.float32) * np.float32(frac))[:, None]
-        s = t / np.float32(127.0)
-        q = np.clip(np.rint(rows / s), -127, 127)
+        s = t / np.float32(steps)
+        q = np.clip(np.rint(rows / s), -steps, steps)
         q *= s
         q -= rows
         err = np.einsum("cr,cr->c", q, q)
@@ -249,7 +252,8 @@ def act_scales(obs: Mapping[str, Observer], method: str = "minmax", percentile: 
       CalibrationError: a scale came out non-finite or not positive (a range too wide for float32).
     """
     wide = set(unsigned)
-    scales = {n: o.threshold(method, percentile) / (255.0 if n in wide else 127.0) for n, o in obs.items()}
+    scales = {n: o.threshold(method, percentile, 255 if n in wide else 127) / (255.0 if n in wide else 127.0)
+              for n, o in obs.items()}
     for n, s in scales.items():
         if not np.isfinite(s) or s <= 0:
             raise CalibrationError(f"calibration: {_value(n, readers)} gave int8 activation scale {s} (observed |x| up to "

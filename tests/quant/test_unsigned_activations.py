@@ -95,3 +95,21 @@ def test_save_and_load_keep_unsigned_activations(tmp_path):
     assert back.params["w2__hwio"].act_unsigned and not back.params["w1__hwio"].act_unsigned
     feeds = _batches(1, 4)[0]
     np.testing.assert_array_equal(back.run(feeds)["y"], q.run(feeds)["y"])
+
+
+def test_mse_observer_searches_with_the_unsigned_steps():
+    """For an unsigned value the mse search fake-quantizes with 255 steps: its threshold is the one that
+    minimizes that error, never coarser than the symmetric search's."""
+    rng = np.random.default_rng(5)
+    values = np.abs(rng.standard_normal(50_000)).astype(np.float32)
+    values[:3] = [9.0, 8.0, 7.5]
+    obs = cal.Observer(rng)
+    obs.update(values)
+    t255, t127 = obs.threshold("mse", steps=255), obs.threshold("mse", steps=127)
+
+    def err(t, steps):
+        s = t / steps
+        return float(np.mean((np.clip(np.rint(values / s), 0, steps) * s - values) ** 2))
+    assert err(t255, 255) <= err(t127, 255) and t255 >= t127
+    scales = cal.act_scales({"v": obs}, "mse", unsigned={"v"})
+    assert scales["v"] == pytest.approx(t255 / 255.0)
