@@ -381,10 +381,10 @@ def _exact_w8a8_conv(xq: QArray, wq: QArray, window_strides: Sequence[int], padd
     lhs dilation or batch groups): the caller then uses qwix.
     """
     lhs_dilated = kw["lhs_dilation"] is not None and any(d != 1 for d in kw["lhs_dilation"])
-    x_zp = None if xq.zero_point is None else xq.zero_point.reshape(())  # a numpy constant: the kernel takes it
     if ((xq.zero_point is not None and xq.zero_point.size != 1) or wq.zero_point is not None or lhs_dilated
             or kw["batch_group_count"] != 1):
         return None
+    x_zp = None if xq.zero_point is None else xq.zero_point.reshape(())  # a numpy constant: the kernel takes it
     dn = lax.conv_dimension_numbers(xq.qvalue.shape, wq.qvalue.shape, kw["dimension_numbers"])
     xs, ws = _scale_along(xq.scale, dn.lhs_spec[0]), _scale_along(wq.scale, dn.rhs_spec[0])
     if xs is None or ws is None:
