@@ -375,7 +375,7 @@ def int8_dot_dyn(x: jax.Array, w: jax.Array, otherwise: Callable[[jax.Array, jax
     def call(x: jax.Array, w: jax.Array) -> jax.Array:
         return jax.ffi.ffi_call(TARGET_DYN, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))(x, w)
 
-    return _per_leading(call, otherwise, x.reshape(rows, k), w).reshape(*lead, n)
+    return _on_cpu(call, otherwise, x.reshape(rows, k), w, leading=True).reshape(*lead, n)
 
 
 def int8_dot_hybrid(x: jax.Array, w: jax.Array, asymmetric: bool,
@@ -402,16 +402,7 @@ def int8_dot_hybrid(x: jax.Array, w: jax.Array, asymmetric: bool,
         out = (jax.ShapeDtypeStruct((m, n), jnp.int32), jax.ShapeDtypeStruct((m,), jnp.float32))
         return tuple(jax.ffi.ffi_call(TARGET_HYBRID, out)(x, w, asymmetric=np.int64(bool(asymmetric))))
 
-    @jax.custom_batching.custom_vmap
-    def call(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return lax.platform_dependent(x, w, cpu=kernel, default=otherwise)
-
-    @call.def_vmap
-    def _vmap(axis_size: int, in_batched: list[bool], x: jax.Array, w: jax.Array):
-        args = [v if b else jnp.broadcast_to(v, (axis_size,) + v.shape) for v, b in zip((x, w), in_batched)]
-        return jax.vmap(otherwise)(*args), (True, True)
-
-    return call(x, w)
+    return _on_cpu(kernel, otherwise, x, w)
 
 
 #: Largest tensor :func:`dynamic_quantize_u8` quantizes in the kernel (one thread, two passes); XLA's
@@ -435,15 +426,7 @@ def dynamic_quantize_u8(x: jax.Array, otherwise: Callable[[jax.Array], tuple[jax
         y, s, z = jax.ffi.ffi_call(TARGET_DQL, out)(x.reshape(-1))
         return y.reshape(x.shape), s.reshape(()), z.reshape(())
 
-    @jax.custom_batching.custom_vmap
-    def call(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        return lax.platform_dependent(x, cpu=kernel, default=otherwise)
-
-    @call.def_vmap
-    def _vmap(axis_size: int, in_batched: list[bool], x: jax.Array):
-        return jax.vmap(otherwise)(x), (True, True, True)
-
-    return call(x)
+    return _on_cpu(kernel, otherwise, x)
 
 
 def int8_conv(x: jax.Array, zp: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Sequence[int],
@@ -473,29 +456,30 @@ def int8_conv(x: jax.Array, zp: jax.Array, w: jax.Array, strides: Sequence[int],
         out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, n), jnp.int32)
         return jax.ffi.ffi_call(TARGET_CONV, out)(x, zp.reshape(1), w.reshape(n, kh * kw * c), **attrs)
 
-    return _per_leading(kernel, otherwise, x, zp.astype(jnp.int32), w)
+    return _on_cpu(kernel, otherwise, x, zp.astype(jnp.int32), w, leading=True)
 
 
-def _per_leading(kernel: Callable[..., jax.Array], otherwise: Callable[..., jax.Array], x: jax.Array,
-               *rest: jax.Array) -> jax.Array:
-    """``kernel(x, *rest)`` on CPU, ``otherwise(x, *rest)`` on other platforms, for a kernel whose ``x``
-    holds independent items along its leading axis (a convolution's images [B, H, W, C] -> [B, OH, OW,
-    N], a product's rows [M, K] -> [M, N]). Under ``jax.vmap`` a batch of ``x`` alone is more items for
-    the same kernel call; a batch of anything else is ``otherwise`` per member."""
+def _on_cpu(kernel: Callable[..., Any], otherwise: Callable[..., Any], *args: jax.Array, leading: bool = False) -> Any:
+    """``kernel(*args)`` on CPU, ``otherwise(*args)`` (the same numbers) on other platforms. Under ``jax.vmap``
+    ``otherwise`` runs per member, except that with ``leading`` (``args[0]`` holds independent items along its
+    leading axis: a convolution's images [B, H, W, C] -> [B, OH, OW, N], a product's rows [M, K] -> [M, N]) a
+    batch of ``args[0]`` alone is more items for the same kernel call."""
 
     @jax.custom_batching.custom_vmap
-    def call(x: jax.Array, *rest: jax.Array) -> jax.Array:
-        return lax.platform_dependent(x, *rest, cpu=kernel, default=otherwise)
+    def call(*args: jax.Array) -> Any:
+        return lax.platform_dependent(*args, cpu=kernel, default=otherwise)
 
     @call.def_vmap
-    def _vmap(axis_size: int, in_batched: list[bool], x: jax.Array, *rest: jax.Array):
-        if in_batched[0] and not any(in_batched[1:]):
-            y = call(x.reshape(-1, *x.shape[2:]), *rest)
+    def _vmap(axis_size: int, in_batched: list[bool], *args: jax.Array):
+        if leading and in_batched[0] and not any(in_batched[1:]):
+            x = args[0]
+            y = call(x.reshape(-1, *x.shape[2:]), *args[1:])
             return y.reshape(axis_size, x.shape[1], *y.shape[1:]), True
-        args = [v if b else jnp.broadcast_to(v, (axis_size,) + v.shape) for v, b in zip((x, *rest), in_batched)]
-        return jax.vmap(otherwise)(*args), True
+        full = [v if b else jnp.broadcast_to(v, (axis_size,) + v.shape) for v, b in zip(args, in_batched)]
+        out = jax.vmap(otherwise)(*full)
+        return out, jax.tree.map(lambda _: True, out)
 
-    return call(x, *rest)
+    return call(*args)
 
 
 def _conv_geometry(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int], dilation: Sequence[int],
@@ -547,4 +531,4 @@ def f32_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Seque
         w2 = w.reshape(-1, n) if kn else w.reshape(n, -1)
         return jax.ffi.ffi_call(TARGET_F32_CONV, out)(x, w2, kn=np.int64(kn), **attrs)
 
-    return _per_leading(kernel, xla, x, w)
+    return _on_cpu(kernel, xla, x, w, leading=True)

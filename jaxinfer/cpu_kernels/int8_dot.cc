@@ -103,7 +103,7 @@ using Patches = jaxinfer::Patches<int8_t>;
 
 struct Job {
   const int8_t* x8 = nullptr;
-  const int32_t* zp = nullptr;  // per row of x (into zp_store), or none
+  const int32_t* zp = nullptr;  // per row of x (the caller's, or zp_store where some were clamped), or none
   std::vector<int32_t> zp_store;
   const int8_t* w = nullptr;
   int32_t* y = nullptr;
@@ -518,11 +518,12 @@ ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, c
   // x - zp must fit int16. A row whose zero point does not (never one of an 8-bit tensor; a NaN row's
   // computed offset, say) is packed with none, and zp * colsum(w) is taken off afterwards.
   auto j = std::make_shared<Job>();
-  bool wide = false;
-  if (zp) {
+  const bool wide = zp && std::any_of(zp, zp + M, [](int32_t z) { return z < kMinZp || z > kMaxZp; });
+  j->zp = zp;  // the caller's, valid until Run returns; copied only where some row must be packed with none
+  if (wide) {
     j->zp_store.assign(zp, zp + M);
     for (int32_t& z : j->zp_store)
-      if (z < kMinZp || z > kMaxZp) z = 0, wide = true;
+      if (z < kMinZp || z > kMaxZp) z = 0;
     j->zp = j->zp_store.data();
   }
   j->x8 = x;
@@ -598,10 +599,16 @@ ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, c
   return ffi::Error::Success();
 }
 
+// Whether x [M, K], w [N, K] and y [M, N] fit together (every product handler's operands).
+template <typename Dims>
+bool ProductDims(const Dims& xd, const Dims& wd, const Dims& yd) {
+  return xd.size() == 2 && wd.size() == 2 && yd.size() == 2 && xd[1] == wd[1] && yd[0] == xd[0] && yd[1] == wd[0];
+}
+
 ffi::Error Int8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
                    ffi::ResultBuffer<ffi::S32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != wd[1] || yd[0] != xd[0] || yd[1] != wd[0])
+  if (!ProductDims(xd, wd, yd))
     return ffi::Error::InvalidArgument("jaxinfer_int8_dot: expected x [M, K], w [N, K] and y [M, N]");
   return Run(pool, x.typed_data(), nullptr, nullptr, w.typed_data(), y->typed_data(), xd[0], xd[1], wd[0]);
 }
@@ -609,7 +616,7 @@ ffi::Error Int8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi
 ffi::Error Int8DotZp(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S32> zp,
                      ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::S32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions(), zd = zp.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != wd[1] || yd[0] != xd[0] || yd[1] != wd[0])
+  if (!ProductDims(xd, wd, yd))
     return ffi::Error::InvalidArgument("jaxinfer_int8_dot_zp: expected x [M, K], w [N, K] and y [M, N]");
   if (zd.size() != 1 || zd[0] != xd[0])
     return ffi::Error::InvalidArgument("jaxinfer_int8_dot_zp: expected zp [M] for x [M, K]");
@@ -670,7 +677,7 @@ thread_local std::vector<float> t_sx;
 ffi::Error Int8DotDyn(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                       ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != wd[1] || yd[0] != xd[0] || yd[1] != wd[0])
+  if (!ProductDims(xd, wd, yd))
     return ffi::Error::InvalidArgument("jaxinfer_int8_dot_dyn: expected x [M, K], w [N, K] and y [M, N]");
   const int64_t M = xd[0], K = xd[1];
   std::vector<int8_t> own_q;
@@ -758,8 +765,7 @@ thread_local std::vector<int32_t> t_offsets;
 ffi::Error Int8DotHybrid(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                          ffi::ResultBuffer<ffi::S32> y, ffi::ResultBuffer<ffi::F32> sx, int64_t asymmetric) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions(), sd = sx->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != wd[1] || yd[0] != xd[0] || yd[1] != wd[0] ||
-      sd.size() != 1 || sd[0] != xd[0])
+  if (!ProductDims(xd, wd, yd) || sd.size() != 1 || sd[0] != xd[0])
     return ffi::Error::InvalidArgument("jaxinfer_int8_dot_hybrid: expected x [M, K], w [N, K], y [M, N], sx [M]");
   const int64_t M = xd[0], K = xd[1];
   std::vector<int8_t> own_q;
