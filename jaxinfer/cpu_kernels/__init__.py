@@ -35,6 +35,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,9 @@ import jaxlib
 import numpy as np
 from jax import lax
 
-__all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "available", "f32_conv", "int8_conv", "int8_dot",
-           "dynamic_quantize_u8", "int8_dot_dyn", "int8_dot_hybrid", "int8_dot_zp", "isa", "kernel_dir", "takes"]
+__all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "OutputStage", "available", "f32_conv",
+           "int8_conv", "int8_conv_requant", "int8_depthwise", "int8_dot", "dynamic_quantize_u8", "int8_dot_dyn",
+           "int8_dot_hybrid", "int8_dot_zp", "isa", "kernel_dir", "takes"]
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +73,20 @@ KEEP_BUILDS = 4
 TARGET = "jaxinfer_int8_dot"
 TARGET_ZP = "jaxinfer_int8_dot_zp"
 TARGET_CONV = "jaxinfer_int8_conv"
+TARGET_CONV_RQ = "jaxinfer_int8_conv_requant"
+TARGET_DEPTHWISE = "jaxinfer_int8_depthwise"
 TARGET_F32_CONV = "jaxinfer_f32_conv"
 TARGET_DYN = "jaxinfer_int8_dot_dyn"
 TARGET_HYBRID = "jaxinfer_int8_dot_hybrid"
 TARGET_DQL = "jaxinfer_dynamic_quantize"
 #: Every custom-call target the kernels register (an export must allow each).
-TARGETS = (TARGET, TARGET_ZP, TARGET_DYN, TARGET_HYBRID, TARGET_DQL, TARGET_CONV, TARGET_F32_CONV)
+TARGETS = (TARGET, TARGET_ZP, TARGET_DYN, TARGET_HYBRID, TARGET_DQL, TARGET_CONV, TARGET_CONV_RQ, TARGET_DEPTHWISE,
+           TARGET_F32_CONV)
 #: Zero points :func:`int8_dot_zp`'s kernel folds into ``x`` (``x - zp`` fits int16 for every int8 ``x``).
 ZP_RANGE = (-32768 + 128, 32767 - 128)
 #: The kernels' sources, built into one library (``patches.h`` is shared by the convolutions).
-_SOURCES = tuple(Path(__file__).with_name(n) for n in ("int8_dot.cc", "f32_conv.cc"))
-_HEADERS = tuple(Path(__file__).with_name(n) for n in ("patches.h",))
+_SOURCES = tuple(Path(__file__).with_name(n) for n in ("int8_dot.cc", "int8_depthwise.cc", "f32_conv.cc"))
+_HEADERS = tuple(Path(__file__).with_name(n) for n in ("patches.h", "requant.h"))
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 
 _lock = threading.Lock()
@@ -196,6 +201,8 @@ def _load() -> bool:
         jax.ffi.register_ffi_target(TARGET_HYBRID, jax.ffi.pycapsule(lib.JaxinferInt8DotHybrid), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_DQL, jax.ffi.pycapsule(lib.JaxinferDynamicQuantize), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_CONV, jax.ffi.pycapsule(lib.JaxinferInt8Conv), platform="cpu")
+        jax.ffi.register_ffi_target(TARGET_CONV_RQ, jax.ffi.pycapsule(lib.JaxinferInt8ConvRequant), platform="cpu")
+        jax.ffi.register_ffi_target(TARGET_DEPTHWISE, jax.ffi.pycapsule(lib.JaxinferInt8Depthwise), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_F32_CONV, jax.ffi.pycapsule(lib.JaxinferF32Conv), platform="cpu")
         global _library
         _library = lib
@@ -457,6 +464,104 @@ def int8_conv(x: jax.Array, zp: jax.Array, w: jax.Array, strides: Sequence[int],
         return jax.ffi.ffi_call(TARGET_CONV, out)(x, zp.reshape(1), w.reshape(n, kh * kw * c), **attrs)
 
     return _on_cpu(kernel, otherwise, x, zp.astype(jnp.int32), w, leading=True)
+
+
+@dataclass(frozen=True)
+class OutputStage:
+    """int32 sums to int8 by fixed-point requantization, per output channel ``n`` (``requant.h``)::
+
+        v = (acc + bias[n]) << max(shift[n], 0)                 (int32, wrapping)
+        h = (v * multiplier[n] + 2**30) >> 31                   (SaturatingRoundingDoublingHighMul)
+        q = h >> max(-shift[n], 0), rounded to nearest: ties away from zero where ties_away[n], else up
+        y = clip(q + zero_point, lo, hi)
+
+    TFLite's MultiplyByQuantizedMultiplier and fused activation clamp (the caller's ``otherwise`` computes
+    the same numbers in XLA). ``multiplier`` [N] Q31 values other than INT32_MIN, ``shift`` [N] in [-31, 30],
+    ``zero_point``/``lo``/``hi`` int8 values with ``lo <= hi``.
+    """
+
+    multiplier: np.ndarray
+    shift: np.ndarray
+    ties_away: np.ndarray
+    zero_point: int
+    lo: int
+    hi: int
+
+    def table(self) -> np.ndarray:
+        """The kernels' ``stage`` operand: [3, N] int32 rows multiplier, shift, ties_away."""
+        return np.stack([np.asarray(self.multiplier, np.int32), np.asarray(self.shift, np.int32),
+                         np.asarray(self.ties_away, np.int32)])
+
+    def attrs(self) -> dict[str, np.int64]:
+        return dict(ozp=np.int64(self.zero_point), lo=np.int64(self.lo), hi=np.int64(self.hi))
+
+    def fits(self, channels: int) -> bool:
+        """Whether the kernels take this stage for ``channels`` output channels."""
+        m, s, t = (np.asarray(v).reshape(-1) for v in (self.multiplier, self.shift, self.ties_away))
+        return (m.size == s.size == t.size == channels and bool(np.all(m > np.iinfo(np.int32).min))
+                and bool(np.all(m <= np.iinfo(np.int32).max)) and bool(np.all((s >= -31) & (s <= 30)))
+                and -128 <= self.zero_point <= 127 and -128 <= self.lo <= self.hi <= 127)
+
+
+def _stage_operands(bias: Any, channels: int) -> jax.Array:
+    return jnp.zeros((channels,), jnp.int32) if bias is None else jnp.asarray(bias).astype(jnp.int32).reshape(channels)
+
+
+def int8_conv_requant(x: jax.Array, zp: jax.Array, w: jax.Array, bias: Any, stage: OutputStage,
+                      strides: Sequence[int], dilation: Sequence[int], pads: Sequence[tuple[int, int]],
+                      otherwise: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]) -> jax.Array:
+    """:func:`int8_conv`'s sums plus ``bias`` [N] (int32, or None) through ``stage``: int8 [B, OH, OW, N] in
+    one kernel call, where XLA took the int32 sums through two or three fusions. Callers check :func:`isa`
+    (``2``) and :meth:`OutputStage.fits`; ``otherwise(x, zp, w, bias)`` gives the same int8 values (XLA) and
+    runs on other platforms and under ``jax.vmap`` of anything but ``x``."""
+    x, zp, w = jnp.asarray(x), jnp.asarray(zp), jnp.asarray(w)
+    n, kh, kw, c = w.shape
+    if x.dtype != jnp.int8 or w.dtype != jnp.int8 or x.ndim != 4 or x.shape[3] != c or not stage.fits(n):
+        raise ValueError(f"int8_conv_requant takes int8 x [B, H, W, C], int8 w [N, KH, KW, C] and a stage for N "
+                         f"channels; got x {x.dtype}{list(x.shape)}, w {w.dtype}{list(w.shape)}")
+    bias = _stage_operands(bias, n)
+    geometry = _conv_geometry(x.shape, w.shape, strides, dilation, pads)
+    if geometry is None:
+        return otherwise(x, zp, w, bias)
+    (oh, ow), attrs = geometry
+    table = stage.table()
+
+    def kernel(x: jax.Array, zp: jax.Array, w: jax.Array, bias: jax.Array) -> jax.Array:
+        out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, n), jnp.int8)
+        return jax.ffi.ffi_call(TARGET_CONV_RQ, out)(x, zp.reshape(1), w.reshape(n, kh * kw * c), bias, table,
+                                                     **attrs, **stage.attrs())
+
+    return _on_cpu(kernel, otherwise, x, zp.astype(jnp.int32), w, bias, leading=True)
+
+
+def int8_depthwise(x: jax.Array, zp: jax.Array, taps: jax.Array, bias: Any, stage: OutputStage,
+                   kernel_size: tuple[int, int], strides: Sequence[int], dilation: Sequence[int],
+                   pads: Sequence[tuple[int, int]],
+                   otherwise: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]) -> jax.Array:
+    """Depthwise convolution of int8 NHWC ``x`` [B, H, W, C] less its zero point ``zp`` (an int8 value: the
+    padding holds it) with int8 ``taps`` [KH * KW, C] (one filter per channel, window order), plus ``bias``
+    [C] (int32, or None), through ``stage`` -> int8 [B, OH, OW, C] in one kernel call (``int8_depthwise.cc``).
+    Callers check :func:`isa` (``2``) and :meth:`OutputStage.fits`; ``otherwise(x, zp, taps, bias)`` gives the
+    same values (XLA) on other platforms and under ``jax.vmap`` of anything but ``x``."""
+    x, zp, taps = jnp.asarray(x), jnp.asarray(zp), jnp.asarray(taps)
+    kh, kw = kernel_size
+    c = x.shape[-1]
+    if (x.dtype != jnp.int8 or taps.dtype != jnp.int8 or x.ndim != 4 or taps.shape != (kh * kw, c)
+            or not stage.fits(c)):
+        raise ValueError(f"int8_depthwise takes int8 x [B, H, W, C], int8 taps [KH * KW, C] and a stage for C "
+                         f"channels; got x {x.dtype}{list(x.shape)}, taps {taps.dtype}{list(taps.shape)}")
+    bias = _stage_operands(bias, c)
+    geometry = _conv_geometry(x.shape, (c, kh, kw, 1), strides, dilation, pads)
+    if geometry is None:
+        return otherwise(x, zp, taps, bias)
+    (oh, ow), attrs = geometry
+    table = stage.table()
+
+    def kernel(x: jax.Array, zp: jax.Array, taps: jax.Array, bias: jax.Array) -> jax.Array:
+        out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, c), jnp.int8)
+        return jax.ffi.ffi_call(TARGET_DEPTHWISE, out)(x, zp.reshape(1), taps, bias, table, **attrs, **stage.attrs())
+
+    return _on_cpu(kernel, otherwise, x, zp.astype(jnp.int32), taps, bias, leading=True)
 
 
 def _on_cpu(kernel: Callable[..., Any], otherwise: Callable[..., Any], *args: jax.Array, leading: bool = False) -> Any:

@@ -157,7 +157,7 @@ __attribute__((target("avx512f"))) void Work(Job& j) {
   for (int64_t c; (c = j.next.fetch_add(1, std::memory_order_relaxed)) < j.chunks;) {
     if (!xr) xr = Scratch(t_rows, j.rows * j.K);
     const int64_t m0 = c * j.rows, m1 = std::min(j.M, m0 + j.rows);
-    for (int64_t m = m0; m < m1; ++m) jaxinfer::PatchRow(j.p, m, xr + (m - m0) * j.K, 0.f, Copy);
+    jaxinfer::PatchRows(j.p, m0, m1, xr, j.K, 0.f, Copy);
     for (int64_t g = 0; g < j.groups; ++g) {
       switch (Panels(j, g)) {
         case 4: GroupRows<4>(j, xr, m0, m1, g); break;

@@ -58,10 +58,12 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "patches.h"
+#include "requant.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -69,7 +71,9 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kRowsPerPass = 8;       // accumulators held in registers: one per row
-constexpr int64_t kSerialMacs = 1 << 20;  // under this many multiply-adds one thread is quicker
+constexpr int64_t kSerialMacs = 1 << 20;  // under this many multiply-adds one thread is quicker,
+constexpr int64_t kSerialConvMacs = 1 << 22;  // and for convolutions under this many (16 x 16 x 32 3x3 layers of
+                                              // 32 channels: ~2x slower on two threads at batch 1, session 22)
 constexpr int32_t kMinZp = -32768 + 128, kMaxZp = 32767 - 128;  // x - zp fits int16 for any int8 x
 
 constexpr int64_t kPrefetchBytes = 16 << 10;  // how far ahead the VNNI path asks for weights
@@ -120,6 +124,8 @@ struct Job {
   const Patches* patches = nullptr;  // x's rows are these patches (x8 is null where the panels take them)
   const float* sx = nullptr;  // dynamic quantization: per row of x its scale; each finished chunk of y is
                               // then rewritten in place as float (RowScale)
+  const jaxinfer::OutputStage* stage = nullptr;  // with y8: each finished chunk of y requantized into y8
+  int8_t* y8 = nullptr;
   int64_t pack_rows = 0, pack_chunks = 0;  // panels: x is packed in chunks of rows first, by every thread
   std::atomic<int64_t> pack_next{0};
   std::atomic<int64_t> packed{0};
@@ -424,12 +430,11 @@ __attribute__((target("avx512f,avx512bw"))) inline void CopyOffset(uint8_t* dst,
 // Rows m0 .. m1 of the panels' x: [m][Kp] x + 128, zero past K.
 __attribute__((target("avx512f,avx512bw"))) void PackPanelRows(const Job& j, int64_t m0, int64_t m1, uint8_t* out) {
   const int64_t K = j.K, Kp = j.Kp;
+  if (j.patches)
+    jaxinfer::PatchRows(*j.patches, m0, m1, out, Kp, static_cast<uint8_t>(j.patches->pad ^ 0x80), CopyOffset);
   for (int64_t m = m0; m < m1; ++m) {
     uint8_t* dst = out + (m - m0) * Kp;
-    if (j.patches)
-      jaxinfer::PatchRow(*j.patches, m, dst, static_cast<uint8_t>(j.patches->pad ^ 0x80), CopyOffset);
-    else
-      CopyOffset(dst, j.x8 + m * K, K);
+    if (!j.patches) CopyOffset(dst, j.x8 + m * K, K);
     std::memset(dst + K, 0, Kp - K);
   }
 }
@@ -456,6 +461,11 @@ __attribute__((target("avx2"))) void RowScale(const Job& j, int64_t m0, int64_t 
   }
 }
 
+// y8 [m, n] for rows m0 .. m1 and columns n0 .. n1: the output stage applied to the int32 sums in y.
+void Requantize(const Job& j, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  for (int64_t m = m0; m < m1; ++m) jaxinfer::RequantRow(*j.stage, j.y + m * j.N, n0, n1, j.y8 + m * j.N);
+}
+
 void Work(Job& j) {
   for (int64_t c; (c = j.pack_next.fetch_add(1, std::memory_order_relaxed)) < j.pack_chunks;) {
     PackPanelRows(j, c * j.pack_rows, std::min(j.M, (c + 1) * j.pack_rows), j.xr + c * j.pack_rows * j.Kp);
@@ -479,10 +489,12 @@ void Work(Job& j) {
       const int64_t n0 = cc * j.chunk, n1 = std::min(j.N, (cc + 1) * j.chunk);
       Panels(j, P, xr, m0, m1, n0, n1);
       if (j.sx) RowScale(j, m0, m1, n0, n1);
+      if (j.stage) Requantize(j, m0, m1, n0, n1);
     } else {
       const int64_t n0 = c * j.chunk, n1 = std::min(j.N, (c + 1) * j.chunk);
       Columns(j, n0, n1);
       if (j.sx) RowScale(j, 0, j.M, n0, n1);
+      if (j.stage) Requantize(j, 0, j.M, n0, n1);
     }
     j.done.fetch_add(1, std::memory_order_release);
   }
@@ -505,12 +517,16 @@ void Pack(const Job& j, T* out, int64_t Kp, F f) {
 }
 
 // y [M, N] = x [M, K] w [N, K]^T, x less its per-row zero point zp (or none); x is a matrix, or the patch
-// matrix of `patches` (then x is null). With row scales sx [M], y is then float (RowScale).
+// matrix of `patches` (then x is null). With row scales sx [M], y is then float (RowScale); with an output
+// stage, y is scratch and y8 [M, N] the requantized result (zero points in int16's range only).
 ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, const int32_t* zp, const int8_t* w,
-               int32_t* y, int64_t M, int64_t K, int64_t N, const float* sx = nullptr) {
+               int32_t* y, int64_t M, int64_t K, int64_t N, const float* sx = nullptr,
+               const jaxinfer::OutputStage* stage = nullptr, int8_t* y8 = nullptr) {
   if (M == 0 || N == 0) return ffi::Error::Success();
   if (K == 0 && !sx) {  // every sum is empty
     std::fill(y, y + M * N, 0);
+    if (stage)
+      for (int64_t m = 0; m < M; ++m) jaxinfer::RequantRow(*stage, y + m * N, 0, N, y8 + m * N);
     return ffi::Error::Success();
   }
   if (K == 0)
@@ -520,6 +536,7 @@ ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, c
   auto j = std::make_shared<Job>();
   const bool wide = zp && std::any_of(zp, zp + M, [](int32_t z) { return z < kMinZp || z > kMaxZp; });
   j->zp = zp;  // the caller's, valid until Run returns; copied only where some row must be packed with none
+  if (wide && stage) return ffi::Error::InvalidArgument("jaxinfer_int8_conv_requant: zero points out of range");
   if (wide) {
     j->zp_store.assign(zp, zp + M);
     for (int32_t& z : j->zp_store)
@@ -530,11 +547,13 @@ ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, c
   j->w = w;
   j->y = y;
   j->sx = sx;
+  j->stage = stage;
+  j->y8 = y8;
   j->M = M;
   j->K = K;
   j->N = N;
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  if (M * K * N < kSerialMacs) threads = 1;
+  if (M * K * N < (patches ? kSerialConvMacs : kSerialMacs)) threads = 1;
   const bool panels = CurrentIsa() == kVnni && M >= kPanelMinRows && (K < kPanelMaxK || patches);
   std::vector<int8_t> own_patches;
   j->patches = patches;
@@ -841,6 +860,33 @@ ffi::Error Int8Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ff
   return Run(pool, nullptr, &p, zps.data(), w.typed_data(), y->typed_data(), M, wd[1], wd[0]);
 }
 
+thread_local std::vector<int32_t> t_acc;
+
+// Int8Conv's sums through the output stage (requant.h): y [B, OH, OW, N] int8, where XLA took the int32
+// sums through two or three fusions per layer (bias, the fixed-point rescale, the clamp).
+ffi::Error Int8ConvRequant(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S32> zp,
+                           ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::S32> bias, ffi::Buffer<ffi::S32> stage,
+                           ffi::ResultBuffer<ffi::S8> y, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh,
+                           int64_t dw, int64_t pt, int64_t pl, int64_t ozp, int64_t lo, int64_t hi) {
+  const char* target = "jaxinfer_int8_conv_requant";
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions(), zd = zp.dimensions();
+  Patches p;
+  if (wd.size() != 2 || zd.size() != 1 || zd[0] != 1 ||
+      !jaxinfer::Geometry(x.typed_data(), xd, yd, wd[1], wd[0], kh, kw, sh, sw, dh, dw, pt, pl, p))
+    return ffi::Error::InvalidArgument(std::string(target) +
+                                       ": expected x [B, H, W, C], zp [1], w [N, KH * KW * C], y [B, OH, OW, N]");
+  jaxinfer::OutputStage s;
+  if (ffi::Error e = jaxinfer::BindStage(target, bias, stage, wd[0], ozp, lo, hi, s); e.failure()) return e;
+  const int32_t z = zp.typed_data()[0];
+  if (z < -128 || z > 127) return ffi::Error::InvalidArgument(std::string(target) + ": zp must be an int8 value");
+  p.pad = static_cast<int8_t>(z);
+  const int64_t M = yd[0] * yd[1] * yd[2], N = wd[0];
+  const std::vector<int32_t> zps(M, z);
+  std::vector<int32_t> own;
+  int32_t* acc = Scratch(t_acc, own, M * N);
+  return Run(pool, nullptr, &p, zps.data(), w.typed_data(), acc, M, wd[1], N, nullptr, &s, y->typed_data());
+}
+
 }  // namespace
 
 extern "C" int jaxinfer_int8_dot_supported() { return Supported() ? 1 : 0; }
@@ -897,3 +943,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8Conv, Int8Conv,
                                                             .Arg<ffi::Buffer<ffi::S32>>()
                                                             .Arg<ffi::Buffer<ffi::S8>>()
                                                             .Ret<ffi::Buffer<ffi::S32>>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8ConvRequant, Int8ConvRequant,
+                              jaxinfer::WithWindowAttrs(ffi::Ffi::Bind()
+                                                            .Ctx<ffi::ThreadPool>()
+                                                            .Arg<ffi::Buffer<ffi::S8>>()
+                                                            .Arg<ffi::Buffer<ffi::S32>>()
+                                                            .Arg<ffi::Buffer<ffi::S8>>()
+                                                            .Arg<ffi::Buffer<ffi::S32>>()
+                                                            .Arg<ffi::Buffer<ffi::S32>>()
+                                                            .Ret<ffi::Buffer<ffi::S8>>())
+                                  .Attr<int64_t>("ozp")
+                                  .Attr<int64_t>("lo")
+                                  .Attr<int64_t>("hi"));

@@ -50,13 +50,12 @@ auto WithWindowAttrs(Binding b) {
       .template Attr<int64_t>("pl");
 }
 
-// Row m of the patch matrix into dst (KH KW C values): copy(dst, src, n) moves n values of x, `fill`
-// stands for the padding. A window row inside the image is one copy of KW C values when the dilation
-// is 1.
+// The window of output pixel (b, oh, ow) into dst (KH KW C values): copy(dst, src, n) moves n values of x,
+// `fill` stands for the padding. A window row inside the image is one copy of KW C values when the
+// dilation is 1.
 template <typename T, typename D, typename Copy>
-inline void PatchRow(const Patches<T>& p, int64_t m, D* dst, D fill, Copy copy) {
-  const int64_t ow = m % p.OW, oh = m / p.OW % p.OH, b = m / (p.OW * p.OH), row = p.KW * p.C;
-  const int64_t w0 = ow * p.SW - p.PL;
+inline void Window(const Patches<T>& p, int64_t b, int64_t oh, int64_t ow, D* dst, D fill, Copy copy) {
+  const int64_t row = p.KW * p.C, w0 = ow * p.SW - p.PL;
   for (int64_t i = 0; i < p.KH; ++i, dst += row) {
     const int64_t h = oh * p.SH + i * p.DH - p.PT;
     if (h < 0 || h >= p.H) {
@@ -74,6 +73,26 @@ inline void PatchRow(const Patches<T>& p, int64_t m, D* dst, D fill, Copy copy) 
         std::fill_n(dst + t * p.C, p.C, fill);
       else
         copy(dst + t * p.C, line + w * p.C, p.C);
+    }
+  }
+}
+
+// Row m of the patch matrix into dst (see Window).
+template <typename T, typename D, typename Copy>
+inline void PatchRow(const Patches<T>& p, int64_t m, D* dst, D fill, Copy copy) {
+  Window(p, m / (p.OW * p.OH), m / p.OW % p.OH, m % p.OW, dst, fill, copy);
+}
+
+// Rows m0 .. m1 of the patch matrix, row m at dst + (m - m0) * stride: the pixel's position is stepped, not
+// divided out per row (three 64-bit divisions were a third of a 3-channel layer's packing).
+template <typename T, typename D, typename Copy>
+inline void PatchRows(const Patches<T>& p, int64_t m0, int64_t m1, D* dst, int64_t stride, D fill, Copy copy) {
+  int64_t ow = m0 % p.OW, oh = m0 / p.OW % p.OH, b = m0 / (p.OW * p.OH);
+  for (int64_t m = m0; m < m1; ++m, dst += stride) {
+    Window(p, b, oh, ow, dst, fill, copy);
+    if (++ow == p.OW) {
+      ow = 0;
+      if (++oh == p.OH) oh = 0, ++b;
     }
   }
 }

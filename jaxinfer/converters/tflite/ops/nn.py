@@ -116,6 +116,33 @@ def _finish(acc, bias, in_q, out_q, w_channels: int, act: str, rule: Requant = R
                         rounding=wide_rounding if wide else rule.rounding, simd_block=rule.simd_block)
 
 
+def _kernel_stage(x, in_q, out_q, channels: int, act: str, rule: Requant) -> cpu_kernels.OutputStage | None:
+    """The output stage with which our int8 CPU kernels finish this layer in the same call (sums, bias, the
+    rescale and the activation clamp: :func:`_finish`'s numbers), or None where they do not: activations not
+    int8 in and out, a rescale other than the Q31 one, weight zero points, a CPU without the AVX-512 VNNI
+    kernels."""
+    qi, qw, qo = in_q[0], in_q[1], out_q[0]
+    if not (np.dtype(qi.dtype) == np.dtype(qo.dtype) == np.int8 and jnp.result_type(x) == jnp.int8):
+        return None
+    if rule.rounding not in ("double", "ties_up") or _zp(qw) is not None or qi.zero_point.size != 1:
+        return None
+    if not (cpu_kernels.available() and cpu_kernels.isa() == 2):
+        return None
+    mult, shift = Q.quantize_multipliers(_per_channel_multiplier(qi, qw, qo, channels, rule.float32_product))
+    if rule.rounding == "ties_up":
+        away = np.zeros(channels, bool)
+    else:
+        away = Q.simd_ties_away(channels, rule.simd_block) if rule.simd_block else np.ones(channels, bool)
+    lo, hi = Q.activation_range(act, qo)
+    stage = cpu_kernels.OutputStage(mult, shift, away, int(qo.zp), lo, hi)
+    return stage if stage.fits(channels) else None
+
+
+def _window_pads(x_shape, kernel: tuple[int, int], stride, dilation, padding: str) -> tuple[tuple[int, int], ...]:
+    """((top, bottom), (left, right)) padding of an NHWC input, TFLite/XLA style."""
+    return tuple(_same_pads(x_shape[1 + i], kernel[i], stride[i], dilation[i], padding)[:2] for i in range(2))
+
+
 def _rule(op_type: str, quant_kernel: str, in_q) -> Requant:
     """The 8-bit requantization rule; 16x8 kernels keep the defaults (their own roundings)."""
     return Requant() if _is_16x8(in_q[0]) else requant_rule(op_type, quant_kernel, in_q[0], in_q[1])
@@ -236,14 +263,23 @@ def conv_2d(x, w, bias=None, *, padding: str = "SAME", stride_w: int = 1, stride
     stride, dil = (stride_h, stride_w), (dilation_h_factor, dilation_w_factor)
     if is_quantized(in_q, out_q):
         bound = qrange(in_q[0]) * qrange(in_q[1])
-        if groups == 1 and not _is_16x8(in_q[0]):  # 8-bit: our CPU kernel's patch product where it pays
-            acc = zp_conv(x, _zp(in_q[0]), w, _zp(in_q[1], (w.shape[0], 1, 1, 1)), stride, padding, bound=bound,
+        rule = _rule("CONV_2D", quant_kernel, in_q)
+
+        def patch_product(x, x_zp, w, bias):  # 8-bit: our CPU kernel's patch product where it pays
+            acc = zp_conv(x, x_zp, w, _zp(in_q[1], (w.shape[0], 1, 1, 1)), stride, padding, bound=bound,
                           dimension_numbers=("NHWC", "OHWI", "NHWC"), rhs_dilation=dil)
-        else:
-            acc = _conv(_offset(x, in_q[0]), _offset(w, in_q[1], axis=0), stride, dil, padding, groups, bound=bound,
-                        acc_dtype=_acc_dtype(in_q[0]))
-        return _finish(acc, bias, in_q, out_q, w.shape[0], fused_activation_function,
-                       _rule("CONV_2D", quant_kernel, in_q))
+            return _finish(acc, bias, in_q, out_q, w.shape[0], fused_activation_function, rule)
+
+        if groups == 1 and not _is_16x8(in_q[0]):
+            stage = _kernel_stage(x, in_q, out_q, w.shape[0], fused_activation_function, rule)
+            if stage is None:
+                return patch_product(x, _zp(in_q[0]), w, bias)
+            pads = _window_pads(x.shape, w.shape[1:3], stride, dil, padding)
+            return cpu_kernels.int8_conv_requant(x, jnp.int32(_zp(in_q[0]) or 0), w, bias, stage, stride, dil, pads,
+                                                 patch_product)
+        acc = _conv(_offset(x, in_q[0]), _offset(w, in_q[1], axis=0), stride, dil, padding, groups, bound=bound,
+                    acc_dtype=_acc_dtype(in_q[0]))
+        return _finish(acc, bias, in_q, out_q, w.shape[0], fused_activation_function, rule)
     if arith.is_quantized(w):  # jaxinfer.quantize's int8 weight (per output channel)
         y = arith.conv(x, w, stride, padding, rhs_dilation=dil, dimension_numbers=("NHWC", "OHWI", "NHWC"),
                        feature_group_count=groups)
@@ -271,11 +307,23 @@ def depthwise_conv_2d(x, w, bias=None, *, padding: str = "SAME", stride_w: int =
     c = x.shape[-1]
     stride, dil = (stride_h, stride_w), (dilation_h_factor, dilation_w_factor)
     if is_quantized(in_q, out_q):
-        wk = jnp.transpose(_offset(w, in_q[1], axis=3), (3, 1, 2, 0))  # [C*M, H, W, 1]
-        acc = _conv(_offset(x, in_q[0]), wk, stride, dil, padding, c, bound=qrange(in_q[0]) * qrange(in_q[1]),
-                    acc_dtype=_acc_dtype(in_q[0]))
-        return _finish(acc, bias, in_q, out_q, w.shape[3], fused_activation_function,
-                       _rule("DEPTHWISE_CONV_2D", quant_kernel, in_q))
+        rule = _rule("DEPTHWISE_CONV_2D", quant_kernel, in_q)
+
+        def taps_sum(x, x_zp, w, bias):
+            wk = jnp.transpose(_offset(w, in_q[1], axis=3), (3, 1, 2, 0))  # [C*M, H, W, 1]
+            xo = jnp.asarray(x, jnp.int32) if x_zp is None else jnp.asarray(x, jnp.int32) - x_zp
+            acc = _conv(xo, wk, stride, dil, padding, c, bound=qrange(in_q[0]) * qrange(in_q[1]),
+                        acc_dtype=_acc_dtype(in_q[0]))
+            return _finish(acc, bias, in_q, out_q, w.shape[3], fused_activation_function, rule)
+
+        stage = _kernel_stage(x, in_q, out_q, w.shape[3], fused_activation_function, rule) if w.shape[3] == c else None
+        if stage is None:
+            return taps_sum(x, _zp(in_q[0]), w, bias)
+        kernel = (w.shape[1], w.shape[2])
+        pads = _window_pads(x.shape, kernel, stride, dil, padding)
+        return cpu_kernels.int8_depthwise(
+            x, jnp.int32(_zp(in_q[0]) or 0), jnp.reshape(w, (-1, c)), bias, stage, kernel, stride, dil, pads,
+            lambda x, zp, taps, bias: taps_sum(x, zp, jnp.reshape(taps, (1, *kernel, c)), bias))
     qw = qat(in_q, 1)
     if _is_hybrid(x, w, qw):
         return _hybrid_conv(x, jnp.transpose(w, (3, 1, 2, 0)), bias, qw, stride, dil, padding, c, True,
