@@ -113,6 +113,19 @@ def _f32_kernel_takes(lhs: jax.Array, rhs: jax.Array, feature_group_count: int, 
     return cpu_kernels.available() and cpu_kernels.isa() == 2
 
 
+def f32_kernel_takes(x: jax.Array, w: jax.Array) -> bool:
+    """Whether a float32 NHWC convolution of ``x`` with ``w`` (ungrouped) runs as our kernel's patch product,
+    as :func:`conv_general_dilated` decides it."""
+    return (F32_KERNEL and w.size <= F32_KERNEL_MAX_WEIGHTS and w.dtype == jnp.float32
+            and _f32_kernel_takes(x, w, 1, 1, None, None))
+
+
+def f32_depthwise_takes(x: jax.Array) -> bool:
+    """Whether a float32 NHWC depthwise layer runs as our kernel (:func:`cpu_kernels.f32_depthwise`)."""
+    return (jax.default_backend() == "cpu" and x.ndim == 4 and x.dtype == jnp.float32 and cpu_kernels.available()
+            and cpu_kernels.isa() == 2)
+
+
 def to_nhwc(lhs: jax.Array, rhs: jax.Array, dn: Any, strides: Sequence[int], padding: Any,
             dilation: Sequence[int] | None) -> tuple[jax.Array, tuple[tuple[int, int], ...]]:
     """A 2-D convolution's input as our kernels take it, NHWC (transposed from ``dn``'s layout; no copy

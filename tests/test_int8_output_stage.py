@@ -45,7 +45,7 @@ def _pad_image(x: np.ndarray, zp: int, pads) -> np.ndarray:
 def _windows(x: np.ndarray, kh: int, kw: int, strides, dilation, oh: int, ow: int) -> np.ndarray:
     """[B, OH, OW, KH, KW, C] window values of an already padded image."""
     (sh, sw), (dh, dw) = strides, dilation
-    out = np.empty((x.shape[0], oh, ow, kh, kw, x.shape[3]), np.int64)
+    out = np.empty((x.shape[0], oh, ow, kh, kw, x.shape[3]), x.dtype)
     for i in range(kh):
         for k in range(kw):
             out[:, :, :, i, k] = x[:, i * dh: i * dh + (oh - 1) * sh + 1: sh, k * dw: k * dw + (ow - 1) * sw + 1: sw]

@@ -47,7 +47,7 @@ import numpy as np
 from jax import lax
 
 __all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "OutputStage", "available", "f32_conv",
-           "int8_conv", "int8_conv_requant", "int8_depthwise", "int8_dot", "dynamic_quantize_u8", "int8_dot_dyn",
+           "f32_depthwise", "int8_conv", "int8_conv_requant", "int8_depthwise", "int8_dot", "dynamic_quantize_u8", "int8_dot_dyn",
            "int8_dot_hybrid", "int8_dot_zp", "isa", "kernel_dir", "takes"]
 
 log = logging.getLogger(__name__)
@@ -75,17 +75,18 @@ TARGET_ZP = "jaxinfer_int8_dot_zp"
 TARGET_CONV = "jaxinfer_int8_conv"
 TARGET_CONV_RQ = "jaxinfer_int8_conv_requant"
 TARGET_DEPTHWISE = "jaxinfer_int8_depthwise"
+TARGET_F32_DEPTHWISE = "jaxinfer_f32_depthwise"
 TARGET_F32_CONV = "jaxinfer_f32_conv"
 TARGET_DYN = "jaxinfer_int8_dot_dyn"
 TARGET_HYBRID = "jaxinfer_int8_dot_hybrid"
 TARGET_DQL = "jaxinfer_dynamic_quantize"
 #: Every custom-call target the kernels register (an export must allow each).
 TARGETS = (TARGET, TARGET_ZP, TARGET_DYN, TARGET_HYBRID, TARGET_DQL, TARGET_CONV, TARGET_CONV_RQ, TARGET_DEPTHWISE,
-           TARGET_F32_CONV)
+           TARGET_F32_CONV, TARGET_F32_DEPTHWISE)
 #: Zero points :func:`int8_dot_zp`'s kernel folds into ``x`` (``x - zp`` fits int16 for every int8 ``x``).
 ZP_RANGE = (-32768 + 128, 32767 - 128)
 #: The kernels' sources, built into one library (``patches.h`` is shared by the convolutions).
-_SOURCES = tuple(Path(__file__).with_name(n) for n in ("int8_dot.cc", "int8_depthwise.cc", "f32_conv.cc"))
+_SOURCES = tuple(Path(__file__).with_name(n) for n in ("int8_dot.cc", "depthwise.cc", "f32_conv.cc"))
 _HEADERS = tuple(Path(__file__).with_name(n) for n in ("patches.h", "requant.h"))
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -204,6 +205,7 @@ def _load() -> bool:
         jax.ffi.register_ffi_target(TARGET_CONV_RQ, jax.ffi.pycapsule(lib.JaxinferInt8ConvRequant), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_DEPTHWISE, jax.ffi.pycapsule(lib.JaxinferInt8Depthwise), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_F32_CONV, jax.ffi.pycapsule(lib.JaxinferF32Conv), platform="cpu")
+        jax.ffi.register_ffi_target(TARGET_F32_DEPTHWISE, jax.ffi.pycapsule(lib.JaxinferF32Depthwise), platform="cpu")
         global _library
         _library = lib
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
@@ -601,14 +603,34 @@ def _conv_geometry(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequ
     return (oh, ow), {k: np.int64(v) for k, v in attrs.items()}
 
 
+def _finish_operands(bias: Any, clamp: tuple[float, float] | None, channels: int) -> tuple[jax.Array, dict[str, Any]]:
+    """The float kernels' finish: bias [N] float32 (zeros when None) and the attributes ``finish``/``lo``/``hi``."""
+    lo, hi = clamp if clamp is not None else (-np.inf, np.inf)
+    if not lo <= hi:
+        raise ValueError(f"clamp {clamp}: expected lo <= hi")
+    b = jnp.zeros((channels,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32).reshape(channels)
+    finish = bias is not None or clamp is not None
+    return b, dict(finish=np.int64(finish), lo=np.float32(lo), hi=np.float32(hi))
+
+
+def _xla_finish(y: jax.Array, bias: jax.Array, clamp: tuple[float, float] | None, finish: bool) -> jax.Array:
+    """What the kernels' finish computes, in XLA: ``y + bias`` clipped to ``clamp`` (NaN stays NaN)."""
+    if not finish:
+        return y
+    y = y + bias
+    return y if clamp is None else jnp.clip(y, clamp[0], clamp[1])
+
+
 def f32_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Sequence[int],
-             pads: Sequence[tuple[int, int]], w_layout: str = "OHWI") -> jax.Array:
+             pads: Sequence[tuple[int, int]], w_layout: str = "OHWI", bias: Any = None,
+             clamp: tuple[float, float] | None = None) -> jax.Array:
     """``lax.conv_general_dilated`` of float32 NHWC ``x`` [B, H, W, C] with a filter ``w`` laid out as
     ``w_layout`` says ("OHWI" [N, KH, KW, C] or "HWIO" [KH, KW, C, N]: both read as they are, no copy),
     ``strides``, ``dilation``, ``pads`` ((top, bottom), (left, right)) of the two spatial dims, zero
     padding -> [B, OH, OW, N] float32, as our AVX-512 kernel's patch product (``f32_conv.cc``): callers
     check :func:`isa` first (``2``). XLA's convolution on other platforms and under ``jax.vmap`` of ``w``.
-    Float32 sums in another order than XLA's: the last bits may differ.
+    Float32 sums in another order than XLA's: the last bits may differ. With ``bias`` [N] and/or ``clamp``
+    (lo, hi: a fused activation), the kernel also adds the bias and clamps, in the same pass.
     """
     x, w = jnp.asarray(x), jnp.asarray(w)
     if w_layout not in ("OHWI", "HWIO"):
@@ -619,21 +641,51 @@ def f32_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Seque
                          f"channels; got x {x.dtype}{list(x.shape)} and w {w.dtype}{list(w.shape)}")
     ohwi = tuple(w.shape) if w_layout == "OHWI" else (w.shape[3], w.shape[0], w.shape[1], w.shape[2])
     dims = ("NHWC", w_layout, "NHWC")
+    n = ohwi[0]
+    b, finish = _finish_operands(bias, clamp, n)
 
-    def xla(x: jax.Array, w: jax.Array) -> jax.Array:
-        return lax.conv_general_dilated(x, w, tuple(strides), tuple(pads), rhs_dilation=tuple(dilation),
-                                        dimension_numbers=dims, precision=lax.Precision.HIGHEST)
+    def xla(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+        y = lax.conv_general_dilated(x, w, tuple(strides), tuple(pads), rhs_dilation=tuple(dilation),
+                                     dimension_numbers=dims, precision=lax.Precision.HIGHEST)
+        return _xla_finish(y, b, clamp, bool(finish["finish"]))
 
     geometry = _conv_geometry(x.shape, ohwi, strides, dilation, pads)
     if geometry is None:
-        return xla(x, w)
+        return xla(x, w, b)
     (oh, ow), attrs = geometry
-    n = ohwi[0]
     kn = w_layout == "HWIO"
 
-    def kernel(x: jax.Array, w: jax.Array) -> jax.Array:
+    def kernel(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
         out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, n), jnp.float32)
         w2 = w.reshape(-1, n) if kn else w.reshape(n, -1)
-        return jax.ffi.ffi_call(TARGET_F32_CONV, out)(x, w2, kn=np.int64(kn), **attrs)
+        return jax.ffi.ffi_call(TARGET_F32_CONV, out)(x, w2, b, kn=np.int64(kn), **attrs, **finish)
 
-    return _on_cpu(kernel, xla, x, w, leading=True)
+    return _on_cpu(kernel, xla, x, w, b, leading=True)
+
+
+def f32_depthwise(x: jax.Array, taps: jax.Array, bias: Any, clamp: tuple[float, float] | None,
+                  kernel_size: tuple[int, int], strides: Sequence[int], dilation: Sequence[int],
+                  pads: Sequence[tuple[int, int]],
+                  otherwise: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]) -> jax.Array:
+    """Depthwise convolution of float32 NHWC ``x`` [B, H, W, C] (zero padding) with ``taps`` [KH * KW, C] (one
+    filter per channel, window order), plus ``bias`` [C] (or None), clipped to ``clamp`` (lo, hi; None: not
+    clipped) -> [B, OH, OW, C] float32 in one kernel call (``depthwise.cc``; sums in window order, so the last
+    bits may differ from XLA's). Callers check :func:`isa` (``2``); ``otherwise(x, taps, bias)`` (XLA, bias
+    [C] float32) runs on other platforms and under ``jax.vmap`` of anything but ``x``."""
+    x, taps = jnp.asarray(x), jnp.asarray(taps)
+    kh, kw = kernel_size
+    c = x.shape[-1]
+    if x.dtype != jnp.float32 or taps.dtype != jnp.float32 or x.ndim != 4 or taps.shape != (kh * kw, c):
+        raise ValueError(f"f32_depthwise takes float32 x [B, H, W, C] and float32 taps [KH * KW, C]; got x "
+                         f"{x.dtype}{list(x.shape)}, taps {taps.dtype}{list(taps.shape)}")
+    b, finish = _finish_operands(bias, clamp, c)
+    geometry = _conv_geometry(x.shape, (c, kh, kw, 1), strides, dilation, pads)
+    if geometry is None:
+        return otherwise(x, taps, b)
+    (oh, ow), attrs = geometry
+
+    def kernel(x: jax.Array, taps: jax.Array, b: jax.Array) -> jax.Array:
+        out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, c), jnp.float32)
+        return jax.ffi.ffi_call(TARGET_F32_DEPTHWISE, out)(x, taps, b, **attrs, lo=finish["lo"], hi=finish["hi"])
+
+    return _on_cpu(kernel, otherwise, x, taps, b, leading=True)

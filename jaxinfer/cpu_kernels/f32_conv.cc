@@ -30,7 +30,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kRows = 4;                     // rows per register block: 4 x 4 panels = 16 accumulators
+constexpr int kRows = 4;                     // rows per register block: 4 x 4 panels = 16 accumulators,
+constexpr int kMaxRows = 8;                  // and 8 x 2 or 8 x 1 for layers of at most 32 columns
 constexpr int kPanels = 4;                   // panels of 16 columns per block
 constexpr int64_t kGroup = 16 * kPanels;     // columns per panel group
 constexpr int64_t kRowBytes = 256 << 10;     // a work item's patch rows, at most (they stay in L2)
@@ -41,6 +42,9 @@ struct Job {
   const float* w = nullptr;  // [N][K], or [K][N] when kn
   bool kn = false;
   float* y = nullptr;        // [M][N]
+  const float* bias = nullptr;  // with finish: y = min(hi, max(lo, sums + bias)) (a fused activation's clamp)
+  float lo = 0, hi = 0;
+  bool finish = false;
   float* P = nullptr;        // per group of 64 columns: [K][16 np] (np panels, zero past N)
   int64_t M = 0, K = 0, N = 0, groups = 0, rows = 0, chunks = 0;
   std::atomic<int64_t> pack_next{0}, packed{0}, next{0}, done{0};
@@ -75,6 +79,11 @@ void PackGroup(const Job& j, int64_t g) {
 
 __attribute__((target("avx512f"))) inline void Store(const Job& j, float* yr, int64_t n, __m512 v) {
   const int64_t left = j.N - n;
+  if (j.finish) {  // max(lo, v), min(hi, v): NaN sums stay NaN, as in XLA's clamp
+    const __mmask16 live = left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(left, 0)) - 1);
+    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, j.bias + n));
+    v = _mm512_min_ps(_mm512_set1_ps(j.hi), _mm512_max_ps(_mm512_set1_ps(j.lo), v));
+  }
   if (left >= 16)
     _mm512_storeu_ps(yr + n, v);
   else if (left > 0)
@@ -82,7 +91,7 @@ __attribute__((target("avx512f"))) inline void Store(const Job& j, float* yr, in
 }
 
 // Rows m0 .. m0 + MR of y (their patch rows at xr, K apart), columns n0 .. n0 + 16 NP from panels P. The
-// accumulators are named one by one (arrays of them stayed in memory: int8_dot.cc).
+// accumulators are named one by one (arrays of them stayed in memory: int8_dot.cc); MR x NP <= 16 of them.
 #define JX_ACC(r) __m512 a##r##0, a##r##1, a##r##2, a##r##3;
 #define JX_ZERO(r) a##r##0 = a##r##1 = a##r##2 = a##r##3 = _mm512_setzero_ps();
 #define JX_STEP(r)                                                    \
@@ -104,9 +113,9 @@ __attribute__((target("avx512f"))) inline void Store(const Job& j, float* yr, in
 
 template <int MR, int NP>
 __attribute__((target("avx512f"))) void Block(const Job& j, const float* xr, const float* P, int64_t m0, int64_t n0) {
-  static_assert(MR >= 1 && MR <= 4 && NP >= 1 && NP <= 4, "accumulators named below: 4 rows x 4 panels");
-  JX_ACC(0) JX_ACC(1) JX_ACC(2) JX_ACC(3)
-  JX_ZERO(0) JX_ZERO(1) JX_ZERO(2) JX_ZERO(3)
+  static_assert(MR >= 1 && MR <= kMaxRows && NP >= 1 && NP <= 4 && MR * NP <= 16, "accumulators named below");
+  JX_ACC(0) JX_ACC(1) JX_ACC(2) JX_ACC(3) JX_ACC(4) JX_ACC(5) JX_ACC(6) JX_ACC(7)
+  JX_ZERO(0) JX_ZERO(1) JX_ZERO(2) JX_ZERO(3) JX_ZERO(4) JX_ZERO(5) JX_ZERO(6) JX_ZERO(7)
   const int64_t K = j.K;
   const float* pp = P;
   for (int64_t k = 0; k < K; ++k, pp += NP * 16) {
@@ -114,24 +123,30 @@ __attribute__((target("avx512f"))) void Block(const Job& j, const float* xr, con
     const __m512 b1 = NP > 1 ? _mm512_load_ps(pp + 16) : b0;
     const __m512 b2 = NP > 2 ? _mm512_load_ps(pp + 32) : b0;
     const __m512 b3 = NP > 3 ? _mm512_load_ps(pp + 48) : b0;
-    JX_STEP(0) JX_STEP(1) JX_STEP(2) JX_STEP(3)
+    JX_STEP(0) JX_STEP(1) JX_STEP(2) JX_STEP(3) JX_STEP(4) JX_STEP(5) JX_STEP(6) JX_STEP(7)
   }
-  JX_STORE(0) JX_STORE(1) JX_STORE(2) JX_STORE(3)
+  JX_STORE(0) JX_STORE(1) JX_STORE(2) JX_STORE(3) JX_STORE(4) JX_STORE(5) JX_STORE(6) JX_STORE(7)
 }
 #undef JX_ACC
 #undef JX_ZERO
 #undef JX_STEP
 #undef JX_STORE
 
-// Rows m0 .. m1 (patch rows at xr) against group g's panels.
+// Rows m0 .. m1 (patch rows at xr) against group g's panels, MR rows at a time: 4 with 3-4 panels, 8 with 1-2
+// (with four accumulators, one per row, a 16-column layer waited on each FMA's latency).
 template <int NP>
 void GroupRows(const Job& j, const float* xr, int64_t m0, int64_t m1, int64_t g) {
+  constexpr int MR = NP <= 2 ? kMaxRows : kRows;
   const float* P = j.P + g * j.K * kGroup;
   const int64_t n0 = g * kGroup;
   int64_t m = m0;
-  for (; m + kRows <= m1; m += kRows, xr += kRows * j.K) Block<kRows, NP>(j, xr, P, m, n0);
-  static_assert(kRows == 4, "the remainder cases below");
+  for (; m + MR <= m1; m += MR, xr += MR * j.K) Block<MR, NP>(j, xr, P, m, n0);
+  static_assert(kMaxRows == 8, "the remainder cases below");
   switch (m1 - m) {
+    case 7: Block<7, NP <= 2 ? NP : 1>(j, xr, P, m, n0); break;
+    case 6: Block<6, NP <= 2 ? NP : 1>(j, xr, P, m, n0); break;
+    case 5: Block<5, NP <= 2 ? NP : 1>(j, xr, P, m, n0); break;
+    case 4: Block<4, NP>(j, xr, P, m, n0); break;
     case 3: Block<3, NP>(j, xr, P, m, n0); break;
     case 2: Block<2, NP>(j, xr, P, m, n0); break;
     case 1: Block<1, NP>(j, xr, P, m, n0); break;
@@ -170,9 +185,11 @@ __attribute__((target("avx512f"))) void Work(Job& j) {
   }
 }
 
-ffi::Error F32Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+// With finish = 1, y = min(hi, max(lo, sums + bias [N])): a TFLite layer's bias and fused activation in the
+// same pass (XLA ran them as one more fusion per layer); with 0 the bias operand is not read.
+ffi::Error F32Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> bias,
                    ffi::ResultBuffer<ffi::F32> y, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh,
-                   int64_t dw, int64_t pt, int64_t pl, int64_t kn) {
+                   int64_t dw, int64_t pt, int64_t pl, int64_t kn, int64_t finish, float lo, float hi) {
   if (!__builtin_cpu_supports("avx512f"))
     return ffi::Error::InvalidArgument("jaxinfer_f32_conv: this CPU lacks AVX-512");
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
@@ -183,6 +200,10 @@ ffi::Error F32Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     return ffi::Error::InvalidArgument(
         "jaxinfer_f32_conv: expected x [B, H, W, C], w [N, KH * KW * C] (or [KH * KW * C, N] with kn), "
         "y [B, OH, OW, N]");
+  j->finish = finish != 0;
+  if (j->finish && (bias.dimensions().size() != 1 || bias.dimensions()[0] != yd[3] || !(lo <= hi)))
+    return ffi::Error::InvalidArgument("jaxinfer_f32_conv: expected bias [N] and lo <= hi with finish");
+  j->bias = bias.typed_data(), j->lo = lo, j->hi = hi;
   j->w = w.typed_data();
   j->y = y->typed_data();
   j->M = yd[0] * yd[1] * yd[2];
@@ -191,6 +212,12 @@ ffi::Error F32Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   if (j->M == 0 || j->N == 0) return ffi::Error::Success();
   if (j->K == 0) {  // no input channels: every sum is empty
     std::fill(j->y, j->y + j->M * j->N, 0.f);
+    if (j->finish)
+      for (int64_t m = 0; m < j->M; ++m)
+        for (int64_t n = 0; n < j->N; ++n) {
+          const float v = 0.f + j->bias[n];
+          j->y[m * j->N + n] = v != v ? v : std::min(hi, std::max(lo, v));
+        }
     return ffi::Error::Success();
   }
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
@@ -201,7 +228,7 @@ ffi::Error F32Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   // items per thread when there are rows enough.
   const int64_t fit = std::max<int64_t>(16, kRowBytes / (4 * j->K));
   const int64_t share = (j->M + threads * 4 - 1) / (threads * 4);
-  j->rows = (std::max<int64_t>(kRows, std::min(fit, share)) + kRows - 1) / kRows * kRows;
+  j->rows = (std::max<int64_t>(kMaxRows, std::min(fit, share)) + kMaxRows - 1) / kMaxRows * kMaxRows;
   j->chunks = (j->M + j->rows - 1) / j->rows;
   threads = std::min(threads, std::max(j->chunks, j->groups));
   for (int64_t t = 1; t < threads; ++t) pool.Schedule([j] { Work(*j); });
@@ -217,5 +244,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32Conv, F32Conv,
                                                             .Ctx<ffi::ThreadPool>()
                                                             .Arg<ffi::Buffer<ffi::F32>>()
                                                             .Arg<ffi::Buffer<ffi::F32>>()
+                                                            .Arg<ffi::Buffer<ffi::F32>>()
                                                             .Ret<ffi::Buffer<ffi::F32>>())
-                                  .Attr<int64_t>("kn"));
+                                  .Attr<int64_t>("kn")
+                                  .Attr<int64_t>("finish")
+                                  .Attr<float>("lo")
+                                  .Attr<float>("hi"));

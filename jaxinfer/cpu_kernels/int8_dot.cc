@@ -71,9 +71,9 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kRowsPerPass = 8;       // accumulators held in registers: one per row
-constexpr int64_t kSerialMacs = 1 << 20;  // under this many multiply-adds one thread is quicker,
-constexpr int64_t kSerialConvMacs = 1 << 22;  // and for convolutions under this many (16 x 16 x 32 3x3 layers of
-                                              // 32 channels: ~2x slower on two threads at batch 1, session 22)
+// Under this many multiply-adds one thread is quicker: waking a pool thread cost more than it saved (16 x 16 x 32
+// 3x3 layers of 32 channels ~2x slower on two threads at batch 1, [8, 256] x [256, 512] 42 vs ~10 us; session 22).
+constexpr int64_t kSerialMacs = 1 << 22;
 constexpr int32_t kMinZp = -32768 + 128, kMaxZp = 32767 - 128;  // x - zp fits int16 for any int8 x
 
 constexpr int64_t kPrefetchBytes = 16 << 10;  // how far ahead the VNNI path asks for weights
@@ -553,7 +553,7 @@ ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, c
   j->K = K;
   j->N = N;
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  if (M * K * N < (patches ? kSerialConvMacs : kSerialMacs)) threads = 1;
+  if (M * K * N < kSerialMacs) threads = 1;
   const bool panels = CurrentIsa() == kVnni && M >= kPanelMinRows && (K < kPanelMaxK || patches);
   std::vector<int8_t> own_patches;
   j->patches = patches;

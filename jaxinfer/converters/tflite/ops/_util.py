@@ -28,6 +28,11 @@ def fused(x: jnp.ndarray, act: str) -> jnp.ndarray:
     raise ValueError(f"unknown fused activation {act!r} (expected NONE, RELU, RELU6, RELU_N1_TO_1, TANH or SIGN_BIT)")
 
 
+#: The fused activations that are a clamp to [lo, hi] (None: no activation), as our float kernels finish a layer.
+CLAMPS: dict[str, tuple[float, float] | None] = {"NONE": None, "RELU": (0.0, float("inf")), "RELU6": (0.0, 6.0),
+                                                 "RELU_N1_TO_1": (-1.0, 1.0)}
+
+
 def qat(qs: QList, i: int) -> QParams | None:
     """The quantization of slot ``i``, or None."""
     if not qs or i >= len(qs):

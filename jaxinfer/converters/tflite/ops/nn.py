@@ -9,11 +9,12 @@ import numpy as np
 from jax import lax
 
 from .... import arith, cpu_kernels, intmath
-from ....conv_lowering import conv_general_dilated, depthwise_taps, reduce_window
+from ....conv_lowering import (conv_general_dilated, depthwise_taps, f32_depthwise_takes, f32_kernel_takes,
+                               reduce_window)
 from ....intmath import exact_conv, exact_dot, zp_conv, zp_matmul
 from ....registry import OpDef, registrar
 from .. import quant as Q
-from ._util import QList, fused, is_quantized, qat
+from ._util import CLAMPS, QList, fused, is_quantized, qat
 
 OPS: list[OpDef] = []
 op = registrar(OPS, domain="tflite")
@@ -288,10 +289,15 @@ def conv_2d(x, w, bias=None, *, padding: str = "SAME", stride_w: int = 1, stride
     if _is_hybrid(x, w, qw):
         return _hybrid_conv(x, w, bias, qw, stride, dil, padding, groups, hybrid_asymmetric or _distinct_scales(qw),
                             fused_activation_function, w.shape[0])
-    w = _hybrid_weight(w, qw, x)
-    y = _conv(x, w.astype(x.dtype), stride, dil, padding, groups)
+    w = _hybrid_weight(w, qw, x).astype(x.dtype)
+    bias = None if bias is None else _hybrid_weight(bias, qat(in_q, 2), x).astype(x.dtype)
+    if groups == 1 and fused_activation_function in CLAMPS and f32_kernel_takes(x, w):
+        # the bias and the activation's clamp in the kernel's pass: the same float operations XLA ran after it
+        return cpu_kernels.f32_conv(x, w, stride, dil, _window_pads(x.shape, w.shape[1:3], stride, dil, padding),
+                                    bias=bias, clamp=CLAMPS[fused_activation_function])
+    y = _conv(x, w, stride, dil, padding, groups)
     if bias is not None:
-        y = y + _hybrid_weight(bias, qat(in_q, 2), x).astype(x.dtype)
+        y = y + bias
     return fused(y, fused_activation_function)
 
 
@@ -328,10 +334,20 @@ def depthwise_conv_2d(x, w, bias=None, *, padding: str = "SAME", stride_w: int =
     if _is_hybrid(x, w, qw):
         return _hybrid_conv(x, jnp.transpose(w, (3, 1, 2, 0)), bias, qw, stride, dil, padding, c, True,
                             fused_activation_function, w.shape[3])
-    w = _hybrid_weight(w, qw, x)
-    y = _conv(x, jnp.transpose(w, (3, 1, 2, 0)).astype(x.dtype), stride, dil, padding, c)
+    w = _hybrid_weight(w, qw, x).astype(x.dtype)
+    bias = None if bias is None else _hybrid_weight(bias, qat(in_q, 2), x).astype(x.dtype)
+
+    def taps_sum(x, taps, b):  # XLA: the window slices times the taps, the bias, the activation
+        y = _conv(x, jnp.transpose(jnp.reshape(taps, w.shape), (3, 1, 2, 0)), stride, dil, padding, c)
+        return fused(y + b, fused_activation_function)
+
+    if w.shape[3] == c and fused_activation_function in CLAMPS and f32_depthwise_takes(x):
+        kernel = (w.shape[1], w.shape[2])
+        return cpu_kernels.f32_depthwise(x, jnp.reshape(w, (-1, c)), bias, CLAMPS[fused_activation_function], kernel,
+                                         stride, dil, _window_pads(x.shape, kernel, stride, dil, padding), taps_sum)
+    y = _conv(x, jnp.transpose(w, (3, 1, 2, 0)), stride, dil, padding, c)
     if bias is not None:
-        y = y + _hybrid_weight(bias, qat(in_q, 2), x).astype(x.dtype)
+        y = y + bias
     return fused(y, fused_activation_function)
 
 

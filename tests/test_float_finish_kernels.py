@@ -1,0 +1,147 @@
+"""Our float32 kernels that finish a layer in the same call: cpu_kernels.f32_conv with a bias and a fused
+activation's clamp, and cpu_kernels.f32_depthwise. Their sums match a float64 reference to float32
+rounding for every geometry; the finish is XLA's (NaN stays NaN, the clamp's bounds hold); the XLA route
+(`otherwise`) runs under vmap of the weights; TFLite float conv/depthwise layers take them."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinfer import cpu_kernels
+
+from .test_int8_output_stage import DEPTHWISE, _out_size, _windows
+
+AVX512 = cpu_kernels.available() and cpu_kernels.isa() == 2
+needs_kernels = pytest.mark.skipif(not AVX512, reason="the float kernels need AVX-512")
+CLAMPS = [None, (0.0, np.inf), (0.0, 6.0), (-1.0, 1.0)]
+
+
+def _finish(acc: np.ndarray, bias: np.ndarray | None, clamp) -> np.ndarray:
+    y = acc if bias is None else acc + bias
+    return y if clamp is None else np.clip(y, clamp[0], clamp[1])
+
+
+def _pad64(x: np.ndarray, pads) -> np.ndarray:
+    (pt, pb), (pl, pr) = pads
+    return np.pad(x.astype(np.float64), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+
+
+def _depthwise64(x, taps, kh, kw, strides, dilation, pads):
+    oh = _out_size(x.shape[1], kh, strides[0], dilation[0], *pads[0])
+    ow = _out_size(x.shape[2], kw, strides[1], dilation[1], *pads[1])
+    win = _windows(_pad64(x, pads), kh, kw, strides, dilation, oh, ow)
+    return np.einsum("bhwijc,ijc->bhwc", win, taps.astype(np.float64).reshape(kh, kw, -1))
+
+
+def _conv64(x, w, strides, dilation, pads):
+    n, kh, kw, _ = w.shape
+    oh = _out_size(x.shape[1], kh, strides[0], dilation[0], *pads[0])
+    ow = _out_size(x.shape[2], kw, strides[1], dilation[1], *pads[1])
+    win = _windows(_pad64(x, pads), kh, kw, strides, dilation, oh, ow)
+    return np.einsum("bhwijc,nijc->bhwn", win, w.astype(np.float64))
+
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", range(len(DEPTHWISE)))
+@pytest.mark.parametrize("clamp", CLAMPS)
+def test_depthwise_matches_float64(case, clamp):
+    b, h, w, c, kh, kw, strides, dilation, pads = DEPTHWISE[case]
+    rng = np.random.default_rng(case)
+    x = rng.standard_normal((b, h, w, c)).astype(np.float32)
+    taps = rng.standard_normal((kh * kw, c)).astype(np.float32)
+    bias = rng.standard_normal(c).astype(np.float32)
+    got = np.asarray(jax.jit(lambda x, t, bb: cpu_kernels.f32_depthwise(x, t, bb, clamp, (kh, kw), strides, dilation,
+                                                                         pads, None))(x, taps, bias))
+    want = _finish(_depthwise64(x, taps, kh, kw, strides, dilation, pads), bias, clamp)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(kh * kw))
+
+
+# (B, H, W, C, N, KH, KW, strides, dilation, pads): few output channels (8-row blocks) and many (4-row blocks)
+CONVS = [
+    (1, 32, 32, 3, 16, 3, 3, (1, 1), (1, 1), ((1, 1), (1, 1))),
+    (2, 9, 11, 16, 32, 3, 3, (2, 2), (1, 1), ((0, 1), (1, 1))),
+    (1, 7, 5, 8, 70, 3, 2, (1, 1), (2, 2), ((2, 2), (1, 1))),
+    (3, 4, 4, 5, 17, 1, 1, (1, 1), (1, 1), ((0, 0), (0, 0))),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", range(len(CONVS)))
+@pytest.mark.parametrize("clamp", CLAMPS)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_conv_finish_matches_float64(case, clamp, with_bias):
+    b, h, w_, c, n, kh, kw, strides, dilation, pads = CONVS[case]
+    rng = np.random.default_rng(20 + case)
+    x = rng.standard_normal((b, h, w_, c)).astype(np.float32)
+    w = rng.standard_normal((n, kh, kw, c)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32) if with_bias else None
+    got = np.asarray(cpu_kernels.f32_conv(x, w, strides, dilation, pads, bias=bias, clamp=clamp))
+    want = _finish(_conv64(x, w, strides, dilation, pads), bias, clamp)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(kh * kw * c))
+
+
+@needs_kernels
+def test_the_finish_is_xlas_after_the_kernels_sums():
+    """Bias then clamp on the kernel's own sums: bit-identical to the unfinished kernel plus XLA's add and clip."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 12, 12, 8)).astype(np.float32)
+    w = rng.standard_normal((24, 3, 3, 8)).astype(np.float32)
+    bias = rng.standard_normal(24).astype(np.float32)
+    args = ((1, 1), (1, 1), ((1, 1), (1, 1)))
+    plain = cpu_kernels.f32_conv(x, w, *args)
+    np.testing.assert_array_equal(np.asarray(cpu_kernels.f32_conv(x, w, *args, bias=bias, clamp=(0.0, 6.0))),
+                                  np.asarray(jnp.clip(plain + bias, 0.0, 6.0)))
+
+
+@needs_kernels
+def test_nan_stays_nan_through_the_clamp():
+    x = np.zeros((1, 4, 4, 16), np.float32)
+    x[0, 1, 1, 3] = np.nan
+    taps = np.ones((9, 16), np.float32)
+    y = np.asarray(cpu_kernels.f32_depthwise(x, taps, None, (0.0, 6.0), (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)),
+                                             None))
+    assert np.isnan(y[0, :3, :3, 3]).all() and not np.isnan(np.delete(y, 3, axis=-1)).any()
+    w = np.ones((16, 3, 3, 16), np.float32)
+    yc = np.asarray(cpu_kernels.f32_conv(x, w, (1, 1), (1, 1), ((1, 1), (1, 1)), clamp=(0.0, np.inf)))
+    assert np.isnan(yc[0, :3, :3]).all() and not np.isnan(yc[0, 3, 3]).any()
+
+
+@needs_kernels
+def test_depthwise_otherwise_under_vmap_of_the_taps():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((1, 6, 6, 16)).astype(np.float32)
+    taps = rng.standard_normal((2, 9, 16)).astype(np.float32)
+    pads = ((1, 1), (1, 1))
+
+    def otherwise(x, t, b):
+        xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        return sum(xp[:, i:i + 6, k:k + 6] * t[i * 3 + k] for i in range(3) for k in range(3)) + b
+
+    got = np.asarray(jax.vmap(lambda t: cpu_kernels.f32_depthwise(x, t, None, None, (3, 3), (1, 1), (1, 1), pads,
+                                                                  otherwise))(taps))
+    for i in range(2):
+        np.testing.assert_allclose(got[i], _depthwise64(x, taps[i], 3, 3, (1, 1), (1, 1), pads), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_operands_named():
+    with pytest.raises(ValueError, match="taps"):
+        cpu_kernels.f32_depthwise(np.zeros((1, 3, 3, 4), np.float32), np.zeros((8, 4), np.float32), None, None,
+                                  (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), None)
+    with pytest.raises(ValueError, match="lo <= hi"):
+        cpu_kernels.f32_conv(np.zeros((1, 3, 3, 4), np.float32), np.zeros((2, 1, 1, 4), np.float32), (1, 1), (1, 1),
+                             ((0, 0), (0, 0)), clamp=(1.0, 0.0))
+
+
+@needs_kernels
+def test_tflite_float_layers_take_the_kernels():
+    from jaxinfer.converters.tflite import load_tflite
+    from tests.fixtures.tflite.make_fixtures import build_conv_f32
+
+    model = load_tflite(build_conv_f32(2))
+    feeds = {model.inputs[0].name: np.zeros((2, 32, 32, 3), np.float32)}
+    hlo = jax.jit(model.fn).lower(model.params, feeds).as_text()
+    assert hlo.count(cpu_kernels.TARGET_F32_CONV) == 4 and hlo.count(cpu_kernels.TARGET_F32_DEPTHWISE) == 4
