@@ -141,12 +141,12 @@ void GroupRows(const Job& j, const float* xr, int64_t m0, int64_t m1, int64_t g)
   const int64_t n0 = g * kGroup;
   int64_t m = m0;
   for (; m + MR <= m1; m += MR, xr += MR * j.K) Block<MR, NP>(j, xr, P, m, n0);
-  static_assert(kMaxRows == 8, "the remainder cases below");
+  if (MR > kRows && m + kRows <= m1) {  // 4 of the last 5-7 rows
+    Block<kRows, NP>(j, xr, P, m, n0);
+    m += kRows, xr += kRows * j.K;
+  }
+  static_assert(kRows == 4 && kMaxRows <= 2 * kRows, "the remainder cases below");
   switch (m1 - m) {
-    case 7: Block<7, NP <= 2 ? NP : 1>(j, xr, P, m, n0); break;
-    case 6: Block<6, NP <= 2 ? NP : 1>(j, xr, P, m, n0); break;
-    case 5: Block<5, NP <= 2 ? NP : 1>(j, xr, P, m, n0); break;
-    case 4: Block<4, NP>(j, xr, P, m, n0); break;
     case 3: Block<3, NP>(j, xr, P, m, n0); break;
     case 2: Block<2, NP>(j, xr, P, m, n0); break;
     case 1: Block<1, NP>(j, xr, P, m, n0); break;

@@ -79,7 +79,8 @@ constexpr int32_t kMinZp = -32768 + 128, kMaxZp = 32767 - 128;  // x - zp fits i
 constexpr int64_t kPrefetchBytes = 16 << 10;  // how far ahead the VNNI path asks for weights
 constexpr int64_t kPanelMinRows = 16;  // from this many rows of x the VNNI path packs w into column panels,
 constexpr int64_t kPanelMaxK = 1024;   // while K is below this (longer rows amortize the row path's sums)
-constexpr int kPanelRows = 4;          // rows of x per register block: 4 x 4 panels = 16 accumulators
+constexpr int kPanelRows = 4;          // rows of x per register block: 4 x 4 panels = 16 accumulators,
+constexpr int kPanelMaxRows = 8;       // or 8 x 2, 8 x 1 for at most 32 columns
 constexpr int kPanels = 4;             // panels of 16 columns packed and multiplied at a time
 constexpr int64_t kPatchRowBytes = 256 << 10;  // a convolution's work item packs at most this much of x
 
@@ -323,9 +324,10 @@ template <int MR, int NP>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void PanelBlock(const Job& j, const uint8_t* P,
                                                                      const __m512i (&cs)[NP], const uint8_t* xr,
                                                                      int64_t m0, int64_t n0) {
-  static_assert(MR >= 1 && MR <= kPanelRows && NP >= 1 && NP <= kPanels, "accumulators named below: 4 rows x 4 panels");
-  JX_ROW_ACC(0) JX_ROW_ACC(1) JX_ROW_ACC(2) JX_ROW_ACC(3)
-  JX_ZERO(0) JX_ZERO(1) JX_ZERO(2) JX_ZERO(3)
+  static_assert(MR >= 1 && MR <= kPanelMaxRows && NP >= 1 && NP <= kPanels && MR * NP <= 16,
+                "accumulators named below: at most 16 of 8 rows x 4 panels");
+  JX_ROW_ACC(0) JX_ROW_ACC(1) JX_ROW_ACC(2) JX_ROW_ACC(3) JX_ROW_ACC(4) JX_ROW_ACC(5) JX_ROW_ACC(6) JX_ROW_ACC(7)
+  JX_ZERO(0) JX_ZERO(1) JX_ZERO(2) JX_ZERO(3) JX_ZERO(4) JX_ZERO(5) JX_ZERO(6) JX_ZERO(7)
   const int64_t K4 = j.Kp / 4;
   const uint8_t* pp = P;
   for (int64_t k4 = 0; k4 < K4; ++k4, pp += NP * 64) {
@@ -333,9 +335,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void PanelBlock(const Job
     const __m512i b1 = NP > 1 ? _mm512_load_si512(pp + 64) : b0;
     const __m512i b2 = NP > 2 ? _mm512_load_si512(pp + 128) : b0;
     const __m512i b3 = NP > 3 ? _mm512_load_si512(pp + 192) : b0;
-    JX_STEP(0) JX_STEP(1) JX_STEP(2) JX_STEP(3)
+    JX_STEP(0) JX_STEP(1) JX_STEP(2) JX_STEP(3) JX_STEP(4) JX_STEP(5) JX_STEP(6) JX_STEP(7)
   }
-  JX_STORE(0) JX_STORE(1) JX_STORE(2) JX_STORE(3)
+  JX_STORE(0) JX_STORE(1) JX_STORE(2) JX_STORE(3) JX_STORE(4) JX_STORE(5) JX_STORE(6) JX_STORE(7)
 }
 #undef JX_ROW_ACC
 #undef JX_ZERO
@@ -348,10 +350,15 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void PanelRows(const Job&
                                                                     int64_t n0) {
   __m512i cs[NP];
   PanelSums<NP>(j, P, cs);
+  // 8 rows per block against 1-2 panels: with a row's one accumulator, a 16-column layer waited on vpdpbusd
+  constexpr int MR = NP <= 2 ? kPanelMaxRows : kPanelRows;
   int64_t m = m0;
-  for (; m + kPanelRows <= m1; m += kPanelRows, xr += kPanelRows * j.Kp)
+  for (; m + MR <= m1; m += MR, xr += MR * j.Kp) PanelBlock<MR, NP>(j, P, cs, xr, m, n0);
+  if (MR > kPanelRows && m + kPanelRows <= m1) {  // 4 of the last 5-7 rows
     PanelBlock<kPanelRows, NP>(j, P, cs, xr, m, n0);
-  static_assert(kPanelRows == 4, "the remainder cases below");
+    m += kPanelRows, xr += kPanelRows * j.Kp;
+  }
+  static_assert(kPanelRows == 4 && kPanelMaxRows <= 2 * kPanelRows, "the remainder cases below");
   switch (m1 - m) {
     case 3: PanelBlock<3, NP>(j, P, cs, xr, m, n0); break;
     case 2: PanelBlock<2, NP>(j, P, cs, xr, m, n0); break;
