@@ -59,6 +59,11 @@ __attribute__((target("avx512f"))) inline void Copy(float* dst, const float* src
   }
 }
 
+// One window row of at most 16 values (patches.h ShortRows).
+__attribute__((target("avx512f"))) inline void Wide(float* dst, const float* src) {
+  _mm512_storeu_ps(dst, _mm512_loadu_ps(src));
+}
+
 // The panels of group g (4, or fewer for the last group).
 int Panels(const Job& j, int64_t g) {
   return static_cast<int>(std::min<int64_t>(kPanels, (j.N - g * kGroup + 15) / 16));
@@ -170,9 +175,12 @@ __attribute__((target("avx512f"))) void Work(Job& j) {
   while (j.packed.load(std::memory_order_acquire) < j.groups) _mm_pause();  // every item reads every panel
   float* xr = nullptr;
   for (int64_t c; (c = j.next.fetch_add(1, std::memory_order_relaxed)) < j.chunks;) {
-    if (!xr) xr = Scratch(t_rows, j.rows * j.K);
+    if (!xr) xr = Scratch(t_rows, j.rows * j.K + 16);  // ShortRows spills up to 64 bytes past the last row
     const int64_t m0 = c * j.rows, m1 = std::min(j.M, m0 + j.rows);
-    jaxinfer::PatchRows(j.p, m0, m1, xr, j.K, 0.f, Copy);
+    if (jaxinfer::ShortWindow(j.p))
+      jaxinfer::ShortRows(j.p, m0, m1, xr, j.K, 0.f, Copy, Wide);
+    else
+      jaxinfer::PatchRows(j.p, m0, m1, xr, j.K, 0.f, Copy);
     for (int64_t g = 0; g < j.groups; ++g) {
       switch (Panels(j, g)) {
         case 4: GroupRows<4>(j, xr, m0, m1, g); break;

@@ -434,11 +434,19 @@ __attribute__((target("avx512f,avx512bw"))) inline void CopyOffset(uint8_t* dst,
   }
 }
 
+// One window row of at most 64 values, offset to uint8 (ShortRows).
+__attribute__((target("avx512f,avx512bw"))) inline void WideOffset(uint8_t* dst, const int8_t* src) {
+  _mm512_storeu_si512(dst, _mm512_xor_si512(_mm512_loadu_si512(src), _mm512_set1_epi8(static_cast<char>(0x80))));
+}
+
 // Rows m0 .. m1 of the panels' x: [m][Kp] x + 128, zero past K.
 __attribute__((target("avx512f,avx512bw"))) void PackPanelRows(const Job& j, int64_t m0, int64_t m1, uint8_t* out) {
   const int64_t K = j.K, Kp = j.Kp;
-  if (j.patches)
-    jaxinfer::PatchRows(*j.patches, m0, m1, out, Kp, static_cast<uint8_t>(j.patches->pad ^ 0x80), CopyOffset);
+  const uint8_t fill = j.patches ? static_cast<uint8_t>(j.patches->pad ^ 0x80) : 0;
+  if (j.patches && jaxinfer::ShortWindow(*j.patches))
+    jaxinfer::ShortRows(*j.patches, m0, m1, out, Kp, fill, CopyOffset, WideOffset);
+  else if (j.patches)
+    jaxinfer::PatchRows(*j.patches, m0, m1, out, Kp, fill, CopyOffset);
   for (int64_t m = m0; m < m1; ++m) {
     uint8_t* dst = out + (m - m0) * Kp;
     if (!j.patches) CopyOffset(dst, j.x8 + m * K, K);
@@ -489,7 +497,7 @@ void Work(Job& j) {
       const int64_t m0 = rc * j.row_chunk, m1 = std::min(j.M, m0 + j.row_chunk);
       const uint8_t* xr = j.xr + m0 * j.Kp;
       if (j.patches) {  // each item packs its own patch rows: they are never all held at once
-        uint8_t* rows = Scratch(kept_rows, own_rows, (m1 - m0) * j.Kp);
+        uint8_t* rows = Scratch(kept_rows, own_rows, (m1 - m0) * j.Kp + 64);  // ShortRows spills past the end
         PackPanelRows(j, m0, m1, rows);
         xr = rows;
       }
