@@ -63,7 +63,7 @@ class _Int8Matrix:
     """A dynamic-range weight matrix [N, K]: its int8 values and its one float32 scale."""
 
     values: Any
-    scale: np.float32
+    scale: np.float32 | np.ndarray  # one scale, or one per row where gates' matrices are stacked (mm_all)
 
 
 def _matrix(args: tuple[Any, ...], in_q: QList, slot: int, hybrid: bool):
@@ -102,8 +102,23 @@ class _Operand:
             self._q = (q, sf, off[:, None] if self.asymmetric else None)
         q, sf, off = self._q
         acc = zp_matmul(q, off, w.values, None, trans_b=True)
-        y = acc.astype(jnp.float32) * (sf[:, None] * jnp.float32(w.scale))
+        y = acc.astype(jnp.float32) * (sf[:, None] * w.scale)
         return jnp.reshape(y, self.x.shape[:-1] + (w.values.shape[0],))
+
+    def mm_all(self, ws: list[Any]) -> list[Any]:
+        """``[self.mm(w) for w in ws]`` as one product against the matrices stacked by rows, split after: each
+        gate's product alone was its own XLA call, four per step (an unrolled 10-step LSTM ran ~90 kernels)."""
+        same = (all(isinstance(w, _Int8Matrix) for w in ws)
+                or all(w is not None and not isinstance(w, _Int8Matrix) for w in ws))
+        if len(ws) < 2 or not same:
+            return [self.mm(w) for w in ws]
+        sizes = [_n_rows(w) for w in ws]
+        if isinstance(ws[0], _Int8Matrix):
+            scales = np.concatenate([np.full(n, w.scale, np.float32) for n, w in zip(sizes, ws)])
+            y = self.mm(_Int8Matrix(jnp.concatenate([w.values for w in ws]), scales))
+        else:
+            y = self.mm(jnp.concatenate(ws))
+        return jnp.split(y, np.cumsum(sizes)[:-1], axis=-1)
 
 
 def _layer_norm(z):
@@ -130,12 +145,14 @@ def _lstm_layer(x_tm, h0, c0, w: dict[str, Any], act: str, cell_clip: float, pro
     xs = _Operand(x_tm, asymmetric)
     auxs = _Operand(aux_tm, asymmetric) if aux_tm is not None else None
     pre = {}
+    inputs = dict(zip(gates, xs.mm_all([w["w" + g] for g in gates])))
+    aux = dict(zip(gates, auxs.mm_all([w.get("aw" + g) for g in gates]))) if auxs is not None else {}
     for g in gates:
-        z = xs.mm(w["w" + g])
+        z = inputs[g]
         if not layer_norm and w["b" + g] is not None:
             z = w["b" + g] + z  # the kernels start each gate from its bias
-        if auxs is not None and w.get("aw" + g) is not None:
-            z = z + auxs.mm(w["aw" + g])
+        if aux.get(g) is not None:
+            z = z + aux[g]
         pre[g] = z
 
     def act_fn(v):
@@ -143,11 +160,10 @@ def _lstm_layer(x_tm, h0, c0, w: dict[str, Any], act: str, cell_clip: float, pro
 
     def step(carry, zs):
         h, c = carry
-        hs = _Operand(h, asymmetric)
+        recurrent = {} if diagonal else dict(zip(gates, _Operand(h, asymmetric).mm_all([w["r" + g] for g in gates])))
 
         def gate(g, z, cell, fn):
-            r = w["r" + g]
-            z = z + (h * r if diagonal else hs.mm(r))
+            z = z + (h * w["r" + g] if diagonal else recurrent[g])
             peep = w.get("p" + g)
             if peep is not None and cell is not None:
                 z = z + cell * peep
