@@ -137,39 +137,65 @@ def _hybrid_composition(asymmetric: bool):
     return f
 
 
+def _hybrid_layer(asymmetric: bool, scales, bias=None, clamp=None):
+    """The converter's hybrid layer in XLA: sums * (row scale * scales) + bias, clipped."""
+    fn = _hybrid_composition(asymmetric)
+
+    def f(x, w):
+        acc, sf = fn(x, w)
+        y = acc.astype(np.float32) * (sf[:, None] * jnp.asarray(scales, jnp.float32))
+        if bias is not None or clamp is not None:
+            y = y + (0.0 if bias is None else jnp.asarray(bias))
+        return y if clamp is None else jnp.clip(y, *clamp)
+    return f
+
+
+FINISHES = {"plain": (False, None), "bias": (True, None), "bias_relu": (True, (0.0, np.inf)),
+            "relu6": (False, (0.0, 6.0)), "bias_n1_to_1": (True, (-1.0, 1.0))}
+
+
+@pytest.mark.parametrize("finish", list(FINISHES))
 @pytest.mark.parametrize("asymmetric", [True, False], ids=["asymmetric", "symmetric"])
 @pytest.mark.parametrize("m,k,n", [(1, 256, 512), (8, 512, 512), (3, 13, 7), (17, 100, 33), (2, 8, 10)])
-def test_hybrid_rows_same_numbers_as_the_converter(kernel_isa, asymmetric, m, k, n):
-    """Sums and row scales equal the converter's composition (float64 scale and zero point, round half
-    away from zero, the multiply-add XLA contracts) for rows of one sign, both signs, and all zeros."""
+def test_hybrid_layer_same_numbers_as_the_converter(kernel_isa, asymmetric, m, k, n, finish):
+    """The layer equals the converter's composition bit for bit (float64 scale and zero point, round half
+    away from zero, the multiply-adds XLA contracts, the clamp) for rows of one sign, both signs, and all
+    zeros, with one weight scale and with one per output."""
     rng = np.random.default_rng(m + k + n)
     fn = _hybrid_composition(asymmetric)
+    with_bias, clamp = FINISHES[finish]
     for trial in range(4):
         x = (rng.standard_normal((m, k)) * rng.choice([1e-3, 1.0, 30.0])).astype(np.float32)
         x = np.abs(x) if trial == 1 else -np.abs(x) if trial == 2 else x
         if trial == 3:
             x[0] = 0.0
         w = rng.integers(-127, 128, (n, k), dtype=np.int8)
-        got = jax.jit(lambda x, w: cpu_kernels.int8_dot_hybrid(x, w, asymmetric, fn))(x, w)
-        want = jax.jit(fn)(x, w)
-        for g, e in zip(got, want):
-            np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
+        scales = np.float32(0.01) if trial % 2 else rng.uniform(1e-3, 0.1, n).astype(np.float32)
+        bias = rng.standard_normal(n).astype(np.float32) if with_bias else None
+        got = jax.jit(lambda x, w: cpu_kernels.int8_dot_hybrid(x, w, asymmetric, scales, fn, bias=bias,
+                                                               clamp=clamp))(x, w)
+        want = jax.jit(_hybrid_layer(asymmetric, scales, bias, clamp))(x, w)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_hybrid_lowering_and_vmap():
     fn = _hybrid_composition(True)
     x, w = np.ones((4, 16), np.float32), np.ones((8, 16), np.int8)
-    call = jax.jit(lambda x, w: cpu_kernels.int8_dot_hybrid(x, w, True, fn))
+    bias = np.arange(8, dtype=np.float32) - 4
+
+    def layer(x, w):
+        return cpu_kernels.int8_dot_hybrid(x, w, True, 0.5, fn, bias=bias, clamp=(0.0, 6.0))
+
+    call = jax.jit(layer)
     assert cpu_kernels.TARGET_HYBRID in call.lower(x, w).as_text()
     text = export.export(call, platforms=["cuda"])(x, w).mlir_module()
     assert cpu_kernels.TARGET_HYBRID not in text
     xs = np.random.default_rng(0).standard_normal((3, 4, 16)).astype(np.float32)
-    got = jax.jit(jax.vmap(lambda xi: cpu_kernels.int8_dot_hybrid(xi, w, True, fn)))(xs)
-    want = jax.vmap(lambda xi: fn(xi, w))(xs)
-    for g, e in zip(got, want):
-        np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
+    got = jax.jit(jax.vmap(lambda xi: layer(xi, w)))(xs)
+    want = jax.jit(jax.vmap(lambda xi: _hybrid_layer(True, 0.5, bias, (0.0, 6.0))(xi, w)))(xs)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     with pytest.raises(ValueError, match="float32 x"):
-        cpu_kernels.int8_dot_hybrid(x.astype(np.int8), w, True, fn)
+        cpu_kernels.int8_dot_hybrid(x.astype(np.int8), w, True, 0.5, fn)
 
 
 def test_hybrid_tflite_model_answers_the_same_without_the_kernel(monkeypatch):
@@ -191,12 +217,13 @@ def test_hybrid_rows_with_nan_or_inf_leave_the_other_rows_alone(asymmetric):
     rng = np.random.default_rng(7)
     x, w = rng.standard_normal((5, 40)).astype(np.float32), rng.integers(-127, 128, (9, 40), dtype=np.int8)
     x[1, 3], x[3, 0] = np.nan, -np.inf
+    bias = rng.standard_normal(9).astype(np.float32)
     fn = _hybrid_composition(asymmetric)
-    got = jax.jit(lambda x, w: cpu_kernels.int8_dot_hybrid(x, w, asymmetric, fn))(x, w)
-    want = jax.jit(fn)(x, w)
+    got = jax.jit(lambda x, w: cpu_kernels.int8_dot_hybrid(x, w, asymmetric, 0.02, fn, bias=bias,
+                                                           clamp=(0.0, np.inf)))(x, w)
+    want = jax.jit(_hybrid_layer(asymmetric, 0.02, bias, (0.0, np.inf)))(x, w)
     keep = [0, 2, 4]
-    for g, e in zip(got, want):
-        np.testing.assert_array_equal(np.asarray(g)[keep], np.asarray(e)[keep])
+    np.testing.assert_array_equal(np.asarray(got)[keep], np.asarray(want)[keep])
 
 
 # ------------------------------------------------------------------ ONNX DynamicQuantizeLinear

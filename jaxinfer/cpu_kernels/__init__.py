@@ -387,31 +387,48 @@ def int8_dot_dyn(x: jax.Array, w: jax.Array, otherwise: Callable[[jax.Array, jax
     return _on_cpu(call, otherwise, x.reshape(rows, k), w, leading=True).reshape(*lead, n)
 
 
-def int8_dot_hybrid(x: jax.Array, w: jax.Array, asymmetric: bool,
-                    otherwise: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
-                    ) -> tuple[jax.Array, jax.Array]:
-    """A TFLite dynamic-range product: float32 ``x`` [M, K], each row quantized to int8 on the fly as
+def int8_dot_hybrid(x: jax.Array, w: jax.Array, asymmetric: bool, scales: Any,
+                    otherwise: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]], *,
+                    bias: Any = None, clamp: tuple[float, float] | None = None) -> jax.Array:
+    """A TFLite dynamic-range (hybrid) layer: float32 ``x`` [M, K], each row quantized to int8 on the fly as
     :func:`jaxinfer.converters.tflite.quant.dynamic_quantize_rows` does (``asymmetric``: a zero point per
-    row), times an int8 weight ``w`` [N, K] with zero point 0 -> (the int32 sums ``sum_k (q - offset) w``
-    [M, N], each row's float32 scale [M]); the caller applies the scales, bias and activation.
+    row), times an int8 weight ``w`` [N, K] with zero point 0 and float32 ``scales`` (one, or one per
+    output) -> float32 [M, N] ``sums * (row scale * scales)``, plus ``bias`` [N] and clipped to ``clamp``
+    (lo, hi: a fused activation) where given, NaN kept.
 
-    One kernel call where XLA ran ~10 small fusions before each dot (min and max in two stages, the
-    float64 scale and zero point, the int8 values). ``otherwise(x, w)`` gives the same pair: where
-    :func:`takes` declines the product, on other platforms and under ``jax.vmap``.
+    One kernel call where XLA ran ~10 small fusions before the dot (min and max in two stages, the float64
+    scale and zero point, the int8 values) and one after it. ``otherwise(x, w)`` gives the int32 sums and the
+    row scales; the same finish applied to them in XLA (FMA-contracted, as XLA compiles it) is the answer
+    where :func:`takes` declines the product, on other platforms and under ``jax.vmap``: bit for bit.
     """
     x, w = jnp.asarray(x), jnp.asarray(w)
     if x.dtype != jnp.float32 or w.dtype != jnp.int8 or x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"int8_dot_hybrid takes float32 x [M, K] and int8 w [N, K]; got x {x.dtype}{list(x.shape)} "
                          f"and w {w.dtype}{list(w.shape)}")
     m, k, n = x.shape[0], x.shape[1], w.shape[0]
+    # One scale goes as [1] (the kernel broadcasts it): XLA would run a broadcast of it as a thunk every call.
+    ws = jnp.asarray(scales, jnp.float32).reshape(-1)
+    if ws.shape[0] not in (1, n):
+        raise ValueError(f"int8_dot_hybrid takes one weight scale or {n} (one per output); got {ws.shape[0]}")
+    if ws.shape[0] == n and isinstance(scales, np.ndarray) and np.all(scales == scales.flat[0]):
+        ws = ws[:1]
+    b, finish = _finish_operands(bias, clamp, n)
+    if bias is None:
+        b = b[:1]  # likewise
+
+    def xla(x: jax.Array, w: jax.Array, ws: jax.Array, b: jax.Array) -> jax.Array:
+        acc, sf = otherwise(x, w)
+        y = acc.astype(jnp.float32) * (sf[:, None] * jnp.broadcast_to(ws, (n,))[None, :])
+        return _xla_finish(y, jnp.broadcast_to(b, (n,)), clamp, bool(finish["finish"]))
+
     if not takes(m, k, n):
-        return otherwise(x, w)
+        return xla(x, w, ws, b)
 
-    def kernel(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
-        out = (jax.ShapeDtypeStruct((m, n), jnp.int32), jax.ShapeDtypeStruct((m,), jnp.float32))
-        return tuple(jax.ffi.ffi_call(TARGET_HYBRID, out)(x, w, asymmetric=np.int64(bool(asymmetric))))
+    def kernel(x: jax.Array, w: jax.Array, ws: jax.Array, b: jax.Array) -> jax.Array:
+        out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
+        return jax.ffi.ffi_call(TARGET_HYBRID, out)(x, w, ws, b, asymmetric=np.int64(bool(asymmetric)), **finish)
 
-    return _on_cpu(kernel, otherwise, x, w)
+    return _on_cpu(kernel, xla, x, w, ws, b, leading=True)
 
 
 #: Largest tensor :func:`dynamic_quantize_u8` quantizes in the kernel (one thread, two passes); XLA's

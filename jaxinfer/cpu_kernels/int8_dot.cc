@@ -124,7 +124,12 @@ struct Job {
   uint8_t* xr = nullptr;   // panels: [M][Kp] x + 128, row-major, zero past K
   const Patches* patches = nullptr;  // x's rows are these patches (x8 is null where the panels take them)
   const float* sx = nullptr;  // dynamic quantization: per row of x its scale; each finished chunk of y is
-                              // then rewritten in place as float (RowScale)
+                              // then rewritten in place as float (RowScale, or HybridFinish with ws)
+  const float* ws = nullptr;  // hybrid: per column the weight's scale; y = sums * (sx ws) (+ bias, clamped)
+  const float* bias = nullptr;
+  bool one_ws = false, one_bias = false;  // one value for every column
+  float lo = 0, hi = 0;
+  bool finish = false;
   const jaxinfer::OutputStage* stage = nullptr;  // with y8: each finished chunk of y requantized into y8
   int8_t* y8 = nullptr;
   int64_t pack_rows = 0, pack_chunks = 0;  // panels: x is packed in chunks of rows first, by every thread
@@ -197,7 +202,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void VnniBlock(con
   const uint8_t* xb = j.xu + m0 * j.K64;  // this block: [K64 / 64][MB][64]
   const __m512i ones = _mm512_set1_epi8(1);
   __m512i acc[NB][MB], wsum[NB];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int b = 0; b < NB; ++b) {
     wsum[b] = _mm512_setzero_si512();
 #pragma GCC unroll 8
@@ -210,7 +215,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void VnniBlock(con
   for (int64_t s = 0; s < steps; ++s, xp += MB * 64) {
     const __mmask64 mask = s + 1 < steps ? ~__mmask64{0} : last;  // x is zero-padded past K
     __m512i wv[NB];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int b = 0; b < NB; ++b) {
       // Weight rows ~kPrefetchBytes ahead, into L2: the hardware prefetcher loses track of NB
       // interleaved rows, and the dots' work hides the stream only when it is asked for early.
@@ -221,21 +226,27 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void VnniBlock(con
 #pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) {
       const __m512i xv = _mm512_load_si512(xp + i * 64);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int b = 0; b < NB; ++b) acc[b][i] = _mm512_dpbusd_epi32(acc[b][i], xv, wv[b]);
     }
   }
   alignas(64) int32_t sums[NB * MB + NB];  // acc's, then wsum's
-  if constexpr (NB * MB == 16) {
+  constexpr bool one_row = MB == 1 && NB == 8;  // 8 products and their 8 weight sums: one add tree
+  if constexpr (one_row) {
+    Sum16(acc[0][0], acc[1][0], acc[2][0], acc[3][0], acc[4][0], acc[5][0], acc[6][0], acc[7][0],
+          wsum[0], wsum[1], wsum[2], wsum[3], wsum[4], wsum[5], wsum[6], wsum[7], sums);
+  } else if constexpr (NB * MB == 16) {
     Sum16(acc[0][0], acc[0][1], acc[0][2], acc[0][3], acc[0][4], acc[0][5], acc[0][6], acc[0][7],
           acc[1][0], acc[1][1], acc[1][2], acc[1][3], acc[1][4], acc[1][5], acc[1][6], acc[1][7], sums);
   } else {
 #pragma GCC unroll 16
     for (int c = 0; c < NB * MB; ++c) sums[c] = _mm512_reduce_add_epi32(acc[c / MB][c % MB]);
   }
-#pragma GCC unroll 4
-  for (int b = 0; b < NB; ++b) sums[NB * MB + b] = _mm512_reduce_add_epi32(wsum[b]);
-#pragma GCC unroll 4
+  if constexpr (!one_row) {
+#pragma GCC unroll 8
+    for (int b = 0; b < NB; ++b) sums[NB * MB + b] = _mm512_reduce_add_epi32(wsum[b]);
+  }
+#pragma GCC unroll 8
   for (int b = 0; b < NB; ++b) {
     const uint32_t ws = static_cast<uint32_t>(sums[NB * MB + b]);
 #pragma GCC unroll 8
@@ -251,7 +262,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void VnniBlock(con
 // prefetch): the stream, not the dots, bounds those.
 template <int MB>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void VnniRows(const Job& j, int64_t m0, int64_t n0, int64_t n1) {
-  constexpr int NB = MB > 4 ? 2 : 1;
+  constexpr int NB = MB == 1 ? 8 : MB > 4 ? 2 : 1;
   int64_t n = n0;
   for (; n + NB <= n1; n += NB) VnniBlock<MB, NB>(j, m0, n);
   for (; n < n1; ++n) VnniBlock<MB, 1>(j, m0, n);
@@ -476,6 +487,40 @@ __attribute__((target("avx2"))) void RowScale(const Job& j, int64_t m0, int64_t 
   }
 }
 
+// y[m, n] for rows m0 .. m1 and columns n0 .. n1, rewritten in place from int32 sums to float: a TFLite hybrid
+// layer's float(sum) * (sx[m] * ws[n]), then with finish + bias[n] in the same rounding (XLA contracts that
+// multiply-add into an FMA) and clamped to [lo, hi], NaN kept: the converter's composition, bit for bit,
+// where XLA ran it as a fusion after each product (~1 us of a 10 us layer at batch 1).
+__attribute__((target("avx2,fma"))) void HybridFinish(const Job& j, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const __m256 lo = _mm256_set1_ps(j.lo), hi = _mm256_set1_ps(j.hi);
+  for (int64_t m = m0; m < m1; ++m) {
+    int32_t* yr = j.y + m * j.N;
+    const __m256 s = _mm256_set1_ps(j.sx[m]);
+    int64_t n = n0;
+    for (; n + 8 <= n1; n += 8) {
+      const __m256 v = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(yr + n)));
+      const __m256 t = _mm256_mul_ps(s, j.one_ws ? _mm256_set1_ps(j.ws[0]) : _mm256_loadu_ps(j.ws + n));
+      const __m256 b = j.one_bias ? _mm256_set1_ps(j.bias[0]) : _mm256_loadu_ps(j.bias + n);
+      __m256 r = j.finish ? _mm256_fmadd_ps(v, t, b) : _mm256_mul_ps(v, t);
+      if (j.finish) r = _mm256_min_ps(hi, _mm256_max_ps(lo, r));  // max(lo, NaN), min(hi, NaN) are NaN
+      _mm256_storeu_ps(reinterpret_cast<float*>(yr + n), r);
+    }
+    for (; n < n1; ++n) {
+      const float v = static_cast<float>(yr[n]), t = j.sx[m] * j.ws[j.one_ws ? 0 : n];
+      float r = j.finish ? std::fma(v, t, j.bias[j.one_bias ? 0 : n]) : v * t;
+      if (j.finish && r == r) r = std::min(j.hi, std::max(j.lo, r));
+      std::memcpy(yr + n, &r, sizeof r);
+    }
+  }
+}
+
+void Rescale(const Job& j, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (j.ws)
+    HybridFinish(j, m0, m1, n0, n1);
+  else
+    RowScale(j, m0, m1, n0, n1);
+}
+
 // y8 [m, n] for rows m0 .. m1 and columns n0 .. n1: the output stage applied to the int32 sums in y.
 void Requantize(const Job& j, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   for (int64_t m = m0; m < m1; ++m) jaxinfer::RequantRow(*j.stage, j.y + m * j.N, n0, n1, j.y8 + m * j.N);
@@ -503,12 +548,12 @@ void Work(Job& j) {
       }
       const int64_t n0 = cc * j.chunk, n1 = std::min(j.N, (cc + 1) * j.chunk);
       Panels(j, P, xr, m0, m1, n0, n1);
-      if (j.sx) RowScale(j, m0, m1, n0, n1);
+      if (j.sx) Rescale(j, m0, m1, n0, n1);
       if (j.stage) Requantize(j, m0, m1, n0, n1);
     } else {
       const int64_t n0 = c * j.chunk, n1 = std::min(j.N, (c + 1) * j.chunk);
       Columns(j, n0, n1);
-      if (j.sx) RowScale(j, 0, j.M, n0, n1);
+      if (j.sx) Rescale(j, 0, j.M, n0, n1);
       if (j.stage) Requantize(j, 0, j.M, n0, n1);
     }
     j.done.fetch_add(1, std::memory_order_release);
@@ -531,12 +576,22 @@ void Pack(const Job& j, T* out, int64_t Kp, F f) {
   }
 }
 
+// A hybrid layer's float finish (HybridFinish): the weight's scale per column, and with finish a bias and clamp.
+struct HybridOut {
+  const float* ws = nullptr;
+  const float* bias = nullptr;
+  bool one_ws = false, one_bias = false;  // one value for every column
+  float lo = 0, hi = 0;
+  bool finish = false;
+};
+
 // y [M, N] = x [M, K] w [N, K]^T, x less its per-row zero point zp (or none); x is a matrix, or the patch
-// matrix of `patches` (then x is null). With row scales sx [M], y is then float (RowScale); with an output
-// stage, y is scratch and y8 [M, N] the requantized result (zero points in int16's range only).
+// matrix of `patches` (then x is null). With row scales sx [M], y is then float (RowScale, or HybridFinish
+// with `hybrid`); with an output stage, y is scratch and y8 [M, N] the requantized result (zero points in
+// int16's range only).
 ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, const int32_t* zp, const int8_t* w,
                int32_t* y, int64_t M, int64_t K, int64_t N, const float* sx = nullptr,
-               const jaxinfer::OutputStage* stage = nullptr, int8_t* y8 = nullptr) {
+               const jaxinfer::OutputStage* stage = nullptr, int8_t* y8 = nullptr, const HybridOut* hybrid = nullptr) {
   if (M == 0 || N == 0) return ffi::Error::Success();
   if (K == 0 && !sx) {  // every sum is empty
     std::fill(y, y + M * N, 0);
@@ -562,6 +617,10 @@ ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, c
   j->w = w;
   j->y = y;
   j->sx = sx;
+  if (hybrid) {
+    j->ws = hybrid->ws, j->bias = hybrid->bias, j->one_ws = hybrid->one_ws, j->one_bias = hybrid->one_bias;
+    j->lo = hybrid->lo, j->hi = hybrid->hi, j->finish = hybrid->finish;
+  }
   j->stage = stage;
   j->y8 = y8;
   j->M = M;
@@ -792,24 +851,34 @@ __attribute__((target("avx2,fma"))) float HybridRow(const float* x, int64_t K, b
 
 thread_local std::vector<int32_t> t_offsets;
 
-// A TFLite hybrid product: x [M, K] float, each row quantized to int8 as HybridRow does, times w [N, K]
-// int8 (zero point 0): y [M, N] = sum_k (q[m, k] - offset[m]) w[n, k] as int32, and each row's scale sx [M].
-// What XLA ran as ~10 small fusions per product (min and max in two stages, the float64 scale and zero
-// point, the int8 values) before the dot.
+thread_local std::vector<float> t_row_scales;
+
+// A TFLite hybrid (dynamic-range) layer: x [M, K] float, each row quantized to int8 as HybridRow does, times w
+// [N, K] int8 (zero point 0), y [M, N] float = sum_k (q[m, k] - offset[m]) w[n, k] * (row scale * ws [n]), and
+// with finish + bias [N] clamped to [lo, hi] (HybridFinish). ws and bias may be [1], one value for all: XLA
+// runs a broadcast of a repeated value as a thunk of its own every call. What XLA ran as ~10 small fusions before the dot
+// (min and max in two stages, the float64 scale and zero point, the int8 values) and one after it.
 ffi::Error Int8DotHybrid(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                         ffi::ResultBuffer<ffi::S32> y, ffi::ResultBuffer<ffi::F32> sx, int64_t asymmetric) {
-  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions(), sd = sx->dimensions();
-  if (!ProductDims(xd, wd, yd) || sd.size() != 1 || sd[0] != xd[0])
-    return ffi::Error::InvalidArgument("jaxinfer_int8_dot_hybrid: expected x [M, K], w [N, K], y [M, N], sx [M]");
+                         ffi::Buffer<ffi::F32> ws, ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
+                         int64_t asymmetric, int64_t finish, float lo, float hi) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  const auto vec = [&](auto d) { return d.size() == 1 && (d[0] == wd[0] || d[0] == 1); };
+  if (!ProductDims(xd, wd, yd) || !vec(ws.dimensions()) || !vec(bias.dimensions()) || !(lo <= hi))
+    return ffi::Error::InvalidArgument(
+        "jaxinfer_int8_dot_hybrid: expected x [M, K], w [N, K], ws and bias [N] or [1], y [M, N] and lo <= hi");
   const int64_t M = xd[0], K = xd[1];
   std::vector<int8_t> own_q;
   std::vector<int32_t> own_o;
+  std::vector<float> own_s;
   int8_t* q = Scratch(t_q8, own_q, M * K);
   int32_t* offsets = Scratch(t_offsets, own_o, M);
+  float* scales = Scratch(t_row_scales, own_s, M);
   const float* xs = x.typed_data();
-  float* scales = sx->typed_data();
   for (int64_t m = 0; m < M; ++m) scales[m] = HybridRow(xs + m * K, K, asymmetric != 0, q + m * K, offsets + m);
-  return Run(pool, q, nullptr, asymmetric ? offsets : nullptr, w.typed_data(), y->typed_data(), M, K, wd[0]);
+  const HybridOut out{ws.typed_data(), bias.typed_data(), ws.dimensions()[0] == 1, bias.dimensions()[0] == 1,
+                      lo, hi, finish != 0};
+  return Run(pool, q, nullptr, asymmetric ? offsets : nullptr, w.typed_data(),
+             reinterpret_cast<int32_t*>(y->typed_data()), M, K, wd[0], scales, nullptr, nullptr, &out);
 }
 
 // ONNX DynamicQuantizeLinear of a whole float32 tensor x [n], as jaxinfer's converter computes it: the
@@ -940,9 +1009,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8DotHybrid, Int8DotHybrid,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("asymmetric"));
+                                  .Attr<int64_t>("asymmetric")
+                                  .Attr<int64_t>("finish")
+                                  .Attr<float>("lo")
+                                  .Attr<float>("hi"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferDynamicQuantize, DynamicQuantizeLinear,
                               ffi::Ffi::Bind()

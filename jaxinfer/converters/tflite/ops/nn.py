@@ -431,15 +431,17 @@ def fully_connected(x, w, bias=None, *, fused_activation_function: str = "NONE",
             q, sf, off = Q.dynamic_quantize_rows(x2, asym)
             return zp_matmul(q, off[:, None] if asym else None, w, wzp, trans_b=True), sf
 
-        if jnp.result_type(x2) == jnp.float32 and wzp is None and intmath.native_int8_dots():  # kernel quantizes
-            acc, sf = cpu_kernels.int8_dot_hybrid(x2, jnp.asarray(w), asym, quantized_dot)
+        ws = np.broadcast_to(qw.scale.astype(np.float32), (w.shape[0],))
+        if (jnp.result_type(x2) == jnp.float32 and wzp is None and fused_activation_function in CLAMPS
+                and intmath.native_int8_dots()):  # the kernel quantizes the rows and finishes the layer
+            y = cpu_kernels.int8_dot_hybrid(x2, jnp.asarray(w), asym, ws, quantized_dot,
+                                            bias=bias, clamp=CLAMPS[fused_activation_function])
         else:
             acc, sf = quantized_dot(x2, w)
-        ws = np.broadcast_to(qw.scale.astype(np.float32), (w.shape[0],))
-        y = acc.astype(jnp.float32) * (sf[:, None] * jnp.asarray(ws)[None, :])
-        if bias is not None:
-            y = y + jnp.asarray(bias, jnp.float32)
-        y = fused(y, fused_activation_function)
+            y = acc.astype(jnp.float32) * (sf[:, None] * jnp.asarray(ws)[None, :])
+            if bias is not None:
+                y = y + jnp.asarray(bias, jnp.float32)
+            y = fused(y, fused_activation_function)
     else:
         w = _hybrid_weight(w, qat(in_q, 1), x).astype(x.dtype)
         y = lax.dot_general(x2, w, dims)
