@@ -265,7 +265,9 @@ def test_pools_and_lrn_channels_last_or_not(monkeypatch, channels_last, taps):
     monkeypatch.setattr(pool, "CHANNELS_LAST", channels_last)
     monkeypatch.setattr(conv_lowering, "WINDOW_TAPS", taps)
     monkeypatch.setattr(shape, "CONCAT_CHANNELS_LAST", channels_last)
-    _check(_conv_pool_lrn_model(), {"x": _randn(2, 8, 15, 13)}, n_out=2)
+    # atol 1e-4: the grouped conv sums terms of magnitude ~1 after conv, LRN and pools, and outputs near 0
+    # differ from onnxruntime's by ~2e-5 for some draws (two of 40 seeds at 1e-5), float32 summation order
+    _check(_conv_pool_lrn_model(), {"x": _randn(2, 8, 15, 13)}, n_out=2, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.float32])
