@@ -1,12 +1,14 @@
 """jaxinfer vs LiteRT latency on small TFLite models, interleaved in one process.
 
-    python benchmarks/tflite_vs_litert.py [--iters 50] [--json out.json]
+    python benchmarks/tflite_vs_litert.py [--iters 50] [--rounds 5] [--json out.json]
 
 Models: the fixtures of tests/fixtures/tflite/make_fixtures.py (a float and an
 int8 conv+depthwise stack, a dynamic-range MLP, a streaming LSTM) at batch 1 and 8,
 plus the plain conv stacks below. LiteRT runs with its default (XNNPACK) kernels
-on one thread. Prints a table and the geometric mean of jaxinfer/LiteRT latency
-ratios per kind (float incl. hybrid/LSTM, int8).
+on one thread. Each engine's figure is its best of --rounds interleaved rounds of
+--iters calls (this 2-core VM's speed drifts 1.3-2x between rounds). Prints a table
+and the geometric mean of jaxinfer/LiteRT latency ratios per kind (float incl.
+hybrid/LSTM, int8).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def _time(fn, iters: int) -> float:
     return (time.perf_counter() - start) / iters * 1e3
 
 
-def bench(name: str, data: bytes, iters: int) -> dict:
+def bench(name: str, data: bytes, iters: int, rounds: int) -> dict:
     from ai_edge_litert.interpreter import Interpreter
 
     model = load_tflite(data)  # hybrid="xnnpack": the same dynamic-range arithmetic as LiteRT's default path
@@ -81,7 +83,7 @@ def bench(name: str, data: bytes, iters: int) -> dict:
         return model.run(feeds)
 
     ours, theirs = [], []
-    for _ in range(3):  # interleave
+    for _ in range(rounds):  # interleave
         ours.append(_time(run_ours, iters))
         theirs.append(_time(run_litert, iters))
     row = {"model": name, "jaxinfer_ms": min(ours), "litert_ms": min(theirs)}
@@ -92,16 +94,17 @@ def bench(name: str, data: bytes, iters: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", type=str, default="")
     args = ap.parse_args()
     rows = []
     for quantized in (False, True):
         for batch in (1, 8):
             name = f"conv_stack_{'int8' if quantized else 'f32'}_b{batch}"
-            rows.append(bench(name, conv_stack(batch, quantized), args.iters))
+            rows.append(bench(name, conv_stack(batch, quantized), args.iters, args.rounds))
     for fname, build in FIXTURES.items():
         for batch in (1, 8):
-            rows.append(bench(f"{fname}_b{batch}", build(batch), args.iters))
+            rows.append(bench(f"{fname}_b{batch}", build(batch), args.iters, args.rounds))
     print(f"{'model':28s} {'jaxinfer ms':>12s} {'LiteRT ms':>10s} {'ratio':>7s}")
     for r in rows:
         print(f"{r['model']:28s} {r['jaxinfer_ms']:12.3f} {r['litert_ms']:10.3f} {r['ratio']:7.2f}")
