@@ -6,9 +6,14 @@ library dot is compute-bound far below the memory's speed at few rows; this one 
 (~20-50x at one row; with VNNI ~2.5-3x at 8 rows), and with VNNI at any number of rows from K >= 128 or
 N <= 64 (1.4-2.9x at 32-8192 rows: ``benchmarks/int8_dot.py``). It is exact: bit-identical int32 sums, so
 every quantized program gives the same answer with it or without. The same product also serves
-:func:`int8_dot_zp` (a zero point per row), :func:`int8_dot_dyn` and :func:`int8_dot_hybrid` (float rows
-quantized inside the call) and :func:`int8_conv` (an image's patches); :func:`f32_conv` is a float32
-convolution (``f32_conv.cc``).
+:func:`int8_dot_zp` (a zero point per row), :func:`int8_dot_dyn` (float rows quantized inside the call),
+:func:`int8_dot_hybrid` (a whole TFLite dynamic-range layer: rows quantized, the product, the weight
+scales, bias and fused clamp), :func:`int8_conv` (an image's patches) and :func:`int8_conv_requant` (a
+TFLite int8 convolution finished by the fixed-point :class:`OutputStage` to int8). :func:`int8_depthwise`
+and :func:`f32_depthwise` are depthwise convolutions (``depthwise.cc``), :func:`f32_conv` a float32
+convolution with an optional bias and clamp (``f32_conv.cc``). Every finish reproduces the numbers of
+the XLA composition it replaces bit for bit (the tests compare both routes), so a layer answers the same
+with the kernels or without; the float convolutions sum in their own order (the last bits may differ).
 
 The kernel is compiled with the host's C++ compiler (``CXX`` or ``g++``) against the XLA FFI headers
 that jaxlib ships, once per source/jax/jaxlib/compiler, into ``$JAXINFER_KERNEL_DIR`` (default

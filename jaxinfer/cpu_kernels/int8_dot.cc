@@ -39,14 +39,20 @@
 // flattened filter [N, KH KW C], each work item packing its own rows (at most kPatchRowBytes), so the
 // patch matrix is never written out whole. With VNNI it always takes the panels (from 16 rows): 8-bit
 // layers ran 1.3-8x faster than the exact float32 convolution (benchmarks/int8_dot.py, session 20).
+// Windows whose rows hold at most 64 bytes (a 3-channel stem) are packed a 64-byte load and store per
+// window row (patches.h ShortRows). "jaxinfer_int8_conv_requant" finishes each work item's sums with a
+// TFLite output stage (requant.h: bias, fixed-point multiplier and shift, zero point, clamp) into int8, so
+// a TFLite int8 layer is one call and the int32 sums never leave the thread's scratch.
 // "jaxinfer_int8_dot_dyn" takes float32 x and quantizes each row to int8 itself (QuantizeRow: the numbers
 // of jaxinfer.arith.quantize_rows), then runs the same product and leaves float sums times the row scales
 // (RowScale, per finished work item): where XLA ran ~5 small fusions around each dot of an int8-dynamic
 // model (two-stage absmax, the scale, the int8 values, the row scales), 4.4 -> 3.2 ms on the 4-layer
 // d 1024 encoder at 8 tokens (session 21). The weight's scales stay in XLA's fusion with the bias.
-// "jaxinfer_int8_dot_hybrid" does the same for TFLite dynamic-range (hybrid) products, quantizing each row
+// "jaxinfer_int8_dot_hybrid" does the same for TFLite dynamic-range (hybrid) layers, quantizing each row
 // as jaxinfer's TFLite converter does (HybridRow: float64 scale and zero point, round half away from zero)
-// and returning the int32 sums with each row's scale: the hybrid MLP fixture 0.119 -> 0.061 ms at batch 8.
+// and finishing with the weight's scales, the bias and the fused clamp (HybridFinish): the hybrid MLP
+// fixture 0.119 -> 0.061 ms at batch 8 (session 21). One row of x takes 8 weight rows per block, whose 8
+// products and 8 weight sums one add tree reduces.
 // "jaxinfer_dynamic_quantize" is ONNX DynamicQuantizeLinear of a whole tensor (uint8, the converter's
 // numbers), which onnxruntime's dynamic-quantized models put before every MatMulInteger.
 #include <immintrin.h>
