@@ -591,6 +591,24 @@ struct HybridOut {
   bool finish = false;
 };
 
+// Pack<uint8_t, 64> of x + 128 with AVX-512: one masked load, xor and store per row and step, where the
+// scalar loop (a branch per byte) took ~8 us of an 8 x 512 x 10 hybrid layer's ~9 (session 22).
+__attribute__((target("avx512f,avx512bw"))) void PackVnni(const Job& j, uint8_t* out, int64_t Kp) {
+  const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t m0 = 0; m0 < j.M; m0 += kRowsPerPass) {
+    const int64_t mb = std::min(kRowsPerPass, j.M - m0);
+    uint8_t* dst = out + m0 * Kp;
+    for (int64_t k = 0; k < Kp; k += 64) {
+      const int64_t live = std::clamp<int64_t>(j.K - k, 0, 64);
+      const __mmask64 mask = live == 64 ? ~__mmask64{0} : (__mmask64{1} << live) - 1;
+      for (int64_t i = 0; i < mb; ++i, dst += 64) {
+        const __m512i v = _mm512_maskz_loadu_epi8(mask, j.x8 + (m0 + i) * j.K + k);
+        _mm512_storeu_si512(dst, _mm512_maskz_mov_epi8(mask, _mm512_xor_si512(v, offset)));  // zero past K
+      }
+    }
+  }
+}
+
 // y [M, N] = x [M, K] w [N, K]^T, x less its per-row zero point zp (or none); x is a matrix, or the patch
 // matrix of `patches` (then x is null). With row scales sx [M], y is then float (RowScale, or HybridFinish
 // with `hybrid`); with an output stage, y is scratch and y8 [M, N] the requantized result (zero points in
@@ -669,8 +687,7 @@ ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, c
   } else if (CurrentIsa() == kVnni) {
     j->K64 = (j->K + 63) / 64 * 64;
     j->xu = Scratch(t_xu, j->xu_store, j->M * j->K64);
-    Pack<uint8_t, 64>(*j, j->xu, j->K64,
-                      [](int8_t v, int32_t) { return static_cast<uint8_t>(int32_t{v} + 128); });
+    PackVnni(*j, j->xu, j->K64);
   } else {
     j->K16 = j->K / 16 * 16;
     j->x16 = Scratch(t_x16, j->x16_store, j->M * j->K16);
