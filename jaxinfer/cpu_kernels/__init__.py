@@ -539,23 +539,12 @@ def int8_conv_requant(x: jax.Array, zp: jax.Array, w: jax.Array, bias: Any, stag
     (``2``) and :meth:`OutputStage.fits`; ``otherwise(x, zp, w, bias)`` gives the same int8 values (XLA) and
     runs on other platforms and under ``jax.vmap`` of anything but ``x``."""
     x, zp, w = jnp.asarray(x), jnp.asarray(zp), jnp.asarray(w)
-    n, kh, kw, c = w.shape
-    if x.dtype != jnp.int8 or w.dtype != jnp.int8 or x.ndim != 4 or x.shape[3] != c or not stage.fits(n):
+    n, c = w.shape[0], w.shape[-1]
+    if (x.dtype != jnp.int8 or w.dtype != jnp.int8 or x.ndim != 4 or w.ndim != 4 or x.shape[3] != c
+            or not stage.fits(n)):
         raise ValueError(f"int8_conv_requant takes int8 x [B, H, W, C], int8 w [N, KH, KW, C] and a stage for N "
                          f"channels; got x {x.dtype}{list(x.shape)}, w {w.dtype}{list(w.shape)}")
-    bias = _stage_operands(bias, n)
-    geometry = _conv_geometry(x.shape, w.shape, strides, dilation, pads)
-    if geometry is None:
-        return otherwise(x, zp, w, bias)
-    (oh, ow), attrs = geometry
-    table = stage.table()
-
-    def kernel(x: jax.Array, zp: jax.Array, w: jax.Array, bias: jax.Array) -> jax.Array:
-        out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, n), jnp.int8)
-        return jax.ffi.ffi_call(TARGET_CONV_RQ, out)(x, zp.reshape(1), w.reshape(n, kh * kw * c), bias, table,
-                                                     **attrs, **stage.attrs())
-
-    return _on_cpu(kernel, otherwise, x, zp.astype(jnp.int32), w, bias, leading=True)
+    return _staged_window(TARGET_CONV_RQ, x, zp, w, bias, stage, w.shape, n, strides, dilation, pads, otherwise)
 
 
 def int8_depthwise(x: jax.Array, zp: jax.Array, taps: jax.Array, bias: Any, stage: OutputStage,
@@ -564,7 +553,7 @@ def int8_depthwise(x: jax.Array, zp: jax.Array, taps: jax.Array, bias: Any, stag
                    otherwise: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]) -> jax.Array:
     """Depthwise convolution of int8 NHWC ``x`` [B, H, W, C] less its zero point ``zp`` (an int8 value: the
     padding holds it) with int8 ``taps`` [KH * KW, C] (one filter per channel, window order), plus ``bias``
-    [C] (int32, or None), through ``stage`` -> int8 [B, OH, OW, C] in one kernel call (``int8_depthwise.cc``).
+    [C] (int32, or None), through ``stage`` -> int8 [B, OH, OW, C] in one kernel call (``depthwise.cc``).
     Callers check :func:`isa` (``2``) and :meth:`OutputStage.fits`; ``otherwise(x, zp, taps, bias)`` gives the
     same values (XLA) on other platforms and under ``jax.vmap`` of anything but ``x``."""
     x, zp, taps = jnp.asarray(x), jnp.asarray(zp), jnp.asarray(taps)
@@ -574,18 +563,29 @@ def int8_depthwise(x: jax.Array, zp: jax.Array, taps: jax.Array, bias: Any, stag
             or not stage.fits(c)):
         raise ValueError(f"int8_depthwise takes int8 x [B, H, W, C], int8 taps [KH * KW, C] and a stage for C "
                          f"channels; got x {x.dtype}{list(x.shape)}, taps {taps.dtype}{list(taps.shape)}")
-    bias = _stage_operands(bias, c)
-    geometry = _conv_geometry(x.shape, (c, kh, kw, 1), strides, dilation, pads)
+    return _staged_window(TARGET_DEPTHWISE, x, zp, taps, bias, stage, (c, kh, kw, 1), c, strides, dilation, pads,
+                          otherwise)
+
+
+def _staged_window(target: str, x: jax.Array, zp: jax.Array, filt: jax.Array, bias: Any, stage: OutputStage,
+                   ohwi: Sequence[int], channels: int, strides: Sequence[int], dilation: Sequence[int],
+                   pads: Sequence[tuple[int, int]], otherwise: Callable[..., jax.Array]) -> jax.Array:
+    """An int8 window kernel finished by ``stage`` (:func:`int8_conv_requant`, :func:`int8_depthwise`): its
+    filter ``filt`` goes flattened to [rows, values], the window's geometry from the filter shape ``ohwi``;
+    ``otherwise(x, zp, filt, bias)`` where the geometry does not fit, on other platforms and under vmap."""
+    bias = _stage_operands(bias, channels)
+    geometry = _conv_geometry(x.shape, ohwi, strides, dilation, pads)
     if geometry is None:
-        return otherwise(x, zp, taps, bias)
+        return otherwise(x, zp, filt, bias)
     (oh, ow), attrs = geometry
     table = stage.table()
 
-    def kernel(x: jax.Array, zp: jax.Array, taps: jax.Array, bias: jax.Array) -> jax.Array:
-        out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, c), jnp.int8)
-        return jax.ffi.ffi_call(TARGET_DEPTHWISE, out)(x, zp.reshape(1), taps, bias, table, **attrs, **stage.attrs())
+    def kernel(x: jax.Array, zp: jax.Array, filt: jax.Array, bias: jax.Array) -> jax.Array:
+        out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, channels), jnp.int8)
+        return jax.ffi.ffi_call(target, out)(x, zp.reshape(1), filt.reshape(filt.shape[0], -1), bias, table,
+                                             **attrs, **stage.attrs())
 
-    return _on_cpu(kernel, otherwise, x, zp.astype(jnp.int32), taps, bias, leading=True)
+    return _on_cpu(kernel, otherwise, x, zp.astype(jnp.int32), filt, bias, leading=True)
 
 
 def _on_cpu(kernel: Callable[..., Any], otherwise: Callable[..., Any], *args: jax.Array, leading: bool = False) -> Any:

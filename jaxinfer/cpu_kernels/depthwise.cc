@@ -295,18 +295,7 @@ ffi::Error F32Depthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8Depthwise, Int8Depthwise,
-                              jaxinfer::WithWindowAttrs(ffi::Ffi::Bind()
-                                                            .Ctx<ffi::ThreadPool>()
-                                                            .Arg<ffi::Buffer<ffi::S8>>()
-                                                            .Arg<ffi::Buffer<ffi::S32>>()
-                                                            .Arg<ffi::Buffer<ffi::S8>>()
-                                                            .Arg<ffi::Buffer<ffi::S32>>()
-                                                            .Arg<ffi::Buffer<ffi::S32>>()
-                                                            .Ret<ffi::Buffer<ffi::S8>>())
-                                  .Attr<int64_t>("ozp")
-                                  .Attr<int64_t>("lo")
-                                  .Attr<int64_t>("hi"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8Depthwise, Int8Depthwise, jaxinfer::StagedWindowBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32Depthwise, F32Depthwise,
                               jaxinfer::WithWindowAttrs(ffi::Ffi::Bind()

@@ -1055,15 +1055,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8Conv, Int8Conv,
                                                             .Arg<ffi::Buffer<ffi::S8>>()
                                                             .Ret<ffi::Buffer<ffi::S32>>()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8ConvRequant, Int8ConvRequant,
-                              jaxinfer::WithWindowAttrs(ffi::Ffi::Bind()
-                                                            .Ctx<ffi::ThreadPool>()
-                                                            .Arg<ffi::Buffer<ffi::S8>>()
-                                                            .Arg<ffi::Buffer<ffi::S32>>()
-                                                            .Arg<ffi::Buffer<ffi::S8>>()
-                                                            .Arg<ffi::Buffer<ffi::S32>>()
-                                                            .Arg<ffi::Buffer<ffi::S32>>()
-                                                            .Ret<ffi::Buffer<ffi::S8>>())
-                                  .Attr<int64_t>("ozp")
-                                  .Attr<int64_t>("lo")
-                                  .Attr<int64_t>("hi"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8ConvRequant, Int8ConvRequant, jaxinfer::StagedWindowBinding());

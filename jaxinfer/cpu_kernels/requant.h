@@ -1,4 +1,4 @@
-// The fixed-point output stage of jaxinfer's 8-bit CPU kernels (int8_dot.cc's convolution, int8_depthwise.cc):
+// The fixed-point output stage of jaxinfer's 8-bit CPU kernels (int8_dot.cc's convolution, depthwise.cc):
 // int32 sums to int8 as TFLite's quantized kernels rescale them (gemmlowp's output stage), per output channel n:
 //
 //   v = (acc + bias[n]) << left[n]                      (int32, wrapping as C's int32 arithmetic does)
@@ -18,6 +18,7 @@
 #include <limits>
 #include <string>
 
+#include "patches.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jaxinfer {
@@ -116,6 +117,24 @@ inline xla::ffi::Error BindStage(const char* target, xla::ffi::Buffer<xla::ffi::
   s.bias = bias.typed_data(), s.mult = t, s.shift = t + N, s.away = t + 2 * N;
   s.zero_point = static_cast<int32_t>(ozp), s.lo = static_cast<int32_t>(lo), s.hi = static_cast<int32_t>(hi);
   return Error::Success();
+}
+
+// The binding of an int8 window kernel finished by an output stage (the requantizing convolution, the int8
+// depthwise): x, its zero point, the filter, bias and the stage's table -> int8 y; the window attributes, then
+// the output zero point and clamp (what BindStage takes).
+inline auto StagedWindowBinding() {
+  namespace ffi = xla::ffi;
+  return WithWindowAttrs(ffi::Ffi::Bind()
+                             .Ctx<ffi::ThreadPool>()
+                             .Arg<ffi::Buffer<ffi::S8>>()
+                             .Arg<ffi::Buffer<ffi::S32>>()
+                             .Arg<ffi::Buffer<ffi::S8>>()
+                             .Arg<ffi::Buffer<ffi::S32>>()
+                             .Arg<ffi::Buffer<ffi::S32>>()
+                             .Ret<ffi::Buffer<ffi::S8>>())
+      .Attr<int64_t>("ozp")
+      .Attr<int64_t>("lo")
+      .Attr<int64_t>("hi");
 }
 
 }  // namespace jaxinfer
