@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "helpers.h"
 #include "patches.h"
 #include "requant.h"
 #include "xla/ffi/api/ffi.h"
@@ -241,7 +242,7 @@ void Run(ffi::ThreadPool& pool, std::shared_ptr<Job<Tr>> j) {
   j->rows_per_item = std::max<int64_t>(1, (j->rows + threads * 4 - 1) / (threads * 4));
   j->items = (j->rows + j->rows_per_item - 1) / j->rows_per_item;
   threads = std::min(threads, j->items);
-  for (int64_t i = 1; i < threads; ++i) pool.Schedule([j] { Work(*j); });
+  jaxinfer::Helpers::Get().Post([j] { Work(*j); }, static_cast<int>(threads - 1));
   Work(*j);
   while (j->done.load(std::memory_order_acquire) < j->items) _mm_pause();
 }

@@ -23,6 +23,7 @@
 #include <memory>
 #include <vector>
 
+#include "helpers.h"
 #include "patches.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -239,7 +240,7 @@ ffi::Error F32Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   j->rows = (std::max<int64_t>(kMaxRows, std::min(fit, share)) + kMaxRows - 1) / kMaxRows * kMaxRows;
   j->chunks = (j->M + j->rows - 1) / j->rows;
   threads = std::min(threads, std::max(j->chunks, j->groups));
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([j] { Work(*j); });
+  jaxinfer::Helpers::Get().Post([j] { Work(*j); }, static_cast<int>(threads - 1));
   Work(*j);
   while (j->done.load(std::memory_order_acquire) < j->chunks) _mm_pause();
   return ffi::Error::Success();

@@ -68,6 +68,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "helpers.h"
 #include "patches.h"
 #include "requant.h"
 #include "xla/ffi/api/ffi.h"
@@ -699,7 +700,7 @@ ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, c
     j->chunks = (j->N + j->chunk - 1) / j->chunk;
   }
   threads = std::min(threads, j->chunks);
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([j] { Work(*j); });
+  jaxinfer::Helpers::Get().Post([j] { Work(*j); }, static_cast<int>(threads - 1));
   Work(*j);
   while (j->done.load(std::memory_order_acquire) < j->chunks) _mm_pause();
   if (wide) {
