@@ -78,9 +78,11 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kRowsPerPass = 8;       // accumulators held in registers: one per row
-// Under this many multiply-adds one thread is quicker: waking a pool thread cost more than it saved (16 x 16 x 32
-// 3x3 layers of 32 channels ~2x slower on two threads at batch 1, [8, 256] x [256, 512] 42 vs ~10 us; session 22).
-constexpr int64_t kSerialMacs = 1 << 22;
+// Under this many multiply-adds one thread is quicker. It was 4M while a call's second thread came from XLA's pool
+// (waking one cost more than it saved: [8, 256] x [256, 512] 42 vs ~10 us); the spinning helpers (helpers.h) are
+// there in a microsecond, and from 64K two threads win: [8, 512] x [512, 512] ~27 -> ~22 us, TFLite hybrid_mlp
+// b8 ~56 -> ~42 us, conv_int8 b1 ~160 -> ~125 us (alternating builds, session 23).
+constexpr int64_t kSerialMacs = 65536;
 constexpr int32_t kMinZp = -32768 + 128, kMaxZp = 32767 - 128;  // x - zp fits int16 for any int8 x
 
 constexpr int64_t kPrefetchBytes = 16 << 10;  // how far ahead the VNNI path asks for weights
