@@ -11,7 +11,8 @@ every quantized program gives the same answer with it or without. The same produ
 scales, bias and fused clamp), :func:`int8_conv` (an image's patches) and :func:`int8_conv_requant` (a
 TFLite int8 convolution finished by the fixed-point :class:`OutputStage` to int8). :func:`int8_depthwise`
 and :func:`f32_depthwise` are depthwise convolutions (``depthwise.cc``), :func:`f32_conv` a float32
-convolution with an optional bias and clamp (``f32_conv.cc``). Every finish reproduces the numbers of
+convolution with an optional bias and clamp (``f32_conv.cc``), :func:`f32_lstm` a whole float32 LSTM layer
+(``lstm.cc``). Every finish reproduces the numbers of
 the XLA composition it replaces bit for bit (the tests compare both routes), so a layer answers the same
 with the kernels or without; the float convolutions sum in their own order (the last bits may differ).
 
@@ -52,7 +53,7 @@ import numpy as np
 from jax import lax
 
 __all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "OutputStage", "available", "f32_conv",
-           "f32_depthwise", "int8_conv", "int8_conv_requant", "int8_depthwise", "int8_dot", "dynamic_quantize_u8", "int8_dot_dyn",
+           "f32_depthwise", "f32_lstm", "int8_conv", "int8_conv_requant", "int8_depthwise", "int8_dot", "dynamic_quantize_u8", "int8_dot_dyn",
            "int8_dot_hybrid", "int8_dot_zp", "isa", "kernel_dir", "takes"]
 
 log = logging.getLogger(__name__)
@@ -81,17 +82,18 @@ TARGET_CONV = "jaxinfer_int8_conv"
 TARGET_CONV_RQ = "jaxinfer_int8_conv_requant"
 TARGET_DEPTHWISE = "jaxinfer_int8_depthwise"
 TARGET_F32_DEPTHWISE = "jaxinfer_f32_depthwise"
+TARGET_F32_LSTM = "jaxinfer_f32_lstm"
 TARGET_F32_CONV = "jaxinfer_f32_conv"
 TARGET_DYN = "jaxinfer_int8_dot_dyn"
 TARGET_HYBRID = "jaxinfer_int8_dot_hybrid"
 TARGET_DQL = "jaxinfer_dynamic_quantize"
 #: Every custom-call target the kernels register (an export must allow each).
 TARGETS = (TARGET, TARGET_ZP, TARGET_DYN, TARGET_HYBRID, TARGET_DQL, TARGET_CONV, TARGET_CONV_RQ, TARGET_DEPTHWISE,
-           TARGET_F32_CONV, TARGET_F32_DEPTHWISE)
+           TARGET_F32_CONV, TARGET_F32_DEPTHWISE, TARGET_F32_LSTM)
 #: Zero points :func:`int8_dot_zp`'s kernel folds into ``x`` (``x - zp`` fits int16 for every int8 ``x``).
 ZP_RANGE = (-32768 + 128, 32767 - 128)
 #: The kernels' sources, built into one library (``patches.h`` is shared by the convolutions).
-_SOURCES = tuple(Path(__file__).with_name(n) for n in ("int8_dot.cc", "depthwise.cc", "f32_conv.cc"))
+_SOURCES = tuple(Path(__file__).with_name(n) for n in ("int8_dot.cc", "depthwise.cc", "f32_conv.cc", "lstm.cc"))
 _HEADERS = tuple(Path(__file__).with_name(n) for n in ("helpers.h", "patches.h", "requant.h"))
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -211,6 +213,7 @@ def _load() -> bool:
         jax.ffi.register_ffi_target(TARGET_DEPTHWISE, jax.ffi.pycapsule(lib.JaxinferInt8Depthwise), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_F32_CONV, jax.ffi.pycapsule(lib.JaxinferF32Conv), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_F32_DEPTHWISE, jax.ffi.pycapsule(lib.JaxinferF32Depthwise), platform="cpu")
+        jax.ffi.register_ffi_target(TARGET_F32_LSTM, jax.ffi.pycapsule(lib.JaxinferF32Lstm), platform="cpu")
         global _library
         _library = lib
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
@@ -685,6 +688,45 @@ def f32_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Seque
         return jax.ffi.ffi_call(TARGET_F32_CONV, out)(x, w2, b, kn=np.int64(kn), **attrs, **finish)
 
     return _on_cpu(kernel, xla, x, w, b, leading=True)
+
+
+#: Batch rows up to which :func:`f32_lstm` takes the kernel: each row of a step reads every weight again, and from
+#: 8 rows XLA's batched products were quicker (TFLite lstm_stream, 10 steps x 64 cells: b1 46 -> 34 us, b2 74-95
+#: -> 48, b4 85 -> 74, b8 115 -> 124; session 23).
+LSTM_MAX_ROWS = 4
+
+
+def f32_lstm(x: jax.Array, ws: Sequence[jax.Array], rs: Sequence[jax.Array], bs: Sequence[jax.Array],
+             h0: jax.Array, c0: jax.Array, *, time_major: bool, reverse: bool, cell_clip: float,
+             otherwise: Callable[..., tuple[jax.Array, jax.Array, jax.Array]]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A float32 LSTM layer with tanh and no peepholes, projection, layer norm or coupled gates, whole, in one
+    kernel call (``lstm.cc``): ``x`` [T, B, I] (``time_major``; else [B, T, I]), per gate i, f, c, o the input
+    weights ``ws`` [n, I], recurrent weights ``rs`` [n, n] and biases ``bs`` [n], the state ``h0``/``c0``
+    [B, n], ``cell_clip`` (0: none), ``reverse`` (the last step first) -> (ys like x with n features, h_T,
+    c_T), for at most :data:`LSTM_MAX_ROWS` batch rows. XLA ran ~6 thunks a step. The kernel's exp and tanh are its own: the last bits differ from XLA's.
+    Callers check :func:`isa` (``2``); ``otherwise(x, *ws, *rs, *bs, h0, c0)`` (the XLA composition) runs on
+    other platforms and under ``jax.vmap``."""
+    ops = [jnp.asarray(v) for v in (x, *ws, *rs, *bs, h0, c0)]
+    x = ops[0]
+    n = ops[5].shape[0] if len(ops) == 15 and ops[5].ndim == 2 else -1
+    if (len(ops) != 15 or any(v.dtype != jnp.float32 for v in ops) or x.ndim != 3 or n < 0
+            or any(v.shape != (n, x.shape[2]) for v in ops[1:5]) or any(v.shape != (n, n) for v in ops[5:9])
+            or any(v.shape != (n,) for v in ops[9:13])):
+        raise ValueError("f32_lstm takes float32 x [T, B, I], four w [n, I], four r [n, n], four b [n] and h0, c0 "
+                         f"[B, n]; got {[f'{v.dtype}{list(v.shape)}' for v in ops]}")
+    t, b = (x.shape[0], x.shape[1]) if time_major else (x.shape[1], x.shape[0])
+    if any(v.shape != (b, n) for v in ops[13:]):
+        raise ValueError(f"f32_lstm takes h0 and c0 [B, n] = {[b, n]}; got {list(ops[13].shape)}, {list(ops[14].shape)}")
+    if not t * b * n or b > LSTM_MAX_ROWS:
+        return otherwise(*ops)
+
+    def kernel(*ops: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        out = (jax.ShapeDtypeStruct(x.shape[:2] + (n,), jnp.float32), jax.ShapeDtypeStruct((b, n), jnp.float32),
+               jax.ShapeDtypeStruct((b, n), jnp.float32))
+        return tuple(jax.ffi.ffi_call(TARGET_F32_LSTM, out)(
+            *ops, time_major=np.int64(time_major), reverse=np.int64(reverse), clip=np.float32(cell_clip)))
+
+    return _on_cpu(kernel, otherwise, *ops)
 
 
 def f32_depthwise(x: jax.Array, taps: jax.Array, bias: Any, clamp: tuple[float, float] | None,

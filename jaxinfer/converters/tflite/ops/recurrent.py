@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .... import cpu_kernels
 from ....intmath import zp_matmul
 from ....registry import OpDef, registrar
 from .. import quant as Q
@@ -137,8 +138,22 @@ def _n_rows(m) -> int:
 
 
 def _lstm_layer(x_tm, h0, c0, w: dict[str, Any], act: str, cell_clip: float, proj_clip: float,
-                aux_tm=None, reverse: bool = False, diagonal: bool = False, asymmetric: bool = False):
-    """One LSTM direction over time-major ``x_tm`` [T, B, I]; returns (outputs [T, B, n_output], h_T, c_T)."""
+                aux_tm=None, reverse: bool = False, diagonal: bool = False, asymmetric: bool = False,
+                kernel: bool = True):
+    """One LSTM direction over time-major ``x_tm`` [T, B, I]; returns (outputs [T, B, n_output], h_T, c_T).
+    With ``kernel``, a layer :func:`_takes_lstm_kernel` accepts runs as one :func:`cpu_kernels.f32_lstm` call."""
+    if kernel and aux_tm is None and not diagonal and _takes_lstm_kernel(w, act):
+        gates = "ifco"
+
+        def otherwise(x_tm, *ops):  # this function's XLA composition, from the kernel's operands
+            new = {role + g: v for k, role in enumerate("wrb") for g, v in zip(gates, ops[4 * k:4 * k + 4])}
+            return _lstm_layer(x_tm, ops[12], ops[13], {**w, **new}, act, cell_clip, proj_clip, reverse=reverse,
+                               asymmetric=asymmetric, kernel=False)
+
+        n = _n_rows(w["wf"])
+        biases = [w["b" + g] if w["b" + g] is not None else jnp.zeros((n,), jnp.float32) for g in gates]
+        return cpu_kernels.f32_lstm(x_tm, [w["w" + g] for g in gates], [w["r" + g] for g in gates], biases, h0, c0,
+                                    time_major=True, reverse=reverse, cell_clip=cell_clip, otherwise=otherwise)
     cifg = w["wi"] is None
     gates = ("f", "c", "o") if cifg else ("i", "f", "c", "o")
     layer_norm = w["ln_f"] is not None
@@ -193,6 +208,20 @@ def _lstm_layer(x_tm, h0, c0, w: dict[str, Any], act: str, cell_clip: float, pro
     (h_t, c_t), ys = lax.scan(step, (h0, c0), tuple(pre[g] for g in gates), reverse=reverse,
                               unroll=_unroll(x_tm.shape[0]))
     return ys, h_t, c_t
+
+
+def _takes_lstm_kernel(w: dict[str, Any], act: str) -> bool:
+    """Whether a layer goes to :func:`cpu_kernels.f32_lstm` (whose otherwise is this converter's composition):
+    tanh, float32 input and recurrent weights and biases, no peepholes, projection, layer norm or coupled gates,
+    and the AVX-512 kernels built."""
+    if act != "TANH" or w["proj_w"] is not None or w["ln_f"] is not None:
+        return False
+    if any(w.get("p" + g) is not None for g in "ifo"):
+        return False
+    mats = [w[role + g] for role in "wr" for g in "ifco"] + [w["b" + g] for g in "ifco" if w["b" + g] is not None]
+    if any(m is None or isinstance(m, _Int8Matrix) or jnp.asarray(m).dtype != jnp.float32 for m in mats):
+        return False
+    return cpu_kernels.available() and cpu_kernels.isa() == 2
 
 
 def _lstm_weights(args, in_q, base: int, peep: int, bias: int, proj: int, ln: int | None = None,
