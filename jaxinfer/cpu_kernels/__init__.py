@@ -690,10 +690,10 @@ def f32_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Seque
     return _on_cpu(kernel, xla, x, w, b, leading=True)
 
 
-#: Batch rows up to which :func:`f32_lstm` takes the kernel: each row of a step reads every weight again, and from
-#: 8 rows XLA's batched products were quicker (TFLite lstm_stream, 10 steps x 64 cells: b1 46 -> 34 us, b2 74-95
-#: -> 48, b4 85 -> 74, b8 115 -> 124; session 23).
-LSTM_MAX_ROWS = 4
+#: Batch rows up to which :func:`f32_lstm` takes the kernel (one thread; rows in pairs, each weight read once per
+#: pair). TFLite lstm_stream (10 steps x 64 cells), XLA -> kernel: b1 46 -> 34 us, b2 73 -> 40, b4 87 -> 58,
+#: b8 115 -> 95, b16 169 -> 158, b32 300 -> 298 (session 23); past that XLA's threaded batched products.
+LSTM_MAX_ROWS = 32
 
 
 def f32_lstm(x: jax.Array, ws: Sequence[jax.Array], rs: Sequence[jax.Array], bs: Sequence[jax.Array],
