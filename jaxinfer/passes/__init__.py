@@ -15,7 +15,8 @@ from .constant_fold import constant_folder, fold_constants
 from .dedupe import merge_identical_initializers
 from .fold_bn import fold_conv_batchnorm
 from .fuse import fuse_matmul_add
-from .layout import conv_weights_spatial_first, int8_weights_rows_first, pools_after_costly_ops
+from .layout import (conv_weights_spatial_first, int8_conv_weights_ohwi, int8_weights_rows_first,
+                     pools_after_costly_ops)
 from .qdq import rewrite_qdq
 
 Pass = Callable[[Graph], Graph]
@@ -28,6 +29,7 @@ DEFAULT_PASSES: tuple[Pass, ...] = (
     fuse_matmul_add,
     conv_weights_spatial_first,
     int8_weights_rows_first,
+    int8_conv_weights_ohwi,
     pools_after_costly_ops,
     eliminate_dead_nodes,
 )
@@ -62,6 +64,7 @@ __all__ = [
     "rewrite_qdq",
     "fold_conv_batchnorm",
     "fuse_matmul_add",
+    "int8_conv_weights_ohwi",
     "int8_weights_rows_first",
     "merge_identical_initializers",
     "optimize",

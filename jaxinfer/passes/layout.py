@@ -24,11 +24,13 @@ from .cleanup import eliminate_dead_nodes
 HWIO_SUFFIX = "__hwio"
 #: Suffix of the ``[N, K]`` copy of an 8-bit ``[K, N]`` matmul weight (``w`` -> ``w__nk``).
 NK_SUFFIX = "__nk"
+#: Suffix of the OHWI copy of an 8-bit 2-D conv weight (``w`` -> ``w__ohwi``).
+OHWI_SUFFIX = "__ohwi"
 
 
 def source_weight_name(name: str) -> str:
     """The model's own name of a weight these passes renamed (``w__hwio``, ``w__nk`` -> ``w``); others as they are."""
-    for suffix in (HWIO_SUFFIX, NK_SUFFIX):
+    for suffix in (HWIO_SUFFIX, NK_SUFFIX, OHWI_SUFFIX):
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -109,12 +111,39 @@ def int8_weights_rows_first(graph: Graph) -> Graph:
     return _rewrite_nodes(graph, _matmul_nk)
 
 
+def _int8_conv_ohwi(node: Node, inits: dict[str, Any]) -> Node | None:
+    onnx_op = node.op_type == "QLinearConv" and node.domain in ("", "ai.onnx")
+    qdq_op = node.op_type == "QLinearConvInt" and node.domain == "jaxinfer"
+    if not (onnx_op or qdq_op) or len(node.inputs) < 4 or int(node.attrs.get("group", 1)) != 1:
+        return None
+    if node.attrs.get("w_layout", "OIHW") != "OIHW":
+        return None
+    w_name = node.inputs[3]
+    w = inits.get(w_name)
+    if w is None or np.ndim(w) != 4 or np.asarray(w).dtype not in (np.int8, np.uint8):
+        return None
+    new_name = f"{w_name}{OHWI_SUFFIX}"
+    if new_name not in inits:
+        inits[new_name] = np.ascontiguousarray(np.transpose(np.asarray(w), (0, 2, 3, 1)))
+    inputs = tuple(node.inputs[:3]) + (new_name,) + tuple(node.inputs[4:])
+    return Node(node.op_type, inputs, node.outputs, {**node.attrs, "w_layout": "OHWI"}, node.name, "jaxinfer")
+
+
+def int8_conv_weights_ohwi(graph: Graph) -> Graph:
+    """Constant 8-bit 2-D weights of ungrouped ``QLinearConv`` (-> ``jaxinfer::QLinearConv``) and
+    ``jaxinfer::QLinearConvInt`` (the QDQ rewrite's) stored OHWI, with ``w_layout="OHWI"``: our int8 kernel reads
+    a convolution's filter as ``[N, KH KW C]``, and an OIHW param was transposed and copied on every call (three
+    copy thunks in the quantized CNN fixtures' programs). Outputs are unchanged, bit for bit."""
+    return _rewrite_nodes(graph, _int8_conv_ohwi)
+
+
 #: Ops whose output XLA CPU would recompute in every tap of a following pool (a power, an
 #: exponential, ...): ZFNet's LRN -> 3x3 MaxPool ran 0.81-0.87x with the pool as taps. Requantizing
 #: convolutions too: their int32 -> 8-bit rescale (float multiply, round, clamp) was fused into each of a
 #: 2x2 pool's four taps (the quantized CNN fixtures at batch 1: one 93 us fusion of ~300 us).
 COSTLY_PRODUCERS = frozenset({"LRN", "Pow", "Exp", "Log", "Tanh", "Sigmoid", "Erf", "Softplus", "Mish", "Gelu",
-                              "Elu", "Selu", "Celu", "QLinearConv", "jaxinfer::QLinearConvInt"})
+                              "Elu", "Selu", "Celu", "QLinearConv", "jaxinfer::QLinearConv",
+                              "jaxinfer::QLinearConvInt"})
 
 
 def pools_after_costly_ops(graph: Graph) -> Graph:

@@ -28,6 +28,7 @@ from .pool import average_pool as _average_pool
 from .quant import dequantize_linear as _dequantize_linear
 from .quant import dynamic_quantize_linear as _dynamic_quantize_linear
 from .quant import qlinear_conv as _qlinear_conv
+from .quant import qlinear_conv_laid_out
 from .quant import quantize_linear as _quantize_linear
 
 MS = "com.microsoft"
@@ -266,16 +267,19 @@ def _channel_param(p: Any, n: int, shape: tuple[int, ...]) -> Any:
 def qlinear_conv_int(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias_q=None, bias_f=None, y_scale=None,
                      y_zero_point=None, *, auto_pad: str = "NOTSET", dilations: Sequence[int] = (), group: int = 1,
                      kernel_shape: Sequence[int] = (), pads: Sequence[int] = (), strides: Sequence[int] = (),
-                     float_type: int = 1, relu: int = 0):
+                     float_type: int = 1, relu: int = 0, w_layout: str = "OIHW"):
     """Integer conv of a QDQ graph: int32 conv of zero-point-shifted int8/uint8 operands, int32 bias
-    (at scale x_scale * w_scale), then requantization to y (or a float output + float bias)."""
+    (at scale x_scale * w_scale), then requantization to y (or a float output + float bias). A 2-D weight may
+    be stored OHWI (``w_layout``; ``passes.layout.int8_conv_weights_ohwi``)."""
     x, w = jnp.asarray(x), jnp.asarray(w)
     n = x.ndim - 2
     strides = tuple(strides) or (1,) * n
     dilations = tuple(dilations) or (1,) * n
-    padding = auto_pads(auto_pad, x.shape[2:], w.shape[2:], strides, dilations, pads)
+    spatial = tuple(w.shape[2:]) if w_layout == "OIHW" else tuple(w.shape[1:3])
+    dims = None if w_layout == "OIHW" else ("NCHW", "OHWI", "NCHW")
+    padding = auto_pads(auto_pad, x.shape[2:], spatial, strides, dilations, pads)
     cout = w.shape[0]
-    acc = zp_conv(x, x_zero_point, w, w_zero_point, strides, padding, rhs_dilation=dilations,
+    acc = zp_conv(x, x_zero_point, w, w_zero_point, strides, padding, rhs_dilation=dilations, dimension_numbers=dims,
                   feature_group_count=group, bound=_bound(x, x_zero_point) * _bound(w, w_zero_point))
     chan = (1, cout) + (1,) * n
     if bias_q is not None:
@@ -283,6 +287,18 @@ def qlinear_conv_int(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias_q=
     mult = _scalar(x_scale) * _channel_param(w_scale, cout, chan).astype(F32)
     bf = None if bias_f is None else jnp.asarray(bias_f).astype(F32).reshape(chan)
     return _out(acc, mult, bf, y_scale, y_zero_point, _float_type(float_type), relu)
+
+
+@jx("QLinearConv", 1)
+def qlinear_conv_ohwi(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, B=None, *,
+                      auto_pad: str = "NOTSET", dilations: Sequence[int] = (), group: int = 1,
+                      kernel_shape: Sequence[int] = (), pads: Sequence[int] = (), strides: Sequence[int] = (),
+                      w_layout: str = "OHWI"):
+    """ONNX QLinearConv with its 2-D weight stored OHWI at load (``passes.layout.int8_conv_weights_ohwi``): our
+    int8 kernel reads it as it is, where an OIHW param was transposed and copied on every call."""
+    return qlinear_conv_laid_out(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, B,
+                                 auto_pad=auto_pad, dilations=dilations, group=group, kernel_shape=kernel_shape,
+                                 pads=pads, strides=strides, w_layout=w_layout)
 
 
 def _float_type(code: int) -> Any:

@@ -188,14 +188,27 @@ def qlinear_conv(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_
                  auto_pad: str = "NOTSET", dilations: Sequence[int] = (), group: int = 1,
                  kernel_shape: Sequence[int] = (), pads: Sequence[int] = (), strides: Sequence[int] = ()):
     """https://onnx.ai/onnx/operators/onnx__QLinearConv.html (int32 accumulation, per-output-channel w scale)."""
+    return qlinear_conv_laid_out(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, B,
+                                 auto_pad=auto_pad, dilations=dilations, group=group, kernel_shape=kernel_shape,
+                                 pads=pads, strides=strides)
+
+
+def qlinear_conv_laid_out(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, B=None, *,
+                          auto_pad: str = "NOTSET", dilations: Sequence[int] = (), group: int = 1,
+                          kernel_shape: Sequence[int] = (), pads: Sequence[int] = (), strides: Sequence[int] = (),
+                          w_layout: str = "OIHW"):
+    """:func:`qlinear_conv` with the 2-D weight stored ``w_layout`` ("OIHW", ONNX's, or "OHWI": how our int8 kernel
+    reads it, stored so at load by ``passes.layout.int8_conv_weights_ohwi``)."""
     x, w = jnp.asarray(x), jnp.asarray(w)
     n = x.ndim - 2
-    if kernel_shape and tuple(kernel_shape) != tuple(w.shape[2:]):
-        raise ValueError(f"kernel_shape {tuple(kernel_shape)} does not match the weight's {tuple(w.shape[2:])}")
+    spatial = tuple(w.shape[2:]) if w_layout == "OIHW" else tuple(w.shape[1:3])
+    dims = None if w_layout == "OIHW" else ("NCHW", "OHWI", "NCHW")
+    if kernel_shape and tuple(kernel_shape) != spatial:
+        raise ValueError(f"kernel_shape {tuple(kernel_shape)} does not match the weight's {spatial}")
     strides = tuple(strides) or (1,) * n
     dilations = tuple(dilations) or (1,) * n
-    padding = auto_pads(auto_pad, x.shape[2:], w.shape[2:], strides, dilations, pads)
-    acc = zp_conv(x, x_zero_point, w, w_zero_point, strides, padding, rhs_dilation=dilations,
+    padding = auto_pads(auto_pad, x.shape[2:], spatial, strides, dilations, pads)
+    acc = zp_conv(x, x_zero_point, w, w_zero_point, strides, padding, rhs_dilation=dilations, dimension_numbers=dims,
                   feature_group_count=group, bound=abs_bound(x.dtype, True) * abs_bound(w.dtype, True))
     if B is not None:
         acc = acc + jnp.asarray(B).astype(jnp.int32).reshape((1, -1) + (1,) * n)
