@@ -703,9 +703,9 @@ def f32_lstm(x: jax.Array, ws: Sequence[jax.Array], rs: Sequence[jax.Array], bs:
     kernel call (``lstm.cc``): ``x`` [T, B, I] (``time_major``; else [B, T, I]), per gate i, f, c, o the input
     weights ``ws`` [n, I], recurrent weights ``rs`` [n, n] and biases ``bs`` [n], the state ``h0``/``c0``
     [B, n], ``cell_clip`` (0: none), ``reverse`` (the last step first) -> (ys like x with n features, h_T,
-    c_T), for at most :data:`LSTM_MAX_ROWS` batch rows. XLA ran ~6 thunks a step. The kernel's exp and tanh are its own: the last bits differ from XLA's.
-    Callers check :func:`isa` (``2``); ``otherwise(x, *ws, *rs, *bs, h0, c0)`` (the XLA composition) runs on
-    other platforms and under ``jax.vmap``."""
+    c_T), for at most :data:`LSTM_MAX_ROWS` batch rows. XLA ran ~6 thunks a step. The kernel's exp and tanh
+    are its own: the last bits differ from XLA's. Callers check :func:`isa` (``2``); ``otherwise(x, *ws, *rs,
+    *bs, h0, c0)`` (the XLA composition) runs on other platforms, under ``jax.vmap`` and past the row limit."""
     ops = [jnp.asarray(v) for v in (x, *ws, *rs, *bs, h0, c0)]
     x = ops[0]
     n = ops[5].shape[0] if len(ops) == 15 and ops[5].ndim == 2 else -1

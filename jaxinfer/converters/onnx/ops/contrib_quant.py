@@ -28,7 +28,7 @@ from .pool import average_pool as _average_pool
 from .quant import dequantize_linear as _dequantize_linear
 from .quant import dynamic_quantize_linear as _dynamic_quantize_linear
 from .quant import qlinear_conv as _qlinear_conv
-from .quant import qlinear_conv_laid_out
+from .quant import conv_weight_layout, qlinear_conv_laid_out
 from .quant import quantize_linear as _quantize_linear
 
 MS = "com.microsoft"
@@ -275,8 +275,7 @@ def qlinear_conv_int(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias_q=
     n = x.ndim - 2
     strides = tuple(strides) or (1,) * n
     dilations = tuple(dilations) or (1,) * n
-    spatial = tuple(w.shape[2:]) if w_layout == "OIHW" else tuple(w.shape[1:3])
-    dims = None if w_layout == "OIHW" else ("NCHW", "OHWI", "NCHW")
+    spatial, dims = conv_weight_layout(w, w_layout)
     padding = auto_pads(auto_pad, x.shape[2:], spatial, strides, dilations, pads)
     cout = w.shape[0]
     acc = zp_conv(x, x_zero_point, w, w_zero_point, strides, padding, rhs_dilation=dilations, dimension_numbers=dims,

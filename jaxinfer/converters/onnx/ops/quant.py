@@ -193,6 +193,16 @@ def qlinear_conv(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_
                                  pads=pads, strides=strides)
 
 
+def conv_weight_layout(w: Any, w_layout: str) -> tuple[tuple[int, ...], tuple[str, str, str] | None]:
+    """(the window's shape, ``zp_conv``'s dimension numbers) of a conv weight stored ``w_layout``: "OIHW" (ONNX's,
+    any rank) or "OHWI" (2-D, as ``passes.layout.int8_conv_weights_ohwi`` stores it)."""
+    if w_layout == "OIHW":
+        return tuple(w.shape[2:]), None
+    if w_layout == "OHWI" and w.ndim == 4:
+        return tuple(w.shape[1:3]), ("NCHW", "OHWI", "NCHW")
+    raise ValueError(f"a conv weight stored {w_layout!r} with shape {list(w.shape)}: expected OIHW, or OHWI of rank 4")
+
+
 def qlinear_conv_laid_out(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, B=None, *,
                           auto_pad: str = "NOTSET", dilations: Sequence[int] = (), group: int = 1,
                           kernel_shape: Sequence[int] = (), pads: Sequence[int] = (), strides: Sequence[int] = (),
@@ -201,8 +211,7 @@ def qlinear_conv_laid_out(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_
     reads it, stored so at load by ``passes.layout.int8_conv_weights_ohwi``)."""
     x, w = jnp.asarray(x), jnp.asarray(w)
     n = x.ndim - 2
-    spatial = tuple(w.shape[2:]) if w_layout == "OIHW" else tuple(w.shape[1:3])
-    dims = None if w_layout == "OIHW" else ("NCHW", "OHWI", "NCHW")
+    spatial, dims = conv_weight_layout(w, w_layout)
     if kernel_shape and tuple(kernel_shape) != spatial:
         raise ValueError(f"kernel_shape {tuple(kernel_shape)} does not match the weight's {spatial}")
     strides = tuple(strides) or (1,) * n

@@ -142,7 +142,7 @@ def _lstm_layer(x_tm, h0, c0, w: dict[str, Any], act: str, cell_clip: float, pro
                 kernel: bool = True):
     """One LSTM direction over time-major ``x_tm`` [T, B, I]; returns (outputs [T, B, n_output], h_T, c_T).
     With ``kernel``, a layer :func:`_takes_lstm_kernel` accepts runs as one :func:`cpu_kernels.f32_lstm` call."""
-    if kernel and aux_tm is None and not diagonal and _takes_lstm_kernel(w, act):
+    if kernel and aux_tm is None and not diagonal and _takes_lstm_kernel(w, act, (x_tm, h0, c0)):
         gates = "ifco"
 
         def otherwise(x_tm, *ops):  # this function's XLA composition, from the kernel's operands
@@ -210,11 +210,13 @@ def _lstm_layer(x_tm, h0, c0, w: dict[str, Any], act: str, cell_clip: float, pro
     return ys, h_t, c_t
 
 
-def _takes_lstm_kernel(w: dict[str, Any], act: str) -> bool:
+def _takes_lstm_kernel(w: dict[str, Any], act: str, activations: tuple[Any, ...]) -> bool:
     """Whether a layer goes to :func:`cpu_kernels.f32_lstm` (whose otherwise is this converter's composition):
-    tanh, float32 input and recurrent weights and biases, no peepholes, projection, layer norm or coupled gates,
-    and the AVX-512 kernels built."""
+    tanh, float32 inputs, state, weights and biases, no peepholes, projection, layer norm or coupled gates, and
+    the AVX-512 kernels built."""
     if act != "TANH" or w["proj_w"] is not None or w["ln_f"] is not None:
+        return False
+    if any(jnp.asarray(v).dtype != jnp.float32 for v in activations):
         return False
     if any(w.get("p" + g) is not None for g in "ifo"):
         return False
