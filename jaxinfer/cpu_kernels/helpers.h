@@ -53,7 +53,7 @@ class Helpers {
  private:
   static constexpr int kMaxHelpers = 7;
   static constexpr double kSpinSeconds = 200e-6;
-  static constexpr int kPauses = 2000;  // pure pause spins before yielding
+  static constexpr int kPauses = 100;  // pure pause spins (~1-2 us) before yielding to other runnable threads
 
   Helpers() {
     const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
