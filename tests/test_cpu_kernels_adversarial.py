@@ -41,12 +41,14 @@ def _ints(rng, shape, dtype=np.int8):
 
 
 # ------------------------------------------------------------------ the kernel itself
-# Rows 16+ with K < 1024 take the VNNI path's column panels: partial panels (N % 16), K % 4 tails,
-# row remainders (rows % 4) and work split by rows where N is narrow.
+# Rows 16+ with K < 1024 (24+ at longer K) take the VNNI path's column panels: partial panels (N % 16),
+# K % 4 and K % 64 tails (the panels are packed 64 values of K at a time), row remainders (rows % 4) and
+# work split by rows where N is narrow.
 @pytest.mark.parametrize("rows,k,n", [(16, 3, 17), (100, 289, 64), (1000, 7, 33), (17, 1023, 200), (53, 5, 1),
                                       (4096, 16, 32), (1, 1, 1), (1, 17, 3), (7, 15, 1), (8, 16, 9), (9, 17, 33),
                                       (47, 33, 5), (48, 4097, 3), (49, 31, 7), (1, 4095, 17), (3, 2, 65537),
-                                      (5, 4096, 1)])
+                                      (5, 4096, 1), (24, 1024, 130), (25, 1090, 47), (64, 2111, 16),
+                                      (23, 1024, 33)])
 def test_odd_shapes_exact(rows, k, n, kernel_isa):
     rng = np.random.default_rng(rows * 1000 + k + n)
     x, w = _ints(rng, (rows, k)), _ints(rng, (n, k))

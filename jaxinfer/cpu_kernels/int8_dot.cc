@@ -26,7 +26,7 @@
 // XLA's intra-op thread pool and the calling thread take from a shared counter; the caller waits only
 // for chunks already taken, so a busy pool never stalls it. jaxinfer_int8_dot_isa() reports the path
 // in use and can narrow it (tests run both).
-// From 16 rows of x with K < 1024 the VNNI path packs each group of 64 weight rows into column panels
+// From 16 rows of x (24 where K >= 1024) the VNNI path packs each group of 64 weight rows into column panels
 // instead (PackPanels) and multiplies every row of x against them: 4 values of one x row broadcast to all
 // lanes times 4 values of 16 columns per vpdpbusd, so each lane sums one output and there are no
 // horizontal sums, which at short K outweighed the dots. 4 rows x 4 panels = 16 accumulators: with 24
@@ -87,7 +87,8 @@ constexpr int32_t kMinZp = -32768 + 128, kMaxZp = 32767 - 128;  // x - zp fits i
 
 constexpr int64_t kPrefetchBytes = 16 << 10;  // how far ahead the VNNI path asks for weights
 constexpr int64_t kPanelMinRows = 16;  // from this many rows of x the VNNI path packs w into column panels,
-constexpr int64_t kPanelMaxK = 1024;   // while K is below this (longer rows amortize the row path's sums)
+constexpr int64_t kPanelLongK = 1024;  // and from kPanelLongRows where K is at least this (at 16 rows of a
+constexpr int64_t kPanelLongRows = 24;  // long K the row path was as quick, its sums amortized)
 constexpr int kPanelRows = 4;          // rows of x per register block: 4 x 4 panels = 16 accumulators,
 constexpr int kPanelMaxRows = 8;       // or 8 x 2, 8 x 1 for at most 32 columns
 constexpr int kPanels = 4;             // panels of 16 columns packed and multiplied at a time
@@ -277,21 +278,54 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void VnniRows(const Job& 
   for (; n < n1; ++n) VnniBlock<MB, 1>(j, m0, n);
 }
 
+// r as a 16 x 16 matrix of 32-bit elements (r[i] its row i), transposed in place: after, lane c of r[i] is
+// what lane i of r[c] was. Three rounds of pairwise interleaves (32-bit, 64-bit, then 128-bit blocks twice).
+__attribute__((target("avx512f"))) inline void Transpose16(__m512i (&r)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
 // Columns n0 .. n0 + 16 np of w (zero past N and K) packed as P[K / 4][np][16 columns][4 values]:
 // one 64-byte load then holds 4 values of 16 columns, which vpdpbusd multiplies by 4 values of one row
 // of x broadcast to every lane, so each lane sums one output and no horizontal sums are needed.
-void PackPanels(const Job& j, int64_t n0, int np, uint8_t* P) {
-  const int64_t K = j.K, K4 = j.Kp / 4, full = K / 4, cols = int64_t{np} * 16;
-  const int64_t have = std::max<int64_t>(0, std::min(cols, j.N - n0));  // columns past N stay zero
-  const int8_t* w = j.w + n0 * K;
-  // k4 outer: P is written in order, and the `have` weight rows' current lines stay in L1.
-  for (int64_t k4 = 0; k4 < full; ++k4, P += cols * 4) {
-    for (int64_t c = 0; c < have; ++c) std::memcpy(P + c * 4, w + c * K + 4 * k4, 4);
-    if (have < cols) std::memset(P + have * 4, 0, (cols - have) * 4);
-  }
-  if (full < K4) {  // the last K % 4 values, zero-padded
-    std::memset(P, 0, cols * 4);
-    for (int64_t c = 0; c < have; ++c) std::memcpy(P + c * 4, w + c * K + 4 * full, K - 4 * full);
+// Per panel, 64 bytes of each of its 16 weight rows are loaded at a time and transposed as a 16 x 16
+// matrix of 4-byte groups (Transpose16), giving 16 steps of the panel: copying each 4-byte group on its
+// own took as long as the product itself at K 4096 and 128 rows of x.
+__attribute__((target("avx512f,avx512bw"))) void PackPanels(const Job& j, int64_t n0, int np, uint8_t* P) {
+  const int64_t K = j.K, K4 = j.Kp / 4;
+  for (int p = 0; p < np; ++p) {
+    const int64_t c0 = n0 + int64_t{p} * 16;
+    const int64_t have = std::max<int64_t>(0, std::min<int64_t>(16, j.N - c0));  // rows past N stay zero
+    const int8_t* w = j.w + c0 * K;
+    for (int64_t kb = 0; kb < K; kb += 64) {
+      const int64_t left = std::min<int64_t>(64, K - kb);
+      const __mmask64 mask = left == 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
+      __m512i r[16];
+      for (int c = 0; c < 16; ++c)
+        r[c] = c < have ? _mm512_maskz_loadu_epi8(mask, w + c * K + kb) : _mm512_setzero_si512();
+      Transpose16(r);
+      const int64_t steps = std::min<int64_t>(16, K4 - kb / 4);
+      for (int64_t i = 0; i < steps; ++i) _mm512_store_si512(P + ((kb / 4 + i) * np + p) * 64, r[i]);
+    }
   }
 }
 
@@ -655,7 +689,8 @@ ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, c
   j->N = N;
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
   if (M * K * N < kSerialMacs) threads = 1;
-  const bool panels = CurrentIsa() == kVnni && M >= kPanelMinRows && (K < kPanelMaxK || patches);
+  const bool panels =
+      CurrentIsa() == kVnni && M >= kPanelMinRows && (K < kPanelLongK || M >= kPanelLongRows || patches);
   std::vector<int8_t> own_patches;
   j->patches = patches;
   if (patches && !panels) {  // the other paths read x as a matrix: the patches are written out
