@@ -218,9 +218,18 @@ def _weight_only_dot(lhs: Any, w: QArray, dims: Any, precision: Any, pet: Any) -
     out_dtype = pet or _float_dtype(lhs)
     if w.zero_point is not None or _scale_contracted(w, rc) or _scale_contracted(w, rb):
         return qwix.dot_general(lhs, w, dims, precision=precision, preferred_element_type=pet)
-    # int8 values straight into the dot (XLA converts inside the dot, no f32 weight copy),
-    # per-output-channel scale on the output.
-    y = lax.dot_general(lhs, w.qvalue, dims, precision=precision, preferred_element_type=out_dtype)
+    # int8 values straight into the dot (XLA converts inside the dot, no f32 weight copy; our CPU kernel widens
+    # them in registers for few rows), per-output-channel scale on the output.
+    lhs = jnp.asarray(lhs)
+    if (not lb and not rb and tuple(rc) == (0,) and w.ndim == 2 and tuple(lc) == (lhs.ndim - 1,)
+            and lhs.dtype == jnp.float32 and out_dtype == jnp.float32 and w.qvalue.dtype == jnp.int8):
+        def rows_by_kn(x: Any, wq: Any) -> jax.Array:  # x [..., K] by a [K, N] MatMul weight, any leading dims
+            return lax.dot_general(x, wq, (((x.ndim - 1,), (0,)), ((), ())), precision=precision,
+                                   preferred_element_type=out_dtype)
+
+        y = cpu_kernels.f32_int8w_dot(lhs, w.qvalue, rows_by_kn)
+    else:
+        y = lax.dot_general(lhs, w.qvalue, dims, precision=precision, preferred_element_type=out_dtype)
     return y * _output_scale(w.scale.astype(out_dtype), dims, jnp.ndim(lhs), for_rhs=True)
 
 

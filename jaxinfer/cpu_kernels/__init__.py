@@ -53,7 +53,7 @@ import numpy as np
 from jax import lax
 
 __all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "OutputStage", "available", "f32_conv",
-           "f32_depthwise", "f32_lstm", "int8_conv", "int8_conv_requant", "int8_depthwise", "int8_dot", "dynamic_quantize_u8", "int8_dot_dyn",
+           "f32_depthwise", "f32_int8w_dot", "f32_lstm", "int8_conv", "int8_conv_requant", "int8_depthwise", "int8_dot", "dynamic_quantize_u8", "int8_dot_dyn",
            "int8_dot_hybrid", "int8_dot_zp", "isa", "kernel_dir", "takes"]
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ TARGET_DEPTHWISE = "jaxinfer_int8_depthwise"
 TARGET_F32_DEPTHWISE = "jaxinfer_f32_depthwise"
 TARGET_F32_LSTM = "jaxinfer_f32_lstm"
 TARGET_F32_CONV = "jaxinfer_f32_conv"
+TARGET_F32_I8W = "jaxinfer_f32_int8w_dot"
 TARGET_DYN = "jaxinfer_int8_dot_dyn"
 TARGET_HYBRID = "jaxinfer_int8_dot_hybrid"
 TARGET_DQL = "jaxinfer_dynamic_quantize"
@@ -93,7 +94,8 @@ TARGETS = (TARGET, TARGET_ZP, TARGET_DYN, TARGET_HYBRID, TARGET_DQL, TARGET_CONV
 #: Zero points :func:`int8_dot_zp`'s kernel folds into ``x`` (``x - zp`` fits int16 for every int8 ``x``).
 ZP_RANGE = (-32768 + 128, 32767 - 128)
 #: The kernels' sources, built into one library (``patches.h`` is shared by the convolutions).
-_SOURCES = tuple(Path(__file__).with_name(n) for n in ("int8_dot.cc", "depthwise.cc", "f32_conv.cc", "lstm.cc"))
+_SOURCES = tuple(Path(__file__).with_name(n)
+                 for n in ("int8_dot.cc", "depthwise.cc", "f32_conv.cc", "lstm.cc", "weight_only.cc"))
 _HEADERS = tuple(Path(__file__).with_name(n) for n in ("helpers.h", "patches.h", "requant.h"))
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -214,6 +216,7 @@ def _load() -> bool:
         jax.ffi.register_ffi_target(TARGET_F32_CONV, jax.ffi.pycapsule(lib.JaxinferF32Conv), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_F32_DEPTHWISE, jax.ffi.pycapsule(lib.JaxinferF32Depthwise), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_F32_LSTM, jax.ffi.pycapsule(lib.JaxinferF32Lstm), platform="cpu")
+        jax.ffi.register_ffi_target(TARGET_F32_I8W, jax.ffi.pycapsule(lib.JaxinferF32Int8wDot), platform="cpu")
         global _library
         _library = lib
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
@@ -688,6 +691,34 @@ def f32_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Seque
         return jax.ffi.ffi_call(TARGET_F32_CONV, out)(x, w2, b, kn=np.int64(kn), **attrs, **finish)
 
     return _on_cpu(kernel, xla, x, w, b, leading=True)
+
+
+#: Rows up to which :func:`f32_int8w_dot` takes the kernel. Kernel / XLA's dot of the int8 weight / the float32
+#: weight's dot, ms (session 24): [1, 1024] x [1024, 4096] 0.14 / 2.9 / 0.23, 8 rows 0.38 / 4.1 / 0.76,
+#: [8, 4096] x [4096, 1024] 0.39 / 2.2 / 0.78, 32 rows 2.05 / 4.9 / 2.4, [64, 1024] x [1024, 1024] 0.77 / 1.19 /
+#: 0.81; at 128 rows 9.2 / 7.0 / 6.0 (compute-bound there: XLA's library blocks large products better).
+INT8W_MAX_ROWS = 64
+
+
+def f32_int8w_dot(x: jax.Array, w: jax.Array, otherwise: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+    """float32 ``x`` [..., K] times an int8 weight ``w`` [K, N] -> float32 [..., N]: the float32 sums of
+    ``x[..., k] * w[k, n]`` (the caller applies the weight's scales), each weight value widened in registers by
+    our AVX-512 kernel (``weight_only.cc``) for at most :data:`INT8W_MAX_ROWS` rows; ``otherwise(x, w)``
+    elsewhere (other platforms, more rows, no AVX-512, ``jax.vmap`` of ``w``). Float32 sums in another order
+    than XLA's: the last bits may differ."""
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    if x.dtype != jnp.float32 or w.dtype != jnp.int8 or w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"f32_int8w_dot takes float32 x [..., K] and int8 w [K, N]; got x {x.dtype}{list(x.shape)} "
+                         f"and w {w.dtype}{list(w.shape)}")
+    lead, k, n = x.shape[:-1], x.shape[-1], w.shape[1]
+    rows = math.prod(lead)
+    if not (0 < rows <= INT8W_MAX_ROWS and k > 0 and n > 0 and isa() == 2):
+        return otherwise(x, w)
+
+    def kernel(x: jax.Array, w: jax.Array) -> jax.Array:
+        return jax.ffi.ffi_call(TARGET_F32_I8W, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))(x, w)
+
+    return _on_cpu(kernel, otherwise, x.reshape(rows, k), w, leading=True).reshape(*lead, n)
 
 
 #: Batch rows up to which :func:`f32_lstm` takes the kernel (one thread; rows in pairs, each weight read once per
