@@ -1,6 +1,6 @@
 """cpu_kernels.f32_int8w_dot, float32 rows times an int8 [K, N] weight widened in registers (the int8-weight
 method's MatMul product): float32 accuracy against a float64 reference for odd sizes (K and N not multiples of
-16 or 64, one row, 1-7 leftover rows, leading dims), NaN and infinities kept, the XLA route past
+16 or 64, N over many 64-column work items with a partial last one, one row, 1-7 leftover rows, leading dims), NaN and infinities kept, the XLA route past
 INT8W_MAX_ROWS and under vmap of the weight, operands of the wrong kind named, and an int8-weight model
 taking it with the same answers as without the kernels."""
 
@@ -44,7 +44,8 @@ def _takes_kernel(x, w) -> bool:
 @needs_kernels
 @pytest.mark.parametrize("lead,k,n", [((1,), 1, 1), ((1,), 1024, 4096), ((8,), 4096, 1024), ((3,), 17, 5),
                                       ((5,), 33, 70), ((9,), 100, 129), ((13,), 64, 64), ((2, 3), 47, 200),
-                                      ((64,), 300, 65), ((7,), 2, 1000), ((16,), 129, 31)])
+                                      ((64,), 300, 65), ((7,), 2, 1000), ((16,), 129, 31), ((1,), 1500, 1100),
+                                      ((9,), 600, 1300), ((13,), 1025, 2049)])
 def test_matches_float64(lead, k, n):
     rng = np.random.default_rng(k * 7 + n)
     x, w = _operands(rng, lead, k, n)

@@ -90,7 +90,7 @@ TARGET_HYBRID = "jaxinfer_int8_dot_hybrid"
 TARGET_DQL = "jaxinfer_dynamic_quantize"
 #: Every custom-call target the kernels register (an export must allow each).
 TARGETS = (TARGET, TARGET_ZP, TARGET_DYN, TARGET_HYBRID, TARGET_DQL, TARGET_CONV, TARGET_CONV_RQ, TARGET_DEPTHWISE,
-           TARGET_F32_CONV, TARGET_F32_DEPTHWISE, TARGET_F32_LSTM)
+           TARGET_F32_CONV, TARGET_F32_DEPTHWISE, TARGET_F32_LSTM, TARGET_F32_I8W)
 #: Zero points :func:`int8_dot_zp`'s kernel folds into ``x`` (``x - zp`` fits int16 for every int8 ``x``).
 ZP_RANGE = (-32768 + 128, 32767 - 128)
 #: The kernels' sources, built into one library (``patches.h`` is shared by the convolutions).

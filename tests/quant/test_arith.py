@@ -8,6 +8,8 @@ from jax import lax
 from jaxinfer import arith, cpu_kernels, intmath
 from jaxinfer.quant.report import cosine
 
+from ..jaxprs import all_eqns
+
 rng = np.random.default_rng(0)
 X = rng.standard_normal((3, 5, 64)).astype(np.float32)
 W = (rng.standard_normal((64, 48)) / 8).astype(np.float32)
@@ -37,22 +39,11 @@ def test_w8a8_runs_int8_dot_with_int32_accumulation():
     assert "preferred_element_type=int32" in jaxpr and "i8[" in jaxpr
 
 
-def _all_eqns(jaxpr):
-    """Every equation of ``jaxpr`` and of the jaxprs nested in its equations' params (branches, custom rules)."""
-    for e in jaxpr.eqns:
-        yield e
-        for v in e.params.values():
-            for sub in v if isinstance(v, (list, tuple)) else (v,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _all_eqns(inner)
-
-
 def test_weight_only_keeps_int8_inside_the_dot():
     """The int8 weight goes into the product as int8 (XLA's dot, or on CPU our kernel that widens it in
     registers): no float32 copy of the weight anywhere in the program."""
     jaxpr = jax.make_jaxpr(lambda x, w: arith.matmul(x, w))(X, q8(W))
-    eqns = list(_all_eqns(jaxpr.jaxpr))
+    eqns = list(all_eqns(jaxpr))
     dots = [e for e in eqns if e.primitive.name == "dot_general"]
     assert dots and all(e.invars[1].aval.dtype == jnp.int8 for e in dots)
     assert not [e for e in eqns if e.primitive.name == "convert_element_type"
