@@ -96,7 +96,7 @@ ZP_RANGE = (-32768 + 128, 32767 - 128)
 #: The kernels' sources, built into one library (``patches.h`` is shared by the convolutions).
 _SOURCES = tuple(Path(__file__).with_name(n)
                  for n in ("int8_dot.cc", "depthwise.cc", "f32_conv.cc", "lstm.cc", "weight_only.cc"))
-_HEADERS = tuple(Path(__file__).with_name(n) for n in ("helpers.h", "patches.h", "requant.h"))
+_HEADERS = tuple(Path(__file__).with_name(n) for n in ("fma_tile.h", "helpers.h", "patches.h", "requant.h"))
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 
 _lock = threading.Lock()

@@ -23,6 +23,7 @@
 #include <memory>
 #include <vector>
 
+#include "fma_tile.h"
 #include "helpers.h"
 #include "patches.h"
 #include "xla/ffi/api/ffi.h"
@@ -96,46 +97,33 @@ __attribute__((target("avx512f"))) inline void Store(const Job& j, float* yr, in
     _mm512_mask_storeu_ps(yr + n, static_cast<__mmask16>((1u << left) - 1), v);
 }
 
-// Rows m0 .. m0 + MR of y (their patch rows at xr, K apart), columns n0 .. n0 + 16 NP from panels P. The
-// accumulators are named one by one (arrays of them stayed in memory: int8_dot.cc); MR x NP <= 16 of them.
-#define JX_ACC(r) __m512 a##r##0, a##r##1, a##r##2, a##r##3;
-#define JX_ZERO(r) a##r##0 = a##r##1 = a##r##2 = a##r##3 = _mm512_setzero_ps();
-#define JX_STEP(r)                                                    \
-  if constexpr (MR > r) {                                             \
-    const __m512 x = _mm512_set1_ps(xr[r * K + k]);                   \
-    a##r##0 = _mm512_fmadd_ps(x, b0, a##r##0);                        \
-    if constexpr (NP > 1) a##r##1 = _mm512_fmadd_ps(x, b1, a##r##1);  \
-    if constexpr (NP > 2) a##r##2 = _mm512_fmadd_ps(x, b2, a##r##2);  \
-    if constexpr (NP > 3) a##r##3 = _mm512_fmadd_ps(x, b3, a##r##3);  \
-  }
+// Rows m0 .. m0 + MR of y (their patch rows at xr, K apart), columns n0 .. n0 + 16 NV from panels P
+// (fma_tile.h's accumulators).
 #define JX_STORE(r)                                          \
   if constexpr (MR > r) {                                    \
     float* yr = j.y + (m0 + r) * j.N;                        \
     Store(j, yr, n0, a##r##0);                               \
-    if constexpr (NP > 1) Store(j, yr, n0 + 16, a##r##1);    \
-    if constexpr (NP > 2) Store(j, yr, n0 + 32, a##r##2);    \
-    if constexpr (NP > 3) Store(j, yr, n0 + 48, a##r##3);    \
+    if constexpr (NV > 1) Store(j, yr, n0 + 16, a##r##1);    \
+    if constexpr (NV > 2) Store(j, yr, n0 + 32, a##r##2);    \
+    if constexpr (NV > 3) Store(j, yr, n0 + 48, a##r##3);    \
   }
 
-template <int MR, int NP>
+template <int MR, int NV>
 __attribute__((target("avx512f"))) void Block(const Job& j, const float* xr, const float* P, int64_t m0, int64_t n0) {
-  static_assert(MR >= 1 && MR <= kMaxRows && NP >= 1 && NP <= 4 && MR * NP <= 16, "accumulators named below");
-  JX_ACC(0) JX_ACC(1) JX_ACC(2) JX_ACC(3) JX_ACC(4) JX_ACC(5) JX_ACC(6) JX_ACC(7)
-  JX_ZERO(0) JX_ZERO(1) JX_ZERO(2) JX_ZERO(3) JX_ZERO(4) JX_ZERO(5) JX_ZERO(6) JX_ZERO(7)
+  static_assert(MR >= 1 && MR <= kMaxRows && NV >= 1 && NV <= 4 && MR * NV <= 16, "accumulators named below");
+  JX_FMA_ROWS(JX_FMA_ACC)
+  JX_FMA_ROWS(JX_FMA_ZERO)
   const int64_t K = j.K;
   const float* pp = P;
-  for (int64_t k = 0; k < K; ++k, pp += NP * 16) {
+  for (int64_t k = 0; k < K; ++k, pp += NV * 16) {
     const __m512 b0 = _mm512_load_ps(pp);
-    const __m512 b1 = NP > 1 ? _mm512_load_ps(pp + 16) : b0;
-    const __m512 b2 = NP > 2 ? _mm512_load_ps(pp + 32) : b0;
-    const __m512 b3 = NP > 3 ? _mm512_load_ps(pp + 48) : b0;
-    JX_STEP(0) JX_STEP(1) JX_STEP(2) JX_STEP(3) JX_STEP(4) JX_STEP(5) JX_STEP(6) JX_STEP(7)
+    const __m512 b1 = NV > 1 ? _mm512_load_ps(pp + 16) : b0;
+    const __m512 b2 = NV > 2 ? _mm512_load_ps(pp + 32) : b0;
+    const __m512 b3 = NV > 3 ? _mm512_load_ps(pp + 48) : b0;
+    JX_FMA_ROWS(JX_FMA_STEP)
   }
-  JX_STORE(0) JX_STORE(1) JX_STORE(2) JX_STORE(3) JX_STORE(4) JX_STORE(5) JX_STORE(6) JX_STORE(7)
+  JX_FMA_ROWS(JX_STORE)
 }
-#undef JX_ACC
-#undef JX_ZERO
-#undef JX_STEP
 #undef JX_STORE
 
 // Rows m0 .. m1 (patch rows at xr) against group g's panels, MR rows at a time: 4 with 3-4 panels, 8 with 1-2

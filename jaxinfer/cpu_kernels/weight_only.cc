@@ -20,6 +20,7 @@
 #include <cstring>
 #include <memory>
 
+#include "fma_tile.h"
 #include "helpers.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -48,18 +49,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 Widen(const i
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
 }
 
-// Rows m0 .. m0 + MR of y, columns n0 .. n0 + 16 NV (`masks`: each vector's live columns, zero past N). The
-// accumulators are named one by one (an array of them was stored to the stack every step: int8_dot.cc).
-#define JX_ACC(r) __m512 a##r##0, a##r##1, a##r##2, a##r##3;
-#define JX_ZERO(r) a##r##0 = a##r##1 = a##r##2 = a##r##3 = _mm512_setzero_ps();
-#define JX_STEP(r)                                                    \
-  if constexpr (MR > r) {                                             \
-    const __m512 xv = _mm512_set1_ps(x[r * K + k]);                   \
-    a##r##0 = _mm512_fmadd_ps(xv, b0, a##r##0);                       \
-    if constexpr (NV > 1) a##r##1 = _mm512_fmadd_ps(xv, b1, a##r##1); \
-    if constexpr (NV > 2) a##r##2 = _mm512_fmadd_ps(xv, b2, a##r##2); \
-    if constexpr (NV > 3) a##r##3 = _mm512_fmadd_ps(xv, b3, a##r##3); \
-  }
+// Rows m0 .. m0 + MR of y, columns n0 .. n0 + 16 NV (`masks`: each vector's live columns, zero past N), with
+// fma_tile.h's accumulators.
 #define JX_STORE(r)                                                              \
   if constexpr (MR > r) {                                                        \
     float* yr = j.y + (m0 + r) * j.N + n0;                                       \
@@ -73,10 +64,10 @@ template <int MR, int NV>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void Block(const Job& j, int64_t m0, int64_t n0,
                                                                 const __mmask16* masks) {
   static_assert(MR >= 1 && MR <= 8 && NV >= 1 && NV <= 4 && MR * NV <= 16, "accumulators named below");
-  JX_ACC(0) JX_ACC(1) JX_ACC(2) JX_ACC(3) JX_ACC(4) JX_ACC(5) JX_ACC(6) JX_ACC(7)
-  JX_ZERO(0) JX_ZERO(1) JX_ZERO(2) JX_ZERO(3) JX_ZERO(4) JX_ZERO(5) JX_ZERO(6) JX_ZERO(7)
+  JX_FMA_ROWS(JX_FMA_ACC)
+  JX_FMA_ROWS(JX_FMA_ZERO)
   const int64_t K = j.K;
-  const float* x = j.x + m0 * K;
+  const float* xr = j.x + m0 * K;
   const int8_t* w = j.w + n0;
   const int64_t ahead = kAhead * j.N;
   for (int64_t k = 0; k < K; ++k, w += j.N) {
@@ -85,13 +76,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void Block(const Job& j, in
     const __m512 b1 = NV > 1 ? Widen(w + 16, masks[1]) : b0;
     const __m512 b2 = NV > 2 ? Widen(w + 32, masks[2]) : b0;
     const __m512 b3 = NV > 3 ? Widen(w + 48, masks[3]) : b0;
-    JX_STEP(0) JX_STEP(1) JX_STEP(2) JX_STEP(3) JX_STEP(4) JX_STEP(5) JX_STEP(6) JX_STEP(7)
+    JX_FMA_ROWS(JX_FMA_STEP)
   }
-  JX_STORE(0) JX_STORE(1) JX_STORE(2) JX_STORE(3) JX_STORE(4) JX_STORE(5) JX_STORE(6) JX_STORE(7)
+  JX_FMA_ROWS(JX_STORE)
 }
-#undef JX_ACC
-#undef JX_ZERO
-#undef JX_STEP
 #undef JX_STORE
 
 // One work item: columns n0 .. n0 + 64 for every row. 8 rows at a time take the two halves of the 64 columns
