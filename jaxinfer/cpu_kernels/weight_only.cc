@@ -10,14 +10,13 @@
 // walks k, widening 32 of the line's values to 2 float32 vectors (vpmovsxbd, vcvtdq2ps) and multiplying them by
 // each row's x[m, k] broadcast: 8 rows x 2 vectors = 16 accumulators, each lane summing one output in k order
 // with FMAs, so no horizontal sums; then the other 32 columns. Fewer rows take the line's 4 vectors at once.
-// A column block's K x 64 bytes stay in L2 across its row blocks. The sums
-// differ from XLA's in the last bits (another summation order), as any two float32 dots may.
+// A column block's K x 64 bytes stay in L2 across its row blocks. The sums differ from XLA's in the last bits
+// (another summation order), as any two float32 dots may.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstring>
 #include <memory>
 
 #include "fma_tile.h"
@@ -71,7 +70,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void Block(const Job& j, in
   const int8_t* w = j.w + n0;
   const int64_t ahead = kAhead * j.N;
   for (int64_t k = 0; k < K; ++k, w += j.N) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + ahead), _MM_HINT_T0);  // past the end: a harmless hint
+    // a hint only: an address past the end of w is never read (taken as an integer, not a pointer into w)
+    _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(w) + ahead), _MM_HINT_T0);
     const __m512 b0 = Widen(w, masks[0]);
     const __m512 b1 = NV > 1 ? Widen(w + 16, masks[1]) : b0;
     const __m512 b2 = NV > 2 ? Widen(w + 32, masks[2]) : b0;
