@@ -244,9 +244,7 @@ void Run(ffi::ThreadPool& pool, std::shared_ptr<Job<Tr>> j) {
   j->rows_per_item = std::max<int64_t>(1, (j->rows + threads * 4 - 1) / (threads * 4));
   j->items = (j->rows + j->rows_per_item - 1) / j->rows_per_item;
   threads = std::min(threads, j->items);
-  jaxinfer::Helpers::Get().Post([j] { Work(*j); }, static_cast<int>(threads - 1));
-  Work(*j);
-  while (j->done.load(std::memory_order_acquire) < j->items) _mm_pause();
+  jaxinfer::Share(j, Work<Tr>, threads, j->items);
 }
 
 ffi::Error Int8Depthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S32> zp,

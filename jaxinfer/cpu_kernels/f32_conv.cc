@@ -228,9 +228,7 @@ ffi::Error F32Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   j->rows = (std::max<int64_t>(kMaxRows, std::min(fit, share)) + kMaxRows - 1) / kMaxRows * kMaxRows;
   j->chunks = (j->M + j->rows - 1) / j->rows;
   threads = std::min(threads, std::max(j->chunks, j->groups));
-  jaxinfer::Helpers::Get().Post([j] { Work(*j); }, static_cast<int>(threads - 1));
-  Work(*j);
-  while (j->done.load(std::memory_order_acquire) < j->chunks) _mm_pause();
+  jaxinfer::Share(j, Work, threads, j->chunks);
   return ffi::Error::Success();
 }
 

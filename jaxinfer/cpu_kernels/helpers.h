@@ -109,4 +109,15 @@ class Helpers {
   std::atomic<int> sleeping_{0};
 };
 
+// Runs work(*j) on the calling thread and on up to threads - 1 helpers, each taking work items from the job's
+// own counter, then waits until j->done counts all `items`: only for items already taken, since the caller
+// takes whatever is left itself. The helpers hold `j`, so one that starts after the caller returned finds the
+// job alive (and nothing left to take).
+template <typename Job, typename Work>
+void Share(const std::shared_ptr<Job>& j, Work work, int64_t threads, int64_t items) {
+  Helpers::Get().Post([j, work] { work(*j); }, static_cast<int>(threads - 1));
+  work(*j);
+  while (j->done.load(std::memory_order_acquire) < items) _mm_pause();
+}
+
 }  // namespace jaxinfer

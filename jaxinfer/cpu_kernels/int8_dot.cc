@@ -737,9 +737,7 @@ ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, c
     j->chunks = (j->N + j->chunk - 1) / j->chunk;
   }
   threads = std::min(threads, j->chunks);
-  jaxinfer::Helpers::Get().Post([j] { Work(*j); }, static_cast<int>(threads - 1));
-  Work(*j);
-  while (j->done.load(std::memory_order_acquire) < j->chunks) _mm_pause();
+  jaxinfer::Share(j, Work, threads, j->chunks);
   if (wide) {
     std::vector<uint32_t> colsum(j->N, 0);
     for (int64_t n = 0; n < j->N; ++n)

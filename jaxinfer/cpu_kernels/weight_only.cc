@@ -134,9 +134,7 @@ ffi::Error F32Int8wDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
   if (j->M * j->K * j->N < kSerialMacs) threads = 1;
   threads = std::min(threads, j->blocks);
-  jaxinfer::Helpers::Get().Post([j] { Work(*j); }, static_cast<int>(threads - 1));
-  Work(*j);
-  while (j->done.load(std::memory_order_acquire) < j->blocks) _mm_pause();
+  jaxinfer::Share(j, Work, threads, j->blocks);
   return ffi::Error::Success();
 }
 
