@@ -86,3 +86,18 @@ def test_tune_keeps_the_fastest_option_set_per_shape_and_answers_the_same():
         np.testing.assert_allclose(tuned.run(x)["y"], plain.run(x)["y"], rtol=1e-5, atol=1e-6)
     assert len(tuned.stats.tuned) == 2 and set(tuned.stats.tuned.values()) <= set(TUNE_CANDIDATES)
     assert tuned.stats.compiles == 2  # one executable kept per shape
+
+
+@pytest.mark.parametrize("candidate", ["none", "dot+conv", "dot+eltwise"])
+def test_each_tune_candidate_compiles_and_answers_like_the_default(candidate):
+    """Every option set Model.tune may keep compiles on this XLA build and gives the default's answers
+    (``dot+eltwise`` moves the Gemm's bias, Relu and the softmax's exp into the library)."""
+    from jaxinfer.model import TUNE_CANDIDATES
+
+    default = dense_chain((64, 256, 10))
+    other = dense_chain((64, 256, 10))
+    other.compiler_options = dict(TUNE_CANDIDATES[candidate])
+    x = {"x": np.random.default_rng(3).standard_normal((32, 64)).astype(np.float32)}
+    np.testing.assert_allclose(other.run(x)["y"], default.run(x)["y"], rtol=1e-5, atol=1e-6)
+    if candidate == "dot+eltwise":
+        assert "__ynn_fusion" in other.compiled(other._check_inputs(x)).as_text()
