@@ -159,7 +159,7 @@ def quantize_rows(x: jax.Array, axes: Sequence[int]) -> QArray:
     scale = absmax * jnp.asarray(_ROW_INV_QMAX, x.dtype)
     scale = jnp.where(scale < jnp.sqrt(jnp.finfo(x.dtype).tiny), jnp.ones_like(scale), scale)  # an all-zero row
     inv = lax.optimization_barrier(1 / scale)  # not folded back into a division by XLA
-    q = jnp.clip(jnp.round(x * inv), -128, 127).astype(jnp.int8)
+    q = intmath.round_saturate(x * inv, jnp.int8)
     return QArray(q, scale, None, jnp.int8)
 
 
@@ -175,9 +175,9 @@ def quantize_static(x: jax.Array, scale: jax.Array, unsigned: bool = False) -> Q
     s = jnp.asarray(scale, x.dtype)
     ones = (1,) * x.ndim
     if not unsigned:
-        q = jnp.clip(jnp.round(x / s), -127, 127).astype(jnp.int8)
+        q = intmath.round_saturate(jnp.clip(x / s, -127, 127), jnp.int8)
         return QArray(q, jnp.broadcast_to(s, ones), None, jnp.int8)
-    q = jnp.clip(jnp.round(x / s) + UNSIGNED_ZP, -128, 127).astype(jnp.int8)
+    q = intmath.round_saturate(x / s, jnp.int8, UNSIGNED_ZP)
     return QArray(q, jnp.broadcast_to(s, ones), np.full(ones, UNSIGNED_ZP, np.int32), jnp.int8)  # a constant
 
 

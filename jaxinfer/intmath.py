@@ -93,6 +93,42 @@ def quotient(x: Any, s: Any) -> jax.Array:
     return (x.astype(jnp.float64) / s.astype(jnp.float64)).astype(jnp.float32)
 
 
+#: 1.5 * 2**23: a float32 of magnitude below 2**22 added to it is rounded half to even to an integer,
+#: which then sits in the sum's low mantissa bits (its bit pattern is ``_ROUNDER_BITS + n``).
+_ROUNDER = np.float32(1.5 * 2.0 ** 23)
+_ROUNDER_BITS = 0x4B400000
+
+
+def round_saturate(v: Any, dtype: Any, zero_point: Any = None) -> jax.Array:
+    """``clip(round_half_even(v) + zero_point, dtype's range).astype(dtype)`` for a float32 ``v`` and an
+    integer type of at most 16 bits: the quantizers' last step, without XLA CPU's float-to-integer
+    convert.
+
+    That convert is slow on XLA CPU (saturation and NaN handling per element): over 256 x 256 values on
+    one core, a plain ``clip(round(v) + 128, 0, 255).astype(uint8)`` took 29.5 us against 12.6 us here,
+    and four quantize-dequantize steps in a row 134 against 54 us. Here ``v`` is first clipped to the
+    range less the zero point (integers, so clipping commutes with rounding), rounded by adding
+    :data:`_ROUNDER` (exact float32 addition in round-half-even mode), and the integer read back from the
+    sum's bits; the zero point is added in int32. Other dtypes and wider floats take the plain route.
+    A NaN's result is not defined (nor is it by ONNX or TFLite): on XLA CPU it came out 0 or the zero
+    point, depending on how the program was fused.
+    """
+    v = jnp.asarray(v)
+    target = np.dtype(dtype)
+    zp = None if zero_point is None else jnp.asarray(zero_point).astype(jnp.int32)
+    lo, hi = int(ml_dtypes.iinfo(target).min), int(ml_dtypes.iinfo(target).max)
+    if v.dtype != jnp.float32 or target.itemsize > 2 or not jnp.issubdtype(target, jnp.integer):
+        q = jnp.round(v) if zp is None else jnp.round(v) + zp.astype(v.dtype)
+        return jnp.clip(q, lo, hi).astype(target)
+    if zp is None:
+        c = jnp.clip(v, np.float32(lo), np.float32(hi))
+    else:
+        zf = zp.astype(jnp.float32)
+        c = jnp.clip(v, lo - zf, hi - zf)
+    n = lax.bitcast_convert_type(c + _ROUNDER, jnp.int32) - _ROUNDER_BITS
+    return (n if zp is None else n + zp).astype(target)
+
+
 def abs_bound(dtype: Any, shifted: bool) -> int:
     """Largest |v| of an integer tensor of ``dtype``; ``shifted``: of ``v - zero_point`` (zp in range)."""
     info = ml_dtypes.iinfo(np.dtype(dtype))  # numpy's iinfo does not know int4/uint4

@@ -48,6 +48,34 @@ def test_exact_conv_equals_int32_conv(dn, groups, cin):
     assert got.dtype == jnp.int32 and np.array_equal(np.asarray(got), np.asarray(want))
 
 
+_EDGES = np.array([np.inf, -np.inf, 1e30, -1e30, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 127.5, 128.5, -128.5,
+                   255.5, 4194303.5, 8388609.0, 16777217.0], np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.uint16, ml_dtypes.int4, ml_dtypes.uint4])
+@pytest.mark.parametrize("zp_kind", ["none", "low", "high", "traced"])
+def test_round_saturate_equals_round_half_even_plus_zero_point_then_clip(dtype, zp_kind):
+    info = ml_dtypes.iinfo(dtype)
+    zp = {"none": None, "low": int(info.min) + 1, "high": int(info.max) - 1, "traced": (int(info.max) + int(info.min)) // 2}[zp_kind]
+    v = np.concatenate([np.arange(-70000, 70000, 0.25, dtype=np.float32), _EDGES,
+                        RNG.standard_normal(4096).astype(np.float32) * 300])
+    want = np.clip(np.round(v.astype(np.float64)) + (zp or 0), info.min, info.max).astype(np.int64)
+    if zp_kind == "traced":
+        got = jax.jit(lambda x, z: intmath.round_saturate(x, dtype, z))(v, np.asarray(zp, dtype))
+    else:
+        got = jax.jit(lambda x: intmath.round_saturate(x, dtype, None if zp is None else np.asarray(zp, dtype)))(v)
+    assert got.dtype == np.dtype(dtype)
+    assert np.array_equal(np.asarray(got).astype(np.int64), want)
+
+
+def test_round_saturate_takes_the_plain_route_for_wide_types_and_non_float32():
+    v = np.array([2.5, -3.5, 1e12, np.nan], np.float64)
+    got = np.asarray(intmath.round_saturate(jnp.asarray(v, jnp.float32), np.int32))
+    assert got[:2].tolist() == [2, -4] and got[2] == np.iinfo(np.int32).max
+    half = jnp.asarray([2.5, -3.5, 300.0], jnp.bfloat16)
+    assert np.asarray(intmath.round_saturate(half, np.int8, np.int8(1))).tolist() == [3, -3, 127]
+
+
 def test_abs_bound_knows_narrow_and_4_bit_types():
     assert intmath.abs_bound(np.int8, shifted=False) == 128
     assert intmath.abs_bound(np.uint8, shifted=True) == 255

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ....intmath import abs_bound, divide, exact_float, quotient, zero_point, zp_conv, zp_matmul
+from ....intmath import abs_bound, divide, exact_float, quotient, round_saturate, zero_point, zp_conv, zp_matmul
 from ....registry import OpDef, registrar
 from ._util import auto_pads, dtype_of
 from ._util import axis as norm_axis
@@ -38,11 +38,6 @@ op = registrar(OPS, domain=MS)
 F32 = jnp.float32
 
 
-def _range(dtype: Any) -> tuple[int, int]:
-    info = jnp.iinfo(dtype)
-    return int(info.min), int(info.max)
-
-
 def _scalar(v: Any, dtype: Any = F32) -> Any:
     return jnp.asarray(v).astype(dtype).reshape(())
 
@@ -57,15 +52,11 @@ def _deq(x: Any, scale: Any, zp: Any) -> Any:
 
 def _quant(v: Any, scale: Any, zp: Any, dtype: Any) -> Any:
     """float32 -> ``dtype``: divide by scale, round half to even, add the zero point, saturate."""
-    lo, hi = _range(dtype)
-    q = jnp.round(divide(v, _scalar(scale))) + _zp(zp).astype(F32)
-    return jnp.clip(q, lo, hi).astype(dtype)
+    return round_saturate(divide(v, _scalar(scale)), dtype, _zp(zp))
 
 
 def _requant(acc: Any, multiplier: Any, zp: Any, dtype: Any) -> Any:
-    lo, hi = _range(dtype)
-    q = jnp.round(acc.astype(F32) * multiplier) + _zp(zp).astype(F32)
-    return jnp.clip(q, lo, hi).astype(dtype)
+    return round_saturate(acc.astype(F32) * multiplier, dtype, _zp(zp))
 
 
 def _col(p: Any, n: int) -> Any:

@@ -15,7 +15,7 @@ import numpy as np
 from jax import lax
 
 from .... import cpu_kernels, intmath
-from ....intmath import abs_bound, divide, quotient, zero_point, zp_conv, zp_matmul
+from ....intmath import abs_bound, divide, quotient, round_saturate, zero_point, zp_conv, zp_matmul
 from ....registry import OpDef, registrar
 from ._util import auto_pads, axis as norm_axis, dtype_of
 
@@ -68,8 +68,7 @@ def _per_axis(param: Any, shape: Sequence[int], axis: int, block_size: int) -> A
 
 def _saturate_int(v: Any, dtype: np.dtype) -> Any:
     """Round half to even, clip to ``dtype``'s range, cast."""
-    lo, hi = _int_range(dtype)
-    return jnp.clip(jnp.round(v), lo, hi).astype(dtype)
+    return round_saturate(v, dtype)
 
 
 def _quantize(x: Any, y_scale: Any, zero_point: Any, *, axis: int, saturate: int, block_size: int,
@@ -87,6 +86,8 @@ def _quantize(x: Any, y_scale: Any, zero_point: Any, *, axis: int, saturate: int
     v = divide(jnp.asarray(x).astype(compute), scale.astype(compute))
     zp = None if zero_point is None else _per_axis(zero_point, shape, axis, block_size)
     if _is_int_target(target):
+        if v.dtype == jnp.float32:
+            return round_saturate(v, target, zp)
         # Round in the compute type, then add the zero point in integers (no float rounding of zp).
         lo, hi = _int_range(target)
         q = jnp.clip(jnp.round(v).astype(jnp.float32), -(2.0 ** 31), 2.0 ** 31 - 256).astype(jnp.int32)
@@ -150,9 +151,9 @@ def _dynamic_quantize(x):
     hi = jnp.maximum(jnp.max(x), 0.0).astype(jnp.float32)
     lo = jnp.minimum(jnp.min(x), 0.0).astype(jnp.float32)
     scale = quotient(jnp.where(hi == lo, jnp.float32(1.0), hi - lo), jnp.float32(255.0))
-    zp = jnp.round(jnp.clip(quotient(-lo, scale), 0.0, 255.0))
-    y = jnp.clip(jnp.round(divide(x.astype(jnp.float32), scale)) + zp, 0.0, 255.0).astype(jnp.uint8)
-    return y, scale.astype(x.dtype), zp.astype(jnp.uint8)
+    zp = round_saturate(quotient(-lo, scale), jnp.uint8)
+    y = round_saturate(divide(x.astype(jnp.float32), scale), jnp.uint8, zp)
+    return y, scale.astype(x.dtype), zp
 
 
 def _row_param(p: Any, rank: int) -> Any:
@@ -164,11 +165,7 @@ def _row_param(p: Any, rank: int) -> Any:
 
 def _requantize(acc: Any, multiplier: Any, y_zero_point: Any, out: np.dtype) -> Any:
     """int32 accumulator -> ``out``: scale, round half to even, add the zero point, saturate."""
-    v = jnp.round(acc.astype(jnp.float32) * multiplier)
-    if y_zero_point is not None:
-        v = v + jnp.asarray(y_zero_point).astype(jnp.float32)
-    lo, hi = _int_range(out)
-    return jnp.clip(v, lo, hi).astype(out)
+    return round_saturate(acc.astype(jnp.float32) * multiplier, out, y_zero_point)
 
 
 @op("QLinearMatMul", (10, 21))
