@@ -143,3 +143,19 @@ def test_zp_matmul_takes_an_int8_dot_and_folds_column_sums_into_it():
     hlo = jax.jit(lambda a, b: intmath.zp_matmul(a, np.uint8(3), b, None)).lower(a, b).as_text()
     assert "tensor<5x64xi8>" in hlo and "i32" in hlo  # the ones row rides along in one int8 x int8 dot
     assert hlo.count("dot_general") == 1
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_small_batched_products_run_as_exact_float32_dots(trans_b):
+    import jax
+
+    rng = np.random.default_rng(12)
+    a = rng.integers(0, 256, (2, 4, 16, 16)).astype(np.uint8)  # attention scores x values, [B, H, S, S]
+    b = rng.integers(0, 256, (2, 4, 16, 16)).astype(np.uint8)
+    za, zb = np.uint8(128), np.uint8(7)
+    f = jax.jit(lambda a, b: intmath.zp_matmul(a, za, b, zb, trans_b=trans_b))
+    assert np.array_equal(np.asarray(f(a, b)), _zp_reference(a, za, b, zb, trans_b))
+    hlo = f.lower(a, b).as_text()
+    assert "xf32>" in hlo and "xi8>" not in hlo
+    long_k = np.zeros((2, 4, 16, 300), np.uint8), np.zeros((2, 4, 300, 16), np.uint8)  # sums past 2**24: int8
+    assert "xi8>" in jax.jit(lambda a, b: intmath.zp_matmul(a, za, b, zb)).lower(*long_k).as_text()
