@@ -83,11 +83,11 @@ def test_extremes_and_int32_wraparound_match_xla(kernel_isa):
 @pytest.mark.cpu_program
 def test_taken_for_few_rows_only():
     rng = np.random.default_rng(0)
-    w = _ints(rng, (cpu_kernels.VNNI_MAX_N + 1, 32))  # wider than a conv's patch product
-    few = jax.jit(cpu_kernels.int8_dot).lower(_ints(rng, (cpu_kernels.MAX_ROWS, 32)), w).as_text()
-    many = jax.jit(cpu_kernels.int8_dot).lower(_ints(rng, (cpu_kernels.MAX_ROWS + 1, 32)), w).as_text()
+    w = _ints(rng, (cpu_kernels.VNNI_MAX_N + 1, 16))  # wider than a conv's patch product, K < VNNI_MIN_K
+    few = jax.jit(cpu_kernels.int8_dot).lower(_ints(rng, (cpu_kernels.MAX_ROWS, 16)), w).as_text()
+    many = jax.jit(cpu_kernels.int8_dot).lower(_ints(rng, (cpu_kernels.MAX_ROWS + 1, 16)), w).as_text()
     assert cpu_kernels.TARGET in few and cpu_kernels.TARGET not in many
-    empty = cpu_kernels.int8_dot(np.zeros((0, 32), np.int8), w)
+    empty = cpu_kernels.int8_dot(np.zeros((0, 16), np.int8), w)
     assert empty.shape == (0, cpu_kernels.VNNI_MAX_N + 1) and empty.dtype == jnp.int32
 
 

@@ -49,8 +49,8 @@ def test_same_sums_as_int64(lead, k, n, kernel_isa):
 @pytest.mark.cpu_program
 def test_taken_for_few_rows_only():
     rng = np.random.default_rng(0)
-    w = _ints(rng, (cpu_kernels.VNNI_MAX_N + 1, 32))  # wider than a conv's patch product
-    text = {m: jax.jit(cpu_kernels.int8_dot_zp).lower(_ints(rng, (m, 32)), np.zeros(m, np.int32), w).as_text()
+    w = _ints(rng, (cpu_kernels.VNNI_MAX_N + 1, 16))  # wider than a conv's patch product, K < VNNI_MIN_K
+    text = {m: jax.jit(cpu_kernels.int8_dot_zp).lower(_ints(rng, (m, 16)), np.zeros(m, np.int32), w).as_text()
             for m in (cpu_kernels.MAX_ROWS, cpu_kernels.MAX_ROWS + 1)}
     assert cpu_kernels.TARGET_ZP in text[cpu_kernels.MAX_ROWS]
     assert cpu_kernels.TARGET not in text[cpu_kernels.MAX_ROWS + 1]

@@ -67,9 +67,13 @@ MAX_ROWS = 48
 #: at K < 1024 it packs the weight into column panels): 12 distinct weights per call, kernel vs XLA's
 #: int8 dot (session 19): [2048, 768] x [768, 768] 3.59 vs 7.93 ms, [256, 768] x [768, 3072] 1.92 vs
 #: 3.90, [128, 512] x [512, 128] 0.052 vs 0.095, [256, 128] x [128, 128] 0.031 vs 0.045,
-#: [512, 1024] x [1024, 4096] 9.1 vs 14.3; even at [1024, 128] x [128, 512] (1.09 vs 1.05) and
-#: slower at [4096, 64] x [64, 1000] (5.5 vs 4.8), where writing the int32 output bounds both.
-VNNI_MIN_K = 128
+#: [512, 1024] x [1024, 4096] 9.1 vs 14.3; even at [1024, 128] x [128, 512] (1.09 vs 1.05). Session 19
+#: had it slower at [4096, 64] x [64, 1000] (5.5 vs 4.8 ms), hence a bound of 128 then; with session 24's
+#: panel packing (vector transposes) it is 2.16 vs 5.70 ms there (session 26, uint8 with a zero point
+#: against an [N, K] weight: [128, 64] x [64, 256] 26 vs 44 us, [1024, 64] x [64, 256] 0.15 vs 0.37 ms,
+#: [512, 32] x [32, 128] 51 vs 158 us, [4096, 32] x [32, 128] 0.31 vs 0.41 ms). Below 32 it is mixed:
+#: [4096, 16] x [16, 256] 0.54 vs 0.63 ms, but [2048, 16] x [16, 2048] 3.15 vs 2.79.
+VNNI_MIN_K = 32
 #: ... or any number of rows against at most this many weight rows (N), whatever K: the shape of
 #: convolutions' patch products ([4096, 16] x [16, 32] 0.026 vs 0.041 ms, [1024, 64] x [64, 64] 0.026
 #: vs 0.043).

@@ -90,6 +90,13 @@ def _matmul_nk(node: Node, inits: dict[str, Any]) -> Node | None:
         if w is not None:
             inputs = (node.inputs[0], w) + tuple(node.inputs[2:])
             return Node("MatMulIntegerNK", inputs, node.outputs, dict(node.attrs), node.name, "jaxinfer")
+    elif (node.op_type == "QLinearMatMul" and node.domain in ("", "ai.onnx") and len(node.inputs) == 8
+          and all(np.size(inits.get(name, ())) == 1 for name in node.inputs[1:3])):  # not per-row a
+        w = _nk_weight(inits, node.inputs[3])
+        if w is not None:
+            a, a_scale, a_zp, _, b_scale, b_zp, y_scale, y_zp = node.inputs
+            inputs = (a, a_scale, a_zp, w, b_scale, b_zp, "", "", y_scale, y_zp)
+            return Node("QLinearMatMulInt", inputs, node.outputs, {"trans_b": 1}, node.name, "jaxinfer")
     elif (node.op_type == "QLinearMatMulInt" and node.domain == "jaxinfer" and len(node.inputs) > 3
           and not int(node.attrs.get("trans_b", 0)) and not int(node.attrs.get("block_size", 0))):
         w = _nk_weight(inits, node.inputs[3])
@@ -106,7 +113,9 @@ def int8_weights_rows_first(graph: Graph) -> Graph:
     streams it faster at few rows; an ONNX ``[K, N]`` weight would otherwise be transposed per call
     or left to XLA's slower dot. ``MatMulInteger`` with a constant 2-D B becomes
     ``jaxinfer::MatMulIntegerNK``; the QDQ rewrite's ``jaxinfer::QLinearMatMulInt`` takes ``trans_b=1``
-    (not its K-blocked form). Outputs are unchanged, bit for bit.
+    (not its K-blocked form), and so does ONNX ``QLinearMatMul`` with a constant 2-D B and a per-tensor A
+    (it becomes that op: the same int32 sums and the same requantization). Outputs are unchanged, bit for
+    bit.
     """
     return _rewrite_nodes(graph, _matmul_nk)
 

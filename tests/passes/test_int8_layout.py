@@ -113,3 +113,44 @@ def test_qdq_matmul_takes_trans_b(monkeypatch):
     # onnxruntime's unoptimized session: the QDQ reference semantics (its fused u8 x s8 kernel saturates)
     ref = _ort(q, {"x": x}, optimized=False)
     assert _within_lsb(m.run({"x": x})["y"], ref, _output_scale(q)) >= 0.99
+
+
+def _qlinear_matmul(k: int, n: int, wtype: np.dtype, per_column: bool, a_scale_shape: tuple[int, ...] = ()) -> onnx.ModelProto:
+    info = np.iinfo(wtype)
+    w = RNG.integers(info.min, info.max + 1, (k, n)).astype(wtype)
+    shape = (n,) if per_column else ()
+    inits = [numpy_helper.from_array(w, "w"),
+             numpy_helper.from_array(np.full(a_scale_shape, 0.02, np.float32), "a_s"),
+             numpy_helper.from_array(np.full(a_scale_shape, 131, np.uint8), "a_zp"),
+             numpy_helper.from_array((RNG.random(shape) * 0.01 + 0.001).astype(np.float32), "w_s"),
+             numpy_helper.from_array(RNG.integers(0, 9, shape).astype(wtype), "w_zp"),
+             numpy_helper.from_array(np.array(0.35, np.float32), "y_s"),
+             numpy_helper.from_array(np.array(120, np.uint8), "y_zp")]
+    node = helper.make_node("QLinearMatMul", ["a", "a_s", "a_zp", "w", "w_s", "w_zp", "y_s", "y_zp"], ["y"], name="qmm")
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", TensorProto.UINT8, ["m", k])],
+                          [helper.make_tensor_value_info("y", TensorProto.UINT8, ["m", n])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize("wtype", [np.int8, np.uint8])
+@pytest.mark.parametrize("per_column", [False, True])
+@pytest.mark.parametrize("rows", [1, 100])
+def test_qlinear_matmul_with_a_constant_weight_becomes_the_nk_integer_matmul(monkeypatch, wtype, per_column, rows):
+    k, n = 70, 24
+    model = _qlinear_matmul(k, n, wtype, per_column)
+    m = jaxinfer.load(model)
+    node = next(nd for nd in m.graph.nodes if "QLinearMatMul" in nd.op_type)
+    assert (node.op_type, node.domain, node.attrs["trans_b"]) == ("QLinearMatMulInt", "jaxinfer", 1)
+    assert node.inputs[3].endswith(NK_SUFFIX) and m.graph.initializers[node.inputs[3]].shape == (n, k)
+    feeds = {"a": RNG.integers(0, 256, (rows, k)).astype(np.uint8)}
+    got = m.run(feeds)["y"]
+    plain = _without_pass(monkeypatch, model)
+    assert any(nd.op_type == "QLinearMatMul" for nd in plain.graph.nodes)
+    np.testing.assert_array_equal(got, plain.run(feeds)["y"])
+    ref = _ort(model, feeds, optimized=False)
+    assert np.abs(got.astype(np.int32) - ref.astype(np.int32)).max() <= 1
+
+
+def test_qlinear_matmul_with_a_per_row_scale_is_left_alone():
+    g = optimize(read_model(_qlinear_matmul(16, 4, np.int8, False, a_scale_shape=(3,))))
+    assert [(nd.op_type, nd.domain) for nd in g.nodes] == [("QLinearMatMul", "")]
