@@ -367,6 +367,43 @@ def _kernel_conv_takes(x: jax.Array, x_zp: Any, w: jax.Array, dn: Any, feature_g
     return cpu_kernels.available() and cpu_kernels.isa() == 2
 
 
+def zp_conv_requant(x: Any, x_zp: Any, w: Any, w_zp: Any, bias: Any, multiplier: Any, y_zp: Any, out_dtype: Any,
+                    relu: bool, window_strides: Sequence[int], padding: Any, *, dimension_numbers: Any = None,
+                    rhs_dilation: Sequence[int] | None = None) -> jax.Array | None:
+    """ONNX's requantized integer convolution in one kernel call, or None where the kernel does not take it.
+
+    ``round_saturate((zp_conv(x, x_zp, w, w_zp) + bias[n]) * multiplier[n], out_dtype, y_zp)`` (clipped at
+    ``y_zp`` from below too where ``relu``): :func:`zp_conv`'s kernel route with the requantization in the same
+    call (:func:`cpu_kernels.int8_conv_requant_f32`), where XLA would take the int32 sums through a fusion
+    that XLA CPU splits over its pool. Taken for what that route takes, with an int8 ``w`` whose zero point is
+    known to be 0, a per-tensor ``y_zp`` and an 8-bit ``out_dtype``; the caller computes it its own way on None.
+    """
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, dimension_numbers)
+    out_dtype = np.dtype(out_dtype)
+    if (not _kernel_conv_takes(x, x_zp, w, dn, 1, jnp.int32) or w.dtype != jnp.int8 or not _static_zero(w_zp)
+            or out_dtype not in (np.dtype(np.int8), np.dtype(np.uint8)) or jnp.size(y_zp) != 1):
+        return None
+    x8, sx = _int8(x)
+    zx = jnp.asarray(_shifted_zp(x_zp, sx), jnp.int32)
+    xn, pads = to_nhwc(x8, w, dn, window_strides, padding, rhs_dilation)
+    wn = ohwi(w, dn)
+    strides = tuple(window_strides)
+    dilation = tuple(rhs_dilation) if rhs_dilation is not None else (1, 1)
+    nhwc_dn = ("NHWC", "OHWI", "NHWC")
+
+    def otherwise(a: jax.Array, za: jax.Array, b: jax.Array, bias: jax.Array, scale: jax.Array,
+                  zy: jax.Array) -> jax.Array:  # the same values on other platforms
+        acc = exact_conv(a.astype(jnp.int32) - za, b.astype(jnp.int32), strides, pads, bound=256 * 128,
+                         dimension_numbers=nhwc_dn, rhs_dilation=dilation) + bias
+        q = round_saturate(acc.astype(jnp.float32) * scale, out_dtype, zy.reshape(()))
+        return jnp.maximum(q, zy.reshape(()).astype(out_dtype)) if relu else q
+
+    y = cpu_kernels.int8_conv_requant_f32(xn, zx, wn, bias, multiplier, y_zp, out_dtype, relu, strides, dilation,
+                                          pads, otherwise)
+    return from_nhwc(y, dn)
+
+
 def zp_conv(x: Any, x_zp: Any, w: Any, w_zp: Any, window_strides: Sequence[int], padding: Any, *, bound: int,
             dimension_numbers: Any = None, rhs_dilation: Sequence[int] | None = None, feature_group_count: int = 1,
             acc_dtype: Any = jnp.int32) -> jax.Array:

@@ -247,3 +247,74 @@ def test_tflite_int8_layers_take_the_kernels_and_answer_as_xla_does(requant, tmp
     subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "JAXINFER_CPU_KERNELS": "0"},
                    timeout=300)
     np.testing.assert_array_equal(got, np.load(tmp_path / "y.npy"))
+
+
+def _float_stage_ref(acc: np.ndarray, bias: np.ndarray, scale: np.ndarray, zp: int, dtype, relu: bool) -> np.ndarray:
+    """ONNX's requantization as jaxinfer's XLA route takes it: float32(acc + bias) * scale in float32, rounded
+    half to even, plus the zero point, clipped (at the zero point from below too with relu)."""
+    v = (_wrap32(acc + bias).astype(np.float32) * scale.astype(np.float32)).astype(np.float64)
+    info = np.iinfo(dtype)
+    return np.clip(np.round(v) + zp, zp if relu else info.min, info.max).astype(dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", range(len(CONVS)))
+@pytest.mark.parametrize("dtype,out_zp,relu", [(np.uint8, 128, False), (np.uint8, 0, True), (np.int8, -5, False),
+                                                (np.int8, 3, True)])
+def test_conv_requant_f32_matches_the_reference_and_the_xla_route(case, dtype, out_zp, relu):
+    b, h, w_, c, n, kh, kw, strides, dilation, pads = CONVS[case]
+    rng = np.random.default_rng(40 + case)
+    x = rng.integers(-128, 128, (b, h, w_, c), dtype=np.int8)
+    w = rng.integers(-127, 128, (n, kh, kw, c), dtype=np.int8)
+    bias = rng.integers(-20000, 20000, n).astype(np.int32)
+    scale = (rng.random(n) * 3e-3 + 1e-4).astype(np.float32)
+    zp = -7
+    oh = _out_size(h, kh, strides[0], dilation[0], *pads[0])
+    ow = _out_size(w_, kw, strides[1], dilation[1], *pads[1])
+    win = _windows(_pad_image(x, zp, pads), kh, kw, strides, dilation, oh, ow) - zp
+    acc = _wrap32(np.einsum("bhwijc,nijc->bhwn", win, w.astype(np.int64)))
+    want = _float_stage_ref(acc, bias, scale, out_zp, dtype, relu)
+
+    def otherwise(x, zp, w, bias, scale, out_zp):  # traced alongside the kernel, not run on CPU
+        return jnp.zeros(want.shape, dtype)
+
+    def call(x, w, bias, scale, out_zp):
+        return cpu_kernels.int8_conv_requant_f32(x, jnp.int32(zp), w, bias, scale, out_zp, dtype, relu, strides,
+                                                 dilation, pads, otherwise)
+
+    got = np.asarray(jax.jit(call)(x, w, bias, scale, np.asarray(out_zp, dtype)))  # a traced zero point
+    assert got.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(got, want)
+    assert np.mean(got == (out_zp if relu else np.iinfo(dtype).min)) < 0.9  # not all clipped
+
+
+@needs_kernels
+@pytest.mark.parametrize("unsigned_x", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+def test_zp_conv_requant_equals_zp_conv_then_requantize(unsigned_x, relu):
+    """intmath.zp_conv_requant (the kernel) and the XLA route (zp_conv, bias, round_saturate) agree bit for bit,
+    NCHW as ONNX lays it out, an unsigned activation shifted to int8 on the way."""
+    from jaxinfer import intmath
+
+    rng = np.random.default_rng(7)
+    xdt = np.uint8 if unsigned_x else np.int8
+    x = rng.integers(np.iinfo(xdt).min, np.iinfo(xdt).max + 1, (2, 5, 12, 12)).astype(xdt)
+    w = rng.integers(-127, 128, (9, 5, 3, 3)).astype(np.int8)
+    bias = rng.integers(-3000, 3000, 9).astype(np.int32)
+    mult = (rng.random(9) * 2e-3 + 1e-4).astype(np.float32).reshape(1, 9, 1, 1)
+    x_zp, y_zp = np.asarray(131 if unsigned_x else -4, xdt), np.asarray(120, np.uint8)
+    strides, padding = (2, 1), ((1, 1), (0, 1))
+
+    def fused(x, x_zp, bias, mult, y_zp):
+        return intmath.zp_conv_requant(x, x_zp, w, None, bias, mult, y_zp, np.uint8, relu, strides, padding)
+
+    def plain(x, x_zp, bias, mult, y_zp):
+        acc = intmath.zp_conv(x, x_zp, w, None, strides, padding, bound=255 * 128) + bias.reshape(1, -1, 1, 1)
+        q = intmath.round_saturate(acc.astype(jnp.float32) * mult, np.uint8, y_zp)
+        return jnp.maximum(q, y_zp) if relu else q
+
+    args = (x, x_zp, bias, mult, y_zp)
+    assert cpu_kernels.TARGET_CONV_RQF in jax.jit(fused).lower(*args).as_text()
+    np.testing.assert_array_equal(np.asarray(jax.jit(fused)(*args)), np.asarray(jax.jit(plain)(*args)))
+    assert intmath.zp_conv_requant(x, x_zp, w, np.int8(1), bias, mult, y_zp, np.uint8, relu, strides,
+                                   padding) is None  # a weight zero point: the caller's route

@@ -53,8 +53,9 @@ import numpy as np
 from jax import lax
 
 __all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "OutputStage", "available", "f32_conv",
-           "f32_depthwise", "f32_int8w_dot", "f32_lstm", "int8_conv", "int8_conv_requant", "int8_depthwise", "int8_dot", "dynamic_quantize_u8", "int8_dot_dyn",
-           "int8_dot_hybrid", "int8_dot_zp", "isa", "kernel_dir", "takes"]
+           "f32_depthwise", "f32_int8w_dot", "f32_lstm", "int8_conv", "int8_conv_requant", "int8_conv_requant_f32",
+           "int8_depthwise", "int8_dot", "dynamic_quantize_u8", "int8_dot_dyn", "int8_dot_hybrid", "int8_dot_zp",
+           "isa", "kernel_dir", "takes"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ TARGET = "jaxinfer_int8_dot"
 TARGET_ZP = "jaxinfer_int8_dot_zp"
 TARGET_CONV = "jaxinfer_int8_conv"
 TARGET_CONV_RQ = "jaxinfer_int8_conv_requant"
+TARGET_CONV_RQF = "jaxinfer_int8_conv_requant_f32"
 TARGET_DEPTHWISE = "jaxinfer_int8_depthwise"
 TARGET_F32_DEPTHWISE = "jaxinfer_f32_depthwise"
 TARGET_F32_LSTM = "jaxinfer_f32_lstm"
@@ -93,7 +95,8 @@ TARGET_DYN = "jaxinfer_int8_dot_dyn"
 TARGET_HYBRID = "jaxinfer_int8_dot_hybrid"
 TARGET_DQL = "jaxinfer_dynamic_quantize"
 #: Every custom-call target the kernels register (an export must allow each).
-TARGETS = (TARGET, TARGET_ZP, TARGET_DYN, TARGET_HYBRID, TARGET_DQL, TARGET_CONV, TARGET_CONV_RQ, TARGET_DEPTHWISE,
+TARGETS = (TARGET, TARGET_ZP, TARGET_DYN, TARGET_HYBRID, TARGET_DQL, TARGET_CONV, TARGET_CONV_RQ, TARGET_CONV_RQF,
+           TARGET_DEPTHWISE,
            TARGET_F32_CONV, TARGET_F32_DEPTHWISE, TARGET_F32_LSTM, TARGET_F32_I8W)
 #: Zero points :func:`int8_dot_zp`'s kernel folds into ``x`` (``x - zp`` fits int16 for every int8 ``x``).
 ZP_RANGE = (-32768 + 128, 32767 - 128)
@@ -216,6 +219,8 @@ def _load() -> bool:
         jax.ffi.register_ffi_target(TARGET_DQL, jax.ffi.pycapsule(lib.JaxinferDynamicQuantize), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_CONV, jax.ffi.pycapsule(lib.JaxinferInt8Conv), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_CONV_RQ, jax.ffi.pycapsule(lib.JaxinferInt8ConvRequant), platform="cpu")
+        jax.ffi.register_ffi_target(TARGET_CONV_RQF, jax.ffi.pycapsule(lib.JaxinferInt8ConvRequantFloat),
+                                    platform="cpu")
         jax.ffi.register_ffi_target(TARGET_DEPTHWISE, jax.ffi.pycapsule(lib.JaxinferInt8Depthwise), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_F32_CONV, jax.ffi.pycapsule(lib.JaxinferF32Conv), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_F32_DEPTHWISE, jax.ffi.pycapsule(lib.JaxinferF32Depthwise), platform="cpu")
@@ -555,6 +560,40 @@ def int8_conv_requant(x: jax.Array, zp: jax.Array, w: jax.Array, bias: Any, stag
         raise ValueError(f"int8_conv_requant takes int8 x [B, H, W, C], int8 w [N, KH, KW, C] and a stage for N "
                          f"channels; got x {x.dtype}{list(x.shape)}, w {w.dtype}{list(w.shape)}")
     return _staged_window(TARGET_CONV_RQ, x, zp, w, bias, stage, w.shape, n, strides, dilation, pads, otherwise)
+
+
+def int8_conv_requant_f32(x: jax.Array, zp: jax.Array, w: jax.Array, bias: Any, scale: jax.Array,
+                          out_zp: jax.Array, out_dtype: Any, relu: bool, strides: Sequence[int],
+                          dilation: Sequence[int], pads: Sequence[tuple[int, int]],
+                          otherwise: Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array],
+                                              jax.Array]) -> jax.Array:
+    """:func:`int8_conv`'s sums requantized as ONNX does, in the same kernel call: per output channel ``n``,
+    ``clip(round_half_even(float32(acc + bias[n]) * scale[n]) + out_zp, out_dtype's range)``, clipped at
+    ``out_zp`` from below too where ``relu``; ``out_dtype`` int8 or uint8, [B, OH, OW, N]. ``bias`` [N]
+    int32 or None, ``scale`` [N] float32 and ``out_zp`` may be traced (an ONNX model's values). Callers
+    check :func:`isa` (``2``); ``otherwise(x, zp, w, bias, scale, out_zp)`` gives the same values (XLA) and
+    runs on other platforms and under ``jax.vmap`` of anything but ``x``."""
+    x, zp, w = jnp.asarray(x), jnp.asarray(zp), jnp.asarray(w)
+    n, c = w.shape[0], w.shape[-1]
+    out_dtype = np.dtype(out_dtype)
+    if (x.dtype != jnp.int8 or w.dtype != jnp.int8 or x.ndim != 4 or w.ndim != 4 or x.shape[3] != c
+            or out_dtype not in (np.dtype(np.int8), np.dtype(np.uint8))):
+        raise ValueError(f"int8_conv_requant_f32 takes int8 x [B, H, W, C], int8 w [N, KH, KW, C] and an int8 or "
+                         f"uint8 output; got x {x.dtype}{list(x.shape)}, w {w.dtype}{list(w.shape)}, {out_dtype}")
+    bias = _stage_operands(bias, n)
+    scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32).reshape(-1), (n,))
+    out_zp = jnp.asarray(out_zp).astype(jnp.int32).reshape(1)
+    geometry = _conv_geometry(x.shape, w.shape, strides, dilation, pads)
+    if geometry is None:
+        return otherwise(x, zp, w, bias, scale, out_zp)
+    (oh, ow), attrs = geometry
+
+    def kernel(x, zp, w, bias, scale, out_zp):
+        out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, n), out_dtype)
+        return jax.ffi.ffi_call(TARGET_CONV_RQF, out)(x, zp.reshape(1), w.reshape(n, -1), bias, scale, out_zp,
+                                                      **attrs, relu=bool(relu))
+
+    return _on_cpu(kernel, otherwise, x, zp.astype(jnp.int32), w, bias, scale, out_zp, leading=True)
 
 
 def int8_depthwise(x: jax.Array, zp: jax.Array, taps: jax.Array, bias: Any, stage: OutputStage,

@@ -1030,6 +1030,37 @@ ffi::Error Int8ConvRequant(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Bu
   return Run(pool, nullptr, &p, zps.data(), w.typed_data(), acc, M, wd[1], N, nullptr, &s, y->typed_data());
 }
 
+// Int8Conv's sums through ONNX's float requantization (requant.h, RequantRowFloat): y [B, OH, OW, N], int8
+// or uint8 (y's type says which), where XLA took the int32 sums through a fusion that XLA CPU split over
+// its pool (cnn_qdq at batch 1: 72 us of 170 in that one loop).
+ffi::Error Int8ConvRequantFloat(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S32> zp,
+                                ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::S32> bias, ffi::Buffer<ffi::F32> scale,
+                                ffi::Buffer<ffi::S32> ozp, ffi::Result<ffi::AnyBuffer> y, int64_t kh, int64_t kw,
+                                int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pl, bool relu) {
+  const char* target = "jaxinfer_int8_conv_requant_f32";
+  const bool unsigned_out = y->element_type() == ffi::DataType::U8;
+  if (!unsigned_out && y->element_type() != ffi::DataType::S8)
+    return ffi::Error::InvalidArgument(std::string(target) + ": y must be int8 or uint8");
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions(), zd = zp.dimensions();
+  Patches p;
+  if (wd.size() != 2 || zd.size() != 1 || zd[0] != 1 ||
+      !jaxinfer::Geometry(x.typed_data(), xd, yd, wd[1], wd[0], kh, kw, sh, sw, dh, dw, pt, pl, p))
+    return ffi::Error::InvalidArgument(std::string(target) +
+                                       ": expected x [B, H, W, C], zp [1], w [N, KH * KW * C], y [B, OH, OW, N]");
+  jaxinfer::OutputStage s;
+  if (ffi::Error e = jaxinfer::BindFloatStage(target, bias, scale, ozp, wd[0], unsigned_out, relu, s); e.failure())
+    return e;
+  const int32_t z = zp.typed_data()[0];
+  if (z < -128 || z > 127) return ffi::Error::InvalidArgument(std::string(target) + ": zp must be an int8 value");
+  p.pad = static_cast<int8_t>(z);
+  const int64_t M = yd[0] * yd[1] * yd[2], N = wd[0];
+  const std::vector<int32_t> zps(M, z);
+  std::vector<int32_t> own;
+  int32_t* acc = Scratch(t_acc, own, M * N);
+  return Run(pool, nullptr, &p, zps.data(), w.typed_data(), acc, M, wd[1], N, nullptr, &s,
+             static_cast<int8_t*>(y->untyped_data()));  // uint8 bytes where unsigned_out (RequantRowFloat)
+}
+
 }  // namespace
 
 extern "C" int jaxinfer_int8_dot_supported() { return Supported() ? 1 : 0; }
@@ -1092,3 +1123,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8Conv, Int8Conv,
                                                             .Ret<ffi::Buffer<ffi::S32>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8ConvRequant, Int8ConvRequant, jaxinfer::StagedWindowBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8ConvRequantFloat, Int8ConvRequantFloat,
+                              jaxinfer::WithWindowAttrs(ffi::Ffi::Bind()
+                                                            .Ctx<ffi::ThreadPool>()
+                                                            .Arg<ffi::Buffer<ffi::S8>>()
+                                                            .Arg<ffi::Buffer<ffi::S32>>()
+                                                            .Arg<ffi::Buffer<ffi::S8>>()
+                                                            .Arg<ffi::Buffer<ffi::S32>>()
+                                                            .Arg<ffi::Buffer<ffi::F32>>()
+                                                            .Arg<ffi::Buffer<ffi::S32>>()
+                                                            .Ret<ffi::AnyBuffer>())
+                                  .Attr<bool>("relu"));

@@ -29,6 +29,7 @@ struct OutputStage {
   const int32_t* shift = nullptr;  // [N]
   const int32_t* away = nullptr;   // [N] nonzero: ties away from zero; zero: ties up
   int32_t zero_point = 0, lo = -128, hi = 127;
+  const float* scale = nullptr;    // [N]: the float stage instead (ONNX's requantization, see RequantRowFloat)
 };
 
 // One output channel's stage, in scalar code (tails and checks).
@@ -85,9 +86,34 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline Stage16 LoadStage16(
   return t;
 }
 
+// ONNX's requantization (QLinearConv, the QDQ rewrite's integer conv), as jaxinfer's XLA route computes it:
+//
+//   y = clamp(round_half_even(float(acc + bias[n]) * scale[n]) + zero_point, lo, hi)
+//
+// the sum converted to float32 and multiplied by the channel's float32 multiplier (one rounding each, as
+// XLA's convert and multiply), clamped to [lo - zp, hi - zp] before rounding (integer bounds: the same as
+// clamping after), rounded to nearest even. lo / hi may span uint8's range: the low byte is stored, and the
+// caller reads y as uint8 then.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void RequantRowFloat(const OutputStage& s, const int32_t* acc,
+                                                                        int64_t n0, int64_t n1, int8_t* y) {
+  const __m512i zp = _mm512_set1_epi32(s.zero_point);
+  const __m512 lo = _mm512_set1_ps(static_cast<float>(s.lo - s.zero_point));
+  const __m512 hi = _mm512_set1_ps(static_cast<float>(s.hi - s.zero_point));
+  for (int64_t n = n0; n < n1; n += 16) {
+    const __mmask16 live = n1 - n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n1 - n)) - 1);
+    __m512i a = _mm512_maskz_loadu_epi32(live, acc + n);
+    if (s.bias) a = _mm512_add_epi32(a, _mm512_maskz_loadu_epi32(live, s.bias + n));
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_maskz_loadu_ps(live, s.scale + n));
+    v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+    const __m512i q = _mm512_add_epi32(_mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zp);
+    _mm_mask_storeu_epi8(y + n, live, _mm512_cvtepi32_epi8(q));
+  }
+}
+
 // y[n0 .. n1) = the stage applied to acc[n0 .. n1) (channel n at index n of both).
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void RequantRow(const OutputStage& s, const int32_t* acc,
                                                                    int64_t n0, int64_t n1, int8_t* y) {
+  if (s.scale) return RequantRowFloat(s, acc, n0, n1, y);
   const __m512i zp = _mm512_set1_epi32(s.zero_point), lo = _mm512_set1_epi32(s.lo), hi = _mm512_set1_epi32(s.hi);
   for (int64_t n = n0; n < n1; n += 16) {
     const __mmask16 live = n1 - n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n1 - n)) - 1);
@@ -135,6 +161,26 @@ inline auto StagedWindowBinding() {
       .Attr<int64_t>("ozp")
       .Attr<int64_t>("lo")
       .Attr<int64_t>("hi");
+}
+
+// A float stage's operands (RequantRowFloat): bias [N] int32, scale [N] float32, the output zero point ozp [1]
+// int32 (a tensor: ONNX's is a model value), and the output's type (uint8 when `unsigned_out`) with the
+// clamp at the zero point where `relu`; checked and bound into s.
+inline xla::ffi::Error BindFloatStage(const char* target, xla::ffi::Buffer<xla::ffi::S32> bias,
+                                      xla::ffi::Buffer<xla::ffi::F32> scale, xla::ffi::Buffer<xla::ffi::S32> ozp,
+                                      int64_t N, bool unsigned_out, bool relu, OutputStage& s) {
+  using xla::ffi::Error;
+  const auto bd = bias.dimensions(), sd = scale.dimensions(), zd = ozp.dimensions();
+  if (bd.size() != 1 || bd[0] != N || sd.size() != 1 || sd[0] != N || zd.size() != 1 || zd[0] != 1)
+    return Error::InvalidArgument(std::string(target) + ": expected bias [N], scale [N] and a zero point [1]");
+  const int32_t lo = unsigned_out ? 0 : -128, hi = unsigned_out ? 255 : 127, z = ozp.typed_data()[0];
+  if (z < lo || z > hi)
+    return Error::InvalidArgument(std::string(target) + ": the output zero point is out of its type's range");
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512vl"))
+    return Error::InvalidArgument(std::string(target) + ": needs AVX-512");
+  s.bias = bias.typed_data(), s.scale = scale.typed_data();
+  s.zero_point = z, s.lo = relu ? z : lo, s.hi = hi;
+  return Error::Success();
 }
 
 }  // namespace jaxinfer

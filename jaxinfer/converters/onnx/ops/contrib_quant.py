@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ....intmath import abs_bound, divide, exact_float, quotient, round_saturate, zero_point, zp_conv, zp_matmul
+from ....intmath import (abs_bound, divide, exact_float, quotient, round_saturate, zero_point, zp_conv,
+                         zp_conv_requant, zp_matmul)
 from ....registry import OpDef, registrar
 from ._util import auto_pads, dtype_of
 from ._util import axis as norm_axis
@@ -269,12 +270,19 @@ def qlinear_conv_int(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias_q=
     spatial, dims = conv_weight_layout(w, w_layout)
     padding = auto_pads(auto_pad, x.shape[2:], spatial, strides, dilations, pads)
     cout = w.shape[0]
+    chan = (1, cout) + (1,) * n
+    mult = _scalar(x_scale) * _channel_param(w_scale, cout, chan).astype(F32)
+    if y_scale is not None and bias_f is None and group == 1:
+        out = jnp.result_type(y_zero_point) if y_zero_point is not None else np.dtype(np.uint8)
+        y = zp_conv_requant(x, x_zero_point, w, w_zero_point, bias_q, quotient(mult, _scalar(y_scale)),
+                            _zp(y_zero_point), out, bool(relu), strides, padding, dimension_numbers=dims,
+                            rhs_dilation=dilations)
+        if y is not None:
+            return y
     acc = zp_conv(x, x_zero_point, w, w_zero_point, strides, padding, rhs_dilation=dilations, dimension_numbers=dims,
                   feature_group_count=group, bound=_bound(x, x_zero_point) * _bound(w, w_zero_point))
-    chan = (1, cout) + (1,) * n
     if bias_q is not None:
         acc = acc + jnp.asarray(bias_q).astype(jnp.int32).reshape(chan)
-    mult = _scalar(x_scale) * _channel_param(w_scale, cout, chan).astype(F32)
     bf = None if bias_f is None else jnp.asarray(bias_f).astype(F32).reshape(chan)
     return _out(acc, mult, bf, y_scale, y_zero_point, _float_type(float_type), relu)
 

@@ -15,7 +15,8 @@ import numpy as np
 from jax import lax
 
 from .... import cpu_kernels, intmath
-from ....intmath import abs_bound, divide, quotient, round_saturate, zero_point, zp_conv, zp_matmul
+from ....intmath import (abs_bound, divide, quotient, round_saturate, zero_point, zp_conv, zp_conv_requant,
+                         zp_matmul)
 from ....registry import OpDef, registrar
 from ._util import auto_pads, axis as norm_axis, dtype_of
 
@@ -214,14 +215,19 @@ def qlinear_conv_laid_out(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_
     strides = tuple(strides) or (1,) * n
     dilations = tuple(dilations) or (1,) * n
     padding = auto_pads(auto_pad, x.shape[2:], spatial, strides, dilations, pads)
-    acc = zp_conv(x, x_zero_point, w, w_zero_point, strides, padding, rhs_dilation=dilations, dimension_numbers=dims,
-                  feature_group_count=group, bound=abs_bound(x.dtype, True) * abs_bound(w.dtype, True))
-    if B is not None:
-        acc = acc + jnp.asarray(B).astype(jnp.int32).reshape((1, -1) + (1,) * n)
     f32 = jnp.float32
     ws = jnp.asarray(w_scale).astype(f32)
     ws = ws.reshape((1, -1) + (1,) * n) if ws.size > 1 else ws.reshape(())
     multiplier = quotient(jnp.asarray(x_scale).astype(f32).reshape(()) * ws, jnp.asarray(y_scale).astype(f32).reshape(()))
     out = np.dtype(jnp.result_type(y_zero_point)) if y_zero_point is not None else np.dtype(x.dtype)
     zp = None if y_zero_point is None else jnp.asarray(y_zero_point).reshape(())
+    if group == 1:  # the requantization in the conv kernel's call, where it takes the conv
+        y = zp_conv_requant(x, x_zero_point, w, w_zero_point, B, multiplier, jnp.int32(0) if zp is None else zp, out,
+                            False, strides, padding, dimension_numbers=dims, rhs_dilation=dilations)
+        if y is not None:
+            return y
+    acc = zp_conv(x, x_zero_point, w, w_zero_point, strides, padding, rhs_dilation=dilations, dimension_numbers=dims,
+                  feature_group_count=group, bound=abs_bound(x.dtype, True) * abs_bound(w.dtype, True))
+    if B is not None:
+        acc = acc + jnp.asarray(B).astype(jnp.int32).reshape((1, -1) + (1,) * n)
     return _requantize(acc, multiplier, zp, out)
