@@ -384,9 +384,8 @@ def zp_conv_requant(x: Any, x_zp: Any, w: Any, w_zp: Any, bias: Any, multiplier:
     if (not _kernel_conv_takes(x, x_zp, w, dn, 1, jnp.int32) or w.dtype != jnp.int8 or not _static_zero(w_zp)
             or out_dtype not in (np.dtype(np.int8), np.dtype(np.uint8)) or jnp.size(y_zp) != 1):
         return None
-    x8, sx = _int8(x)
-    zx = jnp.asarray(_shifted_zp(x_zp, sx), jnp.int32)
-    xn, pads = to_nhwc(x8, w, dn, window_strides, padding, rhs_dilation)
+    zx = jnp.asarray(_shifted_zp(x_zp, 0), jnp.int32)  # the kernel reads a uint8 image as it is
+    xn, pads = to_nhwc(x, w, dn, window_strides, padding, rhs_dilation)
     wn = ohwi(w, dn)
     strides = tuple(window_strides)
     dilation = tuple(rhs_dilation) if rhs_dilation is not None else (1, 1)
@@ -435,10 +434,10 @@ def zp_conv(x: Any, x_zp: Any, w: Any, w_zp: Any, window_strides: Sequence[int],
 
     if not _kernel_conv_takes(x, x_zp, w, dn, feature_group_count, acc_dtype):
         return float_route()
-    (x8, sx), (w8, sw) = _int8(x), _int8(w)
-    zx = _shifted_zp(x_zp, sx)
+    w8, sw = _int8(w)
+    zx = _shifted_zp(x_zp, 0)  # the kernel reads a uint8 image as it is
     zw = _shifted_zp(w_zp, sw)
-    xn, pads = to_nhwc(x8, w8, dn, window_strides, padding, rhs_dilation)
+    xn, pads = to_nhwc(x, w8, dn, window_strides, padding, rhs_dilation)
     wn = ohwi(w8, dn)
     strides = tuple(window_strides)
     dilation = tuple(rhs_dilation) if rhs_dilation is not None else (1, 1)

@@ -261,14 +261,15 @@ def _float_stage_ref(acc: np.ndarray, bias: np.ndarray, scale: np.ndarray, zp: i
 @pytest.mark.parametrize("case", range(len(CONVS)))
 @pytest.mark.parametrize("dtype,out_zp,relu", [(np.uint8, 128, False), (np.uint8, 0, True), (np.int8, -5, False),
                                                 (np.int8, 3, True)])
-def test_conv_requant_f32_matches_the_reference_and_the_xla_route(case, dtype, out_zp, relu):
+@pytest.mark.parametrize("x_dtype", [np.int8, np.uint8])
+def test_conv_requant_f32_matches_the_reference(case, dtype, out_zp, relu, x_dtype):
     b, h, w_, c, n, kh, kw, strides, dilation, pads = CONVS[case]
     rng = np.random.default_rng(40 + case)
-    x = rng.integers(-128, 128, (b, h, w_, c), dtype=np.int8)
+    x = rng.integers(np.iinfo(x_dtype).min, np.iinfo(x_dtype).max + 1, (b, h, w_, c)).astype(x_dtype)
     w = rng.integers(-127, 128, (n, kh, kw, c), dtype=np.int8)
     bias = rng.integers(-20000, 20000, n).astype(np.int32)
     scale = (rng.random(n) * 3e-3 + 1e-4).astype(np.float32)
-    zp = -7
+    zp = -7 if x_dtype == np.int8 else 131
     oh = _out_size(h, kh, strides[0], dilation[0], *pads[0])
     ow = _out_size(w_, kw, strides[1], dilation[1], *pads[1])
     win = _windows(_pad_image(x, zp, pads), kh, kw, strides, dilation, oh, ow) - zp

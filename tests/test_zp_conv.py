@@ -150,8 +150,8 @@ def test_int8_conv_checks_its_operands_and_batches_under_vmap():
         return intmath.exact_conv(x.astype(jnp.int32) - zp, w.astype(jnp.int32), (1, 1), ((1, 1), (1, 1)),
                                   bound=256 * 128, dimension_numbers=("NHWC", "OHWI", "NHWC"))
 
-    with pytest.raises(ValueError, match=r"int8 x \[B, H, W, C\]"):
-        cpu_kernels.int8_conv(np.zeros((1, 4, 4, 4), np.uint8), np.int32(0), w, *geometry, ref)
+    with pytest.raises(ValueError, match=r"int8 or uint8 x \[B, H, W, C\]"):
+        cpu_kernels.int8_conv(np.zeros((1, 4, 4, 4), np.int16), np.int32(0), w, *geometry, ref)
     xs = rng.integers(-128, 128, (3, 2, 6, 6, 4)).astype(np.int8)
     got = jax.jit(jax.vmap(lambda x: cpu_kernels.int8_conv(x, jnp.int32(5), w, *geometry, ref)))(xs)
     want = np.stack([np.asarray(ref(jnp.asarray(x), 5, w)) for x in xs])
@@ -161,6 +161,11 @@ def test_int8_conv_checks_its_operands_and_batches_under_vmap():
         with pytest.raises(Exception, match="zp must be an int8 value"):
             jax.block_until_ready(f(xs[0], jnp.int32(300)))
         np.testing.assert_array_equal(np.asarray(f(xs[0], jnp.int32(-128))), np.asarray(ref(xs[0], -128, w)))
+        xu = rng.integers(0, 256, (2, 6, 6, 4)).astype(np.uint8)  # read as it is: x - 128 with zp - 128
+        for zp in (0, 131, 255):
+            np.testing.assert_array_equal(np.asarray(f(xu, jnp.int32(zp))), np.asarray(ref(xu, zp, w)))
+        with pytest.raises(Exception, match="zp must be an int8 value"):
+            jax.block_until_ready(f(xu, jnp.int32(256)))
 
 
 def test_a_convolution_of_no_input_channels_sums_to_zero():

@@ -478,10 +478,10 @@ def dynamic_quantize_u8(x: jax.Array, otherwise: Callable[[jax.Array], tuple[jax
 def int8_conv(x: jax.Array, zp: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Sequence[int],
               pads: Sequence[tuple[int, int]], otherwise: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
               ) -> jax.Array:
-    """``sum (x - zp) * w`` over each window, as int32: NHWC int8 ``x`` [B, H, W, C], a zero point ``zp``
-    (an int32 scalar in int8's range: the padding holds it, so padding adds nothing), an OHWI int8
+    """``sum (x - zp) * w`` over each window, as int32: NHWC int8 or uint8 ``x`` [B, H, W, C], a zero point
+    ``zp`` (an int32 scalar in ``x``'s range: the padding holds it, so padding adds nothing), an OHWI int8
     filter ``w`` [N, KH, KW, C]; ``strides``, ``dilation`` and ``pads`` ((top, bottom), (left, right))
-    of the two spatial dims -> [B, OH, OW, N].
+    of the two spatial dims -> [B, OH, OW, N]. The kernel reads a uint8 image as it is (no shifted copy).
 
     The kernel multiplies ``x``'s patch matrix by the flattened filter without XLA writing the patches
     out (it packs them as it widens ``x``); its VNNI panels are what pay, so callers check :func:`isa`
@@ -489,8 +489,9 @@ def int8_conv(x: jax.Array, zp: jax.Array, w: jax.Array, strides: Sequence[int],
     platforms, and under ``jax.vmap`` of ``w`` or ``zp``.
     """
     x, zp, w = jnp.asarray(x), jnp.asarray(zp), jnp.asarray(w)
-    if x.dtype != jnp.int8 or w.dtype != jnp.int8 or x.ndim != 4 or w.ndim != 4 or x.shape[3] != w.shape[3]:
-        raise ValueError(f"int8_conv takes int8 x [B, H, W, C] and int8 w [N, KH, KW, C]; got x "
+    if (x.dtype not in (jnp.int8, jnp.uint8) or w.dtype != jnp.int8 or x.ndim != 4 or w.ndim != 4
+            or x.shape[3] != w.shape[3]):
+        raise ValueError(f"int8_conv takes int8 or uint8 x [B, H, W, C] and int8 w [N, KH, KW, C]; got x "
                          f"{x.dtype}{list(x.shape)} and w {w.dtype}{list(w.shape)}")
     geometry = _conv_geometry(x.shape, w.shape, strides, dilation, pads)
     if geometry is None:
@@ -500,9 +501,15 @@ def int8_conv(x: jax.Array, zp: jax.Array, w: jax.Array, strides: Sequence[int],
 
     def kernel(x: jax.Array, zp: jax.Array, w: jax.Array) -> jax.Array:
         out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, n), jnp.int32)
-        return jax.ffi.ffi_call(TARGET_CONV, out)(x, zp.reshape(1), w.reshape(n, kh * kw * c), **attrs)
+        return jax.ffi.ffi_call(TARGET_CONV, out)(x, _kernel_zp(x, zp), w.reshape(n, kh * kw * c), **attrs)
 
     return _on_cpu(kernel, otherwise, x, zp.astype(jnp.int32), w, leading=True)
+
+
+def _kernel_zp(x: jax.Array, zp: jax.Array) -> jax.Array:
+    """An image's zero point as the int8 convolution kernels take it: [1] int32 in int8's range (a uint8
+    image is read as x - 128, so its zero point moves down by 128 too)."""
+    return (zp - 128 if x.dtype == jnp.uint8 else zp).reshape(1)
 
 
 @dataclass(frozen=True)
@@ -567,7 +574,8 @@ def int8_conv_requant_f32(x: jax.Array, zp: jax.Array, w: jax.Array, bias: Any, 
                           dilation: Sequence[int], pads: Sequence[tuple[int, int]],
                           otherwise: Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array],
                                               jax.Array]) -> jax.Array:
-    """:func:`int8_conv`'s sums requantized as ONNX does, in the same kernel call: per output channel ``n``,
+    """:func:`int8_conv`'s sums (int8 or uint8 ``x``) requantized as ONNX does, in the same kernel call: per
+    output channel ``n``,
     ``clip(round_half_even(float32(acc + bias[n]) * scale[n]) + out_zp, out_dtype's range)``, clipped at
     ``out_zp`` from below too where ``relu``; ``out_dtype`` int8 or uint8, [B, OH, OW, N]. ``bias`` [N]
     int32 or None, ``scale`` [N] float32 and ``out_zp`` may be traced (an ONNX model's values). Callers
@@ -576,9 +584,9 @@ def int8_conv_requant_f32(x: jax.Array, zp: jax.Array, w: jax.Array, bias: Any, 
     x, zp, w = jnp.asarray(x), jnp.asarray(zp), jnp.asarray(w)
     n, c = w.shape[0], w.shape[-1]
     out_dtype = np.dtype(out_dtype)
-    if (x.dtype != jnp.int8 or w.dtype != jnp.int8 or x.ndim != 4 or w.ndim != 4 or x.shape[3] != c
-            or out_dtype not in (np.dtype(np.int8), np.dtype(np.uint8))):
-        raise ValueError(f"int8_conv_requant_f32 takes int8 x [B, H, W, C], int8 w [N, KH, KW, C] and an int8 or "
+    if (x.dtype not in (jnp.int8, jnp.uint8) or w.dtype != jnp.int8 or x.ndim != 4 or w.ndim != 4
+            or x.shape[3] != c or out_dtype not in (np.dtype(np.int8), np.dtype(np.uint8))):
+        raise ValueError(f"int8_conv_requant_f32 takes 8-bit x [B, H, W, C], int8 w [N, KH, KW, C] and an int8 or "
                          f"uint8 output; got x {x.dtype}{list(x.shape)}, w {w.dtype}{list(w.shape)}, {out_dtype}")
     bias = _stage_operands(bias, n)
     scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32).reshape(-1), (n,))
@@ -590,7 +598,7 @@ def int8_conv_requant_f32(x: jax.Array, zp: jax.Array, w: jax.Array, bias: Any, 
 
     def kernel(x, zp, w, bias, scale, out_zp):
         out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, n), out_dtype)
-        return jax.ffi.ffi_call(TARGET_CONV_RQF, out)(x, zp.reshape(1), w.reshape(n, -1), bias, scale, out_zp,
+        return jax.ffi.ffi_call(TARGET_CONV_RQF, out)(x, _kernel_zp(x, zp), w.reshape(n, -1), bias, scale, out_zp,
                                                       **attrs, relu=bool(relu))
 
     return _on_cpu(kernel, otherwise, x, zp.astype(jnp.int32), w, bias, scale, out_zp, leading=True)

@@ -142,6 +142,8 @@ struct Job {
   bool finish = false;
   const jaxinfer::OutputStage* stage = nullptr;  // with y8: each finished chunk of y requantized into y8
   int8_t* y8 = nullptr;
+  uint8_t flip = 0x80;  // VNNI packing stores x ^ flip: x + 128 of int8 x, or uint8 x's own bytes (the same
+                        // values: uint8 x is the int8 x + 128 that the caller's zero point, shifted by 128, expects)
   int64_t pack_rows = 0, pack_chunks = 0;  // panels: x is packed in chunks of rows first, by every thread
   std::atomic<int64_t> pack_next{0};
   std::atomic<int64_t> packed{0};
@@ -478,8 +480,9 @@ thread_local std::vector<int16_t> t_x16;
 thread_local std::vector<uint8_t> t_xu, t_xr;
 
 // dst[0 .. n) = src + 128 as uint8 (the VNNI paths' form of x).
-__attribute__((target("avx512f,avx512bw"))) inline void CopyOffset(uint8_t* dst, const int8_t* src, int64_t n) {
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+__attribute__((target("avx512f,avx512bw"))) inline void CopyOffset(uint8_t* dst, const int8_t* src, int64_t n,
+                                                                    uint8_t by) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(by));
   int64_t c = 0;
   for (; c + 64 <= n; c += 64) _mm512_storeu_si512(dst + c, _mm512_xor_si512(_mm512_loadu_si512(src + c), flip));
   if (c < n) {
@@ -489,21 +492,24 @@ __attribute__((target("avx512f,avx512bw"))) inline void CopyOffset(uint8_t* dst,
 }
 
 // One window row of at most 64 values, offset to uint8 (ShortRows).
-__attribute__((target("avx512f,avx512bw"))) inline void WideOffset(uint8_t* dst, const int8_t* src) {
-  _mm512_storeu_si512(dst, _mm512_xor_si512(_mm512_loadu_si512(src), _mm512_set1_epi8(static_cast<char>(0x80))));
+__attribute__((target("avx512f,avx512bw"))) inline void WideOffset(uint8_t* dst, const int8_t* src, uint8_t by) {
+  _mm512_storeu_si512(dst, _mm512_xor_si512(_mm512_loadu_si512(src), _mm512_set1_epi8(static_cast<char>(by))));
 }
 
 // Rows m0 .. m1 of the panels' x: [m][Kp] x + 128, zero past K.
 __attribute__((target("avx512f,avx512bw"))) void PackPanelRows(const Job& j, int64_t m0, int64_t m1, uint8_t* out) {
   const int64_t K = j.K, Kp = j.Kp;
-  const uint8_t fill = j.patches ? static_cast<uint8_t>(j.patches->pad ^ 0x80) : 0;
+  const uint8_t fill = j.patches ? static_cast<uint8_t>(j.patches->pad ^ 0x80) : 0;  // pad: the shifted zp
+  const uint8_t by = j.flip;
+  const auto copy = [by](uint8_t* dst, const int8_t* src, int64_t n) { CopyOffset(dst, src, n, by); };
+  const auto wide = [by](uint8_t* dst, const int8_t* src) { WideOffset(dst, src, by); };
   if (j.patches && jaxinfer::ShortWindow(*j.patches))
-    jaxinfer::ShortRows(*j.patches, m0, m1, out, Kp, fill, CopyOffset, WideOffset);
+    jaxinfer::ShortRows(*j.patches, m0, m1, out, Kp, fill, copy, wide);
   else if (j.patches)
-    jaxinfer::PatchRows(*j.patches, m0, m1, out, Kp, fill, CopyOffset);
+    jaxinfer::PatchRows(*j.patches, m0, m1, out, Kp, fill, copy);
   for (int64_t m = m0; m < m1; ++m) {
     uint8_t* dst = out + (m - m0) * Kp;
-    if (!j.patches) CopyOffset(dst, j.x8 + m * K, K);
+    if (!j.patches) CopyOffset(dst, j.x8 + m * K, K, by);
     std::memset(dst + K, 0, Kp - K);
   }
 }
@@ -631,7 +637,7 @@ struct HybridOut {
 // Pack<uint8_t, 64> of x + 128 with AVX-512: one masked load, xor and store per row and step, where the
 // scalar loop (a branch per byte) took ~8 us of an 8 x 512 x 10 hybrid layer's ~9 (session 22).
 __attribute__((target("avx512f,avx512bw"))) void PackVnni(const Job& j, uint8_t* out, int64_t Kp) {
-  const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i offset = _mm512_set1_epi8(static_cast<char>(j.flip));
   for (int64_t m0 = 0; m0 < j.M; m0 += kRowsPerPass) {
     const int64_t mb = std::min(kRowsPerPass, j.M - m0);
     uint8_t* dst = out + m0 * Kp;
@@ -652,7 +658,8 @@ __attribute__((target("avx512f,avx512bw"))) void PackVnni(const Job& j, uint8_t*
 // int16's range only).
 ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, const int32_t* zp, const int8_t* w,
                int32_t* y, int64_t M, int64_t K, int64_t N, const float* sx = nullptr,
-               const jaxinfer::OutputStage* stage = nullptr, int8_t* y8 = nullptr, const HybridOut* hybrid = nullptr) {
+               const jaxinfer::OutputStage* stage = nullptr, int8_t* y8 = nullptr, const HybridOut* hybrid = nullptr,
+               bool x_unsigned = false) {
   if (M == 0 || N == 0) return ffi::Error::Success();
   if (K == 0 && !sx) {  // every sum is empty
     std::fill(y, y + M * N, 0);
@@ -662,6 +669,8 @@ ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, c
   }
   if (K == 0)
     return ffi::Error::InvalidArgument("jaxinfer_int8_dot_dyn: K is 0 (jaxinfer takes XLA's dot there)");
+  if (x_unsigned && CurrentIsa() != kVnni)
+    return ffi::Error::InvalidArgument("jaxinfer_int8_conv: uint8 images need the AVX-512 VNNI path");
   // x - zp must fit int16. A row whose zero point does not (never one of an 8-bit tensor; a NaN row's
   // computed offset, say) is packed with none, and zp * colsum(w) is taken off afterwards.
   auto j = std::make_shared<Job>();
@@ -684,6 +693,7 @@ ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, c
   }
   j->stage = stage;
   j->y8 = y8;
+  j->flip = x_unsigned ? 0 : 0x80;
   j->M = M;
   j->K = K;
   j->N = N;
@@ -697,8 +707,8 @@ ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, c
     int8_t* rows = Scratch(t_patches, own_patches, M * K);
     const auto copy = [](uint8_t* dst, const int8_t* src, int64_t n) { std::memcpy(dst, src, n); };
     for (int64_t m = 0; m < M; ++m)
-      jaxinfer::PatchRow(*patches, m, reinterpret_cast<uint8_t*>(rows + m * K), static_cast<uint8_t>(patches->pad),
-                         copy);
+      jaxinfer::PatchRow(*patches, m, reinterpret_cast<uint8_t*>(rows + m * K),
+                         static_cast<uint8_t>(static_cast<uint8_t>(patches->pad) ^ 0x80 ^ j->flip), copy);  // raw bytes
     j->x8 = rows;
   }
   if (panels) {
@@ -985,14 +995,17 @@ ffi::Error DynamicQuantizeLinear(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi:
 // y [B, OH, OW, N] = the convolution of x [B, H, W, C] less its zero point zp [1] (in int8's range: the
 // padding holds it) with w [N, KH KW C] (an OHWI filter, flattened): the product of x's patch matrix and
 // w, strides (sh, sw), dilations (dh, dw), pt / pl rows / columns of padding before the image (after it:
-// whatever OH, OW need).
-ffi::Error Int8Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S32> zp, ffi::Buffer<ffi::S8> w,
+// whatever OH, OW need). A uint8 x (VNNI path only) is read as x - 128, its zero point given shifted so too:
+// the packed bytes are the image's own, where an int8 image had to be shifted by XLA first.
+ffi::Error Int8Conv(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> zp, ffi::Buffer<ffi::S8> w,
                     ffi::ResultBuffer<ffi::S32> y, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh,
                     int64_t dw, int64_t pt, int64_t pl) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions(), zd = zp.dimensions();
+  const bool x_unsigned = x.element_type() == ffi::DataType::U8;
   Patches p;
-  if (wd.size() != 2 || zd.size() != 1 || zd[0] != 1 ||
-      !jaxinfer::Geometry(x.typed_data(), xd, yd, wd[1], wd[0], kh, kw, sh, sw, dh, dw, pt, pl, p))
+  if ((!x_unsigned && x.element_type() != ffi::DataType::S8) || wd.size() != 2 || zd.size() != 1 || zd[0] != 1 ||
+      !jaxinfer::Geometry(static_cast<const int8_t*>(x.untyped_data()), xd, yd, wd[1], wd[0], kh, kw, sh, sw, dh,
+                          dw, pt, pl, p))
     return ffi::Error::InvalidArgument(
         "jaxinfer_int8_conv: expected x [B, H, W, C], zp [1], w [N, KH * KW * C], y [B, OH, OW, N]");
   const int32_t z = zp.typed_data()[0];
@@ -1000,7 +1013,8 @@ ffi::Error Int8Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ff
   p.pad = static_cast<int8_t>(z);
   const int64_t M = yd[0] * yd[1] * yd[2];
   const std::vector<int32_t> zps(M, z);
-  return Run(pool, nullptr, &p, zps.data(), w.typed_data(), y->typed_data(), M, wd[1], wd[0]);
+  return Run(pool, nullptr, &p, zps.data(), w.typed_data(), y->typed_data(), M, wd[1], wd[0], nullptr, nullptr,
+             nullptr, nullptr, x_unsigned);
 }
 
 thread_local std::vector<int32_t> t_acc;
@@ -1033,7 +1047,7 @@ ffi::Error Int8ConvRequant(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Bu
 // Int8Conv's sums through ONNX's float requantization (requant.h, RequantRowFloat): y [B, OH, OW, N], int8
 // or uint8 (y's type says which), where XLA took the int32 sums through a fusion that XLA CPU split over
 // its pool (cnn_qdq at batch 1: 72 us of 170 in that one loop).
-ffi::Error Int8ConvRequantFloat(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S32> zp,
+ffi::Error Int8ConvRequantFloat(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> zp,
                                 ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::S32> bias, ffi::Buffer<ffi::F32> scale,
                                 ffi::Buffer<ffi::S32> ozp, ffi::Result<ffi::AnyBuffer> y, int64_t kh, int64_t kw,
                                 int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pl, bool relu) {
@@ -1042,9 +1056,11 @@ ffi::Error Int8ConvRequantFloat(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ff
   if (!unsigned_out && y->element_type() != ffi::DataType::S8)
     return ffi::Error::InvalidArgument(std::string(target) + ": y must be int8 or uint8");
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions(), zd = zp.dimensions();
+  const bool x_unsigned = x.element_type() == ffi::DataType::U8;
   Patches p;
-  if (wd.size() != 2 || zd.size() != 1 || zd[0] != 1 ||
-      !jaxinfer::Geometry(x.typed_data(), xd, yd, wd[1], wd[0], kh, kw, sh, sw, dh, dw, pt, pl, p))
+  if ((!x_unsigned && x.element_type() != ffi::DataType::S8) || wd.size() != 2 || zd.size() != 1 || zd[0] != 1 ||
+      !jaxinfer::Geometry(static_cast<const int8_t*>(x.untyped_data()), xd, yd, wd[1], wd[0], kh, kw, sh, sw, dh,
+                          dw, pt, pl, p))
     return ffi::Error::InvalidArgument(std::string(target) +
                                        ": expected x [B, H, W, C], zp [1], w [N, KH * KW * C], y [B, OH, OW, N]");
   jaxinfer::OutputStage s;
@@ -1058,7 +1074,7 @@ ffi::Error Int8ConvRequantFloat(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ff
   std::vector<int32_t> own;
   int32_t* acc = Scratch(t_acc, own, M * N);
   return Run(pool, nullptr, &p, zps.data(), w.typed_data(), acc, M, wd[1], N, nullptr, &s,
-             static_cast<int8_t*>(y->untyped_data()));  // uint8 bytes where unsigned_out (RequantRowFloat)
+             static_cast<int8_t*>(y->untyped_data()), nullptr, x_unsigned);  // y: uint8 bytes where unsigned_out
 }
 
 }  // namespace
@@ -1117,7 +1133,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferDynamicQuantize, DynamicQuantizeLinear,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8Conv, Int8Conv,
                               jaxinfer::WithWindowAttrs(ffi::Ffi::Bind()
                                                             .Ctx<ffi::ThreadPool>()
-                                                            .Arg<ffi::Buffer<ffi::S8>>()
+                                                            .Arg<ffi::AnyBuffer>()
                                                             .Arg<ffi::Buffer<ffi::S32>>()
                                                             .Arg<ffi::Buffer<ffi::S8>>()
                                                             .Ret<ffi::Buffer<ffi::S32>>()));
@@ -1126,7 +1142,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8ConvRequant, Int8ConvRequant, jaxinfer
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8ConvRequantFloat, Int8ConvRequantFloat,
                               jaxinfer::WithWindowAttrs(ffi::Ffi::Bind()
                                                             .Ctx<ffi::ThreadPool>()
-                                                            .Arg<ffi::Buffer<ffi::S8>>()
+                                                            .Arg<ffi::AnyBuffer>()
                                                             .Arg<ffi::Buffer<ffi::S32>>()
                                                             .Arg<ffi::Buffer<ffi::S8>>()
                                                             .Arg<ffi::Buffer<ffi::S32>>()
