@@ -467,10 +467,12 @@ def dynamic_quantize_u8(x: jax.Array, otherwise: Callable[[jax.Array], tuple[jax
         return otherwise(x)
 
     def kernel(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        out = (jax.ShapeDtypeStruct((x.size,), jnp.uint8), jax.ShapeDtypeStruct((1,), jnp.float32),
+        # x in its own shape: flattened, XLA made the fusion producing it 1-D too, and a 1-D loop that
+        # broadcasts a bias along the last axis ran 5x slower (bert_dynamic's GELU at batch 8: 153 vs 27 us)
+        out = (jax.ShapeDtypeStruct(x.shape, jnp.uint8), jax.ShapeDtypeStruct((1,), jnp.float32),
                jax.ShapeDtypeStruct((1,), jnp.uint8))
-        y, s, z = jax.ffi.ffi_call(TARGET_DQL, out)(x.reshape(-1))
-        return y.reshape(x.shape), s.reshape(()), z.reshape(())
+        y, s, z = jax.ffi.ffi_call(TARGET_DQL, out)(x)
+        return y, s.reshape(()), z.reshape(())
 
     return _on_cpu(kernel, otherwise, x)
 

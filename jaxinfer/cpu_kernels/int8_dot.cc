@@ -986,7 +986,7 @@ __attribute__((target("avx2"))) void DynamicQuantizeU8(const float* x, int64_t n
 ffi::Error DynamicQuantizeLinear(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::U8> y, ffi::ResultBuffer<ffi::F32> scale,
                                  ffi::ResultBuffer<ffi::U8> zp) {
   if (x.element_count() != y->element_count() || scale->element_count() != 1 || zp->element_count() != 1)
-    return ffi::Error::InvalidArgument("jaxinfer_dynamic_quantize: expected x [n], y [n], scale [1], zp [1]");
+    return ffi::Error::InvalidArgument("jaxinfer_dynamic_quantize: expected x and y of n values, scale [1], zp [1]");
   DynamicQuantizeU8(x.typed_data(), static_cast<int64_t>(x.element_count()), y->typed_data(), scale->typed_data(),
                     zp->typed_data());
   return ffi::Error::Success();
