@@ -992,32 +992,62 @@ ffi::Error DynamicQuantizeLinear(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi:
   return ffi::Error::Success();
 }
 
-// y [B, OH, OW, N] = the convolution of x [B, H, W, C] less its zero point zp [1] (in int8's range: the
-// padding holds it) with w [N, KH KW C] (an OHWI filter, flattened): the product of x's patch matrix and
-// w, strides (sh, sw), dilations (dh, dw), pt / pl rows / columns of padding before the image (after it:
-// whatever OH, OW need). A uint8 x (VNNI path only) is read as x - 128, its zero point given shifted so too:
-// the packed bytes are the image's own, where an int8 image had to be shifted by XLA first.
+thread_local std::vector<int32_t> t_acc;
+
+// The convolution handlers' image and filter: x [B, H, W, C] at `data` (int8, or uint8 where `x_unsigned`, read as
+// x - 128: the packed bytes are then the image's own), its zero point zp [1] in int8's range (shifted like x; the
+// padding holds it), w [N, KH KW C] (an OHWI filter, flattened) against y [B, OH, OW, N]; the patches into p, or
+// the error naming `target`.
+template <typename XDims, typename YDims>
+ffi::Error BindConv(const char* target, const void* data, XDims xd, ffi::Buffer<ffi::S32> zp, ffi::Buffer<ffi::S8> w,
+                    YDims yd, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt,
+                    int64_t pl, Patches& p) {
+  const auto wd = w.dimensions(), zd = zp.dimensions();
+  if (wd.size() != 2 || zd.size() != 1 || zd[0] != 1 ||
+      !jaxinfer::Geometry(static_cast<const int8_t*>(data), xd, yd, wd[1], wd[0], kh, kw, sh, sw, dh, dw, pt, pl, p))
+    return ffi::Error::InvalidArgument(std::string(target) +
+                                       ": expected x [B, H, W, C], zp [1], w [N, KH * KW * C], y [B, OH, OW, N]");
+  const int32_t z = zp.typed_data()[0];
+  if (z < -128 || z > 127) return ffi::Error::InvalidArgument(std::string(target) + ": zp must be an int8 value");
+  p.pad = static_cast<int8_t>(z);
+  return ffi::Error::Success();
+}
+
+// The patch product of p and w [N, K]: int32 sums into y, or with an output stage into scratch and the stage's
+// result into y8.
+ffi::Error RunConv(ffi::ThreadPool& pool, const Patches& p, const int8_t* w, int64_t K, int64_t N, int32_t* y,
+                   const jaxinfer::OutputStage* stage, int8_t* y8, bool x_unsigned) {
+  const int64_t M = p.B * p.OH * p.OW;
+  const std::vector<int32_t> zps(M, p.pad);
+  std::vector<int32_t> own;
+  if (stage) y = Scratch(t_acc, own, M * N);
+  return Run(pool, nullptr, &p, zps.data(), w, y, M, K, N, nullptr, stage, y8, nullptr, x_unsigned);
+}
+
+// Whether an 8-bit buffer is uint8 (else int8); false with `ok` cleared for any other type.
+inline bool Unsigned8(ffi::DataType t, bool& ok) {
+  ok = t == ffi::DataType::U8 || t == ffi::DataType::S8;
+  return t == ffi::DataType::U8;
+}
+
+// y [B, OH, OW, N] = the convolution of x less its zero point with w (BindConv): the product of x's patch matrix
+// and w, strides (sh, sw), dilations (dh, dw), pt / pl rows / columns of padding before the image (after it:
+// whatever OH, OW need). A uint8 x takes the VNNI path only.
 ffi::Error Int8Conv(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> zp, ffi::Buffer<ffi::S8> w,
                     ffi::ResultBuffer<ffi::S32> y, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh,
                     int64_t dw, int64_t pt, int64_t pl) {
-  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions(), zd = zp.dimensions();
-  const bool x_unsigned = x.element_type() == ffi::DataType::U8;
+  const char* target = "jaxinfer_int8_conv";
+  bool ok = false;
+  const bool x_unsigned = Unsigned8(x.element_type(), ok);
+  if (!ok) return ffi::Error::InvalidArgument(std::string(target) + ": x must be int8 or uint8");
   Patches p;
-  if ((!x_unsigned && x.element_type() != ffi::DataType::S8) || wd.size() != 2 || zd.size() != 1 || zd[0] != 1 ||
-      !jaxinfer::Geometry(static_cast<const int8_t*>(x.untyped_data()), xd, yd, wd[1], wd[0], kh, kw, sh, sw, dh,
-                          dw, pt, pl, p))
-    return ffi::Error::InvalidArgument(
-        "jaxinfer_int8_conv: expected x [B, H, W, C], zp [1], w [N, KH * KW * C], y [B, OH, OW, N]");
-  const int32_t z = zp.typed_data()[0];
-  if (z < -128 || z > 127) return ffi::Error::InvalidArgument("jaxinfer_int8_conv: zp must be an int8 value");
-  p.pad = static_cast<int8_t>(z);
-  const int64_t M = yd[0] * yd[1] * yd[2];
-  const std::vector<int32_t> zps(M, z);
-  return Run(pool, nullptr, &p, zps.data(), w.typed_data(), y->typed_data(), M, wd[1], wd[0], nullptr, nullptr,
-             nullptr, nullptr, x_unsigned);
+  if (ffi::Error e = BindConv(target, x.untyped_data(), x.dimensions(), zp, w, y->dimensions(), kh, kw, sh, sw, dh,
+                              dw, pt, pl, p);
+      e.failure())
+    return e;
+  return RunConv(pool, p, w.typed_data(), w.dimensions()[1], w.dimensions()[0], y->typed_data(), nullptr, nullptr,
+                 x_unsigned);
 }
-
-thread_local std::vector<int32_t> t_acc;
 
 // Int8Conv's sums through the output stage (requant.h): y [B, OH, OW, N] int8, where XLA took the int32
 // sums through two or three fusions per layer (bias, the fixed-point rescale, the clamp).
@@ -1026,22 +1056,14 @@ ffi::Error Int8ConvRequant(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Bu
                            ffi::ResultBuffer<ffi::S8> y, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh,
                            int64_t dw, int64_t pt, int64_t pl, int64_t ozp, int64_t lo, int64_t hi) {
   const char* target = "jaxinfer_int8_conv_requant";
-  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions(), zd = zp.dimensions();
   Patches p;
-  if (wd.size() != 2 || zd.size() != 1 || zd[0] != 1 ||
-      !jaxinfer::Geometry(x.typed_data(), xd, yd, wd[1], wd[0], kh, kw, sh, sw, dh, dw, pt, pl, p))
-    return ffi::Error::InvalidArgument(std::string(target) +
-                                       ": expected x [B, H, W, C], zp [1], w [N, KH * KW * C], y [B, OH, OW, N]");
+  if (ffi::Error e = BindConv(target, x.typed_data(), x.dimensions(), zp, w, y->dimensions(), kh, kw, sh, sw, dh, dw,
+                              pt, pl, p);
+      e.failure())
+    return e;
   jaxinfer::OutputStage s;
-  if (ffi::Error e = jaxinfer::BindStage(target, bias, stage, wd[0], ozp, lo, hi, s); e.failure()) return e;
-  const int32_t z = zp.typed_data()[0];
-  if (z < -128 || z > 127) return ffi::Error::InvalidArgument(std::string(target) + ": zp must be an int8 value");
-  p.pad = static_cast<int8_t>(z);
-  const int64_t M = yd[0] * yd[1] * yd[2], N = wd[0];
-  const std::vector<int32_t> zps(M, z);
-  std::vector<int32_t> own;
-  int32_t* acc = Scratch(t_acc, own, M * N);
-  return Run(pool, nullptr, &p, zps.data(), w.typed_data(), acc, M, wd[1], N, nullptr, &s, y->typed_data());
+  if (ffi::Error e = jaxinfer::BindStage(target, bias, stage, w.dimensions()[0], ozp, lo, hi, s); e.failure()) return e;
+  return RunConv(pool, p, w.typed_data(), w.dimensions()[1], w.dimensions()[0], nullptr, &s, y->typed_data(), false);
 }
 
 // Int8Conv's sums through ONNX's float requantization (requant.h, RequantRowFloat): y [B, OH, OW, N], int8
@@ -1052,29 +1074,20 @@ ffi::Error Int8ConvRequantFloat(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buf
                                 ffi::Buffer<ffi::S32> ozp, ffi::Result<ffi::AnyBuffer> y, int64_t kh, int64_t kw,
                                 int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pl, bool relu) {
   const char* target = "jaxinfer_int8_conv_requant_f32";
-  const bool unsigned_out = y->element_type() == ffi::DataType::U8;
-  if (!unsigned_out && y->element_type() != ffi::DataType::S8)
-    return ffi::Error::InvalidArgument(std::string(target) + ": y must be int8 or uint8");
-  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions(), zd = zp.dimensions();
-  const bool x_unsigned = x.element_type() == ffi::DataType::U8;
+  bool x_ok = false, y_ok = false;
+  const bool x_unsigned = Unsigned8(x.element_type(), x_ok), unsigned_out = Unsigned8(y->element_type(), y_ok);
+  if (!x_ok || !y_ok) return ffi::Error::InvalidArgument(std::string(target) + ": x and y must be int8 or uint8");
   Patches p;
-  if ((!x_unsigned && x.element_type() != ffi::DataType::S8) || wd.size() != 2 || zd.size() != 1 || zd[0] != 1 ||
-      !jaxinfer::Geometry(static_cast<const int8_t*>(x.untyped_data()), xd, yd, wd[1], wd[0], kh, kw, sh, sw, dh,
-                          dw, pt, pl, p))
-    return ffi::Error::InvalidArgument(std::string(target) +
-                                       ": expected x [B, H, W, C], zp [1], w [N, KH * KW * C], y [B, OH, OW, N]");
-  jaxinfer::OutputStage s;
-  if (ffi::Error e = jaxinfer::BindFloatStage(target, bias, scale, ozp, wd[0], unsigned_out, relu, s); e.failure())
+  if (ffi::Error e = BindConv(target, x.untyped_data(), x.dimensions(), zp, w, y->dimensions(), kh, kw, sh, sw, dh,
+                              dw, pt, pl, p);
+      e.failure())
     return e;
-  const int32_t z = zp.typed_data()[0];
-  if (z < -128 || z > 127) return ffi::Error::InvalidArgument(std::string(target) + ": zp must be an int8 value");
-  p.pad = static_cast<int8_t>(z);
-  const int64_t M = yd[0] * yd[1] * yd[2], N = wd[0];
-  const std::vector<int32_t> zps(M, z);
-  std::vector<int32_t> own;
-  int32_t* acc = Scratch(t_acc, own, M * N);
-  return Run(pool, nullptr, &p, zps.data(), w.typed_data(), acc, M, wd[1], N, nullptr, &s,
-             static_cast<int8_t*>(y->untyped_data()), nullptr, x_unsigned);  // y: uint8 bytes where unsigned_out
+  jaxinfer::OutputStage s;
+  if (ffi::Error e = jaxinfer::BindFloatStage(target, bias, scale, ozp, w.dimensions()[0], unsigned_out, relu, s);
+      e.failure())
+    return e;
+  return RunConv(pool, p, w.typed_data(), w.dimensions()[1], w.dimensions()[0], nullptr, &s,
+                 static_cast<int8_t*>(y->untyped_data()), x_unsigned);  // y: uint8 bytes where unsigned_out
 }
 
 }  // namespace
