@@ -29,6 +29,7 @@ and the exact float route elsewhere.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any
 
@@ -367,6 +368,34 @@ def _kernel_conv_takes(x: jax.Array, x_zp: Any, w: jax.Array, dn: Any, feature_g
     return cpu_kernels.available() and cpu_kernels.isa() == 2
 
 
+_NHWC_DN = ("NHWC", "OHWI", "NHWC")
+
+
+@dataclass(frozen=True)
+class _KernelConv:
+    """A convolution as the int8 conv kernels take it: the NHWC image, its zero point (int32; a uint8 image is
+    read as it is, so the zero point is its own), the OHWI filter and the window."""
+
+    x: jax.Array
+    zx: jax.Array
+    w: jax.Array
+    strides: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pads: Any
+
+    def exact(self, a: jax.Array, za: Any, b: jax.Array, bound: int = 256 * 128) -> jax.Array:
+        """``sum (a - za) b`` over the same windows, the exact float route (what ``otherwise`` runs)."""
+        return exact_conv(a.astype(jnp.int32) - za, b.astype(jnp.int32), self.strides, self.pads, bound=bound,
+                          dimension_numbers=_NHWC_DN, rhs_dilation=self.dilation)
+
+
+def _kernel_conv(x: jax.Array, x_zp: Any, w: jax.Array, dn: Any, window_strides: Sequence[int], padding: Any,
+                 rhs_dilation: Sequence[int] | None) -> _KernelConv:
+    xn, pads = to_nhwc(x, w, dn, window_strides, padding, rhs_dilation)
+    return _KernelConv(xn, jnp.asarray(_shifted_zp(x_zp, 0), jnp.int32), ohwi(w, dn), tuple(window_strides),
+                       tuple(rhs_dilation) if rhs_dilation is not None else (1, 1), pads)
+
+
 def zp_conv_requant(x: Any, x_zp: Any, w: Any, w_zp: Any, bias: Any, multiplier: Any, y_zp: Any, out_dtype: Any,
                     relu: bool, window_strides: Sequence[int], padding: Any, *, dimension_numbers: Any = None,
                     rhs_dilation: Sequence[int] | None = None) -> jax.Array | None:
@@ -384,22 +413,15 @@ def zp_conv_requant(x: Any, x_zp: Any, w: Any, w_zp: Any, bias: Any, multiplier:
     if (not _kernel_conv_takes(x, x_zp, w, dn, 1, jnp.int32) or w.dtype != jnp.int8 or not _static_zero(w_zp)
             or out_dtype not in (np.dtype(np.int8), np.dtype(np.uint8)) or jnp.size(y_zp) != 1):
         return None
-    zx = jnp.asarray(_shifted_zp(x_zp, 0), jnp.int32)  # the kernel reads a uint8 image as it is
-    xn, pads = to_nhwc(x, w, dn, window_strides, padding, rhs_dilation)
-    wn = ohwi(w, dn)
-    strides = tuple(window_strides)
-    dilation = tuple(rhs_dilation) if rhs_dilation is not None else (1, 1)
-    nhwc_dn = ("NHWC", "OHWI", "NHWC")
+    k = _kernel_conv(x, x_zp, w, dn, window_strides, padding, rhs_dilation)
 
     def otherwise(a: jax.Array, za: jax.Array, b: jax.Array, bias: jax.Array, scale: jax.Array,
                   zy: jax.Array) -> jax.Array:  # the same values on other platforms
-        acc = exact_conv(a.astype(jnp.int32) - za, b.astype(jnp.int32), strides, pads, bound=256 * 128,
-                         dimension_numbers=nhwc_dn, rhs_dilation=dilation) + bias
-        q = round_saturate(acc.astype(jnp.float32) * scale, out_dtype, zy.reshape(()))
+        q = round_saturate((k.exact(a, za, b) + bias).astype(jnp.float32) * scale, out_dtype, zy.reshape(()))
         return jnp.maximum(q, zy.reshape(()).astype(out_dtype)) if relu else q
 
-    y = cpu_kernels.int8_conv_requant_f32(xn, zx, wn, bias, multiplier, y_zp, out_dtype, relu, strides, dilation,
-                                          pads, otherwise)
+    y = cpu_kernels.int8_conv_requant_f32(k.x, k.zx, k.w, bias, multiplier, y_zp, out_dtype, relu, k.strides,
+                                          k.dilation, k.pads, otherwise)
     return from_nhwc(y, dn)
 
 
@@ -435,23 +457,11 @@ def zp_conv(x: Any, x_zp: Any, w: Any, w_zp: Any, window_strides: Sequence[int],
     if not _kernel_conv_takes(x, x_zp, w, dn, feature_group_count, acc_dtype):
         return float_route()
     w8, sw = _int8(w)
-    zx = _shifted_zp(x_zp, 0)  # the kernel reads a uint8 image as it is
     zw = _shifted_zp(w_zp, sw)
-    xn, pads = to_nhwc(x, w8, dn, window_strides, padding, rhs_dilation)
-    wn = ohwi(w8, dn)
-    strides = tuple(window_strides)
-    dilation = tuple(rhs_dilation) if rhs_dilation is not None else (1, 1)
-    nhwc_dn = ("NHWC", "OHWI", "NHWC")
-
-    def otherwise(a: jax.Array, za: jax.Array, b: jax.Array) -> jax.Array:  # the same sums on other platforms
-        return exact_conv(a.astype(jnp.int32) - za, b.astype(jnp.int32), strides, pads, bound=256 * 128,
-                          dimension_numbers=nhwc_dn, rhs_dilation=dilation)
-
-    acc = cpu_kernels.int8_conv(xn, jnp.asarray(zx, jnp.int32), wn, strides, dilation, pads, otherwise)
+    k = _kernel_conv(x, x_zp, w8, dn, window_strides, padding, rhs_dilation)
+    acc = cpu_kernels.int8_conv(k.x, k.zx, k.w, k.strides, k.dilation, k.pads, k.exact)  # otherwise: the same sums
     if not _static_zero(zw):  # sum (x - zx)(w - zw) = sum (x - zx) w - zw * window sums of (x - zx)
-        ones = jnp.ones((1,) + wn.shape[1:], jnp.int32)
-        sums = exact_conv(xn.astype(jnp.int32) - zx, ones, strides, pads, bound=256, dimension_numbers=nhwc_dn,
-                          rhs_dilation=dilation)
+        sums = k.exact(k.x, k.zx, jnp.ones((1,) + k.w.shape[1:], jnp.int32), bound=256)
         zw = jnp.asarray(zw, jnp.int32)
         acc = acc - sums * (zw.reshape(-1) if zw.size > 1 else zw.reshape(()))
     return from_nhwc(acc, dn)

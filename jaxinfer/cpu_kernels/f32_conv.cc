@@ -52,27 +52,14 @@ struct Job {
   std::atomic<int64_t> pack_next{0}, packed{0}, next{0}, done{0};
 };
 
-__attribute__((target("avx512f"))) inline void Copy(float* dst, const float* src, int64_t n) {
-  int64_t c = 0;
-  for (; c + 16 <= n; c += 16) _mm512_storeu_ps(dst + c, _mm512_loadu_ps(src + c));
-  if (c < n) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << (n - c)) - 1);
-    _mm512_mask_storeu_ps(dst + c, mask, _mm512_maskz_loadu_ps(mask, src + c));
-  }
-}
-
-// One window row of at most 16 values (patches.h ShortRows).
-__attribute__((target("avx512f"))) inline void Wide(float* dst, const float* src) {
-  _mm512_storeu_ps(dst, _mm512_loadu_ps(src));
-}
-
-// The packing loops' copies as plain-target function objects that inline into them (patches.h's templates
-// have no AVX-512 target, so an AVX-512 function passed in stayed a call through a pointer per window row:
-// a third of a 3-channel stem's time went to packing). A fixed 64-byte memcpy compiles to vector moves.
-struct CopyF {
+// The packing loops' copies, as plain-target function objects that inline into patches.h's templates (those
+// have no AVX-512 target: AVX-512 functions passed in stayed calls through a pointer per window row, and a third
+// of a 3-channel stem's time went to packing). A fixed 64-byte memcpy (one window row of at most 16 values,
+// ShortRows) compiles to vector moves.
+struct Copy {
   void operator()(float* dst, const float* src, int64_t n) const { std::memcpy(dst, src, n * sizeof(float)); }
 };
-struct WideF {
+struct Wide {
   void operator()(float* dst, const float* src) const { std::memcpy(dst, src, 64); }
 };
 
@@ -177,9 +164,9 @@ __attribute__((target("avx512f"))) void Work(Job& j) {
     if (!xr) xr = Scratch(t_rows, j.rows * j.K + 16);  // ShortRows spills up to 64 bytes past the last row
     const int64_t m0 = c * j.rows, m1 = std::min(j.M, m0 + j.rows);
     if (jaxinfer::ShortWindow(j.p))
-      jaxinfer::ShortRows(j.p, m0, m1, xr, j.K, 0.f, CopyF{}, WideF{});
+      jaxinfer::ShortRows(j.p, m0, m1, xr, j.K, 0.f, Copy{}, Wide{});
     else
-      jaxinfer::PatchRows(j.p, m0, m1, xr, j.K, 0.f, CopyF{});
+      jaxinfer::PatchRows(j.p, m0, m1, xr, j.K, 0.f, Copy{});
     for (int64_t g = 0; g < j.groups; ++g) {
       switch (Panels(j, g)) {
         case 4: GroupRows<4>(j, xr, m0, m1, g); break;

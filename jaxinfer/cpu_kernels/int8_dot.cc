@@ -479,7 +479,8 @@ T* Scratch(std::vector<T>& kept, std::vector<T>& own, size_t n) {
 thread_local std::vector<int16_t> t_x16;
 thread_local std::vector<uint8_t> t_xu, t_xr;
 
-// dst[0 .. n) = src + 128 as uint8 (the VNNI paths' form of x).
+// dst[0 .. n) = src ^ by: int8 src + 128 as uint8 (by = 0x80, the VNNI paths' form of x), or uint8 src as it is
+// (by = 0).
 __attribute__((target("avx512f,avx512bw"))) inline void CopyOffset(uint8_t* dst, const int8_t* src, int64_t n,
                                                                     uint8_t by) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(by));
@@ -491,12 +492,12 @@ __attribute__((target("avx512f,avx512bw"))) inline void CopyOffset(uint8_t* dst,
   }
 }
 
-// One window row of at most 64 values, offset to uint8 (ShortRows).
+// One window row of at most 64 values, as CopyOffset (ShortRows).
 __attribute__((target("avx512f,avx512bw"))) inline void WideOffset(uint8_t* dst, const int8_t* src, uint8_t by) {
   _mm512_storeu_si512(dst, _mm512_xor_si512(_mm512_loadu_si512(src), _mm512_set1_epi8(static_cast<char>(by))));
 }
 
-// Rows m0 .. m1 of the panels' x: [m][Kp] x + 128, zero past K.
+// Rows m0 .. m1 of the panels' x: [m][Kp] x ^ j.flip (x + 128 of an int8 x), zero past K.
 __attribute__((target("avx512f,avx512bw"))) void PackPanelRows(const Job& j, int64_t m0, int64_t m1, uint8_t* out) {
   const int64_t K = j.K, Kp = j.Kp;
   const uint8_t fill = j.patches ? static_cast<uint8_t>(j.patches->pad ^ 0x80) : 0;  // pad: the shifted zp
@@ -634,8 +635,8 @@ struct HybridOut {
   bool finish = false;
 };
 
-// Pack<uint8_t, 64> of x + 128 with AVX-512: one masked load, xor and store per row and step, where the
-// scalar loop (a branch per byte) took ~8 us of an 8 x 512 x 10 hybrid layer's ~9 (session 22).
+// Pack<uint8_t, 64> of x ^ j.flip (x + 128 of an int8 x) with AVX-512: one masked load, xor and store per row
+// and step, where the scalar loop (a branch per byte) took ~8 us of an 8 x 512 x 10 hybrid layer's ~9 (session 22).
 __attribute__((target("avx512f,avx512bw"))) void PackVnni(const Job& j, uint8_t* out, int64_t Kp) {
   const __m512i offset = _mm512_set1_epi8(static_cast<char>(j.flip));
   for (int64_t m0 = 0; m0 < j.M; m0 += kRowsPerPass) {
@@ -994,8 +995,8 @@ ffi::Error DynamicQuantizeLinear(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi:
 
 thread_local std::vector<int32_t> t_acc;
 
-// The convolution handlers' image and filter: x [B, H, W, C] at `data` (int8, or uint8 where `x_unsigned`, read as
-// x - 128: the packed bytes are then the image's own), its zero point zp [1] in int8's range (shifted like x; the
+// The convolution handlers' image and filter: x [B, H, W, C] at `data` (int8, or uint8 read as x - 128: RunConv's
+// x_unsigned, the packed bytes then the image's own), its zero point zp [1] in int8's range (shifted like x; the
 // padding holds it), w [N, KH KW C] (an OHWI filter, flattened) against y [B, OH, OW, N]; the patches into p, or
 // the error naming `target`.
 template <typename XDims, typename YDims>
@@ -1144,22 +1145,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferDynamicQuantize, DynamicQuantizeLinear,
                                   .Ret<ffi::Buffer<ffi::U8>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8Conv, Int8Conv,
-                              jaxinfer::WithWindowAttrs(ffi::Ffi::Bind()
-                                                            .Ctx<ffi::ThreadPool>()
-                                                            .Arg<ffi::AnyBuffer>()
-                                                            .Arg<ffi::Buffer<ffi::S32>>()
-                                                            .Arg<ffi::Buffer<ffi::S8>>()
-                                                            .Ret<ffi::Buffer<ffi::S32>>()));
+                              jaxinfer::WithWindowAttrs(
+                                  jaxinfer::WindowHead<ffi::AnyBuffer>().Ret<ffi::Buffer<ffi::S32>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8ConvRequant, Int8ConvRequant, jaxinfer::StagedWindowBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8ConvRequantFloat, Int8ConvRequantFloat,
-                              jaxinfer::WithWindowAttrs(ffi::Ffi::Bind()
-                                                            .Ctx<ffi::ThreadPool>()
-                                                            .Arg<ffi::AnyBuffer>()
-                                                            .Arg<ffi::Buffer<ffi::S32>>()
-                                                            .Arg<ffi::Buffer<ffi::S8>>()
-                                                            .Arg<ffi::Buffer<ffi::S32>>()
-                                                            .Arg<ffi::Buffer<ffi::F32>>()
-                                                            .Arg<ffi::Buffer<ffi::S32>>()
+                              jaxinfer::WithWindowAttrs(jaxinfer::WindowHead<ffi::AnyBuffer>()
+                                                            .Arg<ffi::Buffer<ffi::S32>>()  // bias
+                                                            .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                                            .Arg<ffi::Buffer<ffi::S32>>()  // output zero point
                                                             .Ret<ffi::AnyBuffer>())
                                   .Attr<bool>("relu"));

@@ -145,19 +145,25 @@ inline xla::ffi::Error BindStage(const char* target, xla::ffi::Buffer<xla::ffi::
   return Error::Success();
 }
 
+// The head every 8-bit window kernel's binding starts with: the pool, the image x (an X: int8, or AnyBuffer where
+// the kernel also reads uint8), its zero point [1], the filter.
+template <typename X = xla::ffi::Buffer<xla::ffi::S8>>
+inline auto WindowHead() {
+  namespace ffi = xla::ffi;
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<X>()
+      .template Arg<ffi::Buffer<ffi::S32>>()  // X makes the chain dependent from here
+      .template Arg<ffi::Buffer<ffi::S8>>();
+}
+
 // The binding of an int8 window kernel finished by an output stage (the requantizing convolution, the int8
 // depthwise): x, its zero point, the filter, bias and the stage's table -> int8 y; the window attributes, then
 // the output zero point and clamp (what BindStage takes).
 inline auto StagedWindowBinding() {
   namespace ffi = xla::ffi;
-  return WithWindowAttrs(ffi::Ffi::Bind()
-                             .Ctx<ffi::ThreadPool>()
-                             .Arg<ffi::Buffer<ffi::S8>>()
-                             .Arg<ffi::Buffer<ffi::S32>>()
-                             .Arg<ffi::Buffer<ffi::S8>>()
-                             .Arg<ffi::Buffer<ffi::S32>>()
-                             .Arg<ffi::Buffer<ffi::S32>>()
-                             .Ret<ffi::Buffer<ffi::S8>>())
+  return WithWindowAttrs(
+             WindowHead().Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>().Ret<ffi::Buffer<ffi::S8>>())
       .Attr<int64_t>("ozp")
       .Attr<int64_t>("lo")
       .Attr<int64_t>("hi");

@@ -67,11 +67,6 @@ def _per_axis(param: Any, shape: Sequence[int], axis: int, block_size: int) -> A
     return param.reshape(dims)
 
 
-def _saturate_int(v: Any, dtype: np.dtype) -> Any:
-    """Round half to even, clip to ``dtype``'s range, cast."""
-    return round_saturate(v, dtype)
-
-
 def _quantize(x: Any, y_scale: Any, zero_point: Any, *, axis: int, saturate: int, block_size: int,
               target: np.dtype, precision: int) -> Any:
     shape = jnp.shape(x)
