@@ -201,3 +201,38 @@ def test_without_the_kernel_the_same_answers(tmp_path, env, says):
     assert "available False exact True" in done.stdout, done.stdout + done.stderr
     if says:
         assert says in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("kernel_isa", ISAS)
+@pytest.mark.parametrize("code", [np.uint8, np.int8])
+@pytest.mark.parametrize("entry", [np.uint8, np.int8, np.float16, np.int32, np.float32, np.float64])
+def test_lookup8_reads_each_codes_entry(code, entry, kernel_isa):
+    """Every code in every position of a 64-element step and its tails, 1- to 8-byte entries, both paths
+    (AVX-512 VBMI for 1-byte entries, entry by entry otherwise)."""
+    rng = np.random.default_rng(0)
+    info = np.iinfo(code)
+    table = (rng.standard_normal(256) * 50).astype(entry)
+    fn = jax.jit(cpu_kernels.lookup8)
+    with narrowed(kernel_isa):
+        for n in (1, 63, 64, 65, 127, 1000, 4099):
+            x = rng.integers(info.min, info.max + 1, n).astype(code)
+            if n == 4099:
+                x[:256] = np.arange(info.min, info.max + 1)
+            got = np.asarray(fn(table, x.reshape(1, n, 1)))
+            assert got.dtype == entry and got.shape == (1, n, 1)
+            np.testing.assert_array_equal(got.reshape(-1), table[x.astype(np.int32) - info.min])
+    assert "jaxinfer_lookup8" in fn.lower(table, x).as_text()
+
+
+def test_lookup8_under_vmap_and_wrong_operands():
+    table = np.arange(256, dtype=np.int32) * 3
+    x = np.random.default_rng(1).integers(0, 256, (4, 33)).astype(np.uint8)
+    got = jax.vmap(cpu_kernels.lookup8, in_axes=(None, 0))(table, x)
+    np.testing.assert_array_equal(np.asarray(got), table[x])
+    tables = np.stack([table, table + 1])
+    got = jax.vmap(cpu_kernels.lookup8)(tables, x[:2])
+    np.testing.assert_array_equal(np.asarray(got), np.stack([table[x[0]], table[x[1]] + 1]))
+    with pytest.raises(ValueError, match="8-bit codes and a \\[256\\] table"):
+        cpu_kernels.lookup8(table, x.astype(np.int16))
+    with pytest.raises(ValueError, match="8-bit codes and a \\[256\\] table"):
+        cpu_kernels.lookup8(table[:128], x)

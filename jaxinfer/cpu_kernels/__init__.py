@@ -54,7 +54,7 @@ from jax import lax
 
 __all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "OutputStage", "available", "f32_conv",
            "f32_depthwise", "f32_int8w_dot", "f32_lstm", "int8_conv", "int8_conv_requant", "int8_conv_requant_f32",
-           "int8_depthwise", "int8_dot", "dynamic_quantize_u8", "int8_dot_dyn", "int8_dot_hybrid", "int8_dot_zp",
+           "int8_depthwise", "int8_dot", "dynamic_quantize_u8", "lookup8", "int8_dot_dyn", "int8_dot_hybrid", "int8_dot_zp",
            "isa", "kernel_dir", "takes"]
 
 log = logging.getLogger(__name__)
@@ -94,15 +94,16 @@ TARGET_F32_I8W = "jaxinfer_f32_int8w_dot"
 TARGET_DYN = "jaxinfer_int8_dot_dyn"
 TARGET_HYBRID = "jaxinfer_int8_dot_hybrid"
 TARGET_DQL = "jaxinfer_dynamic_quantize"
+TARGET_LOOKUP8 = "jaxinfer_lookup8"
 #: Every custom-call target the kernels register (an export must allow each).
 TARGETS = (TARGET, TARGET_ZP, TARGET_DYN, TARGET_HYBRID, TARGET_DQL, TARGET_CONV, TARGET_CONV_RQ, TARGET_CONV_RQF,
            TARGET_DEPTHWISE,
-           TARGET_F32_CONV, TARGET_F32_DEPTHWISE, TARGET_F32_LSTM, TARGET_F32_I8W)
+           TARGET_F32_CONV, TARGET_F32_DEPTHWISE, TARGET_F32_LSTM, TARGET_F32_I8W, TARGET_LOOKUP8)
 #: Zero points :func:`int8_dot_zp`'s kernel folds into ``x`` (``x - zp`` fits int16 for every int8 ``x``).
 ZP_RANGE = (-32768 + 128, 32767 - 128)
 #: The kernels' sources, built into one library (``patches.h`` is shared by the convolutions).
 _SOURCES = tuple(Path(__file__).with_name(n)
-                 for n in ("int8_dot.cc", "depthwise.cc", "f32_conv.cc", "lstm.cc", "weight_only.cc"))
+                 for n in ("int8_dot.cc", "depthwise.cc", "f32_conv.cc", "lstm.cc", "weight_only.cc", "lookup.cc"))
 _HEADERS = tuple(Path(__file__).with_name(n) for n in ("fma_tile.h", "helpers.h", "patches.h", "requant.h"))
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -226,6 +227,7 @@ def _load() -> bool:
         jax.ffi.register_ffi_target(TARGET_F32_DEPTHWISE, jax.ffi.pycapsule(lib.JaxinferF32Depthwise), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_F32_LSTM, jax.ffi.pycapsule(lib.JaxinferF32Lstm), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_F32_I8W, jax.ffi.pycapsule(lib.JaxinferF32Int8wDot), platform="cpu")
+        jax.ffi.register_ffi_target(TARGET_LOOKUP8, jax.ffi.pycapsule(lib.JaxinferLookup8), platform="cpu")
         global _library
         _library = lib
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
@@ -475,6 +477,30 @@ def dynamic_quantize_u8(x: jax.Array, otherwise: Callable[[jax.Array], tuple[jax
         return y, s.reshape(()), z.reshape(())
 
     return _on_cpu(kernel, otherwise, x)
+
+
+def lookup8(table: jax.Array, x: jax.Array) -> jax.Array:
+    """``table[code]`` for each element of an 8-bit ``x`` (code: ``x`` for uint8, ``x + 128`` for int8), in
+    ``table``'s dtype and ``x``'s shape: one kernel read of a [256] table of 1-, 2-, 4- or 8-byte entries
+    (64 bytes per AVX-512 VBMI step for 1-byte entries). XLA's gather, which runs elsewhere and under
+    ``jax.vmap``, fused the table's computation into its operand, recomputing an entry per element."""
+    x = jnp.asarray(x)
+    table = jnp.asarray(table)
+    if x.dtype not in (jnp.int8, jnp.uint8) or table.shape != (256,):
+        raise ValueError(f"lookup8: expected 8-bit codes and a [256] table, got {x.dtype} codes and a "
+                         f"{table.shape} table")
+    lo = int(np.iinfo(x.dtype).min)
+
+    def otherwise(table: jax.Array, x: jax.Array) -> jax.Array:
+        return jnp.take(table, x.astype(jnp.int32) - lo, axis=0, mode="clip")
+
+    if x.size == 0 or table.dtype.itemsize not in (1, 2, 4, 8) or not available():
+        return otherwise(table, x)
+
+    def kernel(table: jax.Array, x: jax.Array) -> jax.Array:
+        return jax.ffi.ffi_call(TARGET_LOOKUP8, jax.ShapeDtypeStruct(x.shape, table.dtype))(table, x)
+
+    return _on_cpu(kernel, otherwise, table, x)
 
 
 def int8_conv(x: jax.Array, zp: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Sequence[int],

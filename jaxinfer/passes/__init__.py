@@ -17,6 +17,7 @@ from .fold_bn import fold_conv_batchnorm
 from .fuse import fuse_matmul_add
 from .layout import (conv_weights_spatial_first, int8_conv_weights_ohwi, int8_weights_rows_first,
                      pools_after_costly_ops)
+from .lookup import tabulate_8bit_chains
 from .qdq import rewrite_qdq
 
 Pass = Callable[[Graph], Graph]
@@ -31,6 +32,7 @@ DEFAULT_PASSES: tuple[Pass, ...] = (
     int8_weights_rows_first,
     int8_conv_weights_ohwi,
     pools_after_costly_ops,
+    tabulate_8bit_chains,
     eliminate_dead_nodes,
 )
 
@@ -68,4 +70,5 @@ __all__ = [
     "int8_weights_rows_first",
     "merge_identical_initializers",
     "optimize",
+    "tabulate_8bit_chains",
 ]

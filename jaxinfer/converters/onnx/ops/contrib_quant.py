@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .... import cpu_kernels
 from ....intmath import (abs_bound, divide, exact_float, quotient, round_saturate, zero_point, zp_conv,
                          zp_conv_requant, zp_matmul)
 from ....registry import OpDef, registrar
@@ -365,3 +366,22 @@ def dequant_matmul(a, b, b_scale, b_zero_point=None, *, axis: int = 0, block_siz
     a = jnp.asarray(a)
     w = _dequantize_linear(b, b_scale, b_zero_point, axis=axis, block_size=block_size)
     return jnp.matmul(a, w.astype(a.dtype))
+
+
+@jx("Lookup8", 1)
+def lookup8(x, *, body: Any, rank: int = 0):
+    """``body(x)``, an elementwise chain over an 8-bit x (:mod:`jaxinfer.passes.lookup`), as a table:
+    the body runs once on x's 256 codes, then each element reads its code's entry. ``rank`` is the
+    highest rank among the chain's one-element constants (which broadcast x's shape up to it).
+    A non-8-bit x runs the body directly."""
+    x = jnp.asarray(x)
+    if x.dtype not in (np.dtype(np.int8), np.dtype(np.uint8)):
+        return body(x)[0]
+    lo = int(np.iinfo(x.dtype).min)
+    (table,) = body(jnp.arange(lo, lo + 256, dtype=jnp.int32).astype(x.dtype))
+    table = jnp.reshape(table, (-1,))
+    if table.shape[0] != 256:
+        raise ValueError(f"Lookup8: the chain gave {table.shape[0]} entries for 256 codes; expected an "
+                         "elementwise chain with one-element constants")
+    y = cpu_kernels.lookup8(table, x)
+    return y.reshape((1,) * max(0, rank - x.ndim) + x.shape)
