@@ -20,8 +20,9 @@ Around other ops, ``DequantizeLinear -> op -> QuantizeLinear`` (every input dequ
 the op's only reader the QuantizeLinear) becomes the quantized op onnxruntime runs for it:
 Add/Mul -> com.microsoft QLinearAdd/QLinearMul, AveragePool/GlobalAveragePool ->
 QLinearAveragePool/QLinearGlobalAveragePool (int32 window sums), Concat -> QLinearConcat,
-Relu -> QLinearLeakyRelu(alpha=0); MaxPool and Clip with equal input and output parameters run
-directly on the integers (max and clip commute with a monotonic dequantization).
+Relu -> QLinearLeakyRelu(alpha=0); MaxPool, Clip and the ops that only move values (Reshape, Transpose,
+Gather, Slice, ...) with equal input and output parameters run directly on the integers (max and clip
+commute with a monotonic dequantization, and ``Q(DQ(q)) == q``).
 
 Run before constant folding, which would otherwise fold the weights' DequantizeLinear to float.
 The rewritten nodes' domains (``jaxinfer``, ``com.microsoft``) are added to the graph's opsets.
@@ -312,12 +313,17 @@ def _linear(rw: _Rewriter, node: Node) -> None:
 
 _QLINEAR = {"Add": "QLinearAdd", "Mul": "QLinearMul", "AveragePool": "QLinearAveragePool",
             "GlobalAveragePool": "QLinearGlobalAveragePool", "Concat": "QLinearConcat", "Relu": "QLinearLeakyRelu"}
+#: ops that only move or pick values (their first input): between a DequantizeLinear and a QuantizeLinear with
+#: the same parameters they run on the integers, as MaxPool does
+_MOVES = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Gather", "Expand",
+                    "DepthToSpace", "SpaceToDepth", "Tile", "Identity"})
 _POOL_ATTRS = ("auto_pad", "ceil_mode", "count_include_pad", "kernel_shape", "pads", "strides")
 
 
 def _around(rw: _Rewriter, node: Node) -> None:
-    """``DQ -> Add/Mul/pool/Concat/Relu/Clip -> Q``: the quantized op onnxruntime runs for it."""
-    data = [i for i in node.inputs[: 1 if node.op_type in ("Clip", "MaxPool") else None] if i]
+    """``DQ -> Add/Mul/pool/Concat/Relu/Clip/data movement -> Q``: the quantized op onnxruntime runs for it."""
+    data = [i for i in node.inputs[: 1 if node.op_type in ("Clip", "MaxPool") or node.op_type in _MOVES else None]
+            if i]
     dqs = [rw.dq(i) for i in data]
     after = rw.q_after(node)
     if not data or after is None or any(d is None or d[2] is None for d in dqs):
@@ -326,12 +332,16 @@ def _around(rw: _Rewriter, node: Node) -> None:
     if node.op_type != "Concat" and any(d[2].dtype != y_zp.dtype for d in dqs):  # type: ignore[index]
         return
     zp = lambda d: d[0].inputs[2]  # noqa: E731
-    same = all(np.array_equal(d[1], y_scale) and np.array_equal(d[2], y_zp) for d in dqs)  # type: ignore[index]
+    # Q(DQ(q)) == q for equal parameters: (q - zp) * s / s is within 2 ulp of q - zp, which rounds back (a
+    # subnormal scale could lose q's bits in the product)
+    same = (all(np.array_equal(d[1], y_scale) and np.array_equal(d[2], y_zp) for d in dqs)  # type: ignore[index]
+            and bool(np.all(np.isfinite(y_scale) & (np.abs(y_scale) >= np.finfo(np.float32).tiny))))
     op = node.op_type
-    if op == "MaxPool":
+    if op == "MaxPool" or op in _MOVES:
         if not same or (len(node.outputs) > 1 and node.outputs[1]):
             return
-        new = Node("MaxPool", (dqs[0][0].inputs[0],), q_node.outputs, dict(node.attrs), node.name, node.domain)
+        ins = (dqs[0][0].inputs[0],) + tuple(node.inputs[1:])
+        new = Node(op, ins, q_node.outputs, dict(node.attrs), node.name, node.domain)
     elif op == "Clip":
         bounds = _clip_bounds(rw.graph, node)
         if not same or bounds is None:
@@ -371,6 +381,7 @@ def rewrite_qdq(graph: Graph) -> Graph:
     graph = rw.result()
     rw = _Rewriter(graph)
     for node in graph.nodes:
-        if node.domain in _ONNX and (node.op_type in _QLINEAR or node.op_type in ("MaxPool", "Clip")):
+        if node.domain in _ONNX and (node.op_type in _QLINEAR or node.op_type in _MOVES
+                                     or node.op_type in ("MaxPool", "Clip")):
             _around(rw, node)
     return rw.result()

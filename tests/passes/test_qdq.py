@@ -229,3 +229,24 @@ def test_blocked_and_int4_weights_with_float_activation_stay_packed(wtype, block
     assert ops == {"jaxinfer::DequantMatMul": 1}, ops
     m = jaxinfer.load(model)
     assert str(np.dtype(m.params["wq"].dtype)) == wtype, "the weight stays packed in params"
+
+
+@pytest.mark.parametrize("same", [True, False])
+@pytest.mark.parametrize("op", ["Transpose", "Reshape", "Gather"])
+def test_data_movement_between_equal_qdq_runs_on_integers(op, same):
+    """onnxruntime's quantizer gives Reshape/Transpose/... the same parameters on both sides: then
+    Q(op(DQ(q))) is op(q) exactly; with other parameters the requantization stays."""
+    params = _qparams(0.05, 128, 0.05, 128) if same else _qparams(0.05, 128, 0.07, 120)
+    extra, node, shape = [], None, ["N", 4, 6, 6]
+    if op == "Transpose":
+        node, shape = helper.make_node("Transpose", ["xd"], ["yf"], perm=[0, 2, 3, 1]), ["N", 6, 6, 4]
+    elif op == "Reshape":
+        extra = [numpy_helper.from_array(np.array([0, 4, 36], np.int64), "shape")]
+        node, shape = helper.make_node("Reshape", ["xd", "shape"], ["yf"]), ["N", 4, 36]
+    else:
+        extra = [numpy_helper.from_array(np.array([3, 0, 0], np.int64), "idx")]
+        node, shape = helper.make_node("Gather", ["xd", "idx"], ["yf"], axis=1), ["N", 3, 6, 6]
+    model = _qdq_model([node], params + extra, shape)
+    x = (np.random.default_rng(5).standard_normal((2, 4, 6, 6)) * 3).astype(np.float32)
+    ops = _check(model, {"x": x}, 0.05 if same else 0.07)
+    assert ops["DequantizeLinear"] == (1 if same else 2), ops  # y's (and the op's input's)
