@@ -5,6 +5,8 @@ rounding for every geometry; the finish is XLA's (NaN stays NaN, the clamp's bou
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,22 +68,54 @@ CONVS = [
     (2, 9, 11, 16, 32, 3, 3, (2, 2), (1, 1), ((0, 1), (1, 1))),
     (1, 7, 5, 8, 70, 3, 2, (1, 1), (2, 2), ((2, 2), (1, 1))),
     (3, 4, 4, 5, 17, 1, 1, (1, 1), (1, 1), ((0, 0), (0, 0))),
+    (2, 23, 21, 3, 20, 7, 7, (2, 2), (1, 1), ((3, 3), (3, 3))),  # a 7x7 stem, odd sizes
+    (1, 6, 13, 4, 130, 2, 3, (2, 1), (3, 1), ((0, 2), (2, 0))),  # dilated rows only; 3 panel groups
+    (2, 5, 3, 32, 32, 3, 3, (1, 1), (1, 1), ((1, 1), (1, 1))),  # rows narrower than a block
 ]
+
+
+@contextlib.contextmanager
+def direct(on: bool):
+    """f32_conv's kernel reading images directly (on) or packing patch rows, inside the block."""
+    was = cpu_kernels.f32_conv_direct()
+    cpu_kernels.f32_conv_direct(on)
+    try:
+        yield
+    finally:
+        cpu_kernels.f32_conv_direct(was)
 
 
 @needs_kernels
 @pytest.mark.parametrize("case", range(len(CONVS)))
 @pytest.mark.parametrize("clamp", CLAMPS)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_conv_finish_matches_float64(case, clamp, with_bias):
+@pytest.mark.parametrize("reads", ["image", "patch rows"])
+def test_conv_finish_matches_float64(case, clamp, with_bias, reads):
     b, h, w_, c, n, kh, kw, strides, dilation, pads = CONVS[case]
     rng = np.random.default_rng(20 + case)
     x = rng.standard_normal((b, h, w_, c)).astype(np.float32)
     w = rng.standard_normal((n, kh, kw, c)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32) if with_bias else None
-    got = np.asarray(cpu_kernels.f32_conv(x, w, strides, dilation, pads, bias=bias, clamp=clamp))
+    with direct(reads == "image"):
+        got = np.asarray(cpu_kernels.f32_conv(x, w, strides, dilation, pads, bias=bias, clamp=clamp))
     want = _finish(_conv64(x, w, strides, dilation, pads), bias, clamp)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(kh * kw * c))
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", range(len(CONVS)))
+def test_reading_the_image_sums_as_the_patch_rows_do(case):
+    """Both ways take the window's values in the same order into the same FMAs: bit-identical."""
+    b, h, w_, c, n, kh, kw, strides, dilation, pads = CONVS[case]
+    rng = np.random.default_rng(40 + case)
+    x = rng.standard_normal((b, h, w_, c)).astype(np.float32)
+    w = rng.standard_normal((n, kh, kw, c)).astype(np.float32)
+    fn = jax.jit(lambda x, w: cpu_kernels.f32_conv(x, w, strides, dilation, pads))
+    with direct(True):
+        a = np.asarray(fn(x, w))
+    with direct(False):
+        p = np.asarray(fn(x, w))
+    np.testing.assert_array_equal(a, p)
 
 
 @needs_kernels

@@ -728,6 +728,15 @@ def _xla_finish(y: jax.Array, bias: jax.Array, clamp: tuple[float, float] | None
     return y if clamp is None else jnp.clip(y, clamp[0], clamp[1])
 
 
+def f32_conv_direct(want: bool | None = None) -> bool:
+    """Whether :func:`f32_conv`'s kernel reads undilated layers' images directly (the default) or packs patch
+    rows; ``want`` sets it for calls from then on (compiled programs included): how tests cover both and how
+    to time them."""
+    if not available() or _library is None:
+        return False
+    return bool(_library.jaxinfer_f32_conv_direct(-1 if want is None else int(bool(want))))
+
+
 def f32_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Sequence[int],
              pads: Sequence[tuple[int, int]], w_layout: str = "OHWI", bias: Any = None,
              clamp: tuple[float, float] | None = None) -> jax.Array:

@@ -11,7 +11,12 @@
 // (K floats each) into this thread's buffer and multiplies them by every panel: 4 rows x 4 panels of
 // accumulators (16 zmm), one row's value broadcast against 16 columns per FMA, so each lane sums one
 // output and no horizontal sums are needed. The sums are float32 FMAs in k order (not XLA's order: the
-// results differ from XLA's in the last bits, as any two float32 convolutions may). Products of
+// results differ from XLA's in the last bits, as any two float32 convolutions may).
+// Undilated along W (DW = 1), the kernel reads the image directly instead (session 27): a patch row is then KH runs
+// of KW C consecutive values of the zero-padded image xp [B, Hp, Wp, C], and the 8 (or 4) pixels of a register
+// block, side by side in one output row, sit SW C values apart, so the FMA tile steps through each run with no
+// patch rows written at all. The padded copy (only when the window leaves the image) is made by every thread at
+// once with the filter's panels. Packing the patch rows had been a third of a 3-channel stem's time. Products of
 // integer-valued operands stay exact while every partial sum is below 2^24 (intmath's float route
 // relies on that, as it does with XLA's convolution).
 #include <immintrin.h>
@@ -49,8 +54,16 @@ struct Job {
   bool finish = false;
   float* P = nullptr;        // per group of 64 columns: [K][16 np] (np panels, zero past N)
   int64_t M = 0, K = 0, N = 0, groups = 0, rows = 0, chunks = 0;
+  // direct: the image (or its zero-padded copy xpad, made in pad_items items of pad_rows rows) as xp [B, Hp, Wp, C];
+  // a work item is `rows` output rows (b, oh)
+  bool direct = false;
+  const float* xp = nullptr;
+  float* xpad = nullptr;
+  int64_t Hp = 0, Wp = 0, pad_rows = 0, pad_items = 0;
   std::atomic<int64_t> pack_next{0}, packed{0}, next{0}, done{0};
 };
+
+std::atomic<int> g_direct{1};  // jaxinfer_f32_conv_direct: 0 keeps every layer on patch rows (tests, timings)
 
 // The packing loops' copies, as plain-target function objects that inline into patches.h's templates (those
 // have no AVX-512 target: AVX-512 functions passed in stayed calls through a pointer per window row, and a third
@@ -95,7 +108,7 @@ __attribute__((target("avx512f"))) inline void Store(const Job& j, float* yr, in
 }
 
 // Rows m0 .. m0 + MR of y (their patch rows at xr, K apart), columns n0 .. n0 + 16 NV from panels P
-// (fma_tile.h's accumulators).
+// (fma_tile.h's accumulators); JX_STORE serves BlockDirect too.
 #define JX_STORE(r)                                          \
   if constexpr (MR > r) {                                    \
     float* yr = j.y + (m0 + r) * j.N;                        \
@@ -121,7 +134,6 @@ __attribute__((target("avx512f"))) void Block(const Job& j, const float* xr, con
   }
   JX_FMA_ROWS(JX_STORE)
 }
-#undef JX_STORE
 
 // Rows m0 .. m1 (patch rows at xr) against group g's panels, MR rows at a time: 4 with 3-4 panels, 8 with 1-2
 // (with four accumulators, one per row, a 16-column layer waited on each FMA's latency).
@@ -145,20 +157,104 @@ void GroupRows(const Job& j, const float* xr, int64_t m0, int64_t m1, int64_t g)
   }
 }
 
+// Padded rows i * pad_rows .. of xp (row r = b * Hp + hp): zeros where the window reaches past the image.
+void PadRows(const Job& j, int64_t i) {
+  const auto& p = j.p;
+  const int64_t line = j.Wp * p.C, r1 = std::min(p.B * j.Hp, (i + 1) * j.pad_rows);
+  for (int64_t r = i * j.pad_rows; r < r1; ++r) {
+    float* dst = j.xpad + r * line;
+    const int64_t h = r % j.Hp - p.PT;
+    if (h < 0 || h >= p.H) {
+      std::fill_n(dst, line, 0.f);
+      continue;
+    }
+    std::fill_n(dst, p.PL * p.C, 0.f);
+    std::memcpy(dst + p.PL * p.C, p.x + ((r / j.Hp) * p.H + h) * p.W * p.C, p.W * p.C * sizeof(float));
+    std::fill(dst + (p.PL + p.W) * p.C, dst + line, 0.f);
+  }
+}
+
+// Output pixels m0 .. m0 + MR (side by side in one output row; the first one's window starts at xr in xp) against
+// columns n0 .. n0 + 16 NV from panels P: K below is the distance between the rows' windows (SW C), which the tile
+// steps over (fma_tile.h), and k walks one window row of KW C values at a time.
+template <int MR, int NV>
+__attribute__((target("avx512f"))) void BlockDirect(const Job& j, const float* x0, const float* P, int64_t m0,
+                                                    int64_t n0) {
+  static_assert(MR >= 1 && MR <= kMaxRows && NV >= 1 && NV <= 4 && MR * NV <= 16, "accumulators named below");
+  JX_FMA_ROWS(JX_FMA_ACC)
+  JX_FMA_ROWS(JX_FMA_ZERO)
+  const int64_t K = j.p.SW * j.p.C, L = j.p.KW * j.p.C, line = j.p.DH * j.Wp * j.p.C;
+  const float* pp = P;
+  for (int64_t i = 0; i < j.p.KH; ++i) {
+    const float* xr = x0 + i * line;
+    for (int64_t k = 0; k < L; ++k, pp += NV * 16) {
+      const __m512 b0 = _mm512_load_ps(pp);
+      const __m512 b1 = NV > 1 ? _mm512_load_ps(pp + 16) : b0;
+      const __m512 b2 = NV > 2 ? _mm512_load_ps(pp + 32) : b0;
+      const __m512 b3 = NV > 3 ? _mm512_load_ps(pp + 48) : b0;
+      JX_FMA_ROWS(JX_FMA_STEP)
+    }
+  }
+  JX_FMA_ROWS(JX_STORE)
+}
+#undef JX_STORE
+
+// Output row (b, oh) against group g's panels, MR pixels at a time as in GroupRows.
+template <int NP>
+void GroupRowsDirect(const Job& j, int64_t b, int64_t oh, int64_t g) {
+  constexpr int MR = NP <= 2 ? kMaxRows : kRows;
+  const auto& p = j.p;
+  const float* P = j.P + g * j.K * kGroup;
+  const int64_t n0 = g * kGroup, step = p.SW * p.C, m1 = (b * p.OH + oh + 1) * p.OW;
+  const float* xr = j.xp + (b * j.Hp + oh * p.SH) * j.Wp * p.C;
+  int64_t m = m1 - p.OW;
+  for (; m + MR <= m1; m += MR, xr += MR * step) BlockDirect<MR, NP>(j, xr, P, m, n0);
+  if (MR > kRows && m + kRows <= m1) {
+    BlockDirect<kRows, NP>(j, xr, P, m, n0);
+    m += kRows, xr += kRows * step;
+  }
+  switch (m1 - m) {
+    case 3: BlockDirect<3, NP>(j, xr, P, m, n0); break;
+    case 2: BlockDirect<2, NP>(j, xr, P, m, n0); break;
+    case 1: BlockDirect<1, NP>(j, xr, P, m, n0); break;
+    default: break;
+  }
+}
+
 // Scratch reused by this thread across calls (fresh buffers cost page faults every call), 64-byte aligned.
 float* Scratch(std::vector<float>& v, size_t n) {
   if (v.size() < n + 16) v.resize(n + 16);
   return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t{63});
 }
 
-thread_local std::vector<float> t_rows, t_panels;
+thread_local std::vector<float> t_rows, t_panels, t_padded;
 
 __attribute__((target("avx512f"))) void Work(Job& j) {
-  for (int64_t g; (g = j.pack_next.fetch_add(1, std::memory_order_relaxed)) < j.groups;) {
-    PackGroup(j, g);
+  const int64_t packs = j.groups + j.pad_items;
+  for (int64_t i; (i = j.pack_next.fetch_add(1, std::memory_order_relaxed)) < packs;) {
+    if (i < j.groups)
+      PackGroup(j, i);
+    else
+      PadRows(j, i - j.groups);
     j.packed.fetch_add(1, std::memory_order_release);
   }
-  while (j.packed.load(std::memory_order_acquire) < j.groups) _mm_pause();  // every item reads every panel
+  while (j.packed.load(std::memory_order_acquire) < packs) _mm_pause();  // every item reads every panel
+  if (j.direct) {
+    const int64_t out_rows = j.p.B * j.p.OH;
+    for (int64_t c; (c = j.next.fetch_add(1, std::memory_order_relaxed)) < j.chunks;) {
+      for (int64_t r = c * j.rows; r < std::min(out_rows, (c + 1) * j.rows); ++r)
+        for (int64_t g = 0; g < j.groups; ++g) {
+          switch (Panels(j, g)) {
+            case 4: GroupRowsDirect<4>(j, r / j.p.OH, r % j.p.OH, g); break;
+            case 3: GroupRowsDirect<3>(j, r / j.p.OH, r % j.p.OH, g); break;
+            case 2: GroupRowsDirect<2>(j, r / j.p.OH, r % j.p.OH, g); break;
+            default: GroupRowsDirect<1>(j, r / j.p.OH, r % j.p.OH, g); break;
+          }
+        }
+      j.done.fetch_add(1, std::memory_order_release);
+    }
+    return;
+  }
   float* xr = nullptr;
   for (int64_t c; (c = j.next.fetch_add(1, std::memory_order_relaxed)) < j.chunks;) {
     if (!xr) xr = Scratch(t_rows, j.rows * j.K + 16);  // ShortRows spills up to 64 bytes past the last row
@@ -218,6 +314,28 @@ ffi::Error F32Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   if (j->M * j->K * j->N < kSerialMacs) threads = 1;
   j->groups = (j->N + kGroup - 1) / kGroup;
   j->P = Scratch(t_panels, j->groups * kGroup * j->K);
+  const auto& p = j->p;
+  j->direct = p.DW == 1 && g_direct.load(std::memory_order_relaxed) != 0;
+  if (j->direct) {
+    // the padded image holds every window: rows up to (OH - 1) SH + (KH - 1) DH, columns up to (OW - 1) SW + KW - 1
+    j->Hp = std::max(p.PT + p.H, (p.OH - 1) * p.SH + (p.KH - 1) * p.DH + 1);
+    j->Wp = std::max(p.PL + p.W, (p.OW - 1) * p.SW + p.KW);
+    if (p.PT == 0 && p.PL == 0 && j->Hp == p.H && j->Wp == p.W) {
+      j->xp = p.x;
+    } else {
+      j->xpad = Scratch(t_padded, p.B * j->Hp * j->Wp * p.C);
+      j->xp = j->xpad;
+      j->pad_rows = std::max<int64_t>(1, 4096 / (j->Wp * p.C));
+      j->pad_items = (p.B * j->Hp + j->pad_rows - 1) / j->pad_rows;
+    }
+    // output rows per item: about four items per thread when there are rows enough
+    const int64_t out_rows = p.B * p.OH;
+    j->rows = std::max<int64_t>(1, (out_rows + threads * 4 - 1) / (threads * 4));
+    j->chunks = (out_rows + j->rows - 1) / j->rows;
+    threads = std::min(threads, std::max(j->chunks, j->groups + j->pad_items));
+    jaxinfer::Share(j, Work, threads, j->chunks);
+    return ffi::Error::Success();
+  }
   // Rows per item: at most kRowBytes of patch rows, at least 16 (whole 4-row blocks), and about four
   // items per thread when there are rows enough.
   const int64_t fit = std::max<int64_t>(16, kRowBytes / (4 * j->K));
@@ -230,6 +348,13 @@ ffi::Error F32Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 }
 
 }  // namespace
+
+// Whether undilated layers read the image directly (1, the default) or take patch rows (0); a negative `want`
+// only asks. Later calls take it (no recompile): how the tests cover both and how to time them.
+extern "C" int jaxinfer_f32_conv_direct(int want) {
+  if (want >= 0) g_direct.store(want != 0, std::memory_order_relaxed);
+  return g_direct.load(std::memory_order_relaxed);
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32Conv, F32Conv,
                               jaxinfer::WithWindowAttrs(ffi::Ffi::Bind()
