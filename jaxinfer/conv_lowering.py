@@ -43,6 +43,8 @@ from . import cpu_kernels
 F32_KERNEL = True
 #: ... and only for filters of at most this many values (see :func:`_f32_kernel_takes`).
 F32_KERNEL_MAX_WEIGHTS = 64 * 1024
+#: NCHW inputs with at most this many channels (an image) go to the kernel as they are (``x_layout="NCHW"``).
+NCHW_MAX_CHANNELS = 4
 #: Patches only for convolutions with at most this many input channels ...
 PATCH_MAX_IN_CHANNELS = 4
 #: ... and at most this many output pixels per image (a 32x32 output) ...
@@ -85,8 +87,13 @@ def conv_general_dilated(lhs: Any, rhs: Any, window_strides: Sequence[int], padd
         # an HWIO filter (ONNX convs' weights after passes.layout) is read as it is: no copy per call
         hwio = tuple(dn.rhs_spec) == (3, 2, 0, 1)
         w = rhs if hwio else ohwi(rhs, dn)
-        y = cpu_kernels.f32_conv(x, w, tuple(window_strides), tuple(rhs_dilation or (1, 1)), pads,
-                                 "HWIO" if hwio else "OHWI")
+        dilation = tuple(rhs_dilation or (1, 1))
+        # a model's NCHW input image (few channels) goes in as it is: the kernel transposes it as it pads (XLA's
+        # transpose of it cost more than the stem's sums); wider NCHW values are our kernels' NHWC outputs
+        # transposed back, whose transposes XLA cancels
+        nchw = tuple(dn.lhs_spec) == (0, 1, 2, 3) and lhs.shape[1] <= NCHW_MAX_CHANNELS and dilation[1] == 1
+        y = cpu_kernels.f32_conv(lhs if nchw else x, w, tuple(window_strides), dilation, pads,
+                                 "HWIO" if hwio else "OHWI", x_layout="NCHW" if nchw else "NHWC")
         return from_nhwc(y, dn)
     if batch_group_count == 1 and _narrow(lhs.shape, dn, feature_group_count, lhs_dilation):
         # the output shape only for the few convolutions that may qualify (abstract evaluation costs ~1 ms)

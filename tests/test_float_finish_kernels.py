@@ -179,3 +179,33 @@ def test_tflite_float_layers_take_the_kernels():
     feeds = {model.inputs[0].name: np.zeros((2, 32, 32, 3), np.float32)}
     hlo = jax.jit(model.fn).lower(model.params, feeds).as_text()
     assert hlo.count(cpu_kernels.TARGET_F32_CONV) == 4 and hlo.count(cpu_kernels.TARGET_F32_DEPTHWISE) == 4
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", range(len(CONVS)))
+def test_an_nchw_image_is_transposed_as_it_is_padded(case):
+    """x_layout="NCHW" (a model's input image): the same sums as the NHWC image, bit for bit; dilation
+    along W is refused (the kernel reads W-runs of the padded copy)."""
+    b, h, w_, c, n, kh, kw, strides, dilation, pads = CONVS[case]
+    rng = np.random.default_rng(60 + case)
+    x = rng.standard_normal((b, h, w_, c)).astype(np.float32)
+    w = rng.standard_normal((n, kh, kw, c)).astype(np.float32)
+    if dilation[1] != 1:
+        with pytest.raises(ValueError, match="NCHW one undilated along W"):
+            cpu_kernels.f32_conv(np.transpose(x, (0, 3, 1, 2)), w, strides, dilation, pads, x_layout="NCHW")
+        return
+    want = np.asarray(cpu_kernels.f32_conv(x, w, strides, dilation, pads))
+    got = np.asarray(jax.jit(lambda x: cpu_kernels.f32_conv(x, w, strides, dilation, pads, x_layout="NCHW"))(
+        np.transpose(x, (0, 3, 1, 2))))
+    np.testing.assert_array_equal(got, want)
+
+
+@needs_kernels
+def test_onnx_models_stem_reads_the_nchw_input():
+    from pathlib import Path
+
+    import jaxinfer
+    m = jaxinfer.load(Path(__file__).parent / "fixtures" / "onnx" / "cnn.onnx")
+    x = np.random.default_rng(7).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    hlo = m.compiled({"x": x}).as_text()
+    assert "transpose" not in hlo.split("ENTRY")[1].split("jaxinfer_f32_conv")[0]  # nothing before the stem

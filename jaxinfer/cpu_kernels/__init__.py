@@ -739,24 +739,30 @@ def f32_conv_direct(want: bool | None = None) -> bool:
 
 def f32_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Sequence[int],
              pads: Sequence[tuple[int, int]], w_layout: str = "OHWI", bias: Any = None,
-             clamp: tuple[float, float] | None = None) -> jax.Array:
+             clamp: tuple[float, float] | None = None, x_layout: str = "NHWC") -> jax.Array:
     """``lax.conv_general_dilated`` of float32 NHWC ``x`` [B, H, W, C] with a filter ``w`` laid out as
     ``w_layout`` says ("OHWI" [N, KH, KW, C] or "HWIO" [KH, KW, C, N]: both read as they are, no copy),
     ``strides``, ``dilation``, ``pads`` ((top, bottom), (left, right)) of the two spatial dims, zero
     padding -> [B, OH, OW, N] float32, as our AVX-512 kernel's patch product (``f32_conv.cc``): callers
     check :func:`isa` first (``2``). XLA's convolution on other platforms and under ``jax.vmap`` of ``w``.
     Float32 sums in another order than XLA's: the last bits may differ. With ``bias`` [N] and/or ``clamp``
-    (lo, hi: a fused activation), the kernel also adds the bias and clamps, in the same pass.
+    (lo, hi: a fused activation), the kernel also adds the bias and clamps, in the same pass. ``x_layout``
+    "NCHW" takes x as [B, C, H, W] (undilated along W): the kernel transposes it while it pads, where XLA's
+    transpose to NHWC of a model's 3-channel input image cost more than the stem's sums.
     """
     x, w = jnp.asarray(x), jnp.asarray(w)
     if w_layout not in ("OHWI", "HWIO"):
         raise ValueError(f"f32_conv takes an OHWI or HWIO filter, not {w_layout!r}")
+    if x_layout not in ("NHWC", "NCHW") or (x_layout == "NCHW" and tuple(dilation)[1] != 1):
+        raise ValueError(f"f32_conv takes an NHWC image, or an NCHW one undilated along W; not {x_layout!r} with "
+                         f"dilation {tuple(dilation)}")
     c_axis = 3 if w_layout == "OHWI" else 2
-    if x.dtype != jnp.float32 or w.dtype != jnp.float32 or x.ndim != 4 or w.ndim != 4 or x.shape[3] != w.shape[c_axis]:
-        raise ValueError(f"f32_conv takes float32 x [B, H, W, C] and a float32 {w_layout} filter with C input "
-                         f"channels; got x {x.dtype}{list(x.shape)} and w {w.dtype}{list(w.shape)}")
+    nhwc = x.shape if x_layout == "NHWC" or x.ndim != 4 else (x.shape[0], x.shape[2], x.shape[3], x.shape[1])
+    if x.dtype != jnp.float32 or w.dtype != jnp.float32 or x.ndim != 4 or w.ndim != 4 or nhwc[3] != w.shape[c_axis]:
+        raise ValueError(f"f32_conv takes float32 x [B, H, W, C] ({x_layout}) and a float32 {w_layout} filter with "
+                         f"C input channels; got x {x.dtype}{list(x.shape)} and w {w.dtype}{list(w.shape)}")
     ohwi = tuple(w.shape) if w_layout == "OHWI" else (w.shape[3], w.shape[0], w.shape[1], w.shape[2])
-    dims = ("NHWC", w_layout, "NHWC")
+    dims = (x_layout, w_layout, "NHWC")
     n = ohwi[0]
     b, finish = _finish_operands(bias, clamp, n)
     if not finish["finish"]:
@@ -767,7 +773,7 @@ def f32_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Seque
                                      dimension_numbers=dims, precision=lax.Precision.HIGHEST)
         return _xla_finish(y, b, clamp, bool(finish["finish"]))
 
-    geometry = _conv_geometry(x.shape, ohwi, strides, dilation, pads)
+    geometry = _conv_geometry(nhwc, ohwi, strides, dilation, pads)
     if geometry is None:
         return xla(x, w, b)
     (oh, ow), attrs = geometry
@@ -776,7 +782,8 @@ def f32_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Seque
     def kernel(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
         out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, n), jnp.float32)
         w2 = w.reshape(-1, n) if kn else w.reshape(n, -1)
-        return jax.ffi.ffi_call(TARGET_F32_CONV, out)(x, w2, b, kn=np.int64(kn), **attrs, **finish)
+        return jax.ffi.ffi_call(TARGET_F32_CONV, out)(x, w2, b, kn=np.int64(kn), nchw=np.int64(x_layout == "NCHW"),
+                                                      **attrs, **finish)
 
     return _on_cpu(kernel, xla, x, w, b, leading=True)
 

@@ -16,7 +16,9 @@
 // of KW C consecutive values of the zero-padded image xp [B, Hp, Wp, C], and the 8 (or 4) pixels of a register
 // block, side by side in one output row, sit SW C values apart, so the FMA tile steps through each run with no
 // patch rows written at all. The padded copy (only when the window leaves the image) is made by every thread at
-// once with the filter's panels. Packing the patch rows had been a third of a 3-channel stem's time. Products of
+// once with the filter's panels. Packing the patch rows had been a third of a 3-channel stem's time. With nchw the
+// image comes [B, C, H, W] (an ONNX model's input) and the padded copy transposes it, where XLA's transpose to NHWC
+// cost more than the stem's sums (cnn batch 8: 32 us). Products of
 // integer-valued operands stay exact while every partial sum is below 2^24 (intmath's float route
 // relies on that, as it does with XLA's convolution).
 #include <immintrin.h>
@@ -56,7 +58,7 @@ struct Job {
   int64_t M = 0, K = 0, N = 0, groups = 0, rows = 0, chunks = 0;
   // direct: the image (or its zero-padded copy xpad, made in pad_items items of pad_rows rows) as xp [B, Hp, Wp, C];
   // a work item is `rows` output rows (b, oh)
-  bool direct = false;
+  bool direct = false, nchw = false;  // nchw: x is [B, C, H, W], transposed into the padded copy
   const float* xp = nullptr;
   float* xpad = nullptr;
   int64_t Hp = 0, Wp = 0, pad_rows = 0, pad_items = 0;
@@ -94,7 +96,7 @@ void PackGroup(const Job& j, int64_t g) {
   }
 }
 
-__attribute__((target("avx512f"))) inline void Store(const Job& j, float* yr, int64_t n, __m512 v) {
+__attribute__((target("avx512f"), always_inline)) inline void Store(const Job& j, float* yr, int64_t n, __m512 v) {
   const int64_t left = j.N - n;
   if (j.finish) {  // max(lo, v), min(hi, v): NaN sums stay NaN, as in XLA's clamp
     const __mmask16 live = left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(left, 0)) - 1);
@@ -169,7 +171,13 @@ void PadRows(const Job& j, int64_t i) {
       continue;
     }
     std::fill_n(dst, p.PL * p.C, 0.f);
-    std::memcpy(dst + p.PL * p.C, p.x + ((r / j.Hp) * p.H + h) * p.W * p.C, p.W * p.C * sizeof(float));
+    if (j.nchw) {
+      const float* src = p.x + (r / j.Hp) * p.C * p.H * p.W + h * p.W;
+      for (int64_t c = 0; c < p.C; ++c, src += p.H * p.W)
+        for (int64_t w = 0; w < p.W; ++w) dst[(p.PL + w) * p.C + c] = src[w];
+    } else {
+      std::memcpy(dst + p.PL * p.C, p.x + ((r / j.Hp) * p.H + h) * p.W * p.C, p.W * p.C * sizeof(float));
+    }
     std::fill(dst + (p.PL + p.W) * p.C, dst + line, 0.f);
   }
 }
@@ -279,17 +287,22 @@ __attribute__((target("avx512f"))) void Work(Job& j) {
 // same pass (XLA ran them as one more fusion per layer); with 0 the bias operand is not read.
 ffi::Error F32Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> bias,
                    ffi::ResultBuffer<ffi::F32> y, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh,
-                   int64_t dw, int64_t pt, int64_t pl, int64_t kn, int64_t finish, float lo, float hi) {
+                   int64_t dw, int64_t pt, int64_t pl, int64_t kn, int64_t finish, float lo, float hi, int64_t nchw) {
   if (!__builtin_cpu_supports("avx512f"))
     return ffi::Error::InvalidArgument("jaxinfer_f32_conv: this CPU lacks AVX-512");
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   auto j = std::make_shared<Job>();
   j->kn = kn != 0;
-  if (wd.size() != 2 || !jaxinfer::Geometry(x.typed_data(), xd, yd, wd[j->kn ? 0 : 1], wd[j->kn ? 1 : 0], kh, kw,
-                                            sh, sw, dh, dw, pt, pl, j->p))
+  j->nchw = nchw != 0;
+  const int64_t nhwc[4] = {xd.size() == 4 ? xd[0] : 0, xd.size() == 4 ? xd[2] : 0, xd.size() == 4 ? xd[3] : 0,
+                           xd.size() == 4 ? xd[1] : 0};
+  const auto dims = j->nchw ? ffi::Span<const int64_t>(nhwc, xd.size() == 4 ? 4 : 0) : xd;
+  if (wd.size() != 2 || (j->nchw && dw != 1) ||
+      !jaxinfer::Geometry(x.typed_data(), dims, yd, wd[j->kn ? 0 : 1], wd[j->kn ? 1 : 0], kh, kw, sh, sw, dh, dw, pt,
+                          pl, j->p))
     return ffi::Error::InvalidArgument(
-        "jaxinfer_f32_conv: expected x [B, H, W, C], w [N, KH * KW * C] (or [KH * KW * C, N] with kn), "
-        "y [B, OH, OW, N]");
+        "jaxinfer_f32_conv: expected x [B, H, W, C] (or [B, C, H, W] with nchw, then dw = 1), w [N, KH * KW * C] "
+        "(or [KH * KW * C, N] with kn), y [B, OH, OW, N]");
   j->finish = finish != 0;
   if (j->finish && (bias.dimensions().size() != 1 || bias.dimensions()[0] != yd[3] || !(lo <= hi)))
     return ffi::Error::InvalidArgument("jaxinfer_f32_conv: expected bias [N] and lo <= hi with finish");
@@ -315,12 +328,12 @@ ffi::Error F32Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   j->groups = (j->N + kGroup - 1) / kGroup;
   j->P = Scratch(t_panels, j->groups * kGroup * j->K);
   const auto& p = j->p;
-  j->direct = p.DW == 1 && g_direct.load(std::memory_order_relaxed) != 0;
+  j->direct = j->nchw || (p.DW == 1 && g_direct.load(std::memory_order_relaxed) != 0);
   if (j->direct) {
     // the padded image holds every window: rows up to (OH - 1) SH + (KH - 1) DH, columns up to (OW - 1) SW + KW - 1
     j->Hp = std::max(p.PT + p.H, (p.OH - 1) * p.SH + (p.KH - 1) * p.DH + 1);
     j->Wp = std::max(p.PL + p.W, (p.OW - 1) * p.SW + p.KW);
-    if (p.PT == 0 && p.PL == 0 && j->Hp == p.H && j->Wp == p.W) {
+    if (!j->nchw && p.PT == 0 && p.PL == 0 && j->Hp == p.H && j->Wp == p.W) {
       j->xp = p.x;
     } else {
       j->xpad = Scratch(t_padded, p.B * j->Hp * j->Wp * p.C);
@@ -366,4 +379,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32Conv, F32Conv,
                                   .Attr<int64_t>("kn")
                                   .Attr<int64_t>("finish")
                                   .Attr<float>("lo")
-                                  .Attr<float>("hi"));
+                                  .Attr<float>("hi")
+                                  .Attr<int64_t>("nchw"));
