@@ -262,8 +262,12 @@ def _float_stage_ref(acc: np.ndarray, bias: np.ndarray, scale: np.ndarray, zp: i
 @pytest.mark.parametrize("dtype,out_zp,relu", [(np.uint8, 128, False), (np.uint8, 0, True), (np.int8, -5, False),
                                                 (np.int8, 3, True)])
 @pytest.mark.parametrize("x_dtype", [np.int8, np.uint8])
-def test_conv_requant_f32_matches_the_reference(case, dtype, out_zp, relu, x_dtype):
+@pytest.mark.parametrize("route", ["int8 kernel", "float32 direct"])
+def test_conv_requant_f32_matches_the_reference(case, dtype, out_zp, relu, x_dtype, route, monkeypatch):
+    """Both kernels: the VNNI/AVX2 int8 product, and (few channels; here every case undilated along W) exact
+    float32 sums on the float kernel's direct path."""
     b, h, w_, c, n, kh, kw, strides, dilation, pads = CONVS[case]
+    monkeypatch.setattr(cpu_kernels, "INT8_DIRECT_MAX_CHANNELS", 0 if route == "int8 kernel" else 1 << 20)
     rng = np.random.default_rng(40 + case)
     x = rng.integers(np.iinfo(x_dtype).min, np.iinfo(x_dtype).max + 1, (b, h, w_, c)).astype(x_dtype)
     w = rng.integers(-127, 128, (n, kh, kw, c), dtype=np.int8)
@@ -286,6 +290,9 @@ def test_conv_requant_f32_matches_the_reference(case, dtype, out_zp, relu, x_dty
     got = np.asarray(jax.jit(call)(x, w, bias, scale, np.asarray(out_zp, dtype)))  # a traced zero point
     assert got.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(got, want)
+    direct = route == "float32 direct" and dilation[1] == 1
+    assert (cpu_kernels.TARGET_CONV_DIRECT in jax.jit(call).lower(x, w, bias, scale, np.asarray(out_zp, dtype)).as_text()
+            ) == direct
     assert np.mean(got == (out_zp if relu else np.iinfo(dtype).min)) < 0.9  # not all clipped
 
 

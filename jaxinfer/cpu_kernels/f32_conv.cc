@@ -18,7 +18,12 @@
 // patch rows written at all. The padded copy (only when the window leaves the image) is made by every thread at
 // once with the filter's panels. Packing the patch rows had been a third of a 3-channel stem's time. With nchw the
 // image comes [B, C, H, W] (an ONNX model's input) and the padded copy transposes it, where XLA's transpose to NHWC
-// cost more than the stem's sums (cnn batch 8: 32 us). Products of
+// cost more than the stem's sums (cnn batch 8: 32 us).
+// "jaxinfer_int8_conv_direct_f32" is an 8-bit convolution through the same direct path: the padded copy holds
+// float32(x - zp) of an int8 or uint8 image, the panels the int8 filter as float32, and the sums, exact integers
+// while every partial sum stays below 2^24 (the caller checks K 255 128 < 2^24), leave through requant.h's float
+// stage as int8_conv_requant_f32's do: the same bytes. A 3-channel stem's patch rows (27 bytes) cost the VNNI
+// kernel more to pack than to multiply (cnn_qdq batch 8: 148 us of 346). Products of
 // integer-valued operands stay exact while every partial sum is below 2^24 (intmath's float route
 // relies on that, as it does with XLA's convolution).
 #include <immintrin.h>
@@ -33,6 +38,7 @@
 #include "fma_tile.h"
 #include "helpers.h"
 #include "patches.h"
+#include "requant.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -62,6 +68,14 @@ struct Job {
   const float* xp = nullptr;
   float* xpad = nullptr;
   int64_t Hp = 0, Wp = 0, pad_rows = 0, pad_items = 0;
+  // 8-bit (jaxinfer_int8_conv_direct_f32): the image's bytes x8 (uint8 where x_unsigned) less zp, the int8 filter
+  // w8 [N][K], and the sums requantized by `stage` into y8
+  const uint8_t* x8 = nullptr;
+  bool x_unsigned = false;
+  int32_t zp = 0;
+  const int8_t* w8 = nullptr;
+  int8_t* y8 = nullptr;
+  jaxinfer::OutputStage stage;
   std::atomic<int64_t> pack_next{0}, packed{0}, next{0}, done{0};
 };
 
@@ -88,7 +102,9 @@ void PackGroup(const Job& j, int64_t g) {
   const int64_t n0 = g * kGroup, cols = int64_t{Panels(j, g)} * 16, have = std::min(cols, j.N - n0);
   float* P = j.P + g * j.K * kGroup;
   for (int64_t k = 0; k < j.K; ++k) {
-    if (j.kn)
+    if (j.w8)
+      for (int64_t c = 0; c < have; ++c) P[k * cols + c] = static_cast<float>(j.w8[(n0 + c) * j.K + k]);
+    else if (j.kn)
       std::memcpy(P + k * cols, j.w + k * j.N + n0, have * sizeof(float));
     else
       for (int64_t c = 0; c < have; ++c) P[k * cols + c] = j.w[(n0 + c) * j.K + k];
@@ -96,7 +112,7 @@ void PackGroup(const Job& j, int64_t g) {
   }
 }
 
-__attribute__((target("avx512f"), always_inline)) inline void Store(const Job& j, float* yr, int64_t n, __m512 v) {
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline void Store(const Job& j, float* yr, int64_t n, __m512 v) {
   const int64_t left = j.N - n;
   if (j.finish) {  // max(lo, v), min(hi, v): NaN sums stay NaN, as in XLA's clamp
     const __mmask16 live = left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(left, 0)) - 1);
@@ -109,19 +125,36 @@ __attribute__((target("avx512f"), always_inline)) inline void Store(const Job& j
     _mm512_mask_storeu_ps(yr + n, static_cast<__mmask16>((1u << left) - 1), v);
 }
 
+// Row m's sums for columns n0 .. n0 + 16 nv (exact integers: the 8-bit mode) through the float stage into y8.
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline void Requant(const Job& j, int64_t m,
+                                                                                       int64_t n0, int nv, __m512 v0,
+                                                                                       __m512 v1, __m512 v2,
+                                                                                       __m512 v3) {
+  alignas(64) int32_t acc[64];
+  _mm512_store_si512(acc, _mm512_cvtps_epi32(v0));
+  if (nv > 1) _mm512_store_si512(acc + 16, _mm512_cvtps_epi32(v1));
+  if (nv > 2) _mm512_store_si512(acc + 32, _mm512_cvtps_epi32(v2));
+  if (nv > 3) _mm512_store_si512(acc + 48, _mm512_cvtps_epi32(v3));
+  jaxinfer::RequantRowFloat(j.stage, acc - n0, n0, std::min(j.N, n0 + 16 * nv), j.y8 + m * j.N);
+}
+
 // Rows m0 .. m0 + MR of y (their patch rows at xr, K apart), columns n0 .. n0 + 16 NV from panels P
 // (fma_tile.h's accumulators); JX_STORE serves BlockDirect too.
-#define JX_STORE(r)                                          \
-  if constexpr (MR > r) {                                    \
-    float* yr = j.y + (m0 + r) * j.N;                        \
-    Store(j, yr, n0, a##r##0);                               \
-    if constexpr (NV > 1) Store(j, yr, n0 + 16, a##r##1);    \
-    if constexpr (NV > 2) Store(j, yr, n0 + 32, a##r##2);    \
-    if constexpr (NV > 3) Store(j, yr, n0 + 48, a##r##3);    \
+#define JX_STORE(r)                                                             \
+  if constexpr (MR > r) {                                                       \
+    if (j.y8) {                                                                 \
+      Requant(j, m0 + r, n0, NV, a##r##0, a##r##1, a##r##2, a##r##3);           \
+    } else {                                                                    \
+      float* yr = j.y + (m0 + r) * j.N;                                         \
+      Store(j, yr, n0, a##r##0);                                                \
+      if constexpr (NV > 1) Store(j, yr, n0 + 16, a##r##1);                     \
+      if constexpr (NV > 2) Store(j, yr, n0 + 32, a##r##2);                     \
+      if constexpr (NV > 3) Store(j, yr, n0 + 48, a##r##3);                     \
+    }                                                                           \
   }
 
 template <int MR, int NV>
-__attribute__((target("avx512f"))) void Block(const Job& j, const float* xr, const float* P, int64_t m0, int64_t n0) {
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void Block(const Job& j, const float* xr, const float* P, int64_t m0, int64_t n0) {
   static_assert(MR >= 1 && MR <= kMaxRows && NV >= 1 && NV <= 4 && MR * NV <= 16, "accumulators named below");
   JX_FMA_ROWS(JX_FMA_ACC)
   JX_FMA_ROWS(JX_FMA_ZERO)
@@ -171,7 +204,12 @@ void PadRows(const Job& j, int64_t i) {
       continue;
     }
     std::fill_n(dst, p.PL * p.C, 0.f);
-    if (j.nchw) {
+    if (j.x8) {
+      const uint8_t* src = j.x8 + ((r / j.Hp) * p.H + h) * p.W * p.C;
+      float* out = dst + p.PL * p.C;
+      for (int64_t i = 0; i < p.W * p.C; ++i)
+        out[i] = static_cast<float>((j.x_unsigned ? int32_t{src[i]} : int32_t{static_cast<int8_t>(src[i])}) - j.zp);
+    } else if (j.nchw) {
       const float* src = p.x + (r / j.Hp) * p.C * p.H * p.W + h * p.W;
       for (int64_t c = 0; c < p.C; ++c, src += p.H * p.W)
         for (int64_t w = 0; w < p.W; ++w) dst[(p.PL + w) * p.C + c] = src[w];
@@ -186,7 +224,7 @@ void PadRows(const Job& j, int64_t i) {
 // columns n0 .. n0 + 16 NV from panels P: K below is the distance between the rows' windows (SW C), which the tile
 // steps over (fma_tile.h), and k walks one window row of KW C values at a time.
 template <int MR, int NV>
-__attribute__((target("avx512f"))) void BlockDirect(const Job& j, const float* x0, const float* P, int64_t m0,
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void BlockDirect(const Job& j, const float* x0, const float* P, int64_t m0,
                                                     int64_t n0) {
   static_assert(MR >= 1 && MR <= kMaxRows && NV >= 1 && NV <= 4 && MR * NV <= 16, "accumulators named below");
   JX_FMA_ROWS(JX_FMA_ACC)
@@ -283,13 +321,52 @@ __attribute__((target("avx512f"))) void Work(Job& j) {
   }
 }
 
+// Splits j (bound by a handler, M, K, N > 0) into work items and runs them on the calling thread and helpers.
+ffi::Error Launch(ffi::ThreadPool& pool, const std::shared_ptr<Job>& j) {
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (j->M * j->K * j->N < kSerialMacs) threads = 1;
+  j->groups = (j->N + kGroup - 1) / kGroup;
+  j->P = Scratch(t_panels, j->groups * kGroup * j->K);
+  const auto& p = j->p;
+  j->direct = j->nchw || j->x8 || (p.DW == 1 && g_direct.load(std::memory_order_relaxed) != 0);
+  if (j->direct) {
+    // the padded image holds every window: rows up to (OH - 1) SH + (KH - 1) DH, columns up to (OW - 1) SW + KW - 1
+    j->Hp = std::max(p.PT + p.H, (p.OH - 1) * p.SH + (p.KH - 1) * p.DH + 1);
+    j->Wp = std::max(p.PL + p.W, (p.OW - 1) * p.SW + p.KW);
+    if (!j->nchw && !j->x8 && p.PT == 0 && p.PL == 0 && j->Hp == p.H && j->Wp == p.W) {
+      j->xp = p.x;
+    } else {
+      j->xpad = Scratch(t_padded, p.B * j->Hp * j->Wp * p.C);
+      j->xp = j->xpad;
+      j->pad_rows = std::max<int64_t>(1, 4096 / (j->Wp * p.C));
+      j->pad_items = (p.B * j->Hp + j->pad_rows - 1) / j->pad_rows;
+    }
+    // output rows per item: about four items per thread when there are rows enough
+    const int64_t out_rows = p.B * p.OH;
+    j->rows = std::max<int64_t>(1, (out_rows + threads * 4 - 1) / (threads * 4));
+    j->chunks = (out_rows + j->rows - 1) / j->rows;
+    threads = std::min(threads, std::max(j->chunks, j->groups + j->pad_items));
+    jaxinfer::Share(j, Work, threads, j->chunks);
+    return ffi::Error::Success();
+  }
+  // Rows per item: at most kRowBytes of patch rows, at least 16 (whole 4-row blocks), and about four
+  // items per thread when there are rows enough.
+  const int64_t fit = std::max<int64_t>(16, kRowBytes / (4 * j->K));
+  const int64_t share = (j->M + threads * 4 - 1) / (threads * 4);
+  j->rows = (std::max<int64_t>(kMaxRows, std::min(fit, share)) + kMaxRows - 1) / kMaxRows * kMaxRows;
+  j->chunks = (j->M + j->rows - 1) / j->rows;
+  threads = std::min(threads, std::max(j->chunks, j->groups));
+  jaxinfer::Share(j, Work, threads, j->chunks);
+  return ffi::Error::Success();
+}
+
 // With finish = 1, y = min(hi, max(lo, sums + bias [N])): a TFLite layer's bias and fused activation in the
 // same pass (XLA ran them as one more fusion per layer); with 0 the bias operand is not read.
 ffi::Error F32Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> bias,
                    ffi::ResultBuffer<ffi::F32> y, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh,
                    int64_t dw, int64_t pt, int64_t pl, int64_t kn, int64_t finish, float lo, float hi, int64_t nchw) {
-  if (!__builtin_cpu_supports("avx512f"))
-    return ffi::Error::InvalidArgument("jaxinfer_f32_conv: this CPU lacks AVX-512");
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512vl"))
+    return ffi::Error::InvalidArgument("jaxinfer_f32_conv: this CPU lacks AVX-512 (F, BW, VL)");
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   auto j = std::make_shared<Job>();
   j->kn = kn != 0;
@@ -323,41 +400,42 @@ ffi::Error F32Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
         }
     return ffi::Error::Success();
   }
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  if (j->M * j->K * j->N < kSerialMacs) threads = 1;
-  j->groups = (j->N + kGroup - 1) / kGroup;
-  j->P = Scratch(t_panels, j->groups * kGroup * j->K);
-  const auto& p = j->p;
-  j->direct = j->nchw || (p.DW == 1 && g_direct.load(std::memory_order_relaxed) != 0);
-  if (j->direct) {
-    // the padded image holds every window: rows up to (OH - 1) SH + (KH - 1) DH, columns up to (OW - 1) SW + KW - 1
-    j->Hp = std::max(p.PT + p.H, (p.OH - 1) * p.SH + (p.KH - 1) * p.DH + 1);
-    j->Wp = std::max(p.PL + p.W, (p.OW - 1) * p.SW + p.KW);
-    if (!j->nchw && p.PT == 0 && p.PL == 0 && j->Hp == p.H && j->Wp == p.W) {
-      j->xp = p.x;
-    } else {
-      j->xpad = Scratch(t_padded, p.B * j->Hp * j->Wp * p.C);
-      j->xp = j->xpad;
-      j->pad_rows = std::max<int64_t>(1, 4096 / (j->Wp * p.C));
-      j->pad_items = (p.B * j->Hp + j->pad_rows - 1) / j->pad_rows;
-    }
-    // output rows per item: about four items per thread when there are rows enough
-    const int64_t out_rows = p.B * p.OH;
-    j->rows = std::max<int64_t>(1, (out_rows + threads * 4 - 1) / (threads * 4));
-    j->chunks = (out_rows + j->rows - 1) / j->rows;
-    threads = std::min(threads, std::max(j->chunks, j->groups + j->pad_items));
-    jaxinfer::Share(j, Work, threads, j->chunks);
-    return ffi::Error::Success();
-  }
-  // Rows per item: at most kRowBytes of patch rows, at least 16 (whole 4-row blocks), and about four
-  // items per thread when there are rows enough.
-  const int64_t fit = std::max<int64_t>(16, kRowBytes / (4 * j->K));
-  const int64_t share = (j->M + threads * 4 - 1) / (threads * 4);
-  j->rows = (std::max<int64_t>(kMaxRows, std::min(fit, share)) + kMaxRows - 1) / kMaxRows * kMaxRows;
-  j->chunks = (j->M + j->rows - 1) / j->rows;
-  threads = std::min(threads, std::max(j->chunks, j->groups));
-  jaxinfer::Share(j, Work, threads, j->chunks);
-  return ffi::Error::Success();
+  return Launch(pool, j);
+}
+
+// An 8-bit convolution requantized as jaxinfer_int8_conv_requant_f32 does (same operands and attributes; zp is the
+// image's own zero point), summed in float32 on the direct path (see the top of this file). The caller keeps
+// K 255 128 below 2^24, so every sum is an exact integer.
+ffi::Error Int8ConvDirectF32(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> zp, ffi::Buffer<ffi::S8> w,
+                             ffi::Buffer<ffi::S32> bias, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::S32> ozp,
+                             ffi::Result<ffi::AnyBuffer> y, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh,
+                             int64_t dw, int64_t pt, int64_t pl, bool relu) {
+  const char* target = "jaxinfer_int8_conv_direct_f32";
+  const auto xt = x.element_type(), yt = y->element_type();
+  const bool x8 = xt == ffi::DataType::U8 || xt == ffi::DataType::S8, y8 = yt == ffi::DataType::U8 || yt == ffi::DataType::S8;
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  auto j = std::make_shared<Job>();
+  if (!x8 || !y8 || wd.size() != 2 || zp.element_count() != 1 || dw != 1 ||
+      !jaxinfer::Geometry(static_cast<const float*>(nullptr), xd, yd, wd[1], wd[0], kh, kw, sh, sw, dh, dw, pt, pl,
+                          j->p) ||
+      wd[1] == 0 || wd[1] * 255 * 128 >= (int64_t{1} << 24))
+    return ffi::Error::InvalidArgument(std::string(target) +
+                                       ": expected 8-bit x [B, H, W, C] and y [B, OH, OW, N], zp [1], w [N, KH KW C] "
+                                       "with 0 < KH KW C and KH KW C 255 128 < 2^24, dw = 1");
+  if (ffi::Error e = jaxinfer::BindFloatStage(target, bias, scale, ozp, wd[0], yt == ffi::DataType::U8, relu,
+                                              j->stage);
+      e.failure())
+    return e;
+  j->x8 = static_cast<const uint8_t*>(x.untyped_data());
+  j->x_unsigned = xt == ffi::DataType::U8;
+  j->zp = zp.typed_data()[0];
+  j->w8 = w.typed_data();
+  j->y8 = static_cast<int8_t*>(y->untyped_data());
+  j->M = yd[0] * yd[1] * yd[2];
+  j->K = wd[1];
+  j->N = wd[0];
+  if (j->M == 0 || j->N == 0) return ffi::Error::Success();
+  return Launch(pool, j);
 }
 
 }  // namespace
@@ -381,3 +459,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32Conv, F32Conv,
                                   .Attr<float>("lo")
                                   .Attr<float>("hi")
                                   .Attr<int64_t>("nchw"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8ConvDirectF32, Int8ConvDirectF32,
+                              jaxinfer::WithWindowAttrs(jaxinfer::WindowHead<ffi::AnyBuffer>()
+                                                            .Arg<ffi::Buffer<ffi::S32>>()  // bias
+                                                            .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                                            .Arg<ffi::Buffer<ffi::S32>>()  // output zero point
+                                                            .Ret<ffi::AnyBuffer>())
+                                  .Attr<bool>("relu"));
