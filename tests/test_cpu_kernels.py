@@ -236,3 +236,32 @@ def test_lookup8_under_vmap_and_wrong_operands():
         cpu_kernels.lookup8(table, x.astype(np.int16))
     with pytest.raises(ValueError, match="8-bit codes and a \\[256\\] table"):
         cpu_kernels.lookup8(table[:128], x)
+
+
+AVX512 = cpu_kernels.isa() == 2
+
+
+@pytest.mark.skipif(not AVX512, reason="the 8-bit max pool kernel needs AVX-512")
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8])
+@pytest.mark.parametrize("geometry", [
+    ((2, 8, 8, 16), (2, 2), (2, 2), (1, 1), ((0, 0), (0, 0))),
+    ((1, 11, 13, 150), (3, 3), (2, 2), (1, 1), ((1, 1), (1, 1))),  # 3 vectors of channels, the last partial
+    ((3, 7, 5, 5), (3, 2), (1, 2), (2, 1), ((2, 0), (1, 1))),  # dilated rows, windows starting in the padding
+    ((1, 3, 3, 64), (3, 3), (1, 1), (1, 1), ((2, 2), (2, 2))),  # windows wholly in the padding at the corners
+])
+def test_max_pool8_matches_xla(dtype, geometry):
+    shape, window, strides, dilation, pads = geometry
+    info = np.iinfo(dtype)
+    x = np.random.default_rng(3).integers(info.min, info.max + 1, shape).astype(dtype)
+
+    def xla(x):
+        return lax.reduce_window(x, jnp.asarray(info.min, dtype), lax.max, (1, *window, 1), (1, *strides, 1),
+                                 [(0, 0), *pads, (0, 0)], window_dilation=(1, *dilation, 1))
+
+    fn = jax.jit(lambda x: cpu_kernels.max_pool8(x, window, strides, dilation, pads, xla))
+    assert "jaxinfer_max_pool8" in fn.lower(x).as_text()
+    np.testing.assert_array_equal(np.asarray(fn(x)), np.asarray(xla(x)))
+    got = jax.vmap(lambda x: cpu_kernels.max_pool8(x, window, strides, dilation, pads, xla))(np.stack([x, x[::-1]]))
+    np.testing.assert_array_equal(np.asarray(got), np.stack([np.asarray(xla(x)), np.asarray(xla(x[::-1]))]))
+    with pytest.raises(ValueError, match="int8 or uint8 x"):
+        cpu_kernels.max_pool8(x.astype(np.int16), window, strides, dilation, pads, xla)

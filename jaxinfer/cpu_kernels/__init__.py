@@ -55,7 +55,7 @@ from jax import lax
 __all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "OutputStage", "available", "f32_conv",
            "f32_depthwise", "f32_int8w_dot", "f32_lstm", "int8_conv", "int8_conv_requant", "int8_conv_requant_f32",
            "int8_depthwise", "int8_dot", "dynamic_quantize_u8", "lookup8", "int8_dot_dyn", "int8_dot_hybrid", "int8_dot_zp",
-           "isa", "kernel_dir", "takes"]
+           "isa", "kernel_dir", "max_pool8", "takes"]
 
 log = logging.getLogger(__name__)
 
@@ -96,16 +96,17 @@ TARGET_HYBRID = "jaxinfer_int8_dot_hybrid"
 TARGET_DQL = "jaxinfer_dynamic_quantize"
 TARGET_LOOKUP8 = "jaxinfer_lookup8"
 TARGET_CONV_DIRECT = "jaxinfer_int8_conv_direct_f32"
+TARGET_MAX_POOL8 = "jaxinfer_max_pool8"
 #: Every custom-call target the kernels register (an export must allow each).
 TARGETS = (TARGET, TARGET_ZP, TARGET_DYN, TARGET_HYBRID, TARGET_DQL, TARGET_CONV, TARGET_CONV_RQ, TARGET_CONV_RQF,
            TARGET_DEPTHWISE,
            TARGET_F32_CONV, TARGET_F32_DEPTHWISE, TARGET_F32_LSTM, TARGET_F32_I8W, TARGET_LOOKUP8,
-           TARGET_CONV_DIRECT)
+           TARGET_CONV_DIRECT, TARGET_MAX_POOL8)
 #: Zero points :func:`int8_dot_zp`'s kernel folds into ``x`` (``x - zp`` fits int16 for every int8 ``x``).
 ZP_RANGE = (-32768 + 128, 32767 - 128)
 #: The kernels' sources, built into one library (``patches.h`` is shared by the convolutions).
 _SOURCES = tuple(Path(__file__).with_name(n)
-                 for n in ("int8_dot.cc", "depthwise.cc", "f32_conv.cc", "lstm.cc", "weight_only.cc", "lookup.cc"))
+                 for n in ("int8_dot.cc", "depthwise.cc", "f32_conv.cc", "lstm.cc", "weight_only.cc", "lookup.cc", "pool.cc"))
 _HEADERS = tuple(Path(__file__).with_name(n) for n in ("fma_tile.h", "helpers.h", "patches.h", "requant.h"))
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -232,6 +233,7 @@ def _load() -> bool:
         jax.ffi.register_ffi_target(TARGET_LOOKUP8, jax.ffi.pycapsule(lib.JaxinferLookup8), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_CONV_DIRECT, jax.ffi.pycapsule(lib.JaxinferInt8ConvDirectF32),
                                     platform="cpu")
+        jax.ffi.register_ffi_target(TARGET_MAX_POOL8, jax.ffi.pycapsule(lib.JaxinferMaxPool8), platform="cpu")
         global _library
         _library = lib
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
@@ -869,6 +871,27 @@ def f32_lstm(x: jax.Array, ws: Sequence[jax.Array], rs: Sequence[jax.Array], bs:
             *ops, time_major=np.int64(time_major), reverse=np.int64(reverse), clip=np.float32(cell_clip)))
 
     return _on_cpu(kernel, otherwise, *ops)
+
+
+def max_pool8(x: jax.Array, window: tuple[int, int], strides: Sequence[int], dilation: Sequence[int],
+              pads: Sequence[tuple[int, int]], otherwise: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """Max pool of an int8 or uint8 NHWC ``x`` [B, H, W, C] over ``window`` (KH, KW) with ``strides``, ``dilation``
+    and ``pads`` ((top, bottom), (left, right), padding that never wins) -> [B, OH, OW, C] of x's type, in one
+    kernel call (``pool.cc``: 64 channels per vector and tap), where XLA ran a reduce-window loop. Callers check
+    :func:`isa` (``2``); ``otherwise(x)`` (XLA, the same values) runs on other platforms and under ``jax.vmap``."""
+    x = jnp.asarray(x)
+    if x.dtype not in (jnp.int8, jnp.uint8) or x.ndim != 4:
+        raise ValueError(f"max_pool8 takes int8 or uint8 x [B, H, W, C]; got {x.dtype}{list(x.shape)}")
+    c = x.shape[-1]
+    geometry = _conv_geometry(x.shape, (c, *window, 1), strides, dilation, pads)
+    if geometry is None or c == 0:
+        return otherwise(x)
+    (oh, ow), attrs = geometry
+
+    def kernel(x: jax.Array) -> jax.Array:
+        return jax.ffi.ffi_call(TARGET_MAX_POOL8, jax.ShapeDtypeStruct((x.shape[0], oh, ow, c), x.dtype))(x, **attrs)
+
+    return _on_cpu(kernel, otherwise, x, leading=True)
 
 
 def f32_depthwise(x: jax.Array, taps: jax.Array, bias: Any, clamp: tuple[float, float] | None,

@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .... import cpu_kernels
 from ....conv_lowering import reduce_window
 from ....registry import OpDef, registrar
 from ._util import auto_pads, ints, spatial_pads
@@ -26,6 +28,11 @@ Pads = list[tuple[int, int]]
 
 #: Windowed pools over (N, C, *S) run channels-last (see :meth:`Window.reduce`).
 CHANNELS_LAST = True
+
+
+def int8_kernels() -> bool:
+    """Whether 8-bit max pools take our kernel (:func:`cpu_kernels.max_pool8`): XLA CPU with our AVX-512 kernels."""
+    return jax.default_backend() == "cpu" and cpu_kernels.available() and cpu_kernels.isa() == 2
 
 
 @dataclass(frozen=True)
@@ -51,8 +58,17 @@ class Window:
         pads = self.padding if padding is None else padding
         if CHANNELS_LAST and lead == 2:
             spatial = tuple(range(2, x.ndim))
-            y = reduce_window(jnp.transpose(x, (0, *spatial, 1)), init, reducer, (1, *self.kernel, 1),
-                              (1, *self.strides, 1), [(0, 0), *pads, (0, 0)], (1, *self.dilations, 1), self.taps)
+
+            def xla(xl):
+                return reduce_window(xl, init, reducer, (1, *self.kernel, 1), (1, *self.strides, 1),
+                                     [(0, 0), *pads, (0, 0)], (1, *self.dilations, 1), self.taps)
+
+            xl = jnp.transpose(x, (0, *spatial, 1))
+            if reducer is lax.max and x.ndim == 4 and x.dtype in (jnp.int8, jnp.uint8) and int8_kernels():
+                # a quantized model's pool, whose input our int8 convolutions write to a buffer anyway
+                y = cpu_kernels.max_pool8(xl, self.kernel, self.strides, self.dilations, pads, xla)
+            else:
+                y = xla(xl)
             return jnp.transpose(y, (0, x.ndim - 1, *range(1, x.ndim - 1)))
         return reduce_window(x, init, reducer, (1,) * lead + self.kernel, (1,) * lead + self.strides,
                              [(0, 0)] * lead + list(pads), (1,) * lead + self.dilations, self.taps)
