@@ -265,3 +265,23 @@ def test_max_pool8_matches_xla(dtype, geometry):
     np.testing.assert_array_equal(np.asarray(got), np.stack([np.asarray(xla(x)), np.asarray(xla(x[::-1]))]))
     with pytest.raises(ValueError, match="int8 or uint8 x"):
         cpu_kernels.max_pool8(x.astype(np.int16), window, strides, dilation, pads, xla)
+
+
+def test_large_jobs_offered_to_xlas_pool_give_the_same_sums():
+    """ShareWith hands a large job's items to XLA's pool workers too: whoever takes an item, the sums are the
+    same as with our helpers alone (and as XLA's int8 dot)."""
+    rng = np.random.default_rng(9)
+    x = rng.integers(-128, 128, (40, 1024)).astype(np.int8)
+    w = rng.integers(-128, 128, (512, 1024)).astype(np.int8)  # 21M multiply-adds: offered
+    fn = jax.jit(cpu_kernels.int8_dot)
+    was = cpu_kernels.offer_to_xla_pool()
+    try:
+        cpu_kernels.offer_to_xla_pool(True)
+        offered = [np.asarray(fn(x, w)) for _ in range(5)]
+        cpu_kernels.offer_to_xla_pool(False)
+        helpers = np.asarray(fn(x, w))
+    finally:
+        cpu_kernels.offer_to_xla_pool(was)
+    want = x.astype(np.int32) @ w.T.astype(np.int32)
+    for got in offered + [helpers]:
+        np.testing.assert_array_equal(got, want)

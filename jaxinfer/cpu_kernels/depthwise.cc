@@ -38,6 +38,7 @@ namespace {
 // Under this many multiply-adds one thread is quicker (1M until the helpers of helpers.h: TFLite conv_int8 b8
 // ~625 -> ~555 us with the 16 x 16 layers on two threads, session 23).
 constexpr int64_t kSerialMacs = 1 << 16;
+constexpr int64_t kOfferMacs = 1 << 21;  // from this many, the job is offered to XLA's pool too (ShareWith)
 constexpr int64_t kMaxTaps = 1 << 16;     // int32 sums of at most this many products cannot wrap
 constexpr int64_t kHeldTaps = 49;         // windows up to 7 x 7 keep their loaded taps at hand (larger: read again)
 constexpr int kBlock = 8;                 // output columns summed at once in registers
@@ -244,7 +245,7 @@ void Run(ffi::ThreadPool& pool, std::shared_ptr<Job<Tr>> j) {
   j->rows_per_item = std::max<int64_t>(1, (j->rows + threads * 4 - 1) / (threads * 4));
   j->items = (j->rows + j->rows_per_item - 1) / j->rows_per_item;
   threads = std::min(threads, j->items);
-  jaxinfer::Share(j, Work<Tr>, threads, j->items);
+  jaxinfer::ShareWith(pool, j->rows * p.OW * p.C * p.KH * p.KW >= kOfferMacs, j, Work<Tr>, threads, j->items);
 }
 
 ffi::Error Int8Depthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S32> zp,

@@ -51,6 +51,7 @@ constexpr int kPanels = 4;                   // panels of 16 columns per block
 constexpr int64_t kGroup = 16 * kPanels;     // columns per panel group
 constexpr int64_t kRowBytes = 256 << 10;     // a work item's patch rows, at most (they stay in L2)
 constexpr int64_t kSerialMacs = 1 << 20;     // under this many multiply-adds one thread is quicker
+constexpr int64_t kOfferMacs = 1 << 21;      // from this many, the job is offered to XLA's pool too (ShareWith)
 
 struct Job {
   jaxinfer::Patches<float> p;
@@ -346,7 +347,7 @@ ffi::Error Launch(ffi::ThreadPool& pool, const std::shared_ptr<Job>& j) {
     j->rows = std::max<int64_t>(1, (out_rows + threads * 4 - 1) / (threads * 4));
     j->chunks = (out_rows + j->rows - 1) / j->rows;
     threads = std::min(threads, std::max(j->chunks, j->groups + j->pad_items));
-    jaxinfer::Share(j, Work, threads, j->chunks);
+    jaxinfer::ShareWith(pool, j->M * j->K * j->N >= kOfferMacs, j, Work, threads, j->chunks);
     return ffi::Error::Success();
   }
   // Rows per item: at most kRowBytes of patch rows, at least 16 (whole 4-row blocks), and about four
@@ -356,7 +357,7 @@ ffi::Error Launch(ffi::ThreadPool& pool, const std::shared_ptr<Job>& j) {
   j->rows = (std::max<int64_t>(kMaxRows, std::min(fit, share)) + kMaxRows - 1) / kMaxRows * kMaxRows;
   j->chunks = (j->M + j->rows - 1) / j->rows;
   threads = std::min(threads, std::max(j->chunks, j->groups));
-  jaxinfer::Share(j, Work, threads, j->chunks);
+  jaxinfer::ShareWith(pool, j->M * j->K * j->N >= kOfferMacs, j, Work, threads, j->chunks);
   return ffi::Error::Success();
 }
 
@@ -442,6 +443,13 @@ ffi::Error Int8ConvDirectF32(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer
 
 // Whether undilated layers read the image directly (1, the default) or take patch rows (0); a negative `want`
 // only asks. Later calls take it (no recompile): how the tests cover both and how to time them.
+// Whether large jobs of every kernel are offered to XLA's pool too (1, the default; helpers.h ShareWith) or go to
+// our helpers only (0); a negative `want` only asks. For timings.
+extern "C" int jaxinfer_share_xla(int want) {
+  if (want >= 0) jaxinfer::g_share_xla.store(want != 0, std::memory_order_relaxed);
+  return jaxinfer::g_share_xla.load(std::memory_order_relaxed);
+}
+
 extern "C" int jaxinfer_f32_conv_direct(int want) {
   if (want >= 0) g_direct.store(want != 0, std::memory_order_relaxed);
   return g_direct.load(std::memory_order_relaxed);

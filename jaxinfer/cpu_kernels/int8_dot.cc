@@ -83,6 +83,7 @@ constexpr int64_t kRowsPerPass = 8;       // accumulators held in registers: one
 // there in a microsecond, and from 64K two threads win: [8, 512] x [512, 512] ~27 -> ~22 us, TFLite hybrid_mlp
 // b8 ~56 -> ~42 us, conv_int8 b1 ~160 -> ~125 us (alternating builds, session 23).
 constexpr int64_t kSerialMacs = 65536;
+constexpr int64_t kOfferMacs = 1 << 23;  // from this many, the job is offered to XLA's pool too (ShareWith)
 constexpr int32_t kMinZp = -32768 + 128, kMaxZp = 32767 - 128;  // x - zp fits int16 for any int8 x
 
 constexpr int64_t kPrefetchBytes = 16 << 10;  // how far ahead the VNNI path asks for weights
@@ -748,7 +749,7 @@ ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, c
     j->chunks = (j->N + j->chunk - 1) / j->chunk;
   }
   threads = std::min(threads, j->chunks);
-  jaxinfer::Share(j, Work, threads, j->chunks);
+  jaxinfer::ShareWith(pool, M * K * N >= kOfferMacs, j, Work, threads, j->chunks);
   if (wide) {
     std::vector<uint32_t> colsum(j->N, 0);
     for (int64_t n = 0; n < j->N; ++n)

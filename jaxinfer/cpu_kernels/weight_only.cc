@@ -30,6 +30,7 @@ namespace {
 constexpr int kRows = 4;               // rows of x per register block
 constexpr int64_t kCols = 64;          // columns per work item: one 64-byte line of int8 per k
 constexpr int64_t kSerialMacs = 1 << 18;  // under this many multiply-adds one thread is quicker
+constexpr int64_t kOfferMacs = 1 << 21;   // from this many, the job is offered to XLA's pool too (ShareWith)
 // Weight lines asked for this many steps of k ahead: a column block reads one line per k, N bytes apart (a new
 // 4 KB page per step at N 4096), which the hardware prefetchers did not follow: the encoder's 50 MB of int8
 // weights came in at ~4.4 GB/s.
@@ -134,7 +135,7 @@ ffi::Error F32Int8wDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
   if (j->M * j->K * j->N < kSerialMacs) threads = 1;
   threads = std::min(threads, j->blocks);
-  jaxinfer::Share(j, Work, threads, j->blocks);
+  jaxinfer::ShareWith(pool, j->M * j->K * j->N >= kOfferMacs, j, Work, threads, j->blocks);
   return ffi::Error::Success();
 }
 
