@@ -52,10 +52,10 @@ import jaxlib
 import numpy as np
 from jax import lax
 
-__all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "OutputStage", "available", "f32_conv",
-           "f32_depthwise", "f32_int8w_dot", "f32_lstm", "int8_conv", "int8_conv_requant", "int8_conv_requant_f32",
-           "int8_depthwise", "int8_dot", "dynamic_quantize_u8", "lookup8", "int8_dot_dyn", "int8_dot_hybrid", "int8_dot_zp",
-           "isa", "kernel_dir", "max_pool8", "takes"]
+__all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "OutputStage", "available",
+           "dynamic_quantize_u8", "f32_conv", "f32_conv_direct", "f32_depthwise", "f32_int8w_dot", "f32_lstm",
+           "int8_conv", "int8_conv_requant", "int8_conv_requant_f32", "int8_depthwise", "int8_dot", "int8_dot_dyn",
+           "int8_dot_hybrid", "int8_dot_zp", "isa", "kernel_dir", "lookup8", "max_pool8", "offer_to_xla_pool", "takes"]
 
 log = logging.getLogger(__name__)
 

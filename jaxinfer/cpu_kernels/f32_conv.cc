@@ -113,7 +113,8 @@ void PackGroup(const Job& j, int64_t g) {
   }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline void Store(const Job& j, float* yr, int64_t n, __m512 v) {
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline void Store(const Job& j, float* yr,
+                                                                                     int64_t n, __m512 v) {
   const int64_t left = j.N - n;
   if (j.finish) {  // max(lo, v), min(hi, v): NaN sums stay NaN, as in XLA's clamp
     const __mmask16 live = left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(left, 0)) - 1);
@@ -155,7 +156,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline void 
   }
 
 template <int MR, int NV>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void Block(const Job& j, const float* xr, const float* P, int64_t m0, int64_t n0) {
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void Block(const Job& j, const float* xr, const float* P,
+                                                              int64_t m0, int64_t n0) {
   static_assert(MR >= 1 && MR <= kMaxRows && NV >= 1 && NV <= 4 && MR * NV <= 16, "accumulators named below");
   JX_FMA_ROWS(JX_FMA_ACC)
   JX_FMA_ROWS(JX_FMA_ZERO)
@@ -225,8 +227,8 @@ void PadRows(const Job& j, int64_t i) {
 // columns n0 .. n0 + 16 NV from panels P: K below is the distance between the rows' windows (SW C), which the tile
 // steps over (fma_tile.h), and k walks one window row of KW C values at a time.
 template <int MR, int NV>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void BlockDirect(const Job& j, const float* x0, const float* P, int64_t m0,
-                                                    int64_t n0) {
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void BlockDirect(const Job& j, const float* x0, const float* P,
+                                                                    int64_t m0, int64_t n0) {
   static_assert(MR >= 1 && MR <= kMaxRows && NV >= 1 && NV <= 4 && MR * NV <= 16, "accumulators named below");
   JX_FMA_ROWS(JX_FMA_ACC)
   JX_FMA_ROWS(JX_FMA_ZERO)
@@ -405,15 +407,16 @@ ffi::Error F32Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 }
 
 // An 8-bit convolution requantized as jaxinfer_int8_conv_requant_f32 does (same operands and attributes; zp is the
-// image's own zero point), summed in float32 on the direct path (see the top of this file). The caller keeps
-// K 255 128 below 2^24, so every sum is an exact integer.
+// image's own zero point), summed in float32 on the direct path (see the top of this file); K 255 128 < 2^24 (checked)
+// keeps every sum an exact integer.
 ffi::Error Int8ConvDirectF32(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> zp, ffi::Buffer<ffi::S8> w,
                              ffi::Buffer<ffi::S32> bias, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::S32> ozp,
                              ffi::Result<ffi::AnyBuffer> y, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh,
                              int64_t dw, int64_t pt, int64_t pl, bool relu) {
   const char* target = "jaxinfer_int8_conv_direct_f32";
   const auto xt = x.element_type(), yt = y->element_type();
-  const bool x8 = xt == ffi::DataType::U8 || xt == ffi::DataType::S8, y8 = yt == ffi::DataType::U8 || yt == ffi::DataType::S8;
+  const bool x8 = xt == ffi::DataType::U8 || xt == ffi::DataType::S8;
+  const bool y8 = yt == ffi::DataType::U8 || yt == ffi::DataType::S8;
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   auto j = std::make_shared<Job>();
   if (!x8 || !y8 || wd.size() != 2 || zp.element_count() != 1 || dw != 1 ||
@@ -441,8 +444,6 @@ ffi::Error Int8ConvDirectF32(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer
 
 }  // namespace
 
-// Whether undilated layers read the image directly (1, the default) or take patch rows (0); a negative `want`
-// only asks. Later calls take it (no recompile): how the tests cover both and how to time them.
 // Whether large jobs of every kernel are offered to XLA's pool too (1, the default; helpers.h ShareWith) or go to
 // our helpers only (0); a negative `want` only asks. For timings.
 extern "C" int jaxinfer_share_xla(int want) {
@@ -450,6 +451,8 @@ extern "C" int jaxinfer_share_xla(int want) {
   return jaxinfer::g_share_xla.load(std::memory_order_relaxed);
 }
 
+// Whether undilated layers read the image directly (1, the default) or take patch rows (0); a negative `want`
+// only asks. Later calls take it (no recompile): how the tests cover both and how to time them.
 extern "C" int jaxinfer_f32_conv_direct(int want) {
   if (want >= 0) g_direct.store(want != 0, std::memory_order_relaxed);
   return g_direct.load(std::memory_order_relaxed);

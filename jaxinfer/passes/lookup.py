@@ -99,7 +99,7 @@ def _chain_roots(graph: Graph) -> dict[str, str]:
     root_of: dict[str, str] = {}
     for node in graph.nodes:
         spec = _ELEMENTWISE.get(_key(node))
-        if spec is None or node.op_type == "DequantizeLinear" and node.attrs.get("block_size", 0):
+        if spec is None:  # (a blocked Q/DQ's scales are not one element: it stops at its scale input below)
             continue
         data_slots, _ = spec
         roots: set[str] = set()
