@@ -55,7 +55,7 @@ from jax import lax
 __all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "OutputStage", "available",
            "dynamic_quantize_u8", "f32_conv", "f32_conv_direct", "f32_depthwise", "f32_int8w_dot", "f32_lstm",
            "int8_conv", "int8_conv_requant", "int8_conv_requant_f32", "int8_depthwise", "int8_dot", "int8_dot_dyn",
-           "int8_dot_hybrid", "int8_dot_zp", "isa", "kernel_dir", "lookup8", "max_pool8", "offer_to_xla_pool", "takes"]
+           "int8_dot_hybrid", "int8_dot_zp", "isa", "kernel_dir", "layer_norm", "lookup8", "max_pool8", "offer_to_xla_pool", "takes"]
 
 log = logging.getLogger(__name__)
 
@@ -97,16 +97,18 @@ TARGET_DQL = "jaxinfer_dynamic_quantize"
 TARGET_LOOKUP8 = "jaxinfer_lookup8"
 TARGET_CONV_DIRECT = "jaxinfer_int8_conv_direct_f32"
 TARGET_MAX_POOL8 = "jaxinfer_max_pool8"
+TARGET_LAYER_NORM = "jaxinfer_f32_layer_norm"
 #: Every custom-call target the kernels register (an export must allow each).
 TARGETS = (TARGET, TARGET_ZP, TARGET_DYN, TARGET_HYBRID, TARGET_DQL, TARGET_CONV, TARGET_CONV_RQ, TARGET_CONV_RQF,
            TARGET_DEPTHWISE,
            TARGET_F32_CONV, TARGET_F32_DEPTHWISE, TARGET_F32_LSTM, TARGET_F32_I8W, TARGET_LOOKUP8,
-           TARGET_CONV_DIRECT, TARGET_MAX_POOL8)
+           TARGET_CONV_DIRECT, TARGET_MAX_POOL8, TARGET_LAYER_NORM)
 #: Zero points :func:`int8_dot_zp`'s kernel folds into ``x`` (``x - zp`` fits int16 for every int8 ``x``).
 ZP_RANGE = (-32768 + 128, 32767 - 128)
 #: The kernels' sources, built into one library (``patches.h`` is shared by the convolutions).
 _SOURCES = tuple(Path(__file__).with_name(n)
-                 for n in ("int8_dot.cc", "depthwise.cc", "f32_conv.cc", "lstm.cc", "weight_only.cc", "lookup.cc", "pool.cc"))
+                 for n in ("int8_dot.cc", "depthwise.cc", "f32_conv.cc", "lstm.cc", "weight_only.cc", "lookup.cc",
+                           "pool.cc", "norm.cc"))
 _HEADERS = tuple(Path(__file__).with_name(n) for n in ("fma_tile.h", "helpers.h", "patches.h", "requant.h"))
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -234,6 +236,7 @@ def _load() -> bool:
         jax.ffi.register_ffi_target(TARGET_CONV_DIRECT, jax.ffi.pycapsule(lib.JaxinferInt8ConvDirectF32),
                                     platform="cpu")
         jax.ffi.register_ffi_target(TARGET_MAX_POOL8, jax.ffi.pycapsule(lib.JaxinferMaxPool8), platform="cpu")
+        jax.ffi.register_ffi_target(TARGET_LAYER_NORM, jax.ffi.pycapsule(lib.JaxinferF32LayerNorm), platform="cpu")
         global _library
         _library = lib
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
@@ -879,6 +882,33 @@ def f32_lstm(x: jax.Array, ws: Sequence[jax.Array], rs: Sequence[jax.Array], bs:
             *ops, time_major=np.int64(time_major), reverse=np.int64(reverse), clip=np.float32(cell_clip)))
 
     return _on_cpu(kernel, otherwise, *ops)
+
+
+def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array | None, eps: float,
+               otherwise: Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]) -> jax.Array:
+    """Float32 layer normalization over ``x``'s last axis: ``((x - mean) * inv) * gamma + beta``, ``inv = 1 /
+    sqrt(var + eps)`` (biased variance), ``gamma`` / ``beta`` [C] (``beta`` None: none), in one kernel call
+    (``norm.cc``) where XLA ran 5-7 small loops; sums in another order than XLA's (the last bits may differ).
+    ``otherwise(x, gamma, beta)`` (XLA) runs on other platforms, under ``jax.vmap`` of the parameters, and
+    without AVX-512."""
+    x = jnp.asarray(x)
+    c = x.shape[-1] if x.ndim else 0
+    gamma = jnp.asarray(gamma)
+    if (x.dtype != jnp.float32 or x.ndim < 1 or c == 0 or x.size == 0 or gamma.shape != (c,)
+            or (beta is not None and jnp.shape(beta) != (c,)) or not available() or isa() != 2):
+        return otherwise(x, gamma, beta)
+    has_beta = beta is not None
+    b = jnp.asarray(beta, jnp.float32) if has_beta else jnp.zeros((1,), jnp.float32)
+
+    def kernel(x: jax.Array, gamma: jax.Array, b: jax.Array) -> jax.Array:
+        y = jax.ffi.ffi_call(TARGET_LAYER_NORM, jax.ShapeDtypeStruct((x.size // c, c), jnp.float32))(
+            x.reshape(-1, c), gamma.astype(jnp.float32), b, eps=np.float32(eps), has_beta=has_beta)
+        return y.reshape(x.shape)
+
+    def xla(x: jax.Array, gamma: jax.Array, b: jax.Array) -> jax.Array:
+        return otherwise(x, gamma, b if has_beta else None)
+
+    return _on_cpu(kernel, xla, x, gamma, b, leading=True)
 
 
 def max_pool8(x: jax.Array, window: tuple[int, int], strides: Sequence[int], dilation: Sequence[int],

@@ -20,6 +20,7 @@ from jax import lax
 from ....registry import OpDef, registrar
 from ._util import axis as norm_axis
 from .attention import rotary_embedding as _rotary_23
+from .normalization import last_axis_norm
 from .normalization import layer_normalization as _layer_norm_17
 
 MS = "com.microsoft"
@@ -122,19 +123,29 @@ def fused_matmul(A, B, *, alpha: float = 1.0, transA: int = 0, transB: int = 0, 
 
 def _layer_norm(x: Any, gamma: Any, beta: Any, epsilon: float, simplified: bool) -> tuple[Any, Any, Any]:
     st = stat_type(x)
-    xf = x.astype(st)
-    if simplified:
-        mean = jnp.zeros(x.shape[:-1] + (1,), st)
-        centered = xf
-    else:
-        mean = jnp.mean(xf, axis=-1, keepdims=True)
-        centered = xf - mean
-    var = jnp.mean(centered * centered, axis=-1, keepdims=True)
-    inv = lax.rsqrt(var + jnp.asarray(epsilon, st))
-    y = centered * inv * gamma.astype(st)
-    if beta is not None:
-        y = y + beta.astype(st)
-    return y.astype(x.dtype), mean, inv
+
+    def stats(x):
+        xf = x.astype(st)
+        if simplified:
+            mean = jnp.zeros(x.shape[:-1] + (1,), st)
+            centered = xf
+        else:
+            mean = jnp.mean(xf, axis=-1, keepdims=True)
+            centered = xf - mean
+        var = jnp.mean(centered * centered, axis=-1, keepdims=True)
+        return mean, centered, lax.rsqrt(var + jnp.asarray(epsilon, st))
+
+    def xla(x, gamma, beta):
+        _, centered, inv = stats(x)
+        y = centered * inv * jnp.asarray(gamma).astype(st)
+        if beta is not None:
+            y = y + jnp.asarray(beta).astype(st)
+        return y.astype(x.dtype)
+
+    mean, _, inv = stats(x)  # XLA's (dropped when nothing reads them)
+    if simplified or np.dtype(st) != x.dtype:
+        return xla(x, gamma, beta), mean, inv
+    return last_axis_norm(x, gamma, beta, epsilon, xla), mean, inv
 
 
 @op("SkipLayerNormalization", 1)

@@ -9,8 +9,10 @@ to the input's type before the affine step.
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
+from .... import cpu_kernels
 from ....registry import OpDef, registrar
 from ._util import axis as norm_axis
 from ._util import dtype_of
@@ -89,13 +91,37 @@ def batch_normalization(x, scale, bias, mean, var, *, epsilon: float = 1e-5, mom
 def layer_normalization(x, scale, b=None, *, axis: int = -1, epsilon: float = 1e-5, stash_type: int = 1):
     """https://onnx.ai/onnx/operators/onnx__LayerNormalization.html: Y, Mean, InvStdDev (stats in stash_type)."""
     ax = norm_axis(axis, x.ndim)
-    xs = x.astype(dtype_of(stash_type))
-    mean, centered, var = _moments(xs, tuple(range(ax, x.ndim)))
-    inv_std = lax.rsqrt(var + _eps(epsilon, xs.dtype))
-    y = (centered * inv_std).astype(x.dtype) * scale
-    if b is not None:
-        y = y + b
+    st = dtype_of(stash_type)
+
+    def stats(x):
+        xs = x.astype(st)
+        mean, centered, var = _moments(xs, tuple(range(ax, x.ndim)))
+        return mean, centered, lax.rsqrt(var + _eps(epsilon, xs.dtype))
+
+    def xla(x, scale, b):
+        _, centered, inv_std = stats(x)
+        y = (centered * inv_std).astype(x.dtype) * scale
+        return y if b is None else y + b
+
+    mean, _, inv_std = stats(x)  # Mean and InvStdDev are XLA's (dropped when nothing reads them)
+    y = last_axis_norm(x, scale, b, epsilon, xla) if ax == x.ndim - 1 and np.dtype(st) == x.dtype else xla(x, scale, b)
     return y, mean, inv_std
+
+
+def last_axis_norm(x, gamma, beta, epsilon: float, xla):
+    """A float32 layer norm over the last axis with ``gamma`` / ``beta`` of C values each (any shape that
+    broadcasts without adding axes) as our CPU kernel (:func:`cpu_kernels.layer_norm`: one call where XLA ran
+    5-7 small loops); ``xla(x, gamma, beta)`` otherwise (and on other platforms, with gamma / beta as [C])."""
+    x = jnp.asarray(x)
+    c = x.shape[-1] if x.ndim else 0
+
+    def fits(v) -> bool:
+        return v is None or (np.size(v) == c and jnp.ndim(v) <= x.ndim and tuple(jnp.shape(v))[-1:] in ((c,), ()))
+
+    if x.dtype != jnp.float32 or c == 0 or gamma is None or not fits(gamma) or not fits(beta):
+        return xla(x, gamma, beta)
+    flat = lambda v: None if v is None else jnp.asarray(v).astype(jnp.float32).reshape(c)  # noqa: E731
+    return cpu_kernels.layer_norm(x, flat(gamma), flat(beta), float(epsilon), xla)
 
 
 @op("RMSNormalization", (23,))

@@ -1,0 +1,95 @@
+"""cpu_kernels.layer_norm (norm.cc): a float32 layer norm over the last axis in one kernel call. Its values
+match a float64 reference to float32 rounding for any channel count; it runs under vmap (of x in the kernel,
+of the parameters in XLA); ONNX LayerNormalization over the last axis and onnxruntime's fused layer norms
+take it, and answer as onnxruntime does."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import jaxinfer
+from jaxinfer import cpu_kernels
+
+AVX512 = cpu_kernels.available() and cpu_kernels.isa() == 2
+needs_kernels = pytest.mark.skipif(not AVX512, reason="the layer norm kernel needs AVX-512")
+
+
+def _xla(x, g, b, eps=1e-5):
+    m = jnp.mean(x, -1, keepdims=True)
+    c = x - m
+    y = c * jax.lax.rsqrt(jnp.mean(c * c, -1, keepdims=True) + eps) * g
+    return y if b is None else y + b
+
+
+def _ref(x, g, b, eps=1e-5):
+    x = x.astype(np.float64)
+    m = x.mean(-1, keepdims=True)
+    y = (x - m) / np.sqrt(((x - m) ** 2).mean(-1, keepdims=True) + eps) * g
+    return y if b is None else y + b
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(8, 16, 64), (3, 5, 37), (200, 768), (4, 1), (2, 17)])
+@pytest.mark.parametrize("with_beta", [True, False])
+def test_matches_float64(shape, with_beta):
+    rng = np.random.default_rng(sum(shape))
+    x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+    g = rng.standard_normal(shape[-1]).astype(np.float32)
+    b = rng.standard_normal(shape[-1]).astype(np.float32) if with_beta else None
+    fn = jax.jit(lambda x, g: cpu_kernels.layer_norm(x, g, b, 1e-5, _xla))
+    assert cpu_kernels.TARGET_LAYER_NORM in fn.lower(x, g).as_text()
+    got = np.asarray(fn(x, g))
+    np.testing.assert_allclose(got, _ref(x, g, b), rtol=1e-5, atol=2e-6 * np.sqrt(shape[-1]))
+
+
+@needs_kernels
+def test_vmap_of_x_is_more_rows_and_of_gamma_is_xla():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 6, 32)).astype(np.float32)
+    g = rng.standard_normal(32).astype(np.float32)
+    b = rng.standard_normal(32).astype(np.float32)
+    got = jax.vmap(lambda x: cpu_kernels.layer_norm(x, g, b, 1e-5, _xla))(x)
+    np.testing.assert_allclose(np.asarray(got), _ref(x, g, b), rtol=1e-5, atol=1e-5)
+    gs = np.stack([g, 2 * g])
+    got = jax.vmap(lambda g: cpu_kernels.layer_norm(x[0], g, b, 1e-5, _xla))(gs)
+    np.testing.assert_allclose(np.asarray(got), np.stack([_ref(x[0], g, b), _ref(x[0], 2 * g, b)]), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_other_dtypes_and_shapes_take_the_fallback():
+    x16 = np.ones((2, 8), np.float16)
+    assert np.asarray(cpu_kernels.layer_norm(x16, np.ones(8, np.float16), None, 1e-5, lambda x, g, b: x * 0 + 7)
+                      ).tolist() == [[7.0] * 8] * 2
+    x = np.ones((2, 8), np.float32)
+    got = cpu_kernels.layer_norm(x, np.ones(4, np.float32), None, 1e-5, lambda x, g, b: x * 0 + 5)  # gamma [4]
+    assert float(np.asarray(got)[0, 0]) == 5.0
+
+
+def _ln_model(axis: int, shape: list[int]) -> bytes:
+    c = shape[-1] if axis == -1 else int(np.prod(shape[axis:]))
+    rng = np.random.default_rng(2)
+    pshape = [c] if axis == -1 else shape[axis:]
+    g = helper.make_graph(
+        [helper.make_node("LayerNormalization", ["x", "s", "b"], ["y"], axis=axis, epsilon=1e-5)], "ln",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        initializer=[numpy_helper.from_array(rng.standard_normal(pshape).astype(np.float32), "s"),
+                     numpy_helper.from_array(rng.standard_normal(pshape).astype(np.float32), "b")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+@needs_kernels
+@pytest.mark.parametrize("axis,takes", [(-1, True), (1, False)])
+def test_onnx_layer_normalization_over_the_last_axis_takes_it(axis, takes):
+    shape = [2, 5, 48]
+    data = _ln_model(axis, shape)
+    m = jaxinfer.load(data)
+    x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    assert (cpu_kernels.TARGET_LAYER_NORM in m.compiled({"x": x}).as_text()) == takes
+    want = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(np.asarray(m.run({"x": x})["y"]), want, rtol=1e-4, atol=1e-5)
