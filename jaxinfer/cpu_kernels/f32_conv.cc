@@ -140,8 +140,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline void 
   jaxinfer::RequantRowFloat(j.stage, acc - n0, n0, std::min(j.N, n0 + 16 * nv), j.y8 + m * j.N);
 }
 
-// Rows m0 .. m0 + MR of y (their patch rows at xr, K apart), columns n0 .. n0 + 16 NV from panels P
-// (fma_tile.h's accumulators); JX_STORE serves BlockDirect too.
+// Tile's row r (output row m0 + r) stored: plain, finished (bias, clamp), or requantized in the 8-bit mode.
 #define JX_STORE(r)                                                             \
   if constexpr (MR > r) {                                                       \
     if (j.y8) {                                                                 \
@@ -155,22 +154,42 @@ __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline void 
     }                                                                           \
   }
 
+// Rows m0 .. m0 + MR of y against columns n0 .. n0 + 16 NV from panels P (fma_tile.h's accumulators): row r's
+// values are `runs` runs of L values, run i at xr + r K + i step (patch rows: one run of K values, K apart; the
+// direct path: KH window rows of KW C values in the padded image, the pixels' windows SW C apart).
 template <int MR, int NV>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void Block(const Job& j, const float* xr, const float* P,
-                                                              int64_t m0, int64_t n0) {
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void Tile(const Job& j, const float* x0, int64_t K, int64_t runs,
+                                                             int64_t L, int64_t step, const float* P, int64_t m0,
+                                                             int64_t n0) {
   static_assert(MR >= 1 && MR <= kMaxRows && NV >= 1 && NV <= 4 && MR * NV <= 16, "accumulators named below");
   JX_FMA_ROWS(JX_FMA_ACC)
   JX_FMA_ROWS(JX_FMA_ZERO)
-  const int64_t K = j.K;
   const float* pp = P;
-  for (int64_t k = 0; k < K; ++k, pp += NV * 16) {
-    const __m512 b0 = _mm512_load_ps(pp);
-    const __m512 b1 = NV > 1 ? _mm512_load_ps(pp + 16) : b0;
-    const __m512 b2 = NV > 2 ? _mm512_load_ps(pp + 32) : b0;
-    const __m512 b3 = NV > 3 ? _mm512_load_ps(pp + 48) : b0;
-    JX_FMA_ROWS(JX_FMA_STEP)
+  for (int64_t i = 0; i < runs; ++i) {
+    const float* xr = x0 + i * step;
+    for (int64_t k = 0; k < L; ++k, pp += NV * 16) {
+      const __m512 b0 = _mm512_load_ps(pp);
+      const __m512 b1 = NV > 1 ? _mm512_load_ps(pp + 16) : b0;
+      const __m512 b2 = NV > 2 ? _mm512_load_ps(pp + 32) : b0;
+      const __m512 b3 = NV > 3 ? _mm512_load_ps(pp + 48) : b0;
+      JX_FMA_ROWS(JX_FMA_STEP)
+    }
   }
   JX_FMA_ROWS(JX_STORE)
+}
+#undef JX_STORE
+
+// Patch rows m0 .. m0 + MR at xr, K apart.
+template <int MR, int NV>
+void Block(const Job& j, const float* xr, const float* P, int64_t m0, int64_t n0) {
+  Tile<MR, NV>(j, xr, j.K, 1, j.K, 0, P, m0, n0);
+}
+
+// Output pixels m0 .. m0 + MR, side by side in one output row, the first one's window starting at x0 in xp.
+template <int MR, int NV>
+void BlockDirect(const Job& j, const float* x0, const float* P, int64_t m0, int64_t n0) {
+  const auto& p = j.p;
+  Tile<MR, NV>(j, x0, p.SW * p.C, p.KH, p.KW * p.C, p.DH * j.Wp * p.C, P, m0, n0);
 }
 
 // Rows m0 .. m1 (patch rows at xr) against group g's panels, MR rows at a time: 4 with 3-4 panels, 8 with 1-2
@@ -222,31 +241,6 @@ void PadRows(const Job& j, int64_t i) {
     std::fill(dst + (p.PL + p.W) * p.C, dst + line, 0.f);
   }
 }
-
-// Output pixels m0 .. m0 + MR (side by side in one output row; the first one's window starts at xr in xp) against
-// columns n0 .. n0 + 16 NV from panels P: K below is the distance between the rows' windows (SW C), which the tile
-// steps over (fma_tile.h), and k walks one window row of KW C values at a time.
-template <int MR, int NV>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void BlockDirect(const Job& j, const float* x0, const float* P,
-                                                                    int64_t m0, int64_t n0) {
-  static_assert(MR >= 1 && MR <= kMaxRows && NV >= 1 && NV <= 4 && MR * NV <= 16, "accumulators named below");
-  JX_FMA_ROWS(JX_FMA_ACC)
-  JX_FMA_ROWS(JX_FMA_ZERO)
-  const int64_t K = j.p.SW * j.p.C, L = j.p.KW * j.p.C, line = j.p.DH * j.Wp * j.p.C;
-  const float* pp = P;
-  for (int64_t i = 0; i < j.p.KH; ++i) {
-    const float* xr = x0 + i * line;
-    for (int64_t k = 0; k < L; ++k, pp += NV * 16) {
-      const __m512 b0 = _mm512_load_ps(pp);
-      const __m512 b1 = NV > 1 ? _mm512_load_ps(pp + 16) : b0;
-      const __m512 b2 = NV > 2 ? _mm512_load_ps(pp + 32) : b0;
-      const __m512 b3 = NV > 3 ? _mm512_load_ps(pp + 48) : b0;
-      JX_FMA_ROWS(JX_FMA_STEP)
-    }
-  }
-  JX_FMA_ROWS(JX_STORE)
-}
-#undef JX_STORE
 
 // Output row (b, oh) against group g's panels, MR pixels at a time as in GroupRows.
 template <int NP>
@@ -471,10 +465,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32Conv, F32Conv,
                                   .Attr<float>("hi")
                                   .Attr<int64_t>("nchw"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8ConvDirectF32, Int8ConvDirectF32,
-                              jaxinfer::WithWindowAttrs(jaxinfer::WindowHead<ffi::AnyBuffer>()
-                                                            .Arg<ffi::Buffer<ffi::S32>>()  // bias
-                                                            .Arg<ffi::Buffer<ffi::F32>>()  // scale
-                                                            .Arg<ffi::Buffer<ffi::S32>>()  // output zero point
-                                                            .Ret<ffi::AnyBuffer>())
-                                  .Attr<bool>("relu"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8ConvDirectF32, Int8ConvDirectF32, jaxinfer::FloatStagedWindowBinding());

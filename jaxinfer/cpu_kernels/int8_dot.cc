@@ -1151,9 +1151,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8Conv, Int8Conv,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8ConvRequant, Int8ConvRequant, jaxinfer::StagedWindowBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8ConvRequantFloat, Int8ConvRequantFloat,
-                              jaxinfer::WithWindowAttrs(jaxinfer::WindowHead<ffi::AnyBuffer>()
-                                                            .Arg<ffi::Buffer<ffi::S32>>()  // bias
-                                                            .Arg<ffi::Buffer<ffi::F32>>()  // scale
-                                                            .Arg<ffi::Buffer<ffi::S32>>()  // output zero point
-                                                            .Ret<ffi::AnyBuffer>())
-                                  .Attr<bool>("relu"));
+                              jaxinfer::FloatStagedWindowBinding());

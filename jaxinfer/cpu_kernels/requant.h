@@ -169,6 +169,19 @@ inline auto StagedWindowBinding() {
       .Attr<int64_t>("hi");
 }
 
+// The binding of an 8-bit window kernel finished by the float stage (RequantRowFloat: ONNX's requantized
+// convolutions): x (int8 or uint8), its zero point, the filter, bias [N] int32, scale [N] float32 and the output
+// zero point [1] -> y (int8 or uint8); the window attributes, then whether a ReLU clamps at the zero point.
+inline auto FloatStagedWindowBinding() {
+  namespace ffi = xla::ffi;
+  return WithWindowAttrs(WindowHead<ffi::AnyBuffer>()
+                             .Arg<ffi::Buffer<ffi::S32>>()
+                             .Arg<ffi::Buffer<ffi::F32>>()
+                             .Arg<ffi::Buffer<ffi::S32>>()
+                             .Ret<ffi::AnyBuffer>())
+      .template Attr<bool>("relu");
+}
+
 // A float stage's operands (RequantRowFloat): bias [N] int32, scale [N] float32, the output zero point ozp [1]
 // int32 (a tensor: ONNX's is a model value), and the output's type (uint8 when `unsigned_out`) with the
 // clamp at the zero point where `relu`; checked and bound into s.
