@@ -109,9 +109,12 @@ def qgemm(A, a_scale, a_zero_point, B, b_scale, b_zero_point=None, C=None, y_sca
     a = jnp.asarray(A)
     b = jnp.asarray(B)
     a = a.T if transA else a
-    b = b.T if transB else b
-    n = b.shape[-1]
-    acc = _int_matmul(a, b, a_zero_point, b_zero_point)
+    if transB:  # b is [N, K]: the layout our int8 kernel takes, so it is not transposed (a copy per call)
+        n = b.shape[0]
+        acc = zp_matmul(a, zero_point(a_zero_point), b, zero_point(b_zero_point, (n, 1)), trans_b=True)
+    else:
+        n = b.shape[-1]
+        acc = _int_matmul(a, b, a_zero_point, b_zero_point)
     if C is not None:
         acc = acc + jnp.asarray(C).astype(jnp.int32)
     scale = _scalar(a_scale) * _col(b_scale, n).astype(F32) * alpha
