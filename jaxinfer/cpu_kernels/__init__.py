@@ -55,7 +55,8 @@ from jax import lax
 __all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "OutputStage", "available",
            "dynamic_quantize_u8", "f32_conv", "f32_conv_direct", "f32_depthwise", "f32_int8w_dot", "f32_lstm",
            "int8_conv", "int8_conv_requant", "int8_conv_requant_f32", "int8_depthwise", "int8_dot", "int8_dot_dyn",
-           "int8_dot_hybrid", "int8_dot_zp", "isa", "kernel_dir", "layer_norm", "lookup8", "max_pool8", "offer_to_xla_pool", "takes"]
+           "int8_dot_hybrid", "int8_dot_zp", "isa", "kernel_dir", "layer_norm", "lookup8", "max_pool8",
+           "offer_to_xla_pool", "softmax", "takes"]
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +99,13 @@ TARGET_LOOKUP8 = "jaxinfer_lookup8"
 TARGET_CONV_DIRECT = "jaxinfer_int8_conv_direct_f32"
 TARGET_MAX_POOL8 = "jaxinfer_max_pool8"
 TARGET_LAYER_NORM = "jaxinfer_f32_layer_norm"
+TARGET_SOFTMAX = "jaxinfer_f32_softmax"
 #: Every custom-call target the kernels register (an export must allow each).
 TARGETS = (TARGET, TARGET_ZP, TARGET_DYN, TARGET_HYBRID, TARGET_DQL, TARGET_CONV, TARGET_CONV_RQ, TARGET_CONV_RQF,
            TARGET_DEPTHWISE,
            TARGET_F32_CONV, TARGET_F32_DEPTHWISE, TARGET_F32_LSTM, TARGET_F32_I8W, TARGET_LOOKUP8,
-           TARGET_CONV_DIRECT, TARGET_MAX_POOL8, TARGET_LAYER_NORM)
+           TARGET_CONV_DIRECT, TARGET_MAX_POOL8, TARGET_LAYER_NORM,
+           TARGET_SOFTMAX)
 #: Zero points :func:`int8_dot_zp`'s kernel folds into ``x`` (``x - zp`` fits int16 for every int8 ``x``).
 ZP_RANGE = (-32768 + 128, 32767 - 128)
 #: The kernels' sources, built into one library (``patches.h`` is shared by the convolutions).
@@ -237,6 +240,7 @@ def _load() -> bool:
                                     platform="cpu")
         jax.ffi.register_ffi_target(TARGET_MAX_POOL8, jax.ffi.pycapsule(lib.JaxinferMaxPool8), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_LAYER_NORM, jax.ffi.pycapsule(lib.JaxinferF32LayerNorm), platform="cpu")
+        jax.ffi.register_ffi_target(TARGET_SOFTMAX, jax.ffi.pycapsule(lib.JaxinferF32Softmax), platform="cpu")
         global _library
         _library = lib
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
@@ -909,6 +913,23 @@ def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array | None, eps: floa
         return otherwise(x, gamma, b if has_beta else None)
 
     return _on_cpu(kernel, xla, x, gamma, b, leading=True)
+
+
+def softmax(x: jax.Array, otherwise: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """Float32 softmax over ``x``'s last axis, ``exp(x - max) / sum(exp(x - max))``, in one kernel call
+    (``norm.cc``, our own exp: within an ulp or two of XLA's) where XLA ran four loops; NaN rows stay NaN, -inf
+    entries give 0. ``otherwise(x)`` (``jax.nn.softmax``) runs on other platforms, under ``jax.vmap`` and
+    without AVX-512."""
+    x = jnp.asarray(x)
+    if x.dtype != jnp.float32 or x.ndim < 1 or x.size == 0 or not available() or isa() != 2:
+        return otherwise(x)
+    c = x.shape[-1]
+
+    def kernel(x: jax.Array) -> jax.Array:
+        y = jax.ffi.ffi_call(TARGET_SOFTMAX, jax.ShapeDtypeStruct((x.size // c, c), jnp.float32))(x.reshape(-1, c))
+        return y.reshape(x.shape)
+
+    return _on_cpu(kernel, otherwise, x, leading=True)
 
 
 def max_pool8(x: jax.Array, window: tuple[int, int], strides: Sequence[int], dilation: Sequence[int],

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .... import cpu_kernels
 from ....registry import OpDef, registrar
 from ._util import axis as norm_axis
 
@@ -173,16 +174,25 @@ def _axis_form(fn: Callable[..., Any], x, axis: int):
     return fn(x, axis=norm_axis(axis, jnp.ndim(x)))
 
 
+def last_axis_softmax(x, axis: int):
+    """``jax.nn.softmax`` over ``axis``; over the last axis of a float32 tensor, our CPU kernel
+    (:func:`cpu_kernels.softmax`: one call where XLA ran four loops)."""
+    x = jnp.asarray(x)
+    if x.ndim and axis == x.ndim - 1 and x.dtype == jnp.float32:
+        return cpu_kernels.softmax(x, jax.nn.softmax)
+    return jax.nn.softmax(x, axis=axis)
+
+
 @op("Softmax", (1, 11))
 def softmax_v1(x, *, axis: int = 1):
     """https://onnx.ai/onnx/operators/onnx__Softmax.html#softmax-11 (2-D coercion)."""
-    return _coerced_2d(jax.nn.softmax, x, axis)
+    return _coerced_2d(last_axis_softmax, x, axis)
 
 
 @op("Softmax", 13)
 def softmax(x, *, axis: int = -1):
     """https://onnx.ai/onnx/operators/onnx__Softmax.html"""
-    return _axis_form(jax.nn.softmax, x, axis)
+    return _axis_form(last_axis_softmax, x, axis)
 
 
 @op("LogSoftmax", (1, 11))

@@ -17,6 +17,7 @@ import numpy as np
 from jax import lax
 
 from ....registry import OpDef, registrar
+from .activation import last_axis_softmax
 from .attention import rotary_embedding as _rotary_23
 
 MS = "com.microsoft"
@@ -56,7 +57,7 @@ def _softmax_attend(q: Any, k: Any, v: Any, scale: float, bias: Any, extra_logit
         e = jnp.exp(scores - m)
         probs = e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(extra_logit - m))
     else:
-        probs = jax.nn.softmax(scores, axis=-1)
+        probs = last_axis_softmax(scores, scores.ndim - 1)
     ctx = jnp.einsum("bnst,bntd->bnsd", probs, v.astype(st), precision=HI)
     return ctx.astype(q.dtype), probs
 

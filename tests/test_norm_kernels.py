@@ -1,7 +1,7 @@
-"""cpu_kernels.layer_norm (norm.cc): a float32 layer norm over the last axis in one kernel call. Its values
-match a float64 reference to float32 rounding for any channel count; it runs under vmap (of x in the kernel,
-of the parameters in XLA); ONNX LayerNormalization over the last axis and onnxruntime's fused layer norms
-take it, and answer as onnxruntime does."""
+"""cpu_kernels.layer_norm and cpu_kernels.softmax (norm.cc): float32 row normalizations over the last axis,
+one kernel call each. Their values match float64 references to float32 rounding for any row length; they run
+under vmap (of x in the kernel, of parameters in XLA); NaN and infinities come out as XLA's; ONNX
+LayerNormalization / Softmax over the last axis take them and answer as onnxruntime does."""
 
 from __future__ import annotations
 
@@ -93,3 +93,41 @@ def test_onnx_layer_normalization_over_the_last_axis_takes_it(axis, takes):
     assert (cpu_kernels.TARGET_LAYER_NORM in m.compiled({"x": x}).as_text()) == takes
     want = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(np.asarray(m.run({"x": x})["y"]), want, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(8, 4, 16, 16), (3, 37), (5, 1), (2, 1000)])
+def test_softmax_matches_xla(shape):
+    x = (np.random.default_rng(sum(shape)).standard_normal(shape) * 5).astype(np.float32)
+    fn = jax.jit(lambda x: cpu_kernels.softmax(x, jax.nn.softmax))
+    assert cpu_kernels.TARGET_SOFTMAX in fn.lower(x).as_text()
+    got = np.asarray(fn(x))
+    x64 = x.astype(np.float64)
+    e = np.exp(x64 - x64.max(-1, keepdims=True))
+    np.testing.assert_allclose(got, e / e.sum(-1, keepdims=True), rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(got, np.asarray(jax.nn.softmax(x)), rtol=2e-6, atol=1e-7)
+
+
+@needs_kernels
+def test_softmax_masks_nan_and_infinities_as_xla():
+    x = np.array([[0, -np.inf, 1, 2], [np.nan, 0, 1, 2], [-np.inf] * 4, [np.inf, 0, 1, 2], [-200, 0, -100, -90]],
+                 np.float32)
+    got = np.asarray(jax.jit(lambda x: cpu_kernels.softmax(x, jax.nn.softmax))(x))
+    np.testing.assert_allclose(got, np.asarray(jax.nn.softmax(x)), rtol=2e-6, atol=0)
+    got = jax.vmap(lambda r: cpu_kernels.softmax(r, jax.nn.softmax))(x[:1])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(jax.nn.softmax(x[:1])), rtol=2e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("opset,axis,takes", [(13, -1, True), (13, 1, False), (11, 1, True)])
+def test_onnx_softmax_over_the_last_axis_takes_it(opset, axis, takes):
+    """Opset 13 over the last axis; opset 11's 2-D coercion makes any axis the last of its [rows, rest]."""
+    g = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"], axis=axis)], "sm",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 8])])
+    data = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]).SerializeToString()
+    m = jaxinfer.load(data)
+    x = np.random.default_rng(4).standard_normal((2, 3, 8)).astype(np.float32)
+    assert (cpu_kernels.TARGET_SOFTMAX in m.compiled({"x": x}).as_text()) == takes
+    want = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(np.asarray(m.run({"x": x})["y"]), want, rtol=1e-5, atol=1e-6)
