@@ -285,3 +285,17 @@ def test_large_jobs_offered_to_xlas_pool_give_the_same_sums():
     want = x.astype(np.int32) @ w.T.astype(np.int32)
     for got in offered + [helpers]:
         np.testing.assert_array_equal(got, want)
+
+
+def test_programs_traced_while_suppressed_take_xlas_routes():
+    """Inside cpu_kernels.suppressed() (what sharded programs are traced under) no kernel custom call is
+    emitted, and the values are the same."""
+    table = np.arange(256, dtype=np.int32) * 7
+    x = np.random.default_rng(2).integers(0, 256, (3, 50)).astype(np.uint8)
+    fn = jax.jit(lambda t, x: cpu_kernels.lookup8(t, x))  # a fresh function: traced here, not taken from a cache
+    with cpu_kernels.suppressed():
+        assert not cpu_kernels.available() and cpu_kernels.isa() == 0
+        text = fn.lower(table, x).as_text()
+        got = np.asarray(fn(table, x))
+    assert "jaxinfer_lookup8" not in text and cpu_kernels.available()
+    np.testing.assert_array_equal(got, table[x])

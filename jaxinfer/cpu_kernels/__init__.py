@@ -30,6 +30,8 @@ float32 route), so a program traced here runs anywhere.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import hashlib
 import logging
@@ -56,7 +58,7 @@ __all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "OutputSt
            "dynamic_quantize_u8", "f32_conv", "f32_conv_direct", "f32_depthwise", "f32_int8w_dot", "f32_lstm",
            "int8_conv", "int8_conv_requant", "int8_conv_requant_f32", "int8_depthwise", "int8_dot", "int8_dot_dyn",
            "int8_dot_hybrid", "int8_dot_zp", "isa", "kernel_dir", "layer_norm", "lookup8", "max_pool8",
-           "offer_to_xla_pool", "softmax", "takes"]
+           "offer_to_xla_pool", "softmax", "suppressed", "takes"]
 
 log = logging.getLogger(__name__)
 
@@ -249,8 +251,27 @@ def _load() -> bool:
     return True
 
 
+#: Set inside :func:`suppressed`: kernels report themselves unavailable while programs are traced there.
+_SUPPRESSED: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxinfer_cpu_kernels_suppressed", default=False)
+
+
+@contextlib.contextmanager
+def suppressed() -> Any:
+    """Programs traced inside this block take XLA's routes, as on a machine without the kernels: for programs
+    partitioned over several devices, where XLA's SPMD partitioner gathers a custom call's operands whole onto
+    every device (a tensor-parallel GPT-2 went from 0 to 9 all-gathers with the layer norm and softmax kernels)."""
+    token = _SUPPRESSED.set(True)
+    try:
+        yield
+    finally:
+        _SUPPRESSED.reset(token)
+
+
 def available() -> bool:
-    """Whether the CPU int8 kernel is built and registered (building it on the first call)."""
+    """Whether the CPU kernels are built and registered (building them on the first call); False inside
+    :func:`suppressed`."""
+    if _SUPPRESSED.get():
+        return False
     global _available
     with _lock:
         if _available is None:

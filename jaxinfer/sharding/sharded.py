@@ -9,6 +9,7 @@ SPMD partitioner inserts the collectives the param specs imply.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .. import arith
+from .. import arith, cpu_kernels
 from ..graph import Node
 from ..model import Model
 from .config import AXES, MeshConfig, ShardingConfigError, build_mesh, divisors, parse_config, pick_devices
@@ -150,13 +151,23 @@ class ShardedModel(Model):
         static = {k: v for k, v in feeds.items() if k in self.value_inputs}
         dynamic = {k: v for k, v in feeds.items() if k not in self.value_inputs}
         fn = self._chunked_fn(key, feeds) if self.config.chunk_size else self.fn
-        stats = self.stats
         pshard = jax.tree.map(lambda v: v.sharding, self.params)
         ishard = self._input_shardings(dynamic)
         abstract = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype if not hasattr(v, "dtype") else v.dtype,
                                             sharding=ishard[k]) for k, v in dynamic.items()}
         out_sh = NamedSharding(self.mesh, P()) if self.config.replicate_outputs else None
         start = time.perf_counter()
+        # our CPU kernels are custom calls, which XLA's partitioner would gather whole onto every device
+        with cpu_kernels.suppressed() if self.mesh.devices.size > 1 else contextlib.nullcontext():
+            exe = self._lower(fn, static, pshard, ishard, abstract, out_sh)
+        self.stats.compiles += 1
+        self.stats.compile_seconds += time.perf_counter() - start
+        self.stats.keys.append(key)
+        return exe
+
+    def _lower(self, fn: Any, static: Mapping[str, Any], pshard: Any, ishard: Any, abstract: Any, out_sh: Any) -> Any:
+        """``fn`` jitted over the mesh's shardings, lowered and compiled."""
+        stats = self.stats
         if self.stateful:
             sshard = {k: NamedSharding(self.mesh, P()) for k in self.state}
 
@@ -174,9 +185,6 @@ class ShardedModel(Model):
 
             jitted = jax.jit(call, in_shardings=(pshard, ishard), out_shardings=out_sh)
             exe = jitted.lower(self.params, abstract).compile(self.compiler_options or None)
-        self.stats.compiles += 1
-        self.stats.compile_seconds += time.perf_counter() - start
-        self.stats.keys.append(key)
         return exe
 
     def _chunked_fn(self, key: tuple, feeds: Mapping[str, Any]) -> Any:
