@@ -39,29 +39,32 @@ struct Job {
   std::atomic<int64_t> next{0}, done{0};
 };
 
-__attribute__((target("avx512f"))) inline float Sum(__m512 v) { return _mm512_reduce_add_ps(v); }
+// The lanes of a row's vector at c that lie inside its C values.
+inline __mmask16 Live(int64_t C, int64_t c) {
+  return C - c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (C - c)) - 1);
+}
 
-__attribute__((target("avx512f"))) void Row(const Job& j, int64_t r) {
+__attribute__((target("avx512f"))) void LayerNormRow(const Job& j, int64_t r) {
   const float* x = j.x + r * j.C;
   float* y = j.y + r * j.C;
   const int64_t C = j.C;
   __m512 s = _mm512_setzero_ps();
   for (int64_t c = 0; c < C; c += 16) {
-    const __mmask16 live = C - c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (C - c)) - 1);
+    const __mmask16 live = Live(C, c);
     s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(live, x + c));
   }
-  const float mean = Sum(s) / static_cast<float>(C);
+  const float mean = _mm512_reduce_add_ps(s) / static_cast<float>(C);
   const __m512 m = _mm512_set1_ps(mean);
   __m512 q = _mm512_setzero_ps();
   for (int64_t c = 0; c < C; c += 16) {
-    const __mmask16 live = C - c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (C - c)) - 1);
+    const __mmask16 live = Live(C, c);
     const __m512 d = _mm512_maskz_sub_ps(live, _mm512_maskz_loadu_ps(live, x + c), m);
     q = _mm512_add_ps(q, _mm512_mul_ps(d, d));
   }
-  const float inv = 1.0f / std::sqrt(Sum(q) / static_cast<float>(C) + j.eps);
+  const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(q) / static_cast<float>(C) + j.eps);
   const __m512 vi = _mm512_set1_ps(inv);
   for (int64_t c = 0; c < C; c += 16) {
-    const __mmask16 live = C - c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (C - c)) - 1);
+    const __mmask16 live = Live(C, c);
     __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, x + c), m), vi),
                              _mm512_maskz_loadu_ps(live, j.gamma + c));
     if (j.beta) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, j.beta + c));
@@ -92,7 +95,7 @@ __attribute__((target("avx512f"))) void SoftmaxRow(const Job& j, int64_t r) {
   __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __mmask16 nan = 0;
   for (int64_t c = 0; c < C; c += 16) {
-    const __mmask16 live = C - c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (C - c)) - 1);
+    const __mmask16 live = Live(C, c);
     const __m512 v = _mm512_mask_loadu_ps(m, live, x + c);
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     m = _mm512_max_ps(m, v);
@@ -101,14 +104,14 @@ __attribute__((target("avx512f"))) void SoftmaxRow(const Job& j, int64_t r) {
   const __m512 vt = _mm512_set1_ps(top);
   __m512 s = _mm512_setzero_ps();
   for (int64_t c = 0; c < C; c += 16) {  // y holds the exponentials until the sum is known
-    const __mmask16 live = C - c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (C - c)) - 1);
+    const __mmask16 live = Live(C, c);
     const __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, x + c), vt));
     s = _mm512_add_ps(s, _mm512_maskz_mov_ps(live, e));
     _mm512_mask_storeu_ps(y + c, live, e);
   }
   const __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(s));
   for (int64_t c = 0; c < C; c += 16) {
-    const __mmask16 live = C - c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (C - c)) - 1);
+    const __mmask16 live = Live(C, c);
     _mm512_mask_storeu_ps(y + c, live, _mm512_div_ps(_mm512_maskz_loadu_ps(live, y + c), sum));
   }
 }
@@ -146,7 +149,7 @@ ffi::Error LayerNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   j->x = x.typed_data(), j->gamma = gamma.typed_data(), j->y = y->typed_data(), j->eps = eps;
   j->beta = has_beta ? beta.typed_data() : nullptr;
   j->R = xd[0], j->C = xd[1];
-  Run<Row>(pool, j);
+  Run<LayerNormRow>(pool, j);
   return ffi::Error::Success();
 }
 
