@@ -102,19 +102,27 @@ TARGET_CONV_DIRECT = "jaxinfer_int8_conv_direct_f32"
 TARGET_MAX_POOL8 = "jaxinfer_max_pool8"
 TARGET_LAYER_NORM = "jaxinfer_f32_layer_norm"
 TARGET_SOFTMAX = "jaxinfer_f32_softmax"
+#: Each custom-call target the kernels register -> the library's handler symbol.
+_HANDLERS = {
+    TARGET: "JaxinferInt8Dot", TARGET_ZP: "JaxinferInt8DotZp", TARGET_DYN: "JaxinferInt8DotDyn",
+    TARGET_HYBRID: "JaxinferInt8DotHybrid", TARGET_DQL: "JaxinferDynamicQuantize", TARGET_CONV: "JaxinferInt8Conv",
+    TARGET_CONV_RQ: "JaxinferInt8ConvRequant", TARGET_CONV_RQF: "JaxinferInt8ConvRequantFloat",
+    TARGET_DEPTHWISE: "JaxinferInt8Depthwise", TARGET_F32_CONV: "JaxinferF32Conv",
+    TARGET_F32_DEPTHWISE: "JaxinferF32Depthwise", TARGET_F32_LSTM: "JaxinferF32Lstm",
+    TARGET_F32_I8W: "JaxinferF32Int8wDot", TARGET_LOOKUP8: "JaxinferLookup8",
+    TARGET_CONV_DIRECT: "JaxinferInt8ConvDirectF32", TARGET_MAX_POOL8: "JaxinferMaxPool8",
+    TARGET_LAYER_NORM: "JaxinferF32LayerNorm", TARGET_SOFTMAX: "JaxinferF32Softmax",
+}
 #: Every custom-call target the kernels register (an export must allow each).
-TARGETS = (TARGET, TARGET_ZP, TARGET_DYN, TARGET_HYBRID, TARGET_DQL, TARGET_CONV, TARGET_CONV_RQ, TARGET_CONV_RQF,
-           TARGET_DEPTHWISE,
-           TARGET_F32_CONV, TARGET_F32_DEPTHWISE, TARGET_F32_LSTM, TARGET_F32_I8W, TARGET_LOOKUP8,
-           TARGET_CONV_DIRECT, TARGET_MAX_POOL8, TARGET_LAYER_NORM,
-           TARGET_SOFTMAX)
+TARGETS = tuple(_HANDLERS)
 #: Zero points :func:`int8_dot_zp`'s kernel folds into ``x`` (``x - zp`` fits int16 for every int8 ``x``).
 ZP_RANGE = (-32768 + 128, 32767 - 128)
 #: The kernels' sources, built into one library (``patches.h`` is shared by the convolutions).
 _SOURCES = tuple(Path(__file__).with_name(n)
                  for n in ("int8_dot.cc", "depthwise.cc", "f32_conv.cc", "lstm.cc", "weight_only.cc", "lookup.cc",
                            "pool.cc", "norm.cc"))
-_HEADERS = tuple(Path(__file__).with_name(n) for n in ("fma_tile.h", "helpers.h", "patches.h", "requant.h"))
+_HEADERS = tuple(Path(__file__).with_name(n) for n in ("fma_tile.h", "helpers.h", "patches.h", "requant.h",
+                                                         "vmath.h"))
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 
 _lock = threading.Lock()
@@ -223,26 +231,8 @@ def _load() -> bool:
         if not lib.jaxinfer_int8_dot_supported():
             log.info("jaxinfer CPU kernels: this CPU lacks AVX2; using XLA's int8 dot")
             return False
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxinferInt8Dot), platform="cpu")
-        jax.ffi.register_ffi_target(TARGET_ZP, jax.ffi.pycapsule(lib.JaxinferInt8DotZp), platform="cpu")
-        jax.ffi.register_ffi_target(TARGET_DYN, jax.ffi.pycapsule(lib.JaxinferInt8DotDyn), platform="cpu")
-        jax.ffi.register_ffi_target(TARGET_HYBRID, jax.ffi.pycapsule(lib.JaxinferInt8DotHybrid), platform="cpu")
-        jax.ffi.register_ffi_target(TARGET_DQL, jax.ffi.pycapsule(lib.JaxinferDynamicQuantize), platform="cpu")
-        jax.ffi.register_ffi_target(TARGET_CONV, jax.ffi.pycapsule(lib.JaxinferInt8Conv), platform="cpu")
-        jax.ffi.register_ffi_target(TARGET_CONV_RQ, jax.ffi.pycapsule(lib.JaxinferInt8ConvRequant), platform="cpu")
-        jax.ffi.register_ffi_target(TARGET_CONV_RQF, jax.ffi.pycapsule(lib.JaxinferInt8ConvRequantFloat),
-                                    platform="cpu")
-        jax.ffi.register_ffi_target(TARGET_DEPTHWISE, jax.ffi.pycapsule(lib.JaxinferInt8Depthwise), platform="cpu")
-        jax.ffi.register_ffi_target(TARGET_F32_CONV, jax.ffi.pycapsule(lib.JaxinferF32Conv), platform="cpu")
-        jax.ffi.register_ffi_target(TARGET_F32_DEPTHWISE, jax.ffi.pycapsule(lib.JaxinferF32Depthwise), platform="cpu")
-        jax.ffi.register_ffi_target(TARGET_F32_LSTM, jax.ffi.pycapsule(lib.JaxinferF32Lstm), platform="cpu")
-        jax.ffi.register_ffi_target(TARGET_F32_I8W, jax.ffi.pycapsule(lib.JaxinferF32Int8wDot), platform="cpu")
-        jax.ffi.register_ffi_target(TARGET_LOOKUP8, jax.ffi.pycapsule(lib.JaxinferLookup8), platform="cpu")
-        jax.ffi.register_ffi_target(TARGET_CONV_DIRECT, jax.ffi.pycapsule(lib.JaxinferInt8ConvDirectF32),
-                                    platform="cpu")
-        jax.ffi.register_ffi_target(TARGET_MAX_POOL8, jax.ffi.pycapsule(lib.JaxinferMaxPool8), platform="cpu")
-        jax.ffi.register_ffi_target(TARGET_LAYER_NORM, jax.ffi.pycapsule(lib.JaxinferF32LayerNorm), platform="cpu")
-        jax.ffi.register_ffi_target(TARGET_SOFTMAX, jax.ffi.pycapsule(lib.JaxinferF32Softmax), platform="cpu")
+        for target, symbol in _HANDLERS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
         global _library
         _library = lib
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
@@ -938,7 +928,7 @@ def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array | None, eps: floa
 
 def softmax(x: jax.Array, otherwise: Callable[[jax.Array], jax.Array]) -> jax.Array:
     """Float32 softmax over ``x``'s last axis, ``exp(x - max) / sum(exp(x - max))``, in one kernel call
-    (``norm.cc``, our own exp: within an ulp or two of XLA's) where XLA ran four loops; NaN rows stay NaN, -inf
+    (``norm.cc``, ``vmath.h``'s exp: within a few ulp of XLA's) where XLA ran four loops; NaN rows stay NaN, -inf
     entries give 0. ``otherwise(x)`` (``jax.nn.softmax``) runs on other platforms, under ``jax.vmap`` and
     without AVX-512."""
     x = jnp.asarray(x)

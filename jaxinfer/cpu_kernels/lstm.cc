@@ -24,6 +24,7 @@
 #include <cstring>
 #include <vector>
 
+#include "vmath.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -37,26 +38,9 @@ bool Same(const A& a, const B& b) {
 
 #define JX_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl")))
 
-JX_AVX512 inline __m512 Exp(__m512 x) {
-  // NaN-keeping clamp: max/min return their second operand when one is NaN.
-  x = _mm512_min_ps(_mm512_set1_ps(88.7f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln 2, high bits (exact n * hi)
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);   // ln 2, the rest
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
 JX_AVX512 inline __m512 Sigmoid(__m512 x) {
   const __m512 one = _mm512_set1_ps(1.0f);
-  return _mm512_div_ps(one, _mm512_add_ps(one, Exp(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+  return _mm512_div_ps(one, _mm512_add_ps(one, jaxinfer::Exp(_mm512_sub_ps(_mm512_setzero_ps(), x))));
 }
 
 JX_AVX512 inline __m512 Tanh(__m512 x) {
@@ -64,7 +48,8 @@ JX_AVX512 inline __m512 Tanh(__m512 x) {
   const __m512 a = _mm512_andnot_ps(sign, x);
   // Large |x|: 1 - 2 / (e^(2|x|) + 1), the sign put back.
   const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f);
-  const __m512 big = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(Exp(_mm512_mul_ps(two, a)), one)));
+  const __m512 e = jaxinfer::Exp(_mm512_mul_ps(two, a));
+  const __m512 big = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(e, one)));
   // Small |x| (under 0.25, where that subtraction would cancel): x - x^3/3 + 2x^5/15 - 17x^7/315 + 62x^9/2835.
   const __m512 x2 = _mm512_mul_ps(x, x);
   __m512 p = _mm512_set1_ps(62.0f / 2835);
@@ -93,10 +78,6 @@ JX_AVX512 inline __m512 Sum16(const __m512 (&v)[16]) {
   return Lanes(Lanes(a, b), Lanes(c, d));
 }
 
-JX_AVX512 inline __mmask16 Tail(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
-}
-
 // Operands of one step's products: per gate (i, f, c, o) W [n, I], R [n, n] and the bias [n].
 struct Weights {
   const float* w[4];
@@ -108,7 +89,7 @@ struct Weights {
 // Rows j .. j + 16 of a gate (or the 1-15 left, masked): 16 dot products of a [rows, K] with v [K], added to acc.
 JX_AVX512 inline void Dots(const float* a, int64_t rows, const float* v, int64_t K, __m512 (&acc)[16]) {
   for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 m = Tail(K - k);
+    const __mmask16 m = jaxinfer::Tail(K - k);
     const __m512 vv = _mm512_maskz_loadu_ps(m, v + k);
 #pragma GCC unroll 16
     for (int i = 0; i < 16; ++i)
@@ -127,7 +108,7 @@ JX_AVX512 void Gates(const Weights& p, const float* x, const float* h, float* g)
       for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
       Dots(p.w[q] + j * p.I, rows, x, p.I, acc);
       Dots(p.r[q] + j * n, rows, h, n, acc);
-      const __mmask16 m = Tail(rows);
+      const __mmask16 m = jaxinfer::Tail(rows);
       _mm512_mask_storeu_ps(g + q * n + j, m, _mm512_add_ps(Sum16(acc), _mm512_maskz_loadu_ps(m, p.b[q] + j)));
     }
 }
@@ -137,7 +118,7 @@ JX_AVX512 void Gates(const Weights& p, const float* x, const float* h, float* g)
 JX_AVX512 inline void Dots2(const float* a, int64_t rows, const float* v0, const float* v1, int64_t K,
                             __m512 (&acc)[16]) {
   for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 m = Tail(K - k);
+    const __mmask16 m = jaxinfer::Tail(K - k);
     const __m512 u0 = _mm512_maskz_loadu_ps(m, v0 + k), u1 = _mm512_maskz_loadu_ps(m, v1 + k);
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i)
@@ -173,7 +154,7 @@ JX_AVX512 void Gates2(const Weights& p, const float* x0, const float* x1, const 
 JX_AVX512 void Cell(const float* g, int64_t n, float clip, float* c, float* h) {
   const __m512 hi = _mm512_set1_ps(clip), lo = _mm512_set1_ps(-clip);
   for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 m = Tail(n - k);
+    const __mmask16 m = jaxinfer::Tail(n - k);
     const __m512 i = Sigmoid(_mm512_maskz_loadu_ps(m, g + k));
     const __m512 f = Sigmoid(_mm512_maskz_loadu_ps(m, g + n + k));
     const __m512 cand = Tanh(_mm512_maskz_loadu_ps(m, g + 2 * n + k));

@@ -8,10 +8,9 @@
 // 16 channels per vector. The sums run in another order than XLA's: the last bits may differ.
 //
 // Softmax: y = exp(x - max) / sum(exp(x - max)) per row, as jax.nn.softmax computes it (XLA ran it as 4 loops,
-// two of them over the whole tensor: ~10-15 % of a small transformer's batch-8 run). exp is our own: n = round(v
-// log2 e), r = v - n ln 2 (in two parts), a degree-7 Taylor polynomial of e^r on |r| <= ln 2 / 2 (its remainder
-// below 2^-27), scaled by 2^n (vscalefps: underflows to 0 as exp does); within an ulp or two of XLA's. A row with
-// a NaN (or an infinite maximum) gives NaN everywhere, as XLA's does; -inf entries (masks) give 0.
+// two of them over the whole tensor: ~10-15 % of a small transformer's batch-8 run), with vmath.h's exp (the LSTM
+// kernel's). A row with a NaN (or an infinite maximum) gives NaN everywhere, as XLA's does; -inf entries (masks)
+// give 0.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -22,6 +21,7 @@
 #include <memory>
 
 #include "helpers.h"
+#include "vmath.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -39,53 +39,32 @@ struct Job {
   std::atomic<int64_t> next{0}, done{0};
 };
 
-// The lanes of a row's vector at c that lie inside its C values.
-inline __mmask16 Live(int64_t C, int64_t c) {
-  return C - c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (C - c)) - 1);
-}
-
 __attribute__((target("avx512f"))) void LayerNormRow(const Job& j, int64_t r) {
   const float* x = j.x + r * j.C;
   float* y = j.y + r * j.C;
   const int64_t C = j.C;
   __m512 s = _mm512_setzero_ps();
   for (int64_t c = 0; c < C; c += 16) {
-    const __mmask16 live = Live(C, c);
+    const __mmask16 live = jaxinfer::Tail(C - c);
     s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(live, x + c));
   }
   const float mean = _mm512_reduce_add_ps(s) / static_cast<float>(C);
   const __m512 m = _mm512_set1_ps(mean);
   __m512 q = _mm512_setzero_ps();
   for (int64_t c = 0; c < C; c += 16) {
-    const __mmask16 live = Live(C, c);
+    const __mmask16 live = jaxinfer::Tail(C - c);
     const __m512 d = _mm512_maskz_sub_ps(live, _mm512_maskz_loadu_ps(live, x + c), m);
     q = _mm512_add_ps(q, _mm512_mul_ps(d, d));
   }
   const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(q) / static_cast<float>(C) + j.eps);
   const __m512 vi = _mm512_set1_ps(inv);
   for (int64_t c = 0; c < C; c += 16) {
-    const __mmask16 live = Live(C, c);
+    const __mmask16 live = jaxinfer::Tail(C - c);
     __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, x + c), m), vi),
                              _mm512_maskz_loadu_ps(live, j.gamma + c));
     if (j.beta) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, j.beta + c));
     _mm512_mask_storeu_ps(y + c, live, v);
   }
-}
-
-__attribute__((target("avx512f"))) inline __m512 Exp(__m512 v) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);  // ln 2 = 0.693359375 - 2.12194440e-4
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
 }
 
 __attribute__((target("avx512f"))) void SoftmaxRow(const Job& j, int64_t r) {
@@ -95,7 +74,7 @@ __attribute__((target("avx512f"))) void SoftmaxRow(const Job& j, int64_t r) {
   __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __mmask16 nan = 0;
   for (int64_t c = 0; c < C; c += 16) {
-    const __mmask16 live = Live(C, c);
+    const __mmask16 live = jaxinfer::Tail(C - c);
     const __m512 v = _mm512_mask_loadu_ps(m, live, x + c);
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     m = _mm512_max_ps(m, v);
@@ -104,14 +83,14 @@ __attribute__((target("avx512f"))) void SoftmaxRow(const Job& j, int64_t r) {
   const __m512 vt = _mm512_set1_ps(top);
   __m512 s = _mm512_setzero_ps();
   for (int64_t c = 0; c < C; c += 16) {  // y holds the exponentials until the sum is known
-    const __mmask16 live = Live(C, c);
-    const __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, x + c), vt));
+    const __mmask16 live = jaxinfer::Tail(C - c);
+    const __m512 e = jaxinfer::Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, x + c), vt));
     s = _mm512_add_ps(s, _mm512_maskz_mov_ps(live, e));
     _mm512_mask_storeu_ps(y + c, live, e);
   }
   const __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(s));
   for (int64_t c = 0; c < C; c += 16) {
-    const __mmask16 live = Live(C, c);
+    const __mmask16 live = jaxinfer::Tail(C - c);
     _mm512_mask_storeu_ps(y + c, live, _mm512_div_ps(_mm512_maskz_loadu_ps(live, y + c), sum));
   }
 }

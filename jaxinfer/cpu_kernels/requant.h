@@ -19,6 +19,7 @@
 #include <string>
 
 #include "patches.h"
+#include "vmath.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jaxinfer {
@@ -100,7 +101,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void RequantRowFloat
   const __m512 lo = _mm512_set1_ps(static_cast<float>(s.lo - s.zero_point));
   const __m512 hi = _mm512_set1_ps(static_cast<float>(s.hi - s.zero_point));
   for (int64_t n = n0; n < n1; n += 16) {
-    const __mmask16 live = n1 - n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n1 - n)) - 1);
+    const __mmask16 live = Tail(n1 - n);
     __m512i a = _mm512_maskz_loadu_epi32(live, acc + n);
     if (s.bias) a = _mm512_add_epi32(a, _mm512_maskz_loadu_epi32(live, s.bias + n));
     __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_maskz_loadu_ps(live, s.scale + n));
@@ -116,7 +117,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void RequantRow(cons
   if (s.scale) return RequantRowFloat(s, acc, n0, n1, y);
   const __m512i zp = _mm512_set1_epi32(s.zero_point), lo = _mm512_set1_epi32(s.lo), hi = _mm512_set1_epi32(s.hi);
   for (int64_t n = n0; n < n1; n += 16) {
-    const __mmask16 live = n1 - n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n1 - n)) - 1);
+    const __mmask16 live = Tail(n1 - n);
     const Stage16 t = LoadStage16(s, n, live);
     const __m512i a = _mm512_add_epi32(_mm512_maskz_loadu_epi32(live, acc + n), t.bias);
     _mm_mask_storeu_epi8(y + n, live, Requant16(a, t.mult, t.left, t.right, t.away, zp, lo, hi));
