@@ -764,21 +764,24 @@ def _xla_finish(y: jax.Array, bias: jax.Array, clamp: tuple[float, float] | None
     return y if clamp is None else jnp.clip(y, clamp[0], clamp[1])
 
 
+def _switch(symbol: str, want: bool | None) -> bool:
+    """A kernel library switch (``extern "C" int symbol(int want)``): set when ``want`` is given; its state."""
+    if not available() or _library is None:
+        return False
+    return bool(getattr(_library, symbol)(-1 if want is None else int(bool(want))))
+
+
 def offer_to_xla_pool(want: bool | None = None) -> bool:
     """Whether the kernels offer large jobs to XLA's intra-op pool as well as to their own helpers (the default;
     ``helpers.h``'s ShareWith says why); ``want`` sets it for calls from then on: for timings."""
-    if not available() or _library is None:
-        return False
-    return bool(_library.jaxinfer_share_xla(-1 if want is None else int(bool(want))))
+    return _switch("jaxinfer_share_xla", want)
 
 
 def f32_conv_direct(want: bool | None = None) -> bool:
     """Whether :func:`f32_conv`'s kernel reads undilated layers' images directly (the default) or packs patch
     rows; ``want`` sets it for calls from then on (compiled programs included): how tests cover both and how
     to time them."""
-    if not available() or _library is None:
-        return False
-    return bool(_library.jaxinfer_f32_conv_direct(-1 if want is None else int(bool(want))))
+    return _switch("jaxinfer_f32_conv_direct", want)
 
 
 def f32_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Sequence[int],

@@ -408,9 +408,9 @@ ffi::Error Int8ConvDirectF32(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer
                              ffi::Result<ffi::AnyBuffer> y, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh,
                              int64_t dw, int64_t pt, int64_t pl, bool relu) {
   const char* target = "jaxinfer_int8_conv_direct_f32";
-  const auto xt = x.element_type(), yt = y->element_type();
-  const bool x8 = xt == ffi::DataType::U8 || xt == ffi::DataType::S8;
-  const bool y8 = yt == ffi::DataType::U8 || yt == ffi::DataType::S8;
+  bool x8 = false, y8 = false;
+  const bool x_unsigned = jaxinfer::Unsigned8(x.element_type(), x8);
+  const bool y_unsigned = jaxinfer::Unsigned8(y->element_type(), y8);
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   auto j = std::make_shared<Job>();
   if (!x8 || !y8 || wd.size() != 2 || zp.element_count() != 1 || dw != 1 ||
@@ -420,12 +420,12 @@ ffi::Error Int8ConvDirectF32(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer
     return ffi::Error::InvalidArgument(std::string(target) +
                                        ": expected 8-bit x [B, H, W, C] and y [B, OH, OW, N], zp [1], w [N, KH KW C] "
                                        "with 0 < KH KW C and KH KW C 255 128 < 2^24, dw = 1");
-  if (ffi::Error e = jaxinfer::BindFloatStage(target, bias, scale, ozp, wd[0], yt == ffi::DataType::U8, relu,
+  if (ffi::Error e = jaxinfer::BindFloatStage(target, bias, scale, ozp, wd[0], y_unsigned, relu,
                                               j->stage);
       e.failure())
     return e;
   j->x8 = static_cast<const uint8_t*>(x.untyped_data());
-  j->x_unsigned = xt == ffi::DataType::U8;
+  j->x_unsigned = x_unsigned;
   j->zp = zp.typed_data()[0];
   j->w8 = w.typed_data();
   j->y8 = static_cast<int8_t*>(y->untyped_data());

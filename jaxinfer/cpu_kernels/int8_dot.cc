@@ -1026,12 +1026,6 @@ ffi::Error RunConv(ffi::ThreadPool& pool, const Patches& p, const int8_t* w, int
   return Run(pool, nullptr, &p, zps.data(), w, y, M, K, N, nullptr, stage, y8, nullptr, x_unsigned);
 }
 
-// Whether an 8-bit buffer is uint8 (else int8); false with `ok` cleared for any other type.
-inline bool Unsigned8(ffi::DataType t, bool& ok) {
-  ok = t == ffi::DataType::U8 || t == ffi::DataType::S8;
-  return t == ffi::DataType::U8;
-}
-
 // y [B, OH, OW, N] = the convolution of x less its zero point with w (BindConv): the product of x's patch matrix
 // and w, strides (sh, sw), dilations (dh, dw), pt / pl rows / columns of padding before the image (after it:
 // whatever OH, OW need). A uint8 x takes the VNNI path only.
@@ -1040,7 +1034,7 @@ ffi::Error Int8Conv(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32
                     int64_t dw, int64_t pt, int64_t pl) {
   const char* target = "jaxinfer_int8_conv";
   bool ok = false;
-  const bool x_unsigned = Unsigned8(x.element_type(), ok);
+  const bool x_unsigned = jaxinfer::Unsigned8(x.element_type(), ok);
   if (!ok) return ffi::Error::InvalidArgument(std::string(target) + ": x must be int8 or uint8");
   Patches p;
   if (ffi::Error e = BindConv(target, x.untyped_data(), x.dimensions(), zp, w, y->dimensions(), kh, kw, sh, sw, dh,
@@ -1077,7 +1071,8 @@ ffi::Error Int8ConvRequantFloat(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buf
                                 int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pl, bool relu) {
   const char* target = "jaxinfer_int8_conv_requant_f32";
   bool x_ok = false, y_ok = false;
-  const bool x_unsigned = Unsigned8(x.element_type(), x_ok), unsigned_out = Unsigned8(y->element_type(), y_ok);
+  const bool x_unsigned = jaxinfer::Unsigned8(x.element_type(), x_ok),
+             unsigned_out = jaxinfer::Unsigned8(y->element_type(), y_ok);
   if (!x_ok || !y_ok) return ffi::Error::InvalidArgument(std::string(target) + ": x and y must be int8 or uint8");
   Patches p;
   if (ffi::Error e = BindConv(target, x.untyped_data(), x.dimensions(), zp, w, y->dimensions(), kh, kw, sh, sw, dh,

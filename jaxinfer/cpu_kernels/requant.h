@@ -146,6 +146,12 @@ inline xla::ffi::Error BindStage(const char* target, xla::ffi::Buffer<xla::ffi::
   return Error::Success();
 }
 
+// Whether an 8-bit buffer is uint8 (else int8); false with `ok` cleared for any other type.
+inline bool Unsigned8(xla::ffi::DataType t, bool& ok) {
+  ok = t == xla::ffi::DataType::U8 || t == xla::ffi::DataType::S8;
+  return t == xla::ffi::DataType::U8;
+}
+
 // The head every 8-bit window kernel's binding starts with: the pool, the image x (an X: int8, or AnyBuffer where
 // the kernel also reads uint8), its zero point [1], the filter.
 template <typename X = xla::ffi::Buffer<xla::ffi::S8>>

@@ -72,9 +72,10 @@ def _bound(v: Any, zp: Any) -> int:
     return abs_bound(v.dtype, shifted=zp is not None)
 
 
-def _int_matmul(a: Any, b: Any, a_zp: Any, b_zp: Any) -> Any:
-    n = b.shape[-1]
-    return zp_matmul(a, zero_point(a_zp), b, zero_point(b_zp, (n,)))
+def _int_matmul(a: Any, b: Any, a_zp: Any, b_zp: Any, trans_b: bool = False) -> Any:
+    """``(a - a_zp) @ (b - b_zp)`` in int32; ``b`` [N, K] with ``trans_b`` (our int8 kernel's layout: no copy)."""
+    n = b.shape[-2] if trans_b else b.shape[-1]
+    return zp_matmul(a, zero_point(a_zp), b, zero_point(b_zp, (n, 1) if trans_b else (n,)), trans_b=trans_b)
 
 
 # ---------------------------------------------------------------- matmuls
@@ -109,12 +110,8 @@ def qgemm(A, a_scale, a_zero_point, B, b_scale, b_zero_point=None, C=None, y_sca
     a = jnp.asarray(A)
     b = jnp.asarray(B)
     a = a.T if transA else a
-    if transB:  # b is [N, K]: the layout our int8 kernel takes, so it is not transposed (a copy per call)
-        n = b.shape[0]
-        acc = zp_matmul(a, zero_point(a_zero_point), b, zero_point(b_zero_point, (n, 1)), trans_b=True)
-    else:
-        n = b.shape[-1]
-        acc = _int_matmul(a, b, a_zero_point, b_zero_point)
+    n = b.shape[0] if transB else b.shape[-1]
+    acc = _int_matmul(a, b, a_zero_point, b_zero_point, trans_b=bool(transB))
     if C is not None:
         acc = acc + jnp.asarray(C).astype(jnp.int32)
     scale = _scalar(a_scale) * _col(b_scale, n).astype(F32) * alpha
