@@ -1,11 +1,12 @@
-"""Our float32 kernels that finish a layer in the same call: cpu_kernels.f32_conv with a bias and a fused
-activation's clamp, and cpu_kernels.f32_depthwise. Their sums match a float64 reference to float32
+"""Our float32 kernels that finish a layer in the same call: cpu_kernels.f32_conv with a bias, a fused
+activation's clamp and a block max pool, and cpu_kernels.f32_depthwise. Their sums match a float64 reference to float32
 rounding for every geometry; the finish is XLA's (NaN stays NaN, the clamp's bounds hold); the XLA route
 (`otherwise`) runs under vmap of the weights; TFLite float conv/depthwise layers take them."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -209,3 +210,76 @@ def test_onnx_models_stem_reads_the_nchw_input():
     x = np.random.default_rng(7).standard_normal((2, 3, 32, 32)).astype(np.float32)
     hlo = m.compiled({"x": x}).as_text()
     assert "transpose" not in hlo.split("ENTRY")[1].split("jaxinfer_f32_conv")[0]  # nothing before the stem
+
+
+def _block_max64(y: np.ndarray, ph: int, pw: int) -> np.ndarray:
+    oh, ow = y.shape[1] // ph, y.shape[2] // pw
+    return y[:, :oh * ph, :ow * pw].reshape(y.shape[0], oh, ph, ow, pw, -1).max(axis=(2, 4))
+
+
+# (B, H, W, C, N, KH, KW, strides, dilation, pads, pool); dilation along W is 1: pooling reads the image directly
+POOLED = [
+    (2, 32, 32, 3, 16, 3, 3, (1, 1), (1, 1), ((1, 1), (1, 1)), (2, 2)),   # an exported CNN's stem
+    (3, 17, 15, 5, 40, 3, 3, (1, 1), (1, 1), ((1, 1), (1, 1)), (2, 2)),   # odd sizes: the last row/column dropped
+    (1, 16, 16, 16, 72, 3, 3, (2, 2), (2, 1), ((2, 1), (1, 1)), (3, 2)),  # N past 64: two panel groups
+    (2, 9, 9, 8, 70, 1, 1, (1, 1), (1, 1), ((0, 0), (0, 0)), (2, 3)),
+    (1, 8, 8, 4, 16, 3, 3, (1, 1), (1, 1), ((1, 1), (1, 1)), (1, 1)),     # no pool
+    (1, 8, 8, 4, 16, 3, 3, (1, 1), (1, 1), ((1, 1), (1, 1)), (8, 4)),     # one block per image
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", range(len(POOLED)))
+@pytest.mark.parametrize("clamp", [None, (0.0, np.inf), (-0.5, 0.5)])
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("reads", ["image", "patch rows"])
+def test_pooled_conv_matches_float64(case, clamp, layout, reads):
+    """pool (PH, PW): the max over each block of the finished outputs; pooled calls read the image directly
+    even with the direct path switched off."""
+    b, h, w_, c, n, kh, kw, strides, dilation, pads, pool = POOLED[case]
+    rng = np.random.default_rng(80 + case)
+    x = rng.standard_normal((b, h, w_, c)).astype(np.float32)
+    w = rng.standard_normal((n, kh, kw, c)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    xin = np.transpose(x, (0, 3, 1, 2)) if layout == "NCHW" else x
+    with direct(reads == "image"):
+        got = np.asarray(jax.jit(lambda x: cpu_kernels.f32_conv(x, w, strides, dilation, pads, bias=bias, clamp=clamp,
+                                                                 x_layout=layout, pool=pool))(xin))
+    want = _block_max64(_finish(_conv64(x, w, strides, dilation, pads), bias, clamp), *pool)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(kh * kw * c))
+
+
+@needs_kernels
+def test_the_pool_is_the_max_of_the_unpooled_kernels_outputs():
+    """Bit for bit the unpooled call's outputs, maxed per block as jnp.maximum does; a NaN anywhere in a block
+    gives NaN (XLA CPU's reduce-window max dropped it); the XLA route under vmap of the filter agrees."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 12, 10, 8)).astype(np.float32)
+    x[0, 4, 4, 2] = np.nan
+    w = rng.standard_normal((24, 3, 3, 8)).astype(np.float32)
+    bias = rng.standard_normal(24).astype(np.float32)
+    args = ((1, 1), (1, 1), ((1, 1), (1, 1)))
+    plain = np.asarray(cpu_kernels.f32_conv(x, w, *args, bias=bias, clamp=(0.0, np.inf)))
+    pooled = np.asarray(cpu_kernels.f32_conv(x, w, *args, bias=bias, clamp=(0.0, np.inf), pool=(2, 2)))
+    blocks = [plain[:, i::2, t::2] for i in range(2) for t in range(2)]
+    np.testing.assert_array_equal(pooled, np.asarray(functools.reduce(jnp.maximum, blocks)))
+    assert np.isnan(pooled[0, 1:3, 1:3]).all() and np.isnan(pooled).sum() == 4 * 24
+    both = np.asarray(jax.vmap(lambda w: cpu_kernels.f32_conv(x, w, *args, bias=bias, clamp=(0.0, np.inf),
+                                                              pool=(2, 2)))(np.stack([w, w])))
+    np.testing.assert_allclose(np.nan_to_num(both[1]), np.nan_to_num(pooled), rtol=1e-5, atol=1e-5)
+    assert np.array_equal(np.isnan(both[0]), np.isnan(pooled))
+
+
+def test_bad_pools_named():
+    x, w = np.zeros((1, 6, 6, 4), np.float32), np.zeros((2, 3, 3, 4), np.float32)
+    for pool, dilation in (((0, 2), (1, 1)), ((2, 2), (1, 2))):
+        with pytest.raises(ValueError, match="pools windows of at least 1 x 1, undilated along W"):
+            cpu_kernels.f32_conv(x, w, (1, 1), dilation, ((1, 1), (1, 1)), pool=pool)
+
+
+@needs_kernels
+def test_a_pool_wider_than_the_output_is_empty():
+    y = cpu_kernels.f32_conv(np.ones((1, 3, 3, 4), np.float32), np.ones((2, 1, 1, 4), np.float32), (1, 1), (1, 1),
+                             ((0, 0), (0, 0)), pool=(4, 4))
+    assert y.shape == (1, 0, 0, 2)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
+import functools
 import hashlib
 import logging
 import math
@@ -764,6 +765,16 @@ def _xla_finish(y: jax.Array, bias: jax.Array, clamp: tuple[float, float] | None
     return y if clamp is None else jnp.clip(y, clamp[0], clamp[1])
 
 
+def _block_max(y: jax.Array, ph: int, pw: int) -> jax.Array:
+    """The max over each ph x pw block of NHWC ``y`` (trailing rows and columns dropped), NaN-propagating as
+    ``jnp.maximum`` is (XLA CPU's reduce-window max dropped NaNs)."""
+    if ph * pw == 1:
+        return y
+    oh, ow = y.shape[1] // ph, y.shape[2] // pw
+    taps = [y[:, i: i + oh * ph: ph, t: t + ow * pw: pw] for i in range(ph) for t in range(pw)]
+    return functools.reduce(jnp.maximum, taps)
+
+
 def _switch(symbol: str, want: bool | None) -> bool:
     """A kernel library switch (``extern "C" int symbol(int want)``): set when ``want`` is given; its state."""
     if not available() or _library is None:
@@ -786,7 +797,8 @@ def f32_conv_direct(want: bool | None = None) -> bool:
 
 def f32_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Sequence[int],
              pads: Sequence[tuple[int, int]], w_layout: str = "OHWI", bias: Any = None,
-             clamp: tuple[float, float] | None = None, x_layout: str = "NHWC") -> jax.Array:
+             clamp: tuple[float, float] | None = None, x_layout: str = "NHWC",
+             pool: tuple[int, int] | None = None) -> jax.Array:
     """``lax.conv_general_dilated`` of float32 NHWC ``x`` [B, H, W, C] with a filter ``w`` laid out as
     ``w_layout`` says ("OHWI" [N, KH, KW, C] or "HWIO" [KH, KW, C, N]: both read as they are, no copy),
     ``strides``, ``dilation``, ``pads`` ((top, bottom), (left, right)) of the two spatial dims, zero
@@ -795,9 +807,16 @@ def f32_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Seque
     Float32 sums in another order than XLA's: the last bits may differ. With ``bias`` [N] and/or ``clamp``
     (lo, hi: a fused activation), the kernel also adds the bias and clamps, in the same pass. ``x_layout``
     "NCHW" takes x as [B, C, H, W] (undilated along W): the kernel transposes it while it pads, where XLA's
-    transpose to NHWC of a model's 3-channel input image cost more than the stem's sums.
+    transpose to NHWC of a model's 3-channel input image cost more than the stem's sums. ``pool`` (PH, PW)
+    then takes the max over each PH x PW block of those outputs (a MaxPool with strides equal to its window, no
+    padding, floor: trailing rows and columns are dropped, and never computed) -> [B, OH // PH, OW // PW, N]: the
+    convolution's full output is never written out (a NaN in a block gives NaN, as XLA's max does).
     """
     x, w = jnp.asarray(x), jnp.asarray(w)
+    ph, pw = (int(pool[0]), int(pool[1])) if pool is not None else (1, 1)
+    if ph < 1 or pw < 1 or (ph * pw > 1 and tuple(dilation)[1] != 1):
+        raise ValueError(f"f32_conv pools windows of at least 1 x 1, undilated along W; not {pool} with dilation "
+                         f"{tuple(dilation)}")
     if w_layout not in ("OHWI", "HWIO"):
         raise ValueError(f"f32_conv takes an OHWI or HWIO filter, not {w_layout!r}")
     if x_layout not in ("NHWC", "NCHW") or (x_layout == "NCHW" and tuple(dilation)[1] != 1):
@@ -818,19 +837,19 @@ def f32_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Seque
     def xla(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
         y = lax.conv_general_dilated(x, w, tuple(strides), tuple(pads), rhs_dilation=tuple(dilation),
                                      dimension_numbers=dims, precision=lax.Precision.HIGHEST)
-        return _xla_finish(y, b, clamp, bool(finish["finish"]))
+        return _block_max(_xla_finish(y, b, clamp, bool(finish["finish"])), ph, pw)
 
     geometry = _conv_geometry(nhwc, ohwi, strides, dilation, pads)
-    if geometry is None:
+    if geometry is None or geometry[0][0] < ph or geometry[0][1] < pw:
         return xla(x, w, b)
     (oh, ow), attrs = geometry
     kn = w_layout == "HWIO"
 
     def kernel(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
-        out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, n), jnp.float32)
+        out = jax.ShapeDtypeStruct((x.shape[0], oh // ph, ow // pw, n), jnp.float32)
         w2 = w.reshape(-1, n) if kn else w.reshape(n, -1)
         return jax.ffi.ffi_call(TARGET_F32_CONV, out)(x, w2, b, kn=np.int64(kn), nchw=np.int64(x_layout == "NCHW"),
-                                                      **attrs, **finish)
+                                                      ph=np.int64(ph), pw=np.int64(pw), **attrs, **finish)
 
     return _on_cpu(kernel, xla, x, w, b, leading=True)
 

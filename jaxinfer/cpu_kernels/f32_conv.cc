@@ -19,6 +19,11 @@
 // once with the filter's panels. Packing the patch rows had been a third of a 3-channel stem's time. With nchw the
 // image comes [B, C, H, W] (an ONNX model's input) and the padded copy transposes it, where XLA's transpose to NHWC
 // cost more than the stem's sums (cnn batch 8: 32 us).
+// With ph x pw > 1 the finished outputs are max-pooled over ph x pw blocks in the same call (a MaxPool whose strides
+// are its window, after the layer's bias and Relu/Clip: passes.fuse.fuse_conv_epilogue): a work item is then pooled
+// rows, each the max over ph conv rows computed into this thread's scratch, so the convolution's output is never
+// written out (an exported CNN's 3-channel stem with its Relu and 2x2 pool at batch 8: 174 -> 69 us, session 28).
+// Pooled calls always read the image directly (dw = 1 is required).
 // "jaxinfer_int8_conv_direct_f32" is an 8-bit convolution through the same direct path: the padded copy holds
 // float32(x - zp) of an int8 or uint8 image, the panels the int8 filter as float32, and the sums, exact integers
 // while every partial sum stays below 2^24 (the caller checks K 255 128 < 2^24), leave through requant.h's float
@@ -66,6 +71,9 @@ struct Job {
   // direct: the image (or its zero-padded copy xpad, made in pad_items items of pad_rows rows) as xp [B, Hp, Wp, C];
   // a work item is `rows` output rows (b, oh)
   bool direct = false, nchw = false;  // nchw: x is [B, C, H, W], transposed into the padded copy
+  // pooled (PH x PW > 1): y is the max over each PH x PW block of the finished outputs [B, OH, OW, N] (OH, OW
+  // whole multiples of PH, PW), [B, OH / PH, OW / PW, N]; a work item is then `rows` pooled rows
+  int64_t PH = 1, PW = 1;
   const float* xp = nullptr;
   float* xpad = nullptr;
   int64_t Hp = 0, Wp = 0, pad_rows = 0, pad_items = 0;
@@ -146,7 +154,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline void 
     if (j.y8) {                                                                 \
       Requant(j, m0 + r, n0, NV, a##r##0, a##r##1, a##r##2, a##r##3);           \
     } else {                                                                    \
-      float* yr = j.y + (m0 + r) * j.N;                                         \
+      float* yr = y0 + r * j.N;                                                 \
       Store(j, yr, n0, a##r##0);                                                \
       if constexpr (NV > 1) Store(j, yr, n0 + 16, a##r##1);                     \
       if constexpr (NV > 2) Store(j, yr, n0 + 32, a##r##2);                     \
@@ -156,11 +164,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline void 
 
 // Rows m0 .. m0 + MR of y against columns n0 .. n0 + 16 NV from panels P (fma_tile.h's accumulators): row r's
 // values are `runs` runs of L values, run i at xr + r K + i step (patch rows: one run of K values, K apart; the
-// direct path: KH window rows of KW C values in the padded image, the pixels' windows SW C apart).
+// direct path: KH window rows of KW C values in the padded image, the pixels' windows SW C apart). Float rows are
+// stored from y0 (row m0's N values; rows N apart), 8-bit ones as row m0 of y8.
 template <int MR, int NV>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void Tile(const Job& j, const float* x0, int64_t K, int64_t runs,
                                                              int64_t L, int64_t step, const float* P, int64_t m0,
-                                                             int64_t n0) {
+                                                             float* y0, int64_t n0) {
   static_assert(MR >= 1 && MR <= kMaxRows && NV >= 1 && NV <= 4 && MR * NV <= 16, "accumulators named below");
   JX_FMA_ROWS(JX_FMA_ACC)
   JX_FMA_ROWS(JX_FMA_ZERO)
@@ -182,14 +191,15 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void Tile(const Job& j, con
 // Patch rows m0 .. m0 + MR at xr, K apart.
 template <int MR, int NV>
 void Block(const Job& j, const float* xr, const float* P, int64_t m0, int64_t n0) {
-  Tile<MR, NV>(j, xr, j.K, 1, j.K, 0, P, m0, n0);
+  Tile<MR, NV>(j, xr, j.K, 1, j.K, 0, P, m0, j.y ? j.y + m0 * j.N : nullptr, n0);
 }
 
-// Output pixels m0 .. m0 + MR, side by side in one output row, the first one's window starting at x0 in xp.
+// Output pixels m0 .. m0 + MR, side by side in one output row, the first one's window starting at x0 in xp and
+// its float outputs going to y0.
 template <int MR, int NV>
-void BlockDirect(const Job& j, const float* x0, const float* P, int64_t m0, int64_t n0) {
+void BlockDirect(const Job& j, const float* x0, const float* P, int64_t m0, float* y0, int64_t n0) {
   const auto& p = j.p;
-  Tile<MR, NV>(j, x0, p.SW * p.C, p.KH, p.KW * p.C, p.DH * j.Wp * p.C, P, m0, n0);
+  Tile<MR, NV>(j, x0, p.SW * p.C, p.KH, p.KW * p.C, p.DH * j.Wp * p.C, P, m0, y0, n0);
 }
 
 // Rows m0 .. m1 (patch rows at xr) against group g's panels, MR rows at a time: 4 with 3-4 panels, 8 with 1-2
@@ -242,26 +252,60 @@ void PadRows(const Job& j, int64_t i) {
   }
 }
 
-// Output row (b, oh) against group g's panels, MR pixels at a time as in GroupRows.
+// Output row (b, oh) against group g's panels, MR pixels at a time as in GroupRows; its float outputs (OW N
+// values) go to yrow.
 template <int NP>
-void GroupRowsDirect(const Job& j, int64_t b, int64_t oh, int64_t g) {
+void GroupRowsDirect(const Job& j, int64_t b, int64_t oh, int64_t g, float* yrow) {
   constexpr int MR = NP <= 2 ? kMaxRows : kRows;
   const auto& p = j.p;
   const float* P = j.P + g * j.K * kGroup;
-  const int64_t n0 = g * kGroup, step = p.SW * p.C, m1 = (b * p.OH + oh + 1) * p.OW;
+  const int64_t n0 = g * kGroup, step = p.SW * p.C, m1 = (b * p.OH + oh + 1) * p.OW, first = m1 - p.OW;
   const float* xr = j.xp + (b * j.Hp + oh * p.SH) * j.Wp * p.C;
-  int64_t m = m1 - p.OW;
-  for (; m + MR <= m1; m += MR, xr += MR * step) BlockDirect<MR, NP>(j, xr, P, m, n0);
+  const auto at = [&](int64_t m) { return yrow ? yrow + (m - first) * j.N : nullptr; };
+  int64_t m = first;
+  for (; m + MR <= m1; m += MR, xr += MR * step) BlockDirect<MR, NP>(j, xr, P, m, at(m), n0);
   if (MR > kRows && m + kRows <= m1) {
-    BlockDirect<kRows, NP>(j, xr, P, m, n0);
+    BlockDirect<kRows, NP>(j, xr, P, m, at(m), n0);
     m += kRows, xr += kRows * step;
   }
   switch (m1 - m) {
-    case 3: BlockDirect<3, NP>(j, xr, P, m, n0); break;
-    case 2: BlockDirect<2, NP>(j, xr, P, m, n0); break;
-    case 1: BlockDirect<1, NP>(j, xr, P, m, n0); break;
+    case 3: BlockDirect<3, NP>(j, xr, P, m, at(m), n0); break;
+    case 2: BlockDirect<2, NP>(j, xr, P, m, at(m), n0); break;
+    case 1: BlockDirect<1, NP>(j, xr, P, m, at(m), n0); break;
     default: break;
   }
+}
+
+// Output row (b, oh) against every panel group into yrow.
+void RowDirect(const Job& j, int64_t b, int64_t oh, float* yrow) {
+  for (int64_t g = 0; g < j.groups; ++g) {
+    switch (Panels(j, g)) {
+      case 4: GroupRowsDirect<4>(j, b, oh, g, yrow); break;
+      case 3: GroupRowsDirect<3>(j, b, oh, g, yrow); break;
+      case 2: GroupRowsDirect<2>(j, b, oh, g, yrow); break;
+      default: GroupRowsDirect<1>(j, b, oh, g, yrow); break;
+    }
+  }
+}
+
+// Pooled row (b, r): the max over each PH x PW block of the finished rows `rows` (PH rows of OW N values). A NaN
+// anywhere in a block gives NaN, as XLA's max does (vmaxps alone would drop a NaN in its first operand).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void PoolRow(const Job& j, const float* rows, int64_t b,
+                                                                int64_t r) {
+  const auto& p = j.p;
+  const int64_t POW = p.OW / j.PW, line = p.OW * j.N;
+  float* out = j.y + (b * (p.OH / j.PH) + r) * POW * j.N;
+  for (int64_t q = 0; q < POW; ++q)
+    for (int64_t n = 0; n < j.N; n += 16) {
+      const __mmask16 live = j.N - n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (j.N - n)) - 1);
+      __m512 best = _mm512_maskz_loadu_ps(live, rows + q * j.PW * j.N + n);
+      for (int64_t i = 0; i < j.PH; ++i)
+        for (int64_t t = i == 0 ? 1 : 0; t < j.PW; ++t) {
+          const __m512 v = _mm512_maskz_loadu_ps(live, rows + i * line + (q * j.PW + t) * j.N + n);
+          best = _mm512_mask_mov_ps(_mm512_max_ps(v, best), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v);
+        }
+      _mm512_mask_storeu_ps(out + q * j.N + n, live, best);
+    }
 }
 
 // Scratch reused by this thread across calls (fresh buffers cost page faults every call), 64-byte aligned.
@@ -270,7 +314,7 @@ float* Scratch(std::vector<float>& v, size_t n) {
   return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t{63});
 }
 
-thread_local std::vector<float> t_rows, t_panels, t_padded;
+thread_local std::vector<float> t_rows, t_panels, t_padded, t_pooled;
 
 __attribute__((target("avx512f"))) void Work(Job& j) {
   const int64_t packs = j.groups + j.pad_items;
@@ -283,17 +327,20 @@ __attribute__((target("avx512f"))) void Work(Job& j) {
   }
   while (j.packed.load(std::memory_order_acquire) < packs) _mm_pause();  // every item reads every panel
   if (j.direct) {
-    const int64_t out_rows = j.p.B * j.p.OH;
+    const auto& p = j.p;
+    const bool pooled = j.PH * j.PW > 1;
+    const int64_t per_image = p.OH / j.PH, out_rows = p.B * per_image;
+    float* rows = pooled ? Scratch(t_pooled, j.PH * p.OW * j.N) : nullptr;
     for (int64_t c; (c = j.next.fetch_add(1, std::memory_order_relaxed)) < j.chunks;) {
-      for (int64_t r = c * j.rows; r < std::min(out_rows, (c + 1) * j.rows); ++r)
-        for (int64_t g = 0; g < j.groups; ++g) {
-          switch (Panels(j, g)) {
-            case 4: GroupRowsDirect<4>(j, r / j.p.OH, r % j.p.OH, g); break;
-            case 3: GroupRowsDirect<3>(j, r / j.p.OH, r % j.p.OH, g); break;
-            case 2: GroupRowsDirect<2>(j, r / j.p.OH, r % j.p.OH, g); break;
-            default: GroupRowsDirect<1>(j, r / j.p.OH, r % j.p.OH, g); break;
-          }
+      for (int64_t r = c * j.rows; r < std::min(out_rows, (c + 1) * j.rows); ++r) {
+        const int64_t b = r / per_image, oh = r % per_image;
+        if (!pooled) {
+          RowDirect(j, b, oh, j.y ? j.y + (b * p.OH + oh) * p.OW * j.N : nullptr);
+          continue;
         }
+        for (int64_t i = 0; i < j.PH; ++i) RowDirect(j, b, oh * j.PH + i, rows + i * p.OW * j.N);
+        PoolRow(j, rows, b, oh);
+      }
       j.done.fetch_add(1, std::memory_order_release);
     }
     return;
@@ -325,7 +372,7 @@ ffi::Error Launch(ffi::ThreadPool& pool, const std::shared_ptr<Job>& j) {
   j->groups = (j->N + kGroup - 1) / kGroup;
   j->P = Scratch(t_panels, j->groups * kGroup * j->K);
   const auto& p = j->p;
-  j->direct = j->nchw || j->x8 || (p.DW == 1 && g_direct.load(std::memory_order_relaxed) != 0);
+  j->direct = j->nchw || j->x8 || j->PH * j->PW > 1 || (p.DW == 1 && g_direct.load(std::memory_order_relaxed) != 0);
   if (j->direct) {
     // the padded image holds every window: rows up to (OH - 1) SH + (KH - 1) DH, columns up to (OW - 1) SW + KW - 1
     j->Hp = std::max(p.PT + p.H, (p.OH - 1) * p.SH + (p.KH - 1) * p.DH + 1);
@@ -338,8 +385,8 @@ ffi::Error Launch(ffi::ThreadPool& pool, const std::shared_ptr<Job>& j) {
       j->pad_rows = std::max<int64_t>(1, 4096 / (j->Wp * p.C));
       j->pad_items = (p.B * j->Hp + j->pad_rows - 1) / j->pad_rows;
     }
-    // output rows per item: about four items per thread when there are rows enough
-    const int64_t out_rows = p.B * p.OH;
+    // output rows (pooled rows when pooled) per item: about four items per thread when there are rows enough
+    const int64_t out_rows = p.B * (p.OH / j->PH);
     j->rows = std::max<int64_t>(1, (out_rows + threads * 4 - 1) / (threads * 4));
     j->chunks = (out_rows + j->rows - 1) / j->rows;
     threads = std::min(threads, std::max(j->chunks, j->groups + j->pad_items));
@@ -361,7 +408,8 @@ ffi::Error Launch(ffi::ThreadPool& pool, const std::shared_ptr<Job>& j) {
 // same pass (XLA ran them as one more fusion per layer); with 0 the bias operand is not read.
 ffi::Error F32Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> bias,
                    ffi::ResultBuffer<ffi::F32> y, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh,
-                   int64_t dw, int64_t pt, int64_t pl, int64_t kn, int64_t finish, float lo, float hi, int64_t nchw) {
+                   int64_t dw, int64_t pt, int64_t pl, int64_t kn, int64_t finish, float lo, float hi, int64_t nchw,
+                   int64_t ph, int64_t pw) {
   if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512vl"))
     return ffi::Error::InvalidArgument("jaxinfer_f32_conv: this CPU lacks AVX-512 (F, BW, VL)");
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
@@ -371,23 +419,28 @@ ffi::Error F32Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const int64_t nhwc[4] = {xd.size() == 4 ? xd[0] : 0, xd.size() == 4 ? xd[2] : 0, xd.size() == 4 ? xd[3] : 0,
                            xd.size() == 4 ? xd[1] : 0};
   const auto dims = j->nchw ? ffi::Span<const int64_t>(nhwc, xd.size() == 4 ? 4 : 0) : xd;
-  if (wd.size() != 2 || (j->nchw && dw != 1) ||
-      !jaxinfer::Geometry(x.typed_data(), dims, yd, wd[j->kn ? 0 : 1], wd[j->kn ? 1 : 0], kh, kw, sh, sw, dh, dw, pt,
-                          pl, j->p))
+  // pooled, the convolution's rows and columns that the pool reads: PH, PW times y's
+  const int64_t conv[4] = {yd.size() == 4 ? yd[0] : 0, yd.size() == 4 ? yd[1] * ph : 0,
+                           yd.size() == 4 ? yd[2] * pw : 0, yd.size() == 4 ? yd[3] : 0};
+  if (wd.size() != 2 || ph < 1 || pw < 1 || ((j->nchw || ph * pw > 1) && dw != 1) ||
+      !jaxinfer::Geometry(x.typed_data(), dims, ffi::Span<const int64_t>(conv, yd.size() == 4 ? 4 : 0),
+                          wd[j->kn ? 0 : 1], wd[j->kn ? 1 : 0], kh, kw, sh, sw, dh, dw, pt, pl, j->p))
     return ffi::Error::InvalidArgument(
         "jaxinfer_f32_conv: expected x [B, H, W, C] (or [B, C, H, W] with nchw, then dw = 1), w [N, KH * KW * C] "
-        "(or [KH * KW * C, N] with kn), y [B, OH, OW, N]");
+        "(or [KH * KW * C, N] with kn), y [B, OH / ph, OW / pw, N] with ph, pw >= 1 (dw = 1 where ph pw > 1)");
+  j->PH = ph, j->PW = pw;
   j->finish = finish != 0;
   if (j->finish && (bias.dimensions().size() != 1 || bias.dimensions()[0] != yd[3] || !(lo <= hi)))
     return ffi::Error::InvalidArgument("jaxinfer_f32_conv: expected bias [N] and lo <= hi with finish");
   j->bias = bias.typed_data(), j->lo = lo, j->hi = hi;
   j->w = w.typed_data();
   j->y = y->typed_data();
-  j->M = yd[0] * yd[1] * yd[2];
+  j->M = conv[0] * conv[1] * conv[2];
   j->K = wd[j->kn ? 0 : 1];
   j->N = wd[j->kn ? 1 : 0];
   if (j->M == 0 || j->N == 0) return ffi::Error::Success();
-  if (j->K == 0) {  // no input channels: every sum is empty
+  if (j->K == 0) {  // no input channels: every sum is empty (and so is every pooled block's max)
+    j->M = yd[0] * yd[1] * yd[2];
     std::fill(j->y, j->y + j->M * j->N, 0.f);
     if (j->finish)
       for (int64_t m = 0; m < j->M; ++m)
@@ -463,6 +516,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32Conv, F32Conv,
                                   .Attr<int64_t>("finish")
                                   .Attr<float>("lo")
                                   .Attr<float>("hi")
-                                  .Attr<int64_t>("nchw"));
+                                  .Attr<int64_t>("nchw")
+                                  .Attr<int64_t>("ph")
+                                  .Attr<int64_t>("pw"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8ConvDirectF32, Int8ConvDirectF32, jaxinfer::FloatStagedWindowBinding());

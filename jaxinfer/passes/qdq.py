@@ -35,6 +35,7 @@ import numpy as np
 
 from ..graph import Graph, Node
 from .cleanup import eliminate_dead_nodes, read_counts
+from .fuse import activation_bounds
 
 _ONNX = ("", "ai.onnx")
 _INT8 = (np.dtype(np.int8), np.dtype(np.uint8))
@@ -125,19 +126,11 @@ def _quantize_bound(v: float, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:
 
 
 def _clip_bounds(graph: Graph, clip: Node) -> tuple[float, float] | None:
-    """Constant (min, max) of an opset-11+ Clip (bounds as inputs; omitted = unbounded), else None."""
+    """Constant (min, max) of an opset-11+ Clip (bounds as inputs; omitted = unbounded), else None (the
+    rewrite writes opset-11 Clips)."""
     if graph.opsets.get("", graph.opsets.get("ai.onnx", 0)) < 11:
         return None
-    bounds = []
-    for i, default in ((1, -np.inf), (2, np.inf)):
-        if len(clip.inputs) > i and clip.inputs[i]:
-            v = _const(graph, clip.inputs[i])
-            if v is None or v.size != 1:
-                return None
-            bounds.append(float(v.reshape(())))
-        else:
-            bounds.append(default)
-    return bounds[0], bounds[1]
+    return activation_bounds(graph, clip)
 
 
 class _Rewriter:
