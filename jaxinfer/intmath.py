@@ -234,7 +234,7 @@ def zp_matmul(a: Any, a_zp: Any, b: Any, b_zp: Any, *, trans_b: bool = False) ->
     za, zb = _shifted_zp(a_zp, sa), _shifted_zp(b_zp, sb)
     k = a.shape[-1]
     if b.ndim == 2:
-        return _rows_dot(a8, za, b8, zb, trans_b)
+        return _rows_dot(a8, za, b8, zb, trans_b, a if sa else None)
     if trans_b:
         b8 = jnp.swapaxes(b8, -1, -2)
         zb = jnp.swapaxes(zb, -1, -2) if jnp.ndim(zb) >= 2 else zb
@@ -265,18 +265,22 @@ def _small_batched(a: jax.Array, b: jax.Array, bound: int, trans_b: bool) -> boo
     return k * bound < F32_EXACT and macs <= SMALL_BATCHED_MACS
 
 
-def _rows_dot(a8: jax.Array, za: Any, b8: jax.Array, zb: Any, trans_b: bool) -> jax.Array:
+def _rows_dot(a8: jax.Array, za: Any, b8: jax.Array, zb: Any, trans_b: bool, a_u8: jax.Array | None = None) -> jax.Array:
     """:func:`zp_matmul` against a 2-D ``b`` (a weight): ``a``'s leading axes flattened into rows.
 
     ``za * colsum(b)`` needs the column sums of ``b``: an ``[N, K]`` weight takes
     :func:`cpu_kernels.int8_dot_zp`, which subtracts ``za`` from ``a`` as it widens it; otherwise a
-    row of ones appended to ``a`` makes the dot compute them in the same pass over ``b``.
+    row of ones appended to ``a`` makes the dot compute them in the same pass over ``b``. ``a_u8`` is the uint8
+    operand ``a8`` was shifted from (None for int8): the kernel reads it as it is, and ``a8`` (an XLA loop of its
+    own between a DynamicQuantizeLinear and its MatMulInteger) is then never made.
     """
     lead, k = a8.shape[:-1], a8.shape[-1]
     n = b8.shape[0] if trans_b else b8.shape[1]
     rows = a8.reshape(-1, k)
     need_colsum = not _static_zero(za)
     za_rows = jnp.broadcast_to(jnp.asarray(za, jnp.int32), lead + (1,)).reshape(-1, 1) if need_colsum else None
+    if trans_b and need_colsum and a_u8 is not None and _static_zero(zb):
+        return cpu_kernels.int8_dot_zp(a_u8.reshape(-1, k), za_rows[:, 0] + 128, b8).reshape(lead + (n,))
     if trans_b:  # a [N, K] weight: few rows take our CPU kernel (the same sums)
         acc = cpu_kernels.int8_dot_zp(rows, za_rows[:, 0], b8) if need_colsum else cpu_kernels.int8_dot(rows, b8)
     else:

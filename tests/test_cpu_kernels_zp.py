@@ -46,6 +46,33 @@ def test_same_sums_as_int64(lead, k, n, kernel_isa):
     np.testing.assert_array_equal(np.asarray(got), _want(x, zp, w))
 
 
+@pytest.mark.parametrize("lead,k,n", [((8,), 256, 64), ((3, 5), 70, 10), ((40,), 1100, 30), ((128,), 64, 64)])
+def test_uint8_x_read_as_it_is(lead, k, n, kernel_isa):
+    """A uint8 x (DynamicQuantizeLinear's) with its own zero point: the kernel reads its bytes (the AVX2 path shifts
+    them to int8 first), the same sums as int64, under jit and vmap, and through XLA's dot past the kernel's rows."""
+    rng = np.random.default_rng(k + n)
+    x = rng.integers(0, 256, lead + (k,), dtype=np.uint8)
+    w = _ints(rng, (n, k))
+    zp = rng.integers(0, 256, lead, dtype=np.int32)
+    zp.reshape(-1)[0] = 70000  # a row whose x - zp leaves int16: taken off after the pass
+    np.testing.assert_array_equal(np.asarray(jax.jit(cpu_kernels.int8_dot_zp)(x, zp, w)), _want(x, zp, w))
+    both = np.asarray(jax.vmap(cpu_kernels.int8_dot_zp, in_axes=(0, 0, None))(np.stack([x, x]), np.stack([zp, zp]), w))
+    np.testing.assert_array_equal(both[1], _want(x, zp, w))
+    many = np.tile(x.reshape(-1, k), (cpu_kernels.MAX_ROWS, 1))  # past the kernel's rows where it must stop
+    zps = np.tile(zp.reshape(-1), cpu_kernels.MAX_ROWS)
+    np.testing.assert_array_equal(np.asarray(cpu_kernels.int8_dot_zp(many, zps, w)), _want(many, zps, w))
+
+
+@pytest.mark.cpu_program
+def test_dynamic_quantized_matmul_reads_the_uint8_activation():
+    """No XLA loop between DynamicQuantizeLinear and the product: the kernel takes its uint8 output."""
+    data, _ = _dynamic_matmul_model(256, 192, 5)
+    m = jaxinfer.load(data)
+    hlo = m.compiled({"x": np.zeros((8, 256), np.float32)}).as_text()
+    entry = hlo.split("ENTRY")[1]
+    assert "u8[8,256]" in entry.split(cpu_kernels.TARGET_ZP)[0] and "s8[8,256]" not in entry
+
+
 @pytest.mark.cpu_program
 def test_taken_for_few_rows_only():
     rng = np.random.default_rng(0)
@@ -102,7 +129,8 @@ def test_other_backends_lower_to_xla_dot():
 @pytest.mark.parametrize("x,zp,w,what", [
     (np.zeros((2, 4), np.int8), np.zeros((3,), np.int32), np.zeros((3, 4), np.int8), r"zp int32\[3\]"),
     (np.zeros((2, 4), np.int8), np.zeros((2,), np.float32), np.zeros((3, 4), np.int8), "float32"),
-    (np.zeros((2, 4), np.uint8), np.zeros((2,), np.int32), np.zeros((3, 4), np.int8), "uint8"),
+    (np.zeros((2, 4), np.int16), np.zeros((2,), np.int32), np.zeros((3, 4), np.int8), "int16"),
+    (np.zeros((2, 4), np.int8), np.zeros((2,), np.int32), np.zeros((3, 4), np.uint8), "uint8"),
 ])
 def test_wrong_operands_named(x, zp, w, what):
     with pytest.raises(ValueError, match=what):

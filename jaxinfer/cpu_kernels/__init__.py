@@ -366,7 +366,10 @@ def _kernel_dot_vmap(axis_size: int, in_batched: list[bool], x: jax.Array, w: ja
 
 def _xla_dot_zp(x: jax.Array, zp: jax.Array, w: jax.Array) -> jax.Array:
     """[M, K], [M], [N, K] -> [M, N] with XLA's dot: a row of ones appended to ``x`` gives the column
-    sums of ``w`` in the same pass (int32 wraps alike, so the sums equal the kernel's)."""
+    sums of ``w`` in the same pass (int32 wraps alike, so the sums equal the kernel's). A uint8 ``x`` is taken
+    as the kernel takes it, x - 128 against a zero point already shifted down by 128."""
+    if x.dtype == jnp.uint8:
+        x = (x.astype(jnp.int16) - 128).astype(jnp.int8)
     lhs = jnp.concatenate([x, jnp.ones((1, x.shape[1]), jnp.int8)])
     out = _xla_dot(lhs, w)
     return out[:-1] - zp.astype(jnp.int32)[:, None] * out[-1:]
@@ -379,15 +382,23 @@ def int8_dot_zp(x: jax.Array, zp: jax.Array, w: jax.Array) -> jax.Array:
 
     The kernel subtracts the zero point while it widens ``x``, so this costs one pass over ``w``; XLA's
     dot (more rows, no kernel) appends a row of ones to ``x`` for the column sums of ``w``. Same sums.
+    ``x`` may be uint8 (an activation quantized by ONNX DynamicQuantizeLinear, say): the kernel reads its
+    bytes as they are, where converting it to int8 first had cost XLA a loop of its own per product.
     """
     x, zp, w = jnp.asarray(x), jnp.asarray(zp), jnp.asarray(w)
-    if (x.dtype != jnp.int8 or w.dtype != jnp.int8 or w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[1]
-            or not jnp.issubdtype(zp.dtype, jnp.integer) or zp.shape != x.shape[:-1]):
-        raise ValueError(f"int8_dot_zp takes int8 x [..., K], integer zp [...] and int8 w [N, K]; got x "
+    if (x.dtype not in (jnp.int8, jnp.uint8) or w.dtype != jnp.int8 or w.ndim != 2 or x.ndim < 1
+            or x.shape[-1] != w.shape[1] or not jnp.issubdtype(zp.dtype, jnp.integer) or zp.shape != x.shape[:-1]):
+        raise ValueError(f"int8_dot_zp takes int8 or uint8 x [..., K], integer zp [...] and int8 w [N, K]; got x "
                          f"{x.dtype}{list(x.shape)}, zp {zp.dtype}{list(zp.shape)} and w {w.dtype}{list(w.shape)}")
+    zp = zp.astype(jnp.int32)
+    # uint8 x: the int8 domain's zero point, x - zp = (x - 128) - (zp - 128)
+    return _dot_zp(x, zp - 128 if x.dtype == jnp.uint8 else zp, w)
+
+
+def _dot_zp(x: jax.Array, zp: jax.Array, w: jax.Array) -> jax.Array:
+    """:func:`int8_dot_zp` with ``zp`` int32 in the int8 domain (shifted down by 128 for a uint8 ``x``)."""
     lead, rows, k, n, kernel = _shape(x, w)
-    x2, zp1 = x.reshape(rows, k), zp.reshape(rows).astype(jnp.int32)
-    return (_kernel_dot_zp if kernel else _xla_dot_zp)(x2, zp1, w).reshape(*lead, n)
+    return (_kernel_dot_zp if kernel else _xla_dot_zp)(x.reshape(rows, k), zp.reshape(rows), w).reshape(*lead, n)
 
 
 @jax.custom_batching.custom_vmap
@@ -408,7 +419,7 @@ def _kernel_dot_zp_vmap(axis_size: int, in_batched: list[bool], x: jax.Array, zp
     if not zp_batched:
         zp = jnp.broadcast_to(zp, (axis_size,) + zp.shape)
     if not w_batched:
-        return int8_dot_zp(x, zp, w), True
+        return _dot_zp(x, zp, w), True
     return jax.vmap(_xla_dot_zp)(x, zp, w), True
 
 

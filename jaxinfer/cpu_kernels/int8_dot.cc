@@ -5,7 +5,10 @@
 // takes a zero point per row of x as well, zp [M] int32, and gives sum_k (x[m, k] - zp[m]) * w[n, k]:
 // the zero point is folded into the one pass (AVX2: x - zp as x is widened; VNNI: (128 + zp) times the
 // weight sums it takes anyway), where a row of ones appended to x (for the column sums of w) cost a
-// second pass over w. Built first for few rows, where XLA CPU's int8 library dot is compute-bound well
+// second pass over w. Its x may be uint8 (an ONNX DynamicQuantizeLinear output, with zp shifted down by 128 by the
+// caller): the VNNI packing's x + 128 is then x's own bytes (the AVX2 path shifts a copy to int8 first), where an
+// XLA loop had converted every such activation to int8 before its product (bert_dynamic b8 494 -> 440 us, session
+// 28). Built first for few rows, where XLA CPU's int8 library dot is compute-bound well
 // below the memory's speed (docs/status.md, issue 6) and at one row XLA's own loops take ~30x longer
 // than reading the weight; with VNNI it also beats that dot at many rows (the panels below).
 //
@@ -516,7 +519,7 @@ __attribute__((target("avx512f,avx512bw"))) void PackPanelRows(const Job& j, int
   }
 }
 
-thread_local std::vector<int8_t> t_patches;
+thread_local std::vector<int8_t> t_patches, t_flipped;
 
 // y[m, n] for rows m0 .. m1 and columns n0 .. n1, rewritten in place from int32 sums to float sum * sx[m]
 // (the conversion rounds to nearest even, then one rounded product), as XLA computes it in jaxinfer.arith.
@@ -671,8 +674,15 @@ ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, c
   }
   if (K == 0)
     return ffi::Error::InvalidArgument("jaxinfer_int8_dot_dyn: K is 0 (jaxinfer takes XLA's dot there)");
-  if (x_unsigned && CurrentIsa() != kVnni)
+  if (x_unsigned && CurrentIsa() != kVnni && patches)
     return ffi::Error::InvalidArgument("jaxinfer_int8_conv: uint8 images need the AVX-512 VNNI path");
+  std::vector<int8_t> own_flipped;
+  if (x_unsigned && CurrentIsa() != kVnni) {  // the AVX2 path widens int8: uint8 x becomes x - 128 first
+    int8_t* shifted = Scratch(t_flipped, own_flipped, M * K);
+    for (int64_t i = 0; i < M * K; ++i) shifted[i] = static_cast<int8_t>(static_cast<uint8_t>(x[i]) ^ 0x80);
+    x = shifted;
+    x_unsigned = false;
+  }
   // x - zp must fit int16. A row whose zero point does not (never one of an 8-bit tensor; a NaN row's
   // computed offset, say) is packed with none, and zp * colsum(w) is taken off afterwards.
   auto j = std::make_shared<Job>();
@@ -777,14 +787,18 @@ ffi::Error Int8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi
   return Run(pool, x.typed_data(), nullptr, nullptr, w.typed_data(), y->typed_data(), xd[0], xd[1], wd[0]);
 }
 
-ffi::Error Int8DotZp(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S32> zp,
-                     ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::S32> y) {
+ffi::Error Int8DotZp(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> zp, ffi::Buffer<ffi::S8> w,
+                     ffi::ResultBuffer<ffi::S32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions(), zd = zp.dimensions();
-  if (!ProductDims(xd, wd, yd))
-    return ffi::Error::InvalidArgument("jaxinfer_int8_dot_zp: expected x [M, K], w [N, K] and y [M, N]");
+  bool x8 = false;
+  const bool x_unsigned = jaxinfer::Unsigned8(x.element_type(), x8);
+  if (!x8 || !ProductDims(xd, wd, yd))
+    return ffi::Error::InvalidArgument("jaxinfer_int8_dot_zp: expected int8 or uint8 x [M, K], w [N, K] and y [M, N]");
   if (zd.size() != 1 || zd[0] != xd[0])
     return ffi::Error::InvalidArgument("jaxinfer_int8_dot_zp: expected zp [M] for x [M, K]");
-  return Run(pool, x.typed_data(), nullptr, zp.typed_data(), w.typed_data(), y->typed_data(), xd[0], xd[1], wd[0]);
+  // uint8 x: its bytes are the int8 x + 128 the packing makes anyway, and zp comes shifted down by 128 alike
+  return Run(pool, static_cast<const int8_t*>(x.untyped_data()), nullptr, zp.typed_data(), w.typed_data(),
+             y->typed_data(), xd[0], xd[1], wd[0], nullptr, nullptr, nullptr, nullptr, x_unsigned);
 }
 
 constexpr float kRowInvQmax = static_cast<float>(1.0 / 127.5);  // jaxinfer.arith._ROW_INV_QMAX
@@ -1108,7 +1122,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8Dot, Int8Dot,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8DotZp, Int8DotZp,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
