@@ -84,9 +84,11 @@ def _block_pool(node: Node) -> tuple[int, int] | None:
 def fuse_conv_epilogue(graph: Graph) -> Graph:
     """``jaxinfer::Conv`` (2-D, ungrouped, float32 HWIO weight: after :func:`conv_weights_spatial_first`) [-> Relu
     or Clip with constant bounds lo <= hi] [-> MaxPool whose strides are its window, unpadded] ->
-    ``jaxinfer::FusedConv`` with attributes ``activation`` (lo, hi) and ``pool`` (PH, PW), each absorbed node the
+    the ``jaxinfer::Conv`` with attributes ``activation`` (lo, hi) and ``pool`` (PH, PW), each absorbed node the
     sole reader of the one before. Our CPU kernel then adds the bias, clamps and pools in the convolution's own
-    call (conv_lowering.conv_epilogue) instead of XLA reading the convolution's output back in another loop."""
+    call (conv_lowering.conv_epilogue) instead of XLA reading the convolution's output back in another loop. The
+    node stays a Conv, so what reads graphs for convolutions (quantize, prune, sharding rules) still finds it;
+    a quantized weight takes the ops' route (``ops/conv_pool.py`` conv_hwio)."""
     if graph.fmt != "onnx":
         return graph
     users = read_counts(graph)
@@ -102,7 +104,8 @@ def fuse_conv_epilogue(graph: Graph) -> Graph:
     for conv in graph.nodes:
         w = graph.initializers.get(conv.inputs[1]) if len(conv.inputs) > 1 else None
         if (conv.op_type != "Conv" or conv.domain != "jaxinfer" or w is None or np.asarray(w).ndim != 4
-                or np.asarray(w).dtype != np.float32 or int(conv.attrs.get("group", 1)) != 1):
+                or np.asarray(w).dtype != np.float32 or int(conv.attrs.get("group", 1)) != 1
+                or "activation" in conv.attrs or "pool" in conv.attrs):
             continue
         attrs, last = dict(conv.attrs), conv
         act = sole_reader(conv.outputs[0])
@@ -118,7 +121,7 @@ def fuse_conv_epilogue(graph: Graph) -> Graph:
             dropped.add(id(pool))
             last = pool
         if last is not conv:
-            fused[id(conv)] = Node("FusedConv", conv.inputs, (last.outputs[0],), attrs, conv.name, "jaxinfer")
+            fused[id(conv)] = Node("Conv", conv.inputs, (last.outputs[0],), attrs, conv.name, "jaxinfer")
     if not fused:
         return graph
     return graph.replace(nodes=tuple(fused.get(id(n), n) for n in graph.nodes if id(n) not in dropped))

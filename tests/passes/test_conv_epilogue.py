@@ -1,4 +1,4 @@
-"""passes.fuse_conv_epilogue: a float Conv's Relu/Clip and block MaxPool folded into one jaxinfer::FusedConv,
+"""passes.fuse_conv_epilogue: a float Conv's Relu/Clip and block MaxPool folded into its jaxinfer::Conv node,
 which our CPU kernel runs as one call (conv_lowering.conv_epilogue) and other routes as the ops they were.
 Outputs match onnxruntime and the unfused graph; what the pass must leave alone, it leaves."""
 
@@ -36,7 +36,9 @@ def _optimized(proto: onnx.ModelProto, fuse: bool = True):
 
 
 def _ops(graph) -> list[str]:
-    return [f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in graph.nodes]
+    """Op names, a Conv with a folded epilogue as ``jaxinfer::FusedConv``."""
+    return ["jaxinfer::FusedConv" if n.op_type == "Conv" and ("activation" in n.attrs or "pool" in n.attrs)
+            else f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in graph.nodes]
 
 
 def _run(graph, x):

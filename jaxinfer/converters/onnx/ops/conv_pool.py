@@ -104,38 +104,26 @@ def channels_last_kernel_dims(n: int) -> tuple[str, str, str]:
 
 @op("Conv", 1, domain="jaxinfer")
 def conv_hwio(x, w, b=None, *, auto_pad: str = "NOTSET", dilations=None, group: int = 1, kernel_shape=None,
-              pads=None, strides=None):
+              pads=None, strides=None, activation=None, pool=None):
     """ONNX Conv with the weight pre-transposed to spatial..., I, O at load (passes.layout).
 
     XLA's CPU convolution wants the kernel spatial-first; an OIHW weight param
-    would be transposed and copied on every call.
+    would be transposed and copied on every call. ``activation`` (lo, hi) and ``pool`` (PH, PW) are the
+    epilogue passes.fuse.fuse_conv_epilogue folds in: a Relu's or a Clip's clamp, then a MaxPool whose strides
+    are its window, unpadded. 2-D ungrouped float32 layers our CPU kernel takes run all of it as the kernel's one
+    call (conv_lowering.conv_epilogue); other layers (quantized weights, other platforms) run the ops as they were.
     """
     n = x.ndim - 2
     kernel = tuple(kernel_shape) if kernel_shape else w.shape[:n]
     strides, dilations = _per_axis(strides, n), _per_axis(dilations, n)
     padding = auto_pads(auto_pad, x.shape[2:], kernel, strides, dilations, pads)
-    y = grouped_conv(x, w, strides, padding, dilations, channels_last_kernel_dims(n), group)
-    return _bias(y, b)
-
-
-@op("FusedConv", 1, domain="jaxinfer")
-def fused_conv(x, w, b=None, *, auto_pad: str = "NOTSET", dilations=None, group: int = 1, kernel_shape=None,
-               pads=None, strides=None, activation=None, pool=None):
-    """``jaxinfer::Conv`` (HWIO weight), then ``activation`` (lo, hi): a Relu's or a Clip's clamp, then ``pool``
-    (PH, PW): a MaxPool whose strides are its window, no padding (passes.fuse.fuse_conv_epilogue). 2-D ungrouped
-    float32 layers our CPU kernel takes run as its one call (conv_lowering.conv_epilogue); elsewhere the three
-    ops as they were."""
     clamp = (float(activation[0]), float(activation[1])) if activation is not None else None
     window = (int(pool[0]), int(pool[1])) if pool is not None else None
-    if x.ndim == 4 and group == 1:
-        kernel = tuple(kernel_shape) if kernel_shape else w.shape[:2]
-        strides2, dilations2 = _per_axis(strides, 2), _per_axis(dilations, 2)
-        padding = auto_pads(auto_pad, x.shape[2:], kernel, strides2, dilations2, pads)
-        y = conv_epilogue(x, w, strides2, padding, dilations2, channels_last_kernel_dims(2), b, clamp, window)
+    if (clamp or window) and n == 2 and group == 1 and isinstance(w, (np.ndarray, jax.Array)):
+        y = conv_epilogue(x, w, strides, padding, dilations, channels_last_kernel_dims(n), b, clamp, window)
         if y is not None:
             return y
-    y = conv_hwio(x, w, b, auto_pad=auto_pad, dilations=dilations, group=group, kernel_shape=kernel_shape,
-                  pads=pads, strides=strides)
+    y = _bias(grouped_conv(x, w, strides, padding, dilations, channels_last_kernel_dims(n), group), b)
     if clamp is not None:
         y = jnp.minimum(jnp.maximum(y, jnp.asarray(clamp[0], y.dtype)), jnp.asarray(clamp[1], y.dtype))
     if window is not None:
