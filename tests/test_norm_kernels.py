@@ -131,3 +131,84 @@ def test_onnx_softmax_over_the_last_axis_takes_it(opset, axis, takes):
     assert (cpu_kernels.TARGET_SOFTMAX in m.compiled({"x": x}).as_text()) == takes
     want = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(np.asarray(m.run({"x": x})["y"]), want, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------ GELU
+def _gelu64(v: np.ndarray, approximate: str) -> np.ndarray:
+    v = v.astype(np.float64)
+    if approximate == "tanh":
+        return 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v ** 3)))
+    from math import erfc, sqrt
+    return v * 0.5 * np.vectorize(lambda t: erfc(-t / sqrt(2)))(v)
+
+
+def _gelu_xla(v, approximate):
+    if approximate == "tanh":
+        return 0.5 * v * (1 + jnp.tanh(0.7978845608 * (v + 0.044715 * v * v * v)))
+    return v * 0.5 * (1 + jax.lax.erf(v * 0.70710677))
+
+
+@needs_kernels
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape, with_bias", [((8, 32, 256), True), ((3, 37), False), ((1, 5), True), ((1000, 20), False)])
+def test_gelu_matches_float64(approximate, shape, with_bias):
+    """Within 4e-7 absolutely and 2e-6 relatively (|y| > 1e-6) of float64's GELU, over +-12."""
+    rng = np.random.default_rng(shape[-1])
+    x = (rng.standard_normal(shape) * 4).astype(np.float32)
+    x.reshape(-1)[:3] = [-12.0, 12.0, 0.0]
+    bias = rng.standard_normal(shape[-1]).astype(np.float32) if with_bias else None
+    got = np.asarray(jax.jit(lambda x, b: cpu_kernels.gelu(x, b, approximate, lambda v: _gelu_xla(v, approximate)))(
+        x, bias))
+    want = _gelu64(x if bias is None else x + bias, approximate)  # the float32 sum, as the kernel takes it
+    err = np.abs(got - want)
+    assert err.max() < 6e-7 and (err / np.abs(want))[np.abs(want) > 1e-6].max() < 3e-6
+    hlo = jax.jit(lambda x: cpu_kernels.gelu(x, bias, approximate, lambda v: _gelu_xla(v, approximate))).lower(
+        x).as_text()
+    assert cpu_kernels.TARGET_GELU in hlo
+
+
+@needs_kernels
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_specials_as_the_formula(approximate):
+    """NaN stays NaN, +inf gives +inf, -inf NaN (-inf times 0), as the composition of XLA's ops gives them."""
+    x = np.array([[np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-30]], np.float32)
+    got = np.asarray(cpu_kernels.gelu(x, None, approximate, lambda v: _gelu_xla(v, approximate)))
+    want = np.asarray(_gelu_xla(jnp.asarray(x), approximate))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got[~np.isnan(got)], want[~np.isnan(want)], atol=1e-37)
+
+
+@needs_kernels
+def test_gelu_vmap_and_fallbacks():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 4, 16)).astype(np.float32)
+    b = rng.standard_normal((2, 16)).astype(np.float32)
+    def fn(x, b):
+        return cpu_kernels.gelu(x, b, "none", lambda v: _gelu_xla(v, "none"))
+    both = np.asarray(jax.vmap(fn)(x, b))  # a batch of biases: XLA per member
+    np.testing.assert_allclose(both, np.asarray(_gelu_xla(x + b[:, None], "none")), rtol=3e-6, atol=1e-6)
+    rows = np.asarray(jax.vmap(lambda x: fn(x, b[0]))(x))  # a batch of x: more rows for the kernel
+    np.testing.assert_allclose(rows, np.asarray(_gelu_xla(x + b[0], "none")), rtol=3e-6, atol=1e-6)
+    half = x.astype(np.float16)
+    assert cpu_kernels.gelu(half, None, "none", lambda v: _gelu_xla(v, "none")).dtype == np.float16
+    with pytest.raises(ValueError, match="'none' or 'tanh'"):
+        cpu_kernels.gelu(x, None, "exact", None)
+
+
+@needs_kernels
+@pytest.mark.parametrize("op, domain, attrs, inputs", [
+    ("Gelu", "", {}, ["x"]), ("Gelu", "", {"approximate": "tanh"}, ["x"]), ("Gelu", "com.microsoft", {}, ["x"]),
+    ("BiasGelu", "com.microsoft", {}, ["x", "b"]), ("FastGelu", "com.microsoft", {}, ["x", "b"]),
+])
+def test_onnx_gelus_take_it_and_answer_as_onnxruntime(op, domain, attrs, inputs):
+    rng = np.random.default_rng(7)
+    b = numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "b")
+    graph = helper.make_graph([helper.make_node(op, inputs, ["y"], domain=domain, **attrs)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [b])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
+    m = jaxinfer.load(proto)
+    x = (rng.standard_normal((12, 64)) * 3).astype(np.float32)
+    assert cpu_kernels.TARGET_GELU in m.compiled({"x": x}).as_text()
+    want = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(m.run({"x": x})["y"], want, rtol=1e-5, atol=1e-6)

@@ -103,6 +103,7 @@ TARGET_CONV_DIRECT = "jaxinfer_int8_conv_direct_f32"
 TARGET_MAX_POOL8 = "jaxinfer_max_pool8"
 TARGET_LAYER_NORM = "jaxinfer_f32_layer_norm"
 TARGET_SOFTMAX = "jaxinfer_f32_softmax"
+TARGET_GELU = "jaxinfer_f32_gelu"
 #: Each custom-call target the kernels register -> the library's handler symbol.
 _HANDLERS = {
     TARGET: "JaxinferInt8Dot", TARGET_ZP: "JaxinferInt8DotZp", TARGET_DYN: "JaxinferInt8DotDyn",
@@ -112,7 +113,7 @@ _HANDLERS = {
     TARGET_F32_DEPTHWISE: "JaxinferF32Depthwise", TARGET_F32_LSTM: "JaxinferF32Lstm",
     TARGET_F32_I8W: "JaxinferF32Int8wDot", TARGET_LOOKUP8: "JaxinferLookup8",
     TARGET_CONV_DIRECT: "JaxinferInt8ConvDirectF32", TARGET_MAX_POOL8: "JaxinferMaxPool8",
-    TARGET_LAYER_NORM: "JaxinferF32LayerNorm", TARGET_SOFTMAX: "JaxinferF32Softmax",
+    TARGET_LAYER_NORM: "JaxinferF32LayerNorm", TARGET_SOFTMAX: "JaxinferF32Softmax", TARGET_GELU: "JaxinferF32Gelu",
 }
 #: Every custom-call target the kernels register (an export must allow each).
 TARGETS = tuple(_HANDLERS)
@@ -974,6 +975,33 @@ def softmax(x: jax.Array, otherwise: Callable[[jax.Array], jax.Array]) -> jax.Ar
         return y.reshape(x.shape)
 
     return _on_cpu(kernel, otherwise, x, leading=True)
+
+
+def gelu(x: jax.Array, bias: Any, approximate: str, otherwise: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """Float32 GELU of ``x + bias`` (``bias`` [C] over the last axis, or None): ``approximate`` "none" is
+    ``v Phi(v)`` (the erf form), "tanh" ``0.5 v (1 + tanh(sqrt(2 / pi) (v + 0.044715 v^3)))``, in one kernel call
+    (``norm.cc``: its own erfc, within 4e-7 absolutely of float64's GELU; ``vmath.h``'s exp), where XLA ran a
+    loop split over its pool. ``otherwise(v)`` (XLA's GELU of ``v = x + bias``) runs on other platforms, under
+    ``jax.vmap`` of the bias and without AVX-512."""
+    x = jnp.asarray(x)
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu's approximate is 'none' or 'tanh', not {approximate!r}")
+    c = x.shape[-1] if x.ndim else 0
+    has_bias = bias is not None
+    b = jnp.asarray(bias) if has_bias else jnp.zeros((1,), jnp.float32)
+    if (x.dtype != jnp.float32 or x.ndim < 1 or x.size == 0 or (has_bias and (b.shape != (c,) or b.dtype != jnp.float32))
+            or not available() or isa() != 2):
+        return otherwise(x + b if has_bias else x)
+
+    def kernel(x: jax.Array, b: jax.Array) -> jax.Array:
+        y = jax.ffi.ffi_call(TARGET_GELU, jax.ShapeDtypeStruct((x.size // c, c), jnp.float32))(
+            x.reshape(-1, c), b, has_bias=has_bias, approximate=np.int64(approximate == "tanh"))
+        return y.reshape(x.shape)
+
+    def xla(x: jax.Array, b: jax.Array) -> jax.Array:
+        return otherwise(x + b if has_bias else x)
+
+    return _on_cpu(kernel, xla, x, b, leading=True)
 
 
 def max_pool8(x: jax.Array, window: tuple[int, int], strides: Sequence[int], dilation: Sequence[int],

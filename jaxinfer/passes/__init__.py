@@ -14,7 +14,7 @@ from .cleanup import eliminate_dead_nodes, eliminate_identities
 from .constant_fold import constant_folder, fold_constants
 from .dedupe import merge_identical_initializers
 from .fold_bn import fold_conv_batchnorm
-from .fuse import fuse_conv_epilogue, fuse_matmul_add
+from .fuse import fuse_conv_epilogue, fuse_gelu, fuse_matmul_add
 from .layout import (conv_weights_spatial_first, int8_conv_weights_ohwi, int8_weights_rows_first,
                      pools_after_costly_ops)
 from .lookup import tabulate_8bit_chains
@@ -34,6 +34,7 @@ DEFAULT_PASSES: tuple[Pass, ...] = (
     pools_after_costly_ops,
     fuse_conv_epilogue,
     tabulate_8bit_chains,
+    fuse_gelu,
     eliminate_dead_nodes,
 )
 
@@ -67,6 +68,7 @@ __all__ = [
     "rewrite_qdq",
     "fold_conv_batchnorm",
     "fuse_conv_epilogue",
+    "fuse_gelu",
     "fuse_matmul_add",
     "int8_conv_weights_ohwi",
     "int8_weights_rows_first",

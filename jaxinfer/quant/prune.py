@@ -240,6 +240,12 @@ def _follow(graph: Graph, node: Node, idx: int, followed: list[tuple[int, Layout
 
     slots = [s for s, _ in followed]
     first = followed[0][1]
+    if (op, node.domain) == ("Gelu", "jaxinfer") and slots == [0] and len(node.inputs) > 1 and node.inputs[1]:
+        # passes.fuse.fuse_gelu's bias over the last axis: pruned with the channels, as the Add it was
+        if node.inputs[1] not in const or first.flat or first.axis != -1:
+            return stop(f"{where} adds a bias on another axis")
+        an.edits.append(Edit(idx, 1, 0, first))
+        return first
     if op in CHANNELWISE and node.domain in ("", "ai.onnx", "jaxinfer") and slots == [0]:
         extra = [i for i in node.inputs[1:] if i]
         if all(i in const and const[i].size == 1 for i in extra) and all(not o for o in node.outputs[1:2]

@@ -46,6 +46,7 @@ import jax
 import numpy as np
 
 from ..graph import Graph, Node, ValueInfo, outer_names
+from ..passes.fuse import split_gelu
 from ..registry import Registry
 from ..tracer import resolve, run_node
 from .moe_op import DOMAIN, OP_TYPE
@@ -439,7 +440,9 @@ class _Shapes:
 
 
 def find_moe(graph: Graph, registry: Registry | None = None) -> list[MoeMatch]:
-    """Every MoE layer of ``graph`` (top level) that :func:`fuse_moe` would rewrite."""
+    """Every MoE layer of ``graph`` (top level) that :func:`fuse_moe` would rewrite (GELUs the load passes fused
+    read as their ops: :func:`~jaxinfer.passes.fuse.split_gelu`)."""
+    graph = split_gelu(graph)
     if graph.fmt != "onnx" or not any(n.op_type in ("TopK", "ArgMax", "Softmax") for n in graph.nodes):
         return []
     registry = registry if registry is not None else _onnx_registry()
@@ -628,11 +631,12 @@ def fuse_moe(graph: Graph, registry: Registry | None = None) -> Graph:
       ['StackedMoE']
     """
     registry = registry if registry is not None else _onnx_registry()
-    matches = find_moe(graph, registry)
+    split = split_gelu(graph)
+    matches = find_moe(split, registry)
     if not matches:
         return graph
-    consts = _Consts(graph, registry)
-    out = graph
+    consts = _Consts(split, registry)
+    out = split
     for i, match in enumerate(matches):
         nxt = rewrite(out, match, consts, i)
         out = out if nxt is None else nxt

@@ -137,12 +137,25 @@ def mish(x):
 @op("Gelu", 20)
 def gelu(x, *, approximate: str = "none"):
     """https://onnx.ai/onnx/operators/onnx__Gelu.html (``approximate`` 'none' or 'tanh')."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"Gelu approximate must be 'none' or 'tanh', got {approximate!r}")
+    return cpu_kernels.gelu(x, None, approximate, lambda v: _gelu_xla(v, approximate))
+
+
+@op("Gelu", 1, domain="jaxinfer")
+def gelu_bias(x, bias=None, *, approximate: str = "none"):
+    """The GELU (``approximate`` 'none': erf, or 'tanh') of ``x + bias`` (``bias`` [C] over the last axis, or
+    none): an exporter's GELU chain and the Add before it (passes.fuse.fuse_gelu), as cpu_kernels.gelu's one call
+    on float32 CPUs."""
+    return cpu_kernels.gelu(x, bias, approximate, lambda v: _gelu_xla(v, approximate))
+
+
+def _gelu_xla(x, approximate: str):
+    """GELU as XLA's elementwise ops (float32 on CPU takes cpu_kernels.gelu instead)."""
     if approximate == "none":
         return (0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))).astype(_dt(x))
-    if approximate == "tanh":
-        inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)
-        return (0.5 * x * (1.0 + jnp.tanh(inner))).astype(_dt(x))
-    raise ValueError(f"Gelu approximate must be 'none' or 'tanh', got {approximate!r}")
+    inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)
+    return (0.5 * x * (1.0 + jnp.tanh(inner))).astype(_dt(x))
 
 
 @op("Shrink", 9)

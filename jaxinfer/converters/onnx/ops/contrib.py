@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .... import cpu_kernels
 from ....registry import OpDef, registrar
 from ._util import axis as norm_axis
 from .attention import rotary_embedding as _rotary_23
@@ -49,21 +50,20 @@ def _gelu_tanh(x: Any) -> Any:
 
 @op("Gelu", 1)
 def gelu(X):
-    """com.microsoft Gelu: exact (erf) GELU."""
-    return _gelu(jnp.asarray(X))
+    """com.microsoft Gelu: exact (erf) GELU (float32: our CPU kernel's one call, cpu_kernels.gelu)."""
+    return cpu_kernels.gelu(X, None, "none", _gelu)
 
 
 @op("BiasGelu", 1)
 def bias_gelu(A, B):
-    """com.microsoft BiasGelu: Gelu(A + B)."""
-    return _gelu(jnp.asarray(A) + B)
+    """com.microsoft BiasGelu: Gelu(A + B), B over the last axis."""
+    return cpu_kernels.gelu(A, B, "none", _gelu)
 
 
 @op("FastGelu", 1)
 def fast_gelu(X, bias=None):
     """com.microsoft FastGelu: tanh-approximated GELU of X (+ bias)."""
-    X = jnp.asarray(X)
-    return _gelu_tanh(X if bias is None else X + bias)
+    return cpu_kernels.gelu(X, bias, "tanh", _gelu_tanh)
 
 
 @op("QuickGelu", 1)
