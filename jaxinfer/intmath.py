@@ -265,7 +265,8 @@ def _small_batched(a: jax.Array, b: jax.Array, bound: int, trans_b: bool) -> boo
     return k * bound < F32_EXACT and macs <= SMALL_BATCHED_MACS
 
 
-def _rows_dot(a8: jax.Array, za: Any, b8: jax.Array, zb: Any, trans_b: bool, a_u8: jax.Array | None = None) -> jax.Array:
+def _rows_dot(a8: jax.Array, za: Any, b8: jax.Array, zb: Any, trans_b: bool,
+              a_u8: jax.Array | None = None) -> jax.Array:
     """:func:`zp_matmul` against a 2-D ``b`` (a weight): ``a``'s leading axes flattened into rows.
 
     ``za * colsum(b)`` needs the column sums of ``b``: an ``[N, K]`` weight takes

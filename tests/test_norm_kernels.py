@@ -150,7 +150,8 @@ def _gelu_xla(v, approximate):
 
 @needs_kernels
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-@pytest.mark.parametrize("shape, with_bias", [((8, 32, 256), True), ((3, 37), False), ((1, 5), True), ((1000, 20), False)])
+@pytest.mark.parametrize("shape, with_bias", [((8, 32, 256), True), ((3, 37), False), ((1, 5), True),
+                                              ((1000, 20), False)])
 def test_gelu_matches_float64(approximate, shape, with_bias):
     """Within 4e-7 absolutely and 2e-6 relatively (|y| > 1e-6) of float64's GELU, over +-12."""
     rng = np.random.default_rng(shape[-1])
@@ -206,7 +207,8 @@ def test_onnx_gelus_take_it_and_answer_as_onnxruntime(op, domain, attrs, inputs)
     graph = helper.make_graph([helper.make_node(op, inputs, ["y"], domain=domain, **attrs)], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [b])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)]
+    proto = helper.make_model(graph, opset_imports=opsets)
     m = jaxinfer.load(proto)
     x = (rng.standard_normal((12, 64)) * 3).astype(np.float32)
     assert cpu_kernels.TARGET_GELU in m.compiled({"x": x}).as_text()

@@ -989,8 +989,8 @@ def gelu(x: jax.Array, bias: Any, approximate: str, otherwise: Callable[[jax.Arr
     c = x.shape[-1] if x.ndim else 0
     has_bias = bias is not None
     b = jnp.asarray(bias) if has_bias else jnp.zeros((1,), jnp.float32)
-    if (x.dtype != jnp.float32 or x.ndim < 1 or x.size == 0 or (has_bias and (b.shape != (c,) or b.dtype != jnp.float32))
-            or not available() or isa() != 2):
+    bias_ok = not has_bias or (b.shape == (c,) and b.dtype == jnp.float32)
+    if x.dtype != jnp.float32 or x.ndim < 1 or x.size == 0 or not bias_ok or not available() or isa() != 2:
         return otherwise(x + b if has_bias else x)
 
     def kernel(x: jax.Array, b: jax.Array) -> jax.Array:

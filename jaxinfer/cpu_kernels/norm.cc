@@ -127,7 +127,8 @@ __attribute__((target("avx512f"))) inline __m512 GeluErf(__m512 v) {
   const __m512 u = Reciprocal(_mm512_fmadd_ps(t, half, one));
   __m512 r = _mm512_set1_ps(kErfcR[10]);
   for (int k = 9; k >= 0; --k) r = _mm512_fmadd_ps(r, u, _mm512_set1_ps(kErfcR[k]));
-  const __m512 tail = _mm512_mul_ps(half, _mm512_mul_ps(jaxinfer::Exp(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), t), t)), r));
+  const __m512 e = jaxinfer::Exp(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), t), t));  // e^(-t^2)
+  const __m512 tail = _mm512_mul_ps(half, _mm512_mul_ps(e, r));
   // v < 0: Phi = tail; otherwise (NaN included: 1 - NaN) 1 - tail
   const __mmask16 neg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
   return _mm512_mul_ps(v, _mm512_mask_blend_ps(neg, _mm512_sub_ps(one, tail), tail));
@@ -139,7 +140,8 @@ __attribute__((target("avx512f"))) inline __m512 GeluTanh(__m512 v) {
   const __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
   const __m512 z2 = _mm512_mul_ps(_mm512_fmadd_ps(v3, _mm512_set1_ps(0.044715f), v), _mm512_set1_ps(-1.595769122f));
   const __m512 y = _mm512_mul_ps(v, Reciprocal(_mm512_add_ps(_mm512_set1_ps(1.0f), jaxinfer::Exp(z2))));
-  const __mmask16 minus_inf = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ);
+  const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __mmask16 minus_inf = _mm512_cmp_ps_mask(v, lowest, _CMP_EQ_OQ);
   return _mm512_mask_mov_ps(y, minus_inf, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
 }
 

@@ -1,6 +1,6 @@
-"""Fusions on the ONNX graph: MatMul + Add -> Gemm (2-D, constant weight and 1-D bias); a float Conv's Relu/Clip and
-block MaxPool into the Conv (:func:`fuse_conv_epilogue`); an exporter's erf GELU chain (and its bias Add) into one
-``jaxinfer::Gelu`` (:func:`fuse_gelu`)."""
+"""Fusions on the ONNX graph: MatMul + Add -> Gemm (2-D, constant weight and 1-D bias); a float Conv's Relu/Clip
+and block MaxPool into the Conv (:func:`fuse_conv_epilogue`); an exporter's erf or tanh GELU chain (and its bias
+Add) into one ``jaxinfer::Gelu`` (:func:`fuse_gelu`)."""
 
 from __future__ import annotations
 

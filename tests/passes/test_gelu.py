@@ -29,7 +29,8 @@ def _proto(gelu_nodes, extra_inits=None, outputs=("y",), bias=True) -> onnx.Mode
     head = [helper.make_node("MatMul", ["x", "w"], ["t" if bias else "h"])]
     if bias:
         head.append(helper.make_node("Add", ["t", "b"], ["h"]))
-    graph = helper.make_graph(head + gelu_nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 16])],
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 16])
+    graph = helper.make_graph(head + gelu_nodes, "g", [x],
                               [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
                               [numpy_helper.from_array(v, k) for k, v in inits.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -41,8 +42,8 @@ def _chain(scale="Div", half_first=False, swap=False) -> list:
     nodes = [s, n("Erf", ["d"], ["e"]), n("Add", ["one", "e"] if swap else ["e", "one"], ["a"])]
     if half_first:
         return nodes + [n("Mul", ["h", "half"], ["hh"]), n("Mul", ["a", "hh"] if swap else ["hh", "a"], ["y"])]
-    return nodes + [n("Mul", ["a", "h"] if swap else ["h", "a"], ["m"]), n("Mul", ["half", "m"] if swap else ["m", "half"],
-                                                                     ["y"])]
+    return nodes + [n("Mul", ["a", "h"] if swap else ["h", "a"], ["m"]),
+                    n("Mul", ["half", "m"] if swap else ["m", "half"], ["y"])]
 
 
 def _tanh_chain(half_first=False, swap=False) -> list:
