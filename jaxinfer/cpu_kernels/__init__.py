@@ -782,9 +782,11 @@ def _block_max(y: jax.Array, ph: int, pw: int) -> jax.Array:
     ``jnp.maximum`` is (XLA CPU's reduce-window max dropped NaNs)."""
     if ph * pw == 1:
         return y
-    oh, ow = y.shape[1] // ph, y.shape[2] // pw
-    taps = [y[:, i: i + oh * ph: ph, t: t + ow * pw: pw] for i in range(ph) for t in range(pw)]
-    return functools.reduce(jnp.maximum, taps)
+    if y.shape[1] < ph or y.shape[2] < pw:  # no whole block: an empty result of the pooled shape
+        return y[:, : y.shape[1] // ph, : y.shape[2] // pw]
+    from ..conv_lowering import window_slices  # imported here: conv_lowering imports this module
+
+    return functools.reduce(jnp.maximum, window_slices(y, (1, ph, pw, 1), (1, ph, pw, 1)))
 
 
 def _switch(symbol: str, want: bool | None) -> bool:
@@ -933,6 +935,15 @@ def f32_lstm(x: jax.Array, ws: Sequence[jax.Array], rs: Sequence[jax.Array], bs:
     return _on_cpu(kernel, otherwise, *ops)
 
 
+def _rows_call(target: str, x: jax.Array, *operands: jax.Array, **attrs: Any) -> jax.Array:
+    """``norm.cc``'s kernel ``target`` over the rows of float32 ``x`` viewed as [R, C] (C its last axis), shaped
+    back like ``x``."""
+    c = x.shape[-1]
+    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.size // c, c), jnp.float32))(x.reshape(-1, c), *operands,
+                                                                                      **attrs)
+    return y.reshape(x.shape)
+
+
 def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array | None, eps: float,
                otherwise: Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]) -> jax.Array:
     """Float32 layer normalization over ``x``'s last axis: ``((x - mean) * inv) * gamma + beta``, ``inv = 1 /
@@ -950,9 +961,7 @@ def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array | None, eps: floa
     b = jnp.asarray(beta, jnp.float32) if has_beta else jnp.zeros((1,), jnp.float32)
 
     def kernel(x: jax.Array, gamma: jax.Array, b: jax.Array) -> jax.Array:
-        y = jax.ffi.ffi_call(TARGET_LAYER_NORM, jax.ShapeDtypeStruct((x.size // c, c), jnp.float32))(
-            x.reshape(-1, c), gamma.astype(jnp.float32), b, eps=np.float32(eps), has_beta=has_beta)
-        return y.reshape(x.shape)
+        return _rows_call(TARGET_LAYER_NORM, x, gamma.astype(jnp.float32), b, eps=np.float32(eps), has_beta=has_beta)
 
     def xla(x: jax.Array, gamma: jax.Array, b: jax.Array) -> jax.Array:
         return otherwise(x, gamma, b if has_beta else None)
@@ -968,13 +977,7 @@ def softmax(x: jax.Array, otherwise: Callable[[jax.Array], jax.Array]) -> jax.Ar
     x = jnp.asarray(x)
     if x.dtype != jnp.float32 or x.ndim < 1 or x.size == 0 or not available() or isa() != 2:
         return otherwise(x)
-    c = x.shape[-1]
-
-    def kernel(x: jax.Array) -> jax.Array:
-        y = jax.ffi.ffi_call(TARGET_SOFTMAX, jax.ShapeDtypeStruct((x.size // c, c), jnp.float32))(x.reshape(-1, c))
-        return y.reshape(x.shape)
-
-    return _on_cpu(kernel, otherwise, x, leading=True)
+    return _on_cpu(functools.partial(_rows_call, TARGET_SOFTMAX), otherwise, x, leading=True)
 
 
 def gelu(x: jax.Array, bias: Any, approximate: str, otherwise: Callable[[jax.Array], jax.Array]) -> jax.Array:
@@ -994,9 +997,7 @@ def gelu(x: jax.Array, bias: Any, approximate: str, otherwise: Callable[[jax.Arr
         return otherwise(x + b if has_bias else x)
 
     def kernel(x: jax.Array, b: jax.Array) -> jax.Array:
-        y = jax.ffi.ffi_call(TARGET_GELU, jax.ShapeDtypeStruct((x.size // c, c), jnp.float32))(
-            x.reshape(-1, c), b, has_bias=has_bias, approximate=np.int64(approximate == "tanh"))
-        return y.reshape(x.shape)
+        return _rows_call(TARGET_GELU, x, b, has_bias=has_bias, approximate=np.int64(approximate == "tanh"))
 
     def xla(x: jax.Array, b: jax.Array) -> jax.Array:
         return otherwise(x + b if has_bias else x)

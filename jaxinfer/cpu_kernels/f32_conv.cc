@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "fma_tile.h"
@@ -276,16 +277,22 @@ void GroupRowsDirect(const Job& j, int64_t b, int64_t oh, int64_t g, float* yrow
   }
 }
 
-// Output row (b, oh) against every panel group into yrow.
-void RowDirect(const Job& j, int64_t b, int64_t oh, float* yrow) {
+// f(group, panels) for every panel group of j, panels (1-4) as a compile-time constant.
+template <typename F>
+void EachGroup(const Job& j, F f) {
   for (int64_t g = 0; g < j.groups; ++g) {
     switch (Panels(j, g)) {
-      case 4: GroupRowsDirect<4>(j, b, oh, g, yrow); break;
-      case 3: GroupRowsDirect<3>(j, b, oh, g, yrow); break;
-      case 2: GroupRowsDirect<2>(j, b, oh, g, yrow); break;
-      default: GroupRowsDirect<1>(j, b, oh, g, yrow); break;
+      case 4: f(g, std::integral_constant<int, 4>{}); break;
+      case 3: f(g, std::integral_constant<int, 3>{}); break;
+      case 2: f(g, std::integral_constant<int, 2>{}); break;
+      default: f(g, std::integral_constant<int, 1>{}); break;
     }
   }
+}
+
+// Output row (b, oh) against every panel group into yrow.
+void RowDirect(const Job& j, int64_t b, int64_t oh, float* yrow) {
+  EachGroup(j, [&](int64_t g, auto np) { GroupRowsDirect<decltype(np)::value>(j, b, oh, g, yrow); });
 }
 
 // Pooled row (b, r): the max over each PH x PW block of the finished rows `rows` (PH rows of OW N values). A NaN
@@ -353,14 +360,7 @@ __attribute__((target("avx512f"))) void Work(Job& j) {
       jaxinfer::ShortRows(j.p, m0, m1, xr, j.K, 0.f, Copy{}, Wide{});
     else
       jaxinfer::PatchRows(j.p, m0, m1, xr, j.K, 0.f, Copy{});
-    for (int64_t g = 0; g < j.groups; ++g) {
-      switch (Panels(j, g)) {
-        case 4: GroupRows<4>(j, xr, m0, m1, g); break;
-        case 3: GroupRows<3>(j, xr, m0, m1, g); break;
-        case 2: GroupRows<2>(j, xr, m0, m1, g); break;
-        default: GroupRows<1>(j, xr, m0, m1, g); break;
-      }
-    }
+    EachGroup(j, [&](int64_t g, auto np) { GroupRows<decltype(np)::value>(j, xr, m0, m1, g); });
     j.done.fetch_add(1, std::memory_order_release);
   }
 }

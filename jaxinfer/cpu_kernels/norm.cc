@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <string>
 
 #include "helpers.h"
 #include "vmath.h"
@@ -175,47 +176,58 @@ void Run(ffi::ThreadPool& pool, const std::shared_ptr<Job>& j, int64_t parallel 
   jaxinfer::Share(j, Work<RowFn>, threads, j->items);
 }
 
+// A job over the rows of x [R, C] into y (as many values); null, with `error` naming `target` and `expected`, where
+// the CPU lacks AVX-512, the shapes differ or params_ok(C) (the handler's own operands and attributes) fails.
+template <typename ParamsOk>
+std::shared_ptr<Job> RowJob(const char* target, const char* expected, ffi::Buffer<ffi::F32>& x,
+                            ffi::ResultBuffer<ffi::F32>& y, ParamsOk params_ok, ffi::Error& error) {
+  if (!__builtin_cpu_supports("avx512f")) {
+    error = ffi::Error::InvalidArgument(std::string(target) + ": this CPU lacks AVX-512");
+    return nullptr;
+  }
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || y->element_count() != x.element_count() || !params_ok(static_cast<size_t>(xd[1]))) {
+    error = ffi::Error::InvalidArgument(std::string(target) + ": expected " + expected);
+    return nullptr;
+  }
+  auto j = std::make_shared<Job>();
+  j->x = x.typed_data(), j->y = y->typed_data(), j->R = xd[0], j->C = xd[1];
+  return j;
+}
+
 ffi::Error LayerNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gamma,
                      ffi::Buffer<ffi::F32> beta, ffi::ResultBuffer<ffi::F32> y, float eps, bool has_beta) {
-  if (!__builtin_cpu_supports("avx512f"))
-    return ffi::Error::InvalidArgument("jaxinfer_f32_layer_norm: this CPU lacks AVX-512");
-  const auto xd = x.dimensions();
-  if (xd.size() != 2 || gamma.element_count() != static_cast<size_t>(xd[1]) ||
-      (has_beta && beta.element_count() != static_cast<size_t>(xd[1])) || y->element_count() != x.element_count() ||
-      !(eps >= 0))
-    return ffi::Error::InvalidArgument(
-        "jaxinfer_f32_layer_norm: expected x [R, C], gamma [C], beta [C] with has_beta, y [R, C], eps >= 0");
-  auto j = std::make_shared<Job>();
-  j->x = x.typed_data(), j->gamma = gamma.typed_data(), j->y = y->typed_data(), j->eps = eps;
+  ffi::Error error = ffi::Error::Success();
+  auto j = RowJob("jaxinfer_f32_layer_norm", "x [R, C], gamma [C], beta [C] with has_beta, y [R, C], eps >= 0", x, y,
+                  [&](size_t c) {
+                    return gamma.element_count() == c && (!has_beta || beta.element_count() == c) && eps >= 0;
+                  },
+                  error);
+  if (!j) return error;
+  j->gamma = gamma.typed_data(), j->eps = eps;
   j->beta = has_beta ? beta.typed_data() : nullptr;
-  j->R = xd[0], j->C = xd[1];
   Run<LayerNormRow>(pool, j);
   return ffi::Error::Success();
 }
 
 ffi::Error Softmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) {
-  if (!__builtin_cpu_supports("avx512f"))
-    return ffi::Error::InvalidArgument("jaxinfer_f32_softmax: this CPU lacks AVX-512");
-  const auto xd = x.dimensions();
-  if (xd.size() != 2 || y->element_count() != x.element_count())
-    return ffi::Error::InvalidArgument("jaxinfer_f32_softmax: expected x [R, C] and y [R, C]");
-  auto j = std::make_shared<Job>();
-  j->x = x.typed_data(), j->y = y->typed_data(), j->R = xd[0], j->C = xd[1];
+  ffi::Error error = ffi::Error::Success();
+  auto j = RowJob("jaxinfer_f32_softmax", "x [R, C] and y [R, C]", x, y, [](size_t) { return true; }, error);
+  if (!j) return error;
   Run<SoftmaxRow>(pool, j);
   return ffi::Error::Success();
 }
 
 ffi::Error Gelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> bias,
                 ffi::ResultBuffer<ffi::F32> y, bool has_bias, int64_t approximate) {
-  if (!__builtin_cpu_supports("avx512f"))
-    return ffi::Error::InvalidArgument("jaxinfer_f32_gelu: this CPU lacks AVX-512");
-  const auto xd = x.dimensions();
-  if (xd.size() != 2 || (has_bias && bias.element_count() != static_cast<size_t>(xd[1])) ||
-      y->element_count() != x.element_count() || (approximate != 0 && approximate != 1))
-    return ffi::Error::InvalidArgument(
-        "jaxinfer_f32_gelu: expected x [R, C], bias [C] with has_bias, y [R, C], approximate 0 (erf) or 1 (tanh)");
-  auto j = std::make_shared<Job>();
-  j->x = x.typed_data(), j->y = y->typed_data(), j->R = xd[0], j->C = xd[1];
+  ffi::Error error = ffi::Error::Success();
+  auto j = RowJob("jaxinfer_f32_gelu", "x [R, C], bias [C] with has_bias, y [R, C], approximate 0 (erf) or 1 (tanh)",
+                  x, y,
+                  [&](size_t c) {
+                    return (!has_bias || bias.element_count() == c) && (approximate == 0 || approximate == 1);
+                  },
+                  error);
+  if (!j) return error;
   j->bias = has_bias ? bias.typed_data() : nullptr;
   j->tanh_form = approximate == 1;
   Run<GeluRow>(pool, j, kSerialGelu);
