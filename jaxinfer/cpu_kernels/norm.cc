@@ -16,11 +16,15 @@
 // function (approximate 0: the erf form), or v sigmoid(2 sqrt(2 / pi) (v + 0.044715 v^3)) (approximate 1: the
 // tanh form, 0.5 v (1 + tanh(z)) = v sigmoid(2 z)). XLA ran the bias and the erf form as one loop split over its
 // pool (a jitted GELU of 8 x 32 x 256 values: 62 us on two cores, 36 on one; a plain add over them 41 and 14), the
-// cost of an elementwise loop on this 2-vCPU host being mostly the hand-off. Phi(v) = 1 - erfc(v / sqrt 2) / 2 for v
-// >= 0 and erfc(-v / sqrt 2) / 2 below, erfc(t) = e^(-t^2) R(1 / (1 + t / 2)) with R a degree-10 polynomial fitted
-// (session 28: least squares in relative error, float64) to erfc(t) e^(t^2) on [0, 10]: within 4e-7 of float64's
-// GELU absolutely and 2e-6 relatively (|y| > 1e-6; XLA's erf form: 1e-6, and up to 50 % relative in the far
-// negative tail, where its erf rounds to -1). NaN stays NaN.
+// cost of an elementwise loop on this 2-vCPU host being mostly the hand-off. Phi(v) = (1 + erf(v / sqrt 2)) / 2 with
+// erf(v / sqrt 2) = v P(v^2) / Q(v^2), P and Q of degree 5 fitted here (session 29: float64, Lawson-weighted least
+// squares of the GELU's error over max(1, |v|) on |v| < 5.5437, where erf rounds to +-1 past it) and +-1 from there:
+// within 2e-7 max(1, |v|) of float64's GELU (XLA's erf form: 2.1e-7) and 6e-7 relatively from v = -1; below, 1 +
+// erf cancels, as in XLA's and onnxruntime's erf forms, and the far tail gives 0. 20-odd vector operations a value
+// (session 28's erfc with e^(-t^2), kept accurate relatively in the tail, took 36; 8 x 32 x 256 values 71 -> 33 us).
+// Under kSerialGelu values run on the calling thread: handing half of 8 x 32 x 256 to a helper cost bert_legacy,
+// bert_legacy_ortopt, gpt2_dynamo and gpt2_dynamo_ortopt 70-80 us at batch 8 (vit neutral); a lone call of 128K values
+// was 21 % quicker on two threads. NaN stays NaN.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -40,7 +44,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kSerialValues = 1 << 17;  // under this many values, one thread is quicker
-constexpr int64_t kSerialGelu = 1 << 14;    // ... of a GELU (~0.6 ns a value on one core here)
+constexpr int64_t kSerialGelu = 1 << 17;     // ... of a GELU (see the top of this file)
 constexpr int64_t kRowsPerItem = 16;
 
 struct Job {
@@ -109,10 +113,13 @@ __attribute__((target("avx512f"))) void SoftmaxRow(const Job& j, int64_t r) {
   }
 }
 
-// erfc(t) e^(t^2) ~ R(u), u = 1 / (1 + t / 2), coefficients of u^0 .. u^10 (see the top of this file).
-constexpr float kErfcR[11] = {7.811556316e-06f, 2.818654180e-01f, 2.850350142e-01f, 2.251718193e-01f,
-                              2.777799070e-01f, -2.311947346e-01f, 6.463520527e-01f, -9.213601351e-01f,
-                              6.064795852e-01f, -1.950981766e-01f, 2.496138215e-02f};
+// erf(v / sqrt 2) / v ~ P(s) / Q(s), s = v^2, for |v| < 5.5437 (past it erf rounds to +-1), coefficients of s^0 ..
+// s^5 (see the top of this file).
+constexpr float kGeluP[6] = {7.9788425604e-01f, 7.0347530583e-02f, 9.5243292824e-03f,
+                             3.6568836702e-04f, 1.2993928325e-05f, 4.3999103994e-08f};
+constexpr float kGeluQ[6] = {1.0f, 2.5483206999e-01f, 2.9412492068e-02f,
+                             1.9631209200e-03f, 7.8410860523e-05f, 1.1864468545e-06f};
+constexpr float kGeluSaturate = 5.5437171f;  // 3.92 sqrt 2
 
 // 1 / d for d >= 1: vrcp14ps and one Newton step, ~1e-8 relative; d past 1e30 (+inf) as 1e30, NaN kept.
 __attribute__((target("avx512f"))) inline __m512 Reciprocal(__m512 d) {
@@ -121,18 +128,22 @@ __attribute__((target("avx512f"))) inline __m512 Reciprocal(__m512 d) {
   return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
 }
 
-// v Phi(v), Phi(v) = P(N(0, 1) <= v), per lane.
+// v Phi(v) = h + h e per lane, h = v / 2, e = erf(v / sqrt 2): v P(v^2) / Q(v^2), or exactly +-1 (v's sign) from
+// |v| >= 5.5437, so that the far negative tail gives 0. NaN stays NaN; +inf gives +inf and -inf NaN (-inf + inf), as
+// the formula does.
 __attribute__((target("avx512f"))) inline __m512 GeluErf(__m512 v) {
-  const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
-  const __m512 t = _mm512_mul_ps(_mm512_abs_ps(v), _mm512_set1_ps(0.707106781f));
-  const __m512 u = Reciprocal(_mm512_fmadd_ps(t, half, one));
-  __m512 r = _mm512_set1_ps(kErfcR[10]);
-  for (int k = 9; k >= 0; --k) r = _mm512_fmadd_ps(r, u, _mm512_set1_ps(kErfcR[k]));
-  const __m512 e = jaxinfer::Exp(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), t), t));  // e^(-t^2)
-  const __m512 tail = _mm512_mul_ps(half, _mm512_mul_ps(e, r));
-  // v < 0: Phi = tail; otherwise (NaN included: 1 - NaN) 1 - tail
-  const __mmask16 neg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
-  return _mm512_mul_ps(v, _mm512_mask_blend_ps(neg, _mm512_sub_ps(one, tail), tail));
+  const __m512 s = _mm512_mul_ps(v, v);
+  __m512 p = _mm512_set1_ps(kGeluP[5]), q = _mm512_set1_ps(kGeluQ[5]);
+  for (int k = 4; k >= 0; --k) {
+    p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(kGeluP[k]));
+    q = _mm512_fmadd_ps(q, s, _mm512_set1_ps(kGeluQ[k]));
+  }
+  const __mmask16 saturated = _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(kGeluSaturate), _CMP_GE_OQ);
+  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN));
+  const __m512 unit = _mm512_castsi512_ps(_mm512_or_si512(sign, _mm512_castps_si512(_mm512_set1_ps(1.0f))));
+  const __m512 e = _mm512_mask_blend_ps(saturated, _mm512_mul_ps(v, _mm512_mul_ps(p, Reciprocal(q))), unit);
+  const __m512 h = _mm512_mul_ps(v, _mm512_set1_ps(0.5f));
+  return _mm512_fmadd_ps(h, e, h);
 }
 
 // v sigmoid(2 z), z = sqrt(2 / pi) (v + 0.044715 v^3): 0.5 v (1 + tanh(z)); -inf gives NaN, as 0.5 v (1 + tanh(z))
