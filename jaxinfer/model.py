@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from . import aot, xla_dots
+from .call_params import CallParams, LaidOutCall, ParamLayout, param_layout
 from .errors import InputError, OutOfMemoryError, UnsupportedOpsError, newer_opset_message
 from .graph import Dim, Graph, ValueInfo
 from .registry import Registry
@@ -225,6 +226,8 @@ class Model:
         self._key_locks: dict[tuple, threading.Lock] = {}
         # (name, shape, dtype) per feed -> executable, for feeds already validated once (see _fast_exe).
         self._fast: dict[tuple, Any] = {}
+        # (the params dict it was made from, its layout, the call params so laid out): see _call_params
+        self._laid_out: tuple[dict[str, Any], ParamLayout, CallParams] | None = None
         self._output_names = tuple(s.name for s in self.outputs)
         #: passed to ``jax.jit(...).lower(...).compile(compiler_options=...)``; set before the first run to change.
         self.compiler_options: dict[str, Any] = default_compiler_options()
@@ -380,36 +383,47 @@ class Model:
 
         stats = self.stats
         start = time.perf_counter()
+        layout, params = self._call_params()
         if self.stateful:
             def call(params: Any, state: Any, inputs: Any) -> Any:
                 stats.traces += 1
-                outs, new_state = fn(params, state, {**inputs, **static})
+                outs, new_state = fn(layout.unpack(params), state, {**inputs, **static})
                 return split_host(outs), new_state
 
-            exe = self.compile_lowered(jax.jit(call).lower(self.params, self.state, dynamic))
+            exe = self.compile_lowered(jax.jit(call).lower(params, self.state, dynamic))
         else:
             def call(params: Any, inputs: Any) -> Any:  # type: ignore[misc]
                 stats.traces += 1
-                return split_host(fn(params, {**inputs, **static}))
+                return split_host(fn(layout.unpack(params), {**inputs, **static}))
 
             exe = None
             if self.tune and _options_apply():
-                choice, exe = fastest_executable(jax.jit(call).lower(self.params, dynamic), (self.params, dynamic),
+                choice, exe = fastest_executable(jax.jit(call).lower(params, dynamic), (params, dynamic),
                                                  TUNE_CANDIDATES)
                 self.stats.tuned[key] = choice
             elif not static and aot.export_dir() is not None:  # a warm process skips tracing (see aot.py)
-                digest = aot.program_digest(self.graph, self._constants, (self.params, dynamic), self.compiler_options)
-                exe = aot.compile_exported(call, (self.params, dynamic), digest, self.compile_lowered,
+                digest = aot.program_digest(self.graph, self._constants, (params, dynamic), self.compiler_options)
+                exe = aot.compile_exported(call, (params, dynamic), digest, self.compile_lowered,
                                            may_save=lambda: not host_outputs)
             if exe is None:
-                exe = self.compile_lowered(jax.jit(call).lower(self.params, dynamic))
+                exe = self.compile_lowered(jax.jit(call).lower(params, dynamic))
         if host_outputs:
             exe = _WithHostOutputs(exe, host_outputs, self.stateful)
+        exe = LaidOutCall(exe, layout)
         with self._lock:
             self.stats.compiles += 1
         self.stats.compile_seconds += time.perf_counter() - start
         self.stats.keys.append(key)
         return exe
+
+    def _call_params(self) -> tuple[ParamLayout, CallParams]:
+        """How this model's executables take :attr:`params` (:mod:`jaxinfer.call_params`: a tuple, the scalars
+        packed) and the params so laid out; made again when :attr:`params` is replaced by another dict."""
+        laid_out = self._laid_out
+        if laid_out is None or laid_out[0] is not self.params:
+            layout = param_layout(self.params)
+            laid_out = self._laid_out = (self.params, layout, layout.pack(self.params))
+        return laid_out[1], laid_out[2]
 
     def compile_lowered(self, lowered: Any) -> Any:
         """Compile a lowered program with :attr:`compiler_options` as :func:`options_for` adapts them
@@ -462,11 +476,17 @@ class Model:
             exe = self.compiled(checked)
             self._remember_fast(feeds, checked, exe)
             feeds = {k: v for k, v in checked.items() if k not in self.value_inputs}
+        layout, params = self._call_params()
+        if exe.layout is not layout:  # params replaced since compiling: the same layout, or (slowly) another
+            if exe.layout == layout:
+                exe.layout = layout
+            else:
+                params = exe.layout.pack(self.params)
         try:  # free until something is raised (Python 3.11+): the fast path's cost is unchanged
             if self.stateful:
-                outs, self.state = exe(self.params, self.state, feeds)
+                outs, self.state = exe.packed(params, self.state, feeds)
                 return outs
-            return exe(self.params, feeds)
+            return exe.packed(params, feeds)
         except jax.errors.JaxRuntimeError as e:
             self._raise_if_out_of_memory(e, "running", given)
             raise
