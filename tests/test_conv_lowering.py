@@ -116,6 +116,27 @@ def test_f32_kernel_matches_lax_and_batches_under_vmap(x_shape, w_shape, strides
     np.testing.assert_allclose(np.asarray(got[1]), 2 * np.asarray(want), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.skipif(cpu_kernels.isa() != 2, reason="the float32 kernel runs on AVX-512 CPUs")
+@pytest.mark.parametrize("c, n, width", [(3, 16, 37), (3, 32, 16), (3, 64, 33), (3, 48, 5), (2, 32, 20),
+                                         (5, 70, 19)])
+def test_f32_kernel_nchw_images_and_filters_read_in_place(c, n, width):
+    """An NCHW image of 3 channels is interleaved 16 pixels a step (tails alone); an HWIO filter of 16-64
+    columns is read as it is, a wider one packed: both as lax's convolution."""
+    rng = np.random.default_rng(c * n + width)
+    x = rng.standard_normal((2, c, 9, width)).astype(np.float32)
+    w = rng.standard_normal((3, 3, c, n)).astype(np.float32)
+    got = jax.jit(lambda a, b: cpu_kernels.f32_conv(a, b, (1, 1), (1, 1), ((1, 1), (1, 1)), w_layout="HWIO",
+                                                    x_layout="NCHW"))(x, w)
+    want = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), precision=HIGHEST,
+                                    dimension_numbers=("NCHW", "HWIO", "NHWC"))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    nhwc = np.transpose(x, (0, 2, 3, 1))
+    got = jax.jit(lambda a, b: cpu_kernels.f32_conv(a, b, (2, 1), (1, 1), ((0, 1), (2, 0)), w_layout="HWIO"))(nhwc, w)
+    want = lax.conv_general_dilated(nhwc, w, (2, 1), ((0, 1), (2, 0)), precision=HIGHEST,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 def test_f32_conv_names_what_it_takes():
     with pytest.raises(ValueError, match=r"float32 x \[B, H, W, C\]"):
         cpu_kernels.f32_conv(np.zeros((1, 4, 4, 3), np.float16), np.zeros((2, 3, 3, 3), np.float32), (1, 1), (1, 1),

@@ -7,7 +7,7 @@
 // small images, where ORT's and LiteRT's direct kernels are far ahead.
 //
 // How (AVX-512): the filter is packed once per call into panels of 16 columns, [K][16] floats per panel,
-// by every thread at once; then each work item takes a chunk of output pixels, writes their patch rows
+// by every thread at once (a [K, N] filter of 16-64 columns is already that layout and is read in place); then each work item takes a chunk of output pixels, writes their patch rows
 // (K floats each) into this thread's buffer and multiplies them by every panel: 4 rows x 4 panels of
 // accumulators (16 zmm), one row's value broadcast against 16 columns per FMA, so each lane sums one
 // output and no horizontal sums are needed. The sums are float32 FMAs in k order (not XLA's order: the
@@ -68,6 +68,7 @@ struct Job {
   float lo = 0, hi = 0;
   bool finish = false;
   float* P = nullptr;        // per group of 64 columns: [K][16 np] (np panels, zero past N)
+  int64_t packs = 0;         // groups to pack into P: none where P is w itself (OwnPanels)
   int64_t M = 0, K = 0, N = 0, groups = 0, rows = 0, chunks = 0;
   // direct: the image (or its zero-padded copy xpad, made in pad_items items of pad_rows rows) as xp [B, Hp, Wp, C];
   // a work item is `rows` output rows (b, oh)
@@ -178,10 +179,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void Tile(const Job& j, con
   for (int64_t i = 0; i < runs; ++i) {
     const float* xr = x0 + i * step;
     for (int64_t k = 0; k < L; ++k, pp += NV * 16) {
-      const __m512 b0 = _mm512_load_ps(pp);
-      const __m512 b1 = NV > 1 ? _mm512_load_ps(pp + 16) : b0;
-      const __m512 b2 = NV > 2 ? _mm512_load_ps(pp + 32) : b0;
-      const __m512 b3 = NV > 3 ? _mm512_load_ps(pp + 48) : b0;
+      const __m512 b0 = _mm512_loadu_ps(pp);  // unaligned: the panels may be w itself (OwnPanels)
+      const __m512 b1 = NV > 1 ? _mm512_loadu_ps(pp + 16) : b0;
+      const __m512 b2 = NV > 2 ? _mm512_loadu_ps(pp + 32) : b0;
+      const __m512 b3 = NV > 3 ? _mm512_loadu_ps(pp + 48) : b0;
       JX_FMA_ROWS(JX_FMA_STEP)
     }
   }
@@ -225,6 +226,28 @@ void GroupRows(const Job& j, const float* xr, int64_t m0, int64_t m1, int64_t g)
   }
 }
 
+// out [n, 3] = the n values of a, b and c side by side (an RGB image row, NCHW to NHWC), 16 pixels a step: the
+// scalar loop had been half of a 3-channel stem's padded copy, itself ~20 % of the stem (cnn b8, session 29).
+__attribute__((target("avx512f"))) void Interleave3(const float* a, const float* b, const float* c, float* out,
+                                                   int64_t n) {
+  alignas(64) int32_t first[3][16], second[3][16];  // out lane l of vector k: pixel (16 k + l) / 3, channel % 3
+  for (int k = 0; k < 3; ++k)
+    for (int l = 0; l < 16; ++l) {
+      const int pixel = (16 * k + l) / 3, channel = (16 * k + l) % 3;
+      first[k][l] = channel == 1 ? 16 + pixel : pixel;  // a or b
+      second[k][l] = channel == 2 ? 16 + pixel : l;     // the a / b mix, or c
+    }
+  int64_t w = 0;
+  for (; w + 16 <= n; w += 16) {
+    const __m512 va = _mm512_loadu_ps(a + w), vb = _mm512_loadu_ps(b + w), vc = _mm512_loadu_ps(c + w);
+    for (int k = 0; k < 3; ++k) {
+      const __m512 ab = _mm512_permutex2var_ps(va, _mm512_load_si512(first[k]), vb);
+      _mm512_storeu_ps(out + 3 * w + 16 * k, _mm512_permutex2var_ps(ab, _mm512_load_si512(second[k]), vc));
+    }
+  }
+  for (; w < n; ++w) out[3 * w] = a[w], out[3 * w + 1] = b[w], out[3 * w + 2] = c[w];
+}
+
 // Padded rows i * pad_rows .. of xp (row r = b * Hp + hp): zeros where the window reaches past the image.
 void PadRows(const Job& j, int64_t i) {
   const auto& p = j.p;
@@ -244,8 +267,12 @@ void PadRows(const Job& j, int64_t i) {
         out[i] = static_cast<float>((j.x_unsigned ? int32_t{src[i]} : int32_t{static_cast<int8_t>(src[i])}) - j.zp);
     } else if (j.nchw) {
       const float* src = p.x + (r / j.Hp) * p.C * p.H * p.W + h * p.W;
-      for (int64_t c = 0; c < p.C; ++c, src += p.H * p.W)
-        for (int64_t w = 0; w < p.W; ++w) dst[(p.PL + w) * p.C + c] = src[w];
+      if (p.C == 3) {
+        Interleave3(src, src + p.H * p.W, src + 2 * p.H * p.W, dst + p.PL * 3, p.W);
+      } else {
+        for (int64_t c = 0; c < p.C; ++c, src += p.H * p.W)
+          for (int64_t w = 0; w < p.W; ++w) dst[(p.PL + w) * p.C + c] = src[w];
+      }
     } else {
       std::memcpy(dst + p.PL * p.C, p.x + ((r / j.Hp) * p.H + h) * p.W * p.C, p.W * p.C * sizeof(float));
     }
@@ -324,12 +351,12 @@ float* Scratch(std::vector<float>& v, size_t n) {
 thread_local std::vector<float> t_rows, t_panels, t_padded, t_pooled;
 
 __attribute__((target("avx512f"))) void Work(Job& j) {
-  const int64_t packs = j.groups + j.pad_items;
+  const int64_t packs = j.packs + j.pad_items;
   for (int64_t i; (i = j.pack_next.fetch_add(1, std::memory_order_relaxed)) < packs;) {
-    if (i < j.groups)
+    if (i < j.packs)
       PackGroup(j, i);
     else
-      PadRows(j, i - j.groups);
+      PadRows(j, i - j.packs);
     j.packed.fetch_add(1, std::memory_order_release);
   }
   while (j.packed.load(std::memory_order_acquire) < packs) _mm_pause();  // every item reads every panel
@@ -365,12 +392,21 @@ __attribute__((target("avx512f"))) void Work(Job& j) {
   }
 }
 
+// Whether w is its own panel layout: a [K, N] float filter (kn) of whole panels in one group (N = 16, 32, 48, 64),
+// read in place. Packing a 3x3 32-channel layer's 288 rows had cost ~7 us a call (the cnn fixture, session 29).
+bool OwnPanels(const Job& j) { return j.kn && !j.w8 && j.groups == 1 && j.N % 16 == 0; }
+
 // Splits j (bound by a handler, M, K, N > 0) into work items and runs them on the calling thread and helpers.
 ffi::Error Launch(ffi::ThreadPool& pool, const std::shared_ptr<Job>& j) {
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
   if (j->M * j->K * j->N < kSerialMacs) threads = 1;
   j->groups = (j->N + kGroup - 1) / kGroup;
-  j->P = Scratch(t_panels, j->groups * kGroup * j->K);
+  if (OwnPanels(*j)) {
+    j->P = const_cast<float*>(j->w);  // read only
+  } else {
+    j->P = Scratch(t_panels, j->groups * kGroup * j->K);
+    j->packs = j->groups;
+  }
   const auto& p = j->p;
   j->direct = j->nchw || j->x8 || j->PH * j->PW > 1 || (p.DW == 1 && g_direct.load(std::memory_order_relaxed) != 0);
   if (j->direct) {
@@ -389,7 +425,7 @@ ffi::Error Launch(ffi::ThreadPool& pool, const std::shared_ptr<Job>& j) {
     const int64_t out_rows = p.B * (p.OH / j->PH);
     j->rows = std::max<int64_t>(1, (out_rows + threads * 4 - 1) / (threads * 4));
     j->chunks = (out_rows + j->rows - 1) / j->rows;
-    threads = std::min(threads, std::max(j->chunks, j->groups + j->pad_items));
+    threads = std::min(threads, std::max(j->chunks, j->packs + j->pad_items));
     jaxinfer::ShareWith(pool, j->M * j->K * j->N >= kOfferMacs, j, Work, threads, j->chunks);
     return ffi::Error::Success();
   }
@@ -399,7 +435,7 @@ ffi::Error Launch(ffi::ThreadPool& pool, const std::shared_ptr<Job>& j) {
   const int64_t share = (j->M + threads * 4 - 1) / (threads * 4);
   j->rows = (std::max<int64_t>(kMaxRows, std::min(fit, share)) + kMaxRows - 1) / kMaxRows * kMaxRows;
   j->chunks = (j->M + j->rows - 1) / j->rows;
-  threads = std::min(threads, std::max(j->chunks, j->groups));
+  threads = std::min(threads, std::max(j->chunks, j->packs));
   jaxinfer::ShareWith(pool, j->M * j->K * j->N >= kOfferMacs, j, Work, threads, j->chunks);
   return ffi::Error::Success();
 }
