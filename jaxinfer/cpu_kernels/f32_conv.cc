@@ -15,16 +15,19 @@
 // Undilated along W (DW = 1), the kernel reads the image directly instead (session 27): a patch row is then KH runs
 // of KW C consecutive values of the zero-padded image xp [B, Hp, Wp, C], and the 8 (or 4) pixels of a register
 // block, side by side in one output row, sit SW C values apart, so the FMA tile steps through each run with no
-// patch rows written at all. The padded copy (only when the window leaves the image) is made by every thread at
-// once with the filter's panels. Packing the patch rows had been a third of a 3-channel stem's time. With nchw the
-// image comes [B, C, H, W] (an ONNX model's input) and the padded copy transposes it, where XLA's transpose to NHWC
-// cost more than the stem's sums (cnn batch 8: 32 us).
+// patch rows written at all. Packing the patch rows had been a third of a 3-channel stem's time. Where the window
+// leaves the image, each work item (output rows of one image) first copies the padded rows its windows read into
+// this thread's strip (session 29; before, every thread copied the whole padded image at once, then all waited for
+// it: a third of each layer's time in the cnn fixture at batch 8, the copy stalling on rows the other core had
+// just written; cnn b8 192 -> 162 us with helpers only). With nchw the image comes [B, C, H, W] (an ONNX model's
+// input) and the strip transposes it, where XLA's transpose to NHWC cost more than the stem's sums (cnn batch 8:
+// 32 us).
 // With ph x pw > 1 the finished outputs are max-pooled over ph x pw blocks in the same call (a MaxPool whose strides
 // are its window, after the layer's bias and Relu/Clip: passes.fuse.fuse_conv_epilogue): a work item is then pooled
 // rows, each the max over ph conv rows computed into this thread's scratch, so the convolution's output is never
 // written out (an exported CNN's 3-channel stem with its Relu and 2x2 pool at batch 8: 174 -> 69 us, session 28).
 // Pooled calls always read the image directly (dw = 1 is required).
-// "jaxinfer_int8_conv_direct_f32" is an 8-bit convolution through the same direct path: the padded copy holds
+// "jaxinfer_int8_conv_direct_f32" is an 8-bit convolution through the same direct path: the padded rows hold
 // float32(x - zp) of an int8 or uint8 image, the panels the int8 filter as float32, and the sums, exact integers
 // while every partial sum stays below 2^24 (the caller checks K 255 128 < 2^24), leave through requant.h's float
 // stage as int8_conv_requant_f32's do: the same bytes. A 3-channel stem's patch rows (27 bytes) cost the VNNI
@@ -70,15 +73,14 @@ struct Job {
   float* P = nullptr;        // per group of 64 columns: [K][16 np] (np panels, zero past N)
   int64_t packs = 0;         // groups to pack into P: none where P is w itself (OwnPanels)
   int64_t M = 0, K = 0, N = 0, groups = 0, rows = 0, chunks = 0;
-  // direct: the image (or its zero-padded copy xpad, made in pad_items items of pad_rows rows) as xp [B, Hp, Wp, C];
-  // a work item is `rows` output rows (b, oh)
-  bool direct = false, nchw = false;  // nchw: x is [B, C, H, W], transposed into the padded copy
+  // direct: the image as xp [B, Hp, Wp, C], or (xp null) each work item's zero-padded rows of it in the thread's
+  // strip; a work item is `rows` output rows of one image
+  bool direct = false, nchw = false;  // nchw: x is [B, C, H, W], transposed into the strips
   // pooled (PH x PW > 1): y is the max over each PH x PW block of the finished outputs [B, OH, OW, N] (OH, OW
   // whole multiples of PH, PW), [B, OH / PH, OW / PW, N]; a work item is then `rows` pooled rows
   int64_t PH = 1, PW = 1;
   const float* xp = nullptr;
-  float* xpad = nullptr;
-  int64_t Hp = 0, Wp = 0, pad_rows = 0, pad_items = 0;
+  int64_t Hp = 0, Wp = 0;
   // 8-bit (jaxinfer_int8_conv_direct_f32): the image's bytes x8 (uint8 where x_unsigned) less zp, the int8 filter
   // w8 [N][K], and the sums requantized by `stage` into y8
   const uint8_t* x8 = nullptr;
@@ -227,7 +229,7 @@ void GroupRows(const Job& j, const float* xr, int64_t m0, int64_t m1, int64_t g)
 }
 
 // out [n, 3] = the n values of a, b and c side by side (an RGB image row, NCHW to NHWC), 16 pixels a step: the
-// scalar loop had been half of a 3-channel stem's padded copy, itself ~20 % of the stem (cnn b8, session 29).
+// scalar loop had been half of the time a 3-channel stem spent copying its padded image (cnn b8, session 29).
 __attribute__((target("avx512f"))) void Interleave3(const float* a, const float* b, const float* c, float* out,
                                                    int64_t n) {
   alignas(64) int32_t first[3][16], second[3][16];  // out lane l of vector k: pixel (16 k + l) / 3, channel % 3
@@ -248,47 +250,43 @@ __attribute__((target("avx512f"))) void Interleave3(const float* a, const float*
   for (; w < n; ++w) out[3 * w] = a[w], out[3 * w + 1] = b[w], out[3 * w + 2] = c[w];
 }
 
-// Padded rows i * pad_rows .. of xp (row r = b * Hp + hp): zeros where the window reaches past the image.
-void PadRows(const Job& j, int64_t i) {
+// Padded row hp of image b (Wp C values at dst): zeros where the window reaches past the image.
+void PadRow(const Job& j, int64_t b, int64_t hp, float* dst) {
   const auto& p = j.p;
-  const int64_t line = j.Wp * p.C, r1 = std::min(p.B * j.Hp, (i + 1) * j.pad_rows);
-  for (int64_t r = i * j.pad_rows; r < r1; ++r) {
-    float* dst = j.xpad + r * line;
-    const int64_t h = r % j.Hp - p.PT;
-    if (h < 0 || h >= p.H) {
-      std::fill_n(dst, line, 0.f);
-      continue;
-    }
-    std::fill_n(dst, p.PL * p.C, 0.f);
-    if (j.x8) {
-      const uint8_t* src = j.x8 + ((r / j.Hp) * p.H + h) * p.W * p.C;
-      float* out = dst + p.PL * p.C;
-      for (int64_t i = 0; i < p.W * p.C; ++i)
-        out[i] = static_cast<float>((j.x_unsigned ? int32_t{src[i]} : int32_t{static_cast<int8_t>(src[i])}) - j.zp);
-    } else if (j.nchw) {
-      const float* src = p.x + (r / j.Hp) * p.C * p.H * p.W + h * p.W;
-      if (p.C == 3) {
-        Interleave3(src, src + p.H * p.W, src + 2 * p.H * p.W, dst + p.PL * 3, p.W);
-      } else {
-        for (int64_t c = 0; c < p.C; ++c, src += p.H * p.W)
-          for (int64_t w = 0; w < p.W; ++w) dst[(p.PL + w) * p.C + c] = src[w];
-      }
-    } else {
-      std::memcpy(dst + p.PL * p.C, p.x + ((r / j.Hp) * p.H + h) * p.W * p.C, p.W * p.C * sizeof(float));
-    }
-    std::fill(dst + (p.PL + p.W) * p.C, dst + line, 0.f);
+  const int64_t line = j.Wp * p.C, h = hp - p.PT;
+  if (h < 0 || h >= p.H) {
+    std::fill_n(dst, line, 0.f);
+    return;
   }
+  std::fill_n(dst, p.PL * p.C, 0.f);
+  if (j.x8) {
+    const uint8_t* src = j.x8 + (b * p.H + h) * p.W * p.C;
+    float* out = dst + p.PL * p.C;
+    for (int64_t i = 0; i < p.W * p.C; ++i)
+      out[i] = static_cast<float>((j.x_unsigned ? int32_t{src[i]} : int32_t{static_cast<int8_t>(src[i])}) - j.zp);
+  } else if (j.nchw) {
+    const float* src = p.x + b * p.C * p.H * p.W + h * p.W;
+    if (p.C == 3) {
+      Interleave3(src, src + p.H * p.W, src + 2 * p.H * p.W, dst + p.PL * 3, p.W);
+    } else {
+      for (int64_t c = 0; c < p.C; ++c, src += p.H * p.W)
+        for (int64_t w = 0; w < p.W; ++w) dst[(p.PL + w) * p.C + c] = src[w];
+    }
+  } else {
+    std::memcpy(dst + p.PL * p.C, p.x + (b * p.H + h) * p.W * p.C, p.W * p.C * sizeof(float));
+  }
+  std::fill(dst + (p.PL + p.W) * p.C, dst + line, 0.f);
 }
 
-// Output row (b, oh) against group g's panels, MR pixels at a time as in GroupRows; its float outputs (OW N
-// values) go to yrow.
+// Output row (b, oh), its windows' first padded row at xrow, against group g's panels, MR pixels at a time as in
+// GroupRows; its float outputs (OW N values) go to yrow.
 template <int NP>
-void GroupRowsDirect(const Job& j, int64_t b, int64_t oh, int64_t g, float* yrow) {
+void GroupRowsDirect(const Job& j, int64_t b, int64_t oh, int64_t g, const float* xrow, float* yrow) {
   constexpr int MR = NP <= 2 ? kMaxRows : kRows;
   const auto& p = j.p;
   const float* P = j.P + g * j.K * kGroup;
   const int64_t n0 = g * kGroup, step = p.SW * p.C, m1 = (b * p.OH + oh + 1) * p.OW, first = m1 - p.OW;
-  const float* xr = j.xp + (b * j.Hp + oh * p.SH) * j.Wp * p.C;
+  const float* xr = xrow;
   const auto at = [&](int64_t m) { return yrow ? yrow + (m - first) * j.N : nullptr; };
   int64_t m = first;
   for (; m + MR <= m1; m += MR, xr += MR * step) BlockDirect<MR, NP>(j, xr, P, m, at(m), n0);
@@ -318,8 +316,8 @@ void EachGroup(const Job& j, F f) {
 }
 
 // Output row (b, oh) against every panel group into yrow.
-void RowDirect(const Job& j, int64_t b, int64_t oh, float* yrow) {
-  EachGroup(j, [&](int64_t g, auto np) { GroupRowsDirect<decltype(np)::value>(j, b, oh, g, yrow); });
+void RowDirect(const Job& j, int64_t b, int64_t oh, const float* xrow, float* yrow) {
+  EachGroup(j, [&](int64_t g, auto np) { GroupRowsDirect<decltype(np)::value>(j, b, oh, g, xrow, yrow); });
 }
 
 // Pooled row (b, r): the max over each PH x PW block of the finished rows `rows` (PH rows of OW N values). A NaN
@@ -348,32 +346,40 @@ float* Scratch(std::vector<float>& v, size_t n) {
   return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t{63});
 }
 
-thread_local std::vector<float> t_rows, t_panels, t_padded, t_pooled;
+thread_local std::vector<float> t_rows, t_panels, t_strip, t_pooled;
+
+// Padded rows h0 .. h0 + count of image b, in this thread's strip.
+const float* Strip(const Job& j, int64_t b, int64_t h0, int64_t count) {
+  const int64_t line = j.Wp * j.p.C;
+  float* dst = Scratch(t_strip, count * line);
+  for (int64_t i = 0; i < count; ++i) PadRow(j, b, h0 + i, dst + i * line);
+  return dst;
+}
 
 __attribute__((target("avx512f"))) void Work(Job& j) {
-  const int64_t packs = j.packs + j.pad_items;
-  for (int64_t i; (i = j.pack_next.fetch_add(1, std::memory_order_relaxed)) < packs;) {
-    if (i < j.packs)
-      PackGroup(j, i);
-    else
-      PadRows(j, i - j.packs);
+  for (int64_t i; (i = j.pack_next.fetch_add(1, std::memory_order_relaxed)) < j.packs;) {
+    PackGroup(j, i);
     j.packed.fetch_add(1, std::memory_order_release);
   }
-  while (j.packed.load(std::memory_order_acquire) < packs) _mm_pause();  // every item reads every panel
+  while (j.packed.load(std::memory_order_acquire) < j.packs) _mm_pause();  // every item reads every panel
   if (j.direct) {
     const auto& p = j.p;
     const bool pooled = j.PH * j.PW > 1;
-    const int64_t per_image = p.OH / j.PH, out_rows = p.B * per_image;
+    const int64_t per_image = p.OH / j.PH, blocks = (per_image + j.rows - 1) / j.rows, line = j.Wp * p.C;
     float* rows = pooled ? Scratch(t_pooled, j.PH * p.OW * j.N) : nullptr;
     for (int64_t c; (c = j.next.fetch_add(1, std::memory_order_relaxed)) < j.chunks;) {
-      for (int64_t r = c * j.rows; r < std::min(out_rows, (c + 1) * j.rows); ++r) {
-        const int64_t b = r / per_image, oh = r % per_image;
+      // rows r0 .. r1 (pooled rows when pooled) of image b; their windows read padded rows h0 ..
+      const int64_t b = c / blocks, r0 = c % blocks * j.rows, r1 = std::min(per_image, r0 + j.rows);
+      const int64_t h0 = r0 * j.PH * p.SH, h1 = (r1 * j.PH - 1) * p.SH + (p.KH - 1) * p.DH + 1;
+      const float* x0 = j.xp ? j.xp + (b * j.Hp + h0) * line : Strip(j, b, h0, h1 - h0);
+      const auto xrow = [&](int64_t oh) { return x0 + (oh * p.SH - h0) * line; };
+      for (int64_t r = r0; r < r1; ++r) {
         if (!pooled) {
-          RowDirect(j, b, oh, j.y ? j.y + (b * p.OH + oh) * p.OW * j.N : nullptr);
+          RowDirect(j, b, r, xrow(r), j.y ? j.y + (b * p.OH + r) * p.OW * j.N : nullptr);
           continue;
         }
-        for (int64_t i = 0; i < j.PH; ++i) RowDirect(j, b, oh * j.PH + i, rows + i * p.OW * j.N);
-        PoolRow(j, rows, b, oh);
+        for (int64_t i = 0; i < j.PH; ++i) RowDirect(j, b, r * j.PH + i, xrow(r * j.PH + i), rows + i * p.OW * j.N);
+        PoolRow(j, rows, b, r);
       }
       j.done.fetch_add(1, std::memory_order_release);
     }
@@ -413,19 +419,13 @@ ffi::Error Launch(ffi::ThreadPool& pool, const std::shared_ptr<Job>& j) {
     // the padded image holds every window: rows up to (OH - 1) SH + (KH - 1) DH, columns up to (OW - 1) SW + KW - 1
     j->Hp = std::max(p.PT + p.H, (p.OH - 1) * p.SH + (p.KH - 1) * p.DH + 1);
     j->Wp = std::max(p.PL + p.W, (p.OW - 1) * p.SW + p.KW);
-    if (!j->nchw && !j->x8 && p.PT == 0 && p.PL == 0 && j->Hp == p.H && j->Wp == p.W) {
-      j->xp = p.x;
-    } else {
-      j->xpad = Scratch(t_padded, p.B * j->Hp * j->Wp * p.C);
-      j->xp = j->xpad;
-      j->pad_rows = std::max<int64_t>(1, 4096 / (j->Wp * p.C));
-      j->pad_items = (p.B * j->Hp + j->pad_rows - 1) / j->pad_rows;
-    }
-    // output rows (pooled rows when pooled) per item: about four items per thread when there are rows enough
-    const int64_t out_rows = p.B * (p.OH / j->PH);
-    j->rows = std::max<int64_t>(1, (out_rows + threads * 4 - 1) / (threads * 4));
-    j->chunks = (out_rows + j->rows - 1) / j->rows;
-    threads = std::min(threads, std::max(j->chunks, j->packs + j->pad_items));
+    if (!j->nchw && !j->x8 && p.PT == 0 && p.PL == 0 && j->Hp == p.H && j->Wp == p.W) j->xp = p.x;  // else strips
+    // output rows (pooled rows when pooled) of one image per item: about four items per thread when there are
+    // rows enough
+    const int64_t per_image = p.OH / j->PH, out_rows = p.B * per_image;
+    j->rows = std::max<int64_t>(1, std::min(per_image, (out_rows + threads * 4 - 1) / (threads * 4)));
+    j->chunks = p.B * ((per_image + j->rows - 1) / j->rows);
+    threads = std::min(threads, std::max(j->chunks, j->packs));
     jaxinfer::ShareWith(pool, j->M * j->K * j->N >= kOfferMacs, j, Work, threads, j->chunks);
     return ffi::Error::Success();
   }
