@@ -121,17 +121,36 @@ void Share(const std::shared_ptr<Job>& j, Work work, int64_t threads, int64_t it
 }
 
 // Share, with the job also offered to XLA's intra-op pool (threads - 1 tasks) when `offer` (a large job: the
-// callers' thresholds): right after one of XLA's own parallel loops its workers are awake and spinning for
-// more, and they took the other core from our helper, which then ran late (a 3x3 64-channel layer on 2 cores:
-// 1.32 ms with our helpers only, 1.06 ms offered to both; cnn batch 8 454 -> 347 us, session 27). Whoever comes
-// first takes work items; a late arrival finds none and returns at once. Small jobs are not offered: waking a
-// sleeping pool worker cost more than it saved (bert_dynamic batch 1: 145 -> 174 us when every job was).
+// callers' thresholds) and our helpers have not started on it within kOfferWaitNs: right after one of XLA's own
+// parallel loops its workers are awake and spinning for more, and they took the other core from our helper, which
+// then ran late (a 3x3 64-channel layer on 2 cores: 1.32 ms with our helpers only, 1.06 ms offered to both; cnn
+// batch 8 454 -> 347 us, session 27). Whoever comes first takes work items; a late arrival finds none and returns at
+// once. Small jobs are not offered: waking a sleeping pool worker cost more than it saved (bert_dynamic batch 1: 145
+// -> 174 us when every job was). Nor are jobs a helper took up at once (session 29): between our own kernels XLA's
+// workers sleep, and the caller's wake-up call cost it 10-20 us before it started on its own share (cnn b8, its
+// three convolutions).
 inline std::atomic<int> g_share_xla{1};
+constexpr int64_t kOfferWaitNs = 3000;
 template <typename Job, typename Work, typename Pool>
 void ShareWith(Pool& pool, bool offer, const std::shared_ptr<Job>& j, Work work, int64_t threads, int64_t items) {
-  if (offer && g_share_xla.load(std::memory_order_relaxed))
-    for (int64_t i = 1; i < threads; ++i) pool.Schedule([j, work] { work(*j); });
-  Share(j, work, threads, items);
+  if (!offer || !g_share_xla.load(std::memory_order_relaxed) || threads < 2) {
+    Share(j, work, threads, items);
+    return;
+  }
+  auto started = std::make_shared<std::atomic<int>>(0);
+  const int helpers = std::min<int>(static_cast<int>(threads - 1), Helpers::Get().count());
+  Helpers::Get().Post(
+      [j, work, started] {
+        started->fetch_add(1, std::memory_order_release);
+        work(*j);
+      },
+      helpers);
+  const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(kOfferWaitNs);
+  while (started->load(std::memory_order_acquire) < helpers && std::chrono::steady_clock::now() < until) _mm_pause();
+  for (int64_t i = 1 + started->load(std::memory_order_acquire); i < threads; ++i)
+    pool.Schedule([j, work] { work(*j); });
+  work(*j);
+  while (j->done.load(std::memory_order_acquire) < items) _mm_pause();
 }
 
 }  // namespace jaxinfer
