@@ -6,6 +6,7 @@ layers with filters of at most :data:`F32_KERNEL_MAX_WEIGHTS` values: XLA CPU's 
 1.3-3x slower (session 20); against larger filters the kernel, which packs the whole filter on every
 call and multiplies it by a few rows at a time, lost (resnet50's deep layers: the model 2x slower at
 batch 1). A max or sum window is ``lax.reduce_window`` or a chain of shifted slices (:func:`reduce_window`).
+Float32 MatMuls of many rows by such small weights take the same kernel as a 1x1 convolution (:func:`f32_matmul`).
 
 XLA CPU's convolution is slow on small layers with very few input channels (an RGB or mono
 stem on a 32x32 image): measured here, a [1, 32, 32, 3] -> 16 channel 3x3 convolution took
@@ -156,6 +157,42 @@ def f32_kernel_takes(x: jax.Array, w: jax.Array) -> bool:
     as :func:`conv_general_dilated` decides it."""
     return (F32_KERNEL and w.size <= F32_KERNEL_MAX_WEIGHTS and w.dtype == jnp.float32
             and _f32_kernel_takes(x, w, 1, 1, None, None))
+
+
+#: Float32 MatMuls by a 2-D weight of at most F32_KERNEL_MAX_WEIGHTS values run as the kernel's 1x1 convolution
+#: from this many rows (:func:`f32_matmul`).
+F32_MATMUL_MIN_ROWS = 64
+
+
+def _image_width(rows: int) -> int | None:
+    """How many of ``rows`` rows one image row of the 1x1 convolution holds: a divisor in 8..64, a multiple of 8
+    and near 32 first (whole 8-pixel register blocks, several work items); None when there is none."""
+    widths = [d for d in range(8, 65) if rows % d == 0]
+    return min(widths, key=lambda d: (d % 8 != 0, abs(d - 32))) if widths else None
+
+
+def f32_matmul(a: jax.Array, b: jax.Array) -> jax.Array | None:
+    """``a @ b`` of a float32 ``a`` [..., K] (at least :data:`F32_MATMUL_MIN_ROWS` rows over its leading axes) by a
+    float32 weight ``b`` [K, N] of at most :data:`F32_KERNEL_MAX_WEIGHTS` values, as our kernel's 1x1
+    convolution over images of one row (:func:`cpu_kernels.f32_conv`: the weight read in place when N is 16-64,
+    the rows directly); None where that route does not apply (the caller's own product then). Session 29, one
+    process, 2 cores: [256, 64] x [64, 256] 64 -> 50 us, [256, 256] x [256, 64] 64 -> 44, [256, 64] x [64, 64]
+    26.5 -> 22 against XLA's YNNPACK dot (onnxruntime's MatMul: 42, 36, 16). Float32 sums in k order: the last
+    bits may differ from XLA's."""
+    if not (F32_KERNEL and b.ndim == 2 and a.ndim >= 2 and b.size <= F32_KERNEL_MAX_WEIGHTS
+            and a.shape[-1] == b.shape[0] and b.shape[1] > 0 and a.shape[-1] > 0):
+        return None
+    k, n = b.shape
+    rows = math.prod(a.shape[:-1])
+    width = _image_width(rows) if rows >= F32_MATMUL_MIN_ROWS else None
+    if width is None:
+        return None
+    x = a.reshape(rows // width, 1, width, k)
+    w = b.reshape(1, 1, k, n)
+    if not f32_kernel_takes(x, w):
+        return None
+    y = cpu_kernels.f32_conv(x, w, (1, 1), (1, 1), ((0, 0), (0, 0)), w_layout="HWIO")
+    return y.reshape(a.shape[:-1] + (n,))
 
 
 def f32_depthwise_takes(x: jax.Array) -> bool:

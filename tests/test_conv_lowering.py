@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxinfer import conv_lowering, cpu_kernels
+from jaxinfer import arith, conv_lowering, cpu_kernels
 from jaxinfer.conv_lowering import conv_general_dilated, use_patches
 
 HIGHEST = lax.Precision.HIGHEST
@@ -149,3 +149,31 @@ def test_a_convolution_of_no_input_channels_is_zero():
     dims = ("NHWC", "OHWI", "NHWC")
     got = jax.jit(lambda a, b: conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=dims))(x, k)
     np.testing.assert_array_equal(np.asarray(got), np.zeros((1, 6, 6, 20), np.float32))
+
+
+@pytest.mark.skipif(cpu_kernels.isa() != 2, reason="the float32 kernel runs on AVX-512 CPUs")
+@pytest.mark.parametrize("a_shape, b_shape, takes", [
+    ((8, 32, 64), (64, 256), True),     # a transformer's FFN at batch 8: 256 rows, the weight read in place
+    ((256, 256), (256, 64), True),
+    ((136, 64), (64, 40), True),        # 136 = 8 x 17 rows; 40 columns: packed panels, the last one partial
+    ((32, 64), (64, 64), False),        # too few rows
+    ((67, 64), (64, 64), False),        # no image width in 8..64 divides 67 rows
+    ((128, 512), (512, 256), False),    # a weight past F32_KERNEL_MAX_WEIGHTS
+])
+def test_f32_matmul_takes_the_kernel_where_it_pays(a_shape, b_shape, takes):
+    rng = np.random.default_rng(len(a_shape) + b_shape[1])
+    a = rng.standard_normal(a_shape).astype(np.float32)
+    b = rng.standard_normal(b_shape).astype(np.float32)
+    f = jax.jit(arith.matmul)
+    assert (cpu_kernels.TARGET_F32_CONV in f.lower(a, b).as_text()) == takes
+    np.testing.assert_allclose(np.asarray(f(a, b)), a.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
+    if takes:  # a batch of weights under vmap: XLA's product per member
+        got = jax.jit(jax.vmap(arith.matmul, in_axes=(None, 0)))(a, np.stack([b, -b]))
+        np.testing.assert_allclose(np.asarray(got[1]), -(a.astype(np.float64) @ b), rtol=1e-4, atol=1e-4)
+
+
+def test_f32_matmul_leaves_other_operands_to_xla():
+    a = np.ones((64, 16), np.float32)
+    assert conv_lowering.f32_matmul(jnp.asarray(a), jnp.ones((16, 16), jnp.float16)) is None
+    assert conv_lowering.f32_matmul(jnp.asarray(a), jnp.ones((2, 16, 16), jnp.float32)) is None
+    assert conv_lowering.f32_matmul(jnp.asarray(a[0]), jnp.ones((16, 16), jnp.float32)) is None

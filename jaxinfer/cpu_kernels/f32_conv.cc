@@ -7,7 +7,7 @@
 // small images, where ORT's and LiteRT's direct kernels are far ahead.
 //
 // How (AVX-512): the filter is packed once per call into panels of 16 columns, [K][16] floats per panel,
-// by every thread at once (a [K, N] filter of 16-64 columns is already that layout and is read in place); then each work item takes a chunk of output pixels, writes their patch rows
+// by every thread at once (a [K, N] filter of whole panels, N a multiple of 16, is read in place instead); then each work item takes a chunk of output pixels, writes their patch rows
 // (K floats each) into this thread's buffer and multiplies them by every panel: 4 rows x 4 panels of
 // accumulators (16 zmm), one row's value broadcast against 16 columns per FMA, so each lane sums one
 // output and no horizontal sums are needed. The sums are float32 FMAs in k order (not XLA's order: the
@@ -71,7 +71,7 @@ struct Job {
   float lo = 0, hi = 0;
   bool finish = false;
   float* P = nullptr;        // per group of 64 columns: [K][16 np] (np panels, zero past N)
-  int64_t packs = 0;         // groups to pack into P: none where P is w itself (OwnPanels)
+  int64_t packs = 0;         // groups to pack into P: none where the panels are w itself (OwnPanels)
   int64_t M = 0, K = 0, N = 0, groups = 0, rows = 0, chunks = 0;
   // direct: the image as xp [B, Hp, Wp, C], or (xp null) each work item's zero-padded rows of it in the thread's
   // strip; a work item is `rows` output rows of one image
@@ -108,6 +108,11 @@ struct Wide {
 // The panels of group g (4, or fewer for the last group).
 int Panels(const Job& j, int64_t g) {
   return static_cast<int>(std::min<int64_t>(kPanels, (j.N - g * kGroup + 15) / 16));
+}
+
+// Group g's panels: k's 16 np values, 16 np apart as PackGroup packs them, or N apart in w itself (OwnPanels).
+const float* GroupPanels(const Job& j, int64_t g) {
+  return j.packs ? j.P + g * j.K * kGroup : j.P + g * kGroup;
 }
 
 // Group g's panels: columns 64 g .. 64 g + 16 np of w as [K][16 np], zero past N.
@@ -178,9 +183,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void Tile(const Job& j, con
   JX_FMA_ROWS(JX_FMA_ACC)
   JX_FMA_ROWS(JX_FMA_ZERO)
   const float* pp = P;
+  const int64_t pstride = j.packs ? NV * 16 : j.N;
   for (int64_t i = 0; i < runs; ++i) {
     const float* xr = x0 + i * step;
-    for (int64_t k = 0; k < L; ++k, pp += NV * 16) {
+    for (int64_t k = 0; k < L; ++k, pp += pstride) {
       const __m512 b0 = _mm512_loadu_ps(pp);  // unaligned: the panels may be w itself (OwnPanels)
       const __m512 b1 = NV > 1 ? _mm512_loadu_ps(pp + 16) : b0;
       const __m512 b2 = NV > 2 ? _mm512_loadu_ps(pp + 32) : b0;
@@ -211,7 +217,7 @@ void BlockDirect(const Job& j, const float* x0, const float* P, int64_t m0, floa
 template <int NP>
 void GroupRows(const Job& j, const float* xr, int64_t m0, int64_t m1, int64_t g) {
   constexpr int MR = NP <= 2 ? kMaxRows : kRows;
-  const float* P = j.P + g * j.K * kGroup;
+  const float* P = GroupPanels(j, g);
   const int64_t n0 = g * kGroup;
   int64_t m = m0;
   for (; m + MR <= m1; m += MR, xr += MR * j.K) Block<MR, NP>(j, xr, P, m, n0);
@@ -284,7 +290,7 @@ template <int NP>
 void GroupRowsDirect(const Job& j, int64_t b, int64_t oh, int64_t g, const float* xrow, float* yrow) {
   constexpr int MR = NP <= 2 ? kMaxRows : kRows;
   const auto& p = j.p;
-  const float* P = j.P + g * j.K * kGroup;
+  const float* P = GroupPanels(j, g);
   const int64_t n0 = g * kGroup, step = p.SW * p.C, m1 = (b * p.OH + oh + 1) * p.OW, first = m1 - p.OW;
   const float* xr = xrow;
   const auto at = [&](int64_t m) { return yrow ? yrow + (m - first) * j.N : nullptr; };
@@ -398,9 +404,10 @@ __attribute__((target("avx512f"))) void Work(Job& j) {
   }
 }
 
-// Whether w is its own panel layout: a [K, N] float filter (kn) of whole panels in one group (N = 16, 32, 48, 64),
-// read in place. Packing a 3x3 32-channel layer's 288 rows had cost ~7 us a call (the cnn fixture, session 29).
-bool OwnPanels(const Job& j) { return j.kn && !j.w8 && j.groups == 1 && j.N % 16 == 0; }
+// Whether w is read in place as its panels: a [K, N] float filter (kn) of whole panels (N a multiple of 16), each
+// group's values of one k 16 np apart in a row of N. Packing a 3x3 32-channel layer's 288 rows had cost ~7 us a call
+// (the cnn fixture, session 29), a [64, 256] MatMul weight's more than the kernel gained over XLA's dot.
+bool OwnPanels(const Job& j) { return j.kn && !j.w8 && j.N % 16 == 0; }
 
 // Splits j (bound by a handler, M, K, N > 0) into work items and runs them on the calling thread and helpers.
 ffi::Error Launch(ffi::ThreadPool& pool, const std::shared_ptr<Job>& j) {

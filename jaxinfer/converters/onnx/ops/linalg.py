@@ -42,7 +42,7 @@ def gemm(a, b, c=None, *, alpha: float = 1.0, beta: float = 1.0, transA: int = 0
     a = a.T if transA else a
     # B is usually the weight: contract its axis 1 when transposed instead of transposing it
     # (a quantized B keeps its layout and its per-output-channel scales).
-    y = arith.dot_general(a, b, (((1,), (1 if transB else 0,)), ((), ())))
+    y = arith.dot_general(a, b, (((1,), (1,)), ((), ()))) if transB else arith.matmul(a, b)
     if alpha != 1.0:
         y = y * jnp.asarray(alpha, y.dtype)
     if c is not None:
