@@ -120,8 +120,8 @@ def test_f32_kernel_matches_lax_and_batches_under_vmap(x_shape, w_shape, strides
 @pytest.mark.parametrize("c, n, width", [(3, 16, 37), (3, 32, 16), (3, 64, 33), (3, 48, 5), (2, 32, 20),
                                          (5, 70, 19)])
 def test_f32_kernel_nchw_images_and_filters_read_in_place(c, n, width):
-    """An NCHW image of 3 channels is interleaved 16 pixels a step (tails alone); an HWIO filter of 16-64
-    columns is read as it is, a wider one packed: both as lax's convolution."""
+    """An NCHW image of 3 channels is interleaved 16 pixels a step (tails alone); an HWIO filter whose N is a
+    multiple of 16 is read as it is, others (70) packed: both as lax's convolution."""
     rng = np.random.default_rng(c * n + width)
     x = rng.standard_normal((2, c, 9, width)).astype(np.float32)
     w = rng.standard_normal((3, 3, c, n)).astype(np.float32)

@@ -983,8 +983,8 @@ def softmax(x: jax.Array, otherwise: Callable[[jax.Array], jax.Array]) -> jax.Ar
 def gelu(x: jax.Array, bias: Any, approximate: str, otherwise: Callable[[jax.Array], jax.Array]) -> jax.Array:
     """Float32 GELU of ``x + bias`` (``bias`` [C] over the last axis, or None): ``approximate`` "none" is
     ``v Phi(v)`` (the erf form), "tanh" ``0.5 v (1 + tanh(sqrt(2 / pi) (v + 0.044715 v^3)))``, in one kernel call
-    (``norm.cc``: its own rational erf, within 2e-7 max(1, |v|) of float64's GELU; ``vmath.h``'s exp for tanh), where XLA ran a
-    loop split over its pool. ``otherwise(v)`` (XLA's GELU of ``v = x + bias``) runs on other platforms, under
+    (``norm.cc``: its own rational erf, within 2e-7 max(1, |v|) of float64's GELU; ``vmath.h``'s exp for tanh),
+    where XLA ran a loop split over its pool. ``otherwise(v)`` (XLA's GELU of ``v = x + bias``) runs on other platforms, under
     ``jax.vmap`` of the bias and without AVX-512."""
     x = jnp.asarray(x)
     if approximate not in ("none", "tanh"):

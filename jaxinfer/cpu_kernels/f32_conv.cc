@@ -7,7 +7,8 @@
 // small images, where ORT's and LiteRT's direct kernels are far ahead.
 //
 // How (AVX-512): the filter is packed once per call into panels of 16 columns, [K][16] floats per panel,
-// by every thread at once (a [K, N] filter of whole panels, N a multiple of 16, is read in place instead); then each work item takes a chunk of output pixels, writes their patch rows
+// by every thread at once (a [K, N] filter of whole panels, N a multiple of 16, is read in place instead);
+// then each work item takes a chunk of output pixels, writes their patch rows
 // (K floats each) into this thread's buffer and multiplies them by every panel: 4 rows x 4 panels of
 // accumulators (16 zmm), one row's value broadcast against 16 columns per FMA, so each lane sums one
 // output and no horizontal sums are needed. The sums are float32 FMAs in k order (not XLA's order: the
