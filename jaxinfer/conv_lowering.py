@@ -129,7 +129,7 @@ def conv_epilogue(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     dilation = tuple(rhs_dilation or (1, 1))
-    if not (F32_KERNEL and _f32_kernel_takes(lhs, rhs, 1, 1, None, None) and rhs.size <= F32_KERNEL_MAX_WEIGHTS):
+    if not f32_kernel_takes(lhs, rhs):
         return None
     if (pool is not None and dilation[1] != 1) or (clamp is not None and not clamp[0] <= clamp[1]):
         return None
@@ -175,12 +175,11 @@ def f32_matmul(a: jax.Array, b: jax.Array) -> jax.Array | None:
     """``a @ b`` of a float32 ``a`` [..., K] (at least :data:`F32_MATMUL_MIN_ROWS` rows over its leading axes) by a
     float32 weight ``b`` [K, N] of at most :data:`F32_KERNEL_MAX_WEIGHTS` values, as our kernel's 1x1
     convolution over images of one row (:func:`cpu_kernels.f32_conv`: the weight read in place when N is a
-    multiple of 16, the rows directly); None where that route does not apply (the caller's own product then). Session 29, one
-    process, 2 cores: [256, 64] x [64, 256] 64 -> 50 us, [256, 256] x [256, 64] 64 -> 44, [256, 64] x [64, 64]
-    26.5 -> 22 against XLA's YNNPACK dot (onnxruntime's MatMul: 42, 36, 16). Float32 sums in k order: the last
-    bits may differ from XLA's."""
-    if not (F32_KERNEL and b.ndim == 2 and a.ndim >= 2 and b.size <= F32_KERNEL_MAX_WEIGHTS
-            and a.shape[-1] == b.shape[0] and b.shape[1] > 0 and a.shape[-1] > 0):
+    multiple of 16, the rows directly); None where that route does not apply (the caller's own product then).
+    Session 29, one process, 2 cores: [256, 64] x [64, 256] 64 -> 50 us, [256, 256] x [256, 64] 64 -> 44, [256,
+    64] x [64, 64] 26.5 -> 22 against XLA's YNNPACK dot (onnxruntime's MatMul: 42, 36, 16). Float32 sums in k
+    order: the last bits may differ from XLA's."""
+    if not (b.ndim == 2 and a.ndim >= 2 and a.shape[-1] == b.shape[0] and b.shape[1] > 0 and a.shape[-1] > 0):
         return None
     k, n = b.shape
     rows = math.prod(a.shape[:-1])
@@ -189,7 +188,7 @@ def f32_matmul(a: jax.Array, b: jax.Array) -> jax.Array | None:
         return None
     x = a.reshape(rows // width, 1, width, k)
     w = b.reshape(1, 1, k, n)
-    if not f32_kernel_takes(x, w):
+    if not f32_kernel_takes(x, w):  # the flag, the weight's size, the dtypes, the CPU
         return None
     y = cpu_kernels.f32_conv(x, w, (1, 1), (1, 1), ((0, 0), (0, 0)), w_layout="HWIO")
     return y.reshape(a.shape[:-1] + (n,))
