@@ -69,6 +69,19 @@ def test_same_sums_as_xla(lead, k, n, kernel_isa):
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
+@pytest.mark.parametrize("n", [40, 70, 100])
+def test_panels_over_slices_of_long_k(n, kernel_isa):
+    """Many rows at a K longer than one slice of the packed panels (kPanelSliceBytes: K 4096 at 4 panels,
+    5460 at 3, 8192 at 2): the sums carried in y from slice to slice, masked past N, come out exact, with a
+    zero point per row too."""
+    rng = np.random.default_rng(n)
+    x, w, zp = _ints(rng, (40, 9000)), _ints(rng, (n, 9000)), rng.integers(-128, 128, 40).astype(np.int32)
+    got = np.asarray(jax.jit(cpu_kernels.int8_dot)(x, w))
+    np.testing.assert_array_equal(got, x.astype(np.int64) @ w.astype(np.int64).T)
+    got = np.asarray(jax.jit(cpu_kernels.int8_dot_zp)(x, zp, w))
+    np.testing.assert_array_equal(got, (x.astype(np.int64) - zp[:, None]) @ w.astype(np.int64).T)
+
+
 def test_extremes_and_int32_wraparound_match_xla(kernel_isa):
     """-128 x -128 everywhere (the one product vpmaddubsw-style kernels saturate) and a K long enough for
     the sums to pass 2**31: both wrap like XLA's int32 dot."""
