@@ -60,7 +60,10 @@ constexpr int kMaxRows = 8;                  // and 8 x 2 or 8 x 1 for layers of
 constexpr int kPanels = 4;                   // panels of 16 columns per block
 constexpr int64_t kGroup = 16 * kPanels;     // columns per panel group
 constexpr int64_t kRowBytes = 256 << 10;     // a work item's patch rows, at most (they stay in L2)
-constexpr int64_t kSerialMacs = 1 << 20;     // under this many multiply-adds one thread is quicker
+// Under this many multiply-adds one thread is quicker. 1 << 20 until session 30; since our helpers spin rather
+// than XLA's workers waking (helpers.h), 1 << 17 timed in one process: the cnn fixture b1 50.6-50.8 -> 46.7-48.0 us,
+// TFLite conv_f32 b1 182 -> 176, conv_f32 b8 770 -> 737, shufflenet b1 8.8 -> 8.3 ms; vit_legacy(_ortopt) b8 +1-2 %.
+constexpr int64_t kSerialMacs = 1 << 17;
 constexpr int64_t kOfferMacs = 1 << 21;      // from this many, the job is offered to XLA's pool too (ShareWith)
 
 struct Job {
