@@ -407,15 +407,6 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void PanelSums(const Job&
     if constexpr (NP > 3) StorePanel(j, yr, n0 + 48, a##r##3, off, cs[3]);           \
   }
 
-// y[n .. n + 16] of one row (masked past N): the sums of (x + 128) w less (128 + zp) colsum(w).
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void StorePanel(const Job& j, int32_t* yr, int64_t n,
-                                                                            __m512i acc, __m512i off, __m512i cs) {
-  const int64_t left = j.N - n;
-  const __m512i v = _mm512_sub_epi32(acc, _mm512_mullo_epi32(off, cs));
-  if (left >= 16) _mm512_storeu_si512(yr + n, v);
-  else if (left > 0) _mm512_mask_storeu_epi32(yr + n, static_cast<__mmask16>((1u << left) - 1), v);
-}
-
 // A block's unfinished sums for y[n .. n + 16] of one row (masked past N), kept in y between slices of K.
 __attribute__((target("avx512f,avx512bw"))) inline __m512i LoadPartial(const Job& j, const int32_t* yr, int64_t n) {
   const int64_t left = j.N - n;
@@ -429,6 +420,12 @@ __attribute__((target("avx512f,avx512bw"))) inline void StorePartial(const Job& 
   const int64_t left = j.N - n;
   if (left >= 16) _mm512_storeu_si512(yr + n, acc);
   else if (left > 0) _mm512_mask_storeu_epi32(yr + n, static_cast<__mmask16>((1u << left) - 1), acc);
+}
+
+// y[n .. n + 16] of one row (masked past N): the sums of (x + 128) w less (128 + zp) colsum(w).
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void StorePanel(const Job& j, int32_t* yr, int64_t n,
+                                                                            __m512i acc, __m512i off, __m512i cs) {
+  StorePartial(j, yr, n, _mm512_sub_epi32(acc, _mm512_mullo_epi32(off, cs)));
 }
 
 // Rows m0 .. m0 + MR of y (x's packed rows at xr), columns n0 .. n0 + 16 NP (masked past N), over the steps
