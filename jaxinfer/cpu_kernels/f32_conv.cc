@@ -288,15 +288,14 @@ void PadRow(const Job& j, int64_t b, int64_t hp, float* dst) {
   std::fill(dst + (p.PL + p.W) * p.C, dst + line, 0.f);
 }
 
-// Output row (b, oh), its windows' first padded row at xrow, against group g's panels, MR pixels at a time as in
+// Output row (b, oh), its windows' first padded row at xr, against group g's panels, MR pixels at a time as in
 // GroupRows; its float outputs (OW N values) go to yrow.
 template <int NP>
-void GroupRowsDirect(const Job& j, int64_t b, int64_t oh, int64_t g, const float* xrow, float* yrow) {
+void GroupRowsDirect(const Job& j, int64_t b, int64_t oh, int64_t g, const float* xr, float* yrow) {
   constexpr int MR = NP <= 2 ? kMaxRows : kRows;
   const auto& p = j.p;
   const float* P = GroupPanels(j, g);
   const int64_t n0 = g * kGroup, step = p.SW * p.C, m1 = (b * p.OH + oh + 1) * p.OW, first = m1 - p.OW;
-  const float* xr = xrow;
   const auto at = [&](int64_t m) { return yrow ? yrow + (m - first) * j.N : nullptr; };
   int64_t m = first;
   for (; m + MR <= m1; m += MR, xr += MR * step) BlockDirect<MR, NP>(j, xr, P, m, at(m), n0);

@@ -109,6 +109,13 @@ class Helpers {
   std::atomic<int> sleeping_{0};
 };
 
+// The caller's part of a shared job: the items left for it, then the wait for those others took (Share).
+template <typename Job, typename Work>
+void WorkAndWait(const std::shared_ptr<Job>& j, Work work, int64_t items) {
+  work(*j);
+  while (j->done.load(std::memory_order_acquire) < items) _mm_pause();
+}
+
 // Runs work(*j) on the calling thread and on up to threads - 1 helpers, each taking work items from the job's
 // own counter, then waits until j->done counts all `items`: only for items already taken, since the caller
 // takes whatever is left itself. The helpers hold `j`, so one that starts after the caller returned finds the
@@ -116,8 +123,7 @@ class Helpers {
 template <typename Job, typename Work>
 void Share(const std::shared_ptr<Job>& j, Work work, int64_t threads, int64_t items) {
   Helpers::Get().Post([j, work] { work(*j); }, static_cast<int>(threads - 1));
-  work(*j);
-  while (j->done.load(std::memory_order_acquire) < items) _mm_pause();
+  WorkAndWait(j, work, items);
 }
 
 // Share, with the job also offered to XLA's intra-op pool (threads - 1 tasks) when `offer` (a large job: the
@@ -149,8 +155,7 @@ void ShareWith(Pool& pool, bool offer, const std::shared_ptr<Job>& j, Work work,
   while (started->load(std::memory_order_acquire) < helpers && std::chrono::steady_clock::now() < until) _mm_pause();
   for (int64_t i = 1 + started->load(std::memory_order_acquire); i < threads; ++i)
     pool.Schedule([j, work] { work(*j); });
-  work(*j);
-  while (j->done.load(std::memory_order_acquire) < items) _mm_pause();
+  WorkAndWait(j, work, items);
 }
 
 }  // namespace jaxinfer
