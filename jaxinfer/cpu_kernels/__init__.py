@@ -56,7 +56,7 @@ import numpy as np
 from jax import lax
 
 __all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "OutputStage", "available",
-           "dynamic_quantize_u8", "f32_conv", "f32_conv_direct", "f32_depthwise", "f32_int8w_dot", "f32_lstm",
+           "dynamic_quantize_u8", "f32_conv", "f32_conv_direct", "f32_depthwise", "f32_int8w_dot", "f32_lstm", "f32_rows_dot",
            "int8_conv", "int8_conv_requant", "int8_conv_requant_f32", "int8_depthwise", "int8_dot", "int8_dot_dyn",
            "int8_dot_hybrid", "int8_dot_zp", "isa", "kernel_dir", "layer_norm", "lookup8", "max_pool8",
            "offer_to_xla_pool", "softmax", "suppressed", "takes"]
@@ -95,6 +95,7 @@ TARGET_F32_DEPTHWISE = "jaxinfer_f32_depthwise"
 TARGET_F32_LSTM = "jaxinfer_f32_lstm"
 TARGET_F32_CONV = "jaxinfer_f32_conv"
 TARGET_F32_I8W = "jaxinfer_f32_int8w_dot"
+TARGET_F32_ROWS = "jaxinfer_f32_rows_dot"
 TARGET_DYN = "jaxinfer_int8_dot_dyn"
 TARGET_HYBRID = "jaxinfer_int8_dot_hybrid"
 TARGET_DQL = "jaxinfer_dynamic_quantize"
@@ -111,7 +112,7 @@ _HANDLERS = {
     TARGET_CONV_RQ: "JaxinferInt8ConvRequant", TARGET_CONV_RQF: "JaxinferInt8ConvRequantFloat",
     TARGET_DEPTHWISE: "JaxinferInt8Depthwise", TARGET_F32_CONV: "JaxinferF32Conv",
     TARGET_F32_DEPTHWISE: "JaxinferF32Depthwise", TARGET_F32_LSTM: "JaxinferF32Lstm",
-    TARGET_F32_I8W: "JaxinferF32Int8wDot", TARGET_LOOKUP8: "JaxinferLookup8",
+    TARGET_F32_I8W: "JaxinferF32Int8wDot", TARGET_F32_ROWS: "JaxinferF32RowsDot", TARGET_LOOKUP8: "JaxinferLookup8",
     TARGET_CONV_DIRECT: "JaxinferInt8ConvDirectF32", TARGET_MAX_POOL8: "JaxinferMaxPool8",
     TARGET_LAYER_NORM: "JaxinferF32LayerNorm", TARGET_SOFTMAX: "JaxinferF32Softmax", TARGET_GELU: "JaxinferF32Gelu",
 }
@@ -121,7 +122,7 @@ TARGETS = tuple(_HANDLERS)
 ZP_RANGE = (-32768 + 128, 32767 - 128)
 #: The kernels' sources, built into one library (``patches.h`` is shared by the convolutions).
 _SOURCES = tuple(Path(__file__).with_name(n)
-                 for n in ("int8_dot.cc", "depthwise.cc", "f32_conv.cc", "lstm.cc", "weight_only.cc", "lookup.cc",
+                 for n in ("int8_dot.cc", "depthwise.cc", "f32_conv.cc", "lstm.cc", "few_rows.cc", "lookup.cc",
                            "pool.cc", "norm.cc"))
 _HEADERS = tuple(Path(__file__).with_name(n) for n in ("fma_tile.h", "helpers.h", "patches.h", "requant.h",
                                                          "vmath.h"))
@@ -873,25 +874,40 @@ def f32_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Seque
 #: [8, 4096] x [4096, 1024] 0.39 / 2.2 / 0.78, 32 rows 2.05 / 4.9 / 2.4, [64, 1024] x [1024, 1024] 0.77 / 1.19 /
 #: 0.81; at 128 rows 9.2 / 7.0 / 6.0 (compute-bound there: XLA's library blocks large products better).
 INT8W_MAX_ROWS = 64
+#: Rows up to which :func:`f32_rows_dot` takes the kernel (``conv_lowering.f32_matmul`` has the figures).
+F32_ROWS_MAX_ROWS = 48
 
 
 def f32_int8w_dot(x: jax.Array, w: jax.Array, otherwise: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
     """float32 ``x`` [..., K] times an int8 weight ``w`` [K, N] -> float32 [..., N]: the float32 sums of
     ``x[..., k] * w[k, n]`` (the caller applies the weight's scales), each weight value widened in registers by
-    our AVX-512 kernel (``weight_only.cc``) for at most :data:`INT8W_MAX_ROWS` rows; ``otherwise(x, w)``
+    our AVX-512 kernel (``few_rows.cc``) for at most :data:`INT8W_MAX_ROWS` rows; ``otherwise(x, w)``
     elsewhere (other platforms, more rows, no AVX-512, ``jax.vmap`` of ``w``). Float32 sums in another order
     than XLA's: the last bits may differ."""
+    return _few_rows_dot(TARGET_F32_I8W, "f32_int8w_dot", jnp.int8, INT8W_MAX_ROWS, x, w, otherwise)
+
+
+def f32_rows_dot(x: jax.Array, w: jax.Array, otherwise: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+    """float32 ``x`` [..., K] times a float32 weight ``w`` [K, N] -> float32 [..., N] by our AVX-512 kernel
+    (``few_rows.cc``: the weight read once, straight from memory) for at most :data:`F32_ROWS_MAX_ROWS` rows;
+    ``otherwise(x, w)`` elsewhere, as :func:`f32_int8w_dot`. Float32 sums in k order: the last bits may differ
+    from XLA's."""
+    return _few_rows_dot(TARGET_F32_ROWS, "f32_rows_dot", jnp.float32, F32_ROWS_MAX_ROWS, x, w, otherwise)
+
+
+def _few_rows_dot(target: str, name: str, w_dtype: Any, max_rows: int, x: jax.Array, w: jax.Array,
+                  otherwise: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
     x, w = jnp.asarray(x), jnp.asarray(w)
-    if x.dtype != jnp.float32 or w.dtype != jnp.int8 or w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[0]:
-        raise ValueError(f"f32_int8w_dot takes float32 x [..., K] and int8 w [K, N]; got x {x.dtype}{list(x.shape)} "
-                         f"and w {w.dtype}{list(w.shape)}")
+    if x.dtype != jnp.float32 or w.dtype != w_dtype or w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"{name} takes float32 x [..., K] and {np.dtype(w_dtype).name} w [K, N]; got x "
+                         f"{x.dtype}{list(x.shape)} and w {w.dtype}{list(w.shape)}")
     lead, k, n = x.shape[:-1], x.shape[-1], w.shape[1]
     rows = math.prod(lead)
-    if not (0 < rows <= INT8W_MAX_ROWS and k > 0 and n > 0 and isa() == 2):
+    if not (0 < rows <= max_rows and k > 0 and n > 0 and isa() == 2):
         return otherwise(x, w)
 
     def kernel(x: jax.Array, w: jax.Array) -> jax.Array:
-        return jax.ffi.ffi_call(TARGET_F32_I8W, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))(x, w)
+        return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))(x, w)
 
     return _on_cpu(kernel, otherwise, x.reshape(rows, k), w, leading=True).reshape(*lead, n)
 

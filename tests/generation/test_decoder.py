@@ -143,19 +143,33 @@ def _wide_gqa_decoder() -> onnx.ModelProto:
 
 
 def test_decode_steps_take_the_few_row_rule(monkeypatch):
-    """Decode steps and short prefills (few rows through 1M-element weights) compile their dots in XLA's
-    own loops, long prefills keep the library (jaxinfer.xla_dots); the tokens are the same either way."""
+    """Decode steps and short prefills (few rows through 1M-element weights) run those products in our
+    few-rows kernel where it is there (cpu_kernels.f32_rows_dot), else compile their dots in XLA's own loops;
+    long prefills keep the library (jaxinfer.xla_dots); the tokens are the same either way."""
+    from jaxinfer import conv_lowering, cpu_kernels
     from jaxinfer import model as model_mod
 
     proto = _wide_gqa_decoder()
     real = model_mod.options_for
     chosen: list[dict] = []
-    monkeypatch.setattr(model_mod, "options_for", lambda low, opts: chosen.append(real(low, opts)) or chosen[-1])
+    kernel: list[bool] = []
+
+    def options_for(low, opts):
+        kernel.append(cpu_kernels.TARGET_F32_ROWS in low.as_text())
+        chosen.append(real(low, opts))
+        return chosen[-1]
+
+    monkeypatch.setattr(model_mod, "options_for", options_for)
     dec = Decoder(jaxinfer.load(proto), slots=4, max_len=64, prefill_buckets=[8, 64])
     dec.warmup()
+    takes = conv_lowering.F32_KERNEL and cpu_kernels.available() and cpu_kernels.isa() == 2
+    assert kernel == [takes, False, takes]  # prefill 8, prefill 64, decode
     if model_mod._options_apply():
         flag = model_mod.YNN_FUSION_FLAG
-        assert [c[flag] for c in chosen] == ["", model_mod.YNN_FUSION_TYPES, ""]  # prefill 8, prefill 64, decode
+        got = [c[flag] for c in chosen]
+        assert got[1] == model_mod.YNN_FUSION_TYPES  # prefill 64: the library
+        if not takes:
+            assert got[0] == got[2] == ""  # XLA's own loops for the few-row programs
     monkeypatch.setattr(model_mod, "options_for", lambda low, opts: dict(opts))  # the library everywhere
     plain = Decoder(jaxinfer.load(proto), slots=4, max_len=64, prefill_buckets=[8, 64])
     params = SamplingParams()

@@ -1,0 +1,195 @@
+// jaxinfer's few-row float32 products with a [K, N] weight for XLA CPU: "jaxinfer_f32_int8w_dot" (an int8 weight,
+// each value widened to float32 in registers) and "jaxinfer_f32_rows_dot" (a float32 weight).
+//
+// y [M, N] = x [M, K] (float32) times w [K, N] (int8, as jaxinfer.quantize's int8-weight method stores a MatMul
+// weight; or float32, an ONNX MatMul's own weight): the float32 sums of x[m, k] * float(w[k, n]); with an int8
+// weight the caller multiplies by the per-channel scales. XLA CPU ran the int8 weight as a dot with an int8
+// operand in its own loops, ~4x slower than the float32 model it was to speed up (the 50M-parameter encoder at
+// 8 tokens: 82 vs 19 ms, session 24), and dequantizing first writes the float32 weight out on every call. A
+// float32 weight of a few rows is bound by reading it from memory: XLA's loops read [8, 1024] x [1024, 4096]'s
+// at ~17 GB/s, its library's blocked dot at 32 rows at ~6 (session 31).
+//
+// How (AVX-512): a work item is a block of 64 columns (one cache line of int8 per k, four of float32); for every
+// 8 rows of x it walks k, loading 32 of the block's columns as 2 float32 vectors (int8: vpmovsxbd, vcvtdq2ps)
+// and multiplying them by each row's x[m, k] broadcast: 8 rows x 2 vectors = 16 accumulators, each lane summing
+// one output in k order with FMAs, so no horizontal sums; then the other 32 columns. Fewer rows take the 4
+// vectors at once. A column block's K x 64 weights stay in L2 across its row blocks. The sums differ from XLA's
+// in the last bits (another summation order), as any two float32 dots may.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "fma_tile.h"
+#include "helpers.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kRows = 4;               // rows of x per register block
+constexpr int64_t kCols = 64;          // columns per work item
+constexpr int64_t kSerialMacs = 1 << 18;  // under this many multiply-adds one thread is quicker
+constexpr int64_t kOfferMacs = 1 << 21;   // from this many, the job is offered to XLA's pool too (ShareWith)
+// How far ahead (steps of k) and into which cache a block asks for its weight lines. A column block reads its
+// lines N weights apart (a new 4 KB page per step at N 4096), which the hardware prefetchers did not follow: the
+// encoder's 50 MB of int8 weights came in at ~4.4 GB/s. Lines 2^n KB apart also share one set of L1, so a
+// float32 weight (four lines a step, 32 steps ahead) is asked into L2 only: [8, 1024] x [1024, 4096] 0.48-0.88
+// ms into L1, 0.46-0.54 into L2 (session 31).
+template <typename W>
+struct Stream;
+template <>
+struct Stream<int8_t> {
+  static constexpr int64_t kAhead = 64;
+  static constexpr _mm_hint kHint = _MM_HINT_T0;
+};
+template <>
+struct Stream<float> {
+  static constexpr int64_t kAhead = 32;
+  static constexpr _mm_hint kHint = _MM_HINT_T1;
+};
+
+template <typename W>
+struct Job {
+  const float* x = nullptr;  // [M][K]
+  const W* w = nullptr;      // [K][N]
+  float* y = nullptr;        // [M][N]
+  int64_t M = 0, K = 0, N = 0, blocks = 0;
+  std::atomic<int64_t> next{0}, done{0};
+};
+
+// 16 weights at p (fewer where `mask` says, the rest zero) as 16 float32.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 Load(const int8_t* p, __mmask16 mask) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 Load(const float* p, __mmask16 mask) {
+  return _mm512_maskz_loadu_ps(mask, p);
+}
+
+// Rows m0 .. m0 + MR of y, columns n0 .. n0 + 16 NV (`masks`: each vector's live columns, zero past N), with
+// fma_tile.h's accumulators.
+#define JX_STORE(r)                                                              \
+  if constexpr (MR > r) {                                                        \
+    float* yr = j.y + (m0 + r) * j.N + n0;                                       \
+    _mm512_mask_storeu_ps(yr, masks[0], a##r##0);                                \
+    if constexpr (NV > 1) _mm512_mask_storeu_ps(yr + 16, masks[1], a##r##1);     \
+    if constexpr (NV > 2) _mm512_mask_storeu_ps(yr + 32, masks[2], a##r##2);     \
+    if constexpr (NV > 3) _mm512_mask_storeu_ps(yr + 48, masks[3], a##r##3);     \
+  }
+
+template <int MR, int NV, typename W>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void Block(const Job<W>& j, int64_t m0, int64_t n0,
+                                                                const __mmask16* masks) {
+  static_assert(MR >= 1 && MR <= 8 && NV >= 1 && NV <= 4 && MR * NV <= 16, "accumulators named below");
+  // the cache lines one step reads: one of int8 (64 columns), NV of float32
+  constexpr int kLines = sizeof(W) == 1 ? 1 : NV;
+  JX_FMA_ROWS(JX_FMA_ACC)
+  JX_FMA_ROWS(JX_FMA_ZERO)
+  const int64_t K = j.K;
+  const float* xr = j.x + m0 * K;
+  const W* w = j.w + n0;
+  const int64_t ahead = Stream<W>::kAhead * j.N * static_cast<int64_t>(sizeof(W));
+  for (int64_t k = 0; k < K; ++k, w += j.N) {
+    // hints only: an address past the end of w is never read (taken as an integer, not a pointer into w)
+    for (int l = 0; l < kLines; ++l)
+      _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(w + 16 * l) + ahead), Stream<W>::kHint);
+    const __m512 b0 = Load(w, masks[0]);
+    const __m512 b1 = NV > 1 ? Load(w + 16, masks[1]) : b0;
+    const __m512 b2 = NV > 2 ? Load(w + 32, masks[2]) : b0;
+    const __m512 b3 = NV > 3 ? Load(w + 48, masks[3]) : b0;
+    JX_FMA_ROWS(JX_FMA_STEP)
+  }
+  JX_FMA_ROWS(JX_STORE)
+}
+#undef JX_STORE
+
+// One work item: columns n0 .. n0 + 64 for every row. 8 rows at a time take the two halves of the 64 columns
+// one after the other (8 x 2 vectors: each weight vector serves 8 rows; the second half's weights are in L2 by
+// then where they share the first half's lines); the last 1-7 rows take 4 vectors at a time.
+template <typename W>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void Columns(const Job<W>& j, int64_t n0) {
+  __mmask16 masks[4];
+  for (int v = 0; v < 4; ++v) {
+    const int64_t live = std::clamp<int64_t>(j.N - n0 - 16 * v, 0, 16);
+    masks[v] = static_cast<__mmask16>((uint32_t{1} << live) - 1);
+  }
+  int64_t m = 0;
+  for (; m + 8 <= j.M; m += 8) {
+    Block<8, 2>(j, m, n0, masks);
+    if (masks[2]) Block<8, 2>(j, m, n0 + 32, masks + 2);
+  }
+  if (m + kRows <= j.M) {
+    Block<kRows, 4>(j, m, n0, masks);
+    m += kRows;
+  }
+  switch (j.M - m) {
+    case 3: Block<3, 4>(j, m, n0, masks); break;
+    case 2: Block<2, 4>(j, m, n0, masks); break;
+    case 1: Block<1, 4>(j, m, n0, masks); break;
+    default: break;
+  }
+}
+
+template <typename W>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void Work(Job<W>& j) {
+  for (int64_t b; (b = j.next.fetch_add(1, std::memory_order_relaxed)) < j.blocks;) {
+    Columns(j, b * kCols);
+    j.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+// y = x w for float32 x [M, K] and a [K, N] weight of type W; `name` is the calling target's, for its errors.
+template <typename W, typename WBuffer>
+ffi::Error Product(ffi::ThreadPool& pool, const char* name, ffi::Buffer<ffi::F32>& x, WBuffer& w,
+                   ffi::ResultBuffer<ffi::F32>& y) {
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512vl"))
+    return ffi::Error::InvalidArgument(std::string(name) + ": this CPU lacks AVX-512");
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != wd[0] || yd[0] != xd[0] || yd[1] != wd[1])
+    return ffi::Error::InvalidArgument(std::string(name) + ": expected x [M, K], w [K, N] and y [M, N]");
+  auto j = std::make_shared<Job<W>>();
+  j->x = x.typed_data(), j->w = w.typed_data(), j->y = y->typed_data();
+  j->M = xd[0], j->K = xd[1], j->N = wd[1];
+  if (j->M == 0 || j->N == 0) return ffi::Error::Success();
+  if (j->K == 0) {  // every sum is empty
+    std::fill(j->y, j->y + j->M * j->N, 0.f);
+    return ffi::Error::Success();
+  }
+  j->blocks = (j->N + kCols - 1) / kCols;
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (j->M * j->K * j->N < kSerialMacs) threads = 1;
+  threads = std::min(threads, j->blocks);
+  jaxinfer::ShareWith(pool, j->M * j->K * j->N >= kOfferMacs, j, Work<W>, threads, j->blocks);
+  return ffi::Error::Success();
+}
+
+ffi::Error F32Int8wDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  return Product<int8_t>(pool, "jaxinfer_f32_int8w_dot", x, w, y);
+}
+
+ffi::Error F32RowsDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  return Product<float>(pool, "jaxinfer_f32_rows_dot", x, w, y);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32Int8wDot, F32Int8wDot,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32RowsDot, F32RowsDot,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

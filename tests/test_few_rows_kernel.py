@@ -1,0 +1,214 @@
+"""The few-rows products of ``few_rows.cc``: cpu_kernels.f32_int8w_dot, float32 rows times an int8 [K, N] weight
+widened in registers (the int8-weight method's MatMul product), and cpu_kernels.f32_rows_dot, float32 rows times
+a float32 [K, N] weight (a float MatMul's): float32 accuracy against a float64 reference for odd sizes (K and N
+not multiples of 16 or 64, N over many 64-column work items with a partial last one, one row, 1-7 leftover rows,
+leading dims), NaN and infinities kept, the XLA route past the row bound and under vmap of the weight, operands
+of the wrong kind named, and models taking them with the answers they give without the kernels."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jaxinfer import cpu_kernels
+
+AVX512 = cpu_kernels.available() and cpu_kernels.isa() == 2
+needs_kernels = pytest.mark.skipif(not AVX512, reason="the few-rows kernels need AVX-512")
+
+
+class Kind:
+    """One of the two products: its function, weight dtype, custom-call target and row bound."""
+
+    def __init__(self, name, fn, dtype, target, max_rows):
+        self.name, self.fn, self.dtype, self.target, self.max_rows = name, fn, dtype, target, max_rows
+
+    def __repr__(self):
+        return self.name
+
+
+KINDS = [Kind("f32_int8w_dot", cpu_kernels.f32_int8w_dot, np.int8, cpu_kernels.TARGET_F32_I8W,
+              cpu_kernels.INT8W_MAX_ROWS),
+         Kind("f32_rows_dot", cpu_kernels.f32_rows_dot, np.float32, cpu_kernels.TARGET_F32_ROWS,
+              cpu_kernels.F32_ROWS_MAX_ROWS)]
+kinds = pytest.mark.parametrize("kind", KINDS, ids=repr)
+
+
+def _xla(x, w):
+    return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
+                           preferred_element_type=jnp.float32)
+
+
+def _operands(rng, lead, k, n, kind=KINDS[0]):
+    x = rng.standard_normal((*lead, k)).astype(np.float32)
+    if kind.dtype == np.int8:
+        return x, rng.integers(-128, 128, (k, n)).astype(np.int8)
+    return x, (rng.standard_normal((k, n)) * 50).astype(np.float32)
+
+
+def _check(x, w, got):
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    bound = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64))  # float32 rounding of k terms
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert np.all(np.abs(got - want) <= 4 * x.shape[-1] * np.finfo(np.float32).eps * bound + 1e-30)
+
+
+def _takes_kernel(x, w, kind=KINDS[0]) -> bool:
+    text = jax.jit(lambda x, w: kind.fn(x, w, _xla)).lower(x, w).as_text()
+    return kind.target in text
+
+
+@needs_kernels
+@pytest.mark.parametrize("lead,k,n", [((1,), 1, 1), ((1,), 1024, 4096), ((8,), 4096, 1024), ((3,), 17, 5),
+                                      ((5,), 33, 70), ((9,), 100, 129), ((13,), 64, 64), ((2, 3), 47, 200),
+                                      ((64,), 300, 65), ((7,), 2, 1000), ((16,), 129, 31), ((1,), 1500, 1100),
+                                      ((9,), 600, 1300), ((13,), 1025, 2049), ((48,), 70, 90), ((), 40, 33)])
+@kinds
+def test_matches_float64(kind, lead, k, n):
+    rng = np.random.default_rng(k * 7 + n)
+    x, w = _operands(rng, lead, k, n, kind)
+    if lead[:1] == (64,) and kind.max_rows < 64:
+        lead, x = (kind.max_rows,), x[:kind.max_rows]
+    assert _takes_kernel(x, w, kind)
+    got = np.asarray(jax.jit(lambda x, w: kind.fn(x, w, _xla))(x, w))
+    _check(x, w, got)
+    _check(x, w, np.asarray(jax.jit(_xla)(x, w)))  # XLA's float32 sums are as far from float64 as ours
+
+
+@needs_kernels
+@kinds
+def test_extreme_weights_nan_and_inf(kind):
+    rng = np.random.default_rng(3)
+    x, w = _operands(rng, (6,), 80, 40, kind)
+    w[:, :3] = -128
+    w[:, 3:6] = 127
+    x[1, 5] = np.nan
+    x[2, 7] = np.inf
+    x[4] *= 1e30
+    got = np.asarray(jax.jit(lambda x, w: kind.fn(x, w, _xla))(x, w))
+    assert np.isnan(got[1]).all()
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    np.testing.assert_array_equal(np.isinf(got[2]), np.isinf(want[2]))
+    np.testing.assert_array_equal(np.sign(got[2]), np.sign(want[2]))
+    for r in (0, 3, 4, 5):
+        _check(x[r:r + 1], w, got[r:r + 1])
+
+
+@kinds
+def test_many_rows_and_vmap_of_the_weight_take_xla(kind):
+    rng = np.random.default_rng(4)
+    x, w = _operands(rng, (kind.max_rows + 1,), 64, 32, kind)
+    assert not _takes_kernel(x, w, kind)
+    got = np.asarray(jax.jit(lambda x, w: kind.fn(x, w, _xla))(x, w))
+    np.testing.assert_array_equal(got, np.asarray(jax.jit(_xla)(x, w)))
+    ws = np.stack([w, -w])
+    xs = x[:4]
+    got = np.asarray(jax.jit(jax.vmap(lambda w: kind.fn(xs, w, _xla)))(ws))
+    for i in range(2):
+        _check(xs, ws[i], got[i])
+
+
+@needs_kernels
+@kinds
+def test_vmap_of_the_rows_is_one_call(kind):
+    rng = np.random.default_rng(5)
+    x, w = _operands(rng, (3, 4), 50, 20, kind)
+    f = jax.jit(jax.vmap(lambda x: kind.fn(x, w, _xla)))
+    assert f.lower(x).as_text().count(kind.target) >= 1
+    _check(x, w, np.asarray(f(x)))
+
+
+@kinds
+def test_no_rows_and_no_k(kind):
+    rng = np.random.default_rng(6)
+    x, w = _operands(rng, (0,), 8, 4, kind)
+    assert np.asarray(kind.fn(x, w, _xla)).shape == (0, 4)
+    x, w = _operands(rng, (3,), 0, 4, kind)
+    np.testing.assert_array_equal(np.asarray(kind.fn(x, w, _xla)), np.zeros((3, 4), np.float32))
+
+
+@pytest.mark.parametrize("x,w,what", [
+    (np.zeros((2, 3), np.float64), np.zeros((3, 4), np.int8), "float32 x"),
+    (np.zeros((2, 3), np.float32), np.zeros((3, 4), np.uint8), "int8 w"),
+    (np.zeros((2, 3), np.float32), np.zeros((4, 4), np.int8), "[K, N]"),
+    (np.zeros((2, 3), np.float32), np.zeros((3,), np.int8), "[K, N]"),
+])
+def test_wrong_operands_named(x, w, what):
+    with pytest.raises(ValueError, match="f32_int8w_dot") as e:
+        cpu_kernels.f32_int8w_dot(x, w, _xla)
+    assert what in str(e.value)
+    if what == "int8 w":
+        return
+    with pytest.raises(ValueError, match="f32_rows_dot") as e:  # the float32 weight's twin, a float32 w
+        cpu_kernels.f32_rows_dot(x, w.astype(np.float32), _xla)
+    assert what in str(e.value)
+    with pytest.raises(ValueError, match="float32 w"):
+        cpu_kernels.f32_rows_dot(np.zeros((2, 3), np.float32), np.zeros((3, 4), np.int8), _xla)
+
+
+@needs_kernels
+def test_int8_weight_model_takes_it_and_answers_as_xla_does(tmp_path):
+    import subprocess
+    import sys
+
+    from jaxinfer import load, quantize
+    from jaxinfer.quant import fixtures
+
+    proto = fixtures.encoder(64, 128, 2)
+    path = tmp_path / "enc.onnx"
+    path.write_bytes(proto.SerializeToString())
+    feeds = fixtures.inputs(1, 8, 64, seed=3)
+    q = quantize(load(str(path)), "int8-weight")
+    assert cpu_kernels.TARGET_F32_I8W in q.compiled(feeds).as_text()
+    got = q.run(feeds)["y"]
+    np.save(tmp_path / "x.npy", feeds["x"])
+    # the same quantized model without our kernels (XLA's dot of the int8 weights), in a fresh process
+    code = ("import sys, numpy as np, jaxinfer; from jaxinfer import quantize; "
+            "q = quantize(jaxinfer.load(sys.argv[1]), 'int8-weight'); "
+            "np.save(sys.argv[3], q.run({'x': np.load(sys.argv[2])})['y'])")
+    subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+                   check=True, env={**__import__("os").environ, "JAXINFER_CPU_KERNELS": "0"}, timeout=300)
+    np.testing.assert_allclose(got, np.load(tmp_path / "y.npy"), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_float_matmul_takes_it_for_few_rows_by_a_large_weight():
+    """arith.matmul (ONNX MatMul, Gemm without transB) of a float32 weight: few rows by a large weight take the
+    few-rows kernel; more rows, or a small weight, do not; the answers stay those of a float32 dot."""
+    from jaxinfer import arith, conv_lowering
+
+    rng = np.random.default_rng(8)
+    k, n = 256, conv_lowering.F32_ROWS_MIN_WEIGHTS // 256
+    for lead, takes in [((1,), True), ((2, 8), True), ((cpu_kernels.F32_ROWS_MAX_ROWS,), True),
+                        ((cpu_kernels.F32_ROWS_MAX_ROWS + 1,), False), ((), True)]:
+        x, w = _operands(rng, lead, k, n, KINDS[1])
+        f = jax.jit(arith.matmul)
+        assert (cpu_kernels.TARGET_F32_ROWS in f.lower(x, w).as_text()) == takes, lead
+        _check(x, w, np.asarray(f(x, w)))
+    x, w = _operands(rng, (4,), 64, 64, KINDS[1])  # 4K values: XLA's dot
+    assert cpu_kernels.TARGET_F32_ROWS not in jax.jit(arith.matmul).lower(x, w).as_text()
+
+
+@needs_kernels
+def test_float_model_takes_it_and_answers_as_xla_does(tmp_path):
+    import subprocess
+    import sys
+
+    from jaxinfer import load
+    from jaxinfer.quant import fixtures
+
+    proto = fixtures.encoder(256, 1024, 2)
+    path = tmp_path / "enc.onnx"
+    path.write_bytes(proto.SerializeToString())
+    feeds = fixtures.inputs(1, 8, 256, seed=3)
+    m = load(str(path))
+    assert cpu_kernels.TARGET_F32_ROWS in m.compiled(feeds).as_text()
+    got = m.run(feeds)["y"]
+    np.save(tmp_path / "x.npy", feeds["x"])
+    code = ("import sys, numpy as np, jaxinfer; "
+            "np.save(sys.argv[3], jaxinfer.load(sys.argv[1]).run({'x': np.load(sys.argv[2])})['y'])")
+    subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+                   check=True, env={**__import__("os").environ, "JAXINFER_CPU_KERNELS": "0"}, timeout=300)
+    np.testing.assert_allclose(got, np.load(tmp_path / "y.npy"), rtol=1e-4, atol=1e-4)
