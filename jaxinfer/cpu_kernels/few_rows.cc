@@ -35,22 +35,24 @@ constexpr int kRows = 4;               // rows of x per register block
 constexpr int64_t kCols = 64;          // columns per work item
 constexpr int64_t kSerialMacs = 1 << 18;  // under this many multiply-adds one thread is quicker
 constexpr int64_t kOfferMacs = 1 << 21;   // from this many, the job is offered to XLA's pool too (ShareWith)
-// How far ahead (steps of k) and into which cache a block asks for its weight lines. A column block reads its
-// lines N weights apart (a new 4 KB page per step at N 4096), which the hardware prefetchers did not follow: the
-// encoder's 50 MB of int8 weights came in at ~4.4 GB/s. Lines 2^n KB apart also share one set of L1, so a
-// float32 weight (four lines a step, 32 steps ahead) is asked into L2 only: [8, 1024] x [1024, 4096] 0.48-0.88
-// ms into L1, 0.46-0.54 into L2 (session 31).
+// How far ahead (steps of k) a block asks for its weight lines: kAhead steps into L2, and again kNear steps into
+// L1. A column block reads its lines N weights apart (a new 4 KB page per step at N 4096), which the hardware
+// prefetchers did not follow: the encoder's 50 MB of int8 weights came in at ~4.4 GB/s. Lines 2^n KB apart also
+// share one set of L1, so only the next few steps' lines can wait there: the float32 encoder at 1x8 tokens ran
+// 20-30 % slower with its lines asked 32 steps ahead into L1, and 10.0-10.5 ms (into L2 only) against 8.9-9.1
+// (into L2, then 8 steps ahead into L1); the int8-weight one 5.1-5.2 ms (64 steps ahead into L1) against 4.5-4.6
+// (session 31, alternating processes).
 template <typename W>
 struct Stream;
 template <>
 struct Stream<int8_t> {
   static constexpr int64_t kAhead = 64;
-  static constexpr _mm_hint kHint = _MM_HINT_T0;
+  static constexpr int64_t kNear = 8;
 };
 template <>
 struct Stream<float> {
   static constexpr int64_t kAhead = 32;
-  static constexpr _mm_hint kHint = _MM_HINT_T1;
+  static constexpr int64_t kNear = 8;
 };
 
 template <typename W>
@@ -94,10 +96,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void Block(const Job<W>& j,
   const float* xr = j.x + m0 * K;
   const W* w = j.w + n0;
   const int64_t ahead = Stream<W>::kAhead * j.N * static_cast<int64_t>(sizeof(W));
+  const int64_t near = Stream<W>::kNear * j.N * static_cast<int64_t>(sizeof(W));
   for (int64_t k = 0; k < K; ++k, w += j.N) {
     // hints only: an address past the end of w is never read (taken as an integer, not a pointer into w)
-    for (int l = 0; l < kLines; ++l)
-      _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(w + 16 * l) + ahead), Stream<W>::kHint);
+    const uintptr_t at = reinterpret_cast<uintptr_t>(w);
+    for (int l = 0; l < kLines; ++l) {
+      _mm_prefetch(reinterpret_cast<const char*>(at + 64 * l + ahead), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(at + 64 * l + near), _MM_HINT_T0);
+    }
     const __m512 b0 = Load(w, masks[0]);
     const __m512 b1 = NV > 1 ? Load(w + 16, masks[1]) : b0;
     const __m512 b2 = NV > 2 ? Load(w + 32, masks[2]) : b0;
