@@ -872,8 +872,10 @@ def f32_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Seque
 #: Rows up to which :func:`f32_int8w_dot` takes the kernel. Kernel / XLA's dot of the int8 weight / the float32
 #: weight's dot, ms (session 24): [1, 1024] x [1024, 4096] 0.14 / 2.9 / 0.23, 8 rows 0.38 / 4.1 / 0.76,
 #: [8, 4096] x [4096, 1024] 0.39 / 2.2 / 0.78, 32 rows 2.05 / 4.9 / 2.4, [64, 1024] x [1024, 1024] 0.77 / 1.19 /
-#: 0.81; at 128 rows 9.2 / 7.0 / 6.0 (compute-bound there: XLA's library blocks large products better).
-INT8W_MAX_ROWS = 64
+#: 0.81; at 128 rows 9.2 / 7.0 / 6.0 then. Since the kernel asks for its lines into L2 and then L1 (session 31) the
+#: int8-weight encoder (4 layers, d 1024) runs faster through the kernel up to 256 rows, Model.run ms, kernel / XLA's
+#: int8-operand dot: 72 rows 40 / 53-85, 128 rows 70 / 103-107, 256 rows 141 / 153-157, but 512 rows 281 / 247.
+INT8W_MAX_ROWS = 256
 #: Rows up to which :func:`f32_rows_dot` takes the kernel (``conv_lowering.f32_matmul`` has the figures).
 F32_ROWS_MAX_ROWS = 48
 
