@@ -147,12 +147,14 @@ def _f32_kernel_takes(lhs: jax.Array, rhs: jax.Array, feature_group_count: int, 
         return False
     if preferred_element_type is not None and np.dtype(preferred_element_type) != np.float32:
         return False
-    return _f32_on_cpu(lhs, rhs)
+    return lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32 and _f32_on_cpu(lhs, rhs)
 
 
 def _f32_on_cpu(lhs: jax.Array, rhs: jax.Array) -> bool:
-    """Both operands float32, on a CPU whose kernels have AVX-512 (:func:`cpu_kernels.isa` 2)."""
-    return (jax.default_backend() == "cpu" and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
+    """Both operands float32 (or 16-bit floats, where the caller takes them), on a CPU whose kernels have AVX-512
+    (:func:`cpu_kernels.isa` 2)."""
+    floats = (jnp.float32, jnp.bfloat16, jnp.float16)
+    return (jax.default_backend() == "cpu" and lhs.dtype in floats and rhs.dtype in floats
             and cpu_kernels.available() and cpu_kernels.isa() == 2)
 
 
@@ -166,7 +168,8 @@ def f32_kernel_takes(x: jax.Array, w: jax.Array) -> bool:
 #: Float32 MatMuls by a 2-D weight of at most F32_KERNEL_MAX_WEIGHTS values run as the kernel's 1x1 convolution
 #: from this many rows (:func:`f32_matmul`).
 F32_MATMUL_MIN_ROWS = 64
-#: ... and few rows by a weight of at least this many values run as the few-rows product (:func:`f32_matmul`).
+#: Float MatMuls of few rows by a weight of at least this many values run as the few-rows product
+#: (:func:`few_rows_matmul`).
 F32_ROWS_MIN_WEIGHTS = 1 << 16
 
 
@@ -177,20 +180,37 @@ def _image_width(rows: int) -> int | None:
     return min(widths, key=lambda d: (d % 8 != 0, abs(d - 32))) if widths else None
 
 
-def f32_matmul(a: jax.Array, b: jax.Array) -> jax.Array | None:
-    """``a @ b`` of a float32 ``a`` [..., K] by a float32 weight ``b`` [K, N] as one of our kernels' products, or
-    None where neither applies (the caller's own product then):
+def few_rows_matmul(a: jax.Array, b: jax.Array) -> jax.Array | None:
+    """``a @ b`` (numpy ``matmul``) of at most :data:`cpu_kernels.F32_ROWS_MAX_ROWS` rows of ``a`` [..., K] by a
+    weight ``b`` [K, N] of at least :data:`F32_ROWS_MIN_WEIGHTS` values, as :func:`cpu_kernels.f32_rows_dot`,
+    which streams the weight from memory once; None where that does not apply (the caller's own product then).
+    ``b`` is float32, bfloat16 or float16, ``a`` float32 or ``b``'s dtype; the result has the dtype the plain
+    product would (float32 sums, rounded once to a 16-bit ``a``'s dtype). XLA's own loops read a float32 weight
+    at ~17 GB/s at 8 rows and its library's dot ~6 GB/s at 32; in one process (session 31, 12 weights per call,
+    ms, XLA / kernel): [8, 1024] x [1024, 4096] 0.92-1.08 / 0.46-0.54, [8, 4096] x [4096, 1024] 1.07 /
+    0.50-0.56, [1, 1024] x [1024, 4096] 0.38-0.55 / 0.30-0.37, [32, 1024] x [1024, 4096] 2.7-3.1 / 1.8, [48,
+    1024] x [1024, 1024] 0.87 / 0.60, [4, 768] x [768, 3072] 0.51 / 0.21; from 64 rows XLA's library is faster
+    ([64, 1024] x [1024, 4096] 2.8 / 3.6-4.1), under ~64K values both take the same. XLA CPU's bfloat16 dots are
+    slower still (the 4-layer encoder at 1x8 tokens: 66.6 ms in bfloat16 against 10.4 in float32)."""
+    halves = (jnp.bfloat16, jnp.float16)
+    if not (F32_KERNEL and b.ndim == 2 and a.ndim >= 1 and a.shape[-1] == b.shape[0] and b.size > 0
+            and (b.dtype == jnp.float32 or b.dtype in halves) and (a.dtype == jnp.float32 or a.dtype == b.dtype)):
+        return None
+    rows = math.prod(a.shape[:-1])
+    if not (0 < rows <= cpu_kernels.F32_ROWS_MAX_ROWS and b.size >= F32_ROWS_MIN_WEIGHTS and _f32_on_cpu(a, b)):
+        return None
 
-    * at most :data:`cpu_kernels.F32_ROWS_MAX_ROWS` rows by a weight of at least :data:`F32_ROWS_MIN_WEIGHTS`
-      values: :func:`cpu_kernels.f32_rows_dot`, which streams the weight from memory once. XLA's own loops
-      read it at ~17 GB/s at 8 rows and its library's dot ~6 GB/s at 32; in one process (session 31, 12 weights
-      per call, ms, XLA / kernel): [8, 1024] x [1024, 4096] 0.92-1.08 / 0.46-0.54, [8, 4096] x [4096, 1024]
-      1.07 / 0.50-0.56, [1, 1024] x [1024, 4096] 0.38-0.55 / 0.30-0.37, [32, 1024] x [1024, 4096] 2.7-3.1 /
-      1.8, [48, 1024] x [1024, 1024] 0.87 / 0.60, [4, 768] x [768, 3072] 0.51 / 0.21; from 64 rows XLA's
-      library is faster ([64, 1024] x [1024, 4096] 2.8 / 3.6-4.1), under ~64K values both take the same.
-    * at least :data:`F32_MATMUL_MIN_ROWS` rows by a weight of at most :data:`F32_KERNEL_MAX_WEIGHTS` values:
-      our kernel's 1x1 convolution over images of one row (:func:`cpu_kernels.f32_conv`: the weight read in
-      place when N is a multiple of 16, the rows directly).
+    def otherwise(x: jax.Array, w: jax.Array) -> jax.Array:  # the plain product, float32 out
+        return jnp.matmul(x.astype(a.dtype), w, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+    return cpu_kernels.f32_rows_dot(a.astype(jnp.float32), b, otherwise).astype(a.dtype)
+
+
+def f32_matmul(a: jax.Array, b: jax.Array) -> jax.Array | None:
+    """``a @ b`` of a float32 ``a`` [..., K] (at least :data:`F32_MATMUL_MIN_ROWS` rows over its leading axes) by a
+    float32 weight ``b`` [K, N] of at most :data:`F32_KERNEL_MAX_WEIGHTS` values, as our kernel's 1x1
+    convolution over images of one row (:func:`cpu_kernels.f32_conv`: the weight read in place when N is a
+    multiple of 16, the rows directly); None where that route does not apply (the caller's own product then).
 
     Session 29, one process, 2 cores: [256, 64] x [64, 256] 64 -> 50 us, [256, 256] x [256, 64] 64 -> 44, [256,
     64] x [64, 64] 26.5 -> 22 against XLA's YNNPACK dot (onnxruntime's MatMul: 42, 36, 16). Float32 sums in k
@@ -199,8 +219,6 @@ def f32_matmul(a: jax.Array, b: jax.Array) -> jax.Array | None:
         return None
     k, n = b.shape
     rows = math.prod(a.shape[:-1])
-    if F32_KERNEL and 0 < rows <= cpu_kernels.F32_ROWS_MAX_ROWS and k * n >= F32_ROWS_MIN_WEIGHTS and _f32_on_cpu(a, b):
-        return cpu_kernels.f32_rows_dot(a, b, lambda x, w: jnp.matmul(x, w, precision=lax.Precision.HIGHEST))
     if a.ndim < 2:
         return None
     width = _image_width(rows) if rows >= F32_MATMUL_MIN_ROWS else None

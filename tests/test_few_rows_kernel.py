@@ -32,6 +32,10 @@ class Kind:
 KINDS = [Kind("f32_int8w_dot", cpu_kernels.f32_int8w_dot, np.int8, cpu_kernels.TARGET_F32_I8W,
               cpu_kernels.INT8W_MAX_ROWS),
          Kind("f32_rows_dot", cpu_kernels.f32_rows_dot, np.float32, cpu_kernels.TARGET_F32_ROWS,
+              cpu_kernels.F32_ROWS_MAX_ROWS),
+         Kind("f32_rows_dot[bfloat16]", cpu_kernels.f32_rows_dot, jnp.bfloat16, cpu_kernels.TARGET_F32_BF16W,
+              cpu_kernels.F32_ROWS_MAX_ROWS),
+         Kind("f32_rows_dot[float16]", cpu_kernels.f32_rows_dot, np.float16, cpu_kernels.TARGET_F32_F16W,
               cpu_kernels.F32_ROWS_MAX_ROWS)]
 kinds = pytest.mark.parametrize("kind", KINDS, ids=repr)
 
@@ -45,12 +49,13 @@ def _operands(rng, lead, k, n, kind=KINDS[0]):
     x = rng.standard_normal((*lead, k)).astype(np.float32)
     if kind.dtype == np.int8:
         return x, rng.integers(-128, 128, (k, n)).astype(np.int8)
-    return x, (rng.standard_normal((k, n)) * 50).astype(np.float32)
+    return x, (rng.standard_normal((k, n)) * 50).astype(kind.dtype)  # 16-bit weights: exact in float32 and float64
 
 
 def _check(x, w, got):
-    want = x.astype(np.float64) @ w.astype(np.float64)
-    bound = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64))  # float32 rounding of k terms
+    w = np.asarray(w).astype(np.float64)
+    want = x.astype(np.float64) @ w
+    bound = np.abs(x.astype(np.float64)) @ np.abs(w)  # float32 rounding of k terms
     assert got.dtype == np.float32 and got.shape == want.shape
     assert np.all(np.abs(got - want) <= 4 * x.shape[-1] * np.finfo(np.float32).eps * bound + 1e-30)
 
@@ -89,7 +94,7 @@ def test_extreme_weights_nan_and_inf(kind):
     x[4] *= 1e30
     got = np.asarray(jax.jit(lambda x, w: kind.fn(x, w, _xla))(x, w))
     assert np.isnan(got[1]).all()
-    want = x.astype(np.float64) @ w.astype(np.float64)
+    want = x.astype(np.float64) @ np.asarray(w).astype(np.float64)
     np.testing.assert_array_equal(np.isinf(got[2]), np.isinf(want[2]))
     np.testing.assert_array_equal(np.sign(got[2]), np.sign(want[2]))
     for r in (0, 3, 4, 5):
@@ -144,7 +149,7 @@ def test_wrong_operands_named(x, w, what):
     with pytest.raises(ValueError, match="f32_rows_dot") as e:  # the float32 weight's twin, a float32 w
         cpu_kernels.f32_rows_dot(x, w.astype(np.float32), _xla)
     assert what in str(e.value)
-    with pytest.raises(ValueError, match="float32 w"):
+    with pytest.raises(ValueError, match="bfloat16 or float16 w"):
         cpu_kernels.f32_rows_dot(np.zeros((2, 3), np.float32), np.zeros((3, 4), np.int8), _xla)
 
 
@@ -212,3 +217,26 @@ def test_float_model_takes_it_and_answers_as_xla_does(tmp_path):
     subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
                    check=True, env={**__import__("os").environ, "JAXINFER_CPU_KERNELS": "0"}, timeout=300)
     np.testing.assert_allclose(got, np.load(tmp_path / "y.npy"), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("a_dtype,b_dtype", [(jnp.bfloat16, jnp.bfloat16), (np.float16, np.float16),
+                                             (np.float32, jnp.bfloat16), (np.float32, np.float16)])
+def test_half_precision_matmuls_take_it(a_dtype, b_dtype):
+    """jaxinfer.quantize's bf16/fp16 models (16-bit activations and weights) and auto's middle rung (float32
+    activations, bf16 weights): the few-row products read the 16-bit weight in the kernel and answer as the plain
+    product does, in the plain product's dtype (float32 sums rounded once)."""
+    from jaxinfer import arith
+
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(rng.standard_normal((2, 5, 512)), a_dtype)
+    w = jnp.asarray(rng.standard_normal((512, 256)), b_dtype)
+    f = jax.jit(arith.matmul)
+    target = cpu_kernels.TARGET_F32_BF16W if b_dtype == jnp.bfloat16 else cpu_kernels.TARGET_F32_F16W
+    assert target in f.lower(x, w).as_text()
+    got = f(x, w)
+    want = jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    assert got.dtype == jnp.dtype(a_dtype) and got.shape == (2, 5, 256)
+    tol = 1e-5 if a_dtype == np.float32 else 2 ** -7  # float32 sums; rounded to the 16-bit result
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want.astype(a_dtype), np.float32),
+                               rtol=tol, atol=tol * float(jnp.abs(want).max()))

@@ -96,6 +96,8 @@ TARGET_F32_LSTM = "jaxinfer_f32_lstm"
 TARGET_F32_CONV = "jaxinfer_f32_conv"
 TARGET_F32_I8W = "jaxinfer_f32_int8w_dot"
 TARGET_F32_ROWS = "jaxinfer_f32_rows_dot"
+TARGET_F32_BF16W = "jaxinfer_f32_bf16w_dot"
+TARGET_F32_F16W = "jaxinfer_f32_f16w_dot"
 TARGET_DYN = "jaxinfer_int8_dot_dyn"
 TARGET_HYBRID = "jaxinfer_int8_dot_hybrid"
 TARGET_DQL = "jaxinfer_dynamic_quantize"
@@ -112,7 +114,8 @@ _HANDLERS = {
     TARGET_CONV_RQ: "JaxinferInt8ConvRequant", TARGET_CONV_RQF: "JaxinferInt8ConvRequantFloat",
     TARGET_DEPTHWISE: "JaxinferInt8Depthwise", TARGET_F32_CONV: "JaxinferF32Conv",
     TARGET_F32_DEPTHWISE: "JaxinferF32Depthwise", TARGET_F32_LSTM: "JaxinferF32Lstm",
-    TARGET_F32_I8W: "JaxinferF32Int8wDot", TARGET_F32_ROWS: "JaxinferF32RowsDot", TARGET_LOOKUP8: "JaxinferLookup8",
+    TARGET_F32_I8W: "JaxinferF32Int8wDot", TARGET_F32_ROWS: "JaxinferF32RowsDot",
+    TARGET_F32_BF16W: "JaxinferF32Bf16wDot", TARGET_F32_F16W: "JaxinferF32F16wDot", TARGET_LOOKUP8: "JaxinferLookup8",
     TARGET_CONV_DIRECT: "JaxinferInt8ConvDirectF32", TARGET_MAX_POOL8: "JaxinferMaxPool8",
     TARGET_LAYER_NORM: "JaxinferF32LayerNorm", TARGET_SOFTMAX: "JaxinferF32Softmax", TARGET_GELU: "JaxinferF32Gelu",
 }
@@ -889,19 +892,31 @@ def f32_int8w_dot(x: jax.Array, w: jax.Array, otherwise: Callable[[jax.Array, ja
     return _few_rows_dot(TARGET_F32_I8W, "f32_int8w_dot", jnp.int8, INT8W_MAX_ROWS, x, w, otherwise)
 
 
+#: The few-rows float products' weight dtypes -> their custom-call targets.
+_ROWS_TARGETS = {np.dtype(np.float32): TARGET_F32_ROWS, np.dtype(jnp.bfloat16): TARGET_F32_BF16W,
+                 np.dtype(np.float16): TARGET_F32_F16W}
+
+
 def f32_rows_dot(x: jax.Array, w: jax.Array, otherwise: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
-    """float32 ``x`` [..., K] times a float32 weight ``w`` [K, N] -> float32 [..., N] by our AVX-512 kernel
-    (``few_rows.cc``: the weight read once, straight from memory) for at most :data:`F32_ROWS_MAX_ROWS` rows;
-    ``otherwise(x, w)`` elsewhere, as :func:`f32_int8w_dot`. Float32 sums in k order: the last bits may differ
-    from XLA's."""
-    return _few_rows_dot(TARGET_F32_ROWS, "f32_rows_dot", jnp.float32, F32_ROWS_MAX_ROWS, x, w, otherwise)
+    """float32 ``x`` [..., K] times a float32, bfloat16 or float16 weight ``w`` [K, N] -> float32 [..., N] by our
+    AVX-512 kernel (``few_rows.cc``: the weight read once, straight from memory, a 16-bit one widened exactly in
+    registers) for at most :data:`F32_ROWS_MAX_ROWS` rows; ``otherwise(x, w)`` elsewhere, as
+    :func:`f32_int8w_dot`. Float32 sums in k order: the last bits may differ from XLA's."""
+    w = jnp.asarray(w)
+    dtype = w.dtype if w.dtype in _ROWS_TARGETS else jnp.float32
+    return _few_rows_dot(_ROWS_TARGETS[np.dtype(dtype)], "f32_rows_dot", dtype, F32_ROWS_MAX_ROWS, x, w, otherwise)
+
+
+def _kinds(name: str, w_dtype: Any) -> str:
+    """The weight dtypes ``name`` takes, for its error message."""
+    return "float32, bfloat16 or float16" if name == "f32_rows_dot" else np.dtype(w_dtype).name
 
 
 def _few_rows_dot(target: str, name: str, w_dtype: Any, max_rows: int, x: jax.Array, w: jax.Array,
                   otherwise: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
     x, w = jnp.asarray(x), jnp.asarray(w)
     if x.dtype != jnp.float32 or w.dtype != w_dtype or w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[0]:
-        raise ValueError(f"{name} takes float32 x [..., K] and {np.dtype(w_dtype).name} w [K, N]; got x "
+        raise ValueError(f"{name} takes float32 x [..., K] and {_kinds(name, w_dtype)} w [K, N]; got x "
                          f"{x.dtype}{list(x.shape)} and w {w.dtype}{list(w.shape)}")
     lead, k, n = x.shape[:-1], x.shape[-1], w.shape[1]
     rows = math.prod(lead)

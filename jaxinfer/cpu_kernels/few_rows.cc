@@ -1,5 +1,7 @@
 // jaxinfer's few-row float32 products with a [K, N] weight for XLA CPU: "jaxinfer_f32_int8w_dot" (an int8 weight,
-// each value widened to float32 in registers) and "jaxinfer_f32_rows_dot" (a float32 weight).
+// each value widened to float32 in registers), "jaxinfer_f32_rows_dot" (a float32 weight), and
+// "jaxinfer_f32_bf16w_dot" / "jaxinfer_f32_f16w_dot" (bfloat16 / float16 weights, widened exactly to float32 in
+// registers: half the bytes of float32 to read, float32 sums).
 //
 // y [M, N] = x [M, K] (float32) times w [K, N] (int8, as jaxinfer.quantize's int8-weight method stores a MatMul
 // weight; or float32, an ONNX MatMul's own weight): the float32 sums of x[m, k] * float(w[k, n]); with an int8
@@ -55,6 +57,18 @@ struct Stream<float> {
   static constexpr int64_t kNear = 8;
 };
 
+// Half-precision weights, as their 16 bits: bfloat16 (the upper half of a float32) and IEEE float16.
+struct Bf16 {
+  uint16_t bits;
+};
+struct F16 {
+  uint16_t bits;
+};
+template <>
+struct Stream<Bf16> : Stream<float> {};
+template <>
+struct Stream<F16> : Stream<float> {};
+
 template <typename W>
 struct Job {
   const float* x = nullptr;  // [M][K]
@@ -73,6 +87,15 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 Load(const fl
   return _mm512_maskz_loadu_ps(mask, p);
 }
 
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 Load(const Bf16* p, __mmask16 mask) {
+  const __m256i h = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  // exact: bf16 is float32's top
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 Load(const F16* p, __mmask16 mask) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p));  // exact, subnormals, infinities and NaN included
+}
+
 // Rows m0 .. m0 + MR of y, columns n0 .. n0 + 16 NV (`masks`: each vector's live columns, zero past N), with
 // fma_tile.h's accumulators.
 #define JX_STORE(r)                                                              \
@@ -88,8 +111,8 @@ template <int MR, int NV, typename W>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void Block(const Job<W>& j, int64_t m0, int64_t n0,
                                                                 const __mmask16* masks) {
   static_assert(MR >= 1 && MR <= 8 && NV >= 1 && NV <= 4 && MR * NV <= 16, "accumulators named below");
-  // the cache lines one step reads: one of int8 (64 columns), NV of float32
-  constexpr int kLines = sizeof(W) == 1 ? 1 : NV;
+  // the cache lines one step reads: one of int8 (64 columns), NV of float32, half that of 16-bit weights
+  constexpr int kLines = (NV * 16 * static_cast<int>(sizeof(W)) + 63) / 64;
   JX_FMA_ROWS(JX_FMA_ACC)
   JX_FMA_ROWS(JX_FMA_ZERO)
   const int64_t K = j.K;
@@ -153,13 +176,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void Work(Job<W>& j) {
 template <typename W, typename WBuffer>
 ffi::Error Product(ffi::ThreadPool& pool, const char* name, ffi::Buffer<ffi::F32>& x, WBuffer& w,
                    ffi::ResultBuffer<ffi::F32>& y) {
+  static_assert(sizeof(W) == sizeof(*w.typed_data()), "the weight's elements as the buffer holds them");
   if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512vl"))
     return ffi::Error::InvalidArgument(std::string(name) + ": this CPU lacks AVX-512");
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != wd[0] || yd[0] != xd[0] || yd[1] != wd[1])
     return ffi::Error::InvalidArgument(std::string(name) + ": expected x [M, K], w [K, N] and y [M, N]");
   auto j = std::make_shared<Job<W>>();
-  j->x = x.typed_data(), j->w = w.typed_data(), j->y = y->typed_data();
+  j->x = x.typed_data(), j->w = reinterpret_cast<const W*>(w.typed_data()), j->y = y->typed_data();
   j->M = xd[0], j->K = xd[1], j->N = wd[1];
   if (j->M == 0 || j->N == 0) return ffi::Error::Success();
   if (j->K == 0) {  // every sum is empty
@@ -184,6 +208,16 @@ ffi::Error F32RowsDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return Product<float>(pool, "jaxinfer_f32_rows_dot", x, w, y);
 }
 
+ffi::Error F32Bf16wDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  return Product<Bf16>(pool, "jaxinfer_f32_bf16w_dot", x, w, y);
+}
+
+ffi::Error F32F16wDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F16> w,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  return Product<F16>(pool, "jaxinfer_f32_f16w_dot", x, w, y);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32Int8wDot, F32Int8wDot,
@@ -198,4 +232,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32RowsDot, F32RowsDot,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32Bf16wDot, F32Bf16wDot,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32F16wDot, F32F16wDot,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
