@@ -240,3 +240,55 @@ def test_half_precision_matmuls_take_it(a_dtype, b_dtype):
     tol = 1e-5 if a_dtype == np.float32 else 2 ** -7  # float32 sums; rounded to the 16-bit result
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want.astype(a_dtype), np.float32),
                                rtol=tol, atol=tol * float(jnp.abs(want).max()))
+
+
+def _xla_nk(x, w):
+    return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST)
+
+
+@needs_kernels
+@pytest.mark.parametrize("lead,k,n", [((1,), 1, 1), ((1,), 9216, 512), ((8,), 1024, 300), ((3,), 17, 5), ((5,), 33, 70),
+                                      ((2, 3), 47, 200), ((48,), 100, 129), ((4,), 16, 64), ((7,), 2000, 7),
+                                      ((), 40, 33)])
+def test_nk_weights_match_float64(lead, k, n):
+    """cpu_kernels.f32_rows_dot_nk: x @ w.T of a [N, K] weight (K tails of 1-15, 1-3 leftover rows of x and of w)."""
+    rng = np.random.default_rng(k * 3 + n)
+    x = rng.standard_normal((*lead, k)).astype(np.float32)
+    w = (rng.standard_normal((n, k)) * 50).astype(np.float32)
+    f = jax.jit(lambda x, w: cpu_kernels.f32_rows_dot_nk(x, w, _xla_nk))
+    assert cpu_kernels.TARGET_F32_ROWS_NK in f.lower(x, w).as_text()
+    _check(x, w.T, np.asarray(f(x, w)))
+
+
+@needs_kernels
+def test_nk_weights_nan_inf_and_the_xla_routes():
+    rng = np.random.default_rng(11)
+    x, w = rng.standard_normal((6, 80)).astype(np.float32), rng.standard_normal((40, 80)).astype(np.float32)
+    x[1, 5], x[2, 7] = np.nan, np.inf
+    got = np.asarray(jax.jit(lambda x, w: cpu_kernels.f32_rows_dot_nk(x, w, _xla_nk))(x, w))
+    assert np.isnan(got[1]).all() and not np.isfinite(got[2]).any()
+    _check(x[[0, 3, 4, 5]], w.T, got[[0, 3, 4, 5]])
+    many = rng.standard_normal((cpu_kernels.F32_ROWS_MAX_ROWS + 1, 80)).astype(np.float32)
+    f = jax.jit(lambda x, w: cpu_kernels.f32_rows_dot_nk(x, w, _xla_nk))
+    assert cpu_kernels.TARGET_F32_ROWS_NK not in f.lower(many, w).as_text()
+    np.testing.assert_array_equal(np.asarray(f(many, w)), np.asarray(jax.jit(_xla_nk)(many, w)))
+    got = np.asarray(jax.jit(jax.vmap(lambda w: cpu_kernels.f32_rows_dot_nk(x[:1], w, _xla_nk)))(np.stack([w, -w])))
+    np.testing.assert_array_equal(np.asarray(got[0]), -np.asarray(got[1]))
+    with pytest.raises(ValueError, match=r"f32_rows_dot_nk takes float32 x \[..., K\] and float32 w \[N, K\]"):
+        cpu_kernels.f32_rows_dot_nk(x, w.T, _xla_nk)
+
+
+@needs_kernels
+def test_gemm_with_transposed_weight_takes_it():
+    """arith.dot_general of x [.., K] with a [N, K] float32 weight contracted on its axis 1 (ONNX Gemm transB=1,
+    TFLite FULLY_CONNECTED): few rows by a large weight take the kernel; the answers are a float32 dot's."""
+    from jaxinfer import arith, conv_lowering
+
+    rng = np.random.default_rng(12)
+    n, k = 300, conv_lowering.F32_ROWS_MIN_WEIGHTS // 300 + 1
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    for rows, takes in [(1, True), (16, True), (cpu_kernels.F32_ROWS_MAX_ROWS + 1, False)]:
+        x = rng.standard_normal((rows, k)).astype(np.float32)
+        f = jax.jit(lambda x, w: arith.dot_general(x, w, (((1,), (1,)), ((), ()))))
+        assert (cpu_kernels.TARGET_F32_ROWS_NK in f.lower(x, w).as_text()) == takes
+        _check(x, w.T, np.asarray(f(x, w)))

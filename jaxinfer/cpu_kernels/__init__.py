@@ -56,7 +56,7 @@ import numpy as np
 from jax import lax
 
 __all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "OutputStage", "available",
-           "dynamic_quantize_u8", "f32_conv", "f32_conv_direct", "f32_depthwise", "f32_int8w_dot", "f32_lstm", "f32_rows_dot",
+           "dynamic_quantize_u8", "f32_conv", "f32_conv_direct", "f32_depthwise", "f32_int8w_dot", "f32_lstm", "f32_rows_dot", "f32_rows_dot_nk",
            "int8_conv", "int8_conv_requant", "int8_conv_requant_f32", "int8_depthwise", "int8_dot", "int8_dot_dyn",
            "int8_dot_hybrid", "int8_dot_zp", "isa", "kernel_dir", "layer_norm", "lookup8", "max_pool8",
            "offer_to_xla_pool", "softmax", "suppressed", "takes"]
@@ -98,6 +98,7 @@ TARGET_F32_I8W = "jaxinfer_f32_int8w_dot"
 TARGET_F32_ROWS = "jaxinfer_f32_rows_dot"
 TARGET_F32_BF16W = "jaxinfer_f32_bf16w_dot"
 TARGET_F32_F16W = "jaxinfer_f32_f16w_dot"
+TARGET_F32_ROWS_NK = "jaxinfer_f32_rows_dot_nk"
 TARGET_DYN = "jaxinfer_int8_dot_dyn"
 TARGET_HYBRID = "jaxinfer_int8_dot_hybrid"
 TARGET_DQL = "jaxinfer_dynamic_quantize"
@@ -115,7 +116,7 @@ _HANDLERS = {
     TARGET_DEPTHWISE: "JaxinferInt8Depthwise", TARGET_F32_CONV: "JaxinferF32Conv",
     TARGET_F32_DEPTHWISE: "JaxinferF32Depthwise", TARGET_F32_LSTM: "JaxinferF32Lstm",
     TARGET_F32_I8W: "JaxinferF32Int8wDot", TARGET_F32_ROWS: "JaxinferF32RowsDot",
-    TARGET_F32_BF16W: "JaxinferF32Bf16wDot", TARGET_F32_F16W: "JaxinferF32F16wDot", TARGET_LOOKUP8: "JaxinferLookup8",
+    TARGET_F32_BF16W: "JaxinferF32Bf16wDot", TARGET_F32_F16W: "JaxinferF32F16wDot", TARGET_F32_ROWS_NK: "JaxinferF32RowsDotNK", TARGET_LOOKUP8: "JaxinferLookup8",
     TARGET_CONV_DIRECT: "JaxinferInt8ConvDirectF32", TARGET_MAX_POOL8: "JaxinferMaxPool8",
     TARGET_LAYER_NORM: "JaxinferF32LayerNorm", TARGET_SOFTMAX: "JaxinferF32Softmax", TARGET_GELU: "JaxinferF32Gelu",
 }
@@ -907,18 +908,29 @@ def f32_rows_dot(x: jax.Array, w: jax.Array, otherwise: Callable[[jax.Array, jax
     return _few_rows_dot(_ROWS_TARGETS[np.dtype(dtype)], "f32_rows_dot", dtype, F32_ROWS_MAX_ROWS, x, w, otherwise)
 
 
+def f32_rows_dot_nk(x: jax.Array, w: jax.Array, otherwise: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+    """float32 ``x`` [..., K] times a float32 weight ``w`` stored ``[N, K]`` (an ONNX Gemm's with ``transB``, a TFLite
+    FULLY_CONNECTED's) -> float32 [..., N], ``x @ w.T``, by our AVX-512 kernel (``few_rows.cc``: each weight row read
+    once, contiguously) for at most :data:`F32_ROWS_MAX_ROWS` rows; ``otherwise(x, w)`` elsewhere, as
+    :func:`f32_int8w_dot`. Float32 sums in another order than XLA's: the last bits may differ."""
+    return _few_rows_dot(TARGET_F32_ROWS_NK, "f32_rows_dot_nk", jnp.float32, F32_ROWS_MAX_ROWS, x, w, otherwise,
+                         nk=True)
+
+
 def _kinds(name: str, w_dtype: Any) -> str:
     """The weight dtypes ``name`` takes, for its error message."""
     return "float32, bfloat16 or float16" if name == "f32_rows_dot" else np.dtype(w_dtype).name
 
 
 def _few_rows_dot(target: str, name: str, w_dtype: Any, max_rows: int, x: jax.Array, w: jax.Array,
-                  otherwise: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+                  otherwise: Callable[[jax.Array, jax.Array], jax.Array], nk: bool = False) -> jax.Array:
+    """The few-rows products' common part: ``w`` is [K, N], or [N, K] with ``nk``."""
     x, w = jnp.asarray(x), jnp.asarray(w)
-    if x.dtype != jnp.float32 or w.dtype != w_dtype or w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[0]:
-        raise ValueError(f"{name} takes float32 x [..., K] and {_kinds(name, w_dtype)} w [K, N]; got x "
-                         f"{x.dtype}{list(x.shape)} and w {w.dtype}{list(w.shape)}")
-    lead, k, n = x.shape[:-1], x.shape[-1], w.shape[1]
+    k_axis = 1 if nk else 0
+    if x.dtype != jnp.float32 or w.dtype != w_dtype or w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[k_axis]:
+        raise ValueError(f"{name} takes float32 x [..., K] and {_kinds(name, w_dtype)} w {'[N, K]' if nk else '[K, N]'}"
+                         f"; got x {x.dtype}{list(x.shape)} and w {w.dtype}{list(w.shape)}")
+    lead, k, n = x.shape[:-1], x.shape[-1], w.shape[1 - k_axis]
     rows = math.prod(lead)
     if not (0 < rows <= max_rows and k > 0 and n > 0 and isa() == 2):
         return otherwise(x, w)

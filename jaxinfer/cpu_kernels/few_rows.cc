@@ -172,6 +172,129 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void Work(Job<W>& j) {
   }
 }
 
+// ---- [N, K] weights (an ONNX Gemm's with transB, a TFLite FULLY_CONNECTED's): each output is the dot product of
+// a row of x with a row of w, both read 16 values at a time along K into 16-lane accumulators, one per (row of x,
+// row of w) pair, reduced once at the end. Up to 4 rows of x by 4 rows of w per block: 16 accumulators, 8 loads
+// per 16 FMAs; every weight row is read once from memory (contiguous rows: the hardware prefetchers follow them),
+// the rows of x from L1 or L2. A work item is a run of weight rows.
+template <typename W>
+struct JobNK {
+  const float* x = nullptr;  // [M][K]
+  const W* w = nullptr;      // [N][K]
+  float* y = nullptr;        // [M][N]
+  int64_t M = 0, K = 0, N = 0, chunk = 0, chunks = 0;
+  std::atomic<int64_t> next{0}, done{0};
+};
+
+#define JX_NK_ACC(r) __m512 a##r##0, a##r##1, a##r##2, a##r##3;
+#define JX_NK_ZERO(r) a##r##0 = a##r##1 = a##r##2 = a##r##3 = _mm512_setzero_ps();
+#define JX_NK_STEP(r)                                                              \
+  if constexpr (MR > r) {                                                          \
+    const __m512 xv = _mm512_maskz_loadu_ps(mask, xr + r * K + k);                 \
+    a##r##0 = _mm512_fmadd_ps(xv, b0, a##r##0);                                    \
+    if constexpr (NB > 1) a##r##1 = _mm512_fmadd_ps(xv, b1, a##r##1);              \
+    if constexpr (NB > 2) a##r##2 = _mm512_fmadd_ps(xv, b2, a##r##2);              \
+    if constexpr (NB > 3) a##r##3 = _mm512_fmadd_ps(xv, b3, a##r##3);              \
+  }
+#define JX_NK_BODY                                                                 \
+  {                                                                                \
+    const __m512 b0 = Load(w + k, mask);                                           \
+    const __m512 b1 = NB > 1 ? Load(w + K + k, mask) : b0;                         \
+    const __m512 b2 = NB > 2 ? Load(w + 2 * K + k, mask) : b0;                     \
+    const __m512 b3 = NB > 3 ? Load(w + 3 * K + k, mask) : b0;                     \
+    JX_NK_STEP(0) JX_NK_STEP(1) JX_NK_STEP(2) JX_NK_STEP(3)                        \
+  }
+#define JX_NK_STORE(r)                                                             \
+  if constexpr (MR > r) {                                                          \
+    float* yr = j.y + (m0 + r) * j.N + n0;                                         \
+    yr[0] = _mm512_reduce_add_ps(a##r##0);                                         \
+    if constexpr (NB > 1) yr[1] = _mm512_reduce_add_ps(a##r##1);                   \
+    if constexpr (NB > 2) yr[2] = _mm512_reduce_add_ps(a##r##2);                   \
+    if constexpr (NB > 3) yr[3] = _mm512_reduce_add_ps(a##r##3);                   \
+  }
+
+// y[m0 .. m0 + MR, n0 .. n0 + NB].
+template <int MR, int NB, typename W>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void BlockNK(const JobNK<W>& j, int64_t m0, int64_t n0) {
+  static_assert(MR >= 1 && MR <= 4 && NB >= 1 && NB <= 4, "accumulators named below");
+  JX_NK_ACC(0) JX_NK_ACC(1) JX_NK_ACC(2) JX_NK_ACC(3)
+  JX_NK_ZERO(0) JX_NK_ZERO(1) JX_NK_ZERO(2) JX_NK_ZERO(3)
+  const int64_t K = j.K;
+  const float* xr = j.x + m0 * K;
+  const W* w = j.w + n0 * K;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __mmask16 mask = 0xFFFF;
+    JX_NK_BODY
+  }
+  if (k < K) {  // the last 1-15 values of each row, the rest of the vectors zero
+    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1);
+    JX_NK_BODY
+  }
+  JX_NK_STORE(0) JX_NK_STORE(1) JX_NK_STORE(2) JX_NK_STORE(3)
+}
+#undef JX_NK_ACC
+#undef JX_NK_ZERO
+#undef JX_NK_STEP
+#undef JX_NK_BODY
+#undef JX_NK_STORE
+
+template <int MR, typename W>
+void RowsNK(const JobNK<W>& j, int64_t m0, int64_t n0, int64_t nb) {
+  switch (nb) {
+    case 4: BlockNK<MR, 4>(j, m0, n0); break;
+    case 3: BlockNK<MR, 3>(j, m0, n0); break;
+    case 2: BlockNK<MR, 2>(j, m0, n0); break;
+    default: BlockNK<MR, 1>(j, m0, n0); break;
+  }
+}
+
+// One work item: weight rows n0 .. n1, 4 at a time, each group against every row of x (from L1 or L2 after the
+// first block).
+template <typename W>
+void WorkNK(JobNK<W>& j) {
+  for (int64_t c; (c = j.next.fetch_add(1, std::memory_order_relaxed)) < j.chunks;) {
+    const int64_t n1 = std::min(j.N, (c + 1) * j.chunk);
+    for (int64_t n = c * j.chunk; n < n1; n += 4) {
+      const int64_t nb = std::min<int64_t>(4, n1 - n);
+      int64_t m = 0;
+      for (; m + 4 <= j.M; m += 4) RowsNK<4>(j, m, n, nb);
+      switch (j.M - m) {
+        case 3: RowsNK<3>(j, m, n, nb); break;
+        case 2: RowsNK<2>(j, m, n, nb); break;
+        case 1: RowsNK<1>(j, m, n, nb); break;
+        default: break;
+      }
+    }
+    j.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+ffi::Error F32RowsDotNK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                        ffi::ResultBuffer<ffi::F32> y) {
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512vl"))
+    return ffi::Error::InvalidArgument("jaxinfer_f32_rows_dot_nk: this CPU lacks AVX-512");
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != wd[1] || yd[0] != xd[0] || yd[1] != wd[0])
+    return ffi::Error::InvalidArgument("jaxinfer_f32_rows_dot_nk: expected x [M, K], w [N, K] and y [M, N]");
+  auto j = std::make_shared<JobNK<float>>();
+  j->x = x.typed_data(), j->w = w.typed_data(), j->y = y->typed_data();
+  j->M = xd[0], j->K = xd[1], j->N = wd[0];
+  if (j->M == 0 || j->N == 0) return ffi::Error::Success();
+  if (j->K == 0) {  // every sum is empty
+    std::fill(j->y, j->y + j->M * j->N, 0.f);
+    return ffi::Error::Success();
+  }
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (j->M * j->K * j->N < kSerialMacs) threads = 1;
+  const int64_t share = std::max<int64_t>(1, (j->N + threads * 8 - 1) / (threads * 8));  // ~8 items per thread
+  j->chunk = (share + 3) / 4 * 4;
+  j->chunks = (j->N + j->chunk - 1) / j->chunk;
+  threads = std::min(threads, j->chunks);
+  jaxinfer::ShareWith(pool, j->M * j->K * j->N >= kOfferMacs, j, WorkNK<float>, threads, j->chunks);
+  return ffi::Error::Success();
+}
+
 // y = x w for float32 x [M, K] and a [K, N] weight of type W; `name` is the calling target's, for its errors.
 template <typename W, typename WBuffer>
 ffi::Error Product(ffi::ThreadPool& pool, const char* name, ffi::Buffer<ffi::F32>& x, WBuffer& w,
@@ -246,4 +369,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32F16wDot, F32F16wDot,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32RowsDotNK, F32RowsDotNK,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -444,7 +444,7 @@ def fully_connected(x, w, bias=None, *, fused_activation_function: str = "NONE",
             y = fused(y, fused_activation_function)
     else:
         w = _hybrid_weight(w, qat(in_q, 1), x).astype(x.dtype)
-        y = lax.dot_general(x2, w, dims)
+        y = arith.dot_general(x2, w, dims)  # few rows by a large float32 weight: our kernel (conv_lowering)
         if bias is not None:
             y = y + _hybrid_weight(bias, qat(in_q, 2), x).astype(x.dtype)
         y = fused(y, fused_activation_function)
