@@ -197,13 +197,14 @@ def dot_general(lhs: Any, rhs: Any, dimension_numbers: Any, *, precision: Any = 
         return _w8a8_dot(lhs, rhs, dimension_numbers, preferred_element_type)
     if isinstance(rhs, QArray):
         return _weight_only_dot(lhs, rhs, dimension_numbers, precision, preferred_element_type)
-    lhs, rhs = _align_float(lhs, rhs)
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     (lc, rc), (lb, rb) = dimension_numbers
     if (not lb and not rb and tuple(rc) == (1,) and rhs.ndim == 2 and tuple(lc) == (lhs.ndim - 1,)
-            and preferred_element_type in (None, jnp.float32) and precision == PRECISION):
-        y = conv_lowering.few_rows_dot_nk(lhs, rhs)  # x @ w.T of a [N, K] weight: our kernel, where it takes it
+            and preferred_element_type is None and precision == PRECISION):
+        y = conv_lowering.few_rows_matmul(lhs, rhs, nk=True)  # x @ w.T of a [N, K] weight: our kernel, where it takes it
         if y is not None:
             return y
+    lhs, rhs = _align_float(lhs, rhs)
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
 

@@ -180,20 +180,25 @@ def _image_width(rows: int) -> int | None:
     return min(widths, key=lambda d: (d % 8 != 0, abs(d - 32))) if widths else None
 
 
-def few_rows_matmul(a: jax.Array, b: jax.Array) -> jax.Array | None:
-    """``a @ b`` (numpy ``matmul``) of at most :data:`cpu_kernels.F32_ROWS_MAX_ROWS` rows of ``a`` [..., K] by a
-    weight ``b`` [K, N] of at least :data:`F32_ROWS_MIN_WEIGHTS` values, as :func:`cpu_kernels.f32_rows_dot`,
-    which streams the weight from memory once; None where that does not apply (the caller's own product then).
-    ``b`` is float32, bfloat16 or float16, ``a`` float32 or ``b``'s dtype; the result has the dtype the plain
-    product would (float32 sums, rounded once to a 16-bit ``a``'s dtype). XLA's own loops read a float32 weight
-    at ~17 GB/s at 8 rows and its library's dot ~6 GB/s at 32; in one process (session 31, 12 weights per call,
-    ms, XLA / kernel): [8, 1024] x [1024, 4096] 0.92-1.08 / 0.46-0.54, [8, 4096] x [4096, 1024] 1.07 /
-    0.50-0.56, [1, 1024] x [1024, 4096] 0.38-0.55 / 0.30-0.37, [32, 1024] x [1024, 4096] 2.7-3.1 / 1.8, [48,
-    1024] x [1024, 1024] 0.87 / 0.60, [4, 768] x [768, 3072] 0.51 / 0.21; from 64 rows XLA's library is faster
-    ([64, 1024] x [1024, 4096] 2.8 / 3.6-4.1), under ~64K values both take the same. XLA CPU's bfloat16 dots are
-    slower still (the 4-layer encoder at 1x8 tokens: 66.6 ms in bfloat16 against 10.4 in float32)."""
+def few_rows_matmul(a: jax.Array, b: jax.Array, nk: bool = False) -> jax.Array | None:
+    """``a @ b`` (numpy ``matmul``; ``a @ b.T`` with ``nk``) of at most :data:`cpu_kernels.F32_ROWS_MAX_ROWS` rows of
+    ``a`` [..., K] by a weight ``b`` [K, N] (``nk``: [N, K], an ONNX Gemm's with ``transB``, a TFLite
+    FULLY_CONNECTED's) of at least :data:`F32_ROWS_MIN_WEIGHTS` values, as :func:`cpu_kernels.f32_rows_dot`
+    (:func:`cpu_kernels.f32_rows_dot_nk`), which streams the weight from memory once; None where that does not apply
+    (the caller's own product then). ``b`` is float32, bfloat16 or float16, ``a`` float32 or ``b``'s dtype; the
+    result has the dtype the plain product would (float32 sums, rounded once to a 16-bit ``a``'s dtype).
+
+    Session 31, one process, ms, XLA / kernel. ``[K, N]`` (12 weights per call): [8, 1024] x [1024, 4096]
+    0.92-1.08 / 0.46-0.54, [8, 4096] x [4096, 1024] 1.07 / 0.50-0.56, [1, 1024] x [1024, 4096] 0.38-0.55 /
+    0.30-0.37, [32, 1024] x [1024, 4096] 2.7-3.1 / 1.8, [48, 1024] x [1024, 1024] 0.87 / 0.60, [4, 768] x [768,
+    3072] 0.51 / 0.21; from 64 rows XLA's library is faster ([64, 1024] x [1024, 4096] 2.8 / 3.6-4.1), under ~64K
+    values both take the same. ``[N, K]``: [1, 9216] x [4096, 9216]^T (AlexNet's fc6) 3.46 / 2.94, 8 rows 11.2-11.9
+    / 6.1-6.7, [8, 4096] x [4096, 4096]^T 3.3 / 2.0, [4, 1024] x [1024, 1024]^T 0.31-0.37 / 0.07, [32, 1024] x
+    [4096, 1024]^T 1.5 / 1.2. XLA CPU's bfloat16 dots are slower still (the 4-layer encoder at 1x8 tokens: 66.6 ms
+    in bfloat16 against 10.4 in float32)."""
     halves = (jnp.bfloat16, jnp.float16)
-    if not (F32_KERNEL and b.ndim == 2 and a.ndim >= 1 and a.shape[-1] == b.shape[0] and b.size > 0
+    k_axis = 1 if nk else 0
+    if not (F32_KERNEL and b.ndim == 2 and a.ndim >= 1 and a.shape[-1] == b.shape[k_axis] and b.size > 0
             and (b.dtype == jnp.float32 or b.dtype in halves) and (a.dtype == jnp.float32 or a.dtype == b.dtype)):
         return None
     rows = math.prod(a.shape[:-1])
@@ -201,29 +206,11 @@ def few_rows_matmul(a: jax.Array, b: jax.Array) -> jax.Array | None:
         return None
 
     def otherwise(x: jax.Array, w: jax.Array) -> jax.Array:  # the plain product, float32 out
-        return jnp.matmul(x.astype(a.dtype), w, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+        return lax.dot_general(x.astype(a.dtype), w, (((x.ndim - 1,), (k_axis,)), ((), ())),
+                               precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
-    return cpu_kernels.f32_rows_dot(a.astype(jnp.float32), b, otherwise).astype(a.dtype)
-
-
-def few_rows_dot_nk(a: jax.Array, b: jax.Array) -> jax.Array | None:
-    """``a @ b.T`` of at most :data:`cpu_kernels.F32_ROWS_MAX_ROWS` float32 rows of ``a`` [..., K] by a float32 weight
-    ``b`` stored [N, K] (an ONNX Gemm's with ``transB``, a TFLite FULLY_CONNECTED's) of at least
-    :data:`F32_ROWS_MIN_WEIGHTS` values, as :func:`cpu_kernels.f32_rows_dot_nk`; None where that does not apply.
-    Session 31, one process, ms, XLA's dot / the kernel: [1, 9216] x [4096, 9216]^T (AlexNet's first classifier
-    layer) 3.46 / 2.94, 8 rows 11.2-11.9 / 6.1-6.7, [8, 4096] x [4096, 4096]^T 3.3 / 2.0, [4, 1024] x [1024, 1024]^T
-    0.31-0.37 / 0.07, [32, 1024] x [4096, 1024]^T 1.5 / 1.2, [48, 512] x [512, 512]^T 0.18-0.19 / 0.10."""
-    if not (F32_KERNEL and b.ndim == 2 and a.ndim >= 1 and a.shape[-1] == b.shape[1] and b.size > 0
-            and a.dtype == jnp.float32 and b.dtype == jnp.float32):
-        return None
-    rows = math.prod(a.shape[:-1])
-    if not (0 < rows <= cpu_kernels.F32_ROWS_MAX_ROWS and b.size >= F32_ROWS_MIN_WEIGHTS and _f32_on_cpu(a, b)):
-        return None
-
-    def otherwise(x: jax.Array, w: jax.Array) -> jax.Array:
-        return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST)
-
-    return cpu_kernels.f32_rows_dot_nk(a, b, otherwise)
+    kernel = cpu_kernels.f32_rows_dot_nk if nk else cpu_kernels.f32_rows_dot
+    return kernel(a.astype(jnp.float32), b, otherwise).astype(a.dtype)
 
 
 def f32_matmul(a: jax.Array, b: jax.Array) -> jax.Array | None:

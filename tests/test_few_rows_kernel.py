@@ -220,22 +220,29 @@ def test_float_model_takes_it_and_answers_as_xla_does(tmp_path):
 
 
 @needs_kernels
+@pytest.mark.parametrize("nk", [False, True], ids=["MatMul", "Gemm-transB"])
 @pytest.mark.parametrize("a_dtype,b_dtype", [(jnp.bfloat16, jnp.bfloat16), (np.float16, np.float16),
                                              (np.float32, jnp.bfloat16), (np.float32, np.float16)])
-def test_half_precision_matmuls_take_it(a_dtype, b_dtype):
+def test_half_precision_matmuls_take_it(a_dtype, b_dtype, nk):
     """jaxinfer.quantize's bf16/fp16 models (16-bit activations and weights) and auto's middle rung (float32
-    activations, bf16 weights): the few-row products read the 16-bit weight in the kernel and answer as the plain
-    product does, in the plain product's dtype (float32 sums rounded once)."""
+    activations, bf16 weights), through arith.matmul ([K, N] weights) and arith.dot_general of a [N, K] weight: the
+    few-row products read the 16-bit weight in the kernel and answer as the plain product does, in the plain
+    product's dtype (float32 sums rounded once)."""
     from jaxinfer import arith
 
     rng = np.random.default_rng(9)
     x = jnp.asarray(rng.standard_normal((2, 5, 512)), a_dtype)
-    w = jnp.asarray(rng.standard_normal((512, 256)), b_dtype)
-    f = jax.jit(arith.matmul)
-    target = cpu_kernels.TARGET_F32_BF16W if b_dtype == jnp.bfloat16 else cpu_kernels.TARGET_F32_F16W
+    w = jnp.asarray(rng.standard_normal((256, 512) if nk else (512, 256)), b_dtype)
+    if nk:
+        f = jax.jit(lambda x, w: arith.dot_general(x, w, (((2,), (1,)), ((), ()))))
+        targets = (cpu_kernels.TARGET_F32_BF16W_NK, cpu_kernels.TARGET_F32_F16W_NK)
+    else:
+        f = jax.jit(arith.matmul)
+        targets = (cpu_kernels.TARGET_F32_BF16W, cpu_kernels.TARGET_F32_F16W)
+    target = targets[0] if b_dtype == jnp.bfloat16 else targets[1]
     assert target in f.lower(x, w).as_text()
     got = f(x, w)
-    want = jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    want = jnp.matmul(x.astype(jnp.float32), (w.T if nk else w).astype(jnp.float32), precision=lax.Precision.HIGHEST)
     assert got.dtype == jnp.dtype(a_dtype) and got.shape == (2, 5, 256)
     tol = 1e-5 if a_dtype == np.float32 else 2 ** -7  # float32 sums; rounded to the 16-bit result
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want.astype(a_dtype), np.float32),
@@ -274,7 +281,8 @@ def test_nk_weights_nan_inf_and_the_xla_routes():
     np.testing.assert_array_equal(np.asarray(f(many, w)), np.asarray(jax.jit(_xla_nk)(many, w)))
     got = np.asarray(jax.jit(jax.vmap(lambda w: cpu_kernels.f32_rows_dot_nk(x[:1], w, _xla_nk)))(np.stack([w, -w])))
     np.testing.assert_array_equal(np.asarray(got[0]), -np.asarray(got[1]))
-    with pytest.raises(ValueError, match=r"f32_rows_dot_nk takes float32 x \[..., K\] and float32 w \[N, K\]"):
+    with pytest.raises(ValueError, match=r"f32_rows_dot_nk takes float32 x \[..., K\] and float32, bfloat16 or float16 "
+                       r"w \[N, K\]"):
         cpu_kernels.f32_rows_dot_nk(x, w.T, _xla_nk)
 
 

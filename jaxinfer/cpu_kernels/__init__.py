@@ -99,6 +99,8 @@ TARGET_F32_ROWS = "jaxinfer_f32_rows_dot"
 TARGET_F32_BF16W = "jaxinfer_f32_bf16w_dot"
 TARGET_F32_F16W = "jaxinfer_f32_f16w_dot"
 TARGET_F32_ROWS_NK = "jaxinfer_f32_rows_dot_nk"
+TARGET_F32_BF16W_NK = "jaxinfer_f32_bf16w_dot_nk"
+TARGET_F32_F16W_NK = "jaxinfer_f32_f16w_dot_nk"
 TARGET_DYN = "jaxinfer_int8_dot_dyn"
 TARGET_HYBRID = "jaxinfer_int8_dot_hybrid"
 TARGET_DQL = "jaxinfer_dynamic_quantize"
@@ -116,7 +118,8 @@ _HANDLERS = {
     TARGET_DEPTHWISE: "JaxinferInt8Depthwise", TARGET_F32_CONV: "JaxinferF32Conv",
     TARGET_F32_DEPTHWISE: "JaxinferF32Depthwise", TARGET_F32_LSTM: "JaxinferF32Lstm",
     TARGET_F32_I8W: "JaxinferF32Int8wDot", TARGET_F32_ROWS: "JaxinferF32RowsDot",
-    TARGET_F32_BF16W: "JaxinferF32Bf16wDot", TARGET_F32_F16W: "JaxinferF32F16wDot", TARGET_F32_ROWS_NK: "JaxinferF32RowsDotNK", TARGET_LOOKUP8: "JaxinferLookup8",
+    TARGET_F32_BF16W: "JaxinferF32Bf16wDot", TARGET_F32_F16W: "JaxinferF32F16wDot", TARGET_F32_ROWS_NK: "JaxinferF32RowsDotNK",
+    TARGET_F32_BF16W_NK: "JaxinferF32Bf16wDotNK", TARGET_F32_F16W_NK: "JaxinferF32F16wDotNK", TARGET_LOOKUP8: "JaxinferLookup8",
     TARGET_CONV_DIRECT: "JaxinferInt8ConvDirectF32", TARGET_MAX_POOL8: "JaxinferMaxPool8",
     TARGET_LAYER_NORM: "JaxinferF32LayerNorm", TARGET_SOFTMAX: "JaxinferF32Softmax", TARGET_GELU: "JaxinferF32Gelu",
 }
@@ -896,6 +899,8 @@ def f32_int8w_dot(x: jax.Array, w: jax.Array, otherwise: Callable[[jax.Array, ja
 #: The few-rows float products' weight dtypes -> their custom-call targets.
 _ROWS_TARGETS = {np.dtype(np.float32): TARGET_F32_ROWS, np.dtype(jnp.bfloat16): TARGET_F32_BF16W,
                  np.dtype(np.float16): TARGET_F32_F16W}
+_ROWS_NK_TARGETS = {np.dtype(np.float32): TARGET_F32_ROWS_NK, np.dtype(jnp.bfloat16): TARGET_F32_BF16W_NK,
+                    np.dtype(np.float16): TARGET_F32_F16W_NK}
 
 
 def f32_rows_dot(x: jax.Array, w: jax.Array, otherwise: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
@@ -909,17 +914,19 @@ def f32_rows_dot(x: jax.Array, w: jax.Array, otherwise: Callable[[jax.Array, jax
 
 
 def f32_rows_dot_nk(x: jax.Array, w: jax.Array, otherwise: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
-    """float32 ``x`` [..., K] times a float32 weight ``w`` stored ``[N, K]`` (an ONNX Gemm's with ``transB``, a TFLite
-    FULLY_CONNECTED's) -> float32 [..., N], ``x @ w.T``, by our AVX-512 kernel (``few_rows.cc``: each weight row read
-    once, contiguously) for at most :data:`F32_ROWS_MAX_ROWS` rows; ``otherwise(x, w)`` elsewhere, as
-    :func:`f32_int8w_dot`. Float32 sums in another order than XLA's: the last bits may differ."""
-    return _few_rows_dot(TARGET_F32_ROWS_NK, "f32_rows_dot_nk", jnp.float32, F32_ROWS_MAX_ROWS, x, w, otherwise,
-                         nk=True)
+    """float32 ``x`` [..., K] times a float32, bfloat16 or float16 weight ``w`` stored ``[N, K]`` (an ONNX Gemm's with
+    ``transB``, a TFLite FULLY_CONNECTED's) -> float32 [..., N], ``x @ w.T``, by our AVX-512 kernel (``few_rows.cc``:
+    each weight row read once, contiguously) for at most :data:`F32_ROWS_MAX_ROWS` rows; ``otherwise(x, w)``
+    elsewhere, as :func:`f32_int8w_dot`. Float32 sums in another order than XLA's: the last bits may differ."""
+    w = jnp.asarray(w)
+    dtype = w.dtype if w.dtype in _ROWS_NK_TARGETS else jnp.float32
+    return _few_rows_dot(_ROWS_NK_TARGETS[np.dtype(dtype)], "f32_rows_dot_nk", dtype, F32_ROWS_MAX_ROWS, x, w,
+                         otherwise, nk=True)
 
 
 def _kinds(name: str, w_dtype: Any) -> str:
     """The weight dtypes ``name`` takes, for its error message."""
-    return "float32, bfloat16 or float16" if name == "f32_rows_dot" else np.dtype(w_dtype).name
+    return "float32, bfloat16 or float16" if name.startswith("f32_rows_dot") else np.dtype(w_dtype).name
 
 
 def _few_rows_dot(target: str, name: str, w_dtype: Any, max_rows: int, x: jax.Array, w: jax.Array,

@@ -270,15 +270,17 @@ void WorkNK(JobNK<W>& j) {
   }
 }
 
-ffi::Error F32RowsDotNK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                        ffi::ResultBuffer<ffi::F32> y) {
+template <typename W, typename WBuffer>
+ffi::Error ProductNK(ffi::ThreadPool& pool, const char* name, ffi::Buffer<ffi::F32>& x, WBuffer& w,
+                     ffi::ResultBuffer<ffi::F32>& y) {
+  static_assert(sizeof(W) == sizeof(*w.typed_data()), "the weight's elements as the buffer holds them");
   if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512vl"))
-    return ffi::Error::InvalidArgument("jaxinfer_f32_rows_dot_nk: this CPU lacks AVX-512");
+    return ffi::Error::InvalidArgument(std::string(name) + ": this CPU lacks AVX-512");
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != wd[1] || yd[0] != xd[0] || yd[1] != wd[0])
-    return ffi::Error::InvalidArgument("jaxinfer_f32_rows_dot_nk: expected x [M, K], w [N, K] and y [M, N]");
-  auto j = std::make_shared<JobNK<float>>();
-  j->x = x.typed_data(), j->w = w.typed_data(), j->y = y->typed_data();
+    return ffi::Error::InvalidArgument(std::string(name) + ": expected x [M, K], w [N, K] and y [M, N]");
+  auto j = std::make_shared<JobNK<W>>();
+  j->x = x.typed_data(), j->w = reinterpret_cast<const W*>(w.typed_data()), j->y = y->typed_data();
   j->M = xd[0], j->K = xd[1], j->N = wd[0];
   if (j->M == 0 || j->N == 0) return ffi::Error::Success();
   if (j->K == 0) {  // every sum is empty
@@ -291,7 +293,7 @@ ffi::Error F32RowsDotNK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   j->chunk = (share + 3) / 4 * 4;
   j->chunks = (j->N + j->chunk - 1) / j->chunk;
   threads = std::min(threads, j->chunks);
-  jaxinfer::ShareWith(pool, j->M * j->K * j->N >= kOfferMacs, j, WorkNK<float>, threads, j->chunks);
+  jaxinfer::ShareWith(pool, j->M * j->K * j->N >= kOfferMacs, j, WorkNK<W>, threads, j->chunks);
   return ffi::Error::Success();
 }
 
@@ -329,6 +331,21 @@ ffi::Error F32Int8wDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 ffi::Error F32RowsDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                       ffi::ResultBuffer<ffi::F32> y) {
   return Product<float>(pool, "jaxinfer_f32_rows_dot", x, w, y);
+}
+
+ffi::Error F32RowsDotNK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                        ffi::ResultBuffer<ffi::F32> y) {
+  return ProductNK<float>(pool, "jaxinfer_f32_rows_dot_nk", x, w, y);
+}
+
+ffi::Error F32Bf16wDotNK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                         ffi::ResultBuffer<ffi::F32> y) {
+  return ProductNK<Bf16>(pool, "jaxinfer_f32_bf16w_dot_nk", x, w, y);
+}
+
+ffi::Error F32F16wDotNK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F16> w,
+                        ffi::ResultBuffer<ffi::F32> y) {
+  return ProductNK<F16>(pool, "jaxinfer_f32_f16w_dot_nk", x, w, y);
 }
 
 ffi::Error F32Bf16wDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
@@ -376,4 +393,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32RowsDotNK, F32RowsDotNK,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32Bf16wDotNK, F32Bf16wDotNK,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32F16wDotNK, F32F16wDotNK,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
