@@ -201,7 +201,7 @@ def dot_general(lhs: Any, rhs: Any, dimension_numbers: Any, *, precision: Any = 
     (lc, rc), (lb, rb) = dimension_numbers
     if (not lb and not rb and tuple(rc) == (1,) and rhs.ndim == 2 and tuple(lc) == (lhs.ndim - 1,)
             and preferred_element_type is None and precision == PRECISION):
-        y = conv_lowering.few_rows_matmul(lhs, rhs, nk=True)  # x @ w.T of a [N, K] weight: our kernel, where it takes it
+        y = conv_lowering.few_rows_matmul(lhs, rhs, nk=True)  # x @ w.T, a [N, K] weight: our kernel where it takes it
         if y is not None:
             return y
     lhs, rhs = _align_float(lhs, rhs)

@@ -218,16 +218,13 @@ def f32_matmul(a: jax.Array, b: jax.Array) -> jax.Array | None:
     float32 weight ``b`` [K, N] of at most :data:`F32_KERNEL_MAX_WEIGHTS` values, as our kernel's 1x1
     convolution over images of one row (:func:`cpu_kernels.f32_conv`: the weight read in place when N is a
     multiple of 16, the rows directly); None where that route does not apply (the caller's own product then).
-
     Session 29, one process, 2 cores: [256, 64] x [64, 256] 64 -> 50 us, [256, 256] x [256, 64] 64 -> 44, [256,
     64] x [64, 64] 26.5 -> 22 against XLA's YNNPACK dot (onnxruntime's MatMul: 42, 36, 16). Float32 sums in k
     order: the last bits may differ from XLA's."""
-    if not (b.ndim == 2 and a.ndim >= 1 and a.shape[-1] == b.shape[0] and b.shape[1] > 0 and a.shape[-1] > 0):
+    if not (b.ndim == 2 and a.ndim >= 2 and a.shape[-1] == b.shape[0] and b.shape[1] > 0 and a.shape[-1] > 0):
         return None
     k, n = b.shape
     rows = math.prod(a.shape[:-1])
-    if a.ndim < 2:
-        return None
     width = _image_width(rows) if rows >= F32_MATMUL_MIN_ROWS else None
     if width is None:
         return None

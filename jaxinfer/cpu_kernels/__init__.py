@@ -56,10 +56,10 @@ import numpy as np
 from jax import lax
 
 __all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "OutputStage", "available",
-           "dynamic_quantize_u8", "f32_conv", "f32_conv_direct", "f32_depthwise", "f32_int8w_dot", "f32_lstm", "f32_rows_dot", "f32_rows_dot_nk",
-           "int8_conv", "int8_conv_requant", "int8_conv_requant_f32", "int8_depthwise", "int8_dot", "int8_dot_dyn",
-           "int8_dot_hybrid", "int8_dot_zp", "isa", "kernel_dir", "layer_norm", "lookup8", "max_pool8",
-           "offer_to_xla_pool", "softmax", "suppressed", "takes"]
+           "dynamic_quantize_u8", "f32_conv", "f32_conv_direct", "f32_depthwise", "f32_int8w_dot", "f32_lstm",
+           "f32_rows_dot", "f32_rows_dot_nk", "int8_conv", "int8_conv_requant", "int8_conv_requant_f32",
+           "int8_depthwise", "int8_dot", "int8_dot_dyn", "int8_dot_hybrid", "int8_dot_zp", "isa", "kernel_dir",
+           "layer_norm", "lookup8", "max_pool8", "offer_to_xla_pool", "softmax", "suppressed", "takes"]
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,9 @@ _HANDLERS = {
     TARGET_DEPTHWISE: "JaxinferInt8Depthwise", TARGET_F32_CONV: "JaxinferF32Conv",
     TARGET_F32_DEPTHWISE: "JaxinferF32Depthwise", TARGET_F32_LSTM: "JaxinferF32Lstm",
     TARGET_F32_I8W: "JaxinferF32Int8wDot", TARGET_F32_ROWS: "JaxinferF32RowsDot",
-    TARGET_F32_BF16W: "JaxinferF32Bf16wDot", TARGET_F32_F16W: "JaxinferF32F16wDot", TARGET_F32_ROWS_NK: "JaxinferF32RowsDotNK",
-    TARGET_F32_BF16W_NK: "JaxinferF32Bf16wDotNK", TARGET_F32_F16W_NK: "JaxinferF32F16wDotNK", TARGET_LOOKUP8: "JaxinferLookup8",
+    TARGET_F32_BF16W: "JaxinferF32Bf16wDot", TARGET_F32_F16W: "JaxinferF32F16wDot",
+    TARGET_F32_ROWS_NK: "JaxinferF32RowsDotNK", TARGET_F32_BF16W_NK: "JaxinferF32Bf16wDotNK",
+    TARGET_F32_F16W_NK: "JaxinferF32F16wDotNK", TARGET_LOOKUP8: "JaxinferLookup8",
     TARGET_CONV_DIRECT: "JaxinferInt8ConvDirectF32", TARGET_MAX_POOL8: "JaxinferMaxPool8",
     TARGET_LAYER_NORM: "JaxinferF32LayerNorm", TARGET_SOFTMAX: "JaxinferF32Softmax", TARGET_GELU: "JaxinferF32Gelu",
 }

@@ -579,8 +579,9 @@ constexpr float kTinyScale = 0x1p-63f;  // sqrt of float32's smallest normal: a 
 // One row of x quantized as jaxinfer.arith.quantize_rows does it: scale = max |x| * (1 / 127.5) (1 where
 // that is below kTinyScale), q = clip(round_half_even(x * (1 / scale)), -128, 127). A row holding NaN
 // has a NaN scale, so its outputs are NaN; x * (1 / scale) that is NaN (inf * 0 in a row holding inf)
-// gives q = 0, as XLA converts NaN to an integer. q is stored ^ flip (0x80: the VNNI packing's q + 128). (XLA's own max over a row holding NaN keeps or drops
-// the NaN depending on the fusion; finite rows come out the same either way.)
+// gives q = 0, as XLA converts NaN to an integer. (XLA's own max over a row holding NaN keeps or drops
+// the NaN depending on the fusion; finite rows come out the same either way.) q is stored ^ flip (0x80:
+// the VNNI packing's q + 128; 0: the int8 values).
 __attribute__((target("avx2"))) float QuantizeRow(const float* x, int64_t K, uint8_t* q, uint8_t flip) {
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   __m256 vmax = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
