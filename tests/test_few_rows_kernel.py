@@ -154,31 +154,6 @@ def test_wrong_operands_named(x, w, what):
 
 
 @needs_kernels
-def test_int8_weight_model_takes_it_and_answers_as_xla_does(tmp_path):
-    import subprocess
-    import sys
-
-    from jaxinfer import load, quantize
-    from jaxinfer.quant import fixtures
-
-    proto = fixtures.encoder(64, 128, 2)
-    path = tmp_path / "enc.onnx"
-    path.write_bytes(proto.SerializeToString())
-    feeds = fixtures.inputs(1, 8, 64, seed=3)
-    q = quantize(load(str(path)), "int8-weight")
-    assert cpu_kernels.TARGET_F32_I8W in q.compiled(feeds).as_text()
-    got = q.run(feeds)["y"]
-    np.save(tmp_path / "x.npy", feeds["x"])
-    # the same quantized model without our kernels (XLA's dot of the int8 weights), in a fresh process
-    code = ("import sys, numpy as np, jaxinfer; from jaxinfer import quantize; "
-            "q = quantize(jaxinfer.load(sys.argv[1]), 'int8-weight'); "
-            "np.save(sys.argv[3], q.run({'x': np.load(sys.argv[2])})['y'])")
-    subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
-                   check=True, env={**__import__("os").environ, "JAXINFER_CPU_KERNELS": "0"}, timeout=300)
-    np.testing.assert_allclose(got, np.load(tmp_path / "y.npy"), rtol=1e-5, atol=1e-5)
-
-
-@needs_kernels
 def test_float_matmul_takes_it_for_few_rows_by_a_large_weight():
     """arith.matmul (ONNX MatMul, Gemm without transB) of a float32 weight: few rows by a large weight take the
     few-rows kernel; more rows, or a small weight, do not; the answers stay those of a float32 dot."""
@@ -197,26 +172,33 @@ def test_float_matmul_takes_it_for_few_rows_by_a_large_weight():
 
 
 @needs_kernels
-def test_float_model_takes_it_and_answers_as_xla_does(tmp_path):
+@pytest.mark.parametrize("method,target,d,ffn,tol", [("int8-weight", cpu_kernels.TARGET_F32_I8W, 64, 128, 1e-5),
+                                                      (None, cpu_kernels.TARGET_F32_ROWS, 256, 1024, 1e-4)])
+def test_models_take_them_and_answer_as_xla_does(tmp_path, method, target, d, ffn, tol):
+    """An encoder at 8 tokens, int8-weight or float32, takes the kernel and answers as the same model does with
+    our kernels off (XLA's dots, a fresh process with JAXINFER_CPU_KERNELS=0)."""
     import subprocess
     import sys
 
-    from jaxinfer import load
+    from jaxinfer import load, quantize
     from jaxinfer.quant import fixtures
 
-    proto = fixtures.encoder(256, 1024, 2)
+    proto = fixtures.encoder(d, ffn, 2)
     path = tmp_path / "enc.onnx"
     path.write_bytes(proto.SerializeToString())
-    feeds = fixtures.inputs(1, 8, 256, seed=3)
+    feeds = fixtures.inputs(1, 8, d, seed=3)
     m = load(str(path))
-    assert cpu_kernels.TARGET_F32_ROWS in m.compiled(feeds).as_text()
+    m = quantize(m, method) if method else m
+    assert target in m.compiled(feeds).as_text()
     got = m.run(feeds)["y"]
     np.save(tmp_path / "x.npy", feeds["x"])
-    code = ("import sys, numpy as np, jaxinfer; "
-            "np.save(sys.argv[3], jaxinfer.load(sys.argv[1]).run({'x': np.load(sys.argv[2])})['y'])")
-    subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
-                   check=True, env={**__import__("os").environ, "JAXINFER_CPU_KERNELS": "0"}, timeout=300)
-    np.testing.assert_allclose(got, np.load(tmp_path / "y.npy"), rtol=1e-4, atol=1e-4)
+    code = ("import sys, numpy as np, jaxinfer; m = jaxinfer.load(sys.argv[1]); "
+            "m = jaxinfer.quantize(m, sys.argv[4]) if sys.argv[4] else m; "
+            "np.save(sys.argv[3], m.run({'x': np.load(sys.argv[2])})['y'])")
+    subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.npy"), str(tmp_path / "y.npy"),
+                    method or ""], check=True, env={**__import__("os").environ, "JAXINFER_CPU_KERNELS": "0"},
+                   timeout=300)
+    np.testing.assert_allclose(got, np.load(tmp_path / "y.npy"), rtol=tol, atol=tol)
 
 
 @needs_kernels

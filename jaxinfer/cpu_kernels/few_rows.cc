@@ -72,9 +72,9 @@ struct Stream<F16> : Stream<float> {};
 template <typename W>
 struct Job {
   const float* x = nullptr;  // [M][K]
-  const W* w = nullptr;      // [K][N]
+  const W* w = nullptr;      // [K][N], or [N][K] for the products of [N, K] weights below
   float* y = nullptr;        // [M][N]
-  int64_t M = 0, K = 0, N = 0, blocks = 0;
+  int64_t M = 0, K = 0, N = 0, chunk = 0, chunks = 0;  // work items: `chunks` runs of `chunk` columns of y
   std::atomic<int64_t> next{0}, done{0};
 };
 
@@ -166,8 +166,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void Columns(const Job<W>& 
 
 template <typename W>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void Work(Job<W>& j) {
-  for (int64_t b; (b = j.next.fetch_add(1, std::memory_order_relaxed)) < j.blocks;) {
-    Columns(j, b * kCols);
+  for (int64_t b; (b = j.next.fetch_add(1, std::memory_order_relaxed)) < j.chunks;) {
+    Columns(j, b * j.chunk);
     j.done.fetch_add(1, std::memory_order_release);
   }
 }
@@ -177,15 +177,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void Work(Job<W>& j) {
 // row of w) pair, reduced once at the end. Up to 4 rows of x by 4 rows of w per block: 16 accumulators, 8 loads
 // per 16 FMAs; every weight row is read once from memory (contiguous rows: the hardware prefetchers follow them),
 // the rows of x from L1 or L2. A work item is a run of weight rows.
-template <typename W>
-struct JobNK {
-  const float* x = nullptr;  // [M][K]
-  const W* w = nullptr;      // [N][K]
-  float* y = nullptr;        // [M][N]
-  int64_t M = 0, K = 0, N = 0, chunk = 0, chunks = 0;
-  std::atomic<int64_t> next{0}, done{0};
-};
-
 #define JX_NK_ACC(r) __m512 a##r##0, a##r##1, a##r##2, a##r##3;
 #define JX_NK_ZERO(r) a##r##0 = a##r##1 = a##r##2 = a##r##3 = _mm512_setzero_ps();
 #define JX_NK_STEP(r)                                                              \
@@ -215,7 +206,7 @@ struct JobNK {
 
 // y[m0 .. m0 + MR, n0 .. n0 + NB].
 template <int MR, int NB, typename W>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void BlockNK(const JobNK<W>& j, int64_t m0, int64_t n0) {
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void BlockNK(const Job<W>& j, int64_t m0, int64_t n0) {
   static_assert(MR >= 1 && MR <= 4 && NB >= 1 && NB <= 4, "accumulators named below");
   JX_NK_ACC(0) JX_NK_ACC(1) JX_NK_ACC(2) JX_NK_ACC(3)
   JX_NK_ZERO(0) JX_NK_ZERO(1) JX_NK_ZERO(2) JX_NK_ZERO(3)
@@ -240,7 +231,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void BlockNK(const JobNK<W>
 #undef JX_NK_STORE
 
 template <int MR, typename W>
-void RowsNK(const JobNK<W>& j, int64_t m0, int64_t n0, int64_t nb) {
+void RowsNK(const Job<W>& j, int64_t m0, int64_t n0, int64_t nb) {
   switch (nb) {
     case 4: BlockNK<MR, 4>(j, m0, n0); break;
     case 3: BlockNK<MR, 3>(j, m0, n0); break;
@@ -252,7 +243,7 @@ void RowsNK(const JobNK<W>& j, int64_t m0, int64_t n0, int64_t nb) {
 // One work item: weight rows n0 .. n1, 4 at a time, each group against every row of x (from L1 or L2 after the
 // first block).
 template <typename W>
-void WorkNK(JobNK<W>& j) {
+void WorkNK(Job<W>& j) {
   for (int64_t c; (c = j.next.fetch_add(1, std::memory_order_relaxed)) < j.chunks;) {
     const int64_t n1 = std::min(j.N, (c + 1) * j.chunk);
     for (int64_t n = c * j.chunk; n < n1; n += 4) {
@@ -270,92 +261,75 @@ void WorkNK(JobNK<W>& j) {
   }
 }
 
-template <typename W, typename WBuffer>
-ffi::Error ProductNK(ffi::ThreadPool& pool, const char* name, ffi::Buffer<ffi::F32>& x, WBuffer& w,
-                     ffi::ResultBuffer<ffi::F32>& y) {
-  static_assert(sizeof(W) == sizeof(*w.typed_data()), "the weight's elements as the buffer holds them");
-  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512vl"))
-    return ffi::Error::InvalidArgument(std::string(name) + ": this CPU lacks AVX-512");
-  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != wd[1] || yd[0] != xd[0] || yd[1] != wd[0])
-    return ffi::Error::InvalidArgument(std::string(name) + ": expected x [M, K], w [N, K] and y [M, N]");
-  auto j = std::make_shared<JobNK<W>>();
-  j->x = x.typed_data(), j->w = reinterpret_cast<const W*>(w.typed_data()), j->y = y->typed_data();
-  j->M = xd[0], j->K = xd[1], j->N = wd[0];
-  if (j->M == 0 || j->N == 0) return ffi::Error::Success();
-  if (j->K == 0) {  // every sum is empty
-    std::fill(j->y, j->y + j->M * j->N, 0.f);
-    return ffi::Error::Success();
-  }
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  if (j->M * j->K * j->N < kSerialMacs) threads = 1;
-  const int64_t share = std::max<int64_t>(1, (j->N + threads * 8 - 1) / (threads * 8));  // ~8 items per thread
-  j->chunk = (share + 3) / 4 * 4;
-  j->chunks = (j->N + j->chunk - 1) / j->chunk;
-  threads = std::min(threads, j->chunks);
-  jaxinfer::ShareWith(pool, j->M * j->K * j->N >= kOfferMacs, j, WorkNK<W>, threads, j->chunks);
-  return ffi::Error::Success();
-}
-
-// y = x w for float32 x [M, K] and a [K, N] weight of type W; `name` is the calling target's, for its errors.
-template <typename W, typename WBuffer>
+// y = x w for float32 x [M, K] and a [K, N] weight of type W, or x w^T for an [N, K] one (NK); `name` is the
+// calling target's, for its errors.
+template <typename W, bool NK, typename WBuffer>
 ffi::Error Product(ffi::ThreadPool& pool, const char* name, ffi::Buffer<ffi::F32>& x, WBuffer& w,
                    ffi::ResultBuffer<ffi::F32>& y) {
   static_assert(sizeof(W) == sizeof(*w.typed_data()), "the weight's elements as the buffer holds them");
   if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512vl"))
     return ffi::Error::InvalidArgument(std::string(name) + ": this CPU lacks AVX-512");
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != wd[0] || yd[0] != xd[0] || yd[1] != wd[1])
-    return ffi::Error::InvalidArgument(std::string(name) + ": expected x [M, K], w [K, N] and y [M, N]");
+  constexpr int kAxis = NK ? 1 : 0;  // w's axis of K
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != wd[kAxis] || yd[0] != xd[0] ||
+      yd[1] != wd[1 - kAxis])
+    return ffi::Error::InvalidArgument(std::string(name) + ": expected x [M, K], w " + (NK ? "[N, K]" : "[K, N]") +
+                                       " and y [M, N]");
   auto j = std::make_shared<Job<W>>();
   j->x = x.typed_data(), j->w = reinterpret_cast<const W*>(w.typed_data()), j->y = y->typed_data();
-  j->M = xd[0], j->K = xd[1], j->N = wd[1];
+  j->M = xd[0], j->K = xd[1], j->N = wd[1 - kAxis];
   if (j->M == 0 || j->N == 0) return ffi::Error::Success();
   if (j->K == 0) {  // every sum is empty
     std::fill(j->y, j->y + j->M * j->N, 0.f);
     return ffi::Error::Success();
   }
-  j->blocks = (j->N + kCols - 1) / kCols;
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
   if (j->M * j->K * j->N < kSerialMacs) threads = 1;
-  threads = std::min(threads, j->blocks);
-  jaxinfer::ShareWith(pool, j->M * j->K * j->N >= kOfferMacs, j, Work<W>, threads, j->blocks);
+  if constexpr (NK) {  // runs of weight rows, whole groups of 4, ~8 per thread
+    const int64_t share = std::max<int64_t>(1, (j->N + threads * 8 - 1) / (threads * 8));
+    j->chunk = (share + 3) / 4 * 4;
+  } else {
+    j->chunk = kCols;
+  }
+  j->chunks = (j->N + j->chunk - 1) / j->chunk;
+  threads = std::min(threads, j->chunks);
+  jaxinfer::ShareWith(pool, j->M * j->K * j->N >= kOfferMacs, j, NK ? WorkNK<W> : Work<W>, threads, j->chunks);
   return ffi::Error::Success();
 }
 
 ffi::Error F32Int8wDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                        ffi::ResultBuffer<ffi::F32> y) {
-  return Product<int8_t>(pool, "jaxinfer_f32_int8w_dot", x, w, y);
+  return Product<int8_t, false>(pool, "jaxinfer_f32_int8w_dot", x, w, y);
 }
 
 ffi::Error F32RowsDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                       ffi::ResultBuffer<ffi::F32> y) {
-  return Product<float>(pool, "jaxinfer_f32_rows_dot", x, w, y);
+  return Product<float, false>(pool, "jaxinfer_f32_rows_dot", x, w, y);
 }
 
 ffi::Error F32RowsDotNK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                         ffi::ResultBuffer<ffi::F32> y) {
-  return ProductNK<float>(pool, "jaxinfer_f32_rows_dot_nk", x, w, y);
+  return Product<float, true>(pool, "jaxinfer_f32_rows_dot_nk", x, w, y);
 }
 
 ffi::Error F32Bf16wDotNK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
                          ffi::ResultBuffer<ffi::F32> y) {
-  return ProductNK<Bf16>(pool, "jaxinfer_f32_bf16w_dot_nk", x, w, y);
+  return Product<Bf16, true>(pool, "jaxinfer_f32_bf16w_dot_nk", x, w, y);
 }
 
 ffi::Error F32F16wDotNK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F16> w,
                         ffi::ResultBuffer<ffi::F32> y) {
-  return ProductNK<F16>(pool, "jaxinfer_f32_f16w_dot_nk", x, w, y);
+  return Product<F16, true>(pool, "jaxinfer_f32_f16w_dot_nk", x, w, y);
 }
 
 ffi::Error F32Bf16wDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
                        ffi::ResultBuffer<ffi::F32> y) {
-  return Product<Bf16>(pool, "jaxinfer_f32_bf16w_dot", x, w, y);
+  return Product<Bf16, false>(pool, "jaxinfer_f32_bf16w_dot", x, w, y);
 }
 
 ffi::Error F32F16wDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F16> w,
                       ffi::ResultBuffer<ffi::F32> y) {
-  return Product<F16>(pool, "jaxinfer_f32_f16w_dot", x, w, y);
+  return Product<F16, false>(pool, "jaxinfer_f32_f16w_dot", x, w, y);
 }
 
 }  // namespace
