@@ -1,7 +1,9 @@
 // jaxinfer's few-row float32 products with a [K, N] weight for XLA CPU: "jaxinfer_f32_int8w_dot" (an int8 weight,
 // each value widened to float32 in registers), "jaxinfer_f32_rows_dot" (a float32 weight), and
 // "jaxinfer_f32_bf16w_dot" / "jaxinfer_f32_f16w_dot" (bfloat16 / float16 weights, widened exactly to float32 in
-// registers: half the bytes of float32 to read, float32 sums).
+// registers: half the bytes of float32 to read, float32 sums); and the same three float kinds of weight stored
+// [N, K] (an ONNX Gemm's with transB, a TFLite FULLY_CONNECTED's): "jaxinfer_f32_rows_dot_nk",
+// "jaxinfer_f32_bf16w_dot_nk", "jaxinfer_f32_f16w_dot_nk" (their own block, further down).
 //
 // y [M, N] = x [M, K] (float32) times w [K, N] (int8, as jaxinfer.quantize's int8-weight method stores a MatMul
 // weight; or float32, an ONNX MatMul's own weight): the float32 sums of x[m, k] * float(w[k, n]); with an int8
