@@ -121,8 +121,14 @@ def main() -> None:
                    help="Model.tune: time XLA CPU option sets per shape, keep the fastest")
     p.add_argument("--min-block-s", type=float, default=MIN_BLOCK_S,
                    help="each timing block runs for at least this long (more calls for fast models)")
-    p.add_argument("--json", default="benchmarks/results/onnx_vs_ort.json")
+    p.add_argument("--json", default=None,
+                   help="where to write the results (default: benchmarks/results/onnx_vs_ort.json for a full run, "
+                        "onnx_vs_ort_fixtures.json with --no-light, onnx_vs_ort_light.json with --no-fixtures; a "
+                        "--models subset writes nothing unless this is given)")
     args = p.parse_args()
+    if args.json is None and not args.models:
+        part = "_fixtures" if args.no_light else "_light" if args.no_fixtures else ""
+        args.json = f"benchmarks/results/onnx_vs_ort{part}.json"
     batches = [int(b) for b in args.batch.split(",")]
     where = devices()
     print(f"jaxinfer on {where['jaxinfer']}, onnxruntime on {where['onnxruntime']}")
@@ -162,6 +168,8 @@ def main() -> None:
         print(f"failed: {f['model']}: {f['error']}")
     out = {"rows": rows, "summary": summary, "failed": failed, "seq": args.seq, "tune": args.tune,
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "devices": devices()}
+    if args.json is None:
+        return
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.json}")
