@@ -12,7 +12,8 @@ scales, bias and fused clamp), :func:`int8_conv` (an image's patches) and :func:
 TFLite int8 convolution finished by the fixed-point :class:`OutputStage` to int8). :func:`int8_depthwise`
 and :func:`f32_depthwise` are depthwise convolutions (``depthwise.cc``), :func:`f32_conv` a float32
 convolution with an optional bias and clamp (``f32_conv.cc``), :func:`f32_lstm` a whole float32 LSTM layer
-(``lstm.cc``). Every finish reproduces the numbers of
+(``lstm.cc``), :func:`f32_int8w_dot`, :func:`f32_rows_dot` and :func:`f32_rows_dot_nk` products of a few float32
+rows that stream an int8, float32 or 16-bit weight from memory once (``few_rows.cc``). Every finish reproduces the numbers of
 the XLA composition it replaces bit for bit (the tests compare both routes), so a layer answers the same
 with the kernels or without; the float convolutions sum in their own order (the last bits may differ).
 
@@ -884,7 +885,8 @@ def f32_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Seque
 #: int8-weight encoder (4 layers, d 1024) runs faster through the kernel up to 256 rows, Model.run ms, kernel / XLA's
 #: int8-operand dot: 72 rows 40 / 53-85, 128 rows 70 / 103-107, 256 rows 141 / 153-157, but 512 rows 281 / 247.
 INT8W_MAX_ROWS = 256
-#: Rows up to which :func:`f32_rows_dot` takes the kernel (``conv_lowering.f32_matmul`` has the figures).
+#: Rows up to which :func:`f32_rows_dot` and :func:`f32_rows_dot_nk` take the kernel (``conv_lowering.few_rows_matmul``
+#: has the figures).
 F32_ROWS_MAX_ROWS = 48
 
 
