@@ -299,88 +299,28 @@ ffi::Error Product(ffi::ThreadPool& pool, const char* name, ffi::Buffer<ffi::F32
   return ffi::Error::Success();
 }
 
-ffi::Error F32Int8wDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                       ffi::ResultBuffer<ffi::F32> y) {
-  return Product<int8_t, false>(pool, "jaxinfer_f32_int8w_dot", x, w, y);
-}
-
-ffi::Error F32RowsDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                      ffi::ResultBuffer<ffi::F32> y) {
-  return Product<float, false>(pool, "jaxinfer_f32_rows_dot", x, w, y);
-}
-
-ffi::Error F32RowsDotNK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                        ffi::ResultBuffer<ffi::F32> y) {
-  return Product<float, true>(pool, "jaxinfer_f32_rows_dot_nk", x, w, y);
-}
-
-ffi::Error F32Bf16wDotNK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
-                         ffi::ResultBuffer<ffi::F32> y) {
-  return Product<Bf16, true>(pool, "jaxinfer_f32_bf16w_dot_nk", x, w, y);
-}
-
-ffi::Error F32F16wDotNK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F16> w,
-                        ffi::ResultBuffer<ffi::F32> y) {
-  return Product<F16, true>(pool, "jaxinfer_f32_f16w_dot_nk", x, w, y);
-}
-
-ffi::Error F32Bf16wDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
-                       ffi::ResultBuffer<ffi::F32> y) {
-  return Product<Bf16, false>(pool, "jaxinfer_f32_bf16w_dot", x, w, y);
-}
-
-ffi::Error F32F16wDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F16> w,
-                      ffi::ResultBuffer<ffi::F32> y) {
-  return Product<F16, false>(pool, "jaxinfer_f32_f16w_dot", x, w, y);
-}
-
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32Int8wDot, F32Int8wDot,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// One target: its handler (`symbol`), taking a float32 x and a weight of FFI type T held as W, [N, K] with NK.
+#define JX_FEW_ROWS_TARGET(symbol, W, NK, T, target)                                                         \
+  namespace {                                                                                                \
+  ffi::Error symbol##Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,                    \
+                          ffi::ResultBuffer<ffi::F32> y) {                                                   \
+    return Product<W, NK>(pool, target, x, w, y);                                                            \
+  }                                                                                                          \
+  }                                                                                                          \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, symbol##Impl,                                                        \
+                                ffi::Ffi::Bind()                                                             \
+                                    .Ctx<ffi::ThreadPool>()                                                  \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                                            \
+                                    .Arg<ffi::Buffer<T>>()                                                   \
+                                    .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32RowsDot, F32RowsDot,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32Bf16wDot, F32Bf16wDot,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32F16wDot, F32F16wDot,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32RowsDotNK, F32RowsDotNK,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32Bf16wDotNK, F32Bf16wDotNK,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32F16wDotNK, F32F16wDotNK,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+JX_FEW_ROWS_TARGET(JaxinferF32Int8wDot, int8_t, false, ffi::S8, "jaxinfer_f32_int8w_dot")
+JX_FEW_ROWS_TARGET(JaxinferF32RowsDot, float, false, ffi::F32, "jaxinfer_f32_rows_dot")
+JX_FEW_ROWS_TARGET(JaxinferF32Bf16wDot, Bf16, false, ffi::BF16, "jaxinfer_f32_bf16w_dot")
+JX_FEW_ROWS_TARGET(JaxinferF32F16wDot, F16, false, ffi::F16, "jaxinfer_f32_f16w_dot")
+JX_FEW_ROWS_TARGET(JaxinferF32RowsDotNK, float, true, ffi::F32, "jaxinfer_f32_rows_dot_nk")
+JX_FEW_ROWS_TARGET(JaxinferF32Bf16wDotNK, Bf16, true, ffi::BF16, "jaxinfer_f32_bf16w_dot_nk")
+JX_FEW_ROWS_TARGET(JaxinferF32F16wDotNK, F16, true, ffi::F16, "jaxinfer_f32_f16w_dot_nk")
+#undef JX_FEW_ROWS_TARGET

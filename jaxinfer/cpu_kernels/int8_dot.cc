@@ -130,6 +130,12 @@ int CurrentIsa() {
 
 using Patches = jaxinfer::Patches<int8_t>;
 
+// A float x [M, K] that the product quantizes per row itself (QuantizeRow), each row's scale into scales [M].
+struct FloatRows {
+  const float* x;
+  float* scales;
+};
+
 struct Job {
   const int8_t* x8 = nullptr;
   const int32_t* zp = nullptr;  // per row of x (the caller's, or zp_store where some were clamped), or none
@@ -149,8 +155,8 @@ struct Job {
   const Patches* patches = nullptr;  // x's rows are these patches (x8 is null where the panels take them)
   const float* sx = nullptr;  // dynamic quantization: per row of x its scale; each finished chunk of y is
                               // then rewritten in place as float (RowScale, or HybridFinish with ws)
-  const float* xf = nullptr;  // dynamic quantization with panels: float x, quantized per row as it is packed
-  float* sx_fill = nullptr;   // (PackPanelRows), each row's scale written here (sx is this array)
+  const FloatRows* floats = nullptr;  // dynamic quantization with panels: x quantized per row as it is packed
+                                      // (PackPanelRows), the scales written to floats->scales (sx is that array)
   const float* ws = nullptr;  // hybrid: per column the weight's scale; y = sums * (sx ws) (+ bias, clamped)
   const float* bias = nullptr;
   bool one_ws = false, one_bias = false;  // one value for every column
@@ -621,8 +627,8 @@ __attribute__((target("avx2"))) float QuantizeRow(const float* x, int64_t K, uin
   return scale;
 }
 
-// Rows m0 .. m1 of the panels' x: [m][Kp] x ^ j.flip (x + 128 of an int8 x), zero past K. Float x (j.xf) is
-// quantized here, its row scales written to sx_fill: every thread quantizes a share of the rows.
+// Rows m0 .. m1 of the panels' x: [m][Kp] x ^ j.flip (x + 128 of an int8 x), zero past K. Float x (j.floats) is
+// quantized here, its row scales written beside it: every thread quantizes a share of the rows.
 __attribute__((target("avx512f,avx512bw"))) void PackPanelRows(const Job& j, int64_t m0, int64_t m1, uint8_t* out) {
   const int64_t K = j.K, Kp = j.Kp;
   const uint8_t fill = j.patches ? static_cast<uint8_t>(j.patches->pad ^ 0x80) : 0;  // pad: the shifted zp
@@ -635,8 +641,8 @@ __attribute__((target("avx512f,avx512bw"))) void PackPanelRows(const Job& j, int
     jaxinfer::PatchRows(*j.patches, m0, m1, out, Kp, fill, copy);
   for (int64_t m = m0; m < m1; ++m) {
     uint8_t* dst = out + (m - m0) * Kp;
-    if (j.xf)
-      j.sx_fill[m] = QuantizeRow(j.xf + m * K, K, dst, by);
+    if (j.floats)
+      j.floats->scales[m] = QuantizeRow(j.floats->x + m * K, K, dst, by);
     else if (!j.patches)
       CopyOffset(dst, j.x8 + m * K, K, by);
     std::memset(dst + K, 0, Kp - K);
@@ -783,20 +789,15 @@ __attribute__((target("avx512f,avx512bw"))) void PackVnni(const Job& j, uint8_t*
 
 thread_local std::vector<int8_t> t_q8;
 
-// A float x [M, K] that the product quantizes per row itself (QuantizeRow), each row's scale into scales [M].
-struct FloatRows {
-  const float* x;
-  float* scales;
-};
-
 // y [M, N] = x [M, K] w [N, K]^T, x less its per-row zero point zp (or none); x is a matrix, or the patch
 // matrix of `patches` (then x is null). With row scales sx [M], y is then float (RowScale, or HybridFinish
 // with `hybrid`); with an output stage, y is scratch and y8 [M, N] the requantized result (zero points in
-// int16's range only).
+// int16's range only). With `floats`, x is float and quantized here (x is null; the row scales are floats->scales).
 ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, const int32_t* zp, const int8_t* w,
                int32_t* y, int64_t M, int64_t K, int64_t N, const float* sx = nullptr,
                const jaxinfer::OutputStage* stage = nullptr, int8_t* y8 = nullptr, const HybridOut* hybrid = nullptr,
                bool x_unsigned = false, const FloatRows* floats = nullptr) {
+  if (floats) sx = floats->scales;  // the row scales the quantization writes
   if (M == 0 || N == 0) return ffi::Error::Success();
   if (K == 0 && !sx) {  // every sum is empty
     std::fill(y, y + M * N, 0);
@@ -847,8 +848,7 @@ ffi::Error Run(ffi::ThreadPool& pool, const int8_t* x, const Patches* patches, c
       CurrentIsa() == kVnni && M >= kPanelMinRows && (K < kPanelLongK || M >= kPanelLongRows || patches);
   std::vector<int8_t> own_q;
   if (floats && panels) {  // quantized as the panels' x is packed, by every thread
-    j->xf = floats->x;
-    j->sx_fill = floats->scales;
+    j->floats = floats;
   } else if (floats) {  // the row paths read int8 x: a few rows, quantized on this thread
     int8_t* q = Scratch(t_q8, own_q, M * K);
     for (int64_t m = 0; m < M; ++m)
@@ -955,10 +955,9 @@ ffi::Error Int8DotDyn(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     return ffi::Error::InvalidArgument("jaxinfer_int8_dot_dyn: expected x [M, K], w [N, K] and y [M, N]");
   const int64_t M = xd[0], K = xd[1];
   std::vector<float> own_s;
-  float* sx = Scratch(t_sx, own_s, M);
-  const FloatRows floats{x.typed_data(), sx};
+  const FloatRows floats{x.typed_data(), Scratch(t_sx, own_s, M)};
   return Run(pool, nullptr, nullptr, nullptr, w.typed_data(), reinterpret_cast<int32_t*>(y->typed_data()), M, K, wd[0],
-             sx, nullptr, nullptr, nullptr, false, &floats);
+             nullptr, nullptr, nullptr, nullptr, false, &floats);
 }
 
 // TFLite's round half away from zero as jaxinfer's converter writes it: sign(v) * floor(|v| + 0.5), the
