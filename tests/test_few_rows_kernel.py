@@ -1,9 +1,11 @@
 """The few-rows products of ``few_rows.cc``: cpu_kernels.f32_int8w_dot, float32 rows times an int8 [K, N] weight
-widened in registers (the int8-weight method's MatMul product), and cpu_kernels.f32_rows_dot, float32 rows times
-a float32 [K, N] weight (a float MatMul's): float32 accuracy against a float64 reference for odd sizes (K and N
-not multiples of 16 or 64, N over many 64-column work items with a partial last one, one row, 1-7 leftover rows,
-leading dims), NaN and infinities kept, the XLA route past the row bound and under vmap of the weight, operands
-of the wrong kind named, and models taking them with the answers they give without the kernels."""
+widened in registers (the int8-weight method's MatMul product); cpu_kernels.f32_rows_dot, float32 rows times a
+float32, bfloat16 or float16 [K, N] weight (a float MatMul's); cpu_kernels.f32_rows_dot_nk, the same of an [N, K]
+weight (Gemm with transB, TFLite FULLY_CONNECTED): float32 accuracy against a float64 reference for odd sizes (K
+and N not multiples of 16 or 64, N over many 64-column work items with a partial last one, one row, 1-7 leftover
+rows, leading dims), NaN and infinities kept, the XLA route past the row bound and under vmap of the weight,
+operands of the wrong kind named, the routes arith takes to them, and models taking them with the answers they
+give without the kernels."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ needs_kernels = pytest.mark.skipif(not AVX512, reason="the few-rows kernels need
 
 
 class Kind:
-    """One of the two products: its function, weight dtype, custom-call target and row bound."""
+    """One of the [K, N] products: its function, weight dtype, custom-call target and row bound."""
 
     def __init__(self, name, fn, dtype, target, max_rows):
         self.name, self.fn, self.dtype, self.target, self.max_rows = name, fn, dtype, target, max_rows
