@@ -60,7 +60,8 @@ __all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "OutputSt
            "dynamic_quantize_u8", "f32_conv", "f32_conv_direct", "f32_depthwise", "f32_int8w_dot", "f32_lstm",
            "f32_rows_dot", "f32_rows_dot_nk", "int8_conv", "int8_conv_requant", "int8_conv_requant_f32",
            "int8_depthwise", "int8_dot", "int8_dot_dyn", "int8_dot_hybrid", "int8_dot_zp", "isa", "kernel_dir",
-           "layer_norm", "lookup8", "max_pool8", "offer_to_xla_pool", "softmax", "suppressed", "takes"]
+           "layer_norm", "lookup8", "max_pool8", "offer_to_xla_pool", "row_absmax", "softmax", "suppressed",
+           "takes"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ TARGET_MAX_POOL8 = "jaxinfer_max_pool8"
 TARGET_LAYER_NORM = "jaxinfer_f32_layer_norm"
 TARGET_SOFTMAX = "jaxinfer_f32_softmax"
 TARGET_GELU = "jaxinfer_f32_gelu"
+TARGET_ROW_ABSMAX = "jaxinfer_f32_row_absmax"
 #: Each custom-call target the kernels register -> the library's handler symbol.
 _HANDLERS = {
     TARGET: "JaxinferInt8Dot", TARGET_ZP: "JaxinferInt8DotZp", TARGET_DYN: "JaxinferInt8DotDyn",
@@ -124,6 +126,7 @@ _HANDLERS = {
     TARGET_F32_F16W_NK: "JaxinferF32F16wDotNK", TARGET_LOOKUP8: "JaxinferLookup8",
     TARGET_CONV_DIRECT: "JaxinferInt8ConvDirectF32", TARGET_MAX_POOL8: "JaxinferMaxPool8",
     TARGET_LAYER_NORM: "JaxinferF32LayerNorm", TARGET_SOFTMAX: "JaxinferF32Softmax", TARGET_GELU: "JaxinferF32Gelu",
+    TARGET_ROW_ABSMAX: "JaxinferF32RowAbsMax",
 }
 #: Every custom-call target the kernels register (an export must allow each).
 TARGETS = tuple(_HANDLERS)
@@ -747,7 +750,8 @@ def _on_cpu(kernel: Callable[..., Any], otherwise: Callable[..., Any], *args: ja
         if leading and in_batched[0] and not any(in_batched[1:]):
             x = args[0]
             y = call(x.reshape(-1, *x.shape[2:]), *args[1:])
-            return y.reshape(axis_size, x.shape[1], *y.shape[1:]), True
+            y = jax.tree.map(lambda t: t.reshape(axis_size, x.shape[1], *t.shape[1:]), y)
+            return y, jax.tree.map(lambda _: True, y)
         full = [v if b else jnp.broadcast_to(v, (axis_size,) + v.shape) for v, b in zip(args, in_batched)]
         out = jax.vmap(otherwise)(*full)
         return out, jax.tree.map(lambda _: True, out)
@@ -1033,6 +1037,29 @@ def softmax(x: jax.Array, otherwise: Callable[[jax.Array], jax.Array]) -> jax.Ar
     if x.dtype != jnp.float32 or x.ndim < 1 or x.size == 0 or not available() or isa() != 2:
         return otherwise(x)
     return _on_cpu(functools.partial(_rows_call, TARGET_SOFTMAX), otherwise, x, leading=True)
+
+
+#: Values per row from which :func:`row_absmax` takes the kernel: a per-sample scale of a conv's input (an image's
+#: activations, 10^4-10^6 values), not the per-token rows of a product (a hidden size), which XLA's reduction fuses
+#: into the quantization well.
+ROW_ABSMAX_MIN_VALUES = 1 << 14
+
+
+def row_absmax(x: jax.Array, otherwise: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """``(x, max |x[r, ...]|)`` of a float32 ``x`` [R, ...]: ``x`` itself, back from the call (its output aliases
+    the input: a buffer XLA writes once and the later readers read) and each leading index's absolute maximum [R], exactly (NaN where a row holds one), in one
+    kernel call (``norm.cc``). ``otherwise(x)`` (XLA's reduction, ``x`` as it is) runs for rows under
+    :data:`ROW_ABSMAX_MIN_VALUES`, on other platforms, under ``jax.vmap`` and without AVX-512."""
+    x = jnp.asarray(x)
+    if (x.dtype != jnp.float32 or x.ndim < 2 or x.size < x.shape[0] * ROW_ABSMAX_MIN_VALUES or not available()
+            or isa() != 2):
+        return x, otherwise(x)
+
+    def kernel(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        out = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct(x.shape[:1], jnp.float32))
+        return tuple(jax.ffi.ffi_call(TARGET_ROW_ABSMAX, out, input_output_aliases={0: 0})(x))
+
+    return _on_cpu(kernel, lambda v: (v, otherwise(v)), x, leading=True)
 
 
 def gelu(x: jax.Array, bias: Any, approximate: str, otherwise: Callable[[jax.Array], jax.Array]) -> jax.Array:

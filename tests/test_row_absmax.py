@@ -1,0 +1,100 @@
+"""cpu_kernels.row_absmax (norm.cc): each leading index's max |x| of a float32 tensor, exactly, with x itself back
+from the call (aliased). int8-dynamic convolutions take their per-sample scales from it, channels-last, and
+answer with the same numbers as XLA's reduction."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxinfer
+from jaxinfer import arith, cpu_kernels
+
+from .quant.cnn import images, small_cnn
+
+AVX512 = cpu_kernels.available() and cpu_kernels.isa() == 2
+needs_kernels = pytest.mark.skipif(not AVX512, reason="the row absmax kernel needs AVX-512")
+TARGET = cpu_kernels.TARGET_ROW_ABSMAX
+
+
+def _xla(x):
+    return jnp.max(jnp.abs(x), axis=tuple(range(1, x.ndim)))
+
+
+def _call(x):
+    return jax.jit(lambda v: cpu_kernels.row_absmax(v, _xla))
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(8, 200704), (1, 1 << 14), (3, 70001), (8, 55, 55, 64), (2, 16, 33, 33)])
+def test_exact_and_x_back_unchanged(shape):
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal(shape).astype(np.float32)
+    flat = x.reshape(shape[0], -1)
+    flat[0, 7] = -40.0                    # the largest magnitude negative
+    flat[-1, -1] = 17.5                   # ... in the very last value (a chunk's tail)
+    fn = _call(x)
+    assert TARGET in fn.lower(x).as_text()
+    back, amax = fn(x)
+    np.testing.assert_array_equal(np.asarray(back), x)
+    np.testing.assert_array_equal(np.asarray(amax), np.abs(flat).max(1))
+    assert amax.shape == (shape[0],) and amax.dtype == jnp.float32
+
+
+@needs_kernels
+def test_nan_inf_and_signed_zero():
+    x = np.zeros((4, 1 << 15), np.float32)
+    x[0, 3] = np.nan
+    x[1, 9] = -np.inf
+    x[2, :] = -0.0
+    x[3, 5], x[3, 1 << 14] = np.nan, np.inf    # a NaN wins over an infinity, whichever chunk holds it
+    _, amax = _call(x)(x)
+    amax = np.asarray(amax)
+    assert np.isnan(amax[0]) and amax[1] == np.inf and np.isnan(amax[3])
+    assert amax[2] == 0.0 and not np.signbit(amax[2])
+
+
+@needs_kernels
+def test_small_rows_other_dtypes_and_vmap():
+    rng = np.random.default_rng(0)
+    small = rng.standard_normal((8, 100)).astype(np.float32)     # a product's rows: XLA's reduction
+    assert TARGET not in _call(small).lower(small).as_text()
+    half = small.astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(cpu_kernels.row_absmax(half, _xla)[1]), np.asarray(_xla(half)))
+    batch = rng.standard_normal((3, 2, 1 << 14)).astype(np.float32)   # vmap of the rows: one call of 6 rows
+    fn = jax.jit(jax.vmap(lambda v: cpu_kernels.row_absmax(v, _xla)[1]))
+    assert fn.lower(batch).as_text().count(TARGET) == 1
+    np.testing.assert_array_equal(np.asarray(fn(batch)), np.abs(batch).max(2))
+    with cpu_kernels.suppressed():
+        assert TARGET not in _call(batch[0]).lower(batch[0]).as_text()
+
+
+@needs_kernels
+def test_quantize_rows_per_sample_matches_xla():
+    x = np.random.default_rng(1).standard_normal((4, 16, 32, 32)).astype(np.float32) * 3
+    x[2] = 0.0                                                      # an all-zero sample: scale 1
+    fn = lambda v: (lambda q: (q.qvalue, q.scale))(arith.quantize_rows(v, (1, 2, 3)))  # noqa: E731
+    assert TARGET in jax.jit(fn).lower(x).as_text()
+    q, s = jax.jit(fn)(x)
+    with cpu_kernels.suppressed():
+        q0, s0 = jax.jit(fn)(x)
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(q0))
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(s0))
+    assert float(s[2].reshape(())) == 1.0
+
+
+@needs_kernels
+@pytest.mark.parametrize("batch", [1, 3])
+def test_int8_dynamic_cnn_takes_it_and_answers_as_xla(batch):
+    """A CNN of 16 x 32 x 32 activations (a residual join, a depthwise conv, one value read by two convs),
+    int8-dynamic: its per-sample scales come from the kernel, and its outputs are those of the same model
+    traced without our kernels."""
+    proto, feeds = small_cnn(c=16, hw=32), images(batch, seed=3, hw=32)
+    q = jaxinfer.quantize(jaxinfer.load(proto), "int8-dynamic", measure=False)
+    assert TARGET in q.compiled(feeds).as_text()
+    got = q.run(feeds)["y"]
+    with cpu_kernels.suppressed():
+        ref = jaxinfer.quantize(jaxinfer.load(proto), "int8-dynamic", measure=False).run(feeds)["y"]
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
