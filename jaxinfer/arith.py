@@ -166,7 +166,7 @@ def quantize_rows(x: jax.Array, axes: Sequence[int]) -> QArray:
 
 def _absmax(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """``(x, max |x|)`` over ``axes`` (kept as 1s). One scale per leading index (a conv's per-sample scale) comes
-    from our CPU kernel's row maximum with ``x`` back as the buffer it read (``norm.cc``): XLA writes ``x`` once
+    from our CPU kernel's row maximum with ``x`` back as the buffer it read (``buffers.cc``): XLA writes ``x`` once
     and the quantization reads it, where its reduction and the quantization each recomputed ``x`` from its
     producers. The numbers are the same."""
     if x.ndim >= 2 and axes == tuple(range(1, x.ndim)):

@@ -17,8 +17,10 @@ import numpy as np
 
 from . import aot, xla_dots
 from .call_params import CallParams, LaidOutCall, ParamLayout, param_layout
+from .conv_lowering import kept_channels_last
 from .errors import InputError, OutOfMemoryError, UnsupportedOpsError, newer_opset_message
 from .graph import Dim, Graph, ValueInfo
+from .passes.layout import shared_conv_inputs
 from .registry import Registry
 from .tracer import is_out_of_memory, make_fn, static_names, unsupported_ops
 
@@ -218,7 +220,9 @@ class Model:
         self.value_inputs = tuple(v.name for v in graph.inputs if _is_value_input(v, needed))
         self.inputs = [_signature(v) for v in graph.inputs]
         self.outputs = [_signature(v) for v in graph.outputs]
-        self.fn = make_fn(graph, registry, consts)
+        # values read by a convolution and by other nodes, written once channels-last (conv_lowering)
+        kept = dict.fromkeys(shared_conv_inputs(graph), kept_channels_last)
+        self.fn = make_fn(graph, registry, consts, after=kept)
         self.stateful = bool(graph.state_vars)
         self.state: dict[str, Any] = {}
         self.reset_state()

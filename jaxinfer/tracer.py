@@ -371,9 +371,11 @@ def _read_int(path: str) -> int | None:
 
 
 def evaluate(graph: Graph, registry: Registry, env: Env, opsets: Mapping[str, int] | None = None,
-             keep: set[str] | None = None, names: Sequence[str] | None = None) -> tuple[Any, ...]:
+             keep: set[str] | None = None, names: Sequence[str] | None = None,
+             after: Mapping[str, Callable[[Any], Any]] | None = None) -> tuple[Any, ...]:
     """Run ``graph`` over ``env`` (inputs and params by name); return ``names``
-    (default: the graph's outputs) in order."""
+    (default: the graph's outputs) in order. ``after[name]``, where given, maps a traced value as soon as a
+    node produces it (a lowering choice the graph's readers then share; concrete values are left alone)."""
     opsets = graph.opsets if opsets is None else opsets
     env = dict(env)
     for name, value in graph.initializers.items():
@@ -381,6 +383,10 @@ def evaluate(graph: Graph, registry: Registry, env: Env, opsets: Mapping[str, in
     keep = keep if keep is not None else set()
     for node in graph.nodes:
         run_node(node, env, registry, opsets, keep)
+        if after:
+            for out in node.outputs:
+                if out in after and not is_concrete(env[out]):
+                    env[out] = after[out](env[out])
     names = graph.output_names if names is None else names
     missing = [n for n in names if n not in env]
     if missing:
@@ -389,8 +395,9 @@ def evaluate(graph: Graph, registry: Registry, env: Env, opsets: Mapping[str, in
 
 
 def make_fn(graph: Graph, registry: Registry, constants: Mapping[str, Any],
-            on_trace: Callable[[], None] | None = None) -> Callable[..., Any]:
-    """The pure function of ``graph``.
+            on_trace: Callable[[], None] | None = None,
+            after: Mapping[str, Callable[[Any], Any]] | None = None) -> Callable[..., Any]:
+    """The pure function of ``graph`` (``after``: see :func:`evaluate`).
 
     Stateless graphs: ``fn(params, inputs) -> {output name: value}``.
     Graphs with ``state_vars``: ``fn(params, state, inputs) -> (outputs, state)``.
@@ -410,7 +417,7 @@ def make_fn(graph: Graph, registry: Registry, constants: Mapping[str, Any],
         env.update(state)
         env.update(inputs)
         with jax.default_matmul_precision(FLOAT_PRECISION):
-            vals = evaluate(graph, registry, env, graph.opsets, keep, out_names + next_names)
+            vals = evaluate(graph, registry, env, graph.opsets, keep, out_names + next_names, after)
         outs = dict(zip(out_names, vals[: len(out_names)]))
         return outs, dict(zip(state_names, vals[len(out_names):]))
 

@@ -59,7 +59,7 @@ from jax import lax
 __all__ = ["ISAS", "MAX_ROWS", "VNNI_MAX_N", "VNNI_MIN_K", "ZP_RANGE", "OutputStage", "available",
            "dynamic_quantize_u8", "f32_conv", "f32_conv_direct", "f32_depthwise", "f32_int8w_dot", "f32_lstm",
            "f32_rows_dot", "f32_rows_dot_nk", "int8_conv", "int8_conv_requant", "int8_conv_requant_f32",
-           "int8_depthwise", "int8_dot", "int8_dot_dyn", "int8_dot_hybrid", "int8_dot_zp", "isa", "kernel_dir",
+           "int8_depthwise", "int8_dot", "int8_dot_dyn", "int8_dot_hybrid", "int8_dot_zp", "isa", "keep", "kernel_dir",
            "layer_norm", "lookup8", "max_pool8", "offer_to_xla_pool", "row_absmax", "softmax", "suppressed",
            "takes"]
 
@@ -113,6 +113,7 @@ TARGET_LAYER_NORM = "jaxinfer_f32_layer_norm"
 TARGET_SOFTMAX = "jaxinfer_f32_softmax"
 TARGET_GELU = "jaxinfer_f32_gelu"
 TARGET_ROW_ABSMAX = "jaxinfer_f32_row_absmax"
+TARGET_KEEP = "jaxinfer_keep"
 #: Each custom-call target the kernels register -> the library's handler symbol.
 _HANDLERS = {
     TARGET: "JaxinferInt8Dot", TARGET_ZP: "JaxinferInt8DotZp", TARGET_DYN: "JaxinferInt8DotDyn",
@@ -126,7 +127,7 @@ _HANDLERS = {
     TARGET_F32_F16W_NK: "JaxinferF32F16wDotNK", TARGET_LOOKUP8: "JaxinferLookup8",
     TARGET_CONV_DIRECT: "JaxinferInt8ConvDirectF32", TARGET_MAX_POOL8: "JaxinferMaxPool8",
     TARGET_LAYER_NORM: "JaxinferF32LayerNorm", TARGET_SOFTMAX: "JaxinferF32Softmax", TARGET_GELU: "JaxinferF32Gelu",
-    TARGET_ROW_ABSMAX: "JaxinferF32RowAbsMax",
+    TARGET_ROW_ABSMAX: "JaxinferF32RowAbsMax", TARGET_KEEP: "JaxinferKeep",
 }
 #: Every custom-call target the kernels register (an export must allow each).
 TARGETS = tuple(_HANDLERS)
@@ -135,7 +136,7 @@ ZP_RANGE = (-32768 + 128, 32767 - 128)
 #: The kernels' sources, built into one library (``patches.h`` is shared by the convolutions).
 _SOURCES = tuple(Path(__file__).with_name(n)
                  for n in ("int8_dot.cc", "depthwise.cc", "f32_conv.cc", "lstm.cc", "few_rows.cc", "lookup.cc",
-                           "pool.cc", "norm.cc"))
+                           "pool.cc", "norm.cc", "buffers.cc"))
 _HEADERS = tuple(Path(__file__).with_name(n) for n in ("fma_tile.h", "helpers.h", "patches.h", "requant.h",
                                                          "vmath.h"))
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -1039,6 +1040,21 @@ def softmax(x: jax.Array, otherwise: Callable[[jax.Array], jax.Array]) -> jax.Ar
     return _on_cpu(functools.partial(_rows_call, TARGET_SOFTMAX), otherwise, x, leading=True)
 
 
+def keep(x: jax.Array) -> jax.Array:
+    """``x`` itself, through a call XLA cannot look into (``buffers.cc``; its output aliases its input, nothing
+    is copied): XLA writes ``x`` to a buffer once and every reader reads it, where a value read only by fusible
+    ops (elementwise, reductions) is otherwise recomputed inside each reader's fusion. On other platforms,
+    under ``jax.vmap`` of nothing but ``x`` still one call, and without the kernels: ``x`` as it is."""
+    x = jnp.asarray(x)
+    if x.size == 0 or not available():
+        return x
+
+    def kernel(v: jax.Array) -> jax.Array:
+        return jax.ffi.ffi_call(TARGET_KEEP, jax.ShapeDtypeStruct(v.shape, v.dtype), input_output_aliases={0: 0})(v)
+
+    return _on_cpu(kernel, lambda v: v, x, leading=True)
+
+
 #: Values per row from which :func:`row_absmax` takes the kernel: a per-sample scale of a conv's input (an image's
 #: activations, 10^4-10^6 values), not the per-token rows of a product (a hidden size), which XLA's reduction fuses
 #: into the quantization well.
@@ -1048,7 +1064,7 @@ ROW_ABSMAX_MIN_VALUES = 1 << 14
 def row_absmax(x: jax.Array, otherwise: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
     """``(x, max |x[r, ...]|)`` of a float32 ``x`` [R, ...]: ``x`` itself, back from the call (its output aliases
     the input: a buffer XLA writes once and the later readers read) and each leading index's absolute maximum [R], exactly (NaN where a row holds one), in one
-    kernel call (``norm.cc``). ``otherwise(x)`` (XLA's reduction, ``x`` as it is) runs for rows under
+    kernel call (``buffers.cc``). ``otherwise(x)`` (XLA's reduction, ``x`` as it is) runs for rows under
     :data:`ROW_ABSMAX_MIN_VALUES`, on other platforms, under ``jax.vmap`` and without AVX-512."""
     x = jnp.asarray(x)
     if (x.dtype != jnp.float32 or x.ndim < 2 or x.size < x.shape[0] * ROW_ABSMAX_MIN_VALUES or not available()

@@ -175,3 +175,25 @@ def pools_after_costly_ops(graph: Graph) -> Graph:
         else:
             nodes.append(node)
     return graph.replace(nodes=tuple(nodes)) if changed else graph
+
+
+#: Convolutions whose input :func:`shared_conv_inputs` looks at: ONNX's (channels-first) and ``jaxinfer::Conv``.
+_CONVS = frozenset({("Conv", ""), ("Conv", "ai.onnx"), ("Conv", "jaxinfer")})
+
+
+def shared_conv_inputs(graph: Graph) -> frozenset[str]:
+    """The values of an ONNX graph that a convolution reads as its input and at least one other node reads
+    too, produced by a node of the graph: those the model writes once, channels-last, for all their readers
+    (:func:`jaxinfer.conv_lowering.kept_channels_last`; a residual sum was otherwise recomputed in each
+    reader). Empty for other formats (TFLite's convolutions read channels-last values already)."""
+    if graph.fmt != "onnx":
+        return frozenset()
+    produced = {o for n in graph.nodes for o in n.outputs if o}
+    readers: dict[str, int] = {}
+    for n in graph.nodes:
+        for name in set(n.inputs):
+            if name:
+                readers[name] = readers.get(name, 0) + 1
+    return frozenset(n.inputs[0] for n in graph.nodes
+                     if (n.op_type, n.domain) in _CONVS and n.inputs and n.inputs[0] in produced
+                     and readers.get(n.inputs[0], 0) > 1)

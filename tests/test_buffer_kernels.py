@@ -1,6 +1,7 @@
-"""cpu_kernels.row_absmax (norm.cc): each leading index's max |x| of a float32 tensor, exactly, with x itself back
-from the call (aliased). int8-dynamic convolutions take their per-sample scales from it, channels-last, and
-answer with the same numbers as XLA's reduction."""
+"""buffers.cc: cpu_kernels.row_absmax, each leading index's max |x| of a float32 tensor, exactly, with x itself back
+from the call (aliased), which int8-dynamic convolutions take their per-sample scales from, channels-last, with
+the same numbers as XLA's reduction; and cpu_kernels.keep, x through a call, which ONNX models apply to values a
+convolution reads together with other nodes (passes.layout.shared_conv_inputs) without changing an output."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import numpy as np
 import pytest
 
 import jaxinfer
-from jaxinfer import arith, cpu_kernels
+from jaxinfer import arith, conv_lowering, cpu_kernels
+from jaxinfer.passes.layout import shared_conv_inputs
 
 from .quant.cnn import images, small_cnn
 
 AVX512 = cpu_kernels.available() and cpu_kernels.isa() == 2
 needs_kernels = pytest.mark.skipif(not AVX512, reason="the row absmax kernel needs AVX-512")
+needs_library = pytest.mark.skipif(not cpu_kernels.available(), reason="no CPU kernels here")
 TARGET = cpu_kernels.TARGET_ROW_ABSMAX
 
 
@@ -98,3 +101,53 @@ def test_int8_dynamic_cnn_takes_it_and_answers_as_xla(batch):
     with cpu_kernels.suppressed():
         ref = jaxinfer.quantize(jaxinfer.load(proto), "int8-dynamic", measure=False).run(feeds)["y"]
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------- keep
+@needs_library
+@pytest.mark.parametrize("dtype", [np.float32, np.int8, jnp.bfloat16])
+def test_keep_hands_x_back(dtype):
+    x = (np.random.default_rng(0).standard_normal((2, 5, 7, 3)) * 50).astype(dtype)
+    fn = jax.jit(lambda v: cpu_kernels.keep(v + v) - v)   # a value XLA would otherwise fuse into its reader
+    assert cpu_kernels.TARGET_KEEP in fn.lower(x).as_text()
+    np.testing.assert_array_equal(np.asarray(fn(x)), np.asarray(jax.jit(lambda v: v + v - v)(x)))
+    batched = jax.jit(jax.vmap(cpu_kernels.keep))
+    assert batched.lower(x).as_text().count(cpu_kernels.TARGET_KEEP) == 1
+    np.testing.assert_array_equal(np.asarray(batched(x)), np.asarray(x))
+    with cpu_kernels.suppressed():
+        assert cpu_kernels.TARGET_KEEP not in jax.jit(cpu_kernels.keep).lower(x).as_text()
+
+
+@needs_library
+def test_kept_channels_last_is_x():
+    x = np.random.default_rng(1).standard_normal((2, 4, 6, 5)).astype(np.float32)
+    fn = jax.jit(conv_lowering.kept_channels_last)
+    assert cpu_kernels.TARGET_KEEP in fn.lower(x).as_text()
+    np.testing.assert_array_equal(np.asarray(fn(x)), x)
+    assert conv_lowering.kept_channels_last(x) is x                  # host values are left alone
+    v = jnp.ones((3, 4))                                              # no channels to put last
+    assert conv_lowering.kept_channels_last(v) is v
+
+
+def test_shared_conv_inputs_names_values_a_conv_reads_with_other_nodes():
+    g = jaxinfer.load(small_cnn(c=16, hw=32)).graph
+    # r2 feeds two convolutions; c1 a relu and an add (no conv); the graph input x only its stem conv
+    assert shared_conv_inputs(g) == {"r2"}
+
+
+@needs_library
+def test_models_keep_them_and_answer_the_same():
+    import jaxinfer.model as jm
+
+    proto, feeds = small_cnn(c=16, hw=32), images(2, seed=4, hw=32)
+    m = jaxinfer.load(proto)
+    assert cpu_kernels.TARGET_KEEP in m.compiled(feeds).as_text()
+    got = m.run(feeds)["y"]
+    original = jm.shared_conv_inputs
+    try:
+        jm.shared_conv_inputs = lambda graph: frozenset()
+        plain = jaxinfer.load(proto)
+    finally:
+        jm.shared_conv_inputs = original
+    assert cpu_kernels.TARGET_KEEP not in plain.compiled(feeds).as_text()
+    np.testing.assert_allclose(got, plain.run(feeds)["y"], rtol=1e-6, atol=1e-6)
