@@ -56,7 +56,10 @@ def _int8(w: Any, axes: Sequence[int], granularity: str) -> arith.QArray:
 
 
 def _store_transposed(layer: Layer, w: Any) -> bool:
-    """A ``[K, N]`` MatMul/Gemm weight is stored ``[N, K]`` for w8a8 (see :class:`~jaxinfer.arith.W8A8`)."""
+    """A ``[K, N]`` MatMul/Gemm weight is stored ``[N, K]`` for w8a8, an ungrouped 2-D convolution's HWIO
+    filter OHWI (see :class:`~jaxinfer.arith.W8A8`)."""
+    if layer.op_type == "Conv":
+        return jnp.ndim(w) == 4 and layer.groups == 1 and tuple(layer.channel_axes) == (3,)
     return layer.op_type in ("MatMul", "Gemm") and jnp.ndim(w) == 2 and tuple(layer.channel_axes) == (1,)
 
 
@@ -70,7 +73,8 @@ def layer_param(layer: Layer, w: Any, how: str, granularity: str = "per_channel"
         scale = None if how == "int8-dynamic" else jnp.asarray(act_scale, jnp.float32)
         unsigned = scale is not None and act_unsigned
         if _store_transposed(layer, w):
-            return arith.W8A8(_int8(jnp.asarray(w).T, (0,), granularity), scale, transposed=True, act_unsigned=unsigned)
+            return arith.W8A8(_int8(jnp.moveaxis(jnp.asarray(w), -1, 0), (0,), granularity), scale, transposed=True,
+                              act_unsigned=unsigned)
         return arith.W8A8(_int8(w, layer.channel_axes, granularity), scale, act_unsigned=unsigned)
     if how in ("bf16", "fp16"):
         return jnp.asarray(w).astype(precision.low_dtype(how))

@@ -56,6 +56,7 @@ class Layer:
     activation_slots: tuple[int, ...]
     channel_axes: tuple[int, ...]
     output: str
+    groups: int = 1  # a convolution's group count
 
 
 def _conv_enabled(registry: Any) -> bool:
@@ -259,6 +260,7 @@ def find_layers(graph: Graph, params: Mapping[str, Any], registry: Any = None,
             act = tuple(i for i in range(len(node.inputs)) if i != slot and node.inputs[i]
                         and node.inputs[i] not in params and (node.op_type != "Gemm" or i == 0)
                         and (node.op_type != "Conv" or i == 0))
-            layers.append(Layer(node.name, node.op_type, name, slot, act, axes, node.outputs[0]))
+            groups = int(node.attrs.get("group", 1)) if node.op_type == "Conv" else 1
+            layers.append(Layer(node.name, node.op_type, name, slot, act, axes, node.outputs[0], groups))
             break
     return layers, skipped

@@ -54,11 +54,12 @@ def param_sharding(value: Any, spec: P, mesh: Mesh) -> Any:
     """The sharding that lays ``value`` out as ``spec`` says (``spec`` speaks of the logical weight).
 
     A plain array gets one ``NamedSharding``; a quantized weight a pytree of them like its own: the int8
-    values take ``spec`` (reversed for a W8A8 stored transposed), its scales and zero points the dims of
+    values take ``spec`` (its last axis first for a W8A8 stored transposed), its scales and zero points the dims of
     ``spec`` they are not broadcast along, a static activation scale is replicated.
     """
     if isinstance(value, arith.W8A8):
-        stored = P(*reversed(tuple(spec) + (None,) * (2 - len(spec)))) if value.transposed else spec
+        full = tuple(spec) + (None,) * (value.w.qvalue.ndim - len(spec))
+        stored = P(full[-1], *full[:-1]) if value.transposed else spec  # output channels first
         act = None if value.act_scale is None else NamedSharding(mesh, P())
         return arith.W8A8(param_sharding(value.w, stored, mesh), act, value.transposed, value.act_unsigned)
     if isinstance(value, arith.QArray):

@@ -92,3 +92,32 @@ def test_light_cnn_convs_quantize_int8_and_keep_top1():
     assert rows and all(r["bytes_after"] * 3 < r["bytes_before"] for r in rows)
     a, b = m.run(x)[m.outputs[0].name], q.run(x)[q.outputs[0].name]
     assert a.shape == b.shape and np.isfinite(b).all()
+
+
+@pytest.mark.parametrize("method", ["int8-dynamic", "int8-static"])
+def test_w8a8_conv_filters_are_stored_as_the_kernel_reads_them(method):
+    """An ungrouped conv's HWIO filter is held OHWI (output channels first, as the int8 kernel reads it), so the
+    program copies no filter per call; a depthwise one stays HWIO; shapes and outputs speak of HWIO."""
+    import re
+
+    from .cnn import images, small_cnn
+
+    m = jaxinfer.load(small_cnn(c=16, hw=32))
+    feeds = images(2, seed=5, hw=32)
+    q = quantize(m, method, calibration=[images(2, seed=6, hw=32)] if method == "int8-static" else None,
+                 measure=False)
+    convs = {k: v for k, v in q.params.items() if isinstance(v, arith.W8A8) and v.ndim == 4}
+    assert convs
+    for name, w in convs.items():
+        hwio = np.asarray(m.params[name]).shape
+        assert w.shape == hwio
+        assert w.transposed == (hwio[2] != 1), name                     # the depthwise filter (I = 1) as it was
+        if w.transposed:
+            assert w.w.qvalue.shape == (hwio[3], *hwio[:3]) and w.w.scale.shape == (hwio[3], 1, 1, 1)
+            np.testing.assert_array_equal(np.asarray(arith.untransposed(w).qvalue).shape, hwio)
+    text = q.compiled(feeds).as_text()
+    assert not re.search(r"= s8\[[\d,]+\]\{[\d,]+\} (fusion|copy|transpose)\(%params_[^,)]*qvalue", text)  # no filter copy
+    ref = m.run(feeds)["y"]
+    got = q.run(feeds)["y"]
+    cos = float((got * ref).sum() / np.linalg.norm(got) / np.linalg.norm(ref))
+    assert cos > 0.999
