@@ -181,7 +181,7 @@ def _image_width(rows: int) -> int | None:
 
 
 def few_rows_matmul(a: jax.Array, b: jax.Array, nk: bool = False) -> jax.Array | None:
-    """``a @ b`` (numpy ``matmul``; ``a @ b.T`` with ``nk``) of at most :data:`cpu_kernels.F32_ROWS_MAX_ROWS` rows of
+    """``a @ b`` (numpy ``matmul``; ``a @ b.T`` with ``nk``) of at most :func:`cpu_kernels.rows_max_rows` rows of
     ``a`` [..., K] by a weight ``b`` [K, N] (``nk``: [N, K], an ONNX Gemm's with ``transB``, a TFLite
     FULLY_CONNECTED's) of at least :data:`F32_ROWS_MIN_WEIGHTS` values, as :func:`cpu_kernels.f32_rows_dot`
     (:func:`cpu_kernels.f32_rows_dot_nk`), which streams the weight from memory once; None where that does not apply
@@ -195,14 +195,14 @@ def few_rows_matmul(a: jax.Array, b: jax.Array, nk: bool = False) -> jax.Array |
     values both take the same. ``[N, K]``: [1, 9216] x [4096, 9216]^T (AlexNet's fc6) 3.46 / 2.94, 8 rows 11.2-11.9
     / 6.1-6.7, [8, 4096] x [4096, 4096]^T 3.3 / 2.0, [4, 1024] x [1024, 1024]^T 0.31-0.37 / 0.07, [32, 1024] x
     [4096, 1024]^T 1.5 / 1.2. XLA CPU's bfloat16 dots are slower still (the 4-layer encoder at 1x8 tokens: 66.6 ms
-    in bfloat16 against 10.4 in float32)."""
+    in bfloat16 against 10.4 in float32), and 16-bit weights take the kernel up to 256 rows."""
     halves = (jnp.bfloat16, jnp.float16)
     k_axis = 1 if nk else 0
     if not (F32_KERNEL and b.ndim == 2 and a.ndim >= 1 and a.shape[-1] == b.shape[k_axis] and b.size > 0
             and (b.dtype == jnp.float32 or b.dtype in halves) and (a.dtype == jnp.float32 or a.dtype == b.dtype)):
         return None
     rows = math.prod(a.shape[:-1])
-    if not (0 < rows <= cpu_kernels.F32_ROWS_MAX_ROWS and b.size >= F32_ROWS_MIN_WEIGHTS and _f32_on_cpu(a, b)):
+    if not (0 < rows <= cpu_kernels.rows_max_rows(b.dtype) and b.size >= F32_ROWS_MIN_WEIGHTS and _f32_on_cpu(a, b)):
         return None
 
     def otherwise(x: jax.Array, w: jax.Array) -> jax.Array:  # the plain product, float32 out

@@ -36,9 +36,9 @@ KINDS = [Kind("f32_int8w_dot", cpu_kernels.f32_int8w_dot, np.int8, cpu_kernels.T
          Kind("f32_rows_dot", cpu_kernels.f32_rows_dot, np.float32, cpu_kernels.TARGET_F32_ROWS,
               cpu_kernels.F32_ROWS_MAX_ROWS),
          Kind("f32_rows_dot[bfloat16]", cpu_kernels.f32_rows_dot, jnp.bfloat16, cpu_kernels.TARGET_F32_BF16W,
-              cpu_kernels.F32_ROWS_MAX_ROWS),
+              cpu_kernels.HALF_ROWS_MAX_ROWS),
          Kind("f32_rows_dot[float16]", cpu_kernels.f32_rows_dot, np.float16, cpu_kernels.TARGET_F32_F16W,
-              cpu_kernels.F32_ROWS_MAX_ROWS)]
+              cpu_kernels.HALF_ROWS_MAX_ROWS)]
 kinds = pytest.mark.parametrize("kind", KINDS, ids=repr)
 
 
@@ -284,3 +284,27 @@ def test_gemm_with_transposed_weight_takes_it():
         f = jax.jit(lambda x, w: arith.dot_general(x, w, (((1,), (1,)), ((), ()))))
         assert (cpu_kernels.TARGET_F32_ROWS_NK in f.lower(x, w).as_text()) == takes
         _check(x, w.T, np.asarray(f(x, w)))
+
+
+@needs_kernels
+@pytest.mark.parametrize("nk", [False, True], ids=["MatMul", "Gemm-transB"])
+def test_half_precision_weights_take_it_up_to_their_own_row_bound(nk):
+    """16-bit weights take the kernel up to HALF_ROWS_MAX_ROWS rows (XLA CPU's 16-bit dots lose at any count),
+    float32 ones only up to F32_ROWS_MAX_ROWS."""
+    from jaxinfer import arith
+
+    rng = np.random.default_rng(13)
+    w32 = rng.standard_normal((256, 512) if nk else (512, 256)).astype(np.float32)
+    f = (jax.jit(lambda x, w: arith.dot_general(x, w, (((1,), (1,)), ((), ())))) if nk else jax.jit(arith.matmul))
+    half = cpu_kernels.TARGET_F32_BF16W_NK if nk else cpu_kernels.TARGET_F32_BF16W
+    full = cpu_kernels.TARGET_F32_ROWS_NK if nk else cpu_kernels.TARGET_F32_ROWS
+    assert cpu_kernels.F32_ROWS_MAX_ROWS < 100 < cpu_kernels.HALF_ROWS_MAX_ROWS
+    for rows, w, target, takes in [(100, w32.astype(jnp.bfloat16), half, True),
+                                   (cpu_kernels.HALF_ROWS_MAX_ROWS + 1, w32.astype(jnp.bfloat16), half, False),
+                                   (100, w32, full, False)]:
+        x = rng.standard_normal((rows, 512)).astype(np.float32)
+        assert (target in f.lower(x, w).as_text()) == takes, (rows, w.dtype)
+        got = np.asarray(f(x, w))
+        wf = np.asarray(jnp.asarray(w, jnp.float32), np.float64)
+        want = np.asarray(x, np.float64) @ (wf.T if nk else wf)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -890,9 +890,19 @@ def f32_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], dilation: Seque
 #: int8-weight encoder (4 layers, d 1024) runs faster through the kernel up to 256 rows, Model.run ms, kernel / XLA's
 #: int8-operand dot: 72 rows 40 / 53-85, 128 rows 70 / 103-107, 256 rows 141 / 153-157, but 512 rows 281 / 247.
 INT8W_MAX_ROWS = 256
-#: Rows up to which :func:`f32_rows_dot` and :func:`f32_rows_dot_nk` take the kernel (``conv_lowering.few_rows_matmul``
-#: has the figures).
+#: Rows up to which :func:`f32_rows_dot` and :func:`f32_rows_dot_nk` take the kernel for a float32 weight
+#: (``conv_lowering.few_rows_matmul`` has the figures).
 F32_ROWS_MAX_ROWS = 48
+#: ... for a bfloat16 or float16 weight: XLA CPU's 16-bit dots are slower than its float32 ones at every row count,
+#: so the kernel keeps them as far as the int8-weight one. The bf16 encoder (4 layers, d 1024, ``quantize(m,
+#: "bf16")``), Model.run ms, up to 48 rows / up to 256 (session 32): 64 rows 87.8 / 44.6, 128 rows 110.7 / 78.4, 256
+#: rows 165.5 / 146.8 (float32: 35.9, 56.2, 105.9).
+HALF_ROWS_MAX_ROWS = 256
+
+
+def rows_max_rows(w_dtype: Any) -> int:
+    """Rows up to which the few-rows float products take a weight of ``w_dtype``."""
+    return F32_ROWS_MAX_ROWS if np.dtype(w_dtype) == np.float32 else HALF_ROWS_MAX_ROWS
 
 
 def f32_int8w_dot(x: jax.Array, w: jax.Array, otherwise: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
@@ -914,21 +924,21 @@ _ROWS_NK_TARGETS = {np.dtype(np.float32): TARGET_F32_ROWS_NK, np.dtype(jnp.bfloa
 def f32_rows_dot(x: jax.Array, w: jax.Array, otherwise: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
     """float32 ``x`` [..., K] times a float32, bfloat16 or float16 weight ``w`` [K, N] -> float32 [..., N] by our
     AVX-512 kernel (``few_rows.cc``: the weight read once, straight from memory, a 16-bit one widened exactly in
-    registers) for at most :data:`F32_ROWS_MAX_ROWS` rows; ``otherwise(x, w)`` elsewhere, as
+    registers) for at most :func:`rows_max_rows` rows; ``otherwise(x, w)`` elsewhere, as
     :func:`f32_int8w_dot`. Float32 sums in k order: the last bits may differ from XLA's."""
     w = jnp.asarray(w)
     dtype = w.dtype if w.dtype in _ROWS_TARGETS else jnp.float32
-    return _few_rows_dot(_ROWS_TARGETS[np.dtype(dtype)], "f32_rows_dot", dtype, F32_ROWS_MAX_ROWS, x, w, otherwise)
+    return _few_rows_dot(_ROWS_TARGETS[np.dtype(dtype)], "f32_rows_dot", dtype, rows_max_rows(dtype), x, w, otherwise)
 
 
 def f32_rows_dot_nk(x: jax.Array, w: jax.Array, otherwise: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
     """float32 ``x`` [..., K] times a float32, bfloat16 or float16 weight ``w`` stored ``[N, K]`` (an ONNX Gemm's with
     ``transB``, a TFLite FULLY_CONNECTED's) -> float32 [..., N], ``x @ w.T``, by our AVX-512 kernel (``few_rows.cc``:
-    each weight row read once, contiguously) for at most :data:`F32_ROWS_MAX_ROWS` rows; ``otherwise(x, w)``
+    each weight row read once, contiguously) for at most :func:`rows_max_rows` rows; ``otherwise(x, w)``
     elsewhere, as :func:`f32_int8w_dot`. Float32 sums in another order than XLA's: the last bits may differ."""
     w = jnp.asarray(w)
     dtype = w.dtype if w.dtype in _ROWS_NK_TARGETS else jnp.float32
-    return _few_rows_dot(_ROWS_NK_TARGETS[np.dtype(dtype)], "f32_rows_dot_nk", dtype, F32_ROWS_MAX_ROWS, x, w,
+    return _few_rows_dot(_ROWS_NK_TARGETS[np.dtype(dtype)], "f32_rows_dot_nk", dtype, rows_max_rows(dtype), x, w,
                          otherwise, nk=True)
 
 
