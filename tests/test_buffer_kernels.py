@@ -151,3 +151,16 @@ def test_models_keep_them_and_answer_the_same():
         jm.shared_conv_inputs = original
     assert cpu_kernels.TARGET_KEEP not in plain.compiled(feeds).as_text()
     np.testing.assert_allclose(got, plain.run(feeds)["y"], rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
+def test_wrong_operands_named():
+    """Called with operands the wrappers never pass, the kernels answer with an error naming what they expect."""
+    x = np.ones((2, 1 << 14), np.float32)
+    bad_y = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct((3,), jnp.float32))
+    expected = r"jaxinfer_f32_row_absmax: expected x \[R, \.\.\.\], x_out of x's shape and y \[R\]"
+    with pytest.raises(Exception, match=expected):
+        jax.block_until_ready(jax.jit(lambda v: jax.ffi.ffi_call(TARGET, bad_y)(v))(x))
+    with pytest.raises(Exception, match=r"jaxinfer_keep: expected y of x's type and size"):
+        out = jax.ShapeDtypeStruct(x.shape, jnp.int32)
+        jax.block_until_ready(jax.jit(lambda v: jax.ffi.ffi_call(cpu_kernels.TARGET_KEEP, out)(v))(x))

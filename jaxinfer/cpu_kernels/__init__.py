@@ -1073,9 +1073,10 @@ ROW_ABSMAX_MIN_VALUES = 1 << 14
 
 def row_absmax(x: jax.Array, otherwise: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
     """``(x, max |x[r, ...]|)`` of a float32 ``x`` [R, ...]: ``x`` itself, back from the call (its output aliases
-    the input: a buffer XLA writes once and the later readers read) and each leading index's absolute maximum [R], exactly (NaN where a row holds one), in one
-    kernel call (``buffers.cc``). ``otherwise(x)`` (XLA's reduction, ``x`` as it is) runs for rows under
-    :data:`ROW_ABSMAX_MIN_VALUES`, on other platforms, under ``jax.vmap`` and without AVX-512."""
+    the input: a buffer XLA writes once and the later readers read), and each leading index's absolute maximum [R],
+    exactly (NaN where a row holds one), in one kernel call (``buffers.cc``). ``otherwise(x)`` (XLA's reduction,
+    ``x`` as it is) runs for rows under :data:`ROW_ABSMAX_MIN_VALUES`, on other platforms, under ``jax.vmap`` and
+    without AVX-512."""
     x = jnp.asarray(x)
     if (x.dtype != jnp.float32 or x.ndim < 2 or x.size < x.shape[0] * ROW_ABSMAX_MIN_VALUES or not available()
             or isa() != 2):

@@ -5,19 +5,20 @@
 // Both kernels here take x and hand it back with the output aliasing the input (the ffi_call's input_output_aliases),
 // so nothing moves, and the readers of the output read the buffer.
 //
-// Row absolute maxima ("jaxinfer_f32_row_absmax"): y [R] = max |x[r, ...]| of x [R, ...] (NaN where the row holds one,
-// -inf for C == 0 as XLA's max over nothing), the scale of a per-sample int8 activation (arith.quantize_rows). XLA ran
-// such a reduction as a reduce-window then a reduce, fused with whatever produced x: where x fed only fusible ops (a
-// residual block's sum, read by the next block's quantization and its residual add) it was never written, and each
-// block's fusions recomputed the stage's whole chain of sums from the convolutions' outputs (int8-dynamic ResNet-50 at
-// batch 8: 7 fusions of 4-7 conv outputs each, 212 of 617 ms, session 32). Read by this call, x is a buffer, written once.
-// x keeps its own shape: reshaped to [R, C] for the call, the fusion writing it ran its loop over flattened
-// indices, 5x slower where it also pooled (squeezenet's first conv and max pool, 12.6 against 2.3 ms at batch 8).
-// Each row splits into chunks of kAbsMaxChunk values so that one image's row keeps both cores busy; |x| is compared
-// as int32 bits (the sign cleared), under which a NaN's bits order above infinity's.
+// Row absolute maxima ("jaxinfer_f32_row_absmax"): y [R] = max |x[r, ...]| of x [R, ...] (NaN where the row holds
+// one, -inf for C == 0 as XLA's max over nothing), the scale of a per-sample int8 activation (arith.quantize_rows),
+// with x handed back for the quantization to read. XLA ran such a reduction as a reduce-window then a reduce, each
+// fused with whatever produced x, and the quantization recomputed x once more (int8-dynamic ResNet-50 at batch 8: 51
+// reduce-windows, 98 of 617 ms, besides the recomputed residual chains; session 32). x keeps its own shape: reshaped
+// to [R, C] for the call, the fusion writing it looped over flattened indices, 5x slower where it also pooled
+// (squeezenet's first conv and max pool, 12.6 against 2.3 ms at batch 8). Each row splits into chunks of
+// kAbsMaxChunk values so that one image's row keeps both cores busy; |x| is compared as int32 bits (the sign
+// cleared), under which a NaN's bits order above infinity's.
 //
 // "jaxinfer_keep": y = x and nothing else (jaxinfer.cpu_kernels.keep), for a value several readers share: ONNX
-// ResNet-50's residual sums, read by the next block's convolution (channels-last) and by its residual add (NCHW).
+// ResNet-50's residual sums, read by the next block's convolution (channels-last) and by the next residual add
+// (NCHW), which XLA had recomputed in each, back along the stage's chain of sums (7 fusions of 4-7 conv outputs each,
+// 212 of 617 ms at batch 8 in the int8-dynamic model).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -96,7 +97,8 @@ ffi::Error RowAbsMax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultB
   threads = std::min(threads, j->items);
   jaxinfer::Share(j, AbsMaxWork, threads, j->items);
   for (int64_t r = 0; r < j->R; ++r) {
-    const int32_t bits = *std::max_element(j->partial.begin() + r * j->chunks, j->partial.begin() + (r + 1) * j->chunks);
+    const auto row = j->partial.begin() + r * j->chunks;
+    const int32_t bits = *std::max_element(row, row + j->chunks);
     std::memcpy(out + r, &bits, sizeof bits);
   }
   return ffi::Error::Success();
