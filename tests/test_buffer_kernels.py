@@ -26,7 +26,7 @@ def _xla(x):
     return jnp.max(jnp.abs(x), axis=tuple(range(1, x.ndim)))
 
 
-def _call(x):
+def _call():
     return jax.jit(lambda v: cpu_kernels.row_absmax(v, _xla))
 
 
@@ -38,7 +38,7 @@ def test_exact_and_x_back_unchanged(shape):
     flat = x.reshape(shape[0], -1)
     flat[0, 7] = -40.0                    # the largest magnitude negative
     flat[-1, -1] = 17.5                   # ... in the very last value (a chunk's tail)
-    fn = _call(x)
+    fn = _call()
     assert TARGET in fn.lower(x).as_text()
     back, amax = fn(x)
     np.testing.assert_array_equal(np.asarray(back), x)
@@ -53,7 +53,7 @@ def test_nan_inf_and_signed_zero():
     x[1, 9] = -np.inf
     x[2, :] = -0.0
     x[3, 5], x[3, 1 << 14] = np.nan, np.inf    # a NaN wins over an infinity, whichever chunk holds it
-    _, amax = _call(x)(x)
+    _, amax = _call()(x)
     amax = np.asarray(amax)
     assert np.isnan(amax[0]) and amax[1] == np.inf and np.isnan(amax[3])
     assert amax[2] == 0.0 and not np.signbit(amax[2])
@@ -63,7 +63,7 @@ def test_nan_inf_and_signed_zero():
 def test_small_rows_other_dtypes_and_vmap():
     rng = np.random.default_rng(0)
     small = rng.standard_normal((8, 100)).astype(np.float32)     # a product's rows: XLA's reduction
-    assert TARGET not in _call(small).lower(small).as_text()
+    assert TARGET not in _call().lower(small).as_text()
     half = small.astype(jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(cpu_kernels.row_absmax(half, _xla)[1]), np.asarray(_xla(half)))
     batch = rng.standard_normal((3, 2, 1 << 14)).astype(np.float32)   # vmap of the rows: one call of 6 rows
@@ -71,7 +71,7 @@ def test_small_rows_other_dtypes_and_vmap():
     assert fn.lower(batch).as_text().count(TARGET) == 1
     np.testing.assert_array_equal(np.asarray(fn(batch)), np.abs(batch).max(2))
     with cpu_kernels.suppressed():
-        assert TARGET not in _call(batch[0]).lower(batch[0]).as_text()
+        assert TARGET not in _call().lower(batch[0]).as_text()
 
 
 @needs_kernels

@@ -1,6 +1,7 @@
 """Layout and lowering choices made on the graph: conv weights stored the way XLA reads them,
-8-bit matmul weights stored the way our int8 kernel reads them, and pools after costly ops marked
-to run as one reduce-window.
+8-bit matmul weights stored the way our int8 kernel reads them, pools after costly ops marked
+to run as one reduce-window, and the values a convolution shares with other readers named
+(:func:`shared_conv_inputs`, which ``Model`` writes once, channels-last).
 
 An ONNX Conv weight is OIHW. XLA CPU convolves with the kernel spatial-first
 (HWIO), so an OIHW param is transposed and copied on every call (measured: one

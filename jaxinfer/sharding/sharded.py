@@ -54,8 +54,8 @@ def param_sharding(value: Any, spec: P, mesh: Mesh) -> Any:
     """The sharding that lays ``value`` out as ``spec`` says (``spec`` speaks of the logical weight).
 
     A plain array gets one ``NamedSharding``; a quantized weight a pytree of them like its own: the int8
-    values take ``spec`` (its last axis first for a W8A8 stored transposed), its scales and zero points the dims of
-    ``spec`` they are not broadcast along, a static activation scale is replicated.
+    values take ``spec`` (its last axis first for a W8A8 stored transposed), its scales and zero points the
+    dims of ``spec`` they are not broadcast along, a static activation scale is replicated.
     """
     if isinstance(value, arith.W8A8):
         full = tuple(spec) + (None,) * (value.w.qvalue.ndim - len(spec))
