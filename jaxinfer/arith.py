@@ -97,6 +97,23 @@ def untransposed(w: W8A8) -> QArray:
     return QArray(jnp.transpose(q.qvalue, back), jnp.transpose(q.scale, back), zero, q.qtype)
 
 
+def split_channels(w: Any, parts: int, axis: int) -> list[Any]:
+    """``jnp.split(w, parts, axis)`` of a weight that may be quantized (``axis`` of the logical weight, as
+    :attr:`W8A8.shape` speaks of it): each part of a QArray / W8A8 keeps its own channels' scales (and zero
+    points), and a W8A8 its activation scale."""
+    if isinstance(w, W8A8):
+        stored = (axis + 1) % w.ndim if w.transposed else axis  # transposed: the last logical axis stored first
+        return [W8A8(q, w.act_scale, w.transposed, w.act_unsigned) for q in split_channels(w.w, parts, stored)]
+    if isinstance(w, QArray):
+        def cut(v: Any) -> list[Any]:
+            if v is None:
+                return [None] * parts
+            return jnp.split(v, parts, axis) if v.shape[axis] > 1 else [v] * parts
+
+        return [QArray(q, s, z, w.qtype) for q, s, z in zip(cut(w.qvalue), cut(w.scale), cut(w.zero_point))]
+    return jnp.split(jnp.asarray(w), parts, axis)
+
+
 def is_quantized(x: Any) -> bool:
     return isinstance(x, (QArray, W8A8))
 
@@ -462,4 +479,4 @@ def _scale_along(scale: Any, axis: int) -> jax.Array | None:
 
 
 __all__ = ["PRECISION", "QArray", "W8A8", "conv", "dot_general", "einsum", "is_quantized", "kind", "untransposed",
-           "matmul", "nbytes", "quantize_rows", "quantize_static", "dequantize_act", "UNSIGNED_ZP"]
+           "matmul", "nbytes", "quantize_rows", "quantize_static", "dequantize_act", "split_channels", "UNSIGNED_ZP"]

@@ -92,6 +92,13 @@ def _tflite_channel_axes(node: Node, w: np.ndarray) -> tuple[int, ...] | None:
     return None
 
 
+def _depthwise(node: Node, w: Any) -> bool:
+    """An ONNX Conv with one input channel per group (OIHW, or ``jaxinfer::Conv``'s spatial..., I, O)."""
+    group = int(node.attrs.get("group", 1))
+    i_axis = w.ndim - 2 if node.domain == "jaxinfer" else 1
+    return group > 1 and w.ndim >= 3 and w.shape[i_axis] == 1
+
+
 def _channel_axes(node: Node, slot: int, w: np.ndarray) -> tuple[int, ...] | None:
     if node.domain == "tflite":
         return _tflite_channel_axes(node, w)
@@ -242,6 +249,11 @@ def find_layers(graph: Graph, params: Mapping[str, Any], registry: Any = None,
                 continue
             if matches(exclude, node, name):
                 skipped.append((node.name, "excluded"))
+                continue
+            if node.op_type == "Conv" and _depthwise(node, w):
+                skipped.append((node.name, "depthwise convolution: kept float (its filter is a few KB, and as a "
+                                           "grouped int8 convolution it would run as XLA CPU's grouped one, ~27x "
+                                           "slower than the float route's taps)"))
                 continue
             if node.op_type == "Einsum" and len(node.inputs) != 2:
                 skipped.append((node.name, "Einsum with other than two operands"))

@@ -122,3 +122,61 @@ def test_w8a8_conv_filters_are_stored_as_the_kernel_reads_them(method):
     got = q.run(feeds)["y"]
     cos = float((got * ref).sum() / np.linalg.norm(got) / np.linalg.norm(ref))
     assert cos > 0.999
+
+
+def _grouped_cnn():
+    """x [N, 8, 16, 16] -> Conv group 2 (8 -> 16) -> Relu -> Conv group 4 (16 -> 16, 3x3) -> y."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(21)
+    w1 = (rng.standard_normal((16, 4, 1, 1)) / 2).astype(np.float32)
+    w2 = (rng.standard_normal((16, 4, 3, 3)) / 6).astype(np.float32)
+    b2 = (rng.standard_normal(16) / 10).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="g2", group=2),
+             helper.make_node("Relu", ["c1"], ["r1"], name="r1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="g4", group=4, pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "grouped",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 16, 16])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+                               numpy_helper.from_array(b2, "b2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("method", ["int8-weight", "int8-dynamic", "int8-static"])
+def test_grouped_convs_run_per_group(method):
+    """Quantized grouped convolutions run as one ungrouped product per group (the int8 kernel where there is one),
+    never as XLA's grouped convolution, and stay close to the float model; each group keeps its own scales."""
+    m = jaxinfer.load(_grouped_cnn())
+    feeds = {"x": np.random.default_rng(22).standard_normal((2, 8, 16, 16)).astype(np.float32)}
+    cal = [{"x": np.random.default_rng(23 + i).standard_normal((2, 8, 16, 16)).astype(np.float32)} for i in range(2)]
+    q = quantize(m, method, calibration=cal if method == "int8-static" else None, measure=False)
+    assert {r["layer"] for r in q.report().rows} == {"g2", "g4"}
+    assert "feature_group_count" not in q.compiled(feeds).as_text()
+    ref, got = m.run(feeds)["y"], q.run(feeds)["y"]
+    cos = float((got * ref).sum() / np.linalg.norm(got) / np.linalg.norm(ref))
+    assert cos > 0.999, cos
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_split_channels_keeps_each_parts_scales(transposed):
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(24)
+    w = rng.standard_normal((3, 3, 4, 12)).astype(np.float32)          # HWIO, 12 output channels
+    q = arith.QArray(jnp.asarray(np.round(w * 20).astype(np.int8)), jnp.asarray(rng.random((1, 1, 1, 12)),
+                     jnp.float32), None, jnp.int8)
+    stored = arith.QArray(jnp.moveaxis(q.qvalue, -1, 0), jnp.moveaxis(q.scale, -1, 0), None, jnp.int8)
+    w8 = arith.W8A8(stored if transposed else q, jnp.float32(0.5), transposed=transposed)
+    parts = arith.split_channels(w8, 3, 3)
+    assert len(parts) == 3 and all(p.shape == (3, 3, 4, 4) and p.act_scale == 0.5 for p in parts)
+    for i, p in enumerate(parts):
+        u = arith.untransposed(p)
+        np.testing.assert_array_equal(np.asarray(u.qvalue), np.asarray(q.qvalue)[..., 4 * i:4 * i + 4])
+        np.testing.assert_array_equal(np.asarray(u.scale), np.asarray(q.scale)[..., 4 * i:4 * i + 4])
+    plain = arith.split_channels(w, 2, 3)
+    np.testing.assert_array_equal(np.asarray(plain[1]), w[..., 6:])
