@@ -435,11 +435,12 @@ def _quantize_samples(x: jax.Array, dn: lax.ConvDimensionNumbers) -> QArray:
     layout our int8 conv kernel reads, so that the buffer the scale's reduction reads (``_absmax``) is the one
     the quantization reads too, without a transposed copy on either side (an NCHW buffer cost squeezenet's
     int8-dynamic batch 8 ~25 %); the values come back in ``x``'s layout, which XLA's transposes cancel."""
-    spec = dn.lhs_spec
-    to_last = (spec[0], *spec[2:], spec[1])
-    back = tuple(int(i) for i in np.argsort(to_last))
-    xq = quantize_rows(jnp.transpose(x, to_last), tuple(range(1, x.ndim)))
-    return QArray(jnp.transpose(xq.qvalue, back), jnp.transpose(xq.scale, back), None, xq.qtype)
+    def per_sample(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        xq = quantize_rows(v, tuple(range(1, v.ndim)))
+        return xq.qvalue, xq.scale
+
+    q, scale = conv_lowering.channels_last(per_sample, x, dn.lhs_spec)
+    return QArray(q, scale, None, jnp.int8)
 
 
 def _exact_w8a8_conv(xq: QArray, wq: QArray, window_strides: Sequence[int], padding: Any, out_dtype: Any,

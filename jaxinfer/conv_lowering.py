@@ -311,9 +311,21 @@ def kept_channels_last(x: Any) -> Any:
     """
     if not isinstance(x, jax.Array) or x.ndim < 3:
         return x
-    to_last = (0, *range(2, x.ndim), 1)
+    return channels_last(cpu_kernels.keep, x)
+
+
+def channels_last(fn: Callable[[jax.Array], Any], x: jax.Array, spec: Sequence[int] | None = None) -> Any:
+    """``fn`` of ``x`` laid out channels-last (batch, spatial axes, features), each array it returns (one, or a
+    tuple) transposed back to ``x``'s layout; XLA cancels these transposes against a convolution's own.
+    ``spec``: ``x``'s batch, feature and spatial axes in that order (a conv's ``lhs_spec``), default
+    channels-first."""
+    spec = tuple(spec) if spec is not None else tuple(range(x.ndim))
+    to_last = (spec[0], *spec[2:], spec[1])
     back = tuple(int(i) for i in np.argsort(to_last))
-    return jnp.transpose(cpu_kernels.keep(jnp.transpose(x, to_last)), back)
+    out = fn(jnp.transpose(x, to_last))
+    if isinstance(out, tuple):
+        return tuple(jnp.transpose(o, back) for o in out)
+    return jnp.transpose(out, back)
 
 
 def reduce_window(x: Any, init: Any, reducer: Callable, window: Sequence[int], strides: Sequence[int],

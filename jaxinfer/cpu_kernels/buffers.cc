@@ -73,6 +73,11 @@ void AbsMaxWork(AbsMaxJob& j) {
   }
 }
 
+// y is x: a copy only where XLA gave y a buffer of its own instead of aliasing x.
+void HandBack(const void* x, void* y, size_t bytes) {
+  if (y != x) std::memcpy(y, x, bytes);
+}
+
 ffi::Error RowAbsMax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> x_out,
                      ffi::ResultBuffer<ffi::F32> y) {
   if (!__builtin_cpu_supports("avx512f"))
@@ -80,8 +85,7 @@ ffi::Error RowAbsMax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultB
   const auto xd = x.dimensions(), yd = y->dimensions();
   if (xd.size() < 1 || yd.size() != 1 || yd[0] != xd[0] || x_out->element_count() != x.element_count())
     return ffi::Error::InvalidArgument("jaxinfer_f32_row_absmax: expected x [R, ...], x_out of x's shape and y [R]");
-  if (x_out->typed_data() != x.typed_data())  // x_out aliases x unless XLA gave it a buffer of its own
-    std::memcpy(x_out->typed_data(), x.typed_data(), x.size_bytes());
+  HandBack(x.typed_data(), x_out->typed_data(), x.size_bytes());
   auto j = std::make_shared<AbsMaxJob>();
   j->x = x.typed_data(), j->R = xd[0], j->C = xd[0] ? static_cast<int64_t>(x.element_count()) / xd[0] : 0;
   float* out = y->typed_data();
@@ -104,11 +108,10 @@ ffi::Error RowAbsMax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultB
   return ffi::Error::Success();
 }
 
-// y = x; a copy only where XLA gave y a buffer of its own.
 ffi::Error Keep(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
   if (x.size_bytes() != y->size_bytes() || x.element_type() != y->element_type())
     return ffi::Error::InvalidArgument("jaxinfer_keep: expected y of x's type and size");
-  if (y->untyped_data() != x.untyped_data()) std::memcpy(y->untyped_data(), x.untyped_data(), x.size_bytes());
+  HandBack(x.untyped_data(), y->untyped_data(), x.size_bytes());
   return ffi::Error::Success();
 }
 
